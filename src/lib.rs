@@ -1,0 +1,11 @@
+pub mod bucket;
+pub mod clock;
+pub mod error;
+pub mod limit;
+pub mod model;
+pub mod naming;
+pub mod repository;
+pub use error::{Error, RateLimitExceeded, ErrorCategory, BoxError};
+pub use limit::Limit;
+pub use model::*;
+pub use repository::{Repository, memory::InMemoryRepository};

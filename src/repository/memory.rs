@@ -1,0 +1,435 @@
+//! [`InMemoryRepository`]: the embedded backend, for a single process.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use parking_lot::{Mutex, RawMutex};
+
+type ItemGuard = parking_lot::ArcMutexGuard<RawMutex, Item>;
+
+use super::{
+    reconcile_bucket, status_from_consume, AcquireOutcome, AcquireRequest, AdjustRequest,
+    ConfigScope, Repository, StoredConfig,
+};
+use crate::bucket::{self, BucketState};
+use crate::naming::DEFAULT_RESOURCE;
+use crate::{BackendCapabilities, Entity, Error, Limit, OnUnavailable};
+
+/// How many idle-time-to-fill periods a bucket is kept after its last write, by default.
+pub const DEFAULT_IDLE_TTL_MULTIPLIER: u32 = 7;
+
+/// Buckets, entities and limits held in this process's memory.
+///
+/// Every bucket item (one entity and resource) has its own lock inside a sharded map, so
+/// tasks hitting different keys never wait on each other and tasks hitting one key wait only
+/// for each other's arithmetic. Idle items are evicted once they have been idle for
+/// `time_to_fill x 7` (and are full again), by a background thread that lives as long as the
+/// repository, so memory stays bounded however many distinct keys pass through.
+///
+/// Clones share the same state. Nothing is shared between processes: use the DynamoDB
+/// backend for a fleet.
+#[derive(Clone, Debug)]
+pub struct InMemoryRepository {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    buckets: DashMap<String, Arc<Mutex<Item>>>,
+    entities: RwLock<HashMap<String, Entity>>,
+    configs: RwLock<HashMap<ConfigScope, Vec<Limit>>>,
+    on_unavailable: RwLock<Option<OnUnavailable>>,
+    /// The latest time any call has passed in; eviction measures idleness against it, so it
+    /// follows a manual clock in tests.
+    latest_now_ms: AtomicI64,
+    idle_ttl_multiplier: u32,
+}
+
+#[derive(Debug, Default)]
+struct Item {
+    buckets: Vec<(String, BucketState)>,
+    /// When the item may be evicted, epoch milliseconds.
+    evict_at_ms: i64,
+    /// Set by eviction; a writer that finds it set looks the item up again.
+    evicted: bool,
+}
+
+impl Item {
+    fn get(&self, name: &str) -> Option<&BucketState> {
+        self.buckets.iter().find(|(n, _)| n == name).map(|(_, s)| s)
+    }
+
+    fn put(&mut self, name: &str, state: BucketState) {
+        match self.buckets.iter_mut().find(|(n, _)| n == name) {
+            Some((_, s)) => *s = state,
+            None => self.buckets.push((name.to_string(), state)),
+        }
+    }
+
+    /// Keep the item until every bucket is full again, and at least `multiplier` times the
+    /// longest time to fill after the last write.
+    fn touch(&mut self, now_ms: i64, multiplier: u32) {
+        let mut keep_ms: u64 = 0;
+        for (_, s) in &self.buckets {
+            let fill = fill_time_ms(s).saturating_mul(u64::from(multiplier));
+            keep_ms = keep_ms.max(fill).max(bucket::time_until_full(s, now_ms));
+        }
+        self.evict_at_ms = now_ms.saturating_add(i64::try_from(keep_ms).unwrap_or(i64::MAX));
+    }
+}
+
+fn fill_time_ms(s: &BucketState) -> u64 {
+    if s.refill_amount_milli <= 0 {
+        return u64::MAX;
+    }
+    let ms = i128::from(s.capacity_milli) * i128::from(s.refill_period_ms);
+    u64::try_from((ms + i128::from(s.refill_amount_milli) - 1) / i128::from(s.refill_amount_milli))
+        .unwrap_or(u64::MAX)
+}
+
+fn bucket_key(entity_id: &str, resource: &str) -> String {
+    let mut key = String::with_capacity(entity_id.len() + resource.len() + 1);
+    key.push_str(entity_id);
+    key.push('#');
+    key.push_str(resource);
+    key
+}
+
+/// Builder for [`InMemoryRepository`].
+#[derive(Debug, Clone)]
+pub struct InMemoryRepositoryBuilder {
+    idle_ttl_multiplier: u32,
+    sweep_interval: Option<Duration>,
+}
+
+impl InMemoryRepositoryBuilder {
+    /// How many times its time to fill an idle item is kept (default 7, at least 1).
+    pub fn idle_ttl_multiplier(mut self, multiplier: u32) -> Self {
+        self.idle_ttl_multiplier = multiplier.max(1);
+        self
+    }
+
+    /// How often the background thread evicts idle items (default 1 s); `None` runs no
+    /// thread, leaving eviction to [`InMemoryRepository::evict_idle`].
+    pub fn sweep_interval(mut self, interval: Option<Duration>) -> Self {
+        self.sweep_interval = interval;
+        self
+    }
+
+    /// Builds the repository (and starts its sweeper thread, if any).
+    pub fn build(self) -> InMemoryRepository {
+        let inner = Arc::new(Inner {
+            buckets: DashMap::with_shard_amount(64),
+            entities: RwLock::default(),
+            configs: RwLock::default(),
+            on_unavailable: RwLock::default(),
+            latest_now_ms: AtomicI64::new(i64::MIN),
+            idle_ttl_multiplier: self.idle_ttl_multiplier,
+        });
+        if let Some(interval) = self.sweep_interval {
+            spawn_sweeper(Arc::downgrade(&inner), interval);
+        }
+        InMemoryRepository { inner }
+    }
+}
+
+/// The sweeper holds only a weak reference and ends once the repository is dropped.
+fn spawn_sweeper(inner: Weak<Inner>, interval: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("zae-limiter-sweeper".into())
+        .spawn(move || loop {
+            std::thread::sleep(interval);
+            match inner.upgrade() {
+                Some(inner) => {
+                    inner.evict_idle();
+                }
+                None => return,
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start the in-memory sweeper; idle buckets are evicted only by evict_idle()");
+    }
+}
+
+impl Default for InMemoryRepository {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InMemoryRepository {
+    /// A repository with default settings and a background sweeper.
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// A builder for non-default settings.
+    pub fn builder() -> InMemoryRepositoryBuilder {
+        InMemoryRepositoryBuilder {
+            idle_ttl_multiplier: DEFAULT_IDLE_TTL_MULTIPLIER,
+            sweep_interval: Some(Duration::from_secs(1)),
+        }
+    }
+
+    /// How many bucket items (entity and resource pairs) are held.
+    pub fn len(&self) -> usize {
+        self.inner.buckets.len()
+    }
+
+    /// Whether no bucket item is held.
+    pub fn is_empty(&self) -> bool {
+        self.inner.buckets.is_empty()
+    }
+
+    /// Evicts every idle item now; returns how many were evicted.
+    pub fn evict_idle(&self) -> usize {
+        self.inner.evict_idle()
+    }
+}
+
+impl Inner {
+    fn observe(&self, now_ms: i64) {
+        self.latest_now_ms.fetch_max(now_ms, Ordering::Relaxed);
+    }
+
+    fn evict_idle(&self) -> usize {
+        let now = self.latest_now_ms.load(Ordering::Relaxed);
+        let before = self.buckets.len();
+        self.buckets.retain(|_, item| {
+            // An item someone holds is in use: keep it.
+            let Some(mut guard) = item.try_lock() else {
+                return true;
+            };
+            if guard.evict_at_ms <= now {
+                guard.evicted = true;
+                false
+            } else {
+                true
+            }
+        });
+        before.saturating_sub(self.buckets.len())
+    }
+
+    fn item(&self, key: &str) -> Arc<Mutex<Item>> {
+        if let Some(item) = self.buckets.get(key) {
+            return Arc::clone(&item);
+        }
+        Arc::clone(&self.buckets.entry(key.to_string()).or_default())
+    }
+
+    /// Locks the items for `keys` (already sorted and deduplicated), retrying any that
+    /// eviction removed between lookup and lock.
+    fn lock_items(&self, keys: &[&str]) -> Vec<ItemGuard> {
+        loop {
+            let guards: Vec<ItemGuard> = keys
+                .iter()
+                .map(|k| Mutex::lock_arc(&self.item(k)))
+                .collect();
+            if guards.iter().all(|g| !g.evicted) {
+                return guards;
+            }
+        }
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+#[async_trait]
+impl Repository for InMemoryRepository {
+    fn capabilities(&self) -> BackendCapabilities {
+        BackendCapabilities {
+            supports_batch_operations: true,
+            ..BackendCapabilities::default()
+        }
+    }
+
+    fn default_config_cache_ttl(&self) -> Duration {
+        // Reading memory is as cheap as reading the cache; caching would only delay
+        // changes made through another handle to the same repository.
+        Duration::ZERO
+    }
+
+    async fn acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome, Error> {
+        self.acquire_now(request)
+    }
+
+    async fn adjust(&self, request: &AdjustRequest) -> Result<(), Error> {
+        self.adjust_now(request);
+        Ok(())
+    }
+
+    async fn get_buckets(
+        &self,
+        entity_id: &str,
+        resource: &str,
+    ) -> Result<BTreeMap<String, BucketState>, Error> {
+        let key = bucket_key(entity_id, resource);
+        let Some(item) = self.inner.buckets.get(&key).map(|i| Arc::clone(&i)) else {
+            return Ok(BTreeMap::new());
+        };
+        let guard = item.lock();
+        Ok(guard.buckets.iter().cloned().collect())
+    }
+
+    async fn create_entity(&self, entity: &Entity) -> Result<(), Error> {
+        let mut entities = write(&self.inner.entities);
+        if entities.contains_key(&entity.id) {
+            return Err(Error::EntityExists {
+                entity_id: entity.id.clone(),
+            });
+        }
+        entities.insert(entity.id.clone(), entity.clone());
+        Ok(())
+    }
+
+    async fn get_entity(&self, entity_id: &str) -> Result<Option<Entity>, Error> {
+        Ok(read(&self.inner.entities).get(entity_id).cloned())
+    }
+
+    async fn delete_entity(&self, entity_id: &str) -> Result<bool, Error> {
+        let existed = write(&self.inner.entities).remove(entity_id).is_some();
+        write(&self.inner.configs).retain(|scope, _| {
+            !matches!(scope, ConfigScope::Entity { entity_id: e, .. } if e == entity_id)
+        });
+        // Never block on an item lock while holding a map shard: collect, remove, then mark.
+        let prefix = bucket_key(entity_id, "");
+        let keys: Vec<String> = self
+            .inner
+            .buckets
+            .iter()
+            .filter(|e| e.key().starts_with(&prefix))
+            .map(|e| e.key().clone())
+            .collect();
+        for key in keys {
+            if let Some((_, item)) = self.inner.buckets.remove(&key) {
+                item.lock().evicted = true;
+            }
+        }
+        Ok(existed)
+    }
+
+    async fn get_children(&self, parent_id: &str) -> Result<Vec<Entity>, Error> {
+        let mut children: Vec<Entity> = read(&self.inner.entities)
+            .values()
+            .filter(|e| e.parent_id.as_deref() == Some(parent_id))
+            .cloned()
+            .collect();
+        children.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(children)
+    }
+
+    async fn set_limits(&self, scope: &ConfigScope, limits: &[Limit]) -> Result<(), Error> {
+        write(&self.inner.configs).insert(scope.clone(), limits.to_vec());
+        Ok(())
+    }
+
+    async fn get_limits(&self, scope: &ConfigScope) -> Result<Option<Vec<Limit>>, Error> {
+        Ok(read(&self.inner.configs).get(scope).cloned())
+    }
+
+    async fn delete_limits(&self, scope: &ConfigScope) -> Result<bool, Error> {
+        Ok(write(&self.inner.configs).remove(scope).is_some())
+    }
+
+    async fn set_on_unavailable(&self, policy: Option<OnUnavailable>) -> Result<(), Error> {
+        *write(&self.inner.on_unavailable) = policy;
+        Ok(())
+    }
+
+    async fn load_config(&self, entity_id: &str, resource: &str) -> Result<StoredConfig, Error> {
+        let configs = read(&self.inner.configs);
+        let entity_scope = |r: &str| ConfigScope::Entity {
+            entity_id: entity_id.to_string(),
+            resource: r.to_string(),
+        };
+        Ok(StoredConfig {
+            entity: read(&self.inner.entities).get(entity_id).cloned(),
+            entity_limits: configs.get(&entity_scope(resource)).cloned(),
+            entity_default_limits: if resource == DEFAULT_RESOURCE {
+                None
+            } else {
+                configs.get(&entity_scope(DEFAULT_RESOURCE)).cloned()
+            },
+            resource_limits: configs
+                .get(&ConfigScope::Resource(resource.to_string()))
+                .cloned(),
+            system_limits: configs.get(&ConfigScope::System).cloned(),
+            on_unavailable: *read(&self.inner.on_unavailable),
+        })
+    }
+}
+
+impl InMemoryRepository {
+    fn acquire_now(&self, request: &AcquireRequest) -> Result<AcquireOutcome, Error> {
+        let now = request.now_ms;
+        self.inner.observe(now);
+        let keys: Vec<String> = request
+            .items
+            .iter()
+            .map(|i| bucket_key(&i.entity_id, &i.resource))
+            .collect();
+        // Lock in key order so two cascades over the same pair cannot deadlock.
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_by(|a, b| keys[*a].cmp(&keys[*b]));
+        order.dedup_by(|a, b| keys[*a] == keys[*b]);
+        let sorted: Vec<&str> = order.iter().map(|i| keys[*i].as_str()).collect();
+        let mut guards = self.inner.lock_items(&sorted);
+        let guard_of = |item: usize| {
+            sorted
+                .binary_search(&keys[item].as_str())
+                .expect("every key was locked")
+        };
+
+        let mut statuses = Vec::new();
+        let mut updates: Vec<(usize, String, BucketState)> = Vec::new();
+        let mut admitted = true;
+        for (i, item) in request.items.iter().enumerate() {
+            let g = guard_of(i);
+            for (limit, amount) in &item.charges {
+                let current = reconcile_bucket(guards[g].get(&limit.name), limit, now);
+                let result = bucket::try_consume(&current, *amount, now);
+                admitted &= result.success;
+                statuses.push(status_from_consume(
+                    &item.entity_id,
+                    &item.resource,
+                    limit,
+                    *amount,
+                    &result,
+                ));
+                updates.push((g, limit.name.clone(), result.state));
+            }
+        }
+        if admitted {
+            for (g, name, state) in updates {
+                guards[g].put(&name, state);
+            }
+            for g in guards.iter_mut() {
+                g.touch(now, self.inner.idle_ttl_multiplier);
+            }
+        }
+        Ok(AcquireOutcome { admitted, statuses })
+    }
+
+    fn adjust_now(&self, request: &AdjustRequest) {
+        let now = request.now_ms;
+        self.inner.observe(now);
+        let key = bucket_key(&request.entity_id, &request.resource);
+        let mut guards = self.inner.lock_items(&[key.as_str()]);
+        let item = &mut guards[0];
+        for (limit, delta) in &request.deltas {
+            let current = reconcile_bucket(item.get(&limit.name), limit, now);
+            item.put(&limit.name, bucket::force_consume(&current, *delta, now));
+        }
+        item.touch(now, self.inner.idle_ttl_multiplier);
+    }
+}

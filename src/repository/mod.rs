@@ -1,0 +1,204 @@
+//! The [`Repository`] trait every backend implements, and the backends.
+//!
+//! A backend stores four things: bucket items (all limits of one entity and resource in one
+//! record), entities, stored limits at four levels, and the system's `on_unavailable`
+//! policy. The [`crate::RateLimiter`] does everything else (validation, config resolution and
+//! caching, cascade, leases), so a backend only has to make each operation atomic.
+//!
+//! The one hard requirement: [`Repository::acquire`] is all-or-nothing across every item and
+//! limit it is given, and never admits more than the buckets hold under any number of
+//! concurrent callers, in this process or (for shared backends) any other.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::bucket::{BucketState, ConsumeResult};
+use crate::{BackendCapabilities, Entity, Error, Limit, LimitStatus, OnUnavailable};
+
+pub mod memory;
+
+/// One bucket item to charge in an acquire: the limits of one entity and resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemRequest {
+    /// The entity.
+    pub entity_id: String,
+    /// The resource.
+    pub resource: String,
+    /// The limits to enforce, with the amount to take from each (zero allowed).
+    pub charges: Vec<(Limit, u64)>,
+}
+
+/// An all-or-nothing consumption over one item, or two (child and parent in a cascade).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcquireRequest {
+    /// The items, child first.
+    pub items: Vec<ItemRequest>,
+    /// The time of the request, epoch milliseconds.
+    pub now_ms: i64,
+}
+
+/// What [`Repository::acquire`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcquireOutcome {
+    /// Whether everything was consumed (else nothing was).
+    pub admitted: bool,
+    /// One status per limit of every item, in request order.
+    pub statuses: Vec<LimitStatus>,
+}
+
+/// Signed changes to one item's buckets: positive debits (debt allowed), negative credits
+/// (never above capacity). Each carries its limit so a backend can seed a missing bucket
+/// in full rather than create a record without capacity and refill fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdjustRequest {
+    /// The entity.
+    pub entity_id: String,
+    /// The resource.
+    pub resource: String,
+    /// The limit and the whole-token delta.
+    pub deltas: Vec<(Limit, i64)>,
+    /// The time of the change, epoch milliseconds.
+    pub now_ms: i64,
+}
+
+/// Where a set of stored limits lives in the config hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ConfigScope {
+    /// System-wide limits.
+    System,
+    /// Limits for one resource.
+    Resource(String),
+    /// Limits for one entity and resource (`_default_` for every resource).
+    Entity {
+        /// The entity.
+        entity_id: String,
+        /// The resource, or [`crate::naming::DEFAULT_RESOURCE`].
+        resource: String,
+    },
+}
+
+/// Everything an acquire needs to know about an entity and resource, read in one call.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredConfig {
+    /// The entity record, if it was created.
+    pub entity: Option<Entity>,
+    /// Limits stored for the entity and this resource.
+    pub entity_limits: Option<Vec<Limit>>,
+    /// Limits stored for the entity under `_default_`.
+    pub entity_default_limits: Option<Vec<Limit>>,
+    /// Limits stored for the resource.
+    pub resource_limits: Option<Vec<Limit>>,
+    /// Limits stored at system level.
+    pub system_limits: Option<Vec<Limit>>,
+    /// The system's `on_unavailable` policy, if set.
+    pub on_unavailable: Option<OnUnavailable>,
+}
+
+/// A storage backend for buckets, entities and limits.
+///
+/// Implement it to run the limiter on another store (Redis, Postgres, ...). Bucket values
+/// are handled with the pure functions of [`crate::bucket`]; use
+/// [`status_from_consume`] to build statuses so every backend reports alike.
+#[async_trait]
+pub trait Repository: Send + Sync + 'static {
+    /// What this backend supports.
+    fn capabilities(&self) -> BackendCapabilities;
+
+    /// How long the limiter should cache resolved limits by default.
+    fn default_config_cache_ttl(&self) -> Duration {
+        Duration::from_secs(60)
+    }
+
+    /// Consumes from every limit of every item, or from none; see the module docs.
+    async fn acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome, Error>;
+
+    /// Applies signed deltas to one item (adjust, commit of adjustments, rollback).
+    async fn adjust(&self, request: &AdjustRequest) -> Result<(), Error>;
+
+    /// The stored bucket states of one item by limit name, as last written (not refilled).
+    async fn get_buckets(
+        &self,
+        entity_id: &str,
+        resource: &str,
+    ) -> Result<BTreeMap<String, BucketState>, Error>;
+
+    /// Stores a new entity; [`Error::EntityExists`] if the id is taken.
+    async fn create_entity(&self, entity: &Entity) -> Result<(), Error>;
+
+    /// Reads an entity.
+    async fn get_entity(&self, entity_id: &str) -> Result<Option<Entity>, Error>;
+
+    /// Deletes an entity with its stored limits and buckets; false if it did not exist.
+    async fn delete_entity(&self, entity_id: &str) -> Result<bool, Error>;
+
+    /// The entities whose parent is `parent_id`.
+    async fn get_children(&self, parent_id: &str) -> Result<Vec<Entity>, Error>;
+
+    /// Stores limits at a level, replacing what was there.
+    async fn set_limits(&self, scope: &ConfigScope, limits: &[Limit]) -> Result<(), Error>;
+
+    /// Reads the limits stored at a level.
+    async fn get_limits(&self, scope: &ConfigScope) -> Result<Option<Vec<Limit>>, Error>;
+
+    /// Deletes the limits stored at a level; false if there were none.
+    async fn delete_limits(&self, scope: &ConfigScope) -> Result<bool, Error>;
+
+    /// Stores (or with `None` clears) the system's `on_unavailable` policy.
+    async fn set_on_unavailable(&self, policy: Option<OnUnavailable>) -> Result<(), Error>;
+
+    /// Reads the entity and the four config levels for an acquire, in one call.
+    async fn load_config(&self, entity_id: &str, resource: &str) -> Result<StoredConfig, Error>;
+}
+
+/// Builds the status of one limit from a [`crate::bucket::try_consume`] result.
+///
+/// A request larger than the capacity is reported as never satisfiable
+/// (`retry_after_ms: None`) rather than with the arithmetic's finite wait.
+pub fn status_from_consume(
+    entity_id: &str,
+    resource: &str,
+    limit: &Limit,
+    requested: u64,
+    result: &ConsumeResult,
+) -> LimitStatus {
+    let retry_after_ms = if result.success {
+        Some(0)
+    } else if requested > limit.capacity {
+        None
+    } else {
+        Some(result.retry_after_ms)
+    };
+    LimitStatus {
+        entity_id: entity_id.to_string(),
+        resource: resource.to_string(),
+        limit: limit.clone(),
+        available: result.available,
+        requested,
+        exceeded: !result.success,
+        retry_after_ms,
+    }
+}
+
+/// Brings a stored bucket in line with the limit now configured: refills it to `now_ms` under
+/// its stored parameters, then adopts the new capacity and rate (clamping tokens to the new
+/// capacity). A limit newly added to the config starts full.
+pub fn reconcile_bucket(stored: Option<&BucketState>, limit: &Limit, now_ms: i64) -> BucketState {
+    let fresh = BucketState::from_limit(limit, now_ms);
+    let Some(stored) = stored else {
+        return fresh;
+    };
+    let mut state = crate::bucket::refill(stored, now_ms);
+    if state.capacity_milli != fresh.capacity_milli
+        || state.refill_amount_milli != fresh.refill_amount_milli
+        || state.refill_period_ms != fresh.refill_period_ms
+    {
+        state.capacity_milli = fresh.capacity_milli;
+        state.refill_amount_milli = fresh.refill_amount_milli;
+        state.refill_period_ms = fresh.refill_period_ms;
+        state.refill_carry = 0;
+        state.tokens_milli = state.tokens_milli.min(state.capacity_milli);
+    }
+    state
+}
