@@ -1,11 +1,16 @@
 pub mod bucket;
 pub mod clock;
+mod config_cache;
 pub mod error;
+mod lease;
 pub mod limit;
+mod limiter;
 pub mod model;
 pub mod naming;
 pub mod repository;
 pub use error::{Error, RateLimitExceeded, ErrorCategory, BoxError};
 pub use limit::Limit;
 pub use model::*;
+pub use lease::{Lease, LeaseHandle};
+pub use limiter::{RateLimiter, RateLimiterBuilder, Acquire, CreateEntity, Amount, BoxFuture};
 pub use repository::{Repository, memory::InMemoryRepository};

@@ -1,0 +1,779 @@
+//! [`RateLimiter`]: acquire leases, query availability, manage entities and stored limits.
+
+use std::collections::BTreeMap;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::bucket::{self, BucketState};
+use crate::clock::{Clock, SystemClock};
+use crate::config_cache::ConfigCache;
+use crate::lease::{Lease, LeaseItem};
+use crate::naming;
+use crate::repository::{AcquireRequest, ConfigScope, ItemRequest, Repository, StoredConfig};
+use crate::{
+    limit, CacheStats, ConfigSource, Entity, Error, Limit, OnUnavailable, RateLimitExceeded,
+};
+
+/// A boxed future, as returned by the builders' `IntoFuture`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Rate-limits entities (API keys, users) per resource with token buckets held in a
+/// [`Repository`]. Cheap to clone; clones share the backend, clock and config cache.
+///
+/// ```
+/// use zae_limiter::{InMemoryRepository, Limit, RateLimiter};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), zae_limiter::Error> {
+/// let limiter = RateLimiter::new(InMemoryRepository::new());
+/// let lease = limiter
+///     .acquire("user-123", "gpt-4")
+///     .limits([Limit::per_minute("rpm", 100), Limit::per_minute("tpm", 10_000)])
+///     .consume([("rpm", 1), ("tpm", 500)])
+///     .await?;
+/// lease.adjust([("tpm", 250)]).await?; // the call used 750 tokens, not 500
+/// lease.commit().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RateLimiter {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) repo: Arc<dyn Repository>,
+    pub(crate) clock: Arc<dyn Clock>,
+    cache: ConfigCache,
+    on_unavailable: Option<OnUnavailable>,
+    /// The system policy last read successfully (0 = none yet, 1 = allow, 2 = block), used
+    /// when the backend cannot be read.
+    last_policy: AtomicU8,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("clock", &self.inner.clock)
+            .field("config_cache", &self.inner.cache.stats())
+            .field("on_unavailable", &self.inner.on_unavailable)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builder for [`RateLimiter`]: clock, config-cache TTL, unavailability policy.
+pub struct RateLimiterBuilder {
+    repo: Arc<dyn Repository>,
+    clock: Arc<dyn Clock>,
+    ttl: Option<Duration>,
+    on_unavailable: Option<OnUnavailable>,
+}
+
+impl RateLimiterBuilder {
+    /// The clock to read time from (default [`SystemClock`]).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// How long resolved limits are cached (default: the backend's
+    /// [`Repository::default_config_cache_ttl`]); zero disables the cache.
+    pub fn config_cache_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// What to do when the backend is unavailable, overriding the stored system policy.
+    pub fn on_unavailable(mut self, policy: OnUnavailable) -> Self {
+        self.on_unavailable = Some(policy);
+        self
+    }
+
+    /// Builds the limiter.
+    pub fn build(self) -> RateLimiter {
+        let ttl = self
+            .ttl
+            .unwrap_or_else(|| self.repo.default_config_cache_ttl());
+        RateLimiter {
+            inner: Arc::new(Inner {
+                repo: self.repo,
+                clock: self.clock,
+                cache: ConfigCache::new(ttl),
+                on_unavailable: self.on_unavailable,
+                last_policy: AtomicU8::new(0),
+            }),
+        }
+    }
+}
+
+/// A whole-token amount for `consume`, `adjust` and `time_until_available`: any primitive
+/// integer. Range and sign are checked where it is used, with a typed error.
+pub trait Amount: Copy {
+    /// The amount, widened.
+    fn to_i128(self) -> i128;
+}
+
+macro_rules! amount {
+    ($($t:ty),*) => {$(impl Amount for $t { fn to_i128(self) -> i128 { self as i128 } })*};
+}
+amount!(i8, i16, i32, i64, isize, u8, u16, u32, u64, usize);
+
+pub(crate) fn named_amounts<K: Into<String>, N: Amount>(
+    pairs: impl IntoIterator<Item = (K, N)>,
+) -> Vec<(String, i128)> {
+    pairs.into_iter().map(|(k, n)| (k.into(), n.to_i128())).collect()
+}
+
+/// Checks names and that amounts are within `0..=MAX_TOKENS` (or `-MAX..=MAX` if signed).
+pub(crate) fn checked_amounts(
+    field: &str,
+    pairs: &[(String, i128)],
+    signed: bool,
+) -> Result<Vec<(String, i64)>, Error> {
+    let max = i128::from(limit::MAX_TOKENS);
+    pairs
+        .iter()
+        .map(|(name, n)| {
+            naming::validate_limit_name(name)?;
+            let field = || format!("{field}.{name}");
+            if !signed && *n < 0 {
+                return Err(Error::validation(field(), n.to_string(), "must not be negative"));
+            }
+            if n.abs() > max {
+                return Err(Error::validation(
+                    field(),
+                    n.to_string(),
+                    format!("must be at most {max} in magnitude"),
+                ));
+            }
+            Ok((name.clone(), *n as i64))
+        })
+        .collect()
+}
+
+impl RateLimiter {
+    /// A limiter over `repo` with the system clock and default settings.
+    pub fn new(repo: impl Repository) -> Self {
+        Self::builder(repo).build()
+    }
+
+    /// A builder over `repo`.
+    pub fn builder(repo: impl Repository) -> RateLimiterBuilder {
+        Self::builder_shared(Arc::new(repo))
+    }
+
+    /// A builder over a backend that is already shared.
+    pub fn builder_shared(repo: Arc<dyn Repository>) -> RateLimiterBuilder {
+        RateLimiterBuilder {
+            repo,
+            clock: Arc::new(SystemClock),
+            ttl: None,
+            on_unavailable: None,
+        }
+    }
+
+    /// The backend.
+    pub fn repository(&self) -> &Arc<dyn Repository> {
+        &self.inner.repo
+    }
+
+    /// The current time by the limiter's clock, epoch milliseconds.
+    pub fn now_ms(&self) -> i64 {
+        self.inner.clock.now_ms()
+    }
+
+    /// Starts an acquire for `entity_id` on `resource`; set options, then `.await` it.
+    ///
+    /// Without `.limits(..)` the stored limits apply (entity+resource, entity `_default_`,
+    /// resource, system, then `.fallback_limits(..)`); without `.consume(..)` it takes 1 from
+    /// every limit. Succeeds with a [`Lease`] once the consumption is written, or fails with
+    /// [`Error::RateLimited`] having written nothing.
+    pub fn acquire(&self, entity_id: impl Into<String>, resource: impl Into<String>) -> Acquire {
+        Acquire {
+            limiter: self.clone(),
+            entity_id: entity_id.into(),
+            resource: resource.into(),
+            limits: None,
+            fallback: None,
+            consume: None,
+            cascade: None,
+            on_unavailable: None,
+        }
+    }
+
+    /// Counters of the resolved-config cache.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.inner.cache.stats()
+    }
+
+    /// Forgets every cached config, so the next acquire reads stored limits afresh.
+    pub fn invalidate_config_cache(&self) {
+        self.inner.cache.invalidate();
+    }
+
+    /// The stored config for an entity and resource, through the cache.
+    pub(crate) async fn stored_config(
+        &self,
+        entity_id: &str,
+        resource: &str,
+        now_ms: i64,
+    ) -> Result<Arc<StoredConfig>, Error> {
+        if let Some(hit) = self.inner.cache.get(entity_id, resource, now_ms) {
+            return Ok(hit);
+        }
+        let loaded = Arc::new(self.inner.repo.load_config(entity_id, resource).await?);
+        let code = match loaded.on_unavailable {
+            None => 0,
+            Some(OnUnavailable::Allow) => 1,
+            Some(OnUnavailable::Block) => 2,
+        };
+        self.inner.last_policy.store(code, Ordering::Relaxed);
+        self.inner
+            .cache
+            .insert(entity_id, resource, Arc::clone(&loaded), now_ms);
+        Ok(loaded)
+    }
+
+    /// The policy for an outage: per call, then the limiter's, then the stored one (last
+    /// read), then `Block`.
+    fn policy(&self, per_call: Option<OnUnavailable>) -> OnUnavailable {
+        per_call.or(self.inner.on_unavailable).unwrap_or_else(|| {
+            match self.inner.last_policy.load(Ordering::Relaxed) {
+                1 => OnUnavailable::Allow,
+                _ => OnUnavailable::Block,
+            }
+        })
+    }
+
+    /// The limits that apply to an entity and resource, the unavailability policy, and the
+    /// level they came from. [`Error::Validation`] (field `limits`) when none are stored.
+    pub async fn resolve_limits(
+        &self,
+        entity_id: &str,
+        resource: &str,
+    ) -> Result<(Vec<Limit>, OnUnavailable, ConfigSource), Error> {
+        naming::validate_entity_id(entity_id)?;
+        naming::validate_resource(resource)?;
+        let stored = self
+            .stored_config(entity_id, resource, self.now_ms())
+            .await?;
+        let (limits, source) = resolve(&stored, None, None)
+            .ok_or_else(|| no_limits(entity_id, resource))?;
+        let policy = self
+            .inner
+            .on_unavailable
+            .or(stored.on_unavailable)
+            .unwrap_or_default();
+        Ok((limits, policy, source))
+    }
+
+    async fn limits_for(
+        &self,
+        entity_id: &str,
+        resource: &str,
+        limits: Option<&[Limit]>,
+    ) -> Result<Vec<Limit>, Error> {
+        naming::validate_entity_id(entity_id)?;
+        naming::validate_resource(resource)?;
+        match limits {
+            Some(l) => {
+                limit::validate_all(l)?;
+                Ok(l.to_vec())
+            }
+            None => Ok(self.resolve_limits(entity_id, resource).await?.0),
+        }
+    }
+
+    /// Whole tokens available now per limit (negative in debt; a bucket never used reports
+    /// its capacity). Uses `limits` if given, else the stored limits.
+    pub async fn available(
+        &self,
+        entity_id: &str,
+        resource: &str,
+        limits: Option<&[Limit]>,
+    ) -> Result<BTreeMap<String, i64>, Error> {
+        let limits = self.limits_for(entity_id, resource, limits).await?;
+        let stored = self.inner.repo.get_buckets(entity_id, resource).await?;
+        let now = self.now_ms();
+        Ok(limits
+            .iter()
+            .map(|l| {
+                let state = crate::repository::reconcile_bucket(stored.get(&l.name), l, now);
+                (l.name.clone(), bucket::available(&state, now))
+            })
+            .collect())
+    }
+
+    /// How long until every named amount is available at once (zero if it is now).
+    /// Names without a limit are ignored; an amount above a limit's capacity is an
+    /// [`Error::Validation`], since it never becomes available.
+    pub async fn time_until_available<K: Into<String>, N: Amount>(
+        &self,
+        entity_id: &str,
+        resource: &str,
+        needed: impl IntoIterator<Item = (K, N)>,
+        limits: Option<&[Limit]>,
+    ) -> Result<Duration, Error> {
+        let needed = checked_amounts("needed", &named_amounts(needed), false)?;
+        let limits = self.limits_for(entity_id, resource, limits).await?;
+        let stored = self.inner.repo.get_buckets(entity_id, resource).await?;
+        let now = self.now_ms();
+        let mut wait = 0u64;
+        for (name, amount) in needed {
+            let Some(limit) = limits.iter().find(|l| l.name == name) else {
+                continue;
+            };
+            let amount = amount as u64;
+            if amount > limit.capacity {
+                return Err(Error::validation(
+                    format!("needed.{name}"),
+                    amount.to_string(),
+                    format!("exceeds the capacity {} and can never be available", limit.capacity),
+                ));
+            }
+            let state = crate::repository::reconcile_bucket(stored.get(&name), limit, now);
+            wait = wait.max(bucket::time_until_available(&state, amount, now));
+        }
+        Ok(Duration::from_millis(wait))
+    }
+
+    /// The stored bucket states of an entity and resource by limit name, as last written.
+    pub async fn bucket_states(
+        &self,
+        entity_id: &str,
+        resource: &str,
+    ) -> Result<BTreeMap<String, BucketState>, Error> {
+        naming::validate_entity_id(entity_id)?;
+        naming::validate_resource(resource)?;
+        self.inner.repo.get_buckets(entity_id, resource).await
+    }
+
+    /// Starts creating an entity; set options, then `.await` it.
+    pub fn create_entity(&self, entity_id: impl Into<String>) -> CreateEntity {
+        CreateEntity {
+            limiter: self.clone(),
+            id: entity_id.into(),
+            name: None,
+            parent_id: None,
+            cascade: false,
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    /// Reads an entity.
+    pub async fn get_entity(&self, entity_id: &str) -> Result<Option<Entity>, Error> {
+        naming::validate_entity_id(entity_id)?;
+        self.inner.repo.get_entity(entity_id).await
+    }
+
+    /// Deletes an entity with its stored limits and buckets; [`Error::EntityNotFound`] if
+    /// it does not exist. Its children keep their `parent_id` but cascade to nothing.
+    pub async fn delete_entity(&self, entity_id: &str) -> Result<(), Error> {
+        naming::validate_entity_id(entity_id)?;
+        let existed = self.inner.repo.delete_entity(entity_id).await?;
+        self.invalidate_config_cache();
+        if existed {
+            Ok(())
+        } else {
+            Err(Error::EntityNotFound {
+                entity_id: entity_id.to_string(),
+            })
+        }
+    }
+
+    /// The entities whose parent is `parent_id`, by id.
+    pub async fn get_children(&self, parent_id: &str) -> Result<Vec<Entity>, Error> {
+        naming::validate_identifier("parent_id", parent_id)?;
+        self.inner.repo.get_children(parent_id).await
+    }
+
+    async fn set_scope(&self, scope: ConfigScope, limits: &[Limit]) -> Result<(), Error> {
+        if limits.is_empty() {
+            return Err(Error::validation(
+                "limits",
+                "[]",
+                "must not be empty; delete the limits instead",
+            ));
+        }
+        limit::validate_all(limits)?;
+        self.inner.repo.set_limits(&scope, limits).await?;
+        self.invalidate_config_cache();
+        Ok(())
+    }
+
+    async fn delete_scope(&self, scope: ConfigScope) -> Result<bool, Error> {
+        let deleted = self.inner.repo.delete_limits(&scope).await?;
+        self.invalidate_config_cache();
+        Ok(deleted)
+    }
+
+    fn entity_scope(entity_id: &str, resource: &str) -> Result<ConfigScope, Error> {
+        naming::validate_entity_id(entity_id)?;
+        naming::validate_entity_config_resource(resource)?;
+        Ok(ConfigScope::Entity {
+            entity_id: entity_id.to_string(),
+            resource: resource.to_string(),
+        })
+    }
+
+    fn resource_scope(resource: &str) -> Result<ConfigScope, Error> {
+        naming::validate_resource(resource)?;
+        Ok(ConfigScope::Resource(resource.to_string()))
+    }
+
+    /// Stores system-wide limits (the lowest stored level).
+    pub async fn set_system_limits(&self, limits: &[Limit]) -> Result<(), Error> {
+        self.set_scope(ConfigScope::System, limits).await
+    }
+
+    /// Reads the system-wide limits.
+    pub async fn get_system_limits(&self) -> Result<Option<Vec<Limit>>, Error> {
+        self.inner.repo.get_limits(&ConfigScope::System).await
+    }
+
+    /// Deletes the system-wide limits; false if there were none.
+    pub async fn delete_system_limits(&self) -> Result<bool, Error> {
+        self.delete_scope(ConfigScope::System).await
+    }
+
+    /// Stores the system's policy for backend outages (`None` clears it: `Block`).
+    pub async fn set_on_unavailable(&self, policy: Option<OnUnavailable>) -> Result<(), Error> {
+        self.inner.repo.set_on_unavailable(policy).await?;
+        self.invalidate_config_cache();
+        Ok(())
+    }
+
+    /// Stores limits for a resource, for every entity without its own.
+    pub async fn set_resource_limits(&self, resource: &str, limits: &[Limit]) -> Result<(), Error> {
+        self.set_scope(Self::resource_scope(resource)?, limits).await
+    }
+
+    /// Reads a resource's limits.
+    pub async fn get_resource_limits(&self, resource: &str) -> Result<Option<Vec<Limit>>, Error> {
+        self.inner
+            .repo
+            .get_limits(&Self::resource_scope(resource)?)
+            .await
+    }
+
+    /// Deletes a resource's limits; false if there were none.
+    pub async fn delete_resource_limits(&self, resource: &str) -> Result<bool, Error> {
+        self.delete_scope(Self::resource_scope(resource)?).await
+    }
+
+    /// Stores limits for an entity on a resource; resource `"_default_"` means every
+    /// resource without entity limits of its own.
+    pub async fn set_entity_limits(
+        &self,
+        entity_id: &str,
+        resource: &str,
+        limits: &[Limit],
+    ) -> Result<(), Error> {
+        self.set_scope(Self::entity_scope(entity_id, resource)?, limits)
+            .await
+    }
+
+    /// Reads an entity's limits for a resource (or `"_default_"`).
+    pub async fn get_entity_limits(
+        &self,
+        entity_id: &str,
+        resource: &str,
+    ) -> Result<Option<Vec<Limit>>, Error> {
+        self.inner
+            .repo
+            .get_limits(&Self::entity_scope(entity_id, resource)?)
+            .await
+    }
+
+    /// Deletes an entity's limits for a resource (or `"_default_"`); false if none.
+    pub async fn delete_entity_limits(&self, entity_id: &str, resource: &str) -> Result<bool, Error> {
+        self.delete_scope(Self::entity_scope(entity_id, resource)?)
+            .await
+    }
+}
+
+/// The first level with limits, as [`ConfigSource`] says.
+fn resolve(
+    stored: &StoredConfig,
+    explicit: Option<&[Limit]>,
+    fallback: Option<&[Limit]>,
+) -> Option<(Vec<Limit>, ConfigSource)> {
+    if let Some(l) = explicit {
+        return Some((l.to_vec(), ConfigSource::Override));
+    }
+    let levels = [
+        (&stored.entity_limits, ConfigSource::Entity),
+        (&stored.entity_default_limits, ConfigSource::EntityDefault),
+        (&stored.resource_limits, ConfigSource::Resource),
+        (&stored.system_limits, ConfigSource::System),
+    ];
+    for (level, source) in levels {
+        if let Some(l) = level.as_ref().filter(|l| !l.is_empty()) {
+            return Some((l.clone(), source));
+        }
+    }
+    fallback
+        .filter(|l| !l.is_empty())
+        .map(|l| (l.to_vec(), ConfigSource::Fallback))
+}
+
+fn no_limits(entity_id: &str, resource: &str) -> Error {
+    Error::validation(
+        "limits",
+        format!("{entity_id}/{resource}"),
+        "no limits are stored at any level and none were passed",
+    )
+}
+
+/// An acquire being set up: `.limits`, `.fallback_limits`, `.consume`, `.cascade`,
+/// `.on_unavailable`, then `.await`.
+#[must_use = "an acquire does nothing until it is awaited"]
+pub struct Acquire {
+    limiter: RateLimiter,
+    entity_id: String,
+    resource: String,
+    limits: Option<Vec<Limit>>,
+    fallback: Option<Vec<Limit>>,
+    consume: Option<Vec<(String, i128)>>,
+    cascade: Option<bool>,
+    on_unavailable: Option<OnUnavailable>,
+}
+
+impl Acquire {
+    /// Enforce exactly these limits, ignoring stored ones.
+    pub fn limits(mut self, limits: impl IntoIterator<Item = Limit>) -> Self {
+        self.limits = Some(limits.into_iter().collect());
+        self
+    }
+
+    /// Enforce these limits only when no level stores any.
+    pub fn fallback_limits(mut self, limits: impl IntoIterator<Item = Limit>) -> Self {
+        self.fallback = Some(limits.into_iter().collect());
+        self
+    }
+
+    /// The amount to take from each limit by name; limits not named take 0, names that
+    /// match no limit are ignored. Default: 1 from every limit.
+    pub fn consume<K: Into<String>, N: Amount>(
+        mut self,
+        amounts: impl IntoIterator<Item = (K, N)>,
+    ) -> Self {
+        self.consume = Some(named_amounts(amounts));
+        self
+    }
+
+    /// Whether to charge the parent too, overriding the entity's `cascade` setting.
+    pub fn cascade(mut self, cascade: bool) -> Self {
+        self.cascade = Some(cascade);
+        self
+    }
+
+    /// The outage policy for this call, overriding the limiter's and the stored one.
+    pub fn on_unavailable(mut self, policy: OnUnavailable) -> Self {
+        self.on_unavailable = Some(policy);
+        self
+    }
+
+    async fn run(self) -> Result<Lease, Error> {
+        naming::validate_entity_id(&self.entity_id)?;
+        naming::validate_resource(&self.resource)?;
+        if let Some(l) = &self.limits {
+            limit::validate_all(l)?;
+        }
+        if let Some(l) = &self.fallback {
+            limit::validate_all(l)?;
+        }
+        let consume = match &self.consume {
+            Some(c) => Some(checked_amounts("consume", c, false)?),
+            None => None,
+        };
+        let policy = self.limiter.policy(self.on_unavailable);
+        match self.decide(consume.as_deref()).await {
+            Err(Error::Unavailable { message, source }) if policy == OnUnavailable::Allow => {
+                tracing::warn!(
+                    entity_id = %self.entity_id,
+                    resource = %self.resource,
+                    error = %message,
+                    "rate limiter backend unavailable; admitting (on_unavailable = allow)"
+                );
+                let _ = source;
+                Ok(Lease::unlimited(
+                    &self.limiter,
+                    &self.entity_id,
+                    &self.resource,
+                ))
+            }
+            Err(e @ Error::Unavailable { .. }) => {
+                tracing::warn!(
+                    entity_id = %self.entity_id,
+                    resource = %self.resource,
+                    error = %e,
+                    "rate limiter backend unavailable; rejecting (on_unavailable = block)"
+                );
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
+    async fn decide(&self, consume: Option<&[(String, i64)]>) -> Result<Lease, Error> {
+        let limiter = &self.limiter;
+        let now = limiter.now_ms();
+        let stored = limiter
+            .stored_config(&self.entity_id, &self.resource, now)
+            .await?;
+        let (limits, _source) = resolve(&stored, self.limits.as_deref(), self.fallback.as_deref())
+            .ok_or_else(|| no_limits(&self.entity_id, &self.resource))?;
+        let amount_for = |name: &str| -> u64 {
+            match consume {
+                None => 1,
+                Some(c) => c
+                    .iter()
+                    .filter(|(n, _)| n == name)
+                    .map(|(_, a)| *a as u64)
+                    .sum(),
+            }
+        };
+        let mut items = vec![LeaseItem {
+            entity_id: self.entity_id.clone(),
+            resource: self.resource.clone(),
+            limits: limits.clone(),
+        }];
+        let entity = stored.entity.as_ref();
+        let cascade = self
+            .cascade
+            .unwrap_or_else(|| entity.is_some_and(|e| e.cascade));
+        if let Some(parent_id) = entity.and_then(|e| e.parent_id.as_deref()).filter(|_| cascade) {
+            let parent = limiter
+                .stored_config(parent_id, &self.resource, now)
+                .await?;
+            if let Some((parent_limits, _)) =
+                resolve(&parent, self.limits.as_deref(), self.fallback.as_deref())
+            {
+                items.push(LeaseItem {
+                    entity_id: parent_id.to_string(),
+                    resource: self.resource.clone(),
+                    limits: parent_limits,
+                });
+            }
+        }
+        let request = AcquireRequest {
+            items: items
+                .iter()
+                .map(|item| ItemRequest {
+                    entity_id: item.entity_id.clone(),
+                    resource: item.resource.clone(),
+                    charges: item
+                        .limits
+                        .iter()
+                        .map(|l| (l.clone(), amount_for(&l.name)))
+                        .collect(),
+                })
+                .collect(),
+            now_ms: now,
+        };
+        let outcome = limiter.inner.repo.acquire(&request).await?;
+        if !outcome.admitted {
+            let rejection = RateLimitExceeded::new(outcome.statuses).ok_or_else(|| {
+                Error::unavailable(
+                    "backend rejected an acquire without reporting an exceeded limit",
+                    "inconsistent AcquireOutcome",
+                )
+            })?;
+            tracing::debug!(
+                entity_id = %self.entity_id,
+                resource = %self.resource,
+                retry_after_ms = rejection.retry_after().as_millis() as u64,
+                "rate limit exceeded"
+            );
+            return Err(Error::RateLimited(rejection));
+        }
+        let consumed: Vec<Vec<i64>> = request
+            .items
+            .iter()
+            .map(|i| i.charges.iter().map(|(_, a)| *a as i64).collect())
+            .collect();
+        Ok(Lease::new(limiter, items, consumed, outcome.statuses))
+    }
+}
+
+impl IntoFuture for Acquire {
+    type Output = Result<Lease, Error>;
+    type IntoFuture = BoxFuture<'static, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.run())
+    }
+}
+
+/// An entity being created: `.name`, `.parent`, `.cascade`, `.metadata`, then `.await`.
+#[must_use = "nothing is created until it is awaited"]
+pub struct CreateEntity {
+    limiter: RateLimiter,
+    id: String,
+    name: Option<String>,
+    parent_id: Option<String>,
+    cascade: bool,
+    metadata: BTreeMap<String, String>,
+}
+
+impl CreateEntity {
+    /// A display name (default: the id).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The parent entity.
+    pub fn parent(mut self, parent_id: impl Into<String>) -> Self {
+        self.parent_id = Some(parent_id.into());
+        self
+    }
+
+    /// Whether acquires also charge the parent (default false).
+    pub fn cascade(mut self, cascade: bool) -> Self {
+        self.cascade = cascade;
+        self
+    }
+
+    /// Adds a metadata entry.
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    async fn run(self) -> Result<Entity, Error> {
+        naming::validate_entity_id(&self.id)?;
+        if let Some(parent) = &self.parent_id {
+            naming::validate_identifier("parent_id", parent)?;
+            if parent == &self.id {
+                return Err(Error::validation(
+                    "parent_id",
+                    parent.clone(),
+                    "an entity cannot be its own parent",
+                ));
+            }
+        }
+        let entity = Entity {
+            name: self.name.unwrap_or_else(|| self.id.clone()),
+            id: self.id,
+            parent_id: self.parent_id,
+            cascade: self.cascade,
+            metadata: self.metadata,
+            created_at_ms: self.limiter.now_ms(),
+        };
+        self.limiter.inner.repo.create_entity(&entity).await?;
+        self.limiter.invalidate_config_cache();
+        Ok(entity)
+    }
+}
+
+impl IntoFuture for CreateEntity {
+    type Output = Result<Entity, Error>;
+    type IntoFuture = BoxFuture<'static, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.run())
+    }
+}
