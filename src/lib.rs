@@ -1,3 +1,50 @@
+//! # zae-limiter
+//!
+//! Token-bucket rate limiting for async Rust and tower/axum services, with buckets and
+//! limits held in a backend: in memory (the embedded default) or DynamoDB (for fleets).
+//!
+//! - Exact integer arithmetic in millitokens ([`bucket`]): same inputs, same result on
+//!   every node; refill is exact and never over-admits.
+//! - Several limits per acquire (requests *and* tokens per minute), all or nothing.
+//! - Leases: consume an estimate up front, [`Lease::adjust`] to the true cost, commit; roll
+//!   back on error or drop.
+//! - Parent/child entities with cascade (API key under a project).
+//! - Limits stored at four levels (entity+resource, entity default, resource, system) and
+//!   cached, so operators change them without a deploy.
+//! - A tower layer ([`middleware::RateLimitLayer`]) answering 429 with `Retry-After` and the
+//!   IETF `RateLimit-Policy` / `RateLimit` fields.
+//!
+//! ```
+//! use zae_limiter::{Error, InMemoryRepository, Limit, RateLimiter};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Error> {
+//! let limiter = RateLimiter::new(InMemoryRepository::new());
+//! let limits = [Limit::per_minute("rpm", 2), Limit::per_minute("tpm", 10_000).with_burst(15_000)];
+//!
+//! // An LLM call: 1 request and an estimate of 500 tokens.
+//! let lease = limiter
+//!     .acquire("user-123", "gpt-4")
+//!     .limits(limits.clone())
+//!     .consume([("rpm", 1), ("tpm", 500)])
+//!     .await?;
+//! lease.adjust([("tpm", 750)]).await?; // it really used 1,250
+//! lease.commit().await?;
+//!
+//! limiter.acquire("user-123", "gpt-4").limits(limits.clone()).consume([("rpm", 1)]).await?.commit().await?;
+//! match limiter.acquire("user-123", "gpt-4").limits(limits).consume([("rpm", 1)]).await {
+//!     Err(Error::RateLimited(e)) => {
+//!         assert_eq!(e.primary_violation().limit.name, "rpm");
+//!         assert_eq!(e.retry_after_header().as_deref(), Some("30")); // 2 per minute
+//!     }
+//!     other => panic!("expected a rejection, got {other:?}"),
+//! }
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+#[cfg(feature = "blocking")]
+pub mod blocking;
 pub mod bucket;
 pub mod clock;
 mod config_cache;
@@ -5,12 +52,17 @@ pub mod error;
 mod lease;
 pub mod limit;
 mod limiter;
+pub mod middleware;
 pub mod model;
 pub mod naming;
 pub mod repository;
-pub use error::{Error, RateLimitExceeded, ErrorCategory, BoxError};
-pub use limit::Limit;
-pub use model::*;
+
+pub use error::{BoxError, Error, ErrorCategory, RateLimitExceeded};
 pub use lease::{Lease, LeaseHandle};
-pub use limiter::{RateLimiter, RateLimiterBuilder, Acquire, CreateEntity, Amount, BoxFuture};
-pub use repository::{Repository, memory::InMemoryRepository};
+pub use limit::Limit;
+pub use limiter::{Acquire, Amount, BoxFuture, CreateEntity, RateLimiter, RateLimiterBuilder};
+pub use model::{
+    BackendCapabilities, CacheStats, ConfigSource, Entity, LimitStatus, OnUnavailable,
+};
+pub use repository::memory::InMemoryRepository;
+pub use repository::Repository;

@@ -117,7 +117,7 @@ pub trait Amount: Copy {
 macro_rules! amount {
     ($($t:ty),*) => {$(impl Amount for $t { fn to_i128(self) -> i128 { self as i128 } })*};
 }
-amount!(i8, i16, i32, i64, isize, u8, u16, u32, u64, usize);
+amount!(i8, i16, i32, i64, i128, isize, u8, u16, u32, u64, usize);
 
 pub(crate) fn named_amounts<K: Into<String>, N: Amount>(
     pairs: impl IntoIterator<Item = (K, N)>,

@@ -1,0 +1,236 @@
+//! [`ResponseFuture`]: acquire, call the inner service, settle.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use super::body::RateLimitBody;
+use super::layer::Config;
+use super::response::{admitted_headers, rejected_headers, Rejection, RATELIMIT};
+use super::Usage;
+use crate::{BoxFuture, Error, Lease};
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        Rejected { rejection: Option<Rejection> },
+        Acquiring {
+            acquire: BoxFuture<'static, Result<Lease, Error>>,
+            request: Option<Request<B>>,
+            inner: Option<S>,
+        },
+        Calling { #[pin] call: S::Future },
+    }
+}
+
+pin_project! {
+    /// The response future of [`super::RateLimit`].
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S, B>,
+        lease: Option<Lease>,
+        config: Arc<Config<B>>,
+        span: tracing::Span,
+    }
+
+    impl<S, B> PinnedDrop for ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped before the response: the client went away.
+            if let Some(lease) = this.project().lease.take() {
+                tracing::debug!("request dropped before its response; rolling back the lease");
+                lease.settle_detached(false, "request dropped before its response");
+            }
+        }
+    }
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    pub(crate) fn rejected(config: Arc<Config<B>>, rejection: Rejection) -> Self {
+        ResponseFuture {
+            state: State::Rejected {
+                rejection: Some(rejection),
+            },
+            lease: None,
+            config,
+            span: tracing::Span::none(),
+        }
+    }
+
+    pub(crate) fn acquiring(
+        config: Arc<Config<B>>,
+        acquire: BoxFuture<'static, Result<Lease, Error>>,
+        request: Request<B>,
+        inner: S,
+        span: tracing::Span,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Acquiring {
+                acquire,
+                request: Some(request),
+                inner: Some(inner),
+            },
+            lease: None,
+            config,
+            span,
+        }
+    }
+}
+
+/// The layer's own response, with the `RateLimit` fields on a 429.
+fn respond<B, ResB: Body>(config: &Config<B>, rejection: &Rejection) -> Response<RateLimitBody<ResB>> {
+    match rejection {
+        Rejection::RateLimited(e) => tracing::info!(
+            retry_after_ms = e.retry_after().as_millis() as u64,
+            satisfiable = e.is_satisfiable(),
+            "rate limited"
+        ),
+        Rejection::Unavailable { error, .. } => {
+            tracing::warn!(error = %error, "rate limiter unavailable; answering 503")
+        }
+        Rejection::Misconfigured(error) => {
+            tracing::error!(error = %error, "rate limiter misconfigured; answering 500")
+        }
+        Rejection::MissingEntity { expected } => {
+            tracing::debug!(expected = %expected, "no rate-limit key; answering 401")
+        }
+        Rejection::InvalidEntity(error) => {
+            tracing::debug!(error = %error, "invalid rate-limit key; answering 400")
+        }
+    }
+    let response = match &config.rejection {
+        Some(custom) => custom(rejection),
+        None => rejection.default_response(),
+    };
+    let (mut parts, body) = response.into_parts();
+    if let Rejection::RateLimited(e) = rejection {
+        if !parts.headers.contains_key(&RATELIMIT) {
+            rejected_headers(&mut parts.headers, e, &config.naming);
+        }
+    }
+    Response::from_parts(parts, RateLimitBody::rejection(body))
+}
+
+/// Maps an acquire error to the layer's answer.
+fn rejection_for(error: Error, config: &Config<impl Sized>) -> Rejection {
+    match error {
+        Error::RateLimited(e) => Rejection::RateLimited(e),
+        e @ Error::Unavailable { .. } => Rejection::Unavailable {
+            error: e,
+            retry_after: config.unavailable_retry_after,
+        },
+        e if e.field() == Some("entity_id") => Rejection::InvalidEntity(e),
+        e => Rejection::Misconfigured(e),
+    }
+}
+
+impl<S, B, ResB> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<ResB>>,
+    ResB: Body<Data = Bytes>,
+{
+    type Output = Result<Response<RateLimitBody<ResB>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let _entered = this.span.enter();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Rejected { rejection } => {
+                    let rejection = rejection
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    return Poll::Ready(Ok(respond(this.config, &rejection)));
+                }
+                StateProj::Acquiring {
+                    acquire,
+                    request,
+                    inner,
+                } => {
+                    let lease = match ready!(acquire.as_mut().poll(cx)) {
+                        Ok(lease) => lease,
+                        Err(e) => {
+                            let rejection = rejection_for(e, this.config);
+                            return Poll::Ready(Ok(respond(this.config, &rejection)));
+                        }
+                    };
+                    tracing::debug!(unlimited = lease.is_unlimited(), "admitted");
+                    let mut request = request
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    request.extensions_mut().insert(lease.handle());
+                    let mut inner = inner.take().expect("ResponseFuture polled after completion");
+                    let call = inner.call(request);
+                    *this.lease = Some(lease);
+                    this.state.set(State::Calling { call });
+                }
+                StateProj::Calling { call } => {
+                    let result = ready!(call.poll(cx));
+                    let lease = this.lease.take();
+                    let response = match result {
+                        Ok(response) => response,
+                        Err(e) => {
+                            if let Some(lease) = lease {
+                                lease.settle_detached(false, "inner service failed");
+                            }
+                            return Poll::Ready(Err(e));
+                        }
+                    };
+                    return Poll::Ready(Ok(finish(this.config, response, lease)));
+                }
+            }
+        }
+    }
+}
+
+/// Settles or hands the lease to the body, and adds the `RateLimit` fields.
+fn finish<B, ResB>(
+    config: &Config<B>,
+    response: Response<ResB>,
+    lease: Option<Lease>,
+) -> Response<RateLimitBody<ResB>>
+where
+    ResB: Body,
+{
+    let (mut parts, body) = response.into_parts();
+    let Some(lease) = lease else {
+        return Response::from_parts(parts, RateLimitBody::inner(body, None));
+    };
+    if parts.status.is_server_error() && config.rollback_on_server_error {
+        tracing::debug!(status = %parts.status, "server error; rolling back the lease");
+        lease.settle_detached(false, "server error response");
+        return Response::from_parts(parts, RateLimitBody::inner(body, None));
+    }
+    if let Some(usage) = parts.extensions.get::<Usage>() {
+        if let Err(e) = lease.settle_usage(usage.totals()) {
+            tracing::warn!(error = %e, "could not apply the reported usage");
+        }
+    }
+    if config.headers_on_success && !lease.is_unlimited() {
+        admitted_headers(
+            &mut parts.headers,
+            lease.statuses(),
+            lease.entity_id(),
+            &config.naming,
+        );
+    }
+    Response::from_parts(parts, RateLimitBody::inner(body, Some(lease)))
+}

@@ -1,0 +1,133 @@
+//! [`RateLimit`]: the service that wraps `inner`.
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use super::body::RateLimitBody;
+use super::future::ResponseFuture;
+use super::layer::Config;
+use super::response::Rejection;
+use crate::{naming, Error};
+
+/// Rate-limits requests to `S`; made by [`super::RateLimitLayer`].
+pub struct RateLimit<S, B> {
+    inner: S,
+    config: Arc<Config<B>>,
+}
+
+impl<S: Clone, B> Clone for RateLimit<S, B> {
+    fn clone(&self) -> Self {
+        RateLimit {
+            inner: self.inner.clone(),
+            config: Arc::clone(&self.config),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug, B> std::fmt::Debug for RateLimit<S, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, B> RateLimit<S, B> {
+    pub(crate) fn new(inner: S, config: Arc<Config<B>>) -> Self {
+        RateLimit { inner, config }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Where the request's route limits are looked up: axum's matched path, else the path.
+    fn route_key(req: &Request<B>) -> &str {
+        #[cfg(feature = "axum")]
+        if let Some(m) = req.extensions().get::<axum::extract::MatchedPath>() {
+            return m.as_str();
+        }
+        req.uri().path()
+    }
+}
+
+impl<S, B, ResB> Service<Request<B>> for RateLimit<S, B>
+where
+    S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+    ResB: Body<Data = Bytes>,
+{
+    type Response = Response<RateLimitBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let config = Arc::clone(&self.config);
+        let entity = config
+            .entity
+            .as_ref()
+            .and_then(|e| e.extract(&req))
+            .or_else(|| config.fallback_entity.as_ref().and_then(|e| e.extract(&req)));
+        let Some(entity) = entity else {
+            let rejection = match &config.entity {
+                Some(e) => Rejection::MissingEntity {
+                    expected: e.describe(),
+                },
+                None => Rejection::Misconfigured(Error::validation(
+                    "entity",
+                    "",
+                    "RateLimitLayer has no entity extractor; call .entity(..)",
+                )),
+            };
+            return ResponseFuture::rejected(config, rejection);
+        };
+        if let Err(e) = naming::validate_entity_id(&entity) {
+            return ResponseFuture::rejected(config, Rejection::InvalidEntity(e));
+        }
+        let Some(resource) = config.resource.extract(&req) else {
+            let e = Error::validation(
+                "resource",
+                "",
+                format!("the resource extractor found no {}", config.resource.describe()),
+            );
+            return ResponseFuture::rejected(config, Rejection::Misconfigured(e));
+        };
+        let mut acquire = config.limiter.acquire(entity.clone(), resource.clone());
+        if let Some(limits) = config
+            .route_limits
+            .get(Self::route_key(&req))
+            .or(config.limits.as_ref())
+        {
+            acquire = acquire.limits(limits.iter().cloned());
+        }
+        if let Some(limits) = &config.fallback_limits {
+            acquire = acquire.fallback_limits(limits.iter().cloned());
+        }
+        if let Some(estimate) = &config.consume {
+            acquire = acquire.consume(estimate(&req));
+        }
+        if let Some(cascade) = config.cascade {
+            acquire = acquire.cascade(cascade);
+        }
+        if let Some(policy) = config.on_unavailable {
+            acquire = acquire.on_unavailable(policy);
+        }
+        let span = tracing::debug_span!("rate_limit", entity_id = %entity, resource = %resource);
+        // The inner service was made ready by `poll_ready`; take it and leave a clone.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::acquiring(config, acquire.into_future(), req, inner, span)
+    }
+}
