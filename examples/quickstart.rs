@@ -1,1 +1,40 @@
-fn main(){}
+//! An axum service limited per `x-api-key` on the in-memory backend.
+//!
+//! ```text
+//! cargo run --example quickstart
+//! curl -i -H 'x-api-key: alice' http://127.0.0.1:3000/hello
+//! ```
+//!
+//! `GET /hello` allows 5 requests a minute per key: the 6th within a minute gets 429, other
+//! keys are unaffected, a request without a key gets 401 and a key with `#` gets 400.
+//! Serves on `$ADDR` (default `127.0.0.1:3000`).
+
+use axum::{routing::get, Router};
+use zae_limiter::middleware::{extract, RateLimitLayer};
+use zae_limiter::{InMemoryRepository, Limit, RateLimiter};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,zae_limiter=info".into()),
+        )
+        .init();
+
+    let limiter = RateLimiter::new(InMemoryRepository::new());
+    let app = Router::new()
+        .route("/hello", get(|| async { "Hello, world!\n" }))
+        .layer(
+            RateLimitLayer::new(limiter)
+                .entity(extract::header("x-api-key"))
+                .resource(extract::fixed("hello"))
+                .limits([Limit::per_minute("rpm", 5)]),
+        );
+
+    let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_string());
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, app).await?;
+    Ok(())
+}

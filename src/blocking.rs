@@ -86,7 +86,11 @@ impl SyncRateLimiter {
     }
 
     /// Starts an acquire; see [`RateLimiter::acquire`].
-    pub fn acquire(&self, entity_id: impl Into<String>, resource: impl Into<String>) -> SyncAcquire {
+    pub fn acquire(
+        &self,
+        entity_id: impl Into<String>,
+        resource: impl Into<String>,
+    ) -> SyncAcquire {
         SyncAcquire {
             acquire: self.limiter.acquire(entity_id, resource),
             runtime: Arc::clone(&self.runtime),

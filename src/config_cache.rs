@@ -47,7 +47,12 @@ impl ConfigCache {
     }
 
     /// The cached config if it is still fresh at `now_ms`; counts a hit or a miss.
-    pub(crate) fn get(&self, entity_id: &str, resource: &str, now_ms: i64) -> Option<Arc<StoredConfig>> {
+    pub(crate) fn get(
+        &self,
+        entity_id: &str,
+        resource: &str,
+        now_ms: i64,
+    ) -> Option<Arc<StoredConfig>> {
         if self.enabled() {
             let key = key(entity_id, resource);
             if let Some(entry) = self.entries.get(&key) {
@@ -63,7 +68,13 @@ impl ConfigCache {
         None
     }
 
-    pub(crate) fn insert(&self, entity_id: &str, resource: &str, config: Arc<StoredConfig>, now_ms: i64) {
+    pub(crate) fn insert(
+        &self,
+        entity_id: &str,
+        resource: &str,
+        config: Arc<StoredConfig>,
+        now_ms: i64,
+    ) {
         if self.enabled() {
             self.entries.insert(
                 key(entity_id, resource),

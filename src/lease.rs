@@ -107,7 +107,8 @@ impl LeaseShared {
             for (i, item) in self.items.iter().enumerate() {
                 for (j, l) in item.limits.iter().enumerate() {
                     if &l.name == name
-                        && i128::from(state.written[i][j]) + i128::from(state.pending[i][j])
+                        && i128::from(state.written[i][j])
+                            + i128::from(state.pending[i][j])
                             + i128::from(*delta)
                             < 0
                     {

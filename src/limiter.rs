@@ -122,7 +122,10 @@ amount!(i8, i16, i32, i64, i128, isize, u8, u16, u32, u64, usize);
 pub(crate) fn named_amounts<K: Into<String>, N: Amount>(
     pairs: impl IntoIterator<Item = (K, N)>,
 ) -> Vec<(String, i128)> {
-    pairs.into_iter().map(|(k, n)| (k.into(), n.to_i128())).collect()
+    pairs
+        .into_iter()
+        .map(|(k, n)| (k.into(), n.to_i128()))
+        .collect()
 }
 
 /// Checks names and that amounts are within `0..=MAX_TOKENS` (or `-MAX..=MAX` if signed).
@@ -138,7 +141,11 @@ pub(crate) fn checked_amounts(
             naming::validate_limit_name(name)?;
             let field = || format!("{field}.{name}");
             if !signed && *n < 0 {
-                return Err(Error::validation(field(), n.to_string(), "must not be negative"));
+                return Err(Error::validation(
+                    field(),
+                    n.to_string(),
+                    "must not be negative",
+                ));
             }
             if n.abs() > max {
                 return Err(Error::validation(
@@ -258,8 +265,8 @@ impl RateLimiter {
         let stored = self
             .stored_config(entity_id, resource, self.now_ms())
             .await?;
-        let (limits, source) = resolve(&stored, None, None)
-            .ok_or_else(|| no_limits(entity_id, resource))?;
+        let (limits, source) =
+            resolve(&stored, None, None).ok_or_else(|| no_limits(entity_id, resource))?;
         let policy = self
             .inner
             .on_unavailable
@@ -329,7 +336,10 @@ impl RateLimiter {
                 return Err(Error::validation(
                     format!("needed.{name}"),
                     amount.to_string(),
-                    format!("exceeds the capacity {} and can never be available", limit.capacity),
+                    format!(
+                        "exceeds the capacity {} and can never be available",
+                        limit.capacity
+                    ),
                 ));
             }
             let state = crate::repository::reconcile_bucket(stored.get(&name), limit, now);
@@ -446,7 +456,8 @@ impl RateLimiter {
 
     /// Stores limits for a resource, for every entity without its own.
     pub async fn set_resource_limits(&self, resource: &str, limits: &[Limit]) -> Result<(), Error> {
-        self.set_scope(Self::resource_scope(resource)?, limits).await
+        self.set_scope(Self::resource_scope(resource)?, limits)
+            .await
     }
 
     /// Reads a resource's limits.
@@ -487,7 +498,11 @@ impl RateLimiter {
     }
 
     /// Deletes an entity's limits for a resource (or `"_default_"`); false if none.
-    pub async fn delete_entity_limits(&self, entity_id: &str, resource: &str) -> Result<bool, Error> {
+    pub async fn delete_entity_limits(
+        &self,
+        entity_id: &str,
+        resource: &str,
+    ) -> Result<bool, Error> {
         self.delete_scope(Self::entity_scope(entity_id, resource)?)
             .await
     }
@@ -644,7 +659,10 @@ impl Acquire {
         let cascade = self
             .cascade
             .unwrap_or_else(|| entity.is_some_and(|e| e.cascade));
-        if let Some(parent_id) = entity.and_then(|e| e.parent_id.as_deref()).filter(|_| cascade) {
+        if let Some(parent_id) = entity
+            .and_then(|e| e.parent_id.as_deref())
+            .filter(|_| cascade)
+        {
             let parent = limiter
                 .stored_config(parent_id, &self.resource, now)
                 .await?;

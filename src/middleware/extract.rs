@@ -306,7 +306,10 @@ mod tests {
 
     #[test]
     fn header_query_bearer_fixed() {
-        let r = req(&[("X-Api-Key", " k1 "), ("authorization", "Bearer tok")], "/a?x=1&api_key=q%201");
+        let r = req(
+            &[("X-Api-Key", " k1 "), ("authorization", "Bearer tok")],
+            "/a?x=1&api_key=q%201",
+        );
         assert_eq!(header("x-api-key").extract(&r).as_deref(), Some("k1"));
         assert_eq!(header("X-API-KEY").extract(&r).as_deref(), Some("k1"));
         assert_eq!(Extractor::<()>::extract(&header("missing"), &r), None);
@@ -329,13 +332,19 @@ mod tests {
         assert_eq!(forwarded_ip(0).extract(&r), None);
         // Repeated header lines count in order.
         let split = req(
-            &[("x-forwarded-for", "6.6.6.6"), ("x-forwarded-for", "1.1.1.1")],
+            &[
+                ("x-forwarded-for", "6.6.6.6"),
+                ("x-forwarded-for", "1.1.1.1"),
+            ],
             "/",
         );
         assert_eq!(forwarded_ip(1).extract(&split).as_deref(), Some("1.1.1.1"));
         let fwd = req(
             &[
-                ("forwarded", "for=6.6.6.6, for=\"[2001:db8::1]:4711\";proto=https"),
+                (
+                    "forwarded",
+                    "for=6.6.6.6, for=\"[2001:db8::1]:4711\";proto=https",
+                ),
                 ("x-forwarded-for", "9.9.9.9"),
             ],
             "/",

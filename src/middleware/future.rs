@@ -96,7 +96,10 @@ where
 }
 
 /// The layer's own response, with the `RateLimit` fields on a 429.
-fn respond<B, ResB: Body>(config: &Config<B>, rejection: &Rejection) -> Response<RateLimitBody<ResB>> {
+fn respond<B, ResB: Body>(
+    config: &Config<B>,
+    rejection: &Rejection,
+) -> Response<RateLimitBody<ResB>> {
     match rejection {
         Rejection::RateLimited(e) => tracing::info!(
             retry_after_ms = e.retry_after().as_millis() as u64,
@@ -177,7 +180,9 @@ where
                         .take()
                         .expect("ResponseFuture polled after completion");
                     request.extensions_mut().insert(lease.handle());
-                    let mut inner = inner.take().expect("ResponseFuture polled after completion");
+                    let mut inner = inner
+                        .take()
+                        .expect("ResponseFuture polled after completion");
                     let call = inner.call(request);
                     *this.lease = Some(lease);
                     this.state.set(State::Calling { call });

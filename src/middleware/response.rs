@@ -236,7 +236,14 @@ mod tests {
     use super::*;
     use crate::Limit;
 
-    fn status(entity: &str, limit: Limit, available: i64, requested: u64, exceeded: bool, retry: Option<u64>) -> LimitStatus {
+    fn status(
+        entity: &str,
+        limit: Limit,
+        available: i64,
+        requested: u64,
+        exceeded: bool,
+        retry: Option<u64>,
+    ) -> LimitStatus {
         LimitStatus {
             entity_id: entity.into(),
             resource: "api".into(),
@@ -255,7 +262,14 @@ mod tests {
         };
         let e = RateLimitExceeded::new(vec![
             status("k", Limit::per_minute("rpm", 100), 0, 1, true, Some(11_200)),
-            status("k", Limit::per_minute("tpm", 10_000).with_burst(15_000), 900, 500, false, Some(0)),
+            status(
+                "k",
+                Limit::per_minute("tpm", 10_000).with_burst(15_000),
+                900,
+                500,
+                false,
+                Some(0),
+            ),
             status("p", Limit::per_minute("rpm", 1000), 10, 1, false, Some(0)),
         ])
         .unwrap();
@@ -265,7 +279,10 @@ mod tests {
             h[&RATELIMIT_POLICY],
             r#""rpm";q=100;w=60, "tpm";q=10000;w=60;zae-burst=15000;zae-unit="tokens", "parent:rpm";q=1000;w=60"#
         );
-        assert_eq!(h[&RATELIMIT], r#""rpm";r=0;t=12, "tpm";r=900;t=0, "parent:rpm";r=10;t=0"#);
+        assert_eq!(
+            h[&RATELIMIT],
+            r#""rpm";r=0;t=12, "tpm";r=900;t=0, "parent:rpm";r=10;t=0"#
+        );
         // Retry-After is never earlier than any advertised t.
         let resp = Rejection::RateLimited(e).default_response();
         assert_eq!(resp.headers()[RETRY_AFTER], "12");
@@ -275,14 +292,29 @@ mod tests {
     #[test]
     fn admitted_remaining() {
         let mut h = HeaderMap::new();
-        let s = [status("k", Limit::per_minute("rpm", 5), 1, 1, false, Some(0))];
+        let s = [status(
+            "k",
+            Limit::per_minute("rpm", 5),
+            1,
+            1,
+            false,
+            Some(0),
+        )];
         admitted_headers(&mut h, &s, "k", &PolicyNaming::default());
         assert_eq!(h[&RATELIMIT], r#""rpm";r=0;t=12"#);
     }
 
     #[test]
     fn unsatisfiable_has_no_retry_after() {
-        let e = RateLimitExceeded::new(vec![status("k", Limit::per_minute("tpm", 10), 10, 50, true, None)]).unwrap();
+        let e = RateLimitExceeded::new(vec![status(
+            "k",
+            Limit::per_minute("tpm", 10),
+            10,
+            50,
+            true,
+            None,
+        )])
+        .unwrap();
         let resp = Rejection::RateLimited(e).default_response();
         assert!(resp.headers().get(RETRY_AFTER).is_none());
     }

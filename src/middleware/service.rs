@@ -79,7 +79,12 @@ where
             .entity
             .as_ref()
             .and_then(|e| e.extract(&req))
-            .or_else(|| config.fallback_entity.as_ref().and_then(|e| e.extract(&req)));
+            .or_else(|| {
+                config
+                    .fallback_entity
+                    .as_ref()
+                    .and_then(|e| e.extract(&req))
+            });
         let Some(entity) = entity else {
             let rejection = match &config.entity {
                 Some(e) => Rejection::MissingEntity {
@@ -100,7 +105,10 @@ where
             let e = Error::validation(
                 "resource",
                 "",
-                format!("the resource extractor found no {}", config.resource.describe()),
+                format!(
+                    "the resource extractor found no {}",
+                    config.resource.describe()
+                ),
             );
             return ResponseFuture::rejected(config, Rejection::Misconfigured(e));
         };

@@ -298,9 +298,9 @@ impl Repository for InMemoryRepository {
 
     async fn delete_entity(&self, entity_id: &str) -> Result<bool, Error> {
         let existed = write(&self.inner.entities).remove(entity_id).is_some();
-        write(&self.inner.configs).retain(|scope, _| {
-            !matches!(scope, ConfigScope::Entity { entity_id: e, .. } if e == entity_id)
-        });
+        write(&self.inner.configs).retain(
+            |scope, _| !matches!(scope, ConfigScope::Entity { entity_id: e, .. } if e == entity_id),
+        );
         // Never block on an item lock while holding a map shard: collect, remove, then mark.
         let prefix = bucket_key(entity_id, "");
         let keys: Vec<String> = self

@@ -1,0 +1,905 @@
+//! The limiter behaviour suite, written once and run against every backend.
+//!
+//! A backend's test file calls `limiter_suite!(make_repo)` where `make_repo` is an async
+//! expression yielding a fresh, empty `Arc<dyn Repository>`; every case gets its own
+//! repository and a manual clock.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use zae_limiter::clock::ManualClock;
+use zae_limiter::{ConfigSource, Error, Limit, OnUnavailable, RateLimiter, Repository};
+
+/// A fixed start time, so runs are reproducible.
+pub const T0: i64 = 1_700_000_000_000;
+
+/// A limiter over `repo` with a manual clock at `T0` and the config cache on.
+pub fn limiter(repo: Arc<dyn Repository>) -> (RateLimiter, ManualClock) {
+    let clock = ManualClock::new(T0);
+    let limiter = RateLimiter::builder_shared(repo)
+        .clock(clock.clone())
+        .config_cache_ttl(Duration::from_secs(60))
+        .build();
+    (limiter, clock)
+}
+
+fn rpm(n: u64) -> Limit {
+    Limit::per_minute("rpm", n)
+}
+
+fn tpm(n: u64) -> Limit {
+    Limit::per_minute("tpm", n)
+}
+
+fn rejected(result: Result<zae_limiter::Lease, Error>) -> zae_limiter::RateLimitExceeded {
+    match result {
+        Err(Error::RateLimited(e)) => e,
+        Err(other) => panic!("expected a rate-limit rejection, got error {other:?}"),
+        Ok(lease) => panic!("expected a rate-limit rejection, got a lease {lease:?}"),
+    }
+}
+
+pub async fn acquire_and_commit_consumes(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    let lease = l
+        .acquire("u1", "api")
+        .limits([rpm(10)])
+        .consume([("rpm", 3)])
+        .await
+        .unwrap();
+    assert_eq!(lease.consumed()["rpm"], 3);
+    assert_eq!(lease.statuses()[0].available, 10);
+    // Write-on-enter: visible before commit.
+    assert_eq!(
+        l.available("u1", "api", Some(&[rpm(10)])).await.unwrap()["rpm"],
+        7
+    );
+    lease.commit().await.unwrap();
+    assert_eq!(
+        l.available("u1", "api", Some(&[rpm(10)])).await.unwrap()["rpm"],
+        7
+    );
+    let states = l.bucket_states("u1", "api").await.unwrap();
+    assert_eq!(states["rpm"].total_consumed_milli, 3_000);
+}
+
+pub async fn default_consume_is_one_from_every_limit(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    l.acquire("u1", "api")
+        .limits([rpm(10), tpm(100)])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    let avail = l
+        .available("u1", "api", Some(&[rpm(10), tpm(100)]))
+        .await
+        .unwrap();
+    assert_eq!((avail["rpm"], avail["tpm"]), (9, 99));
+}
+
+pub async fn multiple_limits_are_all_or_nothing(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    let limits = [rpm(10), tpm(100)];
+    let e = rejected(
+        l.acquire("u1", "api")
+            .limits(limits.clone())
+            .consume([("rpm", 1), ("tpm", 101)])
+            .await,
+    );
+    assert_eq!(e.statuses().len(), 2);
+    assert_eq!(
+        e.violations()
+            .map(|s| s.limit.name.as_str())
+            .collect::<Vec<_>>(),
+        ["tpm"]
+    );
+    assert_eq!(e.passed().count(), 1);
+    // Nothing was consumed from the limit that passed.
+    let avail = l.available("u1", "api", Some(&limits)).await.unwrap();
+    assert_eq!((avail["rpm"], avail["tpm"]), (10, 100));
+}
+
+pub async fn rejection_reports_exact_retry_after(repo: Arc<dyn Repository>) {
+    let (l, clock) = limiter(repo);
+    let limits = [rpm(60), tpm(600)];
+    l.acquire("u1", "api")
+        .limits(limits.clone())
+        .consume([("rpm", 60), ("tpm", 300)])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    let e = rejected(
+        l.acquire("u1", "api")
+            .limits(limits.clone())
+            .consume([("rpm", 2), ("tpm", 1)])
+            .await,
+    );
+    // 2 rpm at 1/s: 2 s.
+    assert_eq!(e.retry_after(), Duration::from_secs(2));
+    assert_eq!(e.retry_after_header().as_deref(), Some("2"));
+    assert_eq!(e.primary_violation().limit.name, "rpm");
+    clock.advance(Duration::from_millis(1_999));
+    rejected(
+        l.acquire("u1", "api")
+            .limits(limits.clone())
+            .consume([("rpm", 2)])
+            .await,
+    );
+    clock.advance(Duration::from_millis(1));
+    l.acquire("u1", "api")
+        .limits(limits)
+        .consume([("rpm", 2)])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+}
+
+pub async fn request_above_capacity_is_unsatisfiable(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    let e = rejected(
+        l.acquire("u1", "api")
+            .limits([tpm(100)])
+            .consume([("tpm", 101)])
+            .await,
+    );
+    assert!(!e.is_satisfiable());
+    assert_eq!(e.retry_after_header(), None);
+    assert_eq!(e.primary_violation().retry_after_ms, None);
+}
+
+pub async fn unknown_names_are_ignored_and_negatives_rejected(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    let lease = l
+        .acquire("u1", "api")
+        .limits([rpm(10)])
+        .consume([("rpm", 1), ("other", 50)])
+        .await
+        .unwrap();
+    assert_eq!(lease.consumed().len(), 1);
+    lease.adjust([("other", 5)]).await.unwrap();
+    lease.commit().await.unwrap();
+    assert_eq!(
+        l.available("u1", "api", Some(&[rpm(10)])).await.unwrap()["rpm"],
+        9
+    );
+    let err = l
+        .acquire("u1", "api")
+        .limits([rpm(10)])
+        .consume([("rpm", -1)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Validation { field, .. } if field == "consume.rpm"),
+        "{err:?}"
+    );
+    let err = l
+        .acquire("u1", "api")
+        .limits([rpm(10)])
+        .consume([("rpm", u64::MAX)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Validation { .. }), "{err:?}");
+    assert_eq!(
+        l.available("u1", "api", Some(&[rpm(10)])).await.unwrap()["rpm"],
+        9
+    );
+}
+
+pub async fn invalid_input_is_a_typed_error(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    let err = l.acquire("a#b", "api").limits([rpm(1)]).await.unwrap_err();
+    assert!(matches!(&err, Error::InvalidIdentifier { field, .. } if field == "entity_id"));
+    let err = l.acquire("u1", "api#x").limits([rpm(1)]).await.unwrap_err();
+    assert!(matches!(&err, Error::InvalidName { field, .. } if field == "resource"));
+    let err = l
+        .acquire("u1", "api")
+        .limits([Limit::per_minute("wcu", 1)])
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, Error::InvalidName { field, .. } if field == "limit_name"));
+    let err = l
+        .acquire("u1", "api")
+        .limits([Limit::custom("rpm", 0, 1, 60)])
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, Error::Validation { field, .. } if field == "limits.rpm.capacity"));
+    let err = l
+        .acquire("u1", "api")
+        .limits([rpm(1), rpm(2)])
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, Error::Validation { field, .. } if field == "limits"));
+    let err = l.set_system_limits(&[]).await.unwrap_err();
+    assert!(matches!(err, Error::Validation { .. }));
+    assert!(l.bucket_states("u1", "api").await.unwrap().is_empty());
+}
+
+pub async fn adjust_may_go_into_debt(repo: Arc<dyn Repository>) {
+    let (l, clock) = limiter(repo);
+    let lease = l
+        .acquire("u1", "api")
+        .limits([tpm(100)])
+        .consume([("tpm", 50)])
+        .await
+        .unwrap();
+    lease.adjust([("tpm", 100)]).await.unwrap();
+    assert_eq!(lease.consumed()["tpm"], 150);
+    lease.commit().await.unwrap();
+    assert_eq!(
+        l.available("u1", "api", Some(&[tpm(100)])).await.unwrap()["tpm"],
+        -50
+    );
+    let e = rejected(
+        l.acquire("u1", "api")
+            .limits([tpm(100)])
+            .consume([("tpm", 1)])
+            .await,
+    );
+    // 51 tokens at 100/min: 30.6 s.
+    assert_eq!(e.retry_after(), Duration::from_millis(30_600));
+    clock.advance(Duration::from_millis(30_600));
+    l.acquire("u1", "api")
+        .limits([tpm(100)])
+        .consume([("tpm", 1)])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+}
+
+pub async fn negative_adjust_refunds_but_not_below_zero(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    let lease = l
+        .acquire("u1", "api")
+        .limits([tpm(100)])
+        .consume([("tpm", 50)])
+        .await
+        .unwrap();
+    lease.adjust([("tpm", -20)]).await.unwrap();
+    let err = lease.adjust([("tpm", -31)]).await.unwrap_err();
+    assert!(matches!(err, Error::Validation { .. }));
+    lease.commit().await.unwrap();
+    assert_eq!(
+        l.available("u1", "api", Some(&[tpm(100)])).await.unwrap()["tpm"],
+        70
+    );
+    let states = l.bucket_states("u1", "api").await.unwrap();
+    assert_eq!(states["tpm"].total_consumed_milli, 30_000);
+}
+
+pub async fn rollback_returns_everything(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    let lease = l
+        .acquire("u1", "api")
+        .limits([tpm(100)])
+        .consume([("tpm", 50)])
+        .await
+        .unwrap();
+    lease.adjust([("tpm", 10)]).await.unwrap();
+    lease.rollback().await.unwrap();
+    assert!(lease.is_closed());
+    assert_eq!(
+        l.available("u1", "api", Some(&[tpm(100)])).await.unwrap()["tpm"],
+        100
+    );
+    let states = l.bucket_states("u1", "api").await.unwrap();
+    assert_eq!(states["tpm"].total_consumed_milli, 0);
+    assert!(matches!(lease.commit().await, Err(Error::LeaseClosed)));
+    assert!(matches!(
+        lease.adjust([("tpm", 1)]).await,
+        Err(Error::LeaseClosed)
+    ));
+    assert!(matches!(lease.rollback().await, Err(Error::LeaseClosed)));
+}
+
+pub async fn committed_adjustments_are_rolled_back_too(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    let lease = l
+        .acquire("u1", "api")
+        .limits([tpm(1000)])
+        .consume([("tpm", 100)])
+        .await
+        .unwrap();
+    lease.adjust([("tpm", 50)]).await.unwrap();
+    lease.commit().await.unwrap();
+    assert!(matches!(lease.rollback().await, Err(Error::LeaseClosed)));
+    assert_eq!(
+        l.available("u1", "api", Some(&[tpm(1000)])).await.unwrap()["tpm"],
+        850
+    );
+}
+
+pub async fn dropped_lease_rolls_back(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    {
+        let _lease = l
+            .acquire("u1", "api")
+            .limits([rpm(10)])
+            .consume([("rpm", 4)])
+            .await
+            .unwrap();
+        assert_eq!(
+            l.available("u1", "api", Some(&[rpm(10)])).await.unwrap()["rpm"],
+            6
+        );
+    }
+    // The rollback runs in the background when the backend does not answer at once.
+    for _ in 0..200 {
+        if l.available("u1", "api", Some(&[rpm(10)])).await.unwrap()["rpm"] == 10 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("dropped lease was not rolled back");
+}
+
+pub async fn refunds_never_exceed_capacity(repo: Arc<dyn Repository>) {
+    let (l, clock) = limiter(repo);
+    let lease = l
+        .acquire("u1", "api")
+        .limits([rpm(10)])
+        .consume([("rpm", 10)])
+        .await
+        .unwrap();
+    // The bucket refills fully while the lease is held...
+    clock.advance(Duration::from_secs(60));
+    lease.rollback().await.unwrap();
+    // ...so the refund must not lift it above capacity.
+    assert_eq!(
+        l.available("u1", "api", Some(&[rpm(10)])).await.unwrap()["rpm"],
+        10
+    );
+    let states = l.bucket_states("u1", "api").await.unwrap();
+    assert!(states["rpm"].tokens_milli <= 10_000);
+    for _ in 0..10 {
+        l.acquire("u1", "api")
+            .limits([rpm(10)])
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+    }
+    rejected(l.acquire("u1", "api").limits([rpm(10)]).await);
+}
+
+pub async fn refill_is_exact_under_continuous_admission(repo: Arc<dyn Repository>) {
+    // A 100-per-minute key admitting continuously admits 100 a minute plus its capacity.
+    let (l, clock) = limiter(repo);
+    let mut admitted = 0;
+    for _ in 0..(60_000 / 7) {
+        match l.acquire("u1", "api").limits([rpm(100)]).await {
+            Ok(lease) => {
+                lease.commit().await.unwrap();
+                admitted += 1;
+            }
+            Err(Error::RateLimited(_)) => {}
+            Err(e) => panic!("{e}"),
+        }
+        clock.advance(Duration::from_millis(7));
+    }
+    // 8,571 attempts over 59,997 ms: capacity 100 plus 99 refilled (the 100th lands at 60 s).
+    assert_eq!(admitted, 199);
+}
+
+pub async fn slow_limit_sharing_an_item_refills_exactly(repo: Arc<dyn Repository>) {
+    // A 1-per-day limit on the same item as a 1,000-per-second limit written every 3 ms
+    // still regains exactly 1 token a day.
+    let (l, clock) = limiter(repo);
+    let limits = [Limit::per_day("rpd", 1), Limit::per_second("rps", 1000)];
+    l.acquire("u1", "api")
+        .limits(limits.clone())
+        .consume([("rpd", 1)])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    let step = Duration::from_millis(3);
+    let day_ms = 86_400_000u64;
+    let mut elapsed = 0u64;
+    // Busy writes for the first ten seconds, then jump to just before the day is up.
+    while elapsed < 10_000 {
+        l.acquire("u1", "api")
+            .limits(limits.clone())
+            .consume([("rps", 1)])
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+        clock.advance(step);
+        elapsed += 3;
+    }
+    clock.advance(Duration::from_millis(day_ms - elapsed - 1));
+    l.acquire("u1", "api")
+        .limits(limits.clone())
+        .consume([("rps", 1)])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    rejected(
+        l.acquire("u1", "api")
+            .limits(limits.clone())
+            .consume([("rpd", 1)])
+            .await,
+    );
+    clock.advance(Duration::from_millis(1));
+    l.acquire("u1", "api")
+        .limits(limits)
+        .consume([("rpd", 1)])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+}
+
+pub async fn config_hierarchy_precedence(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    let err = l.resolve_limits("u1", "api").await.unwrap_err();
+    assert!(matches!(&err, Error::Validation { field, .. } if field == "limits"));
+    assert!(matches!(
+        l.acquire("u1", "api").await,
+        Err(Error::Validation { .. })
+    ));
+    // Fallback only when nothing is stored.
+    let lease = l
+        .acquire("u1", "api")
+        .fallback_limits([rpm(3)])
+        .await
+        .unwrap();
+    assert_eq!(lease.statuses()[0].limit, rpm(3));
+    lease.commit().await.unwrap();
+
+    l.set_system_limits(&[rpm(10)]).await.unwrap();
+    assert_eq!(
+        l.resolve_limits("u1", "api").await.unwrap().2,
+        ConfigSource::System
+    );
+    l.set_resource_limits("api", &[rpm(20)]).await.unwrap();
+    assert_eq!(
+        l.resolve_limits("u1", "api").await.unwrap().2,
+        ConfigSource::Resource
+    );
+    l.set_entity_limits("u1", "_default_", &[rpm(30)])
+        .await
+        .unwrap();
+    assert_eq!(
+        l.resolve_limits("u1", "api").await.unwrap().2,
+        ConfigSource::EntityDefault
+    );
+    l.set_entity_limits("u1", "api", &[rpm(40)]).await.unwrap();
+    let (limits, policy, source) = l.resolve_limits("u1", "api").await.unwrap();
+    assert_eq!(
+        (limits, policy, source),
+        (vec![rpm(40)], OnUnavailable::Block, ConfigSource::Entity)
+    );
+    // Other entities and resources fall through to their own levels.
+    assert_eq!(
+        l.resolve_limits("u2", "api").await.unwrap().0,
+        vec![rpm(20)]
+    );
+    assert_eq!(
+        l.resolve_limits("u1", "other").await.unwrap().0,
+        vec![rpm(30)]
+    );
+    assert_eq!(
+        l.resolve_limits("u2", "other").await.unwrap().0,
+        vec![rpm(10)]
+    );
+    // Stored limits beat the fallback; explicit limits beat everything.
+    let lease = l
+        .acquire("u2", "other")
+        .fallback_limits([rpm(3)])
+        .await
+        .unwrap();
+    assert_eq!(lease.statuses()[0].limit, rpm(10));
+    lease.commit().await.unwrap();
+    let lease = l.acquire("u1", "api").limits([rpm(5)]).await.unwrap();
+    assert_eq!(lease.statuses()[0].limit, rpm(5));
+    lease.commit().await.unwrap();
+
+    assert_eq!(
+        l.get_entity_limits("u1", "api").await.unwrap(),
+        Some(vec![rpm(40)])
+    );
+    assert!(l.delete_entity_limits("u1", "api").await.unwrap());
+    assert!(!l.delete_entity_limits("u1", "api").await.unwrap());
+    assert_eq!(
+        l.resolve_limits("u1", "api").await.unwrap().2,
+        ConfigSource::EntityDefault
+    );
+    assert!(l.delete_entity_limits("u1", "_default_").await.unwrap());
+    assert!(l.delete_resource_limits("api").await.unwrap());
+    assert_eq!(l.get_resource_limits("api").await.unwrap(), None);
+    assert_eq!(l.get_system_limits().await.unwrap(), Some(vec![rpm(10)]));
+    assert_eq!(
+        l.resolve_limits("u1", "api").await.unwrap().2,
+        ConfigSource::System
+    );
+    assert!(l.delete_system_limits().await.unwrap());
+    assert!(l.resolve_limits("u1", "api").await.is_err());
+}
+
+pub async fn stored_on_unavailable_is_resolved(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    l.set_system_limits(&[rpm(1)]).await.unwrap();
+    assert_eq!(
+        l.resolve_limits("u1", "api").await.unwrap().1,
+        OnUnavailable::Block
+    );
+    l.set_on_unavailable(Some(OnUnavailable::Allow))
+        .await
+        .unwrap();
+    assert_eq!(
+        l.resolve_limits("u1", "api").await.unwrap().1,
+        OnUnavailable::Allow
+    );
+}
+
+pub async fn config_cache_counts_and_expires(repo: Arc<dyn Repository>) {
+    let (l, clock) = limiter(Arc::clone(&repo));
+    l.set_resource_limits("api", &[rpm(10)]).await.unwrap();
+    l.acquire("u1", "api")
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    l.acquire("u1", "api")
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    let stats = l.cache_stats();
+    assert_eq!((stats.hits, stats.misses, stats.size), (1, 1, 1));
+    assert_eq!(stats.ttl, Duration::from_secs(60));
+    // A change made elsewhere (another process, another limiter) shows after the TTL.
+    let (other, _) = limiter(repo);
+    other.set_resource_limits("api", &[rpm(1)]).await.unwrap();
+    let lease = l.acquire("u1", "api").await.unwrap();
+    assert_eq!(lease.statuses()[0].limit, rpm(10));
+    lease.commit().await.unwrap();
+    clock.advance(Duration::from_secs(60));
+    let lease = l.acquire("u1", "api").await.unwrap();
+    assert_eq!(lease.statuses()[0].limit, rpm(1));
+    lease.rollback().await.unwrap();
+    // Changes through this limiter show at once.
+    l.set_resource_limits("api", &[rpm(7)]).await.unwrap();
+    assert_eq!(l.cache_stats().size, 0);
+    assert_eq!(l.resolve_limits("u1", "api").await.unwrap().0, vec![rpm(7)]);
+    l.invalidate_config_cache();
+    assert_eq!(l.cache_stats().size, 0);
+}
+
+pub async fn added_limit_starts_full_and_removed_limit_stops(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    l.set_resource_limits("api", &[rpm(2)]).await.unwrap();
+    for _ in 0..2 {
+        l.acquire("u1", "api")
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+    }
+    rejected(l.acquire("u1", "api").await);
+    // Replace rpm with tpm: rpm is no longer enforced, tpm starts full.
+    l.set_resource_limits("api", &[tpm(5)]).await.unwrap();
+    let lease = l.acquire("u1", "api").consume([("tpm", 5)]).await.unwrap();
+    assert_eq!(lease.statuses().len(), 1);
+    assert_eq!(lease.statuses()[0].available, 5);
+    lease.commit().await.unwrap();
+}
+
+pub async fn capacity_cut_clamps_tokens(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    l.acquire("u1", "api")
+        .limits([rpm(100)])
+        .consume([("rpm", 1)])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    let avail = l.available("u1", "api", Some(&[rpm(10)])).await.unwrap();
+    assert_eq!(avail["rpm"], 10);
+    for _ in 0..10 {
+        l.acquire("u1", "api")
+            .limits([rpm(10)])
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+    }
+    rejected(l.acquire("u1", "api").limits([rpm(10)]).await);
+}
+
+pub async fn entities_crud(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    let p = l
+        .create_entity("proj-1")
+        .name("Project One")
+        .metadata("tier", "pro")
+        .await
+        .unwrap();
+    assert_eq!((p.name.as_str(), p.is_parent()), ("Project One", true));
+    assert_eq!(p.created_at_ms, T0);
+    let c = l
+        .create_entity("key-1")
+        .parent("proj-1")
+        .cascade(true)
+        .await
+        .unwrap();
+    assert_eq!(c.name, "key-1");
+    l.create_entity("key-2").parent("proj-1").await.unwrap();
+    assert!(matches!(
+        l.create_entity("key-1").await,
+        Err(Error::EntityExists { .. })
+    ));
+    assert!(matches!(
+        l.create_entity("bad#id").await,
+        Err(Error::InvalidIdentifier { .. })
+    ));
+    assert!(matches!(
+        l.create_entity("k").parent("-x").await,
+        Err(Error::InvalidIdentifier { field, .. }) if field == "parent_id"
+    ));
+    assert!(matches!(
+        l.create_entity("k").parent("k").await,
+        Err(Error::Validation { .. })
+    ));
+    assert_eq!(l.get_entity("proj-1").await.unwrap(), Some(p));
+    assert_eq!(l.get_entity("nobody").await.unwrap(), None);
+    let children: Vec<String> = l
+        .get_children("proj-1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(children, ["key-1", "key-2"]);
+    l.set_entity_limits("key-2", "api", &[rpm(5)])
+        .await
+        .unwrap();
+    l.acquire("key-2", "api")
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    l.delete_entity("key-2").await.unwrap();
+    assert_eq!(l.get_entity("key-2").await.unwrap(), None);
+    assert_eq!(l.get_entity_limits("key-2", "api").await.unwrap(), None);
+    assert!(l.bucket_states("key-2", "api").await.unwrap().is_empty());
+    assert!(matches!(
+        l.delete_entity("key-2").await,
+        Err(Error::EntityNotFound { .. })
+    ));
+    assert_eq!(l.get_children("proj-1").await.unwrap().len(), 1);
+}
+
+pub async fn cascade_charges_parent_all_or_nothing(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    l.create_entity("proj").await.unwrap();
+    l.create_entity("key-a")
+        .parent("proj")
+        .cascade(true)
+        .await
+        .unwrap();
+    l.create_entity("key-b")
+        .parent("proj")
+        .cascade(true)
+        .await
+        .unwrap();
+    l.set_entity_limits("proj", "llm", &[tpm(100)])
+        .await
+        .unwrap();
+    l.set_resource_limits("llm", &[tpm(80)]).await.unwrap();
+
+    let lease = l
+        .acquire("key-a", "llm")
+        .consume([("tpm", 60)])
+        .await
+        .unwrap();
+    assert_eq!(lease.statuses().len(), 2);
+    assert_eq!(lease.statuses()[1].entity_id, "proj");
+    assert_eq!(lease.statuses()[1].limit, tpm(100));
+    lease.adjust([("tpm", 10)]).await.unwrap();
+    lease.commit().await.unwrap();
+    assert_eq!(l.available("proj", "llm", None).await.unwrap()["tpm"], 30);
+    assert_eq!(l.available("key-a", "llm", None).await.unwrap()["tpm"], 10);
+
+    // key-b has 80 of its own, but the parent has only 30: nothing is consumed anywhere.
+    let e = rejected(l.acquire("key-b", "llm").consume([("tpm", 40)]).await);
+    let violation = e.primary_violation();
+    assert_eq!(violation.entity_id, "proj");
+    assert_eq!(l.available("key-b", "llm", None).await.unwrap()["tpm"], 80);
+    assert_eq!(l.available("proj", "llm", None).await.unwrap()["tpm"], 30);
+
+    // Rollback returns to both sides.
+    let lease = l
+        .acquire("key-b", "llm")
+        .consume([("tpm", 30)])
+        .await
+        .unwrap();
+    assert_eq!(l.available("proj", "llm", None).await.unwrap()["tpm"], 0);
+    lease.rollback().await.unwrap();
+    assert_eq!(l.available("proj", "llm", None).await.unwrap()["tpm"], 30);
+    assert_eq!(l.available("key-b", "llm", None).await.unwrap()["tpm"], 80);
+
+    // cascade(false) leaves the parent alone.
+    l.acquire("key-b", "llm")
+        .consume([("tpm", 50)])
+        .cascade(false)
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    assert_eq!(l.available("proj", "llm", None).await.unwrap()["tpm"], 30);
+}
+
+pub async fn cascade_is_off_unless_set(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    l.create_entity("proj").await.unwrap();
+    l.create_entity("key").parent("proj").await.unwrap();
+    l.set_system_limits(&[rpm(5)]).await.unwrap();
+    let lease = l.acquire("key", "api").await.unwrap();
+    assert_eq!(lease.statuses().len(), 1);
+    lease.commit().await.unwrap();
+    // Forced on per call.
+    let lease = l.acquire("key", "api").cascade(true).await.unwrap();
+    assert_eq!(lease.statuses().len(), 2);
+    lease.commit().await.unwrap();
+    // An entity that was never created works, with no parent.
+    let lease = l.acquire("ghost", "api").cascade(true).await.unwrap();
+    assert_eq!(lease.statuses().len(), 1);
+    lease.commit().await.unwrap();
+}
+
+pub async fn availability_queries(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    let limits = [rpm(60), tpm(6000)];
+    assert_eq!(
+        l.available("u1", "api", Some(&limits)).await.unwrap()["tpm"],
+        6000
+    );
+    l.acquire("u1", "api")
+        .limits(limits.clone())
+        .consume([("rpm", 60), ("tpm", 3000)])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    let wait = l
+        .time_until_available("u1", "api", [("rpm", 3), ("tpm", 3000)], Some(&limits))
+        .await
+        .unwrap();
+    assert_eq!(wait, Duration::from_secs(3));
+    let none = l
+        .time_until_available("u1", "api", [("tpm", 100)], Some(&limits))
+        .await
+        .unwrap();
+    assert_eq!(none, Duration::ZERO);
+    let err = l
+        .time_until_available("u1", "api", [("tpm", 6001)], Some(&limits))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Validation { .. }));
+}
+
+pub async fn concurrent_leases_with_adjusts_are_exact(repo: Arc<dyn Repository>) {
+    // From the reference suite: two concurrent leases with adjusts end at 950 of 1000 and
+    // consumed = 50,000 millitokens.
+    let (l, _) = limiter(repo);
+    let limits = [Limit::per_minute("tpm", 1000)];
+    let a = l
+        .acquire("u1", "api")
+        .limits(limits.clone())
+        .consume([("tpm", 10)])
+        .await
+        .unwrap();
+    let b = l
+        .acquire("u1", "api")
+        .limits(limits.clone())
+        .consume([("tpm", 20)])
+        .await
+        .unwrap();
+    a.adjust([("tpm", 5)]).await.unwrap();
+    b.adjust([("tpm", 15)]).await.unwrap();
+    let (ra, rb) = tokio::join!(a.commit(), b.commit());
+    ra.unwrap();
+    rb.unwrap();
+    assert_eq!(
+        l.available("u1", "api", Some(&limits)).await.unwrap()["tpm"],
+        950
+    );
+    assert_eq!(
+        l.bucket_states("u1", "api").await.unwrap()["tpm"].total_consumed_milli,
+        50_000
+    );
+}
+
+pub async fn lease_handle_shares_the_lease(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    let lease = l
+        .acquire("u1", "api")
+        .limits([tpm(100)])
+        .consume([("tpm", 10)])
+        .await
+        .unwrap();
+    let handle = lease.handle();
+    handle.adjust([("tpm", 15)]).unwrap();
+    assert_eq!(lease.consumed()["tpm"], 25);
+    assert_eq!(handle.entity_id(), "u1");
+    lease.commit().await.unwrap();
+    assert!(handle.is_closed());
+    assert!(matches!(
+        handle.adjust([("tpm", 1)]),
+        Err(Error::LeaseClosed)
+    ));
+    assert_eq!(
+        l.available("u1", "api", Some(&[tpm(100)])).await.unwrap()["tpm"],
+        75
+    );
+}
+
+/// Declares one `#[tokio::test]` per suite case over a backend factory.
+#[macro_export]
+macro_rules! limiter_suite {
+    ($make:expr) => {
+        $crate::limiter_suite!(@cases $make;
+            acquire_and_commit_consumes,
+            default_consume_is_one_from_every_limit,
+            multiple_limits_are_all_or_nothing,
+            rejection_reports_exact_retry_after,
+            request_above_capacity_is_unsatisfiable,
+            unknown_names_are_ignored_and_negatives_rejected,
+            invalid_input_is_a_typed_error,
+            adjust_may_go_into_debt,
+            negative_adjust_refunds_but_not_below_zero,
+            rollback_returns_everything,
+            committed_adjustments_are_rolled_back_too,
+            dropped_lease_rolls_back,
+            refunds_never_exceed_capacity,
+            refill_is_exact_under_continuous_admission,
+            slow_limit_sharing_an_item_refills_exactly,
+            config_hierarchy_precedence,
+            stored_on_unavailable_is_resolved,
+            config_cache_counts_and_expires,
+            added_limit_starts_full_and_removed_limit_stops,
+            capacity_cut_clamps_tokens,
+            entities_crud,
+            cascade_charges_parent_all_or_nothing,
+            cascade_is_off_unless_set,
+            availability_queries,
+            concurrent_leases_with_adjusts_are_exact,
+            lease_handle_shares_the_lease,
+        );
+    };
+    (@cases $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                let repo: std::sync::Arc<dyn zae_limiter::Repository> = $make.await;
+                suite::$case(repo).await;
+            }
+        )*
+    };
+}
