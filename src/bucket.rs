@@ -101,7 +101,16 @@ pub fn refill(state: &BucketState, now_ms: i64) -> BucketState {
         return next;
     }
     let period = i128::from(state.refill_period_ms);
-    let accrued = elapsed * i128::from(state.refill_amount_milli) + i128::from(state.refill_carry);
+    let Some(accrued) = elapsed
+        .checked_mul(i128::from(state.refill_amount_milli))
+        .and_then(|a| a.checked_add(i128::from(state.refill_carry)))
+    else {
+        // More refill than an i128 holds is more than any bucket's capacity.
+        next.last_refill_ms = now_ms;
+        next.tokens_milli = state.capacity_milli;
+        next.refill_carry = 0;
+        return next;
+    };
     let add = accrued.div_euclid(period);
     let carry = accrued.rem_euclid(period);
     next.last_refill_ms = now_ms;
@@ -123,10 +132,12 @@ fn wait_for(state: &BucketState, deficit_milli: i128) -> u64 {
     if !state.refills() {
         return u64::MAX;
     }
-    let numerator =
-        deficit_milli * i128::from(state.refill_period_ms) - i128::from(state.refill_carry);
     let amount = i128::from(state.refill_amount_milli);
-    let wait = (numerator + amount - 1).div_euclid(amount).max(0);
+    let wait = deficit_milli
+        .checked_mul(i128::from(state.refill_period_ms))
+        .and_then(|n| n.checked_sub(i128::from(state.refill_carry)))
+        .and_then(|n| n.checked_add(amount - 1))
+        .map_or(i128::MAX, |n| n.div_euclid(amount).max(0));
     u64::try_from(wait).unwrap_or(u64::MAX)
 }
 

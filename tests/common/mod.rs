@@ -1,0 +1,97 @@
+//! Test helpers shared by several test files.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use zae_limiter::bucket::BucketState;
+use zae_limiter::repository::{
+    AcquireOutcome, AcquireRequest, AdjustRequest, ConfigScope, StoredConfig,
+};
+use zae_limiter::{
+    BackendCapabilities, Entity, Error, InMemoryRepository, Limit, OnUnavailable, Repository,
+};
+
+/// The in-memory backend behind a switch that makes every call fail as an unreachable
+/// backend would, to exercise the outage policy (the DynamoDB backend's own outage tests
+/// stop DynamoDB Local for real).
+#[derive(Clone, Default)]
+pub struct Switchable {
+    pub inner: InMemoryRepository,
+    down: Arc<AtomicBool>,
+}
+
+impl Switchable {
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(Error::unavailable(
+                "backend switched off",
+                "connection refused",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl Repository for Switchable {
+    fn capabilities(&self) -> BackendCapabilities {
+        self.inner.capabilities()
+    }
+    async fn acquire(&self, r: &AcquireRequest) -> Result<AcquireOutcome, Error> {
+        self.check()?;
+        self.inner.acquire(r).await
+    }
+    async fn adjust(&self, r: &AdjustRequest) -> Result<(), Error> {
+        self.check()?;
+        self.inner.adjust(r).await
+    }
+    async fn get_buckets(&self, e: &str, r: &str) -> Result<BTreeMap<String, BucketState>, Error> {
+        self.check()?;
+        self.inner.get_buckets(e, r).await
+    }
+    async fn create_entity(&self, e: &Entity) -> Result<(), Error> {
+        self.check()?;
+        self.inner.create_entity(e).await
+    }
+    async fn get_entity(&self, e: &str) -> Result<Option<Entity>, Error> {
+        self.check()?;
+        self.inner.get_entity(e).await
+    }
+    async fn delete_entity(&self, e: &str) -> Result<bool, Error> {
+        self.check()?;
+        self.inner.delete_entity(e).await
+    }
+    async fn get_children(&self, p: &str) -> Result<Vec<Entity>, Error> {
+        self.check()?;
+        self.inner.get_children(p).await
+    }
+    async fn set_limits(&self, s: &ConfigScope, l: &[Limit]) -> Result<(), Error> {
+        self.check()?;
+        self.inner.set_limits(s, l).await
+    }
+    async fn get_limits(&self, s: &ConfigScope) -> Result<Option<Vec<Limit>>, Error> {
+        self.check()?;
+        self.inner.get_limits(s).await
+    }
+    async fn delete_limits(&self, s: &ConfigScope) -> Result<bool, Error> {
+        self.check()?;
+        self.inner.delete_limits(s).await
+    }
+    async fn set_on_unavailable(&self, p: Option<OnUnavailable>) -> Result<(), Error> {
+        self.check()?;
+        self.inner.set_on_unavailable(p).await
+    }
+    async fn load_config(&self, e: &str, r: &str) -> Result<StoredConfig, Error> {
+        self.check()?;
+        self.inner.load_config(e, r).await
+    }
+}

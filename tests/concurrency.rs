@@ -1,0 +1,161 @@
+//! Many tasks hammering one key never admit more than capacity plus refill, and the
+//! consumed counter is exact.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use zae_limiter::clock::ManualClock;
+use zae_limiter::{Error, InMemoryRepository, Limit, RateLimiter};
+
+const TASKS: usize = 64;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn frozen_clock_admits_exactly_capacity() {
+    let limiter = RateLimiter::builder(InMemoryRepository::new())
+        .clock(ManualClock::new(1_000_000))
+        .build();
+    let limits = [Limit::per_minute("rpm", 1_000)];
+    let admitted = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        let (limiter, limits, admitted) = (limiter.clone(), limits.clone(), admitted.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..100 {
+                match limiter.acquire("hot", "api").limits(limits.clone()).await {
+                    Ok(lease) => {
+                        lease.commit().await.unwrap();
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(Error::RateLimited(_)) => {}
+                    Err(e) => panic!("{e}"),
+                }
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(admitted.load(Ordering::Relaxed), 1_000);
+    let states = limiter.bucket_states("hot", "api").await.unwrap();
+    assert_eq!(states["rpm"].total_consumed_milli, 1_000_000);
+    assert_eq!(states["rpm"].tokens_milli, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn real_clock_never_admits_more_than_capacity_plus_refill() {
+    let limiter = RateLimiter::new(InMemoryRepository::new());
+    let limit = Limit::per_second("rps", 200);
+    let committed = Arc::new(AtomicU64::new(0));
+    let rolled_back = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let run_for = Duration::from_millis(1_500);
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let (limiter, limit) = (limiter.clone(), limit.clone());
+        let (committed, rolled_back) = (committed.clone(), rolled_back.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while started.elapsed() < run_for {
+                match limiter.acquire("hot", "api").limits([limit.clone()]).await {
+                    // Every third admission of every other task is rolled back.
+                    Ok(lease) if task % 2 == 0 && n % 3 == 0 => {
+                        lease.rollback().await.unwrap();
+                        rolled_back.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(lease) => {
+                        lease.commit().await.unwrap();
+                        committed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(Error::RateLimited(_)) => {}
+                    Err(e) => panic!("{e}"),
+                }
+                n += 1;
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let committed = committed.load(Ordering::Relaxed);
+    let rolled_back = rolled_back.load(Ordering::Relaxed);
+    // Rolled-back tokens return to the bucket and may be admitted again, so the bound is
+    // on what stayed consumed.
+    let ceiling = 200 + (200.0 * elapsed.as_secs_f64()).ceil() as u64;
+    assert!(
+        committed <= ceiling,
+        "committed {committed} > ceiling {ceiling}"
+    );
+    assert!(
+        committed >= 200,
+        "only {committed} admitted: the limiter starved callers"
+    );
+    assert!(rolled_back > 0);
+    let states = limiter.bucket_states("hot", "api").await.unwrap();
+    assert_eq!(states["rps"].total_consumed_milli, committed as i64 * 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cascading_children_never_overdraw_the_parent() {
+    let limiter = RateLimiter::builder(InMemoryRepository::new())
+        .clock(ManualClock::new(5_000_000))
+        .build();
+    limiter.create_entity("proj").await.unwrap();
+    limiter
+        .set_entity_limits("proj", "llm", &[Limit::per_minute("tpm", 500)])
+        .await
+        .unwrap();
+    limiter
+        .set_resource_limits("llm", &[Limit::per_minute("tpm", 100)])
+        .await
+        .unwrap();
+    for i in 0..16 {
+        limiter
+            .create_entity(format!("key-{i}"))
+            .parent("proj")
+            .cascade(true)
+            .await
+            .unwrap();
+    }
+    let admitted = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let (limiter, admitted) = (limiter.clone(), admitted.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..50 {
+                match limiter
+                    .acquire(format!("key-{}", t % 16), "llm")
+                    .consume([("tpm", 3)])
+                    .await
+                {
+                    Ok(lease) => {
+                        lease.commit().await.unwrap();
+                        admitted.fetch_add(3, Ordering::Relaxed);
+                    }
+                    Err(Error::RateLimited(_)) => {}
+                    Err(e) => panic!("{e}"),
+                }
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // 500 / 3 = 166 admissions fit in the parent.
+    assert_eq!(admitted.load(Ordering::Relaxed), 498);
+    let parent = limiter.bucket_states("proj", "llm").await.unwrap();
+    assert_eq!(parent["tpm"].total_consumed_milli, 498_000);
+    let mut children = 0;
+    for i in 0..16 {
+        let s = limiter
+            .bucket_states(&format!("key-{i}"), "llm")
+            .await
+            .unwrap();
+        children += s.get("tpm").map_or(0, |b| b.total_consumed_milli);
+    }
+    assert_eq!(children, 498_000);
+}

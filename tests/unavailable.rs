@@ -1,0 +1,141 @@
+//! The outage policy: `Block` rejects with `Unavailable`, `Allow` admits without writing,
+//! and a failed read is never mistaken for "no limits".
+
+mod common;
+
+use std::time::Duration;
+
+use common::Switchable;
+use zae_limiter::{Error, ErrorCategory, Limit, OnUnavailable, RateLimiter};
+
+fn rpm() -> Limit {
+    Limit::per_minute("rpm", 2)
+}
+
+#[tokio::test]
+async fn block_is_the_default() {
+    let backend = Switchable::default();
+    let limiter = RateLimiter::new(backend.clone());
+    backend.set_down(true);
+    let err = limiter
+        .acquire("u1", "api")
+        .limits([rpm()])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    assert_eq!(err.category(), ErrorCategory::Infrastructure);
+    assert!(
+        std::error::Error::source(&err).is_some(),
+        "the cause is kept"
+    );
+    backend.set_down(false);
+    limiter
+        .acquire("u1", "api")
+        .limits([rpm()])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn allow_admits_without_writing() {
+    let backend = Switchable::default();
+    let limiter = RateLimiter::builder(backend.clone())
+        .on_unavailable(OnUnavailable::Allow)
+        .build();
+    backend.set_down(true);
+    for _ in 0..5 {
+        let lease = limiter.acquire("u1", "api").limits([rpm()]).await.unwrap();
+        assert!(lease.is_unlimited());
+        assert!(lease.statuses().is_empty());
+        lease.adjust([("rpm", 10)]).await.unwrap();
+        lease.commit().await.unwrap();
+    }
+    backend.set_down(false);
+    assert_eq!(
+        limiter
+            .available("u1", "api", Some(&[rpm()]))
+            .await
+            .unwrap()["rpm"],
+        2
+    );
+    // Per call, Block overrides the limiter's Allow.
+    backend.set_down(true);
+    let err = limiter
+        .acquire("u1", "api")
+        .limits([rpm()])
+        .on_unavailable(OnUnavailable::Block)
+        .await;
+    assert!(matches!(err, Err(Error::Unavailable { .. })));
+}
+
+#[tokio::test]
+async fn stored_policy_applies_during_an_outage() {
+    let backend = Switchable::default();
+    let limiter = RateLimiter::builder(backend.clone())
+        .config_cache_ttl(Duration::ZERO)
+        .build();
+    limiter.set_system_limits(&[rpm()]).await.unwrap();
+    limiter
+        .set_on_unavailable(Some(OnUnavailable::Allow))
+        .await
+        .unwrap();
+    limiter
+        .acquire("u1", "api")
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    backend.set_down(true);
+    // The last stored policy read is Allow.
+    let lease = limiter.acquire("u1", "api").await.unwrap();
+    assert!(lease.is_unlimited());
+}
+
+#[tokio::test]
+async fn a_failed_config_read_is_not_cached() {
+    let backend = Switchable::default();
+    let limiter = RateLimiter::builder(backend.clone())
+        .config_cache_ttl(Duration::from_secs(60))
+        .build();
+    limiter.set_resource_limits("api", &[rpm()]).await.unwrap();
+    backend.set_down(true);
+    assert!(matches!(
+        limiter.acquire("u1", "api").await,
+        Err(Error::Unavailable { .. })
+    ));
+    assert_eq!(limiter.cache_stats().size, 0);
+    backend.set_down(false);
+    let lease = limiter.acquire("u1", "api").await.unwrap();
+    assert_eq!(lease.statuses()[0].limit, rpm());
+    lease.commit().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_commit_leaves_the_lease_open_for_rollback() {
+    let backend = Switchable::default();
+    let limiter = RateLimiter::new(backend.clone());
+    let lease = limiter
+        .acquire("u1", "api")
+        .limits([Limit::per_minute("tpm", 100)])
+        .consume([("tpm", 10)])
+        .await
+        .unwrap();
+    lease.adjust([("tpm", 5)]).await.unwrap();
+    backend.set_down(true);
+    assert!(matches!(
+        lease.commit().await,
+        Err(Error::Unavailable { .. })
+    ));
+    assert!(!lease.is_closed());
+    backend.set_down(false);
+    lease.rollback().await.unwrap();
+    let left = limiter
+        .available("u1", "api", Some(&[Limit::per_minute("tpm", 100)]))
+        .await
+        .unwrap();
+    assert_eq!(left["tpm"], 100);
+}
