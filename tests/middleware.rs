@@ -10,7 +10,6 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::Extension;
 use axum::http::{Request, Response, StatusCode};
-use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use http_body_util::BodyExt;
@@ -62,7 +61,7 @@ async fn send(app: &Router, req: Request<Body>) -> Response<Body> {
 }
 
 fn rpm_left(l: &RateLimiter, entity: &str, resource: &str, limit: Limit) -> i64 {
-    futures_block(l.available(entity, resource, Some(&[limit.clone()]))).unwrap()[&limit.name]
+    futures_block(l.available(entity, resource, Some(std::slice::from_ref(&limit)))).unwrap()[&limit.name]
 }
 
 fn futures_block<F: std::future::Future>(f: F) -> F::Output {
