@@ -61,7 +61,8 @@ async fn send(app: &Router, req: Request<Body>) -> Response<Body> {
 }
 
 fn rpm_left(l: &RateLimiter, entity: &str, resource: &str, limit: Limit) -> i64 {
-    futures_block(l.available(entity, resource, Some(std::slice::from_ref(&limit)))).unwrap()[&limit.name]
+    futures_block(l.available(entity, resource, Some(std::slice::from_ref(&limit)))).unwrap()
+        [&limit.name]
 }
 
 fn futures_block<F: std::future::Future>(f: F) -> F::Output {
