@@ -111,8 +111,14 @@ pub fn refill(state: &BucketState, now_ms: i64) -> BucketState {
         next.refill_carry = 0;
         return next;
     };
-    let add = accrued.div_euclid(period);
-    let carry = accrued.rem_euclid(period);
+    // Most refills fit in 64 bits, where division is several times cheaper.
+    let (add, carry) = match i64::try_from(accrued) {
+        Ok(a) if a >= 0 => {
+            let p = state.refill_period_ms;
+            (i128::from(a / p), i128::from(a % p))
+        }
+        _ => (accrued.div_euclid(period), accrued.rem_euclid(period)),
+    };
     next.last_refill_ms = now_ms;
     if i128::from(state.tokens_milli) + add >= i128::from(state.capacity_milli) {
         next.tokens_milli = state.capacity_milli;
