@@ -34,7 +34,11 @@ fn benches(c: &mut Criterion) {
         let empty = bucket::force_consume(&start, 1_000_000_000, 1_700_000_000_000);
         b.iter_custom(|iters| {
             support::timed("bucket::try_consume rejected", iters, || {
-                black_box(bucket::try_consume(black_box(&empty), black_box(5), black_box(1_700_000_000_001)));
+                black_box(bucket::try_consume(
+                    black_box(&empty),
+                    black_box(5),
+                    black_box(1_700_000_000_001),
+                ));
             })
         })
     });

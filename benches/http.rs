@@ -99,9 +99,10 @@ async fn load(addr: SocketAddr, connections: usize, duration: Duration) -> f64 {
             let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
             stream.set_nodelay(true).unwrap();
             let io = hyper_util::rt::TokioIo::new(stream);
-            let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(io)
-                .await
-                .unwrap();
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(io)
+                    .await
+                    .unwrap();
             tokio::spawn(conn);
             let mut i = c;
             while Instant::now() < deadline {
@@ -125,12 +126,19 @@ async fn load(addr: SocketAddr, connections: usize, duration: Duration) -> f64 {
     for t in tasks {
         t.await.unwrap();
     }
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "a quota was reached or a request failed");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "a quota was reached or a request failed"
+    );
     ok.load(Ordering::Relaxed) as f64 / duration.as_secs_f64()
 }
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -144,8 +152,16 @@ fn main() {
     }
     // `cargo test --benches` runs benches in test mode: keep it quick.
     let quick = std::env::args().any(|a| a == "--test");
-    let seconds = if quick { 1 } else { env_or("ZAE_BENCH_SECONDS", 3) };
-    let rounds = if quick { 1 } else { env_or("ZAE_BENCH_ROUNDS", 3) };
+    let seconds = if quick {
+        1
+    } else {
+        env_or("ZAE_BENCH_SECONDS", 3)
+    };
+    let rounds = if quick {
+        1
+    } else {
+        env_or("ZAE_BENCH_ROUNDS", 3)
+    };
     let connections = env_or("ZAE_BENCH_CONNECTIONS", 32) as usize;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -154,7 +170,11 @@ fn main() {
         .unwrap();
     // Load a server started elsewhere (e.g. under a profiler) and stop.
     if let Ok(target) = std::env::var("ZAE_BENCH_HTTP_TARGET") {
-        let rps = rt.block_on(load(target.parse().unwrap(), connections, Duration::from_secs(seconds)));
+        let rps = rt.block_on(load(
+            target.parse().unwrap(),
+            connections,
+            Duration::from_secs(seconds),
+        ));
         println!("{target}: {rps:.0} req/s");
         return;
     }
@@ -168,7 +188,9 @@ fn main() {
                 .spawn()
                 .unwrap();
             let mut line = String::new();
-            BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+            BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
             let addr: SocketAddr = line.trim().parse().unwrap();
             // Warm up, then measure.
             rt.block_on(load(addr, connections, Duration::from_millis(300)));

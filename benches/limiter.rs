@@ -15,7 +15,10 @@ use zae_limiter::{InMemoryRepository, Limit, RateLimiter};
 const KEYS: usize = 10_000;
 
 fn benches(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let limiter = RateLimiter::new(InMemoryRepository::new());
     // A quota never reached: this measures the cost of a decision, not of rejections.
     let limits = [Limit::per_second("rps", 1_000_000_000)];
@@ -29,7 +32,11 @@ fn benches(c: &mut Criterion) {
             rt.block_on(async {
                 let start = std::time::Instant::now();
                 for _ in 0..iters {
-                    let lease = limiter.acquire("hot", "api").limits(limits.clone()).await.unwrap();
+                    let lease = limiter
+                        .acquire("hot", "api")
+                        .limits(limits.clone())
+                        .await
+                        .unwrap();
                     lease.commit().await.unwrap();
                 }
                 let e = start.elapsed();
@@ -53,7 +60,11 @@ fn benches(c: &mut Criterion) {
                 let start = std::time::Instant::now();
                 for _ in 0..iters {
                     i = (i + 1) % KEYS;
-                    let lease = limiter.acquire(keys[i].as_str(), "api").limits(limits.clone()).await.unwrap();
+                    let lease = limiter
+                        .acquire(keys[i].as_str(), "api")
+                        .limits(limits.clone())
+                        .await
+                        .unwrap();
                     lease.commit().await.unwrap();
                 }
                 let e = start.elapsed();
@@ -82,7 +93,10 @@ fn main() {
         "in-memory limiter vs governor (keyed)",
         &[
             ("zae acquire+commit, 1 key", "governor check_key, 1 key"),
-            ("zae acquire+commit, 10k keys", "governor check_key, 10k keys"),
+            (
+                "zae acquire+commit, 10k keys",
+                "governor check_key, 10k keys",
+            ),
         ],
     );
 }

@@ -16,10 +16,45 @@ use crate::CacheStats;
 pub(crate) struct ConfigCache {
     ttl_ms: i64,
     ttl: Duration,
-    entries: DashMap<String, (Arc<StoredConfig>, i64)>,
+    entries: DashMap<String, Entry>,
     hits: AtomicU64,
     misses: AtomicU64,
     inserts: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    config: Arc<StoredConfig>,
+    expires_at_ms: i64,
+    /// The backend's config version when read, for backends that report one.
+    version: Option<u64>,
+}
+
+impl Entry {
+    fn fresh(&self, now_ms: i64, version: Option<u64>) -> bool {
+        match version {
+            Some(v) => self.version == Some(v),
+            None => self.expires_at_ms > now_ms,
+        }
+    }
+}
+
+thread_local! {
+    static KEY_BUFFER: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// Runs `f` with the cache key built in a reused buffer (lookups allocate nothing).
+fn with_key<T>(entity_id: &str, resource: &str, f: impl FnOnce(&str) -> T) -> T {
+    KEY_BUFFER.with(|buffer| match buffer.try_borrow_mut() {
+        Ok(mut k) => {
+            k.clear();
+            k.push_str(entity_id);
+            k.push('#');
+            k.push_str(resource);
+            f(&k)
+        }
+        Err(_) => f(&key(entity_id, resource)),
+    })
 }
 
 /// Every this many inserts, expired entries are swept so the cache stays bounded by the
@@ -46,22 +81,30 @@ impl ConfigCache {
         self.ttl_ms > 0
     }
 
-    /// The cached config if it is still fresh at `now_ms`; counts a hit or a miss.
+    /// The cached config if it is still fresh at `now_ms` (or, for a backend that reports
+    /// a config version, if the version has not moved); counts a hit or a miss.
     pub(crate) fn get(
         &self,
         entity_id: &str,
         resource: &str,
         now_ms: i64,
+        version: Option<u64>,
     ) -> Option<Arc<StoredConfig>> {
         if self.enabled() {
-            let key = key(entity_id, resource);
-            if let Some(entry) = self.entries.get(&key) {
-                if entry.1 > now_ms {
-                    self.hits.fetch_add(1, Ordering::Relaxed);
-                    return Some(Arc::clone(&entry.0));
+            let hit = with_key(entity_id, resource, |key| {
+                let found = self
+                    .entries
+                    .get(key)
+                    .map(|e| e.fresh(now_ms, version).then(|| Arc::clone(&e.config)));
+                if let Some(None) = found {
+                    self.entries
+                        .remove_if(key, |_, e| !e.fresh(now_ms, version));
                 }
-                drop(entry);
-                self.entries.remove_if(&key, |_, v| v.1 <= now_ms);
+                found.flatten()
+            });
+            if hit.is_some() {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return hit;
             }
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
@@ -74,14 +117,19 @@ impl ConfigCache {
         resource: &str,
         config: Arc<StoredConfig>,
         now_ms: i64,
+        version: Option<u64>,
     ) {
         if self.enabled() {
             self.entries.insert(
                 key(entity_id, resource),
-                (config, now_ms.saturating_add(self.ttl_ms)),
+                Entry {
+                    config,
+                    expires_at_ms: now_ms.saturating_add(self.ttl_ms),
+                    version,
+                },
             );
             if self.inserts.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
-                self.entries.retain(|_, v| v.1 > now_ms);
+                self.entries.retain(|_, e| e.fresh(now_ms, version));
             }
         }
     }

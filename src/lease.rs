@@ -7,38 +7,33 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use parking_lot::Mutex;
 
-use crate::limiter::{checked_amounts, named_amounts, Amount};
-use crate::repository::AdjustRequest;
+use crate::limiter::{checked_amounts, named_amounts, statuses, Amount};
+use crate::repository::{AdjustRequest, ItemRequest, LimitCheck};
 use crate::{Error, Limit, LimitStatus, RateLimiter};
-
-/// One bucket item a lease charged: the entity's own, or its parent's in a cascade.
-#[derive(Debug, Clone)]
-pub(crate) struct LeaseItem {
-    pub(crate) entity_id: String,
-    pub(crate) resource: String,
-    pub(crate) limits: Vec<Limit>,
-}
 
 #[derive(Debug)]
 struct LeaseState {
-    /// Per item, per limit: whole tokens written so far (acquire plus committed adjusts).
-    written: Vec<Vec<i64>>,
-    /// Per item, per limit: adjustments not yet written.
-    pending: Vec<Vec<i64>>,
+    /// Per limit of every item (flattened in item order): whole tokens written so far
+    /// (the acquire plus committed adjustments).
+    written: Vec<i64>,
+    /// Per limit of every item: adjustments not yet written.
+    pending: Vec<i64>,
     closed: bool,
 }
 
 pub(crate) struct LeaseShared {
     limiter: RateLimiter,
-    entity_id: String,
-    resource: String,
-    items: Vec<LeaseItem>,
-    statuses: Vec<LimitStatus>,
+    /// The items charged: the entity's own, then its parent's in a cascade.
+    items: Vec<ItemRequest>,
+    checks: Vec<LimitCheck>,
+    statuses: OnceLock<Vec<LimitStatus>>,
+    /// Admitted during an outage without a write: holds nothing.
+    unlimited: bool,
     state: Mutex<LeaseState>,
     /// Serialises commit and rollback so their writes never interleave.
     writes: tokio::sync::Mutex<()>,
@@ -76,22 +71,41 @@ impl std::fmt::Debug for LeaseHandle {
 impl LeaseShared {
     fn fmt_with(&self, name: &str, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct(name)
-            .field("entity_id", &self.entity_id)
-            .field("resource", &self.resource)
+            .field("entity_id", &self.entity_id())
+            .field("resource", &self.resource())
             .field("consumed", &self.consumed())
             .field("closed", &self.state.lock().closed)
             .finish()
     }
 
-    fn consumed(&self) -> BTreeMap<String, i64> {
-        let state = self.state.lock();
-        let Some(item) = self.items.first() else {
-            return BTreeMap::new();
-        };
-        item.limits
+    fn entity_id(&self) -> &str {
+        &self.items[0].entity_id
+    }
+
+    fn resource(&self) -> &str {
+        &self.items[0].resource
+    }
+
+    fn statuses(&self) -> &[LimitStatus] {
+        self.statuses
+            .get_or_init(|| statuses(&self.items, &self.checks))
+    }
+
+    /// (item, limit, flat index) for every limit of every item.
+    fn slots(&self) -> impl Iterator<Item = (usize, &Limit, usize)> {
+        self.items
             .iter()
             .enumerate()
-            .map(|(j, l)| (l.name.clone(), state.written[0][j] + state.pending[0][j]))
+            .flat_map(|(i, item)| item.limits.iter().map(move |l| (i, l)))
+            .enumerate()
+            .map(|(flat, (i, l))| (i, l, flat))
+    }
+
+    fn consumed(&self) -> BTreeMap<String, i64> {
+        let state = self.state.lock();
+        self.slots()
+            .filter(|(i, _, _)| *i == 0)
+            .map(|(_, l, k)| (l.name.clone(), state.written[k] + state.pending[k]))
             .collect()
     }
 
@@ -104,57 +118,67 @@ impl LeaseShared {
         }
         // Check first, apply after: a refused adjust changes nothing.
         for (name, delta) in &deltas {
-            for (i, item) in self.items.iter().enumerate() {
-                for (j, l) in item.limits.iter().enumerate() {
-                    if &l.name == name
-                        && i128::from(state.written[i][j])
-                            + i128::from(state.pending[i][j])
-                            + i128::from(*delta)
-                            < 0
-                    {
-                        return Err(Error::validation(
-                            format!("adjust.{name}"),
-                            delta.to_string(),
-                            "would refund more than the lease consumed",
-                        ));
-                    }
+            for (_, l, k) in self.slots() {
+                let total = i128::from(state.written[k])
+                    + i128::from(state.pending[k])
+                    + i128::from(*delta);
+                if &l.name == name && total < 0 {
+                    return Err(Error::validation(
+                        format!("adjust.{name}"),
+                        delta.to_string(),
+                        "would refund more than the lease consumed",
+                    ));
                 }
             }
         }
         for (name, delta) in &deltas {
-            for (i, item) in self.items.iter().enumerate() {
-                for (j, l) in item.limits.iter().enumerate() {
-                    if &l.name == name {
-                        state.pending[i][j] += delta;
-                    }
+            for (_, l, k) in self.slots() {
+                if &l.name == name {
+                    state.pending[k] += delta;
                 }
             }
         }
         Ok(())
     }
 
-    async fn write(&self, item: usize, deltas: &[i64]) -> Result<(), Error> {
-        let it = &self.items[item];
-        let deltas: Vec<(Limit, i64)> = it
+    /// Writes one item's deltas (those that are not zero).
+    async fn write(&self, item: &ItemRequest, deltas: &[i64]) -> Result<(), Error> {
+        let changes: Vec<(Limit, i64)> = item
             .limits
             .iter()
             .zip(deltas)
             .filter(|(_, d)| **d != 0)
             .map(|(l, d)| (l.clone(), *d))
             .collect();
-        if deltas.is_empty() {
+        if changes.is_empty() {
             return Ok(());
         }
         let request = AdjustRequest {
-            entity_id: it.entity_id.clone(),
-            resource: it.resource.clone(),
-            deltas,
+            entity_id: item.entity_id.clone(),
+            resource: item.resource.clone(),
+            deltas: changes,
             now_ms: self.limiter.now_ms(),
         };
         self.limiter.inner.repo.adjust(&request).await
     }
 
+    /// Closes the lease at once if nothing is pending; `None` if there is a write to do.
+    fn try_close_without_write(&self) -> Option<Result<(), Error>> {
+        let mut state = self.state.lock();
+        if state.closed {
+            return Some(Err(Error::LeaseClosed));
+        }
+        if state.pending.iter().all(|d| *d == 0) {
+            state.closed = true;
+            return Some(Ok(()));
+        }
+        None
+    }
+
     async fn commit(&self) -> Result<(), Error> {
+        if let Some(done) = self.try_close_without_write() {
+            return done;
+        }
         let _writing = self.writes.lock().await;
         loop {
             let snapshot = {
@@ -162,7 +186,7 @@ impl LeaseShared {
                 if state.closed {
                     return Err(Error::LeaseClosed);
                 }
-                if state.pending.iter().flatten().all(|d| *d == 0) {
+                if state.pending.iter().all(|d| *d == 0) {
                     // Nothing (left) to write; an adjust racing the writes below was
                     // picked up by another turn of this loop.
                     state.closed = true;
@@ -170,38 +194,48 @@ impl LeaseShared {
                 }
                 state.pending.clone()
             };
-            for (i, deltas) in snapshot.iter().enumerate() {
-                self.write(i, deltas).await?;
-                let mut state = self.state.lock();
-                for (j, d) in deltas.iter().enumerate() {
-                    state.written[i][j] += d;
-                    state.pending[i][j] -= d;
-                }
-            }
+            self.apply(&snapshot, |state, k, d| {
+                state.written[k] += d;
+                state.pending[k] -= d;
+            })
+            .await?;
         }
+    }
+
+    /// Writes `deltas` (flat, every item's limits in order) item by item, recording each
+    /// item's part once it is written, so a failure part-way leaves an exact account of
+    /// what remains.
+    async fn apply(
+        &self,
+        deltas: &[i64],
+        record: impl Fn(&mut LeaseState, usize, i64),
+    ) -> Result<(), Error> {
+        let mut start = 0;
+        for item in &self.items {
+            let end = start + item.limits.len();
+            self.write(item, &deltas[start..end]).await?;
+            let mut state = self.state.lock();
+            for (k, d) in deltas.iter().enumerate().take(end).skip(start) {
+                record(&mut state, k, *d);
+            }
+            start = end;
+        }
+        Ok(())
     }
 
     async fn rollback(&self) -> Result<(), Error> {
         let _writing = self.writes.lock().await;
-        let snapshot = {
+        let refund: Vec<i64> = {
             let state = self.state.lock();
             if state.closed {
                 return Err(Error::LeaseClosed);
             }
-            state.written.clone()
+            state.written.iter().map(|w| -w).collect()
         };
-        for (i, written) in snapshot.iter().enumerate() {
-            let refund: Vec<i64> = written.iter().map(|w| -w).collect();
-            self.write(i, &refund).await?;
-            let mut state = self.state.lock();
-            for (j, w) in written.iter().enumerate() {
-                state.written[i][j] -= w;
-            }
-        }
+        self.apply(&refund, |state, k, d| state.written[k] += d)
+            .await?;
         let mut state = self.state.lock();
-        for p in state.pending.iter_mut().flatten() {
-            *p = 0;
-        }
+        state.pending.iter_mut().for_each(|p| *p = 0);
         state.closed = true;
         Ok(())
     }
@@ -210,23 +244,35 @@ impl LeaseShared {
 impl Lease {
     pub(crate) fn new(
         limiter: &RateLimiter,
-        items: Vec<LeaseItem>,
-        consumed: Vec<Vec<i64>>,
-        statuses: Vec<LimitStatus>,
+        items: Vec<ItemRequest>,
+        checks: Vec<LimitCheck>,
     ) -> Self {
-        let pending = items.iter().map(|i| vec![0; i.limits.len()]).collect();
+        let written: Vec<i64> = items
+            .iter()
+            .flat_map(|i| i.amounts.iter().map(|a| *a as i64))
+            .collect();
+        Self::from_parts(limiter, items, checks, written, false)
+    }
+
+    fn from_parts(
+        limiter: &RateLimiter,
+        items: Vec<ItemRequest>,
+        checks: Vec<LimitCheck>,
+        written: Vec<i64>,
+        unlimited: bool,
+    ) -> Self {
         Lease {
             shared: Arc::new(LeaseShared {
                 limiter: limiter.clone(),
-                entity_id: items[0].entity_id.clone(),
-                resource: items[0].resource.clone(),
-                statuses,
                 state: Mutex::new(LeaseState {
-                    written: consumed,
-                    pending,
+                    pending: vec![0; written.len()],
+                    written,
                     closed: false,
                 }),
                 items,
+                checks,
+                statuses: OnceLock::new(),
+                unlimited,
                 writes: tokio::sync::Mutex::new(()),
             }),
             settles_on_drop: true,
@@ -236,39 +282,35 @@ impl Lease {
     /// A lease admitted without a backend write (outage with `OnUnavailable::Allow`): it
     /// holds nothing, and every operation on it succeeds without writing.
     pub(crate) fn unlimited(limiter: &RateLimiter, entity_id: &str, resource: &str) -> Self {
-        Lease {
-            shared: Arc::new(LeaseShared {
-                limiter: limiter.clone(),
-                entity_id: entity_id.to_string(),
-                resource: resource.to_string(),
-                items: Vec::new(),
-                statuses: Vec::new(),
-                state: Mutex::new(LeaseState {
-                    written: Vec::new(),
-                    pending: Vec::new(),
-                    closed: false,
-                }),
-                writes: tokio::sync::Mutex::new(()),
-            }),
-            settles_on_drop: true,
-        }
+        let item = ItemRequest {
+            entity_id: entity_id.to_string(),
+            resource: resource.to_string(),
+            limits: Arc::from(Vec::new()),
+            amounts: Vec::new(),
+        };
+        Self::from_parts(limiter, vec![item], Vec::new(), Vec::new(), true)
+    }
+
+    /// The items and checks, for the HTTP layer's header fields.
+    pub(crate) fn parts(&self) -> (&[ItemRequest], &[LimitCheck]) {
+        (&self.shared.items, &self.shared.checks)
     }
 
     /// The entity the lease charged.
     pub fn entity_id(&self) -> &str {
-        &self.shared.entity_id
+        self.shared.entity_id()
     }
 
     /// The resource.
     pub fn resource(&self) -> &str {
-        &self.shared.resource
+        self.shared.resource()
     }
 
     /// Every limit checked at acquire (child first, then the parent's), with what was
     /// available before this lease's consumption. Empty for a lease admitted during an
     /// outage.
     pub fn statuses(&self) -> &[LimitStatus] {
-        &self.shared.statuses
+        self.shared.statuses()
     }
 
     /// Tokens the lease holds per limit of its entity: the consumption plus adjustments.
@@ -284,7 +326,7 @@ impl Lease {
     /// Whether the lease was admitted without a backend write during an outage
     /// (`OnUnavailable::Allow`).
     pub fn is_unlimited(&self) -> bool {
-        self.shared.items.is_empty()
+        self.shared.unlimited
     }
 
     /// Changes the consumption by signed whole-token deltas per limit name: more when the
@@ -341,7 +383,11 @@ impl Lease {
         self.settles_on_drop = false;
         let shared = Arc::clone(&self.shared);
         drop(self);
-        if shared.items.is_empty() {
+        if shared.unlimited {
+            return;
+        }
+        // The common case, a commit with nothing to write, needs no future at all.
+        if commit && shared.try_close_without_write().is_some() {
             return;
         }
         run_detached(async move {
@@ -353,8 +399,8 @@ impl Lease {
             match result {
                 Ok(()) | Err(Error::LeaseClosed) => {}
                 Err(e) => tracing::error!(
-                    entity_id = %shared.entity_id,
-                    resource = %shared.resource,
+                    entity_id = %shared.entity_id(),
+                    resource = %shared.resource(),
                     error = %e,
                     reason,
                     "could not settle rate-limit lease"
@@ -370,8 +416,8 @@ impl Drop for Lease {
             return;
         }
         tracing::warn!(
-            entity_id = %self.shared.entity_id,
-            resource = %self.shared.resource,
+            entity_id = %self.shared.entity_id(),
+            resource = %self.shared.resource(),
             "lease dropped without commit or rollback; rolling back"
         );
         let shared = Arc::clone(&self.shared);
@@ -379,8 +425,8 @@ impl Drop for Lease {
             if let Err(e) = shared.rollback().await {
                 if !matches!(e, Error::LeaseClosed) {
                     tracing::error!(
-                        entity_id = %shared.entity_id,
-                        resource = %shared.resource,
+                        entity_id = %shared.entity_id(),
+                        resource = %shared.resource(),
                         error = %e,
                         "rollback of dropped lease failed"
                     );
@@ -393,17 +439,17 @@ impl Drop for Lease {
 impl LeaseHandle {
     /// The entity the lease charged.
     pub fn entity_id(&self) -> &str {
-        &self.shared.entity_id
+        self.shared.entity_id()
     }
 
     /// The resource.
     pub fn resource(&self) -> &str {
-        &self.shared.resource
+        self.shared.resource()
     }
 
     /// See [`Lease::statuses`].
     pub fn statuses(&self) -> &[LimitStatus] {
-        &self.shared.statuses
+        self.shared.statuses()
     }
 
     /// See [`Lease::consumed`].

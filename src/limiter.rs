@@ -10,11 +10,14 @@ use std::time::Duration;
 use crate::bucket::{self, BucketState};
 use crate::clock::{Clock, SystemClock};
 use crate::config_cache::ConfigCache;
-use crate::lease::{Lease, LeaseItem};
+use crate::lease::Lease;
 use crate::naming;
-use crate::repository::{AcquireRequest, ConfigScope, ItemRequest, Repository, StoredConfig};
+use crate::repository::{
+    AcquireRequest, ConfigScope, ItemRequest, LimitCheck, Repository, StoredConfig,
+};
 use crate::{
-    limit, CacheStats, ConfigSource, Entity, Error, Limit, OnUnavailable, RateLimitExceeded,
+    limit, CacheStats, ConfigSource, Entity, Error, Limit, LimitStatus, OnUnavailable,
+    RateLimitExceeded,
 };
 
 /// A boxed future, as returned by the builders' `IntoFuture`.
@@ -226,7 +229,10 @@ impl RateLimiter {
         resource: &str,
         now_ms: i64,
     ) -> Result<Arc<StoredConfig>, Error> {
-        if let Some(hit) = self.inner.cache.get(entity_id, resource, now_ms) {
+        // Read the version before the config, so a write racing the read leaves the entry
+        // stale rather than wrongly fresh.
+        let version = self.inner.repo.config_version();
+        if let Some(hit) = self.inner.cache.get(entity_id, resource, now_ms, version) {
             return Ok(hit);
         }
         let loaded = Arc::new(self.inner.repo.load_config(entity_id, resource).await?);
@@ -238,7 +244,7 @@ impl RateLimiter {
         self.inner.last_policy.store(code, Ordering::Relaxed);
         self.inner
             .cache
-            .insert(entity_id, resource, Arc::clone(&loaded), now_ms);
+            .insert(entity_id, resource, Arc::clone(&loaded), now_ms, version);
         Ok(loaded)
     }
 
@@ -272,7 +278,7 @@ impl RateLimiter {
             .on_unavailable
             .or(stored.on_unavailable)
             .unwrap_or_default();
-        Ok((limits, policy, source))
+        Ok((limits.to_vec(), policy, source))
     }
 
     async fn limits_for(
@@ -281,10 +287,10 @@ impl RateLimiter {
         resource: &str,
         limits: Option<&[Limit]>,
     ) -> Result<Vec<Limit>, Error> {
-        naming::validate_entity_id(entity_id)?;
-        naming::validate_resource(resource)?;
         match limits {
             Some(l) => {
+                naming::validate_entity_id(entity_id)?;
+                naming::validate_resource(resource)?;
                 limit::validate_all(l)?;
                 Ok(l.to_vec())
             }
@@ -511,11 +517,11 @@ impl RateLimiter {
 /// The first level with limits, as [`ConfigSource`] says.
 fn resolve(
     stored: &StoredConfig,
-    explicit: Option<&[Limit]>,
-    fallback: Option<&[Limit]>,
-) -> Option<(Vec<Limit>, ConfigSource)> {
+    explicit: Option<&Arc<[Limit]>>,
+    fallback: Option<&Arc<[Limit]>>,
+) -> Option<(Arc<[Limit]>, ConfigSource)> {
     if let Some(l) = explicit {
-        return Some((l.to_vec(), ConfigSource::Override));
+        return Some((Arc::clone(l), ConfigSource::Override));
     }
     let levels = [
         (&stored.entity_limits, ConfigSource::Entity),
@@ -525,12 +531,35 @@ fn resolve(
     ];
     for (level, source) in levels {
         if let Some(l) = level.as_ref().filter(|l| !l.is_empty()) {
-            return Some((l.clone(), source));
+            return Some((Arc::clone(l), source));
         }
     }
     fallback
         .filter(|l| !l.is_empty())
-        .map(|l| (l.to_vec(), ConfigSource::Fallback))
+        .map(|l| (Arc::clone(l), ConfigSource::Fallback))
+}
+
+/// Names each check: the statuses of an acquire, child first.
+pub(crate) fn statuses(items: &[ItemRequest], checks: &[LimitCheck]) -> Vec<LimitStatus> {
+    items
+        .iter()
+        .flat_map(|item| {
+            item.limits
+                .iter()
+                .zip(&item.amounts)
+                .map(move |(limit, amount)| (item, limit, *amount))
+        })
+        .zip(checks)
+        .map(|((item, limit, requested), check)| LimitStatus {
+            entity_id: item.entity_id.clone(),
+            resource: item.resource.clone(),
+            limit: limit.clone(),
+            available: check.available,
+            requested,
+            exceeded: check.exceeded,
+            retry_after_ms: check.retry_after_ms,
+        })
+        .collect()
 }
 
 fn no_limits(entity_id: &str, resource: &str) -> Error {
@@ -548,8 +577,8 @@ pub struct Acquire {
     limiter: RateLimiter,
     entity_id: String,
     resource: String,
-    limits: Option<Vec<Limit>>,
-    fallback: Option<Vec<Limit>>,
+    limits: Option<Arc<[Limit]>>,
+    fallback: Option<Arc<[Limit]>>,
     consume: Option<Vec<(String, i128)>>,
     cascade: Option<bool>,
     on_unavailable: Option<OnUnavailable>,
@@ -565,6 +594,18 @@ impl Acquire {
     /// Enforce these limits only when no level stores any.
     pub fn fallback_limits(mut self, limits: impl IntoIterator<Item = Limit>) -> Self {
         self.fallback = Some(limits.into_iter().collect());
+        self
+    }
+
+    /// [`Self::limits`] from a list shared with other acquires (no copy).
+    pub fn shared_limits(mut self, limits: Arc<[Limit]>) -> Self {
+        self.limits = Some(limits);
+        self
+    }
+
+    /// [`Self::fallback_limits`] from a list shared with other acquires (no copy).
+    pub fn shared_fallback_limits(mut self, limits: Arc<[Limit]>) -> Self {
+        self.fallback = Some(limits);
         self
     }
 
@@ -610,9 +651,9 @@ impl Acquire {
                     entity_id = %self.entity_id,
                     resource = %self.resource,
                     error = %message,
+                    cause = ?source,
                     "rate limiter backend unavailable; admitting (on_unavailable = allow)"
                 );
-                let _ = source;
                 Ok(Lease::unlimited(
                     &self.limiter,
                     &self.entity_id,
@@ -638,67 +679,60 @@ impl Acquire {
         let stored = limiter
             .stored_config(&self.entity_id, &self.resource, now)
             .await?;
-        let (limits, _source) = resolve(&stored, self.limits.as_deref(), self.fallback.as_deref())
+        let (limits, _source) = resolve(&stored, self.limits.as_ref(), self.fallback.as_ref())
             .ok_or_else(|| no_limits(&self.entity_id, &self.resource))?;
-        let amount_for = |name: &str| -> u64 {
-            match consume {
-                None => 1,
-                Some(c) => c
-                    .iter()
-                    .filter(|(n, _)| n == name)
-                    .map(|(_, a)| *a as u64)
-                    .sum(),
-            }
+        let amounts_for = |limits: &[Limit]| -> Vec<u64> {
+            limits
+                .iter()
+                .map(|l| match consume {
+                    None => 1,
+                    Some(c) => c
+                        .iter()
+                        .filter(|(n, _)| *n == l.name)
+                        .map(|(_, a)| *a as u64)
+                        .sum(),
+                })
+                .collect()
         };
-        let mut items = vec![LeaseItem {
-            entity_id: self.entity_id.clone(),
-            resource: self.resource.clone(),
-            limits: limits.clone(),
-        }];
         let entity = stored.entity.as_ref();
         let cascade = self
             .cascade
             .unwrap_or_else(|| entity.is_some_and(|e| e.cascade));
-        if let Some(parent_id) = entity
+        let parent_id = entity
             .and_then(|e| e.parent_id.as_deref())
-            .filter(|_| cascade)
-        {
+            .filter(|_| cascade);
+        let mut items = Vec::with_capacity(1 + usize::from(parent_id.is_some()));
+        items.push(ItemRequest {
+            amounts: amounts_for(&limits),
+            limits,
+            entity_id: self.entity_id.clone(),
+            resource: self.resource.clone(),
+        });
+        if let Some(parent_id) = parent_id {
             let parent = limiter
                 .stored_config(parent_id, &self.resource, now)
                 .await?;
             if let Some((parent_limits, _)) =
-                resolve(&parent, self.limits.as_deref(), self.fallback.as_deref())
+                resolve(&parent, self.limits.as_ref(), self.fallback.as_ref())
             {
-                items.push(LeaseItem {
+                items.push(ItemRequest {
+                    amounts: amounts_for(&parent_limits),
+                    limits: parent_limits,
                     entity_id: parent_id.to_string(),
                     resource: self.resource.clone(),
-                    limits: parent_limits,
                 });
             }
         }
-        let request = AcquireRequest {
-            items: items
-                .iter()
-                .map(|item| ItemRequest {
-                    entity_id: item.entity_id.clone(),
-                    resource: item.resource.clone(),
-                    charges: item
-                        .limits
-                        .iter()
-                        .map(|l| (l.clone(), amount_for(&l.name)))
-                        .collect(),
-                })
-                .collect(),
-            now_ms: now,
-        };
+        let request = AcquireRequest { items, now_ms: now };
         let outcome = limiter.inner.repo.acquire(&request).await?;
         if !outcome.admitted {
-            let rejection = RateLimitExceeded::new(outcome.statuses).ok_or_else(|| {
-                Error::unavailable(
-                    "backend rejected an acquire without reporting an exceeded limit",
-                    "inconsistent AcquireOutcome",
-                )
-            })?;
+            let rejection = RateLimitExceeded::new(statuses(&request.items, &outcome.checks))
+                .ok_or_else(|| {
+                    Error::unavailable(
+                        "backend rejected an acquire without reporting an exceeded limit",
+                        "inconsistent AcquireOutcome",
+                    )
+                })?;
             tracing::debug!(
                 entity_id = %self.entity_id,
                 resource = %self.resource,
@@ -707,12 +741,7 @@ impl Acquire {
             );
             return Err(Error::RateLimited(rejection));
         }
-        let consumed: Vec<Vec<i64>> = request
-            .items
-            .iter()
-            .map(|i| i.charges.iter().map(|(_, a)| *a as i64).collect())
-            .collect();
-        Ok(Lease::new(limiter, items, consumed, outcome.statuses))
+        Ok(Lease::new(limiter, request.items, outcome.checks))
     }
 }
 

@@ -39,9 +39,15 @@ pub fn mean_ns(name: &str) -> f64 {
 /// Prints one line per pair: the subject's and the alternative's mean and their ratio.
 pub fn report(title: &str, pairs: &[(&str, &str)]) {
     println!("\n== {title} (means over every criterion sample of this run) ==");
-    println!("{:<44} {:>12} {:<36} {:>12} {:>8}", "subject", "ns/op", "alternative", "ns/op", "ratio");
+    println!(
+        "{:<44} {:>12} {:<36} {:>12} {:>8}",
+        "subject", "ns/op", "alternative", "ns/op", "ratio"
+    );
     for (subject, alt) in pairs {
         let (s, a) = (mean_ns(subject), mean_ns(alt));
-        println!("{subject:<44} {s:>12.1} {alt:<36} {a:>12.1} {:>7.2}x", s / a);
+        println!(
+            "{subject:<44} {s:>12.1} {alt:<36} {a:>12.1} {:>7.2}x",
+            s / a
+        );
     }
 }

@@ -230,12 +230,8 @@ where
         }
     }
     if config.headers_on_success && !lease.is_unlimited() {
-        admitted_headers(
-            &mut parts.headers,
-            lease.statuses(),
-            lease.entity_id(),
-            &config.naming,
-        );
+        let (items, checks) = lease.parts();
+        admitted_headers(&mut parts.headers, items, checks, &config.naming);
     }
     Response::from_parts(parts, RateLimitBody::inner(body, Some(lease)))
 }

@@ -11,7 +11,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use sfv::{KeyRef, ListSerializer, StringRef};
 
-use crate::{Error, LimitStatus, RateLimitExceeded};
+use crate::repository::{ItemRequest, LimitCheck};
+use crate::{Error, Limit, RateLimitExceeded};
 
 /// The `RateLimit-Policy` header field name.
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -111,41 +112,48 @@ fn sf_int(v: u64) -> sfv::Integer {
     sfv::Integer::try_from(v.min(SF_INTEGER_MAX)).unwrap_or(sfv::Integer::MAX)
 }
 
-/// A structured-field string for a policy name: the child's limits by name, the parent's
-/// as `parent:{name}`. Limit names are validated ASCII, so this never fails.
-fn policy_name(status: &LimitStatus, entity_id: &str) -> String {
-    if status.entity_id == entity_id {
-        status.limit.name.clone()
-    } else {
-        format!("parent:{}", status.limit.name)
-    }
-}
-
 fn key(k: &'static str) -> &'static KeyRef {
     KeyRef::constant(k)
 }
 
-/// Builds `RateLimit-Policy` and `RateLimit` for `statuses`, where `remaining` and
-/// `reset_seconds` give each status's `r` and `t`.
-pub(crate) fn ratelimit_headers(
+/// One limit as the header fields show it.
+pub(crate) struct Entry<'a> {
+    /// Whether it is the parent's limit (named `parent:{name}`).
+    pub(crate) parent: bool,
+    pub(crate) limit: &'a Limit,
+    /// `r`: whole tokens remaining.
+    pub(crate) remaining: u64,
+    /// `t`: seconds until more quota, if it will ever come.
+    pub(crate) reset: Option<u64>,
+}
+
+fn header_value(text: String) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(Bytes::from(text)).ok()
+}
+
+/// Sets `RateLimit-Policy` and `RateLimit`, one list member per entry.
+pub(crate) fn ratelimit_headers<'a>(
     headers: &mut HeaderMap,
-    statuses: &[LimitStatus],
-    entity_id: &str,
+    entries: impl IntoIterator<Item = Entry<'a>>,
     naming: &PolicyNaming,
-    remaining: impl Fn(&LimitStatus) -> u64,
-    reset_seconds: impl Fn(&LimitStatus) -> Option<u64>,
 ) {
-    if statuses.is_empty() {
-        return;
-    }
     let mut policy = ListSerializer::new();
     let mut current = ListSerializer::new();
-    for status in statuses {
-        let name = policy_name(status, entity_id);
-        let Ok(name) = StringRef::from_str(&name) else {
+    let mut parent_name = String::new();
+    for entry in entries {
+        let limit = entry.limit;
+        // Limit names are validated ASCII, so they are always valid strings.
+        let name = if entry.parent {
+            parent_name.clear();
+            parent_name.push_str("parent:");
+            parent_name.push_str(&limit.name);
+            parent_name.as_str()
+        } else {
+            limit.name.as_str()
+        };
+        let Ok(name) = StringRef::from_str(name) else {
             continue;
         };
-        let limit = &status.limit;
         let mut p = policy
             .bare_item(name)
             .parameter(key("q"), sf_int(limit.refill_amount))
@@ -163,14 +171,14 @@ pub(crate) fn ratelimit_headers(
         let _ = p.finish();
         let mut c = current
             .bare_item(name)
-            .parameter(key("r"), sf_int(remaining(status)));
-        if let Some(t) = reset_seconds(status) {
+            .parameter(key("r"), sf_int(entry.remaining));
+        if let Some(t) = entry.reset {
             c = c.parameter(key("t"), sf_int(t));
         }
         let _ = c.finish();
     }
     for (field, list) in [(&RATELIMIT_POLICY, policy), (&RATELIMIT, current)] {
-        if let Some(value) = list.finish().and_then(|v| HeaderValue::from_str(&v).ok()) {
+        if let Some(value) = list.finish().and_then(header_value) {
             headers.insert(field.clone(), value);
         }
     }
@@ -186,55 +194,67 @@ pub(crate) fn rejected_headers(
     let entity = rejection
         .statuses()
         .first()
-        .map(|s| s.entity_id.clone())
+        .map(|s| s.entity_id.as_str())
         .unwrap_or_default();
-    ratelimit_headers(
-        headers,
-        rejection.statuses(),
-        &entity,
-        naming,
-        |s| u64::try_from(s.available.max(0)).unwrap_or(0),
-        |s| {
-            if s.exceeded {
-                s.retry_after_ms.map(|ms| ms.div_ceil(1000))
-            } else {
-                Some(0)
-            }
+    let entries = rejection.statuses().iter().map(|s| Entry {
+        parent: s.entity_id != entity,
+        limit: &s.limit,
+        remaining: u64::try_from(s.available.max(0)).unwrap_or(0),
+        reset: if s.exceeded {
+            s.retry_after_ms.map(|ms| ms.div_ceil(1000))
+        } else {
+            Some(0)
         },
-    );
+    });
+    ratelimit_headers(headers, entries, naming);
+}
+
+/// Seconds until one token returns to an empty bucket of `limit`.
+fn one_token_seconds(limit: &Limit) -> u64 {
+    let ms = (u128::from(limit.refill_period_seconds) * 1000)
+        .div_ceil(u128::from(limit.refill_amount.max(1)));
+    u64::try_from(ms.div_ceil(1000)).unwrap_or(u64::MAX)
 }
 
 /// The fields for an admitted request: `r` is what is left after this request, `t` the
 /// seconds until one more token returns when none is left (else 0).
 pub(crate) fn admitted_headers(
     headers: &mut HeaderMap,
-    statuses: &[LimitStatus],
-    entity_id: &str,
+    items: &[ItemRequest],
+    checks: &[LimitCheck],
     naming: &PolicyNaming,
 ) {
-    ratelimit_headers(
-        headers,
-        statuses,
-        entity_id,
-        naming,
-        LimitStatus::remaining,
-        |s| {
-            if s.remaining() > 0 {
-                return Some(0);
+    let entries = items
+        .iter()
+        .enumerate()
+        .flat_map(|(i, item)| {
+            item.limits
+                .iter()
+                .zip(&item.amounts)
+                .map(move |(limit, amount)| (i > 0, limit, *amount))
+        })
+        .zip(checks)
+        .map(|((parent, limit, amount), check)| {
+            let left = i128::from(check.available) - i128::from(amount);
+            let remaining = u64::try_from(left.max(0)).unwrap_or(0);
+            Entry {
+                parent,
+                limit,
+                remaining,
+                reset: Some(if remaining > 0 {
+                    0
+                } else {
+                    one_token_seconds(limit)
+                }),
             }
-            let l = &s.limit;
-            // Time for one token, from the worst case of an empty bucket.
-            let ms = (u128::from(l.refill_period_seconds) * 1000)
-                .div_ceil(u128::from(l.refill_amount.max(1)));
-            Some(u64::try_from(ms.div_ceil(1000)).unwrap_or(u64::MAX))
-        },
-    );
+        });
+    ratelimit_headers(headers, entries, naming);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Limit;
+    use crate::{Limit, LimitStatus};
 
     fn status(
         entity: &str,
@@ -292,16 +312,31 @@ mod tests {
     #[test]
     fn admitted_remaining() {
         let mut h = HeaderMap::new();
-        let s = [status(
-            "k",
-            Limit::per_minute("rpm", 5),
-            1,
-            1,
-            false,
-            Some(0),
-        )];
-        admitted_headers(&mut h, &s, "k", &PolicyNaming::default());
-        assert_eq!(h[&RATELIMIT], r#""rpm";r=0;t=12"#);
+        let items = [
+            ItemRequest {
+                entity_id: "k".into(),
+                resource: "api".into(),
+                limits: vec![Limit::per_minute("rpm", 5), Limit::per_hour("rph", 100)].into(),
+                amounts: vec![1, 1],
+            },
+            ItemRequest {
+                entity_id: "p".into(),
+                resource: "api".into(),
+                limits: vec![Limit::per_minute("rpm", 50)].into(),
+                amounts: vec![1],
+            },
+        ];
+        let check = |available| LimitCheck {
+            available,
+            exceeded: false,
+            retry_after_ms: Some(0),
+        };
+        let checks = [check(1), check(100), check(20)];
+        admitted_headers(&mut h, &items, &checks, &PolicyNaming::default());
+        assert_eq!(
+            h[&RATELIMIT],
+            r#""rpm";r=0;t=12, "rph";r=99;t=0, "parent:rpm";r=19;t=0"#
+        );
     }
 
     #[test]

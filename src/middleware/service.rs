@@ -112,16 +112,18 @@ where
             );
             return ResponseFuture::rejected(config, Rejection::Misconfigured(e));
         };
-        let mut acquire = config.limiter.acquire(entity.clone(), resource.clone());
-        if let Some(limits) = config
-            .route_limits
-            .get(Self::route_key(&req))
-            .or(config.limits.as_ref())
-        {
-            acquire = acquire.limits(limits.iter().cloned());
+        let span = tracing::debug_span!("rate_limit", entity_id = %entity, resource = %resource);
+        let mut acquire = config.limiter.acquire(entity, resource);
+        let route_limits = if config.route_limits.is_empty() {
+            None
+        } else {
+            config.route_limits.get(Self::route_key(&req))
+        };
+        if let Some(limits) = route_limits.or(config.limits.as_ref()) {
+            acquire = acquire.shared_limits(Arc::clone(limits));
         }
         if let Some(limits) = &config.fallback_limits {
-            acquire = acquire.fallback_limits(limits.iter().cloned());
+            acquire = acquire.shared_fallback_limits(Arc::clone(limits));
         }
         if let Some(estimate) = &config.consume {
             acquire = acquire.consume(estimate(&req));
@@ -132,7 +134,6 @@ where
         if let Some(policy) = config.on_unavailable {
             acquire = acquire.on_unavailable(policy);
         }
-        let span = tracing::debug_span!("rate_limit", entity_id = %entity, resource = %resource);
         // The inner service was made ready by `poll_ready`; take it and leave a clone.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);

@@ -1,7 +1,8 @@
 //! [`InMemoryRepository`]: the embedded backend, for a single process.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -12,8 +13,8 @@ use parking_lot::{Mutex, RawMutex};
 type ItemGuard = parking_lot::ArcMutexGuard<RawMutex, Item>;
 
 use super::{
-    reconcile_bucket, status_from_consume, AcquireOutcome, AcquireRequest, AdjustRequest,
-    ConfigScope, Repository, StoredConfig,
+    reconcile_bucket, AcquireOutcome, AcquireRequest, AdjustRequest, ConfigScope, LimitCheck,
+    Repository, StoredConfig,
 };
 use crate::bucket::{self, BucketState};
 use crate::naming::DEFAULT_RESOURCE;
@@ -41,7 +42,9 @@ pub struct InMemoryRepository {
 struct Inner {
     buckets: DashMap<String, Arc<Mutex<Item>>>,
     entities: RwLock<HashMap<String, Entity>>,
-    configs: RwLock<HashMap<ConfigScope, Vec<Limit>>>,
+    configs: RwLock<HashMap<ConfigScope, Arc<[Limit]>>>,
+    /// Moves on every entity or config write (see [`Repository::config_version`]).
+    version: AtomicU64,
     on_unavailable: RwLock<Option<OnUnavailable>>,
     /// The latest time any call has passed in; eviction measures idleness against it, so it
     /// follows a manual clock in tests.
@@ -99,6 +102,25 @@ fn bucket_key(entity_id: &str, resource: &str) -> String {
     key
 }
 
+thread_local! {
+    static KEY_BUFFER: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// Runs `f` with the bucket key of an entity and resource built in a reused buffer, so a
+/// lookup of an existing item allocates nothing.
+fn with_key<T>(entity_id: &str, resource: &str, f: impl FnOnce(&str) -> T) -> T {
+    KEY_BUFFER.with(|buffer| match buffer.try_borrow_mut() {
+        Ok(mut key) => {
+            key.clear();
+            key.push_str(entity_id);
+            key.push('#');
+            key.push_str(resource);
+            f(&key)
+        }
+        Err(_) => f(&bucket_key(entity_id, resource)),
+    })
+}
+
 /// Builder for [`InMemoryRepository`].
 #[derive(Debug, Clone)]
 pub struct InMemoryRepositoryBuilder {
@@ -126,6 +148,7 @@ impl InMemoryRepositoryBuilder {
             buckets: DashMap::with_shard_amount(64),
             entities: RwLock::default(),
             configs: RwLock::default(),
+            version: AtomicU64::new(0),
             on_unavailable: RwLock::default(),
             latest_now_ms: AtomicI64::new(i64::MIN),
             idle_ttl_multiplier: self.idle_ttl_multiplier,
@@ -192,6 +215,10 @@ impl InMemoryRepository {
 }
 
 impl Inner {
+    fn bump(&self) {
+        self.version.fetch_add(1, Ordering::AcqRel);
+    }
+
     fn observe(&self, now_ms: i64) {
         self.latest_now_ms.fetch_max(now_ms, Ordering::Relaxed);
     }
@@ -214,20 +241,27 @@ impl Inner {
         before.saturating_sub(self.buckets.len())
     }
 
-    fn item(&self, key: &str) -> Arc<Mutex<Item>> {
-        if let Some(item) = self.buckets.get(key) {
-            return Arc::clone(&item);
-        }
-        Arc::clone(&self.buckets.entry(key.to_string()).or_default())
+    fn item(&self, entity_id: &str, resource: &str) -> Arc<Mutex<Item>> {
+        let found = with_key(entity_id, resource, |key| {
+            self.buckets.get(key).map(|item| Arc::clone(&item))
+        });
+        found.unwrap_or_else(|| {
+            Arc::clone(
+                &self
+                    .buckets
+                    .entry(bucket_key(entity_id, resource))
+                    .or_default(),
+            )
+        })
     }
 
-    /// Locks the items for `keys` (already sorted and deduplicated), retrying any that
-    /// eviction removed between lookup and lock.
-    fn lock_items(&self, keys: &[&str]) -> Vec<ItemGuard> {
+    /// Locks the items for `keys` (entity, resource; already in lock order and distinct),
+    /// retrying any that eviction removed between lookup and lock.
+    fn lock_items(&self, keys: &[(&str, &str)]) -> Vec<ItemGuard> {
         loop {
             let guards: Vec<ItemGuard> = keys
                 .iter()
-                .map(|k| Mutex::lock_arc(&self.item(k)))
+                .map(|(e, r)| Mutex::lock_arc(&self.item(e, r)))
                 .collect();
             if guards.iter().all(|g| !g.evicted) {
                 return guards;
@@ -253,10 +287,8 @@ impl Repository for InMemoryRepository {
         }
     }
 
-    fn default_config_cache_ttl(&self) -> Duration {
-        // Reading memory is as cheap as reading the cache; caching would only delay
-        // changes made through another handle to the same repository.
-        Duration::ZERO
+    fn config_version(&self) -> Option<u64> {
+        Some(self.inner.version.load(Ordering::Acquire))
     }
 
     async fn acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome, Error> {
@@ -273,8 +305,10 @@ impl Repository for InMemoryRepository {
         entity_id: &str,
         resource: &str,
     ) -> Result<BTreeMap<String, BucketState>, Error> {
-        let key = bucket_key(entity_id, resource);
-        let Some(item) = self.inner.buckets.get(&key).map(|i| Arc::clone(&i)) else {
+        let item = with_key(entity_id, resource, |key| {
+            self.inner.buckets.get(key).map(|i| Arc::clone(&i))
+        });
+        let Some(item) = item else {
             return Ok(BTreeMap::new());
         };
         let guard = item.lock();
@@ -289,6 +323,7 @@ impl Repository for InMemoryRepository {
             });
         }
         entities.insert(entity.id.clone(), entity.clone());
+        self.inner.bump();
         Ok(())
     }
 
@@ -329,20 +364,24 @@ impl Repository for InMemoryRepository {
     }
 
     async fn set_limits(&self, scope: &ConfigScope, limits: &[Limit]) -> Result<(), Error> {
-        write(&self.inner.configs).insert(scope.clone(), limits.to_vec());
+        write(&self.inner.configs).insert(scope.clone(), limits.into());
+        self.inner.bump();
         Ok(())
     }
 
     async fn get_limits(&self, scope: &ConfigScope) -> Result<Option<Vec<Limit>>, Error> {
-        Ok(read(&self.inner.configs).get(scope).cloned())
+        Ok(read(&self.inner.configs).get(scope).map(|l| l.to_vec()))
     }
 
     async fn delete_limits(&self, scope: &ConfigScope) -> Result<bool, Error> {
-        Ok(write(&self.inner.configs).remove(scope).is_some())
+        let removed = write(&self.inner.configs).remove(scope).is_some();
+        self.inner.bump();
+        Ok(removed)
     }
 
     async fn set_on_unavailable(&self, policy: Option<OnUnavailable>) -> Result<(), Error> {
         *write(&self.inner.on_unavailable) = policy;
+        self.inner.bump();
         Ok(())
     }
 
@@ -373,58 +412,50 @@ impl InMemoryRepository {
     fn acquire_now(&self, request: &AcquireRequest) -> Result<AcquireOutcome, Error> {
         let now = request.now_ms;
         self.inner.observe(now);
-        let keys: Vec<String> = request
-            .items
-            .iter()
-            .map(|i| bucket_key(&i.entity_id, &i.resource))
-            .collect();
+        let items = &request.items;
         // Lock in key order so two cascades over the same pair cannot deadlock.
-        let mut order: Vec<usize> = (0..keys.len()).collect();
-        order.sort_by(|a, b| keys[*a].cmp(&keys[*b]));
-        order.dedup_by(|a, b| keys[*a] == keys[*b]);
-        let sorted: Vec<&str> = order.iter().map(|i| keys[*i].as_str()).collect();
-        let mut guards = self.inner.lock_items(&sorted);
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        let key_of = |i: usize| (items[i].entity_id.as_str(), items[i].resource.as_str());
+        order.sort_by(|a, b| key_of(*a).cmp(&key_of(*b)));
+        order.dedup_by(|a, b| key_of(*a) == key_of(*b));
+        let keys: Vec<(&str, &str)> = order.iter().map(|i| key_of(*i)).collect();
+        let mut guards = self.inner.lock_items(&keys);
         let guard_of = |item: usize| {
-            sorted
-                .binary_search(&keys[item].as_str())
+            keys.iter()
+                .position(|k| *k == key_of(item))
                 .expect("every key was locked")
         };
 
-        let mut statuses = Vec::new();
-        let mut updates: Vec<(usize, String, BucketState)> = Vec::new();
+        let total: usize = items.iter().map(|i| i.limits.len()).sum();
+        let mut checks = Vec::with_capacity(total);
+        let mut updates: Vec<(usize, &str, BucketState)> = Vec::with_capacity(total);
         let mut admitted = true;
-        for (i, item) in request.items.iter().enumerate() {
+        for (i, item) in items.iter().enumerate() {
             let g = guard_of(i);
-            for (limit, amount) in &item.charges {
+            for (limit, amount) in item.limits.iter().zip(item.amounts.iter().copied()) {
                 let current = reconcile_bucket(guards[g].get(&limit.name), limit, now);
-                let result = bucket::try_consume(&current, *amount, now);
+                let result = bucket::try_consume(&current, amount, now);
                 admitted &= result.success;
-                statuses.push(status_from_consume(
-                    &item.entity_id,
-                    &item.resource,
-                    limit,
-                    *amount,
-                    &result,
-                ));
-                updates.push((g, limit.name.clone(), result.state));
+                checks.push(LimitCheck::from_consume(limit, amount, &result));
+                updates.push((g, &limit.name, result.state));
             }
         }
         if admitted {
             for (g, name, state) in updates {
-                guards[g].put(&name, state);
+                guards[g].put(name, state);
             }
             for g in guards.iter_mut() {
                 g.touch(now, self.inner.idle_ttl_multiplier);
             }
         }
-        Ok(AcquireOutcome { admitted, statuses })
+        Ok(AcquireOutcome { admitted, checks })
     }
 
     fn adjust_now(&self, request: &AdjustRequest) {
         let now = request.now_ms;
         self.inner.observe(now);
-        let key = bucket_key(&request.entity_id, &request.resource);
-        let mut guards = self.inner.lock_items(&[key.as_str()]);
+        let key = (request.entity_id.as_str(), request.resource.as_str());
+        let mut guards = self.inner.lock_items(&[key]);
         let item = &mut guards[0];
         for (limit, delta) in &request.deltas {
             let current = reconcile_bucket(item.get(&limit.name), limit, now);

@@ -10,12 +10,13 @@
 //! concurrent callers, in this process or (for shared backends) any other.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::bucket::{BucketState, ConsumeResult};
-use crate::{BackendCapabilities, Entity, Error, Limit, LimitStatus, OnUnavailable};
+use crate::{BackendCapabilities, Entity, Error, Limit, OnUnavailable};
 
 pub mod memory;
 
@@ -26,8 +27,10 @@ pub struct ItemRequest {
     pub entity_id: String,
     /// The resource.
     pub resource: String,
-    /// The limits to enforce, with the amount to take from each (zero allowed).
-    pub charges: Vec<(Limit, u64)>,
+    /// The limits to enforce.
+    pub limits: Arc<[Limit]>,
+    /// The whole tokens to take from each limit, in the same order (zero allowed).
+    pub amounts: Vec<u64>,
 }
 
 /// An all-or-nothing consumption over one item, or two (child and parent in a cascade).
@@ -44,8 +47,42 @@ pub struct AcquireRequest {
 pub struct AcquireOutcome {
     /// Whether everything was consumed (else nothing was).
     pub admitted: bool,
-    /// One status per limit of every item, in request order.
-    pub statuses: Vec<LimitStatus>,
+    /// One check per limit of every item, in request order.
+    pub checks: Vec<LimitCheck>,
+}
+
+/// How one limit fared in an acquire (the limiter turns these into
+/// [`crate::LimitStatus`]es, naming the entity and limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitCheck {
+    /// Whole tokens available before consuming (negative in debt).
+    pub available: i64,
+    /// Whether the bucket lacked the amount.
+    pub exceeded: bool,
+    /// Milliseconds until the amount fits: `Some(0)` when it fits now, `None` when it never
+    /// can (it is above the capacity).
+    pub retry_after_ms: Option<u64>,
+}
+
+impl LimitCheck {
+    /// The check of one limit from a [`crate::bucket::try_consume`] result.
+    ///
+    /// A request larger than the capacity is reported as never satisfiable
+    /// (`retry_after_ms: None`) rather than with the arithmetic's finite wait.
+    pub fn from_consume(limit: &Limit, requested: u64, result: &ConsumeResult) -> Self {
+        let retry_after_ms = if result.success {
+            Some(0)
+        } else if requested > limit.capacity {
+            None
+        } else {
+            Some(result.retry_after_ms)
+        };
+        LimitCheck {
+            available: result.available,
+            exceeded: !result.success,
+            retry_after_ms,
+        }
+    }
 }
 
 /// Signed changes to one item's buckets: positive debits (debt allowed), negative credits
@@ -85,13 +122,13 @@ pub struct StoredConfig {
     /// The entity record, if it was created.
     pub entity: Option<Entity>,
     /// Limits stored for the entity and this resource.
-    pub entity_limits: Option<Vec<Limit>>,
+    pub entity_limits: Option<Arc<[Limit]>>,
     /// Limits stored for the entity under `_default_`.
-    pub entity_default_limits: Option<Vec<Limit>>,
+    pub entity_default_limits: Option<Arc<[Limit]>>,
     /// Limits stored for the resource.
-    pub resource_limits: Option<Vec<Limit>>,
+    pub resource_limits: Option<Arc<[Limit]>>,
     /// Limits stored at system level.
-    pub system_limits: Option<Vec<Limit>>,
+    pub system_limits: Option<Arc<[Limit]>>,
     /// The system's `on_unavailable` policy, if set.
     pub on_unavailable: Option<OnUnavailable>,
 }
@@ -100,7 +137,7 @@ pub struct StoredConfig {
 ///
 /// Implement it to run the limiter on another store (Redis, Postgres, ...). Bucket values
 /// are handled with the pure functions of [`crate::bucket`]; use
-/// [`status_from_consume`] to build statuses so every backend reports alike.
+/// [`LimitCheck::from_consume`] so every backend reports alike.
 #[async_trait]
 pub trait Repository: Send + Sync + 'static {
     /// What this backend supports.
@@ -109,6 +146,13 @@ pub trait Repository: Send + Sync + 'static {
     /// How long the limiter should cache resolved limits by default.
     fn default_config_cache_ttl(&self) -> Duration {
         Duration::from_secs(60)
+    }
+
+    /// A number that changes whenever an entity or stored limit changes, for backends that
+    /// can tell cheaply (in-process ones). When it is `Some`, the limiter's config cache is
+    /// exact: an entry lives until the version moves, whatever the TTL.
+    fn config_version(&self) -> Option<u64> {
+        None
     }
 
     /// Consumes from every limit of every item, or from none; see the module docs.
@@ -150,35 +194,6 @@ pub trait Repository: Send + Sync + 'static {
 
     /// Reads the entity and the four config levels for an acquire, in one call.
     async fn load_config(&self, entity_id: &str, resource: &str) -> Result<StoredConfig, Error>;
-}
-
-/// Builds the status of one limit from a [`crate::bucket::try_consume`] result.
-///
-/// A request larger than the capacity is reported as never satisfiable
-/// (`retry_after_ms: None`) rather than with the arithmetic's finite wait.
-pub fn status_from_consume(
-    entity_id: &str,
-    resource: &str,
-    limit: &Limit,
-    requested: u64,
-    result: &ConsumeResult,
-) -> LimitStatus {
-    let retry_after_ms = if result.success {
-        Some(0)
-    } else if requested > limit.capacity {
-        None
-    } else {
-        Some(result.retry_after_ms)
-    };
-    LimitStatus {
-        entity_id: entity_id.to_string(),
-        resource: resource.to_string(),
-        limit: limit.clone(),
-        available: result.available,
-        requested,
-        exceeded: !result.success,
-        retry_after_ms,
-    }
 }
 
 /// Brings a stored bucket in line with the limit now configured: refills it to `now_ms` under
