@@ -741,6 +741,11 @@ impl Acquire {
             );
             return Err(Error::RateLimited(rejection));
         }
+        tracing::debug!(
+            entity_id = %self.entity_id,
+            resource = %self.resource,
+            "admitted"
+        );
         Ok(Lease::new(limiter, request.items, outcome.checks))
     }
 }

@@ -75,6 +75,34 @@ where
         }
     }
 
+    /// The acquire was decided at once and admitted: the inner call is under way.
+    pub(crate) fn calling(
+        config: Arc<Config<B>>,
+        call: S::Future,
+        lease: Lease,
+        span: tracing::Span,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Calling { call },
+            lease: Some(lease),
+            config,
+            span,
+        }
+    }
+
+    /// The acquire was decided at once and refused.
+    pub(crate) fn failed(config: Arc<Config<B>>, error: Error, span: tracing::Span) -> Self {
+        let rejection = rejection_for(error, &config);
+        ResponseFuture {
+            state: State::Rejected {
+                rejection: Some(rejection),
+            },
+            lease: None,
+            config,
+            span,
+        }
+    }
+
     pub(crate) fn acquiring(
         config: Arc<Config<B>>,
         acquire: BoxFuture<'static, Result<Lease, Error>>,
@@ -175,7 +203,6 @@ where
                             return Poll::Ready(Ok(respond(this.config, &rejection)));
                         }
                     };
-                    tracing::debug!(unlimited = lease.is_unlimited(), "admitted");
                     let mut request = request
                         .take()
                         .expect("ResponseFuture polled after completion");

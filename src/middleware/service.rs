@@ -134,9 +134,31 @@ where
         if let Some(policy) = config.on_unavailable {
             acquire = acquire.on_unavailable(policy);
         }
-        // The inner service was made ready by `poll_ready`; take it and leave a clone.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::acquiring(config, acquire.into_future(), req, inner, span)
+        let mut acquire = acquire.into_future();
+        // A backend that answers at once (in memory) is decided here, so the inner service is
+        // called directly; cloning it (an axum `Route` is a boxed service) would cost more
+        // than the whole acquire.
+        let decided = {
+            let _entered = span.enter();
+            acquire
+                .as_mut()
+                .poll(&mut Context::from_waker(std::task::Waker::noop()))
+        };
+        match decided {
+            Poll::Ready(Ok(lease)) => {
+                let mut req = req;
+                req.extensions_mut().insert(lease.handle());
+                let call = self.inner.call(req);
+                ResponseFuture::calling(config, call, lease, span)
+            }
+            Poll::Ready(Err(e)) => ResponseFuture::failed(config, e, span),
+            Poll::Pending => {
+                // The inner service was made ready by `poll_ready`; take it and leave a
+                // clone, to be called once the acquire completes.
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::acquiring(config, acquire, req, inner, span)
+            }
+        }
     }
 }
