@@ -1,0 +1,110 @@
+//! The middleware's CPU cost without the network: an axum hello-world router called
+//! in-process (`tower::ServiceExt::oneshot`) with no limiter, with `RateLimitLayer`
+//! (in-memory, quota never reached) and with `tower_governor` (same never-reached quota),
+//! measured side by side. The loopback load test (`--bench http`) adds the network.
+//!
+//! `cargo bench --bench layer`
+
+mod support;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::routing::get;
+use axum::Router;
+use criterion::Criterion;
+use http::Request;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_governor::governor::GovernorConfigBuilder;
+use tower_governor::key_extractor::KeyExtractor;
+use tower_governor::{GovernorError, GovernorLayer};
+use zae_limiter::middleware::{extract, RateLimitLayer};
+use zae_limiter::{InMemoryRepository, Limit, RateLimiter};
+
+#[derive(Clone)]
+struct ApiKey;
+
+impl KeyExtractor for ApiKey {
+    type Key = String;
+    fn extract<T>(&self, req: &Request<T>) -> Result<String, GovernorError> {
+        req.headers()
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .ok_or(GovernorError::UnableToExtractKey)
+    }
+}
+
+fn routers() -> [(&'static str, Router); 4] {
+    let hello = || Router::new().route("/", get(|| async { "Hello, world!" }));
+    let zae = |headers: bool| {
+        RateLimitLayer::new(RateLimiter::new(InMemoryRepository::new()))
+            .entity(extract::header("x-api-key"))
+            .resource(extract::fixed("hello"))
+            .limits([Limit::per_second("rps", 1_000_000_000)])
+            .headers_on_success(headers)
+    };
+    let governor = GovernorConfigBuilder::default()
+        .per_nanosecond(1)
+        .burst_size(u32::MAX)
+        .key_extractor(ApiKey)
+        .finish()
+        .unwrap();
+    [
+        ("no limiter", hello()),
+        ("RateLimitLayer", hello().layer(zae(true))),
+        ("RateLimitLayer, no headers", hello().layer(zae(false))),
+        ("tower_governor", hello().layer(GovernorLayer::new(Arc::new(governor)))),
+    ]
+}
+
+fn benches(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let keys: Vec<String> = (0..100).map(|i| format!("key-{i}")).collect();
+    let mut g = c.benchmark_group("layer");
+    for (name, router) in routers() {
+        let mut i = 0;
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = std::time::Instant::now();
+                    for _ in 0..iters {
+                        i = (i + 1) % keys.len();
+                        let req = Request::get("/")
+                            .header("x-api-key", keys[i].as_str())
+                            .body(Body::empty())
+                            .unwrap();
+                        let resp = router.clone().oneshot(req).await.unwrap();
+                        assert!(resp.status().is_success());
+                        resp.into_body().collect().await.unwrap();
+                    }
+                    let e = start.elapsed();
+                    support::record(name, e, iters);
+                    e
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    benches(&mut c);
+    c.final_summary();
+    support::report(
+        "router call in-process, per request",
+        &[
+            ("RateLimitLayer", "no limiter"),
+            ("RateLimitLayer", "tower_governor"),
+            ("RateLimitLayer, no headers", "tower_governor"),
+            ("tower_governor", "no limiter"),
+        ],
+    );
+    println!(
+        "RateLimitLayer overhead per request: {:.0} ns (tower_governor: {:.0} ns)",
+        support::mean_ns("RateLimitLayer") - support::mean_ns("no limiter"),
+        support::mean_ns("tower_governor") - support::mean_ns("no limiter")
+    );
+}
