@@ -81,9 +81,15 @@ impl ConfigCache {
         self.ttl_ms > 0
     }
 
+    /// Counts a lookup as a hit or a miss.
+    pub(crate) fn count(&self, hit: bool) {
+        let counter = if hit { &self.hits } else { &self.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The cached config if it is still fresh at `now_ms` (or, for a backend that reports
-    /// a config version, if the version has not moved); counts a hit or a miss.
-    pub(crate) fn get(
+    /// a config version, if the version has not moved). Counts nothing: see [`Self::count`].
+    pub(crate) fn lookup(
         &self,
         entity_id: &str,
         resource: &str,
@@ -102,12 +108,8 @@ impl ConfigCache {
                 }
                 found.flatten()
             });
-            if hit.is_some() {
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                return hit;
-            }
+            return hit;
         }
-        self.misses.fetch_add(1, Ordering::Relaxed);
         None
     }
 

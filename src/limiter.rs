@@ -13,7 +13,8 @@ use crate::config_cache::ConfigCache;
 use crate::lease::Lease;
 use crate::naming;
 use crate::repository::{
-    AcquireRequest, ConfigScope, ItemRequest, LimitCheck, Repository, StoredConfig,
+    AcquireOutcome, AcquireRequest, ConfigScope, ItemRequest, LimitCheck, Repository,
+    StoredConfig,
 };
 use crate::{
     limit, CacheStats, ConfigSource, Entity, Error, Limit, LimitStatus, OnUnavailable,
@@ -232,11 +233,42 @@ impl RateLimiter {
         // Read the version before the config, so a write racing the read leaves the entry
         // stale rather than wrongly fresh.
         let version = self.inner.repo.config_version();
-        if let Some(hit) = self.inner.cache.get(entity_id, resource, now_ms, version) {
+        if let Some(hit) = self.inner.cache.lookup(entity_id, resource, now_ms, version) {
+            self.inner.cache.count(true);
             return Ok(hit);
         }
-        let loaded = Arc::new(self.inner.repo.load_config(entity_id, resource).await?);
-        let code = match loaded.on_unavailable {
+        self.inner.cache.count(false);
+        let loaded = self.inner.repo.load_config(entity_id, resource).await?;
+        Ok(self.remember(entity_id, resource, loaded, now_ms, version))
+    }
+
+    /// [`Self::stored_config`] without waiting: `None` when the answer needs I/O.
+    pub(crate) fn stored_config_now(
+        &self,
+        entity_id: &str,
+        resource: &str,
+        now_ms: i64,
+    ) -> Option<Result<Arc<StoredConfig>, Error>> {
+        let version = self.inner.repo.config_version();
+        if let Some(hit) = self.inner.cache.lookup(entity_id, resource, now_ms, version) {
+            self.inner.cache.count(true);
+            return Some(Ok(hit));
+        }
+        let loaded = self.inner.repo.load_config_now(entity_id, resource)?;
+        self.inner.cache.count(false);
+        Some(loaded.map(|config| self.remember(entity_id, resource, config, now_ms, version)))
+    }
+
+    fn remember(
+        &self,
+        entity_id: &str,
+        resource: &str,
+        config: StoredConfig,
+        now_ms: i64,
+        version: Option<u64>,
+    ) -> Arc<StoredConfig> {
+        let config = Arc::new(config);
+        let code = match config.on_unavailable {
             None => 0,
             Some(OnUnavailable::Allow) => 1,
             Some(OnUnavailable::Block) => 2,
@@ -244,8 +276,8 @@ impl RateLimiter {
         self.inner.last_policy.store(code, Ordering::Relaxed);
         self.inner
             .cache
-            .insert(entity_id, resource, Arc::clone(&loaded), now_ms, version);
-        Ok(loaded)
+            .insert(entity_id, resource, Arc::clone(&config), now_ms, version);
+        config
     }
 
     /// The policy for an outage: per call, then the limiter's, then the stored one (last
@@ -631,7 +663,8 @@ impl Acquire {
         self
     }
 
-    async fn run(self) -> Result<Lease, Error> {
+    /// Validates the input; returns the checked consume amounts.
+    fn validate(&self) -> Result<Option<Vec<(String, i64)>>, Error> {
         naming::validate_entity_id(&self.entity_id)?;
         naming::validate_resource(&self.resource)?;
         if let Some(l) = &self.limits {
@@ -640,13 +673,18 @@ impl Acquire {
         if let Some(l) = &self.fallback {
             limit::validate_all(l)?;
         }
-        let consume = match &self.consume {
-            Some(c) => Some(checked_amounts("consume", c, false)?),
-            None => None,
-        };
-        let policy = self.limiter.policy(self.on_unavailable);
-        match self.decide(consume.as_deref()).await {
-            Err(Error::Unavailable { message, source }) if policy == OnUnavailable::Allow => {
+        match &self.consume {
+            Some(c) => Ok(Some(checked_amounts("consume", c, false)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Applies the outage policy to a decision.
+    fn apply_policy(&self, decision: Result<Lease, Error>) -> Result<Lease, Error> {
+        match decision {
+            Err(Error::Unavailable { message, source })
+                if self.limiter.policy(self.on_unavailable) == OnUnavailable::Allow =>
+            {
                 tracing::warn!(
                     entity_id = %self.entity_id,
                     resource = %self.resource,
@@ -673,58 +711,54 @@ impl Acquire {
         }
     }
 
-    async fn decide(&self, consume: Option<&[(String, i64)]>) -> Result<Lease, Error> {
-        let limiter = &self.limiter;
-        let now = limiter.now_ms();
-        let stored = limiter
-            .stored_config(&self.entity_id, &self.resource, now)
-            .await?;
-        let (limits, _source) = resolve(&stored, self.limits.as_ref(), self.fallback.as_ref())
+    /// The item for an entity's limits as resolved from `stored`.
+    fn item(
+        &self,
+        entity_id: &str,
+        stored: &StoredConfig,
+        consume: Option<&[(String, i64)]>,
+    ) -> Option<ItemRequest> {
+        let (limits, _source) = resolve(stored, self.limits.as_ref(), self.fallback.as_ref())?;
+        let amounts = limits
+            .iter()
+            .map(|l| match consume {
+                None => 1,
+                Some(c) => c
+                    .iter()
+                    .filter(|(n, _)| *n == l.name)
+                    .map(|(_, a)| *a as u64)
+                    .sum(),
+            })
+            .collect();
+        Some(ItemRequest {
+            entity_id: entity_id.to_string(),
+            resource: self.resource.clone(),
+            limits,
+            amounts,
+        })
+    }
+
+    /// The entity's own item, and the parent to charge too (if it cascades).
+    fn own_item<'s>(
+        &self,
+        stored: &'s StoredConfig,
+        consume: Option<&[(String, i64)]>,
+    ) -> Result<(ItemRequest, Option<&'s str>), Error> {
+        let item = self
+            .item(&self.entity_id, stored, consume)
             .ok_or_else(|| no_limits(&self.entity_id, &self.resource))?;
-        let amounts_for = |limits: &[Limit]| -> Vec<u64> {
-            limits
-                .iter()
-                .map(|l| match consume {
-                    None => 1,
-                    Some(c) => c
-                        .iter()
-                        .filter(|(n, _)| *n == l.name)
-                        .map(|(_, a)| *a as u64)
-                        .sum(),
-                })
-                .collect()
-        };
         let entity = stored.entity.as_ref();
         let cascade = self
             .cascade
             .unwrap_or_else(|| entity.is_some_and(|e| e.cascade));
-        let parent_id = entity
+        let parent = entity
             .and_then(|e| e.parent_id.as_deref())
             .filter(|_| cascade);
-        let mut items = Vec::with_capacity(1 + usize::from(parent_id.is_some()));
-        items.push(ItemRequest {
-            amounts: amounts_for(&limits),
-            limits,
-            entity_id: self.entity_id.clone(),
-            resource: self.resource.clone(),
-        });
-        if let Some(parent_id) = parent_id {
-            let parent = limiter
-                .stored_config(parent_id, &self.resource, now)
-                .await?;
-            if let Some((parent_limits, _)) =
-                resolve(&parent, self.limits.as_ref(), self.fallback.as_ref())
-            {
-                items.push(ItemRequest {
-                    amounts: amounts_for(&parent_limits),
-                    limits: parent_limits,
-                    entity_id: parent_id.to_string(),
-                    resource: self.resource.clone(),
-                });
-            }
-        }
-        let request = AcquireRequest { items, now_ms: now };
-        let outcome = limiter.inner.repo.acquire(&request).await?;
+        Ok((item, parent))
+    }
+
+    /// Turns the backend's answer into a lease or a rejection.
+    fn finish(&self, request: AcquireRequest, outcome: AcquireOutcome) -> Result<Lease, Error> {
         if !outcome.admitted {
             let rejection = RateLimitExceeded::new(statuses(&request.items, &outcome.checks))
                 .ok_or_else(|| {
@@ -746,7 +780,75 @@ impl Acquire {
             resource = %self.resource,
             "admitted"
         );
-        Ok(Lease::new(limiter, request.items, outcome.checks))
+        Ok(Lease::new(&self.limiter, request.items, outcome.checks))
+    }
+
+    async fn decide(&self, consume: Option<&[(String, i64)]>) -> Result<Lease, Error> {
+        let limiter = &self.limiter;
+        let now = limiter.now_ms();
+        let stored = limiter
+            .stored_config(&self.entity_id, &self.resource, now)
+            .await?;
+        let (item, parent) = self.own_item(&stored, consume)?;
+        let mut items = vec![item];
+        if let Some(parent_id) = parent {
+            let parent_stored = limiter
+                .stored_config(parent_id, &self.resource, now)
+                .await?;
+            items.extend(self.item(parent_id, &parent_stored, consume));
+        }
+        let request = AcquireRequest { items, now_ms: now };
+        let outcome = limiter.inner.repo.acquire(&request).await?;
+        self.finish(request, outcome)
+    }
+
+    /// [`Self::decide`] without waiting: `None` as soon as a step would wait for I/O.
+    fn decide_now(&self, consume: Option<&[(String, i64)]>) -> Option<Result<Lease, Error>> {
+        let limiter = &self.limiter;
+        let now = limiter.now_ms();
+        let stored = match limiter.stored_config_now(&self.entity_id, &self.resource, now)? {
+            Ok(stored) => stored,
+            Err(e) => return Some(Err(e)),
+        };
+        let (item, parent) = match self.own_item(&stored, consume) {
+            Ok(found) => found,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut items = vec![item];
+        if let Some(parent_id) = parent {
+            match limiter.stored_config_now(parent_id, &self.resource, now)? {
+                Ok(parent_stored) => items.extend(self.item(parent_id, &parent_stored, consume)),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        let request = AcquireRequest { items, now_ms: now };
+        Some(
+            limiter
+                .inner
+                .repo
+                .acquire_now(&request)?
+                .and_then(|outcome| self.finish(request, outcome)),
+        )
+    }
+
+    /// Decides at once when the backend can answer without I/O (the in-memory backend
+    /// always can), else hands the acquire back to be awaited. Lets a caller on a hot path
+    /// skip the boxed future; `.await` does the same internally.
+    pub fn try_now(self) -> Result<Result<Lease, Error>, Self> {
+        let consume = match self.validate() {
+            Ok(consume) => consume,
+            Err(e) => return Ok(Err(e)),
+        };
+        match self.decide_now(consume.as_deref()) {
+            Some(decision) => Ok(self.apply_policy(decision)),
+            None => Err(self),
+        }
+    }
+
+    async fn run(self) -> Result<Lease, Error> {
+        let consume = self.validate()?;
+        let decision = self.decide(consume.as_deref()).await;
+        self.apply_policy(decision)
     }
 }
 
@@ -755,7 +857,10 @@ impl IntoFuture for Acquire {
     type IntoFuture = BoxFuture<'static, Self::Output>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.run())
+        match self.try_now() {
+            Ok(decided) => Box::pin(std::future::ready(decided)),
+            Err(pending) => Box::pin(pending.run()),
+        }
     }
 }
 

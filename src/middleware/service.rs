@@ -134,30 +134,27 @@ where
         if let Some(policy) = config.on_unavailable {
             acquire = acquire.on_unavailable(policy);
         }
-        let mut acquire = acquire.into_future();
         // A backend that answers at once (in memory) is decided here, so the inner service is
-        // called directly; cloning it (an axum `Route` is a boxed service) would cost more
-        // than the whole acquire.
+        // called directly: no boxed future, and no clone of the inner service (an axum
+        // `Route` is a boxed service).
         let decided = {
             let _entered = span.enter();
-            acquire
-                .as_mut()
-                .poll(&mut Context::from_waker(std::task::Waker::noop()))
+            acquire.try_now()
         };
         match decided {
-            Poll::Ready(Ok(lease)) => {
+            Ok(Ok(lease)) => {
                 let mut req = req;
                 req.extensions_mut().insert(lease.handle());
                 let call = self.inner.call(req);
                 ResponseFuture::calling(config, call, lease, span)
             }
-            Poll::Ready(Err(e)) => ResponseFuture::failed(config, e, span),
-            Poll::Pending => {
+            Ok(Err(e)) => ResponseFuture::failed(config, e, span),
+            Err(pending) => {
                 // The inner service was made ready by `poll_ready`; take it and leave a
                 // clone, to be called once the acquire completes.
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::acquiring(config, acquire, req, inner, span)
+                ResponseFuture::acquiring(config, pending.into_future(), req, inner, span)
             }
         }
     }

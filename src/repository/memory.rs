@@ -292,7 +292,19 @@ impl Repository for InMemoryRepository {
     }
 
     async fn acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome, Error> {
-        self.acquire_now(request)
+        Ok(self.decide(request))
+    }
+
+    fn acquire_now(&self, request: &AcquireRequest) -> Option<Result<AcquireOutcome, Error>> {
+        Some(Ok(self.decide(request)))
+    }
+
+    fn load_config_now(
+        &self,
+        entity_id: &str,
+        resource: &str,
+    ) -> Option<Result<StoredConfig, Error>> {
+        Some(Ok(self.read_config(entity_id, resource)))
     }
 
     async fn adjust(&self, request: &AdjustRequest) -> Result<(), Error> {
@@ -386,12 +398,18 @@ impl Repository for InMemoryRepository {
     }
 
     async fn load_config(&self, entity_id: &str, resource: &str) -> Result<StoredConfig, Error> {
+        Ok(self.read_config(entity_id, resource))
+    }
+}
+
+impl InMemoryRepository {
+    fn read_config(&self, entity_id: &str, resource: &str) -> StoredConfig {
         let configs = read(&self.inner.configs);
         let entity_scope = |r: &str| ConfigScope::Entity {
             entity_id: entity_id.to_string(),
             resource: r.to_string(),
         };
-        Ok(StoredConfig {
+        StoredConfig {
             entity: read(&self.inner.entities).get(entity_id).cloned(),
             entity_limits: configs.get(&entity_scope(resource)).cloned(),
             entity_default_limits: if resource == DEFAULT_RESOURCE {
@@ -404,12 +422,10 @@ impl Repository for InMemoryRepository {
                 .cloned(),
             system_limits: configs.get(&ConfigScope::System).cloned(),
             on_unavailable: *read(&self.inner.on_unavailable),
-        })
+        }
     }
-}
 
-impl InMemoryRepository {
-    fn acquire_now(&self, request: &AcquireRequest) -> Result<AcquireOutcome, Error> {
+    fn decide(&self, request: &AcquireRequest) -> AcquireOutcome {
         let now = request.now_ms;
         self.inner.observe(now);
         let items = &request.items;
@@ -448,7 +464,7 @@ impl InMemoryRepository {
                 g.touch(now, self.inner.idle_ttl_multiplier);
             }
         }
-        Ok(AcquireOutcome { admitted, checks })
+        AcquireOutcome { admitted, checks }
     }
 
     fn adjust_now(&self, request: &AdjustRequest) {

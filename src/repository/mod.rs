@@ -158,6 +158,13 @@ pub trait Repository: Send + Sync + 'static {
     /// Consumes from every limit of every item, or from none; see the module docs.
     async fn acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome, Error>;
 
+    /// [`Self::acquire`] for a backend that can answer without waiting (an in-process
+    /// one): `Some` with the answer, or `None` (the default) to be awaited instead. Lets
+    /// the limiter decide without allocating a future.
+    fn acquire_now(&self, _request: &AcquireRequest) -> Option<Result<AcquireOutcome, Error>> {
+        None
+    }
+
     /// Applies signed deltas to one item (adjust, commit of adjustments, rollback).
     async fn adjust(&self, request: &AdjustRequest) -> Result<(), Error>;
 
@@ -194,6 +201,15 @@ pub trait Repository: Send + Sync + 'static {
 
     /// Reads the entity and the four config levels for an acquire, in one call.
     async fn load_config(&self, entity_id: &str, resource: &str) -> Result<StoredConfig, Error>;
+
+    /// [`Self::load_config`] without waiting, as [`Self::acquire_now`].
+    fn load_config_now(
+        &self,
+        _entity_id: &str,
+        _resource: &str,
+    ) -> Option<Result<StoredConfig, Error>> {
+        None
+    }
 }
 
 /// Brings a stored bucket in line with the limit now configured: refills it to `now_ms` under
