@@ -258,7 +258,13 @@ where
     }
     if config.headers_on_success && !lease.is_unlimited() {
         let (items, checks) = lease.parts();
-        admitted_headers(&mut parts.headers, items, checks, &config.naming);
+        admitted_headers(
+            &mut parts.headers,
+            items,
+            checks,
+            &config.naming,
+            &config.policy_cache,
+        );
     }
     Response::from_parts(parts, RateLimitBody::inner(body, Some(lease)))
 }

@@ -10,7 +10,7 @@ use http_body_util::Full;
 use tower_layer::Layer;
 
 use super::extract::{Extractor, SharedExtractor};
-use super::response::{PolicyNaming, Rejection};
+use super::response::{PolicyCache, PolicyNaming, Rejection};
 use super::service::RateLimit;
 use crate::limiter::{named_amounts, Amount};
 use crate::{Limit, OnUnavailable, RateLimiter};
@@ -33,6 +33,7 @@ pub(crate) struct Config<B> {
     pub(crate) rollback_on_server_error: bool,
     pub(crate) unavailable_retry_after: Duration,
     pub(crate) naming: PolicyNaming,
+    pub(crate) policy_cache: Arc<PolicyCache>,
     pub(crate) rejection: Option<RejectionFn>,
 }
 
@@ -53,6 +54,8 @@ impl<B> Clone for Config<B> {
             rollback_on_server_error: self.rollback_on_server_error,
             unavailable_retry_after: self.unavailable_retry_after,
             naming: self.naming.clone(),
+            // A changed configuration may name limits differently: start a new cache.
+            policy_cache: Arc::default(),
             rejection: self.rejection.clone(),
         }
     }
@@ -110,6 +113,7 @@ impl<B: 'static> RateLimitLayer<B> {
                 rollback_on_server_error: true,
                 unavailable_retry_after: Duration::from_secs(1),
                 naming: PolicyNaming::default(),
+                policy_cache: Arc::default(),
                 rejection: None,
             }),
         }

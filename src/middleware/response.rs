@@ -3,12 +3,14 @@
 //! lists per RFC 9651).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
+use parking_lot::Mutex;
 use sfv::{KeyRef, ListSerializer, StringRef};
 
 use crate::repository::{ItemRequest, LimitCheck};
@@ -139,19 +141,11 @@ pub(crate) fn ratelimit_headers<'a>(
 ) {
     let mut policy = ListSerializer::new();
     let mut current = ListSerializer::new();
-    let mut parent_name = String::new();
     for entry in entries {
         let limit = entry.limit;
         // Limit names are validated ASCII, so they are always valid strings.
-        let name = if entry.parent {
-            parent_name.clear();
-            parent_name.push_str("parent:");
-            parent_name.push_str(&limit.name);
-            parent_name.as_str()
-        } else {
-            limit.name.as_str()
-        };
-        let Ok(name) = StringRef::from_str(name) else {
+        let name = member_name(entry.parent, limit);
+        let Ok(name) = StringRef::from_str(&name) else {
             continue;
         };
         let mut p = policy
@@ -216,6 +210,75 @@ fn one_token_seconds(limit: &Limit) -> u64 {
     u64::try_from(ms.div_ceil(1000)).unwrap_or(u64::MAX)
 }
 
+/// `RateLimit-Policy` and the serialized member names for one set of limit lists: the same
+/// for every request that resolves to the same lists, so built once and reused.
+#[derive(Debug)]
+struct PolicyFields {
+    lists: Vec<Arc<[Limit]>>,
+    policy: HeaderValue,
+    /// Each member's name as a serialized structured-field string, in order.
+    names: Vec<String>,
+}
+
+/// The last [`PolicyFields`] built, reused while requests hit the same limit lists (the
+/// layer's own, or the same stored config): serializing the policy is most of the cost of
+/// the header fields.
+#[derive(Debug, Default)]
+pub(crate) struct PolicyCache {
+    last: Mutex<Option<Arc<PolicyFields>>>,
+}
+
+impl PolicyCache {
+    fn fields(&self, items: &[ItemRequest], naming: &PolicyNaming) -> Option<Arc<PolicyFields>> {
+        let same = |f: &PolicyFields| {
+            f.lists.len() == items.len()
+                && f.lists.iter().zip(items).all(|(l, i)| Arc::ptr_eq(l, &i.limits))
+        };
+        if let Some(hit) = self.last.lock().as_ref().filter(|f| same(f)) {
+            return Some(Arc::clone(hit));
+        }
+        let mut policy_only = HeaderMap::new();
+        let entries = items.iter().enumerate().flat_map(|(i, item)| {
+            item.limits.iter().map(move |limit| Entry {
+                parent: i > 0,
+                limit,
+                remaining: 0,
+                reset: None,
+            })
+        });
+        ratelimit_headers(&mut policy_only, entries, naming);
+        let policy = policy_only.remove(&RATELIMIT_POLICY)?;
+        let names = items
+            .iter()
+            .enumerate()
+            .flat_map(|(i, item)| item.limits.iter().map(move |l| (i > 0, l)))
+            .map(|(parent, limit)| {
+                let mut list = ListSerializer::new();
+                let name = member_name(parent, limit);
+                if let Ok(name) = StringRef::from_str(&name) {
+                    let _ = list.bare_item(name);
+                }
+                list.finish().unwrap_or_default()
+            })
+            .collect();
+        let fields = Arc::new(PolicyFields {
+            lists: items.iter().map(|i| Arc::clone(&i.limits)).collect(),
+            policy,
+            names,
+        });
+        *self.last.lock() = Some(Arc::clone(&fields));
+        Some(fields)
+    }
+}
+
+fn member_name(parent: bool, limit: &Limit) -> String {
+    if parent {
+        format!("parent:{}", limit.name)
+    } else {
+        limit.name.clone()
+    }
+}
+
 /// The fields for an admitted request: `r` is what is left after this request, `t` the
 /// seconds until one more token returns when none is left (else 0).
 pub(crate) fn admitted_headers(
@@ -223,32 +286,33 @@ pub(crate) fn admitted_headers(
     items: &[ItemRequest],
     checks: &[LimitCheck],
     naming: &PolicyNaming,
+    cache: &PolicyCache,
 ) {
-    let entries = items
-        .iter()
-        .enumerate()
-        .flat_map(|(i, item)| {
-            item.limits
-                .iter()
-                .zip(&item.amounts)
-                .map(move |(limit, amount)| (i > 0, limit, *amount))
-        })
-        .zip(checks)
-        .map(|((parent, limit, amount), check)| {
-            let left = i128::from(check.available) - i128::from(amount);
-            let remaining = u64::try_from(left.max(0)).unwrap_or(0);
-            Entry {
-                parent,
-                limit,
-                remaining,
-                reset: Some(if remaining > 0 {
-                    0
-                } else {
-                    one_token_seconds(limit)
-                }),
-            }
-        });
-    ratelimit_headers(headers, entries, naming);
+    let Some(fields) = cache.fields(items, naming) else {
+        return;
+    };
+    let limits = items.iter().flat_map(|item| item.limits.iter().zip(&item.amounts));
+    // The member names come serialized from the cache; the parameters are integers, whose
+    // structured-field form is plain decimal digits.
+    let mut current = String::with_capacity(32 * checks.len());
+    let mut digits = itoa::Buffer::new();
+    for ((name, (limit, amount)), check) in fields.names.iter().zip(limits).zip(checks) {
+        let left = i128::from(check.available) - i128::from(*amount);
+        let remaining = u64::try_from(left.max(0)).unwrap_or(0);
+        let reset = if remaining > 0 { 0 } else { one_token_seconds(limit) };
+        if !current.is_empty() {
+            current.push_str(", ");
+        }
+        current.push_str(name);
+        current.push_str(";r=");
+        current.push_str(digits.format(remaining.min(SF_INTEGER_MAX)));
+        current.push_str(";t=");
+        current.push_str(digits.format(reset.min(SF_INTEGER_MAX)));
+    }
+    headers.insert(RATELIMIT_POLICY.clone(), fields.policy.clone());
+    if let Some(value) = header_value(current) {
+        headers.insert(RATELIMIT.clone(), value);
+    }
 }
 
 #[cfg(test)]
@@ -332,7 +396,18 @@ mod tests {
             retry_after_ms: Some(0),
         };
         let checks = [check(1), check(100), check(20)];
-        admitted_headers(&mut h, &items, &checks, &PolicyNaming::default());
+        let cache = PolicyCache::default();
+        admitted_headers(&mut h, &items, &checks, &PolicyNaming::default(), &cache);
+        let policy = h[&RATELIMIT_POLICY].clone();
+        // Cached: the same lists give the same policy, new numbers.
+        let again = [check(5), check(3), check(1)];
+        let mut h2 = HeaderMap::new();
+        admitted_headers(&mut h2, &items, &again, &PolicyNaming::default(), &cache);
+        assert_eq!(h2[&RATELIMIT_POLICY], policy);
+        assert_eq!(
+            h2[&RATELIMIT],
+            r#""rpm";r=4;t=0, "rph";r=2;t=0, "parent:rpm";r=0;t=2"#
+        );
         assert_eq!(
             h[&RATELIMIT],
             r#""rpm";r=0;t=12, "rph";r=99;t=0, "parent:rpm";r=19;t=0"#
