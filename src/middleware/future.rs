@@ -23,14 +23,19 @@ pin_project! {
     where
         S: Service<Request<B>>,
     {
-        Rejected { rejection: Option<Rejection> },
-        Acquiring {
-            acquire: BoxFuture<'static, Result<Lease, Error>>,
-            request: Option<Request<B>>,
-            inner: Option<S>,
-        },
+        // The rare states are boxed so the future stays as small as the inner call's: it
+        // is moved on every request.
+        Rejected { rejection: Option<Box<Rejection>> },
+        Acquiring { pending: Option<Box<Pending<S, B>>> },
         Calling { #[pin] call: S::Future },
     }
+}
+
+/// An acquire still waiting on the backend, with what the inner call needs afterwards.
+struct Pending<S, B> {
+    acquire: BoxFuture<'static, Result<Lease, Error>>,
+    request: Request<B>,
+    inner: S,
 }
 
 pin_project! {
@@ -67,7 +72,7 @@ where
     pub(crate) fn rejected(config: Arc<Config<B>>, rejection: Rejection) -> Self {
         ResponseFuture {
             state: State::Rejected {
-                rejection: Some(rejection),
+                rejection: Some(Box::new(rejection)),
             },
             lease: None,
             config,
@@ -95,7 +100,7 @@ where
         let rejection = rejection_for(error, &config);
         ResponseFuture {
             state: State::Rejected {
-                rejection: Some(rejection),
+                rejection: Some(Box::new(rejection)),
             },
             lease: None,
             config,
@@ -112,9 +117,11 @@ where
     ) -> Self {
         ResponseFuture {
             state: State::Acquiring {
-                acquire,
-                request: Some(request),
-                inner: Some(inner),
+                pending: Some(Box::new(Pending {
+                    acquire,
+                    request,
+                    inner,
+                })),
             },
             lease: None,
             config,
@@ -191,25 +198,24 @@ where
                         .expect("ResponseFuture polled after completion");
                     return Poll::Ready(Ok(respond(this.config, &rejection)));
                 }
-                StateProj::Acquiring {
-                    acquire,
-                    request,
-                    inner,
-                } => {
-                    let lease = match ready!(acquire.as_mut().poll(cx)) {
+                StateProj::Acquiring { pending } => {
+                    let waiting = pending
+                        .as_mut()
+                        .expect("ResponseFuture polled after completion");
+                    let decided = ready!(waiting.acquire.as_mut().poll(cx));
+                    let Pending {
+                        mut request,
+                        mut inner,
+                        ..
+                    } = *pending.take().expect("checked above");
+                    let lease = match decided {
                         Ok(lease) => lease,
                         Err(e) => {
                             let rejection = rejection_for(e, this.config);
                             return Poll::Ready(Ok(respond(this.config, &rejection)));
                         }
                     };
-                    let mut request = request
-                        .take()
-                        .expect("ResponseFuture polled after completion");
                     request.extensions_mut().insert(lease.handle());
-                    let mut inner = inner
-                        .take()
-                        .expect("ResponseFuture polled after completion");
                     let call = inner.call(request);
                     *this.lease = Some(lease);
                     this.state.set(State::Calling { call });

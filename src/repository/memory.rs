@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dashmap::DashMap;
 use parking_lot::{Mutex, RawMutex};
+use smallvec::SmallVec;
 
 type ItemGuard = parking_lot::ArcMutexGuard<RawMutex, Item>;
 
@@ -220,7 +221,11 @@ impl Inner {
     }
 
     fn observe(&self, now_ms: i64) {
-        self.latest_now_ms.fetch_max(now_ms, Ordering::Relaxed);
+        // Read first: the value moves once a millisecond, and writing it on every call
+        // would bounce its cache line between cores.
+        if self.latest_now_ms.load(Ordering::Relaxed) < now_ms {
+            self.latest_now_ms.fetch_max(now_ms, Ordering::Relaxed);
+        }
     }
 
     fn evict_idle(&self) -> usize {
@@ -257,9 +262,9 @@ impl Inner {
 
     /// Locks the items for `keys` (entity, resource; already in lock order and distinct),
     /// retrying any that eviction removed between lookup and lock.
-    fn lock_items(&self, keys: &[(&str, &str)]) -> Vec<ItemGuard> {
+    fn lock_items(&self, keys: &[(&str, &str)]) -> SmallVec<[ItemGuard; 2]> {
         loop {
-            let guards: Vec<ItemGuard> = keys
+            let guards: SmallVec<[ItemGuard; 2]> = keys
                 .iter()
                 .map(|(e, r)| Mutex::lock_arc(&self.item(e, r)))
                 .collect();
@@ -430,11 +435,11 @@ impl InMemoryRepository {
         self.inner.observe(now);
         let items = &request.items;
         // Lock in key order so two cascades over the same pair cannot deadlock.
-        let mut order: Vec<usize> = (0..items.len()).collect();
+        let mut order: SmallVec<[usize; 2]> = (0..items.len()).collect();
         let key_of = |i: usize| (items[i].entity_id.as_str(), items[i].resource.as_str());
         order.sort_by(|a, b| key_of(*a).cmp(&key_of(*b)));
         order.dedup_by(|a, b| key_of(*a) == key_of(*b));
-        let keys: Vec<(&str, &str)> = order.iter().map(|i| key_of(*i)).collect();
+        let keys: SmallVec<[(&str, &str); 2]> = order.iter().map(|i| key_of(*i)).collect();
         let mut guards = self.inner.lock_items(&keys);
         let guard_of = |item: usize| {
             keys.iter()
@@ -444,7 +449,7 @@ impl InMemoryRepository {
 
         let total: usize = items.iter().map(|i| i.limits.len()).sum();
         let mut checks = Vec::with_capacity(total);
-        let mut updates: Vec<(usize, &str, BucketState)> = Vec::with_capacity(total);
+        let mut updates: SmallVec<[(usize, &str, BucketState); 4]> = SmallVec::new();
         let mut admitted = true;
         for (i, item) in items.iter().enumerate() {
             let g = guard_of(i);
