@@ -55,12 +55,18 @@ fn routers() -> [(&'static str, Router); 4] {
         ("no limiter", hello()),
         ("RateLimitLayer", hello().layer(zae(true))),
         ("RateLimitLayer, no headers", hello().layer(zae(false))),
-        ("tower_governor", hello().layer(GovernorLayer::new(Arc::new(governor)))),
+        (
+            "tower_governor",
+            hello().layer(GovernorLayer::new(Arc::new(governor))),
+        ),
     ]
 }
 
 fn benches(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let keys: Vec<String> = (0..100).map(|i| format!("key-{i}")).collect();
     let mut g = c.benchmark_group("layer");
     for (name, router) in routers() {

@@ -16,7 +16,7 @@ use crate::CacheStats;
 pub(crate) struct ConfigCache {
     ttl_ms: i64,
     ttl: Duration,
-    entries: DashMap<String, Entry>,
+    entries: DashMap<String, Entry, foldhash::fast::RandomState>,
     hits: AtomicU64,
     misses: AtomicU64,
     inserts: AtomicU64,
@@ -70,7 +70,7 @@ impl ConfigCache {
         ConfigCache {
             ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
             ttl,
-            entries: DashMap::new(),
+            entries: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             inserts: AtomicU64::new(0),

@@ -13,8 +13,7 @@ use crate::config_cache::ConfigCache;
 use crate::lease::Lease;
 use crate::naming;
 use crate::repository::{
-    AcquireOutcome, AcquireRequest, ConfigScope, ItemRequest, LimitCheck, Repository,
-    StoredConfig,
+    AcquireOutcome, AcquireRequest, ConfigScope, ItemRequest, LimitCheck, Repository, StoredConfig,
 };
 use crate::{
     limit, CacheStats, ConfigSource, Entity, Error, Limit, LimitStatus, OnUnavailable,
@@ -207,6 +206,7 @@ impl RateLimiter {
             resource: resource.into(),
             limits: None,
             fallback: None,
+            lists_checked: false,
             consume: None,
             cascade: None,
             on_unavailable: None,
@@ -233,7 +233,11 @@ impl RateLimiter {
         // Read the version before the config, so a write racing the read leaves the entry
         // stale rather than wrongly fresh.
         let version = self.inner.repo.config_version();
-        if let Some(hit) = self.inner.cache.lookup(entity_id, resource, now_ms, version) {
+        if let Some(hit) = self
+            .inner
+            .cache
+            .lookup(entity_id, resource, now_ms, version)
+        {
             self.inner.cache.count(true);
             return Ok(hit);
         }
@@ -250,7 +254,11 @@ impl RateLimiter {
         now_ms: i64,
     ) -> Option<Result<Arc<StoredConfig>, Error>> {
         let version = self.inner.repo.config_version();
-        if let Some(hit) = self.inner.cache.lookup(entity_id, resource, now_ms, version) {
+        if let Some(hit) = self
+            .inner
+            .cache
+            .lookup(entity_id, resource, now_ms, version)
+        {
             self.inner.cache.count(true);
             return Some(Ok(hit));
         }
@@ -611,6 +619,8 @@ pub struct Acquire {
     resource: String,
     limits: Option<Arc<[Limit]>>,
     fallback: Option<Arc<[Limit]>>,
+    /// The limit lists were validated by whoever built them (the HTTP layer, once).
+    lists_checked: bool,
     consume: Option<Vec<(String, i128)>>,
     cascade: Option<bool>,
     on_unavailable: Option<OnUnavailable>,
@@ -641,6 +651,12 @@ impl Acquire {
         self
     }
 
+    /// Marks the limit lists as validated already (by a caller that checked them once).
+    pub(crate) fn lists_checked(mut self) -> Self {
+        self.lists_checked = true;
+        self
+    }
+
     /// The amount to take from each limit by name; limits not named take 0, names that
     /// match no limit are ignored. Default: 1 from every limit.
     pub fn consume<K: Into<String>, N: Amount>(
@@ -667,11 +683,13 @@ impl Acquire {
     fn validate(&self) -> Result<Option<Vec<(String, i64)>>, Error> {
         naming::validate_entity_id(&self.entity_id)?;
         naming::validate_resource(&self.resource)?;
-        if let Some(l) = &self.limits {
-            limit::validate_all(l)?;
-        }
-        if let Some(l) = &self.fallback {
-            limit::validate_all(l)?;
+        if !self.lists_checked {
+            if let Some(l) = &self.limits {
+                limit::validate_all(l)?;
+            }
+            if let Some(l) = &self.fallback {
+                limit::validate_all(l)?;
+            }
         }
         match &self.consume {
             Some(c) => Ok(Some(checked_amounts("consume", c, false)?)),

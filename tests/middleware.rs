@@ -473,6 +473,14 @@ async fn fallback_entity_and_misconfiguration() {
         send(&unconfigured, get_req("/", Some("k2"))).await.status(),
         StatusCode::OK
     );
+    // Invalid limits given to the layer: every request gets 500 (found once, at build).
+    let invalid = Router::new().route("/", get(|| async { "ok" })).layer(
+        RateLimitLayer::new(l.clone())
+            .entity(extract::header("x-api-key"))
+            .limits([Limit::per_minute("bad#name", 1)]),
+    );
+    let resp = send(&invalid, get_req("/", Some("k"))).await;
+    assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
     let no_entity = Router::new()
         .route("/", get(|| async { "ok" }))
         .layer(RateLimitLayer::new(l).limits([Limit::per_minute("rpm", 1)]));

@@ -26,6 +26,9 @@ pub(crate) struct Config<B> {
     pub(crate) limits: Option<Arc<[Limit]>>,
     pub(crate) fallback_limits: Option<Arc<[Limit]>>,
     pub(crate) route_limits: HashMap<String, Arc<[Limit]>>,
+    /// Why a limit list given to the layer is invalid, if one is: every request then gets
+    /// a 500 naming it (checked once here, so requests need not check again).
+    pub(crate) invalid_limits: Option<String>,
     pub(crate) consume: Option<Estimator<B>>,
     pub(crate) cascade: Option<bool>,
     pub(crate) on_unavailable: Option<OnUnavailable>,
@@ -47,6 +50,7 @@ impl<B> Clone for Config<B> {
             limits: self.limits.clone(),
             fallback_limits: self.fallback_limits.clone(),
             route_limits: self.route_limits.clone(),
+            invalid_limits: self.invalid_limits.clone(),
             consume: self.consume.clone(),
             cascade: self.cascade,
             on_unavailable: self.on_unavailable,
@@ -106,6 +110,7 @@ impl<B: 'static> RateLimitLayer<B> {
                 limits: None,
                 fallback_limits: None,
                 route_limits: HashMap::new(),
+                invalid_limits: None,
                 consume: None,
                 cascade: None,
                 on_unavailable: None,
@@ -121,6 +126,18 @@ impl<B: 'static> RateLimitLayer<B> {
 
     fn config_mut(&mut self) -> &mut Config<B> {
         Arc::make_mut(&mut self.config)
+    }
+
+    /// Validates a limit list given to the layer, once.
+    fn checked(&mut self, limits: impl IntoIterator<Item = Limit>) -> Arc<[Limit]> {
+        let limits: Arc<[Limit]> = limits.into_iter().collect();
+        if let Err(e) = crate::limit::validate_all(&limits) {
+            tracing::error!(error = %e, "RateLimitLayer was given invalid limits; requests get 500");
+            self.config_mut()
+                .invalid_limits
+                .get_or_insert(e.to_string());
+        }
+        limits
     }
 
     /// How to find the entity (e.g. `extract::header("x-api-key")`). A request without it
@@ -145,13 +162,15 @@ impl<B: 'static> RateLimitLayer<B> {
 
     /// Enforce exactly these limits, whatever is stored.
     pub fn limits(mut self, limits: impl IntoIterator<Item = Limit>) -> Self {
-        self.config_mut().limits = Some(limits.into_iter().collect());
+        let limits = self.checked(limits);
+        self.config_mut().limits = Some(limits);
         self
     }
 
     /// Enforce these limits where nothing is stored for the entity, resource or system.
     pub fn fallback_limits(mut self, limits: impl IntoIterator<Item = Limit>) -> Self {
-        self.config_mut().fallback_limits = Some(limits.into_iter().collect());
+        let limits = self.checked(limits);
+        self.config_mut().fallback_limits = Some(limits);
         self
     }
 
@@ -162,9 +181,8 @@ impl<B: 'static> RateLimitLayer<B> {
         route: impl Into<String>,
         limits: impl IntoIterator<Item = Limit>,
     ) -> Self {
-        self.config_mut()
-            .route_limits
-            .insert(route.into(), limits.into_iter().collect());
+        let limits = self.checked(limits);
+        self.config_mut().route_limits.insert(route.into(), limits);
         self
     }
 

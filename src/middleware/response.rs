@@ -232,7 +232,10 @@ impl PolicyCache {
     fn fields(&self, items: &[ItemRequest], naming: &PolicyNaming) -> Option<Arc<PolicyFields>> {
         let same = |f: &PolicyFields| {
             f.lists.len() == items.len()
-                && f.lists.iter().zip(items).all(|(l, i)| Arc::ptr_eq(l, &i.limits))
+                && f.lists
+                    .iter()
+                    .zip(items)
+                    .all(|(l, i)| Arc::ptr_eq(l, &i.limits))
         };
         if let Some(hit) = self.last.lock().as_ref().filter(|f| same(f)) {
             return Some(Arc::clone(hit));
@@ -291,7 +294,9 @@ pub(crate) fn admitted_headers(
     let Some(fields) = cache.fields(items, naming) else {
         return;
     };
-    let limits = items.iter().flat_map(|item| item.limits.iter().zip(&item.amounts));
+    let limits = items
+        .iter()
+        .flat_map(|item| item.limits.iter().zip(&item.amounts));
     // The member names come serialized from the cache; the parameters are integers, whose
     // structured-field form is plain decimal digits.
     let mut current = String::with_capacity(32 * checks.len());
@@ -299,7 +304,11 @@ pub(crate) fn admitted_headers(
     for ((name, (limit, amount)), check) in fields.names.iter().zip(limits).zip(checks) {
         let left = i128::from(check.available) - i128::from(*amount);
         let remaining = u64::try_from(left.max(0)).unwrap_or(0);
-        let reset = if remaining > 0 { 0 } else { one_token_seconds(limit) };
+        let reset = if remaining > 0 {
+            0
+        } else {
+            one_token_seconds(limit)
+        };
         if !current.is_empty() {
             current.push_str(", ");
         }

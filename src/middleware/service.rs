@@ -75,6 +75,10 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let config = Arc::clone(&self.config);
+        if let Some(reason) = &config.invalid_limits {
+            let e = Error::validation("limits", "", reason.clone());
+            return ResponseFuture::rejected(config, Rejection::Misconfigured(e));
+        }
         let entity = config
             .entity
             .as_ref()
@@ -113,7 +117,7 @@ where
             return ResponseFuture::rejected(config, Rejection::Misconfigured(e));
         };
         let span = tracing::debug_span!("rate_limit", entity_id = %entity, resource = %resource);
-        let mut acquire = config.limiter.acquire(entity, resource);
+        let mut acquire = config.limiter.acquire(entity, resource).lists_checked();
         let route_limits = if config.route_limits.is_empty() {
             None
         } else {

@@ -41,7 +41,7 @@ pub struct InMemoryRepository {
 
 #[derive(Debug)]
 struct Inner {
-    buckets: DashMap<String, Arc<Mutex<Item>>>,
+    buckets: DashMap<String, Arc<Mutex<Item>>, foldhash::fast::RandomState>,
     entities: RwLock<HashMap<String, Entity>>,
     configs: RwLock<HashMap<ConfigScope, Arc<[Limit]>>>,
     /// Moves on every entity or config write (see [`Repository::config_version`]).
@@ -80,7 +80,12 @@ impl Item {
         let mut keep_ms: u64 = 0;
         for (_, s) in &self.buckets {
             let fill = fill_time_ms(s).saturating_mul(u64::from(multiplier));
-            keep_ms = keep_ms.max(fill).max(bucket::time_until_full(s, now_ms));
+            keep_ms = keep_ms.max(fill);
+            // From zero or more tokens a bucket is full within one time to fill; only a
+            // bucket in debt needs longer.
+            if s.tokens_milli < 0 {
+                keep_ms = keep_ms.max(bucket::time_until_full(s, now_ms));
+            }
         }
         self.evict_at_ms = now_ms.saturating_add(i64::try_from(keep_ms).unwrap_or(i64::MAX));
     }
@@ -89,6 +94,17 @@ impl Item {
 fn fill_time_ms(s: &BucketState) -> u64 {
     if s.refill_amount_milli <= 0 {
         return u64::MAX;
+    }
+    let (Ok(capacity), Ok(period), Ok(amount)) = (
+        u64::try_from(s.capacity_milli),
+        u64::try_from(s.refill_period_ms),
+        u64::try_from(s.refill_amount_milli),
+    ) else {
+        return u64::MAX;
+    };
+    // 64-bit division when the product fits, which it does for any realistic limit.
+    if let Some(product) = capacity.checked_mul(period) {
+        return product.div_ceil(amount);
     }
     let ms = i128::from(s.capacity_milli) * i128::from(s.refill_period_ms);
     u64::try_from((ms + i128::from(s.refill_amount_milli) - 1) / i128::from(s.refill_amount_milli))
@@ -146,7 +162,11 @@ impl InMemoryRepositoryBuilder {
     /// Builds the repository (and starts its sweeper thread, if any).
     pub fn build(self) -> InMemoryRepository {
         let inner = Arc::new(Inner {
-            buckets: DashMap::with_shard_amount(64),
+            // foldhash: fast, and seeded per process, so keys cannot be chosen to collide.
+            buckets: DashMap::with_hasher_and_shard_amount(
+                foldhash::fast::RandomState::default(),
+                64,
+            ),
             entities: RwLock::default(),
             configs: RwLock::default(),
             version: AtomicU64::new(0),
