@@ -38,6 +38,8 @@ impl KeyExtractor for ApiKey {
 
 fn routers() -> [(&'static str, Router); 4] {
     let hello = || Router::new().route("/", get(|| async { "Hello, world!" }));
+    // As `axum::serve` does: turn handlers into services once, not on every call.
+    let ready = |router: Router| router.with_state::<()>(());
     let zae = |headers: bool| {
         RateLimitLayer::new(RateLimiter::new(InMemoryRepository::new()))
             .entity(extract::header("x-api-key"))
