@@ -85,10 +85,90 @@ fn benches(c: &mut Criterion) {
     g.finish();
 }
 
+/// Resident memory of this process, in bytes (Linux).
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// Memory under many distinct keys: a million one-off keys through each limiter, then
+/// idle eviction (zae, by its idle TTL; governor, by `retain_recent`).
+fn memory(keys: usize) {
+    use std::time::Duration;
+    use zae_limiter::clock::ManualClock;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let limits = [Limit::per_second("rps", 10)];
+    let repo = InMemoryRepository::builder().sweep_interval(None).build();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let limiter = RateLimiter::builder(repo.clone())
+        .clock(clock.clone())
+        .build();
+    let before = rss_bytes();
+    rt.block_on(async {
+        for i in 0..keys {
+            let lease = limiter
+                .acquire(format!("ip-{i}"), "api")
+                .limits(limits.clone())
+                .await
+                .unwrap();
+            lease.commit().await.unwrap();
+        }
+    });
+    let full = rss_bytes();
+    let held = repo.len();
+    clock.advance(Duration::from_secs(8));
+    rt.block_on(async {
+        limiter
+            .acquire("tick", "api")
+            .limits(limits.clone())
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+    });
+    let evicted = repo.evict_idle();
+    let zae_per_key = full.saturating_sub(before) as f64 / keys as f64;
+
+    let governor = Governor::keyed(Quota::per_second(NonZeroU32::new(10).unwrap()));
+    let before = rss_bytes();
+    for i in 0..keys {
+        let _ = governor.check_key(&format!("ip-{i}"));
+    }
+    let gov_full = rss_bytes();
+    let gov_per_key = gov_full.saturating_sub(before) as f64 / keys as f64;
+    println!("\n== memory under {keys} distinct keys ==");
+    println!(
+        "zae in-memory: {held} items, {:.0} bytes/key resident; {evicted} evicted once idle 7 x time to fill, {} left",
+        zae_per_key,
+        repo.len()
+    );
+    println!(
+        "governor keyed: {:.0} bytes/key resident (until retain_recent)",
+        gov_per_key
+    );
+    println!(
+        "ratio zae / governor bytes per key: {:.2}",
+        zae_per_key / gov_per_key.max(1.0)
+    );
+}
+
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     benches(&mut c);
     c.final_summary();
+    // `cargo test --benches` runs in test mode: keep that quick.
+    let quick = std::env::args().any(|a| a == "--test");
+    memory(if quick { 10_000 } else { 1_000_000 });
     support::report(
         "in-memory limiter vs governor (keyed)",
         &[

@@ -3,7 +3,7 @@
 //! Misses are cached too (an entity with no stored limits costs one read per TTL, not one per
 //! request), but a failed read is never cached: an outage must not turn into "no limits".
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,8 @@ pub(crate) struct ConfigCache {
     entries: DashMap<String, Entry, foldhash::fast::RandomState>,
     hits: AtomicU64,
     misses: AtomicU64,
-    inserts: AtomicU64,
+    /// When the next sweep of expired entries is due, epoch milliseconds.
+    next_sweep_ms: AtomicI64,
 }
 
 #[derive(Debug)]
@@ -31,11 +32,11 @@ struct Entry {
 }
 
 impl Entry {
+    /// Fresh until the TTL runs out, and for a backend that reports a version, only while
+    /// the version has not moved. (The TTL applies either way, so idle keys' entries are
+    /// swept and the cache stays bounded by the keys seen within one TTL.)
     fn fresh(&self, now_ms: i64, version: Option<u64>) -> bool {
-        match version {
-            Some(v) => self.version == Some(v),
-            None => self.expires_at_ms > now_ms,
-        }
+        self.expires_at_ms > now_ms && (version.is_none() || self.version == version)
     }
 }
 
@@ -57,10 +58,6 @@ fn with_key<T>(entity_id: &str, resource: &str, f: impl FnOnce(&str) -> T) -> T 
     })
 }
 
-/// Every this many inserts, expired entries are swept so the cache stays bounded by the
-/// number of keys seen within one TTL.
-const SWEEP_EVERY: u64 = 4096;
-
 fn key(entity_id: &str, resource: &str) -> String {
     format!("{entity_id}#{resource}")
 }
@@ -73,7 +70,7 @@ impl ConfigCache {
             entries: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
-            inserts: AtomicU64::new(0),
+            next_sweep_ms: AtomicI64::new(i64::MIN),
         }
     }
 
@@ -130,7 +127,20 @@ impl ConfigCache {
                     version,
                 },
             );
-            if self.inserts.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            // Sweep expired entries once per TTL: the cache stays bounded by the keys seen
+            // within two TTLs, at a cost linear in its size once per TTL.
+            let due = self.next_sweep_ms.load(Ordering::Relaxed);
+            if now_ms >= due
+                && self
+                    .next_sweep_ms
+                    .compare_exchange(
+                        due,
+                        now_ms.saturating_add(self.ttl_ms),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok()
+            {
                 self.entries.retain(|_, e| e.fresh(now_ms, version));
             }
         }

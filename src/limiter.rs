@@ -275,7 +275,14 @@ impl RateLimiter {
         now_ms: i64,
         version: Option<u64>,
     ) -> Arc<StoredConfig> {
-        let config = Arc::new(config);
+        // Most keys have nothing stored: share one empty config rather than hold a copy
+        // per key.
+        static EMPTY: std::sync::OnceLock<Arc<StoredConfig>> = std::sync::OnceLock::new();
+        let config = if config == StoredConfig::default() {
+            Arc::clone(EMPTY.get_or_init(Arc::default))
+        } else {
+            Arc::new(config)
+        };
         let code = match config.on_unavailable {
             None => 0,
             Some(OnUnavailable::Allow) => 1,

@@ -140,3 +140,31 @@ async fn background_sweeper_evicts() {
     }
     panic!("sweeper did not evict: {} items left", repo.len());
 }
+
+#[tokio::test]
+async fn config_cache_stays_bounded_under_key_churn() {
+    let (limiter, clock) = suite::limiter(Arc::new(InMemoryRepository::new()));
+    let limits = [Limit::per_second("rps", 10)];
+    for i in 0..5_000 {
+        limiter
+            .acquire(format!("k{i}"), "api")
+            .limits(limits.clone())
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+    }
+    assert_eq!(limiter.cache_stats().size, 5_000);
+    // One TTL later the next insert sweeps what expired.
+    clock.advance(Duration::from_secs(61));
+    limiter
+        .acquire("fresh", "api")
+        .limits(limits)
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    assert_eq!(limiter.cache_stats().size, 1);
+}

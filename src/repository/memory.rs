@@ -55,7 +55,8 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct Item {
-    buckets: Vec<(String, BucketState)>,
+    /// Per limit name; sized exactly, since millions of these may be held.
+    buckets: Vec<(Box<str>, BucketState)>,
     /// When the item may be evicted, epoch milliseconds.
     evict_at_ms: i64,
     /// Set by eviction; a writer that finds it set looks the item up again.
@@ -64,13 +65,19 @@ struct Item {
 
 impl Item {
     fn get(&self, name: &str) -> Option<&BucketState> {
-        self.buckets.iter().find(|(n, _)| n == name).map(|(_, s)| s)
+        self.buckets
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .map(|(_, s)| s)
     }
 
     fn put(&mut self, name: &str, state: BucketState) {
-        match self.buckets.iter_mut().find(|(n, _)| n == name) {
+        match self.buckets.iter_mut().find(|(n, _)| &**n == name) {
             Some((_, s)) => *s = state,
-            None => self.buckets.push((name.to_string(), state)),
+            None => {
+                self.buckets.reserve_exact(1);
+                self.buckets.push((name.into(), state));
+            }
         }
     }
 
@@ -349,7 +356,11 @@ impl Repository for InMemoryRepository {
             return Ok(BTreeMap::new());
         };
         let guard = item.lock();
-        Ok(guard.buckets.iter().cloned().collect())
+        Ok(guard
+            .buckets
+            .iter()
+            .map(|(name, state)| (name.to_string(), *state))
+            .collect())
     }
 
     async fn create_entity(&self, entity: &Entity) -> Result<(), Error> {
