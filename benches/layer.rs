@@ -54,12 +54,12 @@ fn routers() -> [(&'static str, Router); 4] {
         .finish()
         .unwrap();
     [
-        ("no limiter", hello()),
-        ("RateLimitLayer", hello().layer(zae(true))),
-        ("RateLimitLayer, no headers", hello().layer(zae(false))),
+        ("no limiter", ready(hello())),
+        ("RateLimitLayer", ready(hello().layer(zae(true)))),
+        ("RateLimitLayer, no headers", ready(hello().layer(zae(false)))),
         (
             "tower_governor",
-            hello().layer(GovernorLayer::new(Arc::new(governor))),
+            ready(hello().layer(GovernorLayer::new(Arc::new(governor)))),
         ),
     ]
 }
