@@ -56,7 +56,10 @@ fn routers() -> [(&'static str, Router); 4] {
     [
         ("no limiter", ready(hello())),
         ("RateLimitLayer", ready(hello().layer(zae(true)))),
-        ("RateLimitLayer, no headers", ready(hello().layer(zae(false)))),
+        (
+            "RateLimitLayer, no headers",
+            ready(hello().layer(zae(false))),
+        ),
         (
             "tower_governor",
             ready(hello().layer(GovernorLayer::new(Arc::new(governor)))),

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 
+use crate::keys;
 use crate::repository::StoredConfig;
 use crate::CacheStats;
 
@@ -38,28 +39,6 @@ impl Entry {
     fn fresh(&self, now_ms: i64, version: Option<u64>) -> bool {
         self.expires_at_ms > now_ms && (version.is_none() || self.version == version)
     }
-}
-
-thread_local! {
-    static KEY_BUFFER: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
-}
-
-/// Runs `f` with the cache key built in a reused buffer (lookups allocate nothing).
-fn with_key<T>(entity_id: &str, resource: &str, f: impl FnOnce(&str) -> T) -> T {
-    KEY_BUFFER.with(|buffer| match buffer.try_borrow_mut() {
-        Ok(mut k) => {
-            k.clear();
-            k.push_str(entity_id);
-            k.push('#');
-            k.push_str(resource);
-            f(&k)
-        }
-        Err(_) => f(&key(entity_id, resource)),
-    })
-}
-
-fn key(entity_id: &str, resource: &str) -> String {
-    format!("{entity_id}#{resource}")
 }
 
 impl ConfigCache {
@@ -94,7 +73,7 @@ impl ConfigCache {
         version: Option<u64>,
     ) -> Option<Arc<StoredConfig>> {
         if self.enabled() {
-            let hit = with_key(entity_id, resource, |key| {
+            let hit = keys::with_entity_resource(entity_id, resource, |key| {
                 let found = self
                     .entries
                     .get(key)
@@ -120,7 +99,7 @@ impl ConfigCache {
     ) {
         if self.enabled() {
             self.entries.insert(
-                key(entity_id, resource),
+                keys::entity_resource(entity_id, resource),
                 Entry {
                     config,
                     expires_at_ms: now_ms.saturating_add(self.ttl_ms),

@@ -49,6 +49,7 @@ pub mod bucket;
 pub mod clock;
 mod config_cache;
 pub mod error;
+mod keys;
 mod lease;
 pub mod limit;
 mod limiter;

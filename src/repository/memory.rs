@@ -1,6 +1,5 @@
 //! [`InMemoryRepository`]: the embedded backend, for a single process.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
@@ -18,6 +17,7 @@ use super::{
     Repository, StoredConfig,
 };
 use crate::bucket::{self, BucketState};
+use crate::keys;
 use crate::naming::DEFAULT_RESOURCE;
 use crate::{BackendCapabilities, Entity, Error, Limit, OnUnavailable};
 
@@ -116,33 +116,6 @@ fn fill_time_ms(s: &BucketState) -> u64 {
     let ms = i128::from(s.capacity_milli) * i128::from(s.refill_period_ms);
     u64::try_from((ms + i128::from(s.refill_amount_milli) - 1) / i128::from(s.refill_amount_milli))
         .unwrap_or(u64::MAX)
-}
-
-fn bucket_key(entity_id: &str, resource: &str) -> String {
-    let mut key = String::with_capacity(entity_id.len() + resource.len() + 1);
-    key.push_str(entity_id);
-    key.push('#');
-    key.push_str(resource);
-    key
-}
-
-thread_local! {
-    static KEY_BUFFER: RefCell<String> = const { RefCell::new(String::new()) };
-}
-
-/// Runs `f` with the bucket key of an entity and resource built in a reused buffer, so a
-/// lookup of an existing item allocates nothing.
-fn with_key<T>(entity_id: &str, resource: &str, f: impl FnOnce(&str) -> T) -> T {
-    KEY_BUFFER.with(|buffer| match buffer.try_borrow_mut() {
-        Ok(mut key) => {
-            key.clear();
-            key.push_str(entity_id);
-            key.push('#');
-            key.push_str(resource);
-            f(&key)
-        }
-        Err(_) => f(&bucket_key(entity_id, resource)),
-    })
 }
 
 /// Builder for [`InMemoryRepository`].
@@ -274,14 +247,14 @@ impl Inner {
     }
 
     fn item(&self, entity_id: &str, resource: &str) -> Arc<Mutex<Item>> {
-        let found = with_key(entity_id, resource, |key| {
+        let found = keys::with_entity_resource(entity_id, resource, |key| {
             self.buckets.get(key).map(|item| Arc::clone(&item))
         });
         found.unwrap_or_else(|| {
             Arc::clone(
                 &self
                     .buckets
-                    .entry(bucket_key(entity_id, resource))
+                    .entry(keys::entity_resource(entity_id, resource))
                     .or_default(),
             )
         })
@@ -349,7 +322,7 @@ impl Repository for InMemoryRepository {
         entity_id: &str,
         resource: &str,
     ) -> Result<BTreeMap<String, BucketState>, Error> {
-        let item = with_key(entity_id, resource, |key| {
+        let item = keys::with_entity_resource(entity_id, resource, |key| {
             self.inner.buckets.get(key).map(|i| Arc::clone(&i))
         });
         let Some(item) = item else {
@@ -385,7 +358,7 @@ impl Repository for InMemoryRepository {
             |scope, _| !matches!(scope, ConfigScope::Entity { entity_id: e, .. } if e == entity_id),
         );
         // Never block on an item lock while holding a map shard: collect, remove, then mark.
-        let prefix = bucket_key(entity_id, "");
+        let prefix = keys::entity_resource(entity_id, "");
         let keys: Vec<String> = self
             .inner
             .buckets
