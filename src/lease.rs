@@ -116,28 +116,37 @@ impl LeaseShared {
         if state.closed {
             return Err(Error::LeaseClosed);
         }
-        // Check first, apply after: a refused adjust changes nothing.
+        // Compute every new total first and apply after, so a refused adjust changes
+        // nothing (a name given twice counts twice).
+        let mut next = state.pending.clone();
         for (name, delta) in &deltas {
             for (_, l, k) in self.slots() {
-                let total = i128::from(state.written[k])
-                    + i128::from(state.pending[k])
-                    + i128::from(*delta);
-                if &l.name == name && total < 0 {
+                if &l.name != name {
+                    continue;
+                }
+                let pending = i128::from(next[k]) + i128::from(*delta);
+                let total = i128::from(state.written[k]) + pending;
+                if total < 0 {
                     return Err(Error::validation(
                         format!("adjust.{name}"),
                         delta.to_string(),
                         "would refund more than the lease consumed",
                     ));
                 }
-            }
-        }
-        for (name, delta) in &deltas {
-            for (_, l, k) in self.slots() {
-                if &l.name == name {
-                    state.pending[k] += delta;
+                if total > i128::from(crate::limit::MAX_TOKENS) {
+                    return Err(Error::validation(
+                        format!("adjust.{name}"),
+                        delta.to_string(),
+                        format!(
+                            "would make the lease hold more than {} tokens",
+                            crate::limit::MAX_TOKENS
+                        ),
+                    ));
                 }
+                next[k] = pending as i64;
             }
         }
+        state.pending = next;
         Ok(())
     }
 
@@ -162,8 +171,10 @@ impl LeaseShared {
         self.limiter.inner.repo.adjust(&request).await
     }
 
-    /// Closes the lease at once if nothing is pending; `None` if there is a write to do.
+    /// Closes the lease at once if nothing is pending and no commit or rollback is under
+    /// way; `None` if there is a write to do or to wait for.
     fn try_close_without_write(&self) -> Option<Result<(), Error>> {
+        let _writing = self.writes.try_lock().ok()?;
         let mut state = self.state.lock();
         if state.closed {
             return Some(Err(Error::LeaseClosed));

@@ -751,8 +751,7 @@ impl Acquire {
                 Some(c) => c
                     .iter()
                     .filter(|(n, _)| *n == l.name)
-                    .map(|(_, a)| *a as u64)
-                    .sum(),
+                    .fold(0u64, |sum, (_, a)| sum.saturating_add(*a as u64)),
             })
             .collect();
         Some(ItemRequest {

@@ -276,6 +276,34 @@ pub async fn negative_adjust_refunds_but_not_below_zero(repo: Arc<dyn Repository
     assert_eq!(states["tpm"].total_consumed_milli, 30_000);
 }
 
+pub async fn adjust_is_checked_as_a_whole(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    let lease = l
+        .acquire("u1", "api")
+        .limits([tpm(100)])
+        .consume([("tpm", 10)])
+        .await
+        .unwrap();
+    // Each half alone would be fine; together they refund more than was consumed.
+    let err = lease.adjust([("tpm", -6), ("tpm", -6)]).await.unwrap_err();
+    assert!(matches!(err, Error::Validation { .. }), "{err:?}");
+    assert_eq!(
+        lease.consumed()["tpm"],
+        10,
+        "a refused adjust changes nothing"
+    );
+    // Piling up adjustments is bounded, never an overflow.
+    let huge = zae_limiter::limit::MAX_TOKENS as i64;
+    lease.adjust([("tpm", huge - 10)]).await.unwrap();
+    let err = lease.adjust([("tpm", 1)]).await.unwrap_err();
+    assert!(matches!(err, Error::Validation { .. }), "{err:?}");
+    lease.rollback().await.unwrap();
+    assert_eq!(
+        l.available("u1", "api", Some(&[tpm(100)])).await.unwrap()["tpm"],
+        100
+    );
+}
+
 pub async fn rollback_returns_everything(repo: Arc<dyn Repository>) {
     let (l, _) = limiter(repo);
     let lease = l
@@ -877,6 +905,7 @@ macro_rules! limiter_suite {
             invalid_input_is_a_typed_error,
             adjust_may_go_into_debt,
             negative_adjust_refunds_but_not_below_zero,
+            adjust_is_checked_as_a_whole,
             rollback_returns_everything,
             committed_adjustments_are_rolled_back_too,
             dropped_lease_rolls_back,
