@@ -288,7 +288,7 @@ async fn a_streaming_body_settles_at_its_end() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_dropped_midway_rolls_back() {
+async fn a_stream_dropped_midway_commits_what_was_used() {
     let l = limiter();
     let app = streaming_app(&l);
     let resp = app
@@ -298,8 +298,24 @@ async fn a_stream_dropped_midway_rolls_back() {
         .unwrap();
     let mut body = resp.into_body();
     body.frame().await.unwrap().unwrap();
+    // The client goes away after one chunk: the response was produced and one chunk's
+    // extra 50 tokens were used, so the lease commits them.
     drop(body);
-    assert_eq!(rpm_left(&l, "k", "llm", tpm()), 1_000);
+    assert_eq!(rpm_left(&l, "k", "llm", tpm()), 850);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_requests_are_charged() {
+    let l = limiter();
+    let app = hello_app(&l);
+    let head = Request::head("/hello")
+        .header("x-api-key", "h")
+        .body(Body::empty())
+        .unwrap();
+    let resp = app.clone().oneshot(head).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    drop(resp);
+    assert_eq!(rpm_left(&l, "h", "hello", Limit::per_minute("rpm", 5)), 4);
 }
 
 #[tokio::test]

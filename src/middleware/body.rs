@@ -10,8 +10,12 @@ use pin_project_lite::pin_project;
 
 use crate::Lease;
 
-/// Holds a lease until the body it belongs to ends: committed at the end of the stream,
-/// rolled back if the body fails or is dropped first (the client went away).
+/// Holds a lease until the body it belongs to ends: committed at the end of the stream (with
+/// whatever the handler adjusted while streaming), rolled back if the body fails.
+///
+/// A body dropped before its end is committed too: the response was produced, so the work
+/// was done (and a server drops the body of a `HEAD` response without reading it). Only a
+/// request dropped before its response rolls back.
 #[derive(Debug)]
 pub(crate) struct SettleOnEnd {
     lease: Option<Lease>,
@@ -32,8 +36,8 @@ impl SettleOnEnd {
 impl Drop for SettleOnEnd {
     fn drop(&mut self) {
         if self.lease.is_some() {
-            tracing::debug!("response body dropped before its end; rolling back the lease");
-            self.finish(false, "response body dropped before its end");
+            tracing::debug!("response body dropped before its end; committing the lease");
+            self.finish(true, "response body dropped before its end");
         }
     }
 }

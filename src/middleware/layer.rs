@@ -70,8 +70,10 @@ impl<B> Clone for Config<B> {
 /// For each request it extracts the entity and resource, acquires a lease (answering 429,
 /// 401, 400 or 503 itself when it cannot), calls the inner service with a
 /// [`crate::LeaseHandle`] in the request extensions, adjusts the lease by the
-/// [`super::Usage`] the response reports, and commits when the response body ends. An inner
-/// error, a 5xx (configurable) or a client that goes away rolls the lease back.
+/// [`super::Usage`] the response reports, and commits when the response body ends (or is
+/// dropped: the response was produced, so the work was done). An inner error, a 5xx
+/// (configurable), a failing body or a client that goes away before the response rolls the
+/// lease back.
 ///
 /// `B` is the request body type; it is inferred where the layer is used.
 pub struct RateLimitLayer<B> {
