@@ -11,18 +11,22 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 
 use crate::limiter::{checked_amounts, named_amounts, statuses, Amount};
 use crate::repository::{AdjustRequest, ItemRequest, LimitCheck};
 use crate::{Error, Limit, LimitStatus, RateLimiter};
 
+/// Whole tokens per limit of every item: inline for the usual few limits.
+type Amounts = SmallVec<[i64; 4]>;
+
 #[derive(Debug)]
 struct LeaseState {
     /// Per limit of every item (flattened in item order): whole tokens written so far
     /// (the acquire plus committed adjustments).
-    written: Vec<i64>,
+    written: Amounts,
     /// Per limit of every item: adjustments not yet written.
-    pending: Vec<i64>,
+    pending: Amounts,
     closed: bool,
 }
 
@@ -236,7 +240,7 @@ impl LeaseShared {
 
     async fn rollback(&self) -> Result<(), Error> {
         let _writing = self.writes.lock().await;
-        let refund: Vec<i64> = {
+        let refund: Amounts = {
             let state = self.state.lock();
             if state.closed {
                 return Err(Error::LeaseClosed);
@@ -258,7 +262,7 @@ impl Lease {
         items: Vec<ItemRequest>,
         checks: Vec<LimitCheck>,
     ) -> Self {
-        let written: Vec<i64> = items
+        let written: Amounts = items
             .iter()
             .flat_map(|i| i.amounts.iter().map(|a| *a as i64))
             .collect();
@@ -269,14 +273,14 @@ impl Lease {
         limiter: &RateLimiter,
         items: Vec<ItemRequest>,
         checks: Vec<LimitCheck>,
-        written: Vec<i64>,
+        written: Amounts,
         unlimited: bool,
     ) -> Self {
         Lease {
             shared: Arc::new(LeaseShared {
                 limiter: limiter.clone(),
                 state: Mutex::new(LeaseState {
-                    pending: vec![0; written.len()],
+                    pending: smallvec::smallvec![0; written.len()],
                     written,
                     closed: false,
                 }),
@@ -299,7 +303,7 @@ impl Lease {
             limits: Arc::from(Vec::new()),
             amounts: Vec::new(),
         };
-        Self::from_parts(limiter, vec![item], Vec::new(), Vec::new(), true)
+        Self::from_parts(limiter, vec![item], Vec::new(), Amounts::new(), true)
     }
 
     /// The items and checks, for the HTTP layer's header fields.

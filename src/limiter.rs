@@ -736,13 +736,12 @@ impl Acquire {
         }
     }
 
-    /// The item for an entity's limits as resolved from `stored`.
-    fn item(
+    /// An entity's limits as resolved from `stored`, with the amount to take from each.
+    fn charges(
         &self,
-        entity_id: &str,
         stored: &StoredConfig,
         consume: Option<&[(String, i64)]>,
-    ) -> Option<ItemRequest> {
+    ) -> Option<(Arc<[Limit]>, Vec<u64>)> {
         let (limits, _source) = resolve(stored, self.limits.as_ref(), self.fallback.as_ref())?;
         let amounts = limits
             .iter()
@@ -754,22 +753,34 @@ impl Acquire {
                     .fold(0u64, |sum, (_, a)| sum.saturating_add(*a as u64)),
             })
             .collect();
+        Some((limits, amounts))
+    }
+
+    /// The parent's item for a cascade, if its limits resolve.
+    fn parent_item(
+        &self,
+        parent_id: &str,
+        stored: &StoredConfig,
+        consume: Option<&[(String, i64)]>,
+    ) -> Option<ItemRequest> {
+        let (limits, amounts) = self.charges(stored, consume)?;
         Some(ItemRequest {
-            entity_id: entity_id.to_string(),
+            entity_id: parent_id.to_string(),
             resource: self.resource.clone(),
             limits,
             amounts,
         })
     }
 
-    /// The entity's own item, and the parent to charge too (if it cascades).
-    fn own_item<'s>(
+    /// The entity's own limits and amounts, and the parent to charge too (if it cascades).
+    #[allow(clippy::type_complexity)]
+    fn own_charges<'s>(
         &self,
         stored: &'s StoredConfig,
         consume: Option<&[(String, i64)]>,
-    ) -> Result<(ItemRequest, Option<&'s str>), Error> {
-        let item = self
-            .item(&self.entity_id, stored, consume)
+    ) -> Result<(Arc<[Limit]>, Vec<u64>, Option<&'s str>), Error> {
+        let (limits, amounts) = self
+            .charges(stored, consume)
             .ok_or_else(|| no_limits(&self.entity_id, &self.resource))?;
         let entity = stored.entity.as_ref();
         let cascade = self
@@ -778,7 +789,7 @@ impl Acquire {
         let parent = entity
             .and_then(|e| e.parent_id.as_deref())
             .filter(|_| cascade);
-        Ok((item, parent))
+        Ok((limits, amounts, parent))
     }
 
     /// Turns the backend's answer into a lease or a rejection.
@@ -792,16 +803,16 @@ impl Acquire {
                     )
                 })?;
             tracing::debug!(
-                entity_id = %self.entity_id,
-                resource = %self.resource,
+                entity_id = %request.items[0].entity_id,
+                resource = %request.items[0].resource,
                 retry_after_ms = rejection.retry_after().as_millis() as u64,
                 "rate limit exceeded"
             );
             return Err(Error::RateLimited(rejection));
         }
         tracing::debug!(
-            entity_id = %self.entity_id,
-            resource = %self.resource,
+            entity_id = %request.items[0].entity_id,
+            resource = %request.items[0].resource,
             "admitted"
         );
         Ok(Lease::new(&self.limiter, request.items, outcome.checks))
@@ -813,13 +824,18 @@ impl Acquire {
         let stored = limiter
             .stored_config(&self.entity_id, &self.resource, now)
             .await?;
-        let (item, parent) = self.own_item(&stored, consume)?;
-        let mut items = vec![item];
+        let (limits, amounts, parent) = self.own_charges(&stored, consume)?;
+        let mut items = vec![ItemRequest {
+            entity_id: self.entity_id.clone(),
+            resource: self.resource.clone(),
+            limits,
+            amounts,
+        }];
         if let Some(parent_id) = parent {
             let parent_stored = limiter
                 .stored_config(parent_id, &self.resource, now)
                 .await?;
-            items.extend(self.item(parent_id, &parent_stored, consume));
+            items.extend(self.parent_item(parent_id, &parent_stored, consume));
         }
         let request = AcquireRequest { items, now_ms: now };
         let outcome = limiter.inner.repo.acquire(&request).await?;
@@ -827,38 +843,60 @@ impl Acquire {
     }
 
     /// [`Self::decide`] without waiting: `None` as soon as a step would wait for I/O.
-    fn decide_now(&self, consume: Option<&[(String, i64)]>) -> Option<Result<Lease, Error>> {
-        let limiter = &self.limiter;
+    ///
+    /// The entity id and resource move into the request (the lease keeps them) rather
+    /// than being copied; they are put back whenever the acquire is not decided here.
+    fn decide_now(&mut self, consume: Option<&[(String, i64)]>) -> Option<Result<Lease, Error>> {
+        let limiter = self.limiter.clone();
         let now = limiter.now_ms();
         let stored = match limiter.stored_config_now(&self.entity_id, &self.resource, now)? {
             Ok(stored) => stored,
             Err(e) => return Some(Err(e)),
         };
-        let (item, parent) = match self.own_item(&stored, consume) {
+        let (limits, amounts, parent) = match self.own_charges(&stored, consume) {
             Ok(found) => found,
             Err(e) => return Some(Err(e)),
         };
-        let mut items = vec![item];
-        if let Some(parent_id) = parent {
-            match limiter.stored_config_now(parent_id, &self.resource, now)? {
-                Ok(parent_stored) => items.extend(self.item(parent_id, &parent_stored, consume)),
+        let parent_item = match parent {
+            None => None,
+            Some(parent_id) => match limiter.stored_config_now(parent_id, &self.resource, now)? {
+                Ok(parent_stored) => self.parent_item(parent_id, &parent_stored, consume),
                 Err(e) => return Some(Err(e)),
+            },
+        };
+        let mut items = Vec::with_capacity(1 + usize::from(parent_item.is_some()));
+        items.push(ItemRequest {
+            entity_id: std::mem::take(&mut self.entity_id),
+            resource: std::mem::take(&mut self.resource),
+            limits,
+            amounts,
+        });
+        items.extend(parent_item);
+        let mut request = AcquireRequest { items, now_ms: now };
+        match limiter.inner.repo.acquire_now(&request) {
+            Some(Ok(outcome)) => Some(self.finish(request, outcome)),
+            Some(Err(e)) => {
+                self.take_back(&mut request);
+                Some(Err(e))
+            }
+            None => {
+                self.take_back(&mut request);
+                None
             }
         }
-        let request = AcquireRequest { items, now_ms: now };
-        Some(
-            limiter
-                .inner
-                .repo
-                .acquire_now(&request)?
-                .and_then(|outcome| self.finish(request, outcome)),
-        )
+    }
+
+    /// Moves the entity id and resource back from a request that was not decided.
+    fn take_back(&mut self, request: &mut AcquireRequest) {
+        let own = request.items.swap_remove(0);
+        self.entity_id = own.entity_id;
+        self.resource = own.resource;
     }
 
     /// Decides at once when the backend can answer without I/O (the in-memory backend
     /// always can), else hands the acquire back to be awaited. Lets a caller on a hot path
     /// skip the boxed future; `.await` does the same internally.
-    pub fn try_now(self) -> Result<Result<Lease, Error>, Self> {
+    pub fn try_now(mut self) -> Result<Result<Lease, Error>, Self> {
         let consume = match self.validate() {
             Ok(consume) => consume,
             Err(e) => return Ok(Err(e)),

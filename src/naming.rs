@@ -32,6 +32,16 @@ fn check(
     if value.is_empty() {
         return Err("must not be empty".into());
     }
+    // Every allowed character is ASCII, so the common valid case is a single byte scan.
+    let bytes = value.as_bytes();
+    if bytes.len() <= max_len
+        && first_ok(char::from(bytes[0]))
+        && bytes[1..]
+            .iter()
+            .all(|b| b.is_ascii() && rest_ok(char::from(*b)))
+    {
+        return Ok(());
+    }
     if value.chars().count() > max_len {
         return Err(format!("must be at most {max_len} characters"));
     }
