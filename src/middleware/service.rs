@@ -13,7 +13,7 @@ use super::body::RateLimitBody;
 use super::future::ResponseFuture;
 use super::layer::Config;
 use super::response::Rejection;
-use crate::{naming, Error};
+use crate::Error;
 
 /// Rate-limits requests to `S`; made by [`super::RateLimitLayer`].
 pub struct RateLimit<S, B> {
@@ -102,9 +102,7 @@ where
             };
             return ResponseFuture::rejected(config, rejection);
         };
-        if let Err(e) = naming::validate_entity_id(&entity) {
-            return ResponseFuture::rejected(config, Rejection::InvalidEntity(e));
-        }
+        // The acquire validates the entity (an invalid one becomes a 400 there).
         let Some(resource) = config.resource.extract(&req) else {
             let e = Error::validation(
                 "resource",
