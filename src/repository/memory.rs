@@ -13,8 +13,8 @@ use smallvec::SmallVec;
 type ItemGuard = parking_lot::ArcMutexGuard<RawMutex, Item>;
 
 use super::{
-    reconcile_bucket, AcquireOutcome, AcquireRequest, AdjustRequest, ConfigScope, LimitCheck,
-    Repository, StoredConfig,
+    reconcile_bucket, AcquireOutcome, AcquireRequest, AdjustRequest, ConfigScope, ItemRequest,
+    LimitCheck, Repository, StoredConfig,
 };
 use crate::bucket::{self, BucketState};
 use crate::keys;
@@ -260,6 +260,16 @@ impl Inner {
         })
     }
 
+    /// Locks one item, retrying if eviction removed it between lookup and lock.
+    fn lock_one(&self, entity_id: &str, resource: &str) -> ItemGuard {
+        loop {
+            let guard = Mutex::lock_arc(&self.item(entity_id, resource));
+            if !guard.evicted {
+                return guard;
+            }
+        }
+    }
+
     /// Locks the items for `keys` (entity, resource; already in lock order and distinct),
     /// retrying any that eviction removed between lookup and lock.
     fn lock_items(&self, keys: &[(&str, &str)]) -> SmallVec<[ItemGuard; 2]> {
@@ -438,6 +448,9 @@ impl InMemoryRepository {
         let now = request.now_ms;
         self.inner.observe(now);
         let items = &request.items;
+        if let [item] = items.as_slice() {
+            return self.decide_one(item, now);
+        }
         // Lock in key order so two cascades over the same pair cannot deadlock.
         let mut order: SmallVec<[usize; 2]> = (0..items.len()).collect();
         let key_of = |i: usize| (items[i].entity_id.as_str(), items[i].resource.as_str());
@@ -476,12 +489,33 @@ impl InMemoryRepository {
         AcquireOutcome { admitted, checks }
     }
 
+    /// [`Self::decide`] for the usual single item (no cascade), without the bookkeeping
+    /// that ordering several locks needs.
+    fn decide_one(&self, item: &ItemRequest, now: i64) -> AcquireOutcome {
+        let mut guard = self.inner.lock_one(&item.entity_id, &item.resource);
+        let mut checks = Vec::with_capacity(item.limits.len());
+        let mut states: SmallVec<[BucketState; 4]> = SmallVec::new();
+        let mut admitted = true;
+        for (limit, amount) in item.limits.iter().zip(item.amounts.iter().copied()) {
+            let current = reconcile_bucket(guard.get(&limit.name), limit, now);
+            let result = bucket::try_consume(&current, amount, now);
+            admitted &= result.success;
+            checks.push(LimitCheck::from_consume(limit, amount, &result));
+            states.push(result.state);
+        }
+        if admitted {
+            for (limit, state) in item.limits.iter().zip(states) {
+                guard.put(&limit.name, state);
+            }
+            guard.touch(now, self.inner.idle_ttl_multiplier);
+        }
+        AcquireOutcome { admitted, checks }
+    }
+
     fn adjust_now(&self, request: &AdjustRequest) {
         let now = request.now_ms;
         self.inner.observe(now);
-        let key = (request.entity_id.as_str(), request.resource.as_str());
-        let mut guards = self.inner.lock_items(&[key]);
-        let item = &mut guards[0];
+        let mut item = self.inner.lock_one(&request.entity_id, &request.resource);
         for (limit, delta) in &request.deltas {
             let current = reconcile_bucket(item.get(&limit.name), limit, now);
             item.put(&limit.name, bucket::force_consume(&current, *delta, now));
