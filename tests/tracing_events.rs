@@ -1,0 +1,65 @@
+//! The layer reports admissions, rejections and outages through `tracing`.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::routing::get;
+use axum::Router;
+use tower::ServiceExt;
+use zae_limiter::middleware::{extract, RateLimitLayer};
+use zae_limiter::{Limit, RateLimiter};
+
+/// Collects everything the subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn admit_reject_and_unavailable_are_traced() {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let backend = common::Switchable::default();
+    let app = Router::new().route("/", get(|| async { "ok" })).layer(
+        RateLimitLayer::new(RateLimiter::new(backend.clone()))
+            .entity(extract::header("x-api-key"))
+            .limits([Limit::per_minute("rpm", 1)]),
+    );
+    let call = |app: Router| async move {
+        let req = Request::get("/")
+            .header("x-api-key", "traced-key")
+            .body(Body::empty())
+            .unwrap();
+        app.oneshot(req).await.unwrap().status()
+    };
+    assert_eq!(call(app.clone()).await, StatusCode::OK);
+    assert_eq!(call(app.clone()).await, StatusCode::TOO_MANY_REQUESTS);
+    backend.set_down(true);
+    assert_eq!(call(app).await, StatusCode::SERVICE_UNAVAILABLE);
+
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("admitted"), "{text}");
+    assert!(text.contains("rate limited"), "{text}");
+    assert!(text.contains("unavailable"), "{text}");
+    assert!(text.contains("rate_limit"), "span name missing: {text}");
+    assert!(text.contains("traced-key"), "entity missing: {text}");
+}
