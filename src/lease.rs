@@ -488,7 +488,7 @@ impl LeaseHandle {
 
 /// Polls `fut` once inline (the in-memory backend finishes there, so tests see the effect
 /// at once); if it is still pending, hands it to the current tokio runtime.
-fn run_detached(fut: impl Future<Output = ()> + Send + 'static) {
+pub(crate) fn run_detached(fut: impl Future<Output = ()> + Send + 'static) {
     let mut fut = Box::pin(fut);
     let mut cx = Context::from_waker(std::task::Waker::noop());
     if let Poll::Ready(()) = fut.as_mut().poll(&mut cx) {

@@ -346,6 +346,63 @@ async fn backend_outage_gives_503_or_admits() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_answers_later() {
+    let backend = common::Switchable::default();
+    backend.set_delay(Duration::from_millis(20));
+    let l = RateLimiter::new(backend.clone());
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                "late"
+            }),
+        )
+        .layer(
+            RateLimitLayer::new(l.clone())
+                .entity(extract::header("x-api-key"))
+                .limits([Limit::per_minute("rpm", 2)]),
+        );
+    let statuses =
+        futures_util::future::join_all((0..4).map(|_| send(&app, get_req("/", Some("k")))))
+            .await
+            .iter()
+            .map(|r| r.status().as_u16())
+            .collect::<Vec<_>>();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        2,
+        "{statuses:?}"
+    );
+
+    // A client that leaves while the acquire is still in flight is not charged: the
+    // acquire finishes in the background and is rolled back.
+    let rpm = Limit::per_minute("rpm", 2);
+    let gone = tokio::time::timeout(
+        Duration::from_millis(5),
+        app.clone().oneshot(get_req("/", Some("k2"))),
+    )
+    .await;
+    assert!(gone.is_err());
+    // ...nor one that leaves while the handler runs.
+    let gone = tokio::time::timeout(
+        Duration::from_millis(100),
+        app.clone().oneshot(get_req("/slow", Some("k2"))),
+    )
+    .await;
+    assert!(gone.is_err());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let left = l.available("k2", "default", Some(&[rpm])).await.unwrap();
+    assert_eq!(left["rpm"], 2);
+}
+
 #[tokio::test]
 async fn per_route_limits_by_route_layer_and_by_table() {
     let l = limiter();

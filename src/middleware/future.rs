@@ -57,9 +57,23 @@ pin_project! {
     {
         fn drop(this: Pin<&mut Self>) {
             // Dropped before the response: the client went away.
-            if let Some(lease) = this.project().lease.take() {
+            let this = this.project();
+            if let Some(lease) = this.lease.take() {
                 tracing::debug!("request dropped before its response; rolling back the lease");
                 lease.settle_detached(false, "request dropped before its response");
+            }
+            // An acquire still in flight may already have written its consumption: let it
+            // finish, then return what it took.
+            if let StateProj::Acquiring { pending } = this.state.project() {
+                if let Some(waiting) = pending.take() {
+                    let acquire = waiting.acquire;
+                    crate::lease::run_detached(async move {
+                        if let Ok(lease) = acquire.await {
+                            tracing::debug!("request dropped while acquiring; rolling back");
+                            lease.settle_detached(false, "request dropped while acquiring");
+                        }
+                    });
+                }
             }
         }
     }

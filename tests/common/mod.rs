@@ -3,8 +3,9 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use zae_limiter::bucket::BucketState;
@@ -18,15 +19,25 @@ use zae_limiter::{
 /// The in-memory backend behind a switch that makes every call fail as an unreachable
 /// backend would, to exercise the outage policy (the DynamoDB backend's own outage tests
 /// stop DynamoDB Local for real).
+///
+/// It can also answer after a delay, as a remote backend does, so the layer's path for an
+/// acquire that is not decided at once is exercised for real.
 #[derive(Clone, Default)]
 pub struct Switchable {
     pub inner: InMemoryRepository,
     down: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
 }
 
 impl Switchable {
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Every acquire waits this long before it is decided.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     fn check(&self) -> Result<(), Error> {
@@ -48,6 +59,10 @@ impl Repository for Switchable {
     }
     async fn acquire(&self, r: &AcquireRequest) -> Result<AcquireOutcome, Error> {
         self.check()?;
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         self.inner.acquire(r).await
     }
     async fn adjust(&self, r: &AdjustRequest) -> Result<(), Error> {
