@@ -61,7 +61,9 @@ pub mod repository;
 pub use error::{BoxError, Error, ErrorCategory, RateLimitExceeded};
 pub use lease::{Lease, LeaseHandle};
 pub use limit::Limit;
-pub use limiter::{Acquire, Amount, BoxFuture, CreateEntity, RateLimiter, RateLimiterBuilder};
+pub use limiter::{
+    Acquire, AcquireFuture, Amount, BoxFuture, CreateEntity, RateLimiter, RateLimiterBuilder,
+};
 pub use model::{
     BackendCapabilities, CacheStats, ConfigSource, Entity, LimitStatus, OnUnavailable,
 };

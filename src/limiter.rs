@@ -916,12 +916,65 @@ impl Acquire {
 
 impl IntoFuture for Acquire {
     type Output = Result<Lease, Error>;
-    type IntoFuture = BoxFuture<'static, Self::Output>;
+    type IntoFuture = AcquireFuture;
 
     fn into_future(self) -> Self::IntoFuture {
-        match self.try_now() {
+        let decision: BoxFuture<'static, Self::Output> = match self.try_now() {
             Ok(decided) => Box::pin(std::future::ready(decided)),
             Err(pending) => Box::pin(pending.run()),
+        };
+        AcquireFuture {
+            decision: Some(decision),
+        }
+    }
+}
+
+/// The future of an [`Acquire`]: resolves to the [`Lease`] or the rejection.
+///
+/// Dropping it before it resolves is safe: a backend may already have written the
+/// consumption, so the acquire is finished in the background and its lease rolled back,
+/// never leaked (as with `tokio::select!` or a timeout around `.await`).
+#[must_use = "an acquire does nothing until it is awaited"]
+pub struct AcquireFuture {
+    decision: Option<BoxFuture<'static, Result<Lease, Error>>>,
+}
+
+impl std::fmt::Debug for AcquireFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcquireFuture")
+            .field("done", &self.decision.is_none())
+            .finish()
+    }
+}
+
+impl Future for AcquireFuture {
+    type Output = Result<Lease, Error>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let Some(decision) = self.decision.as_mut() else {
+            return std::task::Poll::Ready(Err(Error::LeaseClosed));
+        };
+        let out = std::task::ready!(decision.as_mut().poll(cx));
+        self.decision = None;
+        std::task::Poll::Ready(out)
+    }
+}
+
+impl Drop for AcquireFuture {
+    fn drop(&mut self) {
+        if let Some(decision) = self.decision.take() {
+            crate::lease::run_detached(async move {
+                if let Ok(lease) = decision.await {
+                    tracing::debug!(
+                        entity_id = %lease.entity_id(),
+                        "acquire dropped before it returned; rolling back"
+                    );
+                    lease.settle_detached(false, "acquire dropped before it returned");
+                }
+            });
         }
     }
 }

@@ -139,3 +139,43 @@ async fn a_failed_commit_leaves_the_lease_open_for_rollback() {
         .unwrap();
     assert_eq!(left["tpm"], 100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_dropped_in_flight_is_rolled_back() {
+    use std::future::IntoFuture;
+
+    let backend = Switchable::default();
+    backend.set_delay(Duration::from_millis(30));
+    let limiter = RateLimiter::new(backend.clone());
+    let limits = [Limit::per_minute("rpm", 5)];
+    // Timed out while the backend is still deciding.
+    let timed_out = tokio::time::timeout(
+        Duration::from_millis(5),
+        limiter
+            .acquire("u1", "api")
+            .limits(limits.clone())
+            .into_future(),
+    )
+    .await;
+    assert!(timed_out.is_err());
+    // Decided at once (in memory) but never polled.
+    let memory = RateLimiter::new(zae_limiter::InMemoryRepository::new());
+    drop(
+        memory
+            .acquire("u1", "api")
+            .limits(limits.clone())
+            .into_future(),
+    );
+    assert_eq!(
+        memory.available("u1", "api", Some(&limits)).await.unwrap()["rpm"],
+        5
+    );
+    // The in-flight one finishes in the background, then returns what it took.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        limiter.available("u1", "api", Some(&limits)).await.unwrap()["rpm"],
+        5
+    );
+    let states = limiter.bucket_states("u1", "api").await.unwrap();
+    assert_eq!(states["rpm"].total_consumed_milli, 0);
+}

@@ -15,7 +15,7 @@ use super::body::RateLimitBody;
 use super::layer::Config;
 use super::response::{admitted_headers, rejected_headers, Rejection, RATELIMIT};
 use super::Usage;
-use crate::{BoxFuture, Error, Lease};
+use crate::{AcquireFuture, Error, Lease};
 
 pin_project! {
     #[project = StateProj]
@@ -33,7 +33,7 @@ pin_project! {
 
 /// An acquire still waiting on the backend, with what the inner call needs afterwards.
 struct Pending<S, B> {
-    acquire: BoxFuture<'static, Result<Lease, Error>>,
+    acquire: AcquireFuture,
     request: Request<B>,
     inner: S,
 }
@@ -57,24 +57,11 @@ pin_project! {
     {
         fn drop(this: Pin<&mut Self>) {
             // Dropped before the response: the client went away.
-            let this = this.project();
-            if let Some(lease) = this.lease.take() {
+            if let Some(lease) = this.project().lease.take() {
                 tracing::debug!("request dropped before its response; rolling back the lease");
                 lease.settle_detached(false, "request dropped before its response");
             }
-            // An acquire still in flight may already have written its consumption: let it
-            // finish, then return what it took.
-            if let StateProj::Acquiring { pending } = this.state.project() {
-                if let Some(waiting) = pending.take() {
-                    let acquire = waiting.acquire;
-                    crate::lease::run_detached(async move {
-                        if let Ok(lease) = acquire.await {
-                            tracing::debug!("request dropped while acquiring; rolling back");
-                            lease.settle_detached(false, "request dropped while acquiring");
-                        }
-                    });
-                }
-            }
+            // An acquire still in flight rolls itself back when dropped (`AcquireFuture`).
         }
     }
 }
@@ -124,7 +111,7 @@ where
 
     pub(crate) fn acquiring(
         config: Arc<Config<B>>,
-        acquire: BoxFuture<'static, Result<Lease, Error>>,
+        acquire: AcquireFuture,
         request: Request<B>,
         inner: S,
         span: tracing::Span,
@@ -216,7 +203,7 @@ where
                     let waiting = pending
                         .as_mut()
                         .expect("ResponseFuture polled after completion");
-                    let decided = ready!(waiting.acquire.as_mut().poll(cx));
+                    let decided = ready!(Pin::new(&mut waiting.acquire).poll(cx));
                     let Pending {
                         mut request,
                         mut inner,
