@@ -7,6 +7,8 @@
 //! `cargo bench --bench http` (env `ZAE_BENCH_SECONDS` per round, default 3;
 //! `ZAE_BENCH_ROUNDS`, default 3; `ZAE_BENCH_CONNECTIONS`, default 32)
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -19,8 +21,7 @@ use axum::Router;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
 use tower_governor::governor::GovernorConfigBuilder;
-use tower_governor::key_extractor::KeyExtractor;
-use tower_governor::{GovernorError, GovernorLayer};
+use tower_governor::GovernorLayer;
 use zae_limiter::middleware::{extract, RateLimitLayer};
 use zae_limiter::{InMemoryRepository, Limit, RateLimiter};
 
@@ -31,21 +32,6 @@ const MODES: [&str; 4] = [
     "tower_governor",
 ];
 const KEYS: usize = 100;
-
-/// tower_governor keyed by the same header as the zae layer.
-#[derive(Clone)]
-struct ApiKey;
-
-impl KeyExtractor for ApiKey {
-    type Key = String;
-    fn extract<T>(&self, req: &Request<T>) -> Result<String, GovernorError> {
-        req.headers()
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-            .ok_or(GovernorError::UnableToExtractKey)
-    }
-}
 
 fn app(mode: &str) -> Router {
     let router = Router::new().route("/", get(|| async { "Hello, world!" }));
@@ -62,7 +48,7 @@ fn app(mode: &str) -> Router {
             let config = GovernorConfigBuilder::default()
                 .per_nanosecond(1)
                 .burst_size(u32::MAX)
-                .key_extractor(ApiKey)
+                .key_extractor(support::ApiKey)
                 .finish()
                 .unwrap();
             router.layer(GovernorLayer::new(Arc::new(config)))

@@ -17,24 +17,9 @@ use http::Request;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 use tower_governor::governor::GovernorConfigBuilder;
-use tower_governor::key_extractor::KeyExtractor;
-use tower_governor::{GovernorError, GovernorLayer};
+use tower_governor::GovernorLayer;
 use zae_limiter::middleware::{extract, RateLimitLayer};
 use zae_limiter::{InMemoryRepository, Limit, RateLimiter};
-
-#[derive(Clone)]
-struct ApiKey;
-
-impl KeyExtractor for ApiKey {
-    type Key = String;
-    fn extract<T>(&self, req: &Request<T>) -> Result<String, GovernorError> {
-        req.headers()
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-            .ok_or(GovernorError::UnableToExtractKey)
-    }
-}
 
 fn routers() -> [(&'static str, Router); 4] {
     let hello = || Router::new().route("/", get(|| async { "Hello, world!" }));
@@ -50,7 +35,7 @@ fn routers() -> [(&'static str, Router); 4] {
     let governor = GovernorConfigBuilder::default()
         .per_nanosecond(1)
         .burst_size(u32::MAX)
-        .key_extractor(ApiKey)
+        .key_extractor(support::ApiKey)
         .finish()
         .unwrap();
     [

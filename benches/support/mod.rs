@@ -7,6 +7,10 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use http::Request;
+use tower_governor::key_extractor::KeyExtractor;
+use tower_governor::GovernorError;
+
 static MEANS: Mutex<BTreeMap<String, (Duration, u64)>> = Mutex::new(BTreeMap::new());
 
 /// Runs `f` `iters` times, records the time under `name`, and returns it (for
@@ -49,5 +53,20 @@ pub fn report(title: &str, pairs: &[(&str, &str)]) {
             "{subject:<44} {s:>12.1} {alt:<36} {a:>12.1} {:>7.2}x",
             s / a
         );
+    }
+}
+
+/// tower_governor keyed by the same `x-api-key` header as the zae layer in the benches.
+#[derive(Clone)]
+pub struct ApiKey;
+
+impl KeyExtractor for ApiKey {
+    type Key = String;
+    fn extract<T>(&self, req: &Request<T>) -> Result<String, GovernorError> {
+        req.headers()
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .ok_or(GovernorError::UnableToExtractKey)
     }
 }
