@@ -137,11 +137,17 @@ fn respond<B, ResB: Body>(
     rejection: &Rejection,
 ) -> Response<RateLimitBody<ResB>> {
     match rejection {
-        Rejection::RateLimited(e) => tracing::info!(
-            retry_after_ms = e.retry_after().as_millis() as u64,
-            satisfiable = e.is_satisfiable(),
-            "rate limited"
-        ),
+        Rejection::RateLimited(e) => {
+            let primary = e.primary_violation();
+            tracing::info!(
+                entity_id = %primary.entity_id,
+                resource = %primary.resource,
+                limit = %primary.limit.name,
+                retry_after_ms = e.retry_after().as_millis() as u64,
+                satisfiable = e.is_satisfiable(),
+                "rate limited"
+            )
+        }
         Rejection::Unavailable { error, .. } => {
             tracing::warn!(error = %error, "rate limiter unavailable; answering 503")
         }
