@@ -289,9 +289,15 @@ impl RateLimiter {
             Some(OnUnavailable::Block) => 2,
         };
         self.inner.last_policy.store(code, Ordering::Relaxed);
-        self.inner
-            .cache
-            .insert(entity_id, resource, Arc::clone(&config), now_ms, version);
+        // An in-process backend (one that reports a version) re-reads "nothing stored" as
+        // cheaply as the cache would answer, so such keys take no cache entry: memory then
+        // grows only with the buckets.
+        let empty = Arc::ptr_eq(&config, EMPTY.get_or_init(Arc::default));
+        if !(empty && version.is_some()) {
+            self.inner
+                .cache
+                .insert(entity_id, resource, Arc::clone(&config), now_ms, version);
+        }
         config
     }
 

@@ -145,10 +145,21 @@ async fn background_sweeper_evicts() {
 async fn config_cache_stays_bounded_under_key_churn() {
     let (limiter, clock) = suite::limiter(Arc::new(InMemoryRepository::new()));
     let limits = [Limit::per_second("rps", 10)];
+    // Keys with nothing stored take no cache entry at all on this backend.
+    limiter
+        .acquire("plain", "api")
+        .limits(limits.clone())
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    assert_eq!(limiter.cache_stats().size, 0);
+    // With stored limits, every key is cached, and expired entries are swept.
+    limiter.set_resource_limits("api", &limits).await.unwrap();
     for i in 0..5_000 {
         limiter
             .acquire(format!("k{i}"), "api")
-            .limits(limits.clone())
             .await
             .unwrap()
             .commit()

@@ -1,7 +1,7 @@
 //! [`InMemoryRepository`]: the embedded backend, for a single process.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -46,6 +46,10 @@ struct Inner {
     configs: RwLock<HashMap<ConfigScope, Arc<[Limit]>>>,
     /// Moves on every entity or config write (see [`Repository::config_version`]).
     version: AtomicU64,
+    /// No entity, limits or policy is stored (the common embedded case).
+    nothing_stored: AtomicBool,
+    /// Serialises [`Inner::bump`], so the last writer's view of emptiness is the one kept.
+    bump_lock: Mutex<()>,
     on_unavailable: RwLock<Option<OnUnavailable>>,
     /// The latest time any call has passed in; eviction measures idleness against it, so it
     /// follows a manual clock in tests.
@@ -150,6 +154,8 @@ impl InMemoryRepositoryBuilder {
             entities: RwLock::default(),
             configs: RwLock::default(),
             version: AtomicU64::new(0),
+            nothing_stored: AtomicBool::new(true),
+            bump_lock: Mutex::new(()),
             on_unavailable: RwLock::default(),
             latest_now_ms: AtomicI64::new(i64::MIN),
             idle_ttl_multiplier: self.idle_ttl_multiplier,
@@ -216,7 +222,13 @@ impl InMemoryRepository {
 }
 
 impl Inner {
+    /// Records a write of entities, limits or the policy.
     fn bump(&self) {
+        let _serial = self.bump_lock.lock();
+        let empty = read(&self.configs).is_empty()
+            && read(&self.entities).is_empty()
+            && read(&self.on_unavailable).is_none();
+        self.nothing_stored.store(empty, Ordering::Release);
         self.version.fetch_add(1, Ordering::AcqRel);
     }
 
@@ -354,6 +366,7 @@ impl Repository for InMemoryRepository {
             });
         }
         entities.insert(entity.id.clone(), entity.clone());
+        drop(entities);
         self.inner.bump();
         Ok(())
     }
@@ -423,6 +436,11 @@ impl Repository for InMemoryRepository {
 
 impl InMemoryRepository {
     fn read_config(&self, entity_id: &str, resource: &str) -> StoredConfig {
+        // Nothing stored at all (limits passed in code): no key to look up, and no shared
+        // lock touched.
+        if self.inner.nothing_stored.load(Ordering::Acquire) {
+            return StoredConfig::default();
+        }
         let configs = read(&self.inner.configs);
         let entity_scope = |r: &str| ConfigScope::Entity {
             entity_id: entity_id.to_string(),

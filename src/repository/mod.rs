@@ -150,7 +150,8 @@ pub trait Repository: Send + Sync + 'static {
 
     /// A number that changes whenever an entity or stored limit changes, for backends that
     /// can tell cheaply (in-process ones). When it is `Some`, the limiter's config cache is
-    /// exact: an entry lives until the version moves, whatever the TTL.
+    /// exact (an entry lives until the version moves or the TTL runs out), and keys with
+    /// nothing stored are not cached at all, since such a backend re-reads them as cheaply.
     fn config_version(&self) -> Option<u64> {
         None
     }
