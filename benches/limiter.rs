@@ -102,6 +102,14 @@ fn memory(keys: usize) {
     use std::time::Duration;
     use zae_limiter::clock::ManualClock;
 
+    // governor first, and kept alive: memory freed by one side is not reused by the other.
+    let governor = Governor::keyed(Quota::per_second(NonZeroU32::new(10).unwrap()));
+    let before = rss_bytes();
+    for i in 0..keys {
+        let _ = governor.check_key(&format!("ip-{i}"));
+    }
+    let gov_per_key = rss_bytes().saturating_sub(before) as f64 / keys as f64;
+
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -139,13 +147,6 @@ fn memory(keys: usize) {
     let evicted = repo.evict_idle();
     let zae_per_key = full.saturating_sub(before) as f64 / keys as f64;
 
-    let governor = Governor::keyed(Quota::per_second(NonZeroU32::new(10).unwrap()));
-    let before = rss_bytes();
-    for i in 0..keys {
-        let _ = governor.check_key(&format!("ip-{i}"));
-    }
-    let gov_full = rss_bytes();
-    let gov_per_key = gov_full.saturating_sub(before) as f64 / keys as f64;
     println!("\n== memory under {keys} distinct keys ==");
     println!(
         "zae in-memory: {held} items, {:.0} bytes/key resident; {evicted} evicted once idle 7 x time to fill, {} left",
