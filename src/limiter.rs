@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use smallvec::SmallVec;
+
 use crate::bucket::{self, BucketState};
 use crate::clock::{Clock, SystemClock};
 use crate::config_cache::ConfigCache;
@@ -207,6 +209,7 @@ impl RateLimiter {
             limits: None,
             fallback: None,
             lists_checked: false,
+            undecided: None,
             consume: None,
             cascade: None,
             on_unavailable: None,
@@ -246,12 +249,15 @@ impl RateLimiter {
         Ok(self.remember(entity_id, resource, loaded, now_ms, version))
     }
 
-    /// [`Self::stored_config`] without waiting: `None` when the answer needs I/O.
+    /// [`Self::stored_config`] without waiting: `None` when the answer needs I/O. Records
+    /// in `lookups` whether it was a cache hit, for the caller to count once the acquire
+    /// is decided (an undecided one is looked up, and counted, again when awaited).
     pub(crate) fn stored_config_now(
         &self,
         entity_id: &str,
         resource: &str,
         now_ms: i64,
+        lookups: &mut SmallVec<[bool; 2]>,
     ) -> Option<Result<Arc<StoredConfig>, Error>> {
         let version = self.inner.repo.config_version();
         if let Some(hit) = self
@@ -259,11 +265,11 @@ impl RateLimiter {
             .cache
             .lookup(entity_id, resource, now_ms, version)
         {
-            self.inner.cache.count(true);
+            lookups.push(true);
             return Some(Ok(hit));
         }
         let loaded = self.inner.repo.load_config_now(entity_id, resource)?;
-        self.inner.cache.count(false);
+        lookups.push(false);
         Some(loaded.map(|config| self.remember(entity_id, resource, config, now_ms, version)))
     }
 
@@ -634,6 +640,10 @@ pub struct Acquire {
     fallback: Option<Arc<[Limit]>>,
     /// The limit lists were validated by whoever built them (the HTTP layer, once).
     lists_checked: bool,
+    /// Set by [`Acquire::try_now`] when the backend could not decide at once: the input was
+    /// validated (these are the checked consume amounts), and awaiting goes straight to
+    /// the backend.
+    undecided: Option<Option<Vec<(String, i64)>>>,
     consume: Option<Vec<(String, i128)>>,
     cascade: Option<bool>,
     on_unavailable: Option<OnUnavailable>,
@@ -853,22 +863,38 @@ impl Acquire {
     /// The entity id and resource move into the request (the lease keeps them) rather
     /// than being copied; they are put back whenever the acquire is not decided here.
     fn decide_now(&mut self, consume: Option<&[(String, i64)]>) -> Option<Result<Lease, Error>> {
+        let mut lookups = SmallVec::new();
+        let decided = self.decide_now_counting(consume, &mut lookups)?;
+        for hit in lookups {
+            self.limiter.inner.cache.count(hit);
+        }
+        Some(decided)
+    }
+
+    fn decide_now_counting(
+        &mut self,
+        consume: Option<&[(String, i64)]>,
+        lookups: &mut SmallVec<[bool; 2]>,
+    ) -> Option<Result<Lease, Error>> {
         let limiter = self.limiter.clone();
         let now = limiter.now_ms();
-        let stored = match limiter.stored_config_now(&self.entity_id, &self.resource, now)? {
-            Ok(stored) => stored,
-            Err(e) => return Some(Err(e)),
-        };
+        let stored =
+            match limiter.stored_config_now(&self.entity_id, &self.resource, now, lookups)? {
+                Ok(stored) => stored,
+                Err(e) => return Some(Err(e)),
+            };
         let (limits, amounts, parent) = match self.own_charges(&stored, consume) {
             Ok(found) => found,
             Err(e) => return Some(Err(e)),
         };
         let parent_item = match parent {
             None => None,
-            Some(parent_id) => match limiter.stored_config_now(parent_id, &self.resource, now)? {
-                Ok(parent_stored) => self.parent_item(parent_id, &parent_stored, consume),
-                Err(e) => return Some(Err(e)),
-            },
+            Some(parent_id) => {
+                match limiter.stored_config_now(parent_id, &self.resource, now, lookups)? {
+                    Ok(parent_stored) => self.parent_item(parent_id, &parent_stored, consume),
+                    Err(e) => return Some(Err(e)),
+                }
+            }
         };
         let mut items = Vec::with_capacity(1 + usize::from(parent_item.is_some()));
         items.push(ItemRequest {
@@ -903,18 +929,27 @@ impl Acquire {
     /// always can), else hands the acquire back to be awaited. Lets a caller on a hot path
     /// skip the boxed future; `.await` does the same internally.
     pub fn try_now(mut self) -> Result<Result<Lease, Error>, Self> {
+        if self.undecided.is_some() {
+            return Err(self);
+        }
         let consume = match self.validate() {
             Ok(consume) => consume,
             Err(e) => return Ok(Err(e)),
         };
         match self.decide_now(consume.as_deref()) {
             Some(decision) => Ok(self.apply_policy(decision)),
-            None => Err(self),
+            None => {
+                self.undecided = Some(consume);
+                Err(self)
+            }
         }
     }
 
-    async fn run(self) -> Result<Lease, Error> {
-        let consume = self.validate()?;
+    async fn run(mut self) -> Result<Lease, Error> {
+        let consume = match self.undecided.take() {
+            Some(checked) => checked,
+            None => self.validate()?,
+        };
         let decision = self.decide(consume.as_deref()).await;
         self.apply_policy(decision)
     }

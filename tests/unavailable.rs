@@ -179,3 +179,18 @@ async fn an_acquire_dropped_in_flight_is_rolled_back() {
     let states = limiter.bucket_states("u1", "api").await.unwrap();
     assert_eq!(states["rpm"].total_consumed_milli, 0);
 }
+
+#[tokio::test]
+async fn an_awaited_acquire_on_an_async_backend_counts_each_lookup_once() {
+    // This backend cannot decide without awaiting, so every acquire first tries the
+    // synchronous path, then awaits: the config cache must still count one lookup each.
+    let backend = Switchable::default();
+    let limiter = RateLimiter::builder(backend)
+        .config_cache_ttl(Duration::from_secs(60))
+        .build();
+    limiter.set_resource_limits("api", &[rpm()]).await.unwrap();
+    limiter.acquire("u1", "api").await.unwrap().commit().await.unwrap();
+    limiter.acquire("u1", "api").await.unwrap().commit().await.unwrap();
+    let stats = limiter.cache_stats();
+    assert_eq!((stats.hits, stats.misses), (1, 1));
+}
