@@ -209,7 +209,7 @@ impl RateLimiter {
             limits: None,
             fallback: None,
             lists_checked: false,
-            undecided: None,
+            undecided: false,
             consume: None,
             cascade: None,
             on_unavailable: None,
@@ -640,10 +640,9 @@ pub struct Acquire {
     fallback: Option<Arc<[Limit]>>,
     /// The limit lists were validated by whoever built them (the HTTP layer, once).
     lists_checked: bool,
-    /// Set by [`Acquire::try_now`] when the backend could not decide at once: the input was
-    /// validated (these are the checked consume amounts), and awaiting goes straight to
-    /// the backend.
-    undecided: Option<Option<Vec<(String, i64)>>>,
+    /// Set by [`Acquire::try_now`] when the backend could not decide at once, so awaiting
+    /// goes straight to the backend instead of trying again.
+    undecided: bool,
     consume: Option<Vec<(String, i128)>>,
     cascade: Option<bool>,
     on_unavailable: Option<OnUnavailable>,
@@ -929,7 +928,7 @@ impl Acquire {
     /// always can), else hands the acquire back to be awaited. Lets a caller on a hot path
     /// skip the boxed future; `.await` does the same internally.
     pub fn try_now(mut self) -> Result<Result<Lease, Error>, Self> {
-        if self.undecided.is_some() {
+        if self.undecided {
             return Err(self);
         }
         let consume = match self.validate() {
@@ -939,17 +938,14 @@ impl Acquire {
         match self.decide_now(consume.as_deref()) {
             Some(decision) => Ok(self.apply_policy(decision)),
             None => {
-                self.undecided = Some(consume);
+                self.undecided = true;
                 Err(self)
             }
         }
     }
 
-    async fn run(mut self) -> Result<Lease, Error> {
-        let consume = match self.undecided.take() {
-            Some(checked) => checked,
-            None => self.validate()?,
-        };
+    async fn run(self) -> Result<Lease, Error> {
+        let consume = self.validate()?;
         let decision = self.decide(consume.as_deref()).await;
         self.apply_policy(decision)
     }

@@ -189,8 +189,20 @@ async fn an_awaited_acquire_on_an_async_backend_counts_each_lookup_once() {
         .config_cache_ttl(Duration::from_secs(60))
         .build();
     limiter.set_resource_limits("api", &[rpm()]).await.unwrap();
-    limiter.acquire("u1", "api").await.unwrap().commit().await.unwrap();
-    limiter.acquire("u1", "api").await.unwrap().commit().await.unwrap();
+    limiter
+        .acquire("u1", "api")
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    limiter
+        .acquire("u1", "api")
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
     let stats = limiter.cache_stats();
     assert_eq!((stats.hits, stats.misses), (1, 1));
 }
