@@ -133,18 +133,15 @@ fn header_value(text: String) -> Option<HeaderValue> {
     HeaderValue::from_maybe_shared(Bytes::from(text)).ok()
 }
 
-/// Sets `RateLimit-Policy` and `RateLimit`, one list member per entry.
-pub(crate) fn ratelimit_headers<'a>(
-    headers: &mut HeaderMap,
-    entries: impl IntoIterator<Item = Entry<'a>>,
+/// The `RateLimit-Policy` value for these members (parent flag, limit), in order.
+fn policy_value<'a>(
+    members: impl IntoIterator<Item = (bool, &'a Limit)>,
     naming: &PolicyNaming,
-) {
+) -> Option<HeaderValue> {
     let mut policy = ListSerializer::new();
-    let mut current = ListSerializer::new();
-    for entry in entries {
-        let limit = entry.limit;
+    for (parent, limit) in members {
         // Limit names are validated ASCII, so they are always valid strings.
-        let name = member_name(entry.parent, limit);
+        let name = member_name(parent, limit);
         let Ok(name) = StringRef::from_str(&name) else {
             continue;
         };
@@ -163,6 +160,25 @@ pub(crate) fn ratelimit_headers<'a>(
             p = p.parameter(key("zae-unit"), unit);
         }
         let _ = p.finish();
+    }
+    policy.finish().and_then(header_value)
+}
+
+/// Sets `RateLimit-Policy` and `RateLimit`, one list member per entry.
+pub(crate) fn ratelimit_headers(
+    headers: &mut HeaderMap,
+    entries: &[Entry<'_>],
+    naming: &PolicyNaming,
+) {
+    if let Some(value) = policy_value(entries.iter().map(|e| (e.parent, e.limit)), naming) {
+        headers.insert(RATELIMIT_POLICY.clone(), value);
+    }
+    let mut current = ListSerializer::new();
+    for entry in entries {
+        let name = member_name(entry.parent, entry.limit);
+        let Ok(name) = StringRef::from_str(&name) else {
+            continue;
+        };
         let mut c = current
             .bare_item(name)
             .parameter(key("r"), sf_int(entry.remaining));
@@ -171,10 +187,8 @@ pub(crate) fn ratelimit_headers<'a>(
         }
         let _ = c.finish();
     }
-    for (field, list) in [(&RATELIMIT_POLICY, policy), (&RATELIMIT, current)] {
-        if let Some(value) = list.finish().and_then(header_value) {
-            headers.insert(field.clone(), value);
-        }
+    if let Some(value) = current.finish().and_then(header_value) {
+        headers.insert(RATELIMIT.clone(), value);
     }
 }
 
@@ -190,17 +204,21 @@ pub(crate) fn rejected_headers(
         .first()
         .map(|s| s.entity_id.as_str())
         .unwrap_or_default();
-    let entries = rejection.statuses().iter().map(|s| Entry {
-        parent: s.entity_id != entity,
-        limit: &s.limit,
-        remaining: u64::try_from(s.available.max(0)).unwrap_or(0),
-        reset: if s.exceeded {
-            s.retry_after_ms.map(|ms| ms.div_ceil(1000))
-        } else {
-            Some(0)
-        },
-    });
-    ratelimit_headers(headers, entries, naming);
+    let entries: Vec<Entry<'_>> = rejection
+        .statuses()
+        .iter()
+        .map(|s| Entry {
+            parent: s.entity_id != entity,
+            limit: &s.limit,
+            remaining: u64::try_from(s.available.max(0)).unwrap_or(0),
+            reset: if s.exceeded {
+                s.retry_after_ms.map(|ms| ms.div_ceil(1000))
+            } else {
+                Some(0)
+            },
+        })
+        .collect();
+    ratelimit_headers(headers, &entries, naming);
 }
 
 /// Seconds until one token returns to an empty bucket of `limit`.
@@ -240,21 +258,14 @@ impl PolicyCache {
         if let Some(hit) = self.last.lock().as_ref().filter(|f| same(f)) {
             return Some(Arc::clone(hit));
         }
-        let mut policy_only = HeaderMap::new();
-        let entries = items.iter().enumerate().flat_map(|(i, item)| {
-            item.limits.iter().map(move |limit| Entry {
-                parent: i > 0,
-                limit,
-                remaining: 0,
-                reset: None,
-            })
-        });
-        ratelimit_headers(&mut policy_only, entries, naming);
-        let policy = policy_only.remove(&RATELIMIT_POLICY)?;
-        let names = items
-            .iter()
-            .enumerate()
-            .flat_map(|(i, item)| item.limits.iter().map(move |l| (i > 0, l)))
+        let members = || {
+            items
+                .iter()
+                .enumerate()
+                .flat_map(|(i, item)| item.limits.iter().map(move |l| (i > 0, l)))
+        };
+        let policy = policy_value(members(), naming)?;
+        let names = members()
             .map(|(parent, limit)| {
                 let mut list = ListSerializer::new();
                 let name = member_name(parent, limit);
