@@ -19,36 +19,20 @@ async fn idle_buckets_are_evicted_and_memory_stays_bounded() {
     let (limiter, clock) = suite::limiter(Arc::new(repo.clone()));
     let limits = [Limit::per_second("rps", 10)];
     for i in 0..10_000 {
-        limiter
-            .acquire(format!("ip-{i}"), "api")
-            .limits(limits.clone())
-            .await
-            .unwrap()
-            .commit()
-            .await
-            .unwrap();
+        suite::admit(
+            limiter
+                .acquire(format!("ip-{i}"), "api")
+                .limits(limits.clone()),
+        )
+        .await;
     }
     assert_eq!(repo.len(), 10_000);
     // Not yet idle for 7 x time to fill (7 x 1 s).
     clock.advance(Duration::from_millis(6_999));
-    limiter
-        .acquire("probe", "api")
-        .limits(limits.clone())
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    suite::admit(limiter.acquire("probe", "api").limits(limits.clone())).await;
     assert_eq!(repo.evict_idle(), 0);
     clock.advance(Duration::from_millis(2));
-    limiter
-        .acquire("probe2", "api")
-        .limits(limits.clone())
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    suite::admit(limiter.acquire("probe2", "api").limits(limits.clone())).await;
     assert_eq!(repo.evict_idle(), 10_000);
     assert_eq!(repo.len(), 2);
     // An evicted key starts full again, which is what it would have refilled to.
@@ -77,15 +61,13 @@ async fn a_bucket_in_debt_is_kept_until_it_is_full_again() {
     lease.commit().await.unwrap();
     // 90 tokens of debt plus 10 of capacity at 10/s: 10 s to be full again.
     clock.advance(Duration::from_millis(9_999));
-    limiter
-        .acquire("probe", "api")
-        .limits(limits.clone())
-        .consume([("tps", 0)])
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    suite::admit(
+        limiter
+            .acquire("probe", "api")
+            .limits(limits.clone())
+            .consume([("tps", 0)]),
+    )
+    .await;
     assert_eq!(repo.evict_idle(), 0, "nothing is idle and full yet");
     // Still in the map: 99.99 tokens refilled since, so 9 whole tokens (an evicted,
     // recreated bucket would report 10).
@@ -94,15 +76,13 @@ async fn a_bucket_in_debt_is_kept_until_it_is_full_again() {
         9
     );
     clock.advance(Duration::from_millis(1));
-    limiter
-        .acquire("probe", "api")
-        .limits(limits.clone())
-        .consume([("tps", 0)])
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    suite::admit(
+        limiter
+            .acquire("probe", "api")
+            .limits(limits.clone())
+            .consume([("tps", 0)]),
+    )
+    .await;
     assert_eq!(repo.evict_idle(), 1);
 }
 
@@ -114,24 +94,15 @@ async fn background_sweeper_evicts() {
     let (limiter, clock) = suite::limiter(Arc::new(repo.clone()));
     let limits = [Limit::per_second("rps", 1)];
     for i in 0..100 {
-        limiter
-            .acquire(format!("k{i}"), "api")
-            .limits(limits.clone())
-            .await
-            .unwrap()
-            .commit()
-            .await
-            .unwrap();
+        suite::admit(
+            limiter
+                .acquire(format!("k{i}"), "api")
+                .limits(limits.clone()),
+        )
+        .await;
     }
     clock.advance(Duration::from_secs(10));
-    limiter
-        .acquire("probe", "api")
-        .limits(limits)
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    suite::admit(limiter.acquire("probe", "api").limits(limits)).await;
     for _ in 0..100 {
         if repo.len() == 1 {
             return;
@@ -146,36 +117,16 @@ async fn config_cache_stays_bounded_under_key_churn() {
     let (limiter, clock) = suite::limiter(Arc::new(InMemoryRepository::new()));
     let limits = [Limit::per_second("rps", 10)];
     // Keys with nothing stored take no cache entry at all on this backend.
-    limiter
-        .acquire("plain", "api")
-        .limits(limits.clone())
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    suite::admit(limiter.acquire("plain", "api").limits(limits.clone())).await;
     assert_eq!(limiter.cache_stats().size, 0);
     // With stored limits, every key is cached, and expired entries are swept.
     limiter.set_resource_limits("api", &limits).await.unwrap();
     for i in 0..5_000 {
-        limiter
-            .acquire(format!("k{i}"), "api")
-            .await
-            .unwrap()
-            .commit()
-            .await
-            .unwrap();
+        suite::admit(limiter.acquire(format!("k{i}"), "api")).await;
     }
     assert_eq!(limiter.cache_stats().size, 5_000);
     // One TTL later the next insert sweeps what expired.
     clock.advance(Duration::from_secs(61));
-    limiter
-        .acquire("fresh", "api")
-        .limits(limits)
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    suite::admit(limiter.acquire("fresh", "api").limits(limits)).await;
     assert_eq!(limiter.cache_stats().size, 1);
 }

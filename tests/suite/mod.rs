@@ -33,6 +33,11 @@ fn tpm(n: u64) -> Limit {
     Limit::per_minute("tpm", n)
 }
 
+/// Acquires and commits, expecting admission.
+pub async fn admit(acquire: zae_limiter::Acquire) {
+    acquire.await.unwrap().commit().await.unwrap();
+}
+
 fn rejected(result: Result<zae_limiter::Lease, Error>) -> zae_limiter::RateLimitExceeded {
     match result {
         Err(Error::RateLimited(e)) => e,
@@ -67,13 +72,7 @@ pub async fn acquire_and_commit_consumes(repo: Arc<dyn Repository>) {
 
 pub async fn default_consume_is_one_from_every_limit(repo: Arc<dyn Repository>) {
     let (l, _) = limiter(repo);
-    l.acquire("u1", "api")
-        .limits([rpm(10), tpm(100)])
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    admit(l.acquire("u1", "api").limits([rpm(10), tpm(100)])).await;
     let avail = l
         .available("u1", "api", Some(&[rpm(10), tpm(100)]))
         .await
@@ -106,14 +105,12 @@ pub async fn multiple_limits_are_all_or_nothing(repo: Arc<dyn Repository>) {
 pub async fn rejection_reports_exact_retry_after(repo: Arc<dyn Repository>) {
     let (l, clock) = limiter(repo);
     let limits = [rpm(60), tpm(600)];
-    l.acquire("u1", "api")
-        .limits(limits.clone())
-        .consume([("rpm", 60), ("tpm", 300)])
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    admit(
+        l.acquire("u1", "api")
+            .limits(limits.clone())
+            .consume([("rpm", 60), ("tpm", 300)]),
+    )
+    .await;
     let e = rejected(
         l.acquire("u1", "api")
             .limits(limits.clone())
@@ -132,14 +129,7 @@ pub async fn rejection_reports_exact_retry_after(repo: Arc<dyn Repository>) {
             .await,
     );
     clock.advance(Duration::from_millis(1));
-    l.acquire("u1", "api")
-        .limits(limits)
-        .consume([("rpm", 2)])
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    admit(l.acquire("u1", "api").limits(limits).consume([("rpm", 2)])).await;
 }
 
 pub async fn request_above_capacity_is_unsatisfiable(repo: Arc<dyn Repository>) {
@@ -246,14 +236,12 @@ pub async fn adjust_may_go_into_debt(repo: Arc<dyn Repository>) {
     // 51 tokens at 100/min: 30.6 s.
     assert_eq!(e.retry_after(), Duration::from_millis(30_600));
     clock.advance(Duration::from_millis(30_600));
-    l.acquire("u1", "api")
-        .limits([tpm(100)])
-        .consume([("tpm", 1)])
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    admit(
+        l.acquire("u1", "api")
+            .limits([tpm(100)])
+            .consume([("tpm", 1)]),
+    )
+    .await;
 }
 
 pub async fn negative_adjust_refunds_but_not_below_zero(repo: Arc<dyn Repository>) {
@@ -389,13 +377,7 @@ pub async fn refunds_never_exceed_capacity(repo: Arc<dyn Repository>) {
     let states = l.bucket_states("u1", "api").await.unwrap();
     assert!(states["rpm"].tokens_milli <= 10_000);
     for _ in 0..10 {
-        l.acquire("u1", "api")
-            .limits([rpm(10)])
-            .await
-            .unwrap()
-            .commit()
-            .await
-            .unwrap();
+        admit(l.acquire("u1", "api").limits([rpm(10)])).await;
     }
     rejected(l.acquire("u1", "api").limits([rpm(10)]).await);
 }
@@ -424,39 +406,33 @@ pub async fn slow_limit_sharing_an_item_refills_exactly(repo: Arc<dyn Repository
     // still regains exactly 1 token a day.
     let (l, clock) = limiter(repo);
     let limits = [Limit::per_day("rpd", 1), Limit::per_second("rps", 1000)];
-    l.acquire("u1", "api")
-        .limits(limits.clone())
-        .consume([("rpd", 1)])
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    admit(
+        l.acquire("u1", "api")
+            .limits(limits.clone())
+            .consume([("rpd", 1)]),
+    )
+    .await;
     let step = Duration::from_millis(3);
     let day_ms = 86_400_000u64;
     let mut elapsed = 0u64;
     // Busy writes for the first ten seconds, then jump to just before the day is up.
     while elapsed < 10_000 {
-        l.acquire("u1", "api")
-            .limits(limits.clone())
-            .consume([("rps", 1)])
-            .await
-            .unwrap()
-            .commit()
-            .await
-            .unwrap();
+        admit(
+            l.acquire("u1", "api")
+                .limits(limits.clone())
+                .consume([("rps", 1)]),
+        )
+        .await;
         clock.advance(step);
         elapsed += 3;
     }
     clock.advance(Duration::from_millis(day_ms - elapsed - 1));
-    l.acquire("u1", "api")
-        .limits(limits.clone())
-        .consume([("rps", 1)])
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    admit(
+        l.acquire("u1", "api")
+            .limits(limits.clone())
+            .consume([("rps", 1)]),
+    )
+    .await;
     rejected(
         l.acquire("u1", "api")
             .limits(limits.clone())
@@ -464,14 +440,7 @@ pub async fn slow_limit_sharing_an_item_refills_exactly(repo: Arc<dyn Repository
             .await,
     );
     clock.advance(Duration::from_millis(1));
-    l.acquire("u1", "api")
-        .limits(limits)
-        .consume([("rpd", 1)])
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    admit(l.acquire("u1", "api").limits(limits).consume([("rpd", 1)])).await;
 }
 
 pub async fn config_hierarchy_precedence(repo: Arc<dyn Repository>) {
@@ -580,18 +549,8 @@ pub async fn stored_on_unavailable_is_resolved(repo: Arc<dyn Repository>) {
 pub async fn config_cache_counts_and_expires(repo: Arc<dyn Repository>) {
     let (l, clock) = limiter(Arc::clone(&repo));
     l.set_resource_limits("api", &[rpm(10)]).await.unwrap();
-    l.acquire("u1", "api")
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
-    l.acquire("u1", "api")
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    admit(l.acquire("u1", "api")).await;
+    admit(l.acquire("u1", "api")).await;
     let stats = l.cache_stats();
     assert_eq!((stats.hits, stats.misses, stats.size), (1, 1, 1));
     assert_eq!(stats.ttl, Duration::from_secs(60));
@@ -620,12 +579,7 @@ pub async fn added_limit_starts_full_and_removed_limit_stops(repo: Arc<dyn Repos
     let (l, _) = limiter(repo);
     l.set_resource_limits("api", &[rpm(2)]).await.unwrap();
     for _ in 0..2 {
-        l.acquire("u1", "api")
-            .await
-            .unwrap()
-            .commit()
-            .await
-            .unwrap();
+        admit(l.acquire("u1", "api")).await;
     }
     rejected(l.acquire("u1", "api").await);
     // Replace rpm with tpm: rpm is no longer enforced, tpm starts full.
@@ -638,24 +592,16 @@ pub async fn added_limit_starts_full_and_removed_limit_stops(repo: Arc<dyn Repos
 
 pub async fn capacity_cut_clamps_tokens(repo: Arc<dyn Repository>) {
     let (l, _) = limiter(repo);
-    l.acquire("u1", "api")
-        .limits([rpm(100)])
-        .consume([("rpm", 1)])
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    admit(
+        l.acquire("u1", "api")
+            .limits([rpm(100)])
+            .consume([("rpm", 1)]),
+    )
+    .await;
     let avail = l.available("u1", "api", Some(&[rpm(10)])).await.unwrap();
     assert_eq!(avail["rpm"], 10);
     for _ in 0..10 {
-        l.acquire("u1", "api")
-            .limits([rpm(10)])
-            .await
-            .unwrap()
-            .commit()
-            .await
-            .unwrap();
+        admit(l.acquire("u1", "api").limits([rpm(10)])).await;
     }
     rejected(l.acquire("u1", "api").limits([rpm(10)]).await);
 }
@@ -707,12 +653,7 @@ pub async fn entities_crud(repo: Arc<dyn Repository>) {
     l.set_entity_limits("key-2", "api", &[rpm(5)])
         .await
         .unwrap();
-    l.acquire("key-2", "api")
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    admit(l.acquire("key-2", "api")).await;
     l.delete_entity("key-2").await.unwrap();
     assert_eq!(l.get_entity("key-2").await.unwrap(), None);
     assert_eq!(l.get_entity_limits("key-2", "api").await.unwrap(), None);
@@ -774,14 +715,12 @@ pub async fn cascade_charges_parent_all_or_nothing(repo: Arc<dyn Repository>) {
     assert_eq!(l.available("key-b", "llm", None).await.unwrap()["tpm"], 80);
 
     // cascade(false) leaves the parent alone.
-    l.acquire("key-b", "llm")
-        .consume([("tpm", 50)])
-        .cascade(false)
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    admit(
+        l.acquire("key-b", "llm")
+            .consume([("tpm", 50)])
+            .cascade(false),
+    )
+    .await;
     assert_eq!(l.available("proj", "llm", None).await.unwrap()["tpm"], 30);
 }
 
@@ -810,14 +749,12 @@ pub async fn availability_queries(repo: Arc<dyn Repository>) {
         l.available("u1", "api", Some(&limits)).await.unwrap()["tpm"],
         6000
     );
-    l.acquire("u1", "api")
-        .limits(limits.clone())
-        .consume([("rpm", 60), ("tpm", 3000)])
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    admit(
+        l.acquire("u1", "api")
+            .limits(limits.clone())
+            .consume([("rpm", 60), ("tpm", 3000)]),
+    )
+    .await;
     let wait = l
         .time_until_available("u1", "api", [("rpm", 3), ("tpm", 3000)], Some(&limits))
         .await
