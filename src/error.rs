@@ -41,6 +41,17 @@ pub enum Error {
         #[source]
         source: Option<BoxError>,
     },
+    /// The backend refused a request for a reason that retrying will not fix (access
+    /// denied, a malformed request). Unlike [`Error::Unavailable`] it never falls under
+    /// [`crate::OnUnavailable::Allow`]: a permissions error must not open the gate.
+    #[error("rate limiter backend refused the request: {message}")]
+    Backend {
+        /// What was refused, and why.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// No entity with this id.
     #[error("entity not found: {entity_id}")]
     EntityNotFound {
@@ -120,6 +131,7 @@ impl Error {
         match self {
             Error::RateLimited(_) | Error::LeaseClosed => ErrorCategory::RateLimit,
             Error::Unavailable { .. }
+            | Error::Backend { .. }
             | Error::NamespaceNotFound { .. }
             | Error::InfrastructureNotFound { .. } => ErrorCategory::Infrastructure,
             Error::EntityNotFound { .. } | Error::EntityExists { .. } => ErrorCategory::Entity,

@@ -302,6 +302,7 @@ impl Lease {
             resource: resource.to_string(),
             limits: Arc::from(Vec::new()),
             amounts: Vec::new(),
+            expires_when_idle: true,
         };
         Self::from_parts(limiter, vec![item], Vec::new(), Amounts::new(), true)
     }

@@ -53,6 +53,8 @@ mod keys;
 mod lease;
 pub mod limit;
 mod limiter;
+#[cfg(feature = "dynamodb")]
+pub mod local;
 pub mod middleware;
 pub mod model;
 pub mod naming;
@@ -67,5 +69,7 @@ pub use limiter::{
 pub use model::{
     BackendCapabilities, CacheStats, ConfigSource, Entity, LimitStatus, OnUnavailable,
 };
+#[cfg(feature = "dynamodb")]
+pub use repository::dynamodb::{DynamoDbRepository, DynamoDbRepositoryBuilder};
 pub use repository::memory::InMemoryRepository;
 pub use repository::Repository;

@@ -756,8 +756,8 @@ impl Acquire {
         &self,
         stored: &StoredConfig,
         consume: Option<&[(String, i64)]>,
-    ) -> Option<(Arc<[Limit]>, Vec<u64>)> {
-        let (limits, _source) = resolve(stored, self.limits.as_ref(), self.fallback.as_ref())?;
+    ) -> Option<(Arc<[Limit]>, Vec<u64>, bool)> {
+        let (limits, source) = resolve(stored, self.limits.as_ref(), self.fallback.as_ref())?;
         let amounts = limits
             .iter()
             .map(|l| match consume {
@@ -768,7 +768,7 @@ impl Acquire {
                     .fold(0u64, |sum, (_, a)| sum.saturating_add(*a as u64)),
             })
             .collect();
-        Some((limits, amounts))
+        Some((limits, amounts, source != ConfigSource::Entity))
     }
 
     /// The parent's item for a cascade, if its limits resolve.
@@ -778,12 +778,13 @@ impl Acquire {
         stored: &StoredConfig,
         consume: Option<&[(String, i64)]>,
     ) -> Option<ItemRequest> {
-        let (limits, amounts) = self.charges(stored, consume)?;
+        let (limits, amounts, expires_when_idle) = self.charges(stored, consume)?;
         Some(ItemRequest {
             entity_id: parent_id.to_string(),
             resource: self.resource.clone(),
             limits,
             amounts,
+            expires_when_idle,
         })
     }
 
@@ -793,8 +794,8 @@ impl Acquire {
         &self,
         stored: &'s StoredConfig,
         consume: Option<&[(String, i64)]>,
-    ) -> Result<(Arc<[Limit]>, Vec<u64>, Option<&'s str>), Error> {
-        let (limits, amounts) = self
+    ) -> Result<(Arc<[Limit]>, Vec<u64>, bool, Option<&'s str>), Error> {
+        let (limits, amounts, expires) = self
             .charges(stored, consume)
             .ok_or_else(|| no_limits(&self.entity_id, &self.resource))?;
         let entity = stored.entity.as_ref();
@@ -804,7 +805,7 @@ impl Acquire {
         let parent = entity
             .and_then(|e| e.parent_id.as_deref())
             .filter(|_| cascade);
-        Ok((limits, amounts, parent))
+        Ok((limits, amounts, expires, parent))
     }
 
     /// Turns the backend's answer into a lease or a rejection.
@@ -839,12 +840,13 @@ impl Acquire {
         let stored = limiter
             .stored_config(&self.entity_id, &self.resource, now)
             .await?;
-        let (limits, amounts, parent) = self.own_charges(&stored, consume)?;
+        let (limits, amounts, expires_when_idle, parent) = self.own_charges(&stored, consume)?;
         let mut items = vec![ItemRequest {
             entity_id: self.entity_id.clone(),
             resource: self.resource.clone(),
             limits,
             amounts,
+            expires_when_idle,
         }];
         if let Some(parent_id) = parent {
             let parent_stored = limiter
@@ -882,7 +884,8 @@ impl Acquire {
                 Ok(stored) => stored,
                 Err(e) => return Some(Err(e)),
             };
-        let (limits, amounts, parent) = match self.own_charges(&stored, consume) {
+        let (limits, amounts, expires_when_idle, parent) = match self.own_charges(&stored, consume)
+        {
             Ok(found) => found,
             Err(e) => return Some(Err(e)),
         };
@@ -901,6 +904,7 @@ impl Acquire {
             resource: std::mem::take(&mut self.resource),
             limits,
             amounts,
+            expires_when_idle,
         });
         items.extend(parent_item);
         let mut request = AcquireRequest { items, now_ms: now };

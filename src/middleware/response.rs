@@ -402,12 +402,14 @@ mod tests {
                 resource: "api".into(),
                 limits: vec![Limit::per_minute("rpm", 5), Limit::per_hour("rph", 100)].into(),
                 amounts: vec![1, 1],
+                expires_when_idle: true,
             },
             ItemRequest {
                 entity_id: "p".into(),
                 resource: "api".into(),
                 limits: vec![Limit::per_minute("rpm", 50)].into(),
                 amounts: vec![1],
+                expires_when_idle: true,
             },
         ];
         let check = |available| LimitCheck {

@@ -18,6 +18,8 @@ use async_trait::async_trait;
 use crate::bucket::{BucketState, ConsumeResult};
 use crate::{BackendCapabilities, Entity, Error, Limit, OnUnavailable};
 
+#[cfg(feature = "dynamodb")]
+pub mod dynamodb;
 pub mod memory;
 
 /// One bucket item to charge in an acquire: the limits of one entity and resource.
@@ -31,6 +33,10 @@ pub struct ItemRequest {
     pub limits: Arc<[Limit]>,
     /// The whole tokens to take from each limit, in the same order (zero allowed).
     pub amounts: Vec<u64>,
+    /// Whether the limits come from a shared level (resource, system, or the caller's), so
+    /// a backend may expire the item once idle; false when they are stored for this entity,
+    /// whose buckets are kept (DESIGN section 9, bucket `ttl`).
+    pub expires_when_idle: bool,
 }
 
 /// An all-or-nothing consumption over one item, or two (child and parent in a cascade).

@@ -1,0 +1,1006 @@
+//! The write paths on bucket items (DESIGN section 9): speculative, create, normal, the
+//! transaction for a cascade that needs the normal path, and signed adjustments.
+//!
+//! Every path decides with the pure functions of [`crate::bucket`] on an image of the item
+//! (read, or returned by a failed conditional write), and writes with `ADD` under conditions
+//! that make the decision hold at write time: nothing is ever read, changed and `Put` back.
+
+use std::time::Duration;
+
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+use aws_sdk_dynamodb::types::{
+    KeysAndAttributes, Put, ReturnValue, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
+    Update as TxUpdate,
+};
+
+use super::codec::{self, num, s, Image, Item};
+use super::expr::{Expr, Update};
+use super::{errors, keys, Inner};
+use crate::bucket::{self, BucketState, MILLI};
+use crate::repository::{reconcile_bucket, AcquireOutcome, ItemRequest, LimitCheck};
+use crate::{Error, Limit};
+
+/// Attempts before an acquire gives up under contention (then `Unavailable`, never a 429).
+const MAX_ATTEMPTS: usize = 12;
+
+/// What the arithmetic says about one item.
+#[derive(Debug)]
+pub(super) struct Plan {
+    /// One check per limit.
+    pub checks: Vec<LimitCheck>,
+    /// Whether every limit fits.
+    pub fits: bool,
+    /// The state of every limit after this acquire (refilled, reconciled, consumed).
+    pub states: Vec<BucketState>,
+    /// Whether the stored tokens cover the request without refill, with the stored
+    /// parameters equal to the requested ones: a speculative write would succeed.
+    pub speculative_ok: bool,
+}
+
+/// Decides an item against an image (`None`: the item does not exist).
+pub(super) fn evaluate(image: Option<&Image>, item: &ItemRequest, now_ms: i64) -> Plan {
+    let mut plan = Plan {
+        checks: Vec::with_capacity(item.limits.len()),
+        fits: true,
+        states: Vec::with_capacity(item.limits.len()),
+        speculative_ok: image.is_some_and(|i| !expired(i, now_ms)),
+    };
+    for (limit, &amount) in item.limits.iter().zip(&item.amounts) {
+        let stored = image.and_then(|i| i.buckets.get(&limit.name));
+        let fresh = BucketState::from_limit(limit, now_ms);
+        plan.speculative_ok &= stored
+            .is_some_and(|s| same_params(s, &fresh) && i128::from(s.tokens_milli) >= milli(amount));
+        let current = reconcile_bucket(stored, limit, now_ms);
+        let result = bucket::try_consume(&current, amount, now_ms);
+        plan.fits &= result.success;
+        plan.checks
+            .push(LimitCheck::from_consume(limit, amount, &result));
+        plan.states.push(result.state);
+    }
+    plan
+}
+
+fn same_params(a: &BucketState, b: &BucketState) -> bool {
+    a.capacity_milli == b.capacity_milli
+        && a.refill_amount_milli == b.refill_amount_milli
+        && a.refill_period_ms == b.refill_period_ms
+}
+
+fn expired(image: &Image, now_ms: i64) -> bool {
+    image.ttl.is_some_and(|t| t <= now_ms.div_euclid(1000))
+}
+
+/// Whole tokens as millitokens (amounts are at most [`crate::limit::MAX_TOKENS`]).
+fn milli(amount: u64) -> i128 {
+    i128::from(amount) * i128::from(MILLI)
+}
+
+fn milli_i64(amount: u64) -> i64 {
+    i64::try_from(milli(amount)).unwrap_or(i64::MAX)
+}
+
+/// The checks of a speculative write that succeeded, from the item it left.
+fn admitted_checks(new: &Image, item: &ItemRequest, now_ms: i64) -> Vec<LimitCheck> {
+    item.limits
+        .iter()
+        .zip(&item.amounts)
+        .map(|(limit, &amount)| {
+            let available = new.buckets.get(&limit.name).map_or(0, |state| {
+                let mut before = *state;
+                before.tokens_milli = before.tokens_milli.saturating_add(milli_i64(amount));
+                bucket::available(&before, now_ms)
+            });
+            LimitCheck {
+                available,
+                exceeded: false,
+                retry_after_ms: Some(0),
+            }
+        })
+        .collect()
+}
+
+/// How a speculative write ended.
+enum Speculative {
+    /// Consumed; the item as it now is.
+    Admitted(Image),
+    /// A condition failed; the item as it was (`None`: it does not exist).
+    Failed(Option<Image>),
+}
+
+/// How a conditional write ended.
+enum Written {
+    Ok,
+    /// A condition failed; the item as it was, when DynamoDB returned it.
+    Conflict(Option<Image>),
+}
+
+/// The next step of the single-item loop.
+enum Step {
+    Speculative,
+    Create,
+    Read,
+    Normal(Image),
+}
+
+impl Inner {
+    /// Consumes from one or two items (child, then parent), all or nothing.
+    pub(super) async fn acquire_items(
+        &self,
+        items: &[ItemRequest],
+        now_ms: i64,
+    ) -> Result<AcquireOutcome, Error> {
+        match items {
+            [] => Ok(AcquireOutcome {
+                admitted: true,
+                checks: Vec::new(),
+            }),
+            [item] => self.acquire_one(item, now_ms).await,
+            [child, parent] => self.acquire_cascade(child, parent, now_ms).await,
+            _ => Err(Error::validation(
+                "items",
+                items.len().to_string(),
+                "an acquire covers one entity, or a child and its parent",
+            )),
+        }
+    }
+
+    async fn acquire_one(&self, item: &ItemRequest, now: i64) -> Result<AcquireOutcome, Error> {
+        let cache_key = crate::keys::entity_resource(&item.entity_id, &item.resource);
+        if let Some(image) = self.rejections.get(&cache_key, now) {
+            let plan = evaluate(Some(&image), item, now);
+            if !plan.fits {
+                return Ok(rejected(plan.checks));
+            }
+            self.rejections.forget(&cache_key);
+        }
+        if item.amounts.iter().all(|&a| a == 0) {
+            // Nothing to write: decide on a consistent read.
+            let image = self.read_bucket(&item.entity_id, &item.resource).await?;
+            let plan = evaluate(image.as_ref(), item, now);
+            return Ok(AcquireOutcome {
+                admitted: plan.fits,
+                checks: plan.checks,
+            });
+        }
+        let mut step = Step::Speculative;
+        for _ in 0..MAX_ATTEMPTS {
+            step = match step {
+                Step::Speculative => match self.speculative(item, now).await? {
+                    Speculative::Admitted(new) => {
+                        return Ok(admitted(admitted_checks(&new, item, now)))
+                    }
+                    Speculative::Failed(None) => Step::Create,
+                    Speculative::Failed(Some(old)) => {
+                        match self.next_step(&cache_key, old, item, now) {
+                            Ok(step) => step,
+                            Err(outcome) => return Ok(outcome),
+                        }
+                    }
+                },
+                Step::Create => {
+                    let plan = evaluate(None, item, now);
+                    if !plan.fits {
+                        return Ok(rejected(plan.checks));
+                    }
+                    match self.create(item, &plan, now).await? {
+                        Written::Ok => return Ok(admitted(plan.checks)),
+                        Written::Conflict(_) => Step::Read,
+                    }
+                }
+                Step::Read => match self.read_bucket(&item.entity_id, &item.resource).await? {
+                    None => Step::Create,
+                    Some(image) => match self.next_step(&cache_key, image, item, now) {
+                        Ok(step) => step,
+                        Err(outcome) => return Ok(outcome),
+                    },
+                },
+                Step::Normal(image) => {
+                    let plan = evaluate(Some(&image), item, now);
+                    if !plan.fits {
+                        return Ok(rejected(plan.checks));
+                    }
+                    match self.normal(item, &image, &plan, now).await? {
+                        Written::Ok => return Ok(admitted(plan.checks)),
+                        Written::Conflict(None) => Step::Read,
+                        Written::Conflict(Some(old)) => {
+                            match self.next_step(&cache_key, old, item, now) {
+                                Ok(step) => step,
+                                Err(outcome) => return Ok(outcome),
+                            }
+                        }
+                    }
+                }
+            };
+        }
+        Err(contended(&item.entity_id, &item.resource))
+    }
+
+    /// From an image: reject (remembering it), or the write to try next.
+    fn next_step(
+        &self,
+        cache_key: &str,
+        image: Image,
+        item: &ItemRequest,
+        now: i64,
+    ) -> Result<Step, AcquireOutcome> {
+        let plan = evaluate(Some(&image), item, now);
+        if !plan.fits {
+            self.rejections
+                .remember(cache_key, image, &plan.checks, now);
+            return Err(rejected(plan.checks));
+        }
+        Ok(if plan.speculative_ok {
+            Step::Speculative
+        } else {
+            Step::Normal(image)
+        })
+    }
+
+    /// Child and parent: both speculative writes at once, compensating a one-sided success;
+    /// else one transaction of normal writes.
+    async fn acquire_cascade(
+        &self,
+        child: &ItemRequest,
+        parent: &ItemRequest,
+        now: i64,
+    ) -> Result<AcquireOutcome, Error> {
+        let (a, b) = tokio::join!(self.speculative(child, now), self.speculative(parent, now));
+        let (a, b) = match (a, b) {
+            (Ok(Speculative::Admitted(x)), Ok(Speculative::Admitted(y))) => {
+                let mut checks = admitted_checks(&x, child, now);
+                checks.extend(admitted_checks(&y, parent, now));
+                return Ok(admitted(checks));
+            }
+            other => other,
+        };
+        // Undo whatever one side took, then decide from what the other side saw.
+        let mut error = None;
+        let mut checks = Vec::new();
+        let mut fits = true;
+        for (item, result) in [(child, a), (parent, b)] {
+            match result {
+                Ok(Speculative::Admitted(new)) => {
+                    if let Err(e) = self.compensate(item, now).await {
+                        tracing::error!(
+                            entity_id = %item.entity_id,
+                            resource = %item.resource,
+                            error = %e,
+                            "could not give back a one-sided cascade consumption"
+                        );
+                        error.get_or_insert(e);
+                    }
+                    checks.extend(admitted_checks(&new, item, now));
+                }
+                Ok(Speculative::Failed(image)) => {
+                    let plan = evaluate(image.as_ref(), item, now);
+                    fits &= plan.fits;
+                    checks.extend(plan.checks);
+                }
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = error {
+            return Err(e);
+        }
+        if !fits {
+            return Ok(rejected(checks));
+        }
+        self.cascade_transaction(child, parent, now).await
+    }
+
+    /// The slow path of a cascade: read both items, decide, write both in one transaction.
+    async fn cascade_transaction(
+        &self,
+        child: &ItemRequest,
+        parent: &ItemRequest,
+        now: i64,
+    ) -> Result<AcquireOutcome, Error> {
+        let items = [child, parent];
+        for attempt in 0..MAX_ATTEMPTS {
+            let images = self.read_buckets(&items).await?;
+            let plans: Vec<Plan> = items
+                .iter()
+                .zip(&images)
+                .map(|(item, image)| evaluate(image.as_ref(), item, now))
+                .collect();
+            if plans.iter().any(|p| !p.fits) {
+                return Ok(rejected(plans.into_iter().flat_map(|p| p.checks).collect()));
+            }
+            let mut writes = Vec::with_capacity(2);
+            for ((item, image), plan) in items.iter().zip(&images).zip(&plans) {
+                writes.push(match image {
+                    None => {
+                        let put = Put::builder()
+                            .table_name(&self.table)
+                            .set_item(Some(self.new_bucket_item(item, plan, now)))
+                            .condition_expression("attribute_not_exists(PK)")
+                            .build()
+                            .map_err(build_error)?;
+                        TransactWriteItem::builder().put(put).build()
+                    }
+                    Some(image) => {
+                        let (update, expr) = self.normal_update(item, image, plan, now);
+                        let tx = TxUpdate::builder()
+                            .table_name(&self.table)
+                            .set_key(Some(self.bucket_key(item)))
+                            .update_expression(update.expression())
+                            .set_condition_expression(update.condition())
+                            .set_expression_attribute_names(expr.names())
+                            .set_expression_attribute_values(expr.values())
+                            .build()
+                            .map_err(build_error)?;
+                        TransactWriteItem::builder().update(tx).build()
+                    }
+                });
+            }
+            let sent = self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(writes))
+                .send()
+                .await;
+            match sent {
+                Ok(_) => return Ok(admitted(plans.into_iter().flat_map(|p| p.checks).collect())),
+                Err(e) => {
+                    let reasons: Vec<String> = match e.as_service_error() {
+                        Some(TransactWriteItemsError::TransactionCanceledException(c)) => c
+                            .cancellation_reasons()
+                            .iter()
+                            .filter_map(|r| r.code().map(str::to_string))
+                            .collect(),
+                        _ => return Err(errors::map("TransactWriteItems", &self.table, e)),
+                    };
+                    // A failed condition means the items moved: read again and decide anew.
+                    // A conflict with another transaction is contention: back off and retry;
+                    // neither is a rate-limit rejection.
+                    if !reasons.iter().any(|r| r == "ConditionalCheckFailed") {
+                        tokio::time::sleep(backoff(attempt)).await;
+                    }
+                }
+            }
+        }
+        Err(contended(&child.entity_id, &child.resource))
+    }
+
+    /// The hot path: `ADD` the consumption, conditioned on the stored tokens covering it
+    /// (no refill), the stored parameters matching, and the item being unexpired.
+    async fn speculative(&self, item: &ItemRequest, now: i64) -> Result<Speculative, Error> {
+        let mut expr = Expr::default();
+        let mut update = Update::default();
+        update.conditions.push("attribute_exists(PK)".into());
+        for (limit, &amount) in item.limits.iter().zip(&item.amounts) {
+            let fresh = BucketState::from_limit(limit, now);
+            let tk = expr.name(&keys::bucket_attr(&limit.name, "tk"));
+            let amount_milli = milli_i64(amount);
+            if amount > 0 {
+                let tc = expr.name(&keys::bucket_attr(&limit.name, "tc"));
+                let minus = expr.num(-amount_milli);
+                let plus = expr.num(amount_milli);
+                update.add.push(format!("{tk} {minus}"));
+                update.add.push(format!("{tc} {plus}"));
+                update.conditions.push(format!("{tk} >= {plus}"));
+            } else {
+                let zero = expr.num(0);
+                update.conditions.push(format!("{tk} >= {zero}"));
+            }
+            for (field, value) in [
+                ("cp", fresh.capacity_milli),
+                ("ra", fresh.refill_amount_milli),
+                ("rp", fresh.refill_period_ms),
+            ] {
+                let n = expr.name(&keys::bucket_attr(&limit.name, field));
+                let v = expr.num(value);
+                update.conditions.push(format!("{n} = {v}"));
+            }
+        }
+        let ttl = expr.name("ttl");
+        let now_s = expr.num(now.div_euclid(1000));
+        update
+            .conditions
+            .push(format!("(attribute_not_exists({ttl}) OR {ttl} > {now_s})"));
+        let sent = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(self.bucket_key(item)))
+            .update_expression(update.expression())
+            .set_condition_expression(update.condition())
+            .set_expression_attribute_names(expr.names())
+            .set_expression_attribute_values(expr.values())
+            .return_values(ReturnValue::AllNew)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match sent {
+            Ok(out) => Ok(Speculative::Admitted(Image::parse(
+                out.attributes().unwrap_or(&Item::new()),
+            ))),
+            Err(e) => match conditional_image(&e) {
+                Some(image) => Ok(Speculative::Failed(image)),
+                None => Err(errors::map("UpdateItem", &self.table, e)),
+            },
+        }
+    }
+
+    /// Creates the item with full buckets minus the consumption.
+    async fn create(&self, item: &ItemRequest, plan: &Plan, now: i64) -> Result<Written, Error> {
+        let sent = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(self.new_bucket_item(item, plan, now)))
+            .condition_expression("attribute_not_exists(PK)")
+            .send()
+            .await;
+        match sent {
+            Ok(_) => Ok(Written::Ok),
+            Err(e) => {
+                use aws_sdk_dynamodb::operation::put_item::PutItemError;
+                if matches!(
+                    e.as_service_error(),
+                    Some(PutItemError::ConditionalCheckFailedException(_))
+                ) {
+                    Ok(Written::Conflict(None))
+                } else {
+                    Err(errors::map("PutItem", &self.table, e))
+                }
+            }
+        }
+    }
+
+    /// The attributes of a new bucket item.
+    fn new_bucket_item(&self, item: &ItemRequest, plan: &Plan, now: i64) -> Item {
+        let pk = keys::bucket_pk(&self.ns, &item.entity_id, &item.resource);
+        let mut attrs = codec::key(pk.clone(), keys::STATE_SK);
+        attrs.insert("entity_id".into(), s(&item.entity_id));
+        attrs.insert("resource".into(), s(&item.resource));
+        attrs.insert("rf".into(), num(now));
+        attrs.insert("shard_count".into(), num(1));
+        for ((limit, &amount), state) in item.limits.iter().zip(&item.amounts).zip(&plan.states) {
+            for (field, value) in [
+                ("tk", state.tokens_milli),
+                ("cp", state.capacity_milli),
+                ("ra", state.refill_amount_milli),
+                ("rp", state.refill_period_ms),
+                ("tc", milli_i64(amount)),
+                ("rc", state.refill_carry),
+            ] {
+                attrs.insert(keys::bucket_attr(&limit.name, field), num(value));
+            }
+        }
+        if let Some(ttl) = self.bucket_ttl(item, now) {
+            attrs.insert("ttl".into(), num(ttl));
+        }
+        attrs.insert(
+            "GSI2PK".into(),
+            s(keys::resource_pk(&self.ns, &item.resource)),
+        );
+        attrs.insert("GSI2SK".into(), s(format!("BUCKET#{}#0", item.entity_id)));
+        attrs.insert(
+            "GSI3PK".into(),
+            s(keys::entity_pk(&self.ns, &item.entity_id)),
+        );
+        attrs.insert("GSI3SK".into(), s(format!("BUCKET#{}#0", item.resource)));
+        attrs.insert("GSI4PK".into(), s(&self.ns));
+        attrs.insert("GSI4SK".into(), s(pk));
+        attrs
+    }
+
+    /// When an item on shared limits expires: time to fill x the multiplier after this write.
+    fn bucket_ttl(&self, item: &ItemRequest, now: i64) -> Option<i64> {
+        if !item.expires_when_idle || self.bucket_ttl_multiplier == 0 {
+            return None;
+        }
+        let fill_ms = item.limits.iter().map(Limit::time_to_fill_ms).max()?;
+        let keep_s = fill_ms
+            .saturating_mul(u64::from(self.bucket_ttl_multiplier))
+            .div_ceil(1000);
+        Some(
+            now.div_euclid(1000)
+                .saturating_add(i64::try_from(keep_s).unwrap_or(i64::MAX)),
+        )
+    }
+
+    /// The normal write: claim the refill since the image's `rf` and consume, in one
+    /// conditional `UpdateItem`.
+    async fn normal(
+        &self,
+        item: &ItemRequest,
+        image: &Image,
+        plan: &Plan,
+        now: i64,
+    ) -> Result<Written, Error> {
+        let (update, expr) = self.normal_update(item, image, plan, now);
+        let sent = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(self.bucket_key(item)))
+            .update_expression(update.expression())
+            .set_condition_expression(update.condition())
+            .set_expression_attribute_names(expr.names())
+            .set_expression_attribute_values(expr.values())
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match sent {
+            Ok(_) => Ok(Written::Ok),
+            Err(e) => match conditional_image(&e) {
+                Some(image) => Ok(Written::Conflict(image)),
+                None => Err(errors::map("UpdateItem", &self.table, e)),
+            },
+        }
+    }
+
+    /// The normal write's expression (see [`locked_update`]), with this acquire's
+    /// consumption and the item's TTL.
+    fn normal_update(
+        &self,
+        item: &ItemRequest,
+        image: &Image,
+        plan: &Plan,
+        now: i64,
+    ) -> (Update, Expr) {
+        let changes: Vec<Change<'_>> = item
+            .limits
+            .iter()
+            .zip(&item.amounts)
+            .zip(&plan.states)
+            .map(|((limit, &amount), state)| Change {
+                limit,
+                state: *state,
+                consumed: milli_i64(amount),
+                must_cover: true,
+            })
+            .collect();
+        let ttl = match self.bucket_ttl(item, now) {
+            Some(t) => Ttl::Set(t),
+            None => Ttl::Remove,
+        };
+        locked_update(image, &changes, ttl, now)
+    }
+
+    /// Gives back what a speculative write took (a one-sided cascade success).
+    async fn compensate(&self, item: &ItemRequest, now: i64) -> Result<(), Error> {
+        let deltas: Vec<(Limit, i64)> = item
+            .limits
+            .iter()
+            .zip(&item.amounts)
+            .filter(|(_, &a)| a > 0)
+            .map(|(l, &a)| (l.clone(), -i64::try_from(a).unwrap_or(i64::MAX)))
+            .collect();
+        self.write_deltas(&item.entity_id, &item.resource, &deltas, now)
+            .await
+    }
+
+    /// Signed whole-token changes to one item; `tc` moves by each full amount. Never
+    /// creates an item: on a missing one this is a no-op.
+    ///
+    /// Debits only (the usual adjust): one unconditional `ADD`, into debt if need be (a
+    /// limit the item lacks is seeded in full first). Any credit (rollback, a negative
+    /// adjust, compensation): an rf-locked write that refills first and caps the credit at
+    /// capacity, because a credit on top of refill not yet written would lift the bucket
+    /// above capacity.
+    pub(super) async fn write_deltas(
+        &self,
+        entity_id: &str,
+        resource: &str,
+        deltas: &[(Limit, i64)],
+        now: i64,
+    ) -> Result<(), Error> {
+        let deltas: Vec<&(Limit, i64)> = deltas.iter().filter(|(_, d)| *d != 0).collect();
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        if deltas.iter().all(|(_, d)| *d > 0) {
+            return self.debit(entity_id, resource, &deltas).await;
+        }
+        let mut image = self.read_bucket(entity_id, resource).await?;
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(current) = image else {
+                tracing::debug!(
+                    entity_id,
+                    resource,
+                    "adjust skipped: the bucket item is gone"
+                );
+                return Ok(());
+            };
+            let changes: Vec<Change<'_>> = deltas
+                .iter()
+                .map(|(limit, delta)| {
+                    let stored = reconcile_bucket(current.buckets.get(&limit.name), limit, now);
+                    Change {
+                        limit,
+                        state: bucket::force_consume(&stored, *delta, now),
+                        consumed: delta.saturating_mul(MILLI),
+                        must_cover: false,
+                    }
+                })
+                .collect();
+            let (update, expr) = locked_update(&current, &changes, Ttl::Keep, now);
+            let sent = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(codec::key(
+                    keys::bucket_pk(&self.ns, entity_id, resource),
+                    keys::STATE_SK,
+                )))
+                .update_expression(update.expression())
+                .set_condition_expression(update.condition())
+                .set_expression_attribute_names(expr.names())
+                .set_expression_attribute_values(expr.values())
+                .return_values_on_condition_check_failure(
+                    ReturnValuesOnConditionCheckFailure::AllOld,
+                )
+                .send()
+                .await;
+            image = match sent {
+                Ok(_) => return Ok(()),
+                Err(e) => match conditional_image(&e) {
+                    Some(image) => image,
+                    None => return Err(errors::map("UpdateItem", &self.table, e)),
+                },
+            };
+        }
+        Err(contended(entity_id, resource))
+    }
+
+    /// Unconditional debits (debt allowed), seeding a missing limit in full.
+    async fn debit(
+        &self,
+        entity_id: &str,
+        resource: &str,
+        deltas: &[&(Limit, i64)],
+    ) -> Result<(), Error> {
+        let mut expr = Expr::default();
+        let mut update = Update::default();
+        update.conditions.push("attribute_exists(PK)".into());
+        let zero = expr.num(0);
+        for (limit, delta) in deltas {
+            let fresh = BucketState::from_limit(limit, 0);
+            let [tk, tc, rc] =
+                ["tk", "tc", "rc"].map(|f| expr.name(&keys::bucket_attr(&limit.name, f)));
+            for (field, value) in [
+                ("cp", fresh.capacity_milli),
+                ("ra", fresh.refill_amount_milli),
+                ("rp", fresh.refill_period_ms),
+            ] {
+                let n = expr.name(&keys::bucket_attr(&limit.name, field));
+                let v = expr.num(value);
+                update.set.push(format!("{n} = if_not_exists({n}, {v})"));
+            }
+            update
+                .set
+                .push(format!("{rc} = if_not_exists({rc}, {zero})"));
+            let cap = expr.num(fresh.capacity_milli);
+            let a = expr.num(delta.saturating_mul(MILLI));
+            update
+                .set
+                .push(format!("{tk} = if_not_exists({tk}, {cap}) - {a}"));
+            update
+                .set
+                .push(format!("{tc} = if_not_exists({tc}, {zero}) + {a}"));
+        }
+        let sent = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(codec::key(
+                keys::bucket_pk(&self.ns, entity_id, resource),
+                keys::STATE_SK,
+            )))
+            .update_expression(update.expression())
+            .set_condition_expression(update.condition())
+            .set_expression_attribute_names(expr.names())
+            .set_expression_attribute_values(expr.values())
+            .send()
+            .await;
+        match sent {
+            Ok(_) => Ok(()),
+            Err(e) if conditional_image(&e).is_some() => {
+                tracing::debug!(
+                    entity_id,
+                    resource,
+                    "adjust skipped: the bucket item is gone"
+                );
+                Ok(())
+            }
+            Err(e) => Err(errors::map("UpdateItem", &self.table, e)),
+        }
+    }
+
+    /// The key of an item's bucket record.
+    fn bucket_key(&self, item: &ItemRequest) -> Item {
+        codec::key(
+            keys::bucket_pk(&self.ns, &item.entity_id, &item.resource),
+            keys::STATE_SK,
+        )
+    }
+
+    /// A consistent read of one bucket item.
+    pub(super) async fn read_bucket(
+        &self,
+        entity_id: &str,
+        resource: &str,
+    ) -> Result<Option<Image>, Error> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(codec::key(
+                keys::bucket_pk(&self.ns, entity_id, resource),
+                keys::STATE_SK,
+            )))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| errors::map("GetItem", &self.table, e))?;
+        Ok(out.item().map(Image::parse))
+    }
+
+    /// Consistent reads of several bucket items in one `BatchGetItem`, in order.
+    async fn read_buckets(&self, items: &[&ItemRequest]) -> Result<Vec<Option<Image>>, Error> {
+        let keys: Vec<Item> = items.iter().map(|i| self.bucket_key(i)).collect();
+        let found = self.batch_get(keys.clone(), true).await?;
+        Ok(keys
+            .iter()
+            .map(|k| {
+                found
+                    .iter()
+                    .find(|f| f.get("PK") == k.get("PK"))
+                    .map(Image::parse)
+            })
+            .collect())
+    }
+
+    /// `BatchGetItem` of up to 100 keys, retrying unprocessed keys; never returns a
+    /// partial answer (a missing record would read as "nothing stored").
+    pub(super) async fn batch_get(
+        &self,
+        keys: Vec<Item>,
+        consistent: bool,
+    ) -> Result<Vec<Item>, Error> {
+        let mut pending = Some(
+            KeysAndAttributes::builder()
+                .set_keys(Some(keys))
+                .consistent_read(consistent)
+                .build()
+                .map_err(build_error)?,
+        );
+        let mut found = Vec::new();
+        for attempt in 0..MAX_ATTEMPTS {
+            let Some(request) = pending.take() else {
+                return Ok(found);
+            };
+            let out = self
+                .client
+                .batch_get_item()
+                .request_items(&self.table, request)
+                .send()
+                .await
+                .map_err(|e| errors::map("BatchGetItem", &self.table, e))?;
+            if let Some(items) = out.responses().and_then(|r| r.get(&self.table)) {
+                found.extend(items.iter().cloned());
+            }
+            pending = out
+                .unprocessed_keys()
+                .and_then(|u| u.get(&self.table))
+                .filter(|k| !k.keys().is_empty())
+                .cloned();
+            if pending.is_some() {
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+        }
+        Err(Error::Unavailable {
+            message: "DynamoDB BatchGetItem left keys unprocessed after retries (throttled)".into(),
+            source: None,
+        })
+    }
+}
+
+/// One limit's part in an rf-locked write.
+struct Change<'a> {
+    limit: &'a Limit,
+    /// The state to reach (refilled to the write's time, then charged).
+    state: BucketState,
+    /// Millitokens to add to `tc` (negative for a credit).
+    consumed: i64,
+    /// Whether the stored tokens must still cover the change at write time (an acquire);
+    /// false for adjustments, which may go into debt.
+    must_cover: bool,
+}
+
+/// What an rf-locked write does to the item's `ttl`.
+enum Ttl {
+    Set(i64),
+    Remove,
+    Keep,
+}
+
+/// An rf-locked write: moves `rf` to the write's time and, in the same `UpdateItem`,
+/// per changed limit `ADD tk (target - stored)`, `ADD tc`, `SET rc` (and the parameters
+/// when the config changed; a limit the item lacks is seeded in full), and credits the
+/// refill accrued since `rf` to every other limit stored on the item, since moving `rf`
+/// would otherwise discard it.
+///
+/// Conditions: `rf` is the one read (one writer claims each refill window); per limit the
+/// stored tokens still cover the change (a speculative write may have drained them since)
+/// and the refill does not lift them above capacity (a credit may have landed since).
+fn locked_update(image: &Image, changes: &[Change<'_>], ttl: Ttl, now: i64) -> (Update, Expr) {
+    let mut expr = Expr::default();
+    let mut update = Update::default();
+    update.conditions.push("attribute_exists(PK)".into());
+    let rf = expr.name("rf");
+    match image.rf {
+        Some(old) => {
+            let v = expr.num(old);
+            update.conditions.push(format!("{rf} = {v}"));
+        }
+        None => update
+            .conditions
+            .push(format!("attribute_not_exists({rf})")),
+    }
+    let new_rf = now.max(image.rf.unwrap_or(i64::MIN));
+    let v = expr.num(new_rf);
+    update.set.push(format!("{rf} = {v}"));
+    for change in changes {
+        let name = &change.limit.name;
+        let tk = expr.name(&keys::bucket_attr(name, "tk"));
+        let rc = expr.name(&keys::bucket_attr(name, "rc"));
+        let carry = expr.num(change.state.refill_carry);
+        update.set.push(format!("{rc} = {carry}"));
+        match image.buckets.get(name) {
+            Some(old) => {
+                let delta = change.state.tokens_milli.saturating_sub(old.tokens_milli);
+                if delta != 0 {
+                    let d = expr.num(delta);
+                    update.add.push(format!("{tk} {d}"));
+                }
+                if change.consumed != 0 {
+                    let tc = expr.name(&keys::bucket_attr(name, "tc"));
+                    let c = expr.num(change.consumed);
+                    update.add.push(format!("{tc} {c}"));
+                }
+                let lo = change.must_cover.then(|| delta.saturating_neg());
+                let hi = (delta > 0).then(|| change.state.capacity_milli.saturating_sub(delta));
+                bound(&mut expr, &mut update, &tk, lo, hi);
+                if !same_params(old, &change.state) {
+                    set_params(&mut expr, &mut update, name, &change.state);
+                }
+            }
+            None => {
+                let t = expr.num(change.state.tokens_milli);
+                update.set.push(format!("{tk} = {t}"));
+                let tc = expr.name(&keys::bucket_attr(name, "tc"));
+                let zero = expr.num(0);
+                let c = expr.num(change.consumed);
+                update
+                    .set
+                    .push(format!("{tc} = if_not_exists({tc}, {zero}) + {c}"));
+                update
+                    .conditions
+                    .push(format!("attribute_not_exists({tk})"));
+                set_params(&mut expr, &mut update, name, &change.state);
+            }
+        }
+    }
+    for (name, old) in &image.buckets {
+        if changes.iter().any(|c| &c.limit.name == name) {
+            continue;
+        }
+        let refilled = bucket::refill(old, new_rf);
+        let delta = refilled.tokens_milli.saturating_sub(old.tokens_milli);
+        if delta == 0 && refilled.refill_carry == old.refill_carry {
+            continue;
+        }
+        let tk = expr.name(&keys::bucket_attr(name, "tk"));
+        let rc = expr.name(&keys::bucket_attr(name, "rc"));
+        let carry = expr.num(refilled.refill_carry);
+        update.set.push(format!("{rc} = {carry}"));
+        if delta != 0 {
+            let d = expr.num(delta);
+            update.add.push(format!("{tk} {d}"));
+            let hi = refilled.capacity_milli.saturating_sub(delta);
+            bound(&mut expr, &mut update, &tk, None, Some(hi));
+        }
+    }
+    match ttl {
+        Ttl::Set(t) => {
+            let n = expr.name("ttl");
+            let v = expr.num(t);
+            update.set.push(format!("{n} = {v}"));
+        }
+        Ttl::Remove => {
+            let n = expr.name("ttl");
+            update.remove.push(n);
+        }
+        Ttl::Keep => {}
+    }
+    (update, expr)
+}
+
+/// Conditions a stored value to `lo..=hi` (either side optional).
+fn bound(expr: &mut Expr, update: &mut Update, attr: &str, lo: Option<i64>, hi: Option<i64>) {
+    match (lo, hi) {
+        (Some(lo), Some(hi)) => {
+            let (lo, hi) = (expr.num(lo), expr.num(hi));
+            update
+                .conditions
+                .push(format!("{attr} BETWEEN {lo} AND {hi}"));
+        }
+        (Some(lo), None) => {
+            let lo = expr.num(lo);
+            update.conditions.push(format!("{attr} >= {lo}"));
+        }
+        (None, Some(hi)) => {
+            let hi = expr.num(hi);
+            update.conditions.push(format!("{attr} <= {hi}"));
+        }
+        (None, None) => {}
+    }
+}
+
+fn set_params(expr: &mut Expr, update: &mut Update, name: &str, state: &BucketState) {
+    for (field, value) in [
+        ("cp", state.capacity_milli),
+        ("ra", state.refill_amount_milli),
+        ("rp", state.refill_period_ms),
+    ] {
+        let n = expr.name(&keys::bucket_attr(name, field));
+        let v = expr.num(value);
+        update.set.push(format!("{n} = {v}"));
+    }
+}
+
+/// The image a failed conditional `UpdateItem` returned: `Some(None)` when the condition
+/// failed on a missing item, `None` when the error is not a failed condition.
+fn conditional_image<R>(
+    error: &aws_sdk_dynamodb::error::SdkError<UpdateItemError, R>,
+) -> Option<Option<Image>> {
+    match error.as_service_error()? {
+        UpdateItemError::ConditionalCheckFailedException(c) => {
+            Some(c.item().filter(|i| !i.is_empty()).map(Image::parse))
+        }
+        _ => None,
+    }
+}
+
+fn admitted(checks: Vec<LimitCheck>) -> AcquireOutcome {
+    AcquireOutcome {
+        admitted: true,
+        checks,
+    }
+}
+
+fn rejected(checks: Vec<LimitCheck>) -> AcquireOutcome {
+    AcquireOutcome {
+        admitted: false,
+        checks,
+    }
+}
+
+fn contended(entity_id: &str, resource: &str) -> Error {
+    Error::Unavailable {
+        message: format!(
+            "DynamoDB write contention on {entity_id}/{resource}: gave up after {MAX_ATTEMPTS} attempts"
+        ),
+        source: None,
+    }
+}
+
+pub(super) fn build_error(e: aws_sdk_dynamodb::error::BuildError) -> Error {
+    Error::Backend {
+        message: format!("could not build a DynamoDB request: {e}"),
+        source: Some(Box::new(e)),
+    }
+}
+
+/// Backoff with jitter: 10, 20, 40 ... ms, capped at 320 ms.
+pub(super) fn backoff(attempt: usize) -> Duration {
+    let base = 10u64 << attempt.min(5);
+    Duration::from_millis(base + rand::random_range(0..base))
+}

@@ -1,0 +1,325 @@
+//! Reading and writing records as DynamoDB attribute maps. Parsing never panics: a value
+//! that is missing, mistyped or out of range reads as absent, and attributes this crate
+//! does not know (the Python library's `wcu` limit, schedules) are passed over.
+
+use std::collections::{BTreeMap, HashMap};
+
+use aws_sdk_dynamodb::types::AttributeValue;
+
+use super::keys;
+use crate::bucket::BucketState;
+use crate::naming::RESERVED_LIMIT_NAME;
+use crate::{Entity, Limit, OnUnavailable};
+
+/// A record as the SDK returns it.
+pub(super) type Item = HashMap<String, AttributeValue>;
+
+/// A number attribute.
+pub(super) fn num(v: impl ToString) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+/// A string attribute.
+pub(super) fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+/// An integer attribute, if present and in range.
+pub(super) fn get_i64(item: &Item, name: &str) -> Option<i64> {
+    match item.get(name)? {
+        AttributeValue::N(n) => n.parse().ok(),
+        _ => None,
+    }
+}
+
+/// A string attribute, if present.
+pub(super) fn get_str<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
+    match item.get(name)? {
+        AttributeValue::S(v) => Some(v),
+        _ => None,
+    }
+}
+
+/// The primary key of a record.
+pub(super) fn key(pk: impl Into<String>, sk: impl Into<String>) -> Item {
+    HashMap::from([("PK".to_string(), s(pk)), ("SK".to_string(), s(sk))])
+}
+
+/// The limit names that have all of `{prefix}{name}_{cp,ra,rp}` in an item, e.g. the `l_`
+/// config attributes or the `b_` bucket attributes.
+fn names_with(item: &Item, prefix: &str, suffix: &str) -> Vec<String> {
+    let mut names: Vec<String> = item
+        .keys()
+        .filter_map(|k| k.strip_prefix(prefix)?.strip_suffix(suffix))
+        .filter(|n| !n.is_empty() && *n != RESERVED_LIMIT_NAME)
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names
+}
+
+/// The limits stored in a config record (`l_{limit}_cp` whole tokens, `_ra` whole tokens,
+/// `_rp` seconds); `None` when it holds none. Stored limits that fail validation are
+/// skipped with a warning rather than enforced wrongly.
+pub(super) fn config_limits(item: &Item) -> Option<Vec<Limit>> {
+    let mut limits = Vec::new();
+    for name in names_with(item, "l_", "_cp") {
+        let field = |f: &str| {
+            get_i64(item, &keys::config_attr(&name, f)).and_then(|v| u64::try_from(v).ok())
+        };
+        let (Some(cp), Some(ra), Some(rp)) = (field("cp"), field("ra"), field("rp")) else {
+            tracing::warn!(limit = %name, "stored limit lacks capacity or refill; skipped");
+            continue;
+        };
+        let limit = Limit::custom(name.as_str(), cp, ra, rp);
+        match limit.validate() {
+            Ok(()) => limits.push(limit),
+            Err(e) => tracing::warn!(limit = %name, error = %e, "stored limit is invalid; skipped"),
+        }
+    }
+    (!limits.is_empty()).then_some(limits)
+}
+
+/// The `l_` attribute names a config record holds (to remove the stale ones on a write).
+pub(super) fn config_attr_names(item: &Item) -> Vec<String> {
+    item.keys()
+        .filter(|k| {
+            k.starts_with("l_") && (k.ends_with("_cp") || k.ends_with("_ra") || k.ends_with("_rp"))
+        })
+        .cloned()
+        .collect()
+}
+
+/// The system record's `on_unavailable`, if set to a known value.
+pub(super) fn on_unavailable(item: &Item) -> Option<OnUnavailable> {
+    get_str(item, "on_unavailable")?.parse().ok()
+}
+
+/// A bucket item's state: per limit, complete buckets only (a limit without capacity or
+/// refill fields reads as absent, so the next write seeds it in full).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Image {
+    /// Per limit name.
+    pub buckets: BTreeMap<String, BucketState>,
+    /// The shared last-refill time (the optimistic lock of the normal write path).
+    pub rf: Option<i64>,
+    /// Expiry, epoch seconds.
+    pub ttl: Option<i64>,
+}
+
+impl Image {
+    /// Reads a bucket item.
+    pub fn parse(item: &Item) -> Self {
+        let rf = get_i64(item, "rf");
+        let mut buckets = BTreeMap::new();
+        for name in names_with(item, "b_", "_cp") {
+            let field = |f: &str| get_i64(item, &keys::bucket_attr(&name, f));
+            let (Some(tk), Some(cp), Some(ra), Some(rp)) =
+                (field("tk"), field("cp"), field("ra"), field("rp"))
+            else {
+                continue;
+            };
+            if cp <= 0 || ra < 0 || rp <= 0 {
+                continue;
+            }
+            let carry = field("rc").unwrap_or(0);
+            let state = BucketState {
+                tokens_milli: tk,
+                last_refill_ms: rf.unwrap_or(0),
+                refill_carry: if (0..rp).contains(&carry) { carry } else { 0 },
+                capacity_milli: cp,
+                refill_amount_milli: ra,
+                refill_period_ms: rp,
+                total_consumed_milli: field("tc").unwrap_or(0),
+            };
+            buckets.insert(name, state);
+        }
+        Image {
+            buckets,
+            rf,
+            ttl: get_i64(item, "ttl"),
+        }
+    }
+}
+
+/// An entity record's attributes.
+pub(super) fn entity_item(ns: &str, entity: &Entity) -> Item {
+    let pk = keys::entity_pk(ns, &entity.id);
+    let mut item = key(pk.clone(), keys::META_SK);
+    item.insert("entity_id".into(), s(&entity.id));
+    item.insert("name".into(), s(&entity.name));
+    item.insert(
+        "parent_id".into(),
+        match &entity.parent_id {
+            Some(p) => s(p),
+            None => AttributeValue::Null(true),
+        },
+    );
+    item.insert("cascade".into(), AttributeValue::Bool(entity.cascade));
+    item.insert(
+        "metadata".into(),
+        AttributeValue::M(
+            entity
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), s(v)))
+                .collect(),
+        ),
+    );
+    item.insert("created_at".into(), num(entity.created_at_ms));
+    if let Some(parent) = &entity.parent_id {
+        item.insert("GSI1PK".into(), s(keys::parent_gsi1pk(ns, parent)));
+        item.insert("GSI1SK".into(), s(format!("CHILD#{}", entity.id)));
+    }
+    item.insert("GSI4PK".into(), s(ns));
+    item.insert("GSI4SK".into(), s(pk));
+    item
+}
+
+/// Reads an entity record; `None` if it lacks an id.
+pub(super) fn parse_entity(item: &Item) -> Option<Entity> {
+    let id = get_str(item, "entity_id")?.to_string();
+    let metadata = match item.get("metadata") {
+        Some(AttributeValue::M(m)) => m
+            .iter()
+            .filter_map(|(k, v)| match v {
+                AttributeValue::S(v) => Some((k.clone(), v.clone())),
+                _ => None,
+            })
+            .collect(),
+        _ => BTreeMap::new(),
+    };
+    Some(Entity {
+        name: get_str(item, "name").unwrap_or(&id).to_string(),
+        parent_id: get_str(item, "parent_id").map(str::to_string),
+        cascade: matches!(item.get("cascade"), Some(AttributeValue::Bool(true))),
+        metadata,
+        created_at_ms: get_i64(item, "created_at").unwrap_or(0),
+        id,
+    })
+}
+
+/// A JSON value as an attribute (audit details).
+pub(super) fn json_to_attr(value: &serde_json::Value) -> AttributeValue {
+    use serde_json::Value;
+    match value {
+        Value::Null => AttributeValue::Null(true),
+        Value::Bool(b) => AttributeValue::Bool(*b),
+        Value::Number(n) => AttributeValue::N(n.to_string()),
+        Value::String(v) => AttributeValue::S(v.clone()),
+        Value::Array(a) => AttributeValue::L(a.iter().map(json_to_attr).collect()),
+        Value::Object(o) => AttributeValue::M(
+            o.iter()
+                .map(|(k, v)| (k.clone(), json_to_attr(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// An attribute as JSON (audit details read back).
+pub(super) fn attr_to_json(value: &AttributeValue) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        AttributeValue::S(v) => Value::String(v.clone()),
+        AttributeValue::N(n) => n
+            .parse::<i64>()
+            .map(Value::from)
+            .or_else(|_| n.parse::<f64>().map(Value::from))
+            .unwrap_or_else(|_| Value::String(n.clone())),
+        AttributeValue::Bool(b) => Value::Bool(*b),
+        AttributeValue::L(l) => Value::Array(l.iter().map(attr_to_json).collect()),
+        AttributeValue::M(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| (k.clone(), attr_to_json(v)))
+                .collect(),
+        ),
+        AttributeValue::Ss(v) => Value::from(v.clone()),
+        _ => Value::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_round_trip_skips_foreign_and_broken_attributes() {
+        let mut item = key("ns/SYSTEM#", "#CONFIG");
+        for (k, v) in [
+            ("l_rpm_cp", "100"),
+            ("l_rpm_ra", "100"),
+            ("l_rpm_rp", "60"),
+            ("l_t-k.n_cp", "5"),
+            ("l_t-k.n_ra", "1"),
+            ("l_t-k.n_rp", "1"),
+            ("l_bad_cp", "0"),
+            ("l_bad_ra", "1"),
+            ("l_bad_rp", "1"),
+            ("l_half_cp", "1"),
+            ("l_wcu_cp", "1000"),
+            ("l_wcu_ra", "1000"),
+            ("l_wcu_rp", "1"),
+            ("l_huge_cp", "99999999999999999999999"),
+            ("l_huge_ra", "1"),
+            ("l_huge_rp", "1"),
+        ] {
+            item.insert(k.into(), num(v));
+        }
+        item.insert("schedule".into(), s("0 0 * * *"));
+        let limits = config_limits(&item).unwrap();
+        assert_eq!(
+            limits,
+            vec![
+                Limit::per_minute("rpm", 100),
+                Limit::custom("t-k.n", 5, 1, 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn bucket_image_reads_complete_limits_only() {
+        let mut item = key("ns/BUCKET#a#r#0", "#STATE");
+        for (k, v) in [
+            ("rf", "1000"),
+            ("ttl", "99"),
+            ("b_rpm_tk", "5000"),
+            ("b_rpm_cp", "10000"),
+            ("b_rpm_ra", "10000"),
+            ("b_rpm_rp", "60000"),
+            ("b_rpm_tc", "5000"),
+            ("b_rpm_rc", "7"),
+            ("b_stub_tk", "-1000"),
+            ("b_zero_tk", "0"),
+            ("b_zero_cp", "1000"),
+            ("b_zero_ra", "1000"),
+            ("b_zero_rp", "0"),
+        ] {
+            item.insert(k.into(), num(v));
+        }
+        item.insert("b_bad_tk".into(), s("x"));
+        let image = Image::parse(&item);
+        assert_eq!(image.rf, Some(1000));
+        assert_eq!(image.ttl, Some(99));
+        assert_eq!(image.buckets.len(), 1);
+        let rpm = &image.buckets["rpm"];
+        assert_eq!(
+            (rpm.tokens_milli, rpm.refill_carry, rpm.total_consumed_milli),
+            (5000, 7, 5000)
+        );
+    }
+
+    #[test]
+    fn entity_round_trip() {
+        let entity = Entity {
+            id: "key-1".into(),
+            name: "Key one".into(),
+            parent_id: Some("proj".into()),
+            cascade: true,
+            metadata: BTreeMap::from([("tier".into(), "gold".into())]),
+            created_at_ms: 42,
+        };
+        let item = entity_item("ns", &entity);
+        assert_eq!(get_str(&item, "GSI1PK"), Some("ns/PARENT#proj"));
+        assert_eq!(parse_entity(&item), Some(entity));
+    }
+}

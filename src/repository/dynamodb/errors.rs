@@ -1,0 +1,69 @@
+//! SDK errors as the crate's [`Error`]: transient failures (network, timeouts, throttling,
+//! server errors) become [`Error::Unavailable`], which the outage policy decides on; a
+//! missing table becomes [`Error::InfrastructureNotFound`]; anything retrying cannot fix
+//! (access denied, a malformed request) becomes [`Error::Backend`], which never admits.
+
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+
+use crate::Error;
+
+/// Error codes that a retry later may fix.
+const TRANSIENT_CODES: &[&str] = &[
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "InternalServerError",
+    "InternalFailure",
+    "ServiceUnavailable",
+    "TransactionInProgressException",
+    "TransactionConflictException",
+    "LimitExceededException",
+];
+
+/// Maps an SDK error from `operation` on `table`.
+pub(super) fn map<E, R>(operation: &str, table: &str, error: SdkError<E, R>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    match &error {
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or("Unknown");
+            let message = service.err().message().unwrap_or("").to_string();
+            if code == "ResourceNotFoundException" {
+                return Error::InfrastructureNotFound {
+                    resource: format!("DynamoDB table {table:?} ({message})"),
+                };
+            }
+            let text = format!("DynamoDB {operation} failed: {code}: {message}");
+            if TRANSIENT_CODES.contains(&code) {
+                Error::unavailable(text, error)
+            } else {
+                Error::Backend {
+                    message: text,
+                    source: Some(Box::new(error)),
+                }
+            }
+        }
+        SdkError::ConstructionFailure(_) => Error::Backend {
+            message: format!("DynamoDB {operation}: the request could not be built"),
+            source: Some(Box::new(error)),
+        },
+        SdkError::TimeoutError(_) => {
+            Error::unavailable(format!("DynamoDB {operation} timed out"), error)
+        }
+        _ => Error::unavailable(
+            format!("DynamoDB {operation} failed: {}", describe(&error)),
+            error,
+        ),
+    }
+}
+
+/// The innermost cause's text, which names the real problem (connection refused, ...).
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause: &(dyn std::error::Error + 'static) = error;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}

@@ -1,0 +1,73 @@
+//! The single-table key layout (DESIGN section 9). Identifiers never contain `#`, so no
+//! value can forge another record's key.
+
+/// The partition of table-level records (namespace registry, schema version).
+pub(super) const REGISTRY_PK: &str = "_/SYSTEM#";
+/// The schema-version record's sort key.
+pub(super) const VERSION_SK: &str = "#VERSION";
+/// The sort key of config records of the system and resources.
+pub(super) const CONFIG_SK: &str = "#CONFIG";
+/// The sort key of entity records.
+pub(super) const META_SK: &str = "#META";
+/// The sort key of bucket items.
+pub(super) const STATE_SK: &str = "#STATE";
+
+/// Forward registry row: namespace name to id.
+pub(super) fn namespace_sk(name: &str) -> String {
+    format!("#NAMESPACE#{name}")
+}
+
+/// Reverse registry row: namespace id to name.
+pub(super) fn namespace_id_sk(id: &str) -> String {
+    format!("#NSID#{id}")
+}
+
+/// The system config record's partition.
+pub(super) fn system_pk(ns: &str) -> String {
+    format!("{ns}/SYSTEM#")
+}
+
+/// A resource config record's partition.
+pub(super) fn resource_pk(ns: &str, resource: &str) -> String {
+    format!("{ns}/RESOURCE#{resource}")
+}
+
+/// An entity's partition (its record, its configs).
+pub(super) fn entity_pk(ns: &str, entity_id: &str) -> String {
+    format!("{ns}/ENTITY#{entity_id}")
+}
+
+/// An entity config record's sort key.
+pub(super) fn entity_config_sk(resource: &str) -> String {
+    format!("#CONFIG#{resource}")
+}
+
+/// A bucket item's partition (shard 0; this client does not pre-shard).
+pub(super) fn bucket_pk(ns: &str, entity_id: &str, resource: &str) -> String {
+    format!("{ns}/BUCKET#{entity_id}#{resource}#0")
+}
+
+/// The GSI1 partition listing a parent's children.
+pub(super) fn parent_gsi1pk(ns: &str, parent_id: &str) -> String {
+    format!("{ns}/PARENT#{parent_id}")
+}
+
+/// An audit partition: an entity id, `$SYSTEM` or `$RESOURCE:{resource}`.
+pub(super) fn audit_pk(ns: &str, subject: &str) -> String {
+    format!("{ns}/AUDIT#{subject}")
+}
+
+/// An audit event's sort key: sorts by time, then by a random suffix.
+pub(super) fn audit_sk(timestamp_ms: i64, suffix: &str) -> String {
+    format!("#AUDIT#{timestamp_ms:013}#{suffix}")
+}
+
+/// Attribute names of one limit in a bucket item: `b_{limit}_{field}`.
+pub(super) fn bucket_attr(limit: &str, field: &str) -> String {
+    format!("b_{limit}_{field}")
+}
+
+/// Attribute names of one limit in a config record: `l_{limit}_{field}`.
+pub(super) fn config_attr(limit: &str, field: &str) -> String {
+    format!("l_{limit}_{field}")
+}

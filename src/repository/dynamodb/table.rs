@@ -1,0 +1,595 @@
+//! The table and the registry records: creating the table with its indexes, the schema
+//! version record, namespace registration, purge and delete.
+
+use std::time::Duration;
+
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, DeleteRequest, GlobalSecondaryIndex, KeySchemaElement,
+    KeyType, PointInTimeRecoverySpecification, Projection, ProjectionType, ProvisionedThroughput,
+    Put, ScalarAttributeType, StreamSpecification, StreamViewType, TableStatus, Tag,
+    TimeToLiveSpecification, TransactWriteItem, WriteRequest,
+};
+use aws_sdk_dynamodb::Client;
+
+use super::acquire::{backoff, build_error};
+use super::codec::{self, get_str, num, s, Item};
+use super::{errors, keys};
+use crate::Error;
+
+/// The schema version this client writes and reads; a stored version with another major
+/// number is [`Error::IncompatibleSchema`].
+pub const SCHEMA_VERSION: &str = "1.0.0";
+
+/// How the table is billed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Billing {
+    /// Pay per request (on-demand), the default.
+    #[default]
+    OnDemand,
+    /// Provisioned capacity, applied to the table and every index.
+    Provisioned {
+        /// Read capacity units.
+        read: i64,
+        /// Write capacity units.
+        write: i64,
+    },
+}
+
+/// Options for creating the table (ignored when it exists).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableOptions {
+    /// Billing mode (on-demand by default).
+    pub billing: Billing,
+    /// Publish a change stream with new and old images, for consumers such as a usage
+    /// aggregator. Off by default: a stream costs write throughput (markedly so on DynamoDB
+    /// Local), so enable it only where something reads it.
+    pub stream: bool,
+    /// Turn on point-in-time recovery after creating the table.
+    pub point_in_time_recovery: bool,
+    /// Protect the table from deletion.
+    pub deletion_protection: bool,
+    /// Tags for the table.
+    pub tags: Vec<(String, String)>,
+}
+
+/// What [`super::DynamoDbRepository::table_status`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableStatusReport {
+    /// The table's name.
+    pub table: String,
+    /// `ACTIVE`, `CREATING`, ...
+    pub status: String,
+    /// DynamoDB's approximate item count (refreshed about every six hours on AWS).
+    pub item_count: i64,
+    /// Whether a stream is on, and its view type.
+    pub stream: Option<String>,
+    /// The stored schema version, if the version record exists.
+    pub schema_version: Option<String>,
+    /// Whether TTL is enabled on the `ttl` attribute.
+    pub ttl_enabled: bool,
+}
+
+fn key_schema(pk: &str, sk: &str) -> Result<Vec<KeySchemaElement>, Error> {
+    Ok(vec![
+        KeySchemaElement::builder()
+            .attribute_name(pk)
+            .key_type(KeyType::Hash)
+            .build()
+            .map_err(build_error)?,
+        KeySchemaElement::builder()
+            .attribute_name(sk)
+            .key_type(KeyType::Range)
+            .build()
+            .map_err(build_error)?,
+    ])
+}
+
+/// Creates the table unless it exists, waits until it is active, and enables TTL.
+/// Safe when several processes do it at once.
+pub(super) async fn ensure_table(
+    client: &Client,
+    table: &str,
+    options: &TableOptions,
+) -> Result<(), Error> {
+    match client.describe_table().table_name(table).send().await {
+        Ok(_) => return wait_active(client, table).await,
+        Err(e) => match errors::map("DescribeTable", table, e) {
+            Error::InfrastructureNotFound { .. } => {}
+            other => return Err(other),
+        },
+    }
+    let mut attributes = Vec::new();
+    for name in [
+        "PK", "SK", "GSI1PK", "GSI1SK", "GSI2PK", "GSI2SK", "GSI3PK", "GSI3SK", "GSI4PK", "GSI4SK",
+    ] {
+        attributes.push(
+            AttributeDefinition::builder()
+                .attribute_name(name)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .map_err(build_error)?,
+        );
+    }
+    let throughput = match options.billing {
+        Billing::OnDemand => None,
+        Billing::Provisioned { read, write } => Some(
+            ProvisionedThroughput::builder()
+                .read_capacity_units(read)
+                .write_capacity_units(write)
+                .build()
+                .map_err(build_error)?,
+        ),
+    };
+    let mut indexes = Vec::new();
+    for (n, projection) in [
+        (1, ProjectionType::All),
+        (2, ProjectionType::All),
+        (3, ProjectionType::KeysOnly),
+        (4, ProjectionType::KeysOnly),
+    ] {
+        indexes.push(
+            GlobalSecondaryIndex::builder()
+                .index_name(format!("GSI{n}"))
+                .set_key_schema(Some(key_schema(
+                    &format!("GSI{n}PK"),
+                    &format!("GSI{n}SK"),
+                )?))
+                .projection(Projection::builder().projection_type(projection).build())
+                .set_provisioned_throughput(throughput.clone())
+                .build()
+                .map_err(build_error)?,
+        );
+    }
+    let mut create = client
+        .create_table()
+        .table_name(table)
+        .set_attribute_definitions(Some(attributes))
+        .set_key_schema(Some(key_schema("PK", "SK")?))
+        .set_global_secondary_indexes(Some(indexes))
+        .deletion_protection_enabled(options.deletion_protection);
+    create = match options.billing {
+        Billing::OnDemand => create.billing_mode(BillingMode::PayPerRequest),
+        Billing::Provisioned { .. } => create
+            .billing_mode(BillingMode::Provisioned)
+            .set_provisioned_throughput(throughput),
+    };
+    if options.stream {
+        create = create.stream_specification(
+            StreamSpecification::builder()
+                .stream_enabled(true)
+                .stream_view_type(StreamViewType::NewAndOldImages)
+                .build()
+                .map_err(build_error)?,
+        );
+    }
+    for (k, v) in &options.tags {
+        create = create.tags(
+            Tag::builder()
+                .key(k)
+                .value(v)
+                .build()
+                .map_err(build_error)?,
+        );
+    }
+    match create.send().await {
+        Ok(_) => tracing::info!(table, "created DynamoDB table"),
+        Err(e) => {
+            // Another process created it first.
+            let in_use = e
+                .as_service_error()
+                .is_some_and(|s| s.is_resource_in_use_exception());
+            if !in_use {
+                return Err(errors::map("CreateTable", table, e));
+            }
+        }
+    }
+    wait_active(client, table).await?;
+    let ttl = client
+        .update_time_to_live()
+        .table_name(table)
+        .time_to_live_specification(
+            TimeToLiveSpecification::builder()
+                .enabled(true)
+                .attribute_name("ttl")
+                .build()
+                .map_err(build_error)?,
+        )
+        .send()
+        .await;
+    if let Err(e) = ttl {
+        // A concurrent creator enabled it already.
+        let text = format!("{:?}", e.as_service_error());
+        if !text.contains("already enabled") {
+            return Err(errors::map("UpdateTimeToLive", table, e));
+        }
+    }
+    if options.point_in_time_recovery {
+        client
+            .update_continuous_backups()
+            .table_name(table)
+            .point_in_time_recovery_specification(
+                PointInTimeRecoverySpecification::builder()
+                    .point_in_time_recovery_enabled(true)
+                    .build()
+                    .map_err(build_error)?,
+            )
+            .send()
+            .await
+            .map_err(|e| errors::map("UpdateContinuousBackups", table, e))?;
+    }
+    Ok(())
+}
+
+async fn wait_active(client: &Client, table: &str) -> Result<(), Error> {
+    for attempt in 0..120 {
+        let out = client
+            .describe_table()
+            .table_name(table)
+            .send()
+            .await
+            .map_err(|e| errors::map("DescribeTable", table, e))?;
+        let t = out.table();
+        let table_active = t.and_then(|t| t.table_status()) == Some(&TableStatus::Active);
+        let indexes_active = t.is_none_or(|t| {
+            t.global_secondary_indexes().iter().all(|i| {
+                i.index_status()
+                    .is_none_or(|s| *s == aws_sdk_dynamodb::types::IndexStatus::Active)
+            })
+        });
+        if table_active && indexes_active {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(if attempt < 10 { 100 } else { 1000 })).await;
+    }
+    Err(Error::Unavailable {
+        message: format!("DynamoDB table {table:?} did not become active"),
+        source: None,
+    })
+}
+
+/// Checks that the table exists (for `connect`).
+pub(super) async fn require_table(client: &Client, table: &str) -> Result<(), Error> {
+    client
+        .describe_table()
+        .table_name(table)
+        .send()
+        .await
+        .map(|_| ())
+        .map_err(|e| errors::map("DescribeTable", table, e))
+}
+
+/// Reads the stored schema version.
+pub(super) async fn stored_version(client: &Client, table: &str) -> Result<Option<String>, Error> {
+    let out = client
+        .get_item()
+        .table_name(table)
+        .set_key(Some(codec::key(keys::REGISTRY_PK, keys::VERSION_SK)))
+        .consistent_read(true)
+        .send()
+        .await
+        .map_err(|e| errors::map("GetItem", table, e))?;
+    Ok(out
+        .item()
+        .and_then(|i| get_str(i, "schema_version"))
+        .map(str::to_string))
+}
+
+/// Whether a stored schema version can be used by this client.
+pub(super) fn check_version(stored: &str) -> Result<(), Error> {
+    let major = |v: &str| v.split('.').next().unwrap_or("").to_string();
+    if major(stored) == major(SCHEMA_VERSION) {
+        Ok(())
+    } else {
+        Err(Error::IncompatibleSchema {
+            message: format!(
+                "the table holds schema version {stored}; this client (zae-limiter {}) reads and writes {SCHEMA_VERSION}",
+                env!("CARGO_PKG_VERSION")
+            ),
+        })
+    }
+}
+
+/// Writes the version record unless present, then checks it.
+pub(super) async fn ensure_version(client: &Client, table: &str) -> Result<(), Error> {
+    let mut item = codec::key(keys::REGISTRY_PK, keys::VERSION_SK);
+    item.insert("schema_version".into(), s(SCHEMA_VERSION));
+    item.insert("client_version".into(), s(env!("CARGO_PKG_VERSION")));
+    item.insert("client_min_version".into(), s("0.0.0"));
+    item.insert("updated_at".into(), num(now_ms()));
+    item.insert(
+        "updated_by".into(),
+        s(concat!("zae-limiter-rs/", env!("CARGO_PKG_VERSION"))),
+    );
+    item.insert("GSI4PK".into(), s("_"));
+    item.insert("GSI4SK".into(), s(keys::VERSION_SK));
+    let put = client
+        .put_item()
+        .table_name(table)
+        .set_item(Some(item))
+        .condition_expression("attribute_not_exists(PK)")
+        .send()
+        .await;
+    if let Err(e) = put {
+        if !e
+            .as_service_error()
+            .is_some_and(|s| s.is_conditional_check_failed_exception())
+        {
+            return Err(errors::map("PutItem", table, e));
+        }
+    }
+    match stored_version(client, table).await? {
+        Some(v) => check_version(&v),
+        None => Err(Error::IncompatibleSchema {
+            message: "the version record has no schema_version".into(),
+        }),
+    }
+}
+
+pub(super) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The id of a registered, active namespace.
+pub(super) async fn namespace_id(
+    client: &Client,
+    table: &str,
+    name: &str,
+) -> Result<Option<String>, Error> {
+    let out = client
+        .get_item()
+        .table_name(table)
+        .set_key(Some(codec::key(
+            keys::REGISTRY_PK,
+            keys::namespace_sk(name),
+        )))
+        .consistent_read(true)
+        .send()
+        .await
+        .map_err(|e| errors::map("GetItem", table, e))?;
+    Ok(out
+        .item()
+        .filter(|i| get_str(i, "status").is_none_or(|s| s == "active"))
+        .and_then(|i| get_str(i, "namespace_id"))
+        .map(str::to_string))
+}
+
+/// A new opaque namespace id: 11 URL-safe characters, never starting with `-`.
+fn new_namespace_id() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut id = String::with_capacity(11);
+    while id.len() < 11 {
+        let c = ALPHABET[rand::random_range(0..ALPHABET.len())] as char;
+        if id.is_empty() && c == '-' {
+            continue;
+        }
+        id.push(c);
+    }
+    id
+}
+
+/// Registers a namespace unless it is (both registry rows in one transaction); returns its
+/// id. When several processes race, all end with the winner's id.
+pub(super) async fn ensure_namespace(
+    client: &Client,
+    table: &str,
+    name: &str,
+) -> Result<String, Error> {
+    for attempt in 0..8 {
+        if let Some(id) = namespace_id(client, table, name).await? {
+            return Ok(id);
+        }
+        let id = new_namespace_id();
+        let row = |sk: String| -> Result<TransactWriteItem, Error> {
+            let mut item: Item = codec::key(keys::REGISTRY_PK, sk.clone());
+            item.insert("namespace_id".into(), s(&id));
+            item.insert("namespace_name".into(), s(name));
+            item.insert("status".into(), s("active"));
+            item.insert("created_at".into(), num(now_ms()));
+            item.insert("GSI4PK".into(), s("_"));
+            item.insert("GSI4SK".into(), s(sk));
+            let put = Put::builder()
+                .table_name(table)
+                .set_item(Some(item))
+                .condition_expression("attribute_not_exists(PK) OR #st = :deleted")
+                .expression_attribute_names("#st", "status")
+                .expression_attribute_values(":deleted", s("deleted"))
+                .build()
+                .map_err(build_error)?;
+            Ok(TransactWriteItem::builder().put(put).build())
+        };
+        let sent = client
+            .transact_write_items()
+            .transact_items(row(keys::namespace_sk(name))?)
+            .transact_items(row(keys::namespace_id_sk(&id))?)
+            .send()
+            .await;
+        match sent {
+            Ok(_) => {
+                tracing::info!(table, namespace = name, namespace_id = %id, "registered namespace");
+                return Ok(id);
+            }
+            Err(e) => match e.as_service_error() {
+                Some(TransactWriteItemsError::TransactionCanceledException(_)) => {
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                _ => return Err(errors::map("TransactWriteItems", table, e)),
+            },
+        }
+    }
+    Err(Error::Unavailable {
+        message: format!("could not register namespace {name:?}: contention"),
+        source: None,
+    })
+}
+
+/// Every registered namespace: `(name, id, status)`.
+pub(super) async fn list_namespaces(
+    client: &Client,
+    table: &str,
+) -> Result<Vec<(String, String, String)>, Error> {
+    let mut out = Vec::new();
+    let mut start = None;
+    loop {
+        let page = client
+            .query()
+            .table_name(table)
+            .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
+            .expression_attribute_values(":pk", s(keys::REGISTRY_PK))
+            .expression_attribute_values(":prefix", s("#NAMESPACE#"))
+            .consistent_read(true)
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .map_err(|e| errors::map("Query", table, e))?;
+        for item in page.items() {
+            if let (Some(n), Some(i)) = (
+                get_str(item, "namespace_name"),
+                get_str(item, "namespace_id"),
+            ) {
+                out.push((
+                    n.to_string(),
+                    i.to_string(),
+                    get_str(item, "status").unwrap_or("active").to_string(),
+                ));
+            }
+        }
+        start = page.last_evaluated_key().cloned();
+        if start.is_none() {
+            return Ok(out);
+        }
+    }
+}
+
+/// Deletes every item of a namespace (found through GSI4) and its registry rows; returns
+/// how many items went.
+pub(super) async fn purge_namespace(
+    client: &Client,
+    table: &str,
+    name: &str,
+    ns: &str,
+    mut progress: impl FnMut(usize),
+) -> Result<usize, Error> {
+    let mut deleted = 0;
+    loop {
+        // The index is eventually consistent: query until it shows nothing left.
+        let page = client
+            .query()
+            .table_name(table)
+            .index_name("GSI4")
+            .key_condition_expression("GSI4PK = :ns")
+            .expression_attribute_values(":ns", s(ns))
+            .send()
+            .await
+            .map_err(|e| errors::map("Query", table, e))?;
+        let keys: Vec<Item> = page
+            .items()
+            .iter()
+            .filter_map(|i| Some(codec::key(get_str(i, "PK")?, get_str(i, "SK")?)))
+            .collect();
+        if keys.is_empty() {
+            break;
+        }
+        deleted += delete_keys(client, table, keys).await?;
+        progress(deleted);
+    }
+    delete_keys(
+        client,
+        table,
+        vec![
+            codec::key(keys::REGISTRY_PK, keys::namespace_sk(name)),
+            codec::key(keys::REGISTRY_PK, keys::namespace_id_sk(ns)),
+        ],
+    )
+    .await?;
+    Ok(deleted)
+}
+
+/// Deletes records by key, 25 to a `BatchWriteItem`, retrying unprocessed ones.
+pub(super) async fn delete_keys(
+    client: &Client,
+    table: &str,
+    keys: Vec<Item>,
+) -> Result<usize, Error> {
+    let total = keys.len();
+    for chunk in keys.chunks(25) {
+        let mut requests: Vec<WriteRequest> = chunk
+            .iter()
+            .map(|k| {
+                Ok(WriteRequest::builder()
+                    .delete_request(
+                        DeleteRequest::builder()
+                            .set_key(Some(k.clone()))
+                            .build()
+                            .map_err(build_error)?,
+                    )
+                    .build())
+            })
+            .collect::<Result<_, Error>>()?;
+        for attempt in 0..10 {
+            let out = client
+                .batch_write_item()
+                .request_items(table, requests)
+                .send()
+                .await
+                .map_err(|e| errors::map("BatchWriteItem", table, e))?;
+            requests = out
+                .unprocessed_items()
+                .and_then(|u| u.get(table))
+                .cloned()
+                .unwrap_or_default();
+            if requests.is_empty() {
+                break;
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+        if !requests.is_empty() {
+            return Err(Error::Unavailable {
+                message: "BatchWriteItem left deletes unprocessed after retries".into(),
+                source: None,
+            });
+        }
+    }
+    Ok(total)
+}
+
+/// Reports on the table.
+pub(super) async fn status(client: &Client, table: &str) -> Result<TableStatusReport, Error> {
+    let out = client
+        .describe_table()
+        .table_name(table)
+        .send()
+        .await
+        .map_err(|e| errors::map("DescribeTable", table, e))?;
+    let t = out.table();
+    let ttl = client
+        .describe_time_to_live()
+        .table_name(table)
+        .send()
+        .await
+        .map_err(|e| errors::map("DescribeTimeToLive", table, e))?;
+    Ok(TableStatusReport {
+        table: table.to_string(),
+        status: t
+            .and_then(|t| t.table_status())
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default(),
+        item_count: t.and_then(|t| t.item_count()).unwrap_or(0),
+        stream: t
+            .and_then(|t| t.stream_specification())
+            .filter(|s| s.stream_enabled())
+            .map(|s| {
+                s.stream_view_type()
+                    .map(|v| v.as_str().to_string())
+                    .unwrap_or_default()
+            }),
+        schema_version: stored_version(client, table).await?,
+        ttl_enabled: ttl
+            .time_to_live_description()
+            .and_then(|d| d.time_to_live_status())
+            .is_some_and(|s| s.as_str() == "ENABLED"),
+    })
+}
