@@ -406,23 +406,7 @@ impl Lease {
         if commit && shared.try_close_without_write().is_some() {
             return;
         }
-        run_detached(async move {
-            let result = if commit {
-                shared.commit().await
-            } else {
-                shared.rollback().await
-            };
-            match result {
-                Ok(()) | Err(Error::LeaseClosed) => {}
-                Err(e) => tracing::error!(
-                    entity_id = %shared.entity_id(),
-                    resource = %shared.resource(),
-                    error = %e,
-                    reason,
-                    "could not settle rate-limit lease"
-                ),
-            }
-        });
+        run_detached(settle_with_retries(shared, commit, reason));
     }
 }
 
@@ -436,19 +420,11 @@ impl Drop for Lease {
             resource = %self.shared.resource(),
             "lease dropped without commit or rollback; rolling back"
         );
-        let shared = Arc::clone(&self.shared);
-        run_detached(async move {
-            if let Err(e) = shared.rollback().await {
-                if !matches!(e, Error::LeaseClosed) {
-                    tracing::error!(
-                        entity_id = %shared.entity_id(),
-                        resource = %shared.resource(),
-                        error = %e,
-                        "rollback of dropped lease failed"
-                    );
-                }
-            }
-        });
+        run_detached(settle_with_retries(
+            Arc::clone(&self.shared),
+            false,
+            "lease dropped",
+        ));
     }
 }
 
@@ -489,6 +465,53 @@ impl LeaseHandle {
 
 /// Polls `fut` once inline (the in-memory backend finishes there, so tests see the effect
 /// at once); if it is still pending, hands it to the current tokio runtime.
+/// Commits or rolls back a lease nobody awaits any more. A write that fails for a passing
+/// reason (network, throttling) is retried with backoff; the lease stays open between
+/// tries, so nothing is lost or doubled. Giving up is logged at `error`.
+async fn settle_with_retries(shared: Arc<LeaseShared>, commit: bool, reason: &'static str) {
+    let mut attempt = 0u32;
+    loop {
+        let result = if commit {
+            shared.commit().await
+        } else {
+            shared.rollback().await
+        };
+        match result {
+            Ok(()) | Err(Error::LeaseClosed) => return,
+            // Waiting needs a runtime's timer; off a runtime there is nothing to wait on.
+            Err(e @ Error::Unavailable { .. })
+                if attempt < SETTLE_RETRIES && tokio::runtime::Handle::try_current().is_ok() =>
+            {
+                tracing::warn!(
+                    entity_id = %shared.entity_id(),
+                    resource = %shared.resource(),
+                    error = %e,
+                    attempt,
+                    "settling rate-limit lease failed; retrying"
+                );
+                tokio::time::sleep(SETTLE_BACKOFF * 2u32.pow(attempt)).await;
+                attempt += 1;
+            }
+            Err(e) => {
+                tracing::error!(
+                    entity_id = %shared.entity_id(),
+                    resource = %shared.resource(),
+                    error = %e,
+                    reason,
+                    attempts = attempt + 1,
+                    "could not settle rate-limit lease; giving up"
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// How many times a background settle is retried after a transient failure.
+const SETTLE_RETRIES: u32 = 5;
+/// The first retry's wait; each next one doubles (0.1 s to 1.6 s, 3.1 s in all).
+const SETTLE_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
 pub(crate) fn run_detached(fut: impl Future<Output = ()> + Send + 'static) {
     let mut fut = Box::pin(fut);
     let mut cx = Context::from_waker(std::task::Waker::noop());

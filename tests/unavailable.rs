@@ -206,3 +206,34 @@ async fn an_awaited_acquire_on_an_async_backend_counts_each_lookup_once() {
     let stats = limiter.cache_stats();
     assert_eq!((stats.hits, stats.misses), (1, 1));
 }
+
+#[tokio::test]
+async fn dropped_lease_rollback_is_retried_until_the_backend_returns() {
+    let backend = Switchable::default();
+    let limiter = RateLimiter::new(backend.clone());
+    let lease = limiter
+        .acquire("u1", "api")
+        .limits([rpm()])
+        .consume([("rpm", 2)])
+        .await
+        .unwrap();
+    backend.set_down(true);
+    drop(lease); // the background rollback fails at first...
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    backend.set_down(false); // ...and lands on a retry once the backend is back.
+    let mut available = 0;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        available = limiter
+            .available("u1", "api", Some(&[rpm()]))
+            .await
+            .unwrap()["rpm"];
+        if available == 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        available, 2,
+        "the rollback was retried and returned both tokens"
+    );
+}
