@@ -1,0 +1,733 @@
+//! What is specific to the DynamoDB backend, against DynamoDB Local: the calls each path
+//! costs, concurrency, provisioning, namespaces, audit, TTL and the item format.
+
+mod dynamo;
+
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use zae_limiter::clock::ManualClock;
+use zae_limiter::repository::dynamodb::{AuditAction, TableOptions};
+use zae_limiter::repository::AdjustRequest;
+use zae_limiter::{DynamoDbRepository, Error, Limit, RateLimiter, Repository};
+
+const T0: i64 = 1_700_000_000_000;
+
+async fn admit(acquire: zae_limiter::Acquire) {
+    acquire.await.unwrap().commit().await.unwrap();
+}
+
+fn frozen(repo: DynamoDbRepository) -> (RateLimiter, ManualClock) {
+    let clock = ManualClock::new(T0);
+    (
+        RateLimiter::builder(repo).clock(clock.clone()).build(),
+        clock,
+    )
+}
+
+/// The raw bucket item, for checks on the stored format.
+async fn raw_bucket(
+    repo: &DynamoDbRepository,
+    entity: &str,
+    resource: &str,
+) -> Option<std::collections::HashMap<String, AttributeValue>> {
+    let pk = format!("{}/BUCKET#{entity}#{resource}#0", repo.namespace_id());
+    repo.client()
+        .get_item()
+        .table_name(repo.table())
+        .key("PK", AttributeValue::S(pk))
+        .key("SK", AttributeValue::S("#STATE".into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap()
+        .item
+}
+
+fn n(item: &std::collections::HashMap<String, AttributeValue>, attr: &str) -> i64 {
+    item.get(attr).unwrap().as_n().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn hot_path_is_one_update_item_and_no_read() {
+    let (repo, calls) = dynamo::repo_with_counter().await;
+    let limiter = RateLimiter::new(repo);
+    limiter
+        .set_resource_limits(
+            "gpt-4",
+            &[
+                Limit::per_minute("rpm", 1_000),
+                Limit::per_minute("tpm", 100_000),
+            ],
+        )
+        .await
+        .unwrap();
+
+    // First acquire: the config in one BatchGetItem, then the item is created.
+    calls.reset();
+    admit(
+        limiter
+            .acquire("key-1", "gpt-4")
+            .consume([("rpm", 1), ("tpm", 100)]),
+    )
+    .await;
+    assert_eq!(calls.get("BatchGetItem"), 1, "{:?}", calls.snapshot());
+    assert_eq!(calls.get("PutItem"), 1, "{:?}", calls.snapshot());
+
+    // Config and item known: exactly one UpdateItem per acquire, no read at all.
+    calls.reset();
+    for _ in 0..20 {
+        admit(
+            limiter
+                .acquire("key-1", "gpt-4")
+                .consume([("rpm", 1), ("tpm", 100)]),
+        )
+        .await;
+    }
+    assert_eq!(
+        calls.snapshot(),
+        [("UpdateItem".to_string(), 20)].into_iter().collect(),
+        "one UpdateItem per acquire"
+    );
+    assert_eq!(calls.max_in_flight(), 1);
+
+    // Adjusting costs one more write at commit.
+    calls.reset();
+    let lease = limiter
+        .acquire("key-1", "gpt-4")
+        .consume([("rpm", 1), ("tpm", 100)])
+        .await
+        .unwrap();
+    lease.adjust([("tpm", 150)]).await.unwrap();
+    lease.commit().await.unwrap();
+    assert_eq!(
+        calls.snapshot(),
+        [("UpdateItem".to_string(), 2)].into_iter().collect()
+    );
+    let states = limiter.bucket_states("key-1", "gpt-4").await.unwrap();
+    assert_eq!(states["tpm"].total_consumed_milli, (22 * 100 + 150) * 1000);
+    assert_eq!(states["rpm"].total_consumed_milli, 22 * 1000);
+}
+
+#[tokio::test]
+async fn cascade_hot_path_is_two_writes_at_once() {
+    let (repo, calls) = dynamo::repo_with_counter().await;
+    let limiter = RateLimiter::new(repo);
+    limiter.create_entity("proj").await.unwrap();
+    limiter
+        .create_entity("key-1")
+        .parent("proj")
+        .cascade(true)
+        .await
+        .unwrap();
+    limiter
+        .set_resource_limits("api", &[Limit::per_minute("rpm", 1_000)])
+        .await
+        .unwrap();
+    // Warm-up: configs read, both items created in one transaction.
+    admit(limiter.acquire("key-1", "api")).await;
+
+    calls.reset();
+    for _ in 0..10 {
+        admit(limiter.acquire("key-1", "api")).await;
+    }
+    assert_eq!(
+        calls.snapshot(),
+        [("UpdateItem".to_string(), 20)].into_iter().collect(),
+        "child and parent: one UpdateItem each"
+    );
+    assert_eq!(
+        calls.max_in_flight(),
+        2,
+        "the two writes are issued concurrently"
+    );
+    let parent = limiter.bucket_states("proj", "api").await.unwrap();
+    assert_eq!(parent["rpm"].total_consumed_milli, 11_000);
+}
+
+#[tokio::test]
+async fn cascade_one_sided_failure_is_compensated() {
+    let (repo, _calls) = dynamo::repo_with_counter().await;
+    let (limiter, _clock) = frozen(repo);
+    limiter.create_entity("proj").await.unwrap();
+    for k in ["k1", "k2"] {
+        limiter
+            .create_entity(k)
+            .parent("proj")
+            .cascade(true)
+            .await
+            .unwrap();
+        limiter
+            .set_entity_limits(k, "api", &[Limit::per_minute("rpm", 10)])
+            .await
+            .unwrap();
+    }
+    limiter
+        .set_entity_limits("proj", "api", &[Limit::per_minute("rpm", 3)])
+        .await
+        .unwrap();
+    admit(limiter.acquire("k1", "api")).await;
+    admit(limiter.acquire("k1", "api")).await;
+    admit(limiter.acquire("k2", "api")).await;
+    // The parent is empty: k2's own write succeeds, the parent's fails, k2 is given back.
+    match limiter.acquire("k2", "api").await {
+        Err(Error::RateLimited(e)) => {
+            assert_eq!(e.primary_violation().entity_id, "proj");
+        }
+        other => panic!("expected a rejection by the parent, got {other:?}"),
+    }
+    let k2 = limiter.available("k2", "api", None).await.unwrap();
+    assert_eq!(
+        k2["rpm"], 9,
+        "the child's speculative consumption was compensated"
+    );
+    let states = limiter.bucket_states("k2", "api").await.unwrap();
+    assert_eq!(states["rpm"].total_consumed_milli, 1_000);
+}
+
+#[tokio::test]
+async fn fast_rejection_then_rejection_cache() {
+    let (repo, calls) = dynamo::repo_with_counter().await;
+    let limiter = RateLimiter::new(repo.clone());
+    let limits = [Limit::per_minute("rpm", 2)];
+    admit(limiter.acquire("k", "api").limits(limits.clone())).await;
+    admit(limiter.acquire("k", "api").limits(limits.clone())).await;
+
+    // Refill cannot help yet: rejected from the failed write's old image, one call.
+    calls.reset();
+    let first = match limiter.acquire("k", "api").limits(limits.clone()).await {
+        Err(Error::RateLimited(e)) => e,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        calls.snapshot(),
+        [("UpdateItem".to_string(), 1)].into_iter().collect()
+    );
+    assert!(first.retry_after() > Duration::from_secs(25));
+    assert_eq!(repo.rejection_cache_len(), 1);
+
+    // Within the retry-after: rejected from memory, no call at all.
+    calls.reset();
+    let second = match limiter.acquire("k", "api").limits(limits.clone()).await {
+        Err(Error::RateLimited(e)) => e,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(calls.total(), 0, "{:?}", calls.snapshot());
+    assert!(second.retry_after() <= first.retry_after());
+    assert!(second.retry_after() + Duration::from_secs(1) >= first.retry_after());
+
+    // Disabled: every rejection asks DynamoDB.
+    let calls = zae_limiter::repository::dynamodb::CallCounter::new();
+    let repo = dynamo::builder()
+        .await
+        .rejection_cache_max_age(Duration::ZERO)
+        .call_counter(calls.clone())
+        .build()
+        .await
+        .unwrap();
+    let limiter = RateLimiter::new(repo);
+    admit(
+        limiter
+            .acquire("k", "api")
+            .limits([Limit::per_minute("rpm", 1)]),
+    )
+    .await;
+    calls.reset();
+    for _ in 0..3 {
+        assert!(limiter
+            .acquire("k", "api")
+            .limits([Limit::per_minute("rpm", 1)])
+            .await
+            .is_err());
+    }
+    assert_eq!(calls.get("UpdateItem"), 3);
+}
+
+#[tokio::test]
+async fn many_tasks_on_one_key_admit_exactly_the_capacity() {
+    let (repo, _) = dynamo::repo_with_counter().await;
+    let (limiter, _clock) = frozen(repo);
+    let limits = [Limit::per_minute("rpm", 50)];
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let limiter = limiter.clone();
+        let limits = limits.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut admitted = 0;
+            for _ in 0..2 {
+                match limiter.acquire("hot", "api").limits(limits.clone()).await {
+                    Ok(lease) => {
+                        lease.commit().await.unwrap();
+                        admitted += 1;
+                    }
+                    Err(Error::RateLimited(_)) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            admitted
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap();
+    }
+    assert_eq!(admitted, 50);
+    let states = limiter.bucket_states("hot", "api").await.unwrap();
+    assert_eq!(states["rpm"].total_consumed_milli, 50_000);
+    assert_eq!(states["rpm"].tokens_milli, 0);
+}
+
+#[tokio::test]
+async fn concurrent_cascades_never_overdraw_the_parent() {
+    let (repo, _) = dynamo::repo_with_counter().await;
+    let (limiter, _clock) = frozen(repo);
+    limiter.create_entity("proj").await.unwrap();
+    limiter
+        .set_entity_limits("proj", "api", &[Limit::per_minute("rpm", 40)])
+        .await
+        .unwrap();
+    limiter
+        .set_resource_limits("api", &[Limit::per_minute("rpm", 1_000)])
+        .await
+        .unwrap();
+    for i in 0..16 {
+        limiter
+            .create_entity(format!("k{i}"))
+            .parent("proj")
+            .cascade(true)
+            .await
+            .unwrap();
+    }
+    let mut tasks = Vec::new();
+    for t in 0..64 {
+        let limiter = limiter.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut admitted = 0u64;
+            for _ in 0..2 {
+                match limiter.acquire(format!("k{}", t % 16), "api").await {
+                    Ok(lease) => {
+                        lease.commit().await.unwrap();
+                        admitted += 1;
+                    }
+                    Err(Error::RateLimited(_)) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            admitted
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap();
+    }
+    assert_eq!(admitted, 40);
+    let parent = limiter.bucket_states("proj", "api").await.unwrap();
+    assert_eq!(parent["rpm"].total_consumed_milli, 40_000);
+    assert_eq!(parent["rpm"].tokens_milli, 0);
+    let mut children_total = 0;
+    for i in 0..16 {
+        if let Some(s) = limiter
+            .bucket_states(&format!("k{i}"), "api")
+            .await
+            .unwrap()
+            .get("rpm")
+        {
+            children_total += s.total_consumed_milli;
+        }
+    }
+    assert_eq!(children_total, 40_000, "every compensation landed");
+}
+
+#[tokio::test]
+async fn open_is_idempotent_and_safe_when_processes_race() {
+    let endpoint = dynamo::endpoint().await;
+    let table = format!("race-{}", dynamo::unique_namespace("t"));
+    let mut opens = Vec::new();
+    for _ in 0..6 {
+        let endpoint = endpoint.clone();
+        let table = table.clone();
+        opens.push(tokio::spawn(async move {
+            DynamoDbRepository::builder()
+                .endpoint_url(endpoint)
+                .table(table)
+                .namespace("shared")
+                .timeout(Duration::from_secs(10))
+                .build()
+                .await
+                .unwrap()
+                .namespace_id()
+                .to_string()
+        }));
+    }
+    let mut ids = Vec::new();
+    for o in opens {
+        ids.push(o.await.unwrap());
+    }
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        1,
+        "every opener got the same namespace id: {ids:?}"
+    );
+    let repo = DynamoDbRepository::builder()
+        .endpoint_url(&endpoint)
+        .table(&table)
+        .namespace("shared")
+        .connect()
+        .await
+        .unwrap();
+    let status = repo.table_status().await.unwrap();
+    assert_eq!(status.status, "ACTIVE");
+    assert!(status.ttl_enabled);
+    assert_eq!(status.stream, None, "no stream unless asked for");
+    assert_eq!(
+        status.schema_version.as_deref(),
+        Some(zae_limiter::repository::dynamodb::SCHEMA_VERSION)
+    );
+    let namespaces = repo.list_namespaces().await.unwrap();
+    assert_eq!(namespaces.len(), 1);
+    repo.delete_table().await.unwrap();
+    let gone = DynamoDbRepository::builder()
+        .endpoint_url(&endpoint)
+        .table(&table)
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(gone, Error::InfrastructureNotFound { .. }),
+        "{gone:?}"
+    );
+}
+
+#[tokio::test]
+async fn stream_is_a_table_option() {
+    let endpoint = dynamo::endpoint().await;
+    let table = format!("stream-{}", dynamo::unique_namespace("t"));
+    let repo = DynamoDbRepository::builder()
+        .endpoint_url(endpoint)
+        .table(&table)
+        .table_options(TableOptions {
+            stream: true,
+            ..TableOptions::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(
+        repo.table_status().await.unwrap().stream.as_deref(),
+        Some("NEW_AND_OLD_IMAGES")
+    );
+    assert!(repo.capabilities().supports_change_streams);
+    repo.delete_table().await.unwrap();
+}
+
+#[tokio::test]
+async fn connect_only_reads() {
+    let endpoint = dynamo::endpoint().await;
+    let missing = DynamoDbRepository::builder()
+        .endpoint_url(&endpoint)
+        .table("no-such-table")
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(missing, Error::InfrastructureNotFound { .. }),
+        "{missing:?}"
+    );
+    // The table exists once any test opened it; the namespace does not.
+    dynamo::repo_with_counter().await;
+    let err = DynamoDbRepository::builder()
+        .endpoint_url(&endpoint)
+        .table(dynamo::TABLE)
+        .namespace("never-registered")
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NamespaceNotFound { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn namespaces_are_isolated_and_purged() {
+    let (a, _) = dynamo::repo_with_counter().await;
+    let (b, _) = dynamo::repo_with_counter().await;
+    let (la, lb) = (RateLimiter::new(a.clone()), RateLimiter::new(b.clone()));
+    la.set_entity_limits("k", "api", &[Limit::per_minute("rpm", 1)])
+        .await
+        .unwrap();
+    la.create_entity("k").await.unwrap();
+    admit(la.acquire("k", "api")).await;
+    assert!(la.acquire("k", "api").await.is_err());
+    // Namespace b sees none of it.
+    assert_eq!(lb.get_entity("k").await.unwrap(), None);
+    assert_eq!(lb.get_entity_limits("k", "api").await.unwrap(), None);
+    admit(lb.acquire("k", "api").limits([Limit::per_minute("rpm", 1)])).await;
+
+    let mut seen = 0;
+    let purged = a.purge_namespace(|n| seen = n).await.unwrap();
+    assert!(
+        purged >= 3,
+        "entity, config, bucket and audit records: {purged}"
+    );
+    assert_eq!(seen, purged);
+    let err = DynamoDbRepository::builder()
+        .endpoint_url(dynamo::endpoint().await)
+        .table(a.table())
+        .namespace(a.namespace())
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NamespaceNotFound { .. }), "{err:?}");
+    // b is untouched.
+    assert!(lb
+        .acquire("k", "api")
+        .limits([Limit::per_minute("rpm", 1)])
+        .await
+        .is_err());
+}
+
+#[tokio::test]
+async fn changes_are_audited_newest_first() {
+    let repo = dynamo::builder()
+        .await
+        .principal("ops@example.com")
+        .build()
+        .await
+        .unwrap();
+    let limiter = RateLimiter::new(repo.clone());
+    limiter
+        .create_entity("k")
+        .name("Key")
+        .metadata("tier", "gold")
+        .await
+        .unwrap();
+    limiter
+        .set_entity_limits("k", "api", &[Limit::per_minute("rpm", 5)])
+        .await
+        .unwrap();
+    limiter.delete_entity_limits("k", "api").await.unwrap();
+    limiter
+        .set_system_limits(&[Limit::per_minute("rpm", 100)])
+        .await
+        .unwrap();
+    let events = repo.audit_events("k", 10).await.unwrap();
+    let actions: Vec<AuditAction> = events.iter().map(|e| e.action).collect();
+    assert_eq!(
+        actions,
+        [
+            AuditAction::LimitsDeleted,
+            AuditAction::LimitsSet,
+            AuditAction::EntityCreated
+        ]
+    );
+    assert!(events
+        .iter()
+        .all(|e| e.principal.as_deref() == Some("ops@example.com")));
+    assert_eq!(events[1].resource.as_deref(), Some("api"));
+    assert_eq!(events[1].details["limits"][0]["capacity"], 5);
+    assert_eq!(events[2].details["metadata"]["tier"], "gold");
+    assert!(events[0].timestamp_ms >= events[2].timestamp_ms);
+    assert_eq!(repo.audit_events("k", 1).await.unwrap().len(), 1);
+    let system = repo.audit_events("$SYSTEM", 10).await.unwrap();
+    assert_eq!(system[0].action, AuditAction::LimitsSet);
+}
+
+#[tokio::test]
+async fn ttl_only_on_buckets_with_shared_limits() {
+    let (repo, _) = dynamo::repo_with_counter().await;
+    let limiter = RateLimiter::new(repo.clone());
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    // Limits passed by the caller: time to fill (60 s) x 7.
+    admit(
+        limiter
+            .acquire("a", "api")
+            .limits([Limit::per_minute("rpm", 10)]),
+    )
+    .await;
+    let item = raw_bucket(&repo, "a", "api").await.unwrap();
+    let ttl = n(&item, "ttl");
+    assert!(
+        (now_s + 420..=now_s + 422).contains(&ttl),
+        "ttl {ttl} now {now_s}"
+    );
+    // A burst takes longer to fill: 100 tokens at 10 a minute is 10 minutes.
+    admit(
+        limiter
+            .acquire("b", "api")
+            .limits([Limit::per_minute("rpm", 10).with_burst(100)]),
+    )
+    .await;
+    let ttl = n(&raw_bucket(&repo, "b", "api").await.unwrap(), "ttl");
+    assert!((now_s + 4_200..=now_s + 4_202).contains(&ttl), "ttl {ttl}");
+    // Limits stored for the entity: kept.
+    limiter
+        .set_entity_limits("c", "api", &[Limit::per_minute("rpm", 10)])
+        .await
+        .unwrap();
+    admit(limiter.acquire("c", "api")).await;
+    assert!(!raw_bucket(&repo, "c", "api")
+        .await
+        .unwrap()
+        .contains_key("ttl"));
+}
+
+#[tokio::test]
+async fn item_format_and_foreign_attributes() {
+    let (repo, _) = dynamo::repo_with_counter().await;
+    let (limiter, clock) = frozen(repo.clone());
+    let limits = [
+        Limit::per_minute("tok-en.s", 5),
+        Limit::per_day("daily", 1_000),
+    ];
+    for _ in 0..5 {
+        admit(limiter.acquire("k", "openai/gpt-4").limits(limits.clone())).await;
+    }
+    assert!(limiter
+        .acquire("k", "openai/gpt-4")
+        .limits(limits.clone())
+        .await
+        .is_err());
+    let item = raw_bucket(&repo, "k", "openai/gpt-4").await.unwrap();
+    assert_eq!(n(&item, "b_tok-en.s_tk"), 0);
+    assert_eq!(n(&item, "b_tok-en.s_cp"), 5_000);
+    assert_eq!(n(&item, "b_tok-en.s_rp"), 60_000);
+    assert_eq!(n(&item, "b_daily_tc"), 5_000);
+    assert_eq!(n(&item, "rf"), T0);
+    for key in ["GSI2PK", "GSI3PK", "GSI4PK", "entity_id", "resource"] {
+        assert!(item.contains_key(key), "{key}");
+    }
+    // Attributes of other writers (the Python library's wcu limit, schedules) survive.
+    let pk = item["PK"].clone();
+    repo.client()
+        .update_item()
+        .table_name(repo.table())
+        .key("PK", pk)
+        .key("SK", AttributeValue::S("#STATE".into()))
+        .update_expression(
+            "SET b_wcu_tk = :w, b_wcu_cp = :w, b_wcu_ra = :w, b_wcu_rp = :p, schedule = :s",
+        )
+        .expression_attribute_values(":w", AttributeValue::N("1000000".into()))
+        .expression_attribute_values(":p", AttributeValue::N("1000".into()))
+        .expression_attribute_values(":s", AttributeValue::S("0 0 * * *".into()))
+        .send()
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(12));
+    admit(limiter.acquire("k", "openai/gpt-4").limits(limits.clone())).await;
+    let item = raw_bucket(&repo, "k", "openai/gpt-4").await.unwrap();
+    assert_eq!(n(&item, "b_wcu_tk"), 1_000_000, "untouched: it was full");
+    assert_eq!(item["schedule"].as_s().unwrap(), "0 0 * * *");
+    assert_eq!(n(&item, "rf"), T0 + 12_000);
+    assert_eq!(
+        n(&item, "b_tok-en.s_tk"),
+        0,
+        "one refilled in 12 s, one consumed"
+    );
+    // The slow limit's refill is credited when rf moves, exactly: 12 s of 1,000 a day is
+    // 138 millitokens plus a remainder of 76,800,000 / 86,400,000 of one, kept in rc.
+    assert_eq!(n(&item, "b_daily_tk"), 1_000_000 - 6_000 + 138);
+    assert_eq!(n(&item, "b_daily_rc"), 76_800_000);
+    assert_eq!(n(&item, "b_daily_tc"), 6_000);
+}
+
+#[tokio::test]
+async fn adjust_never_creates_a_stub_item() {
+    let (repo, calls) = dynamo::repo_with_counter().await;
+    for delta in [5, -5] {
+        repo.adjust(&AdjustRequest {
+            entity_id: "ghost".into(),
+            resource: "api".into(),
+            deltas: vec![(Limit::per_minute("rpm", 10), delta)],
+            now_ms: T0,
+        })
+        .await
+        .unwrap();
+    }
+    assert!(raw_bucket(&repo, "ghost", "api").await.is_none());
+    assert!(calls.total() >= 2);
+}
+
+#[tokio::test]
+async fn bad_input_never_reaches_dynamodb() {
+    let (repo, calls) = dynamo::repo_with_counter().await;
+    let limiter = RateLimiter::new(repo);
+    calls.reset();
+    let bad = [
+        limiter
+            .acquire("bad#id", "api")
+            .limits([Limit::per_minute("rpm", 1)])
+            .await
+            .err(),
+        limiter
+            .acquire("k", "bad#res")
+            .limits([Limit::per_minute("rpm", 1)])
+            .await
+            .err(),
+        limiter
+            .acquire("k", "api")
+            .limits([Limit::per_minute("rpm", 1)])
+            .consume([("rpm", -1)])
+            .await
+            .err(),
+        limiter
+            .acquire("k", "api")
+            .limits([Limit::per_minute("rpm", 0)])
+            .await
+            .err(),
+        limiter
+            .acquire("k", "api")
+            .limits([Limit::per_minute("wcu", 1)])
+            .await
+            .err(),
+        limiter
+            .set_entity_limits("k", "api", &[Limit::per_minute("bad name", 1)])
+            .await
+            .err(),
+        limiter.create_entity("k").parent("p#q").await.err(),
+    ];
+    for (i, e) in bad.iter().enumerate() {
+        let e = e
+            .as_ref()
+            .unwrap_or_else(|| panic!("case {i} was accepted"));
+        assert_eq!(
+            e.category(),
+            zae_limiter::ErrorCategory::Validation,
+            "case {i}: {e}"
+        );
+    }
+    assert!(DynamoDbRepository::builder()
+        .endpoint_url(dynamo::endpoint().await)
+        .namespace("bad/ns")
+        .build()
+        .await
+        .is_err());
+    assert_eq!(calls.total(), 0, "{:?}", calls.snapshot());
+}
+
+#[tokio::test]
+async fn delete_entity_removes_its_records() {
+    let (repo, _) = dynamo::repo_with_counter().await;
+    let limiter = RateLimiter::new(repo.clone());
+    limiter.create_entity("k").await.unwrap();
+    limiter
+        .set_entity_limits("k", "api", &[Limit::per_minute("rpm", 5)])
+        .await
+        .unwrap();
+    admit(limiter.acquire("k", "api")).await;
+    admit(
+        limiter
+            .acquire("k", "other")
+            .limits([Limit::per_minute("rpm", 5)]),
+    )
+    .await;
+    limiter.delete_entity("k").await.unwrap();
+    assert!(raw_bucket(&repo, "k", "api").await.is_none());
+    assert!(raw_bucket(&repo, "k", "other").await.is_none());
+    assert_eq!(limiter.get_entity_limits("k", "api").await.unwrap(), None);
+    assert!(matches!(
+        limiter.delete_entity("k").await,
+        Err(Error::EntityNotFound { .. })
+    ));
+}
