@@ -22,7 +22,9 @@
 //!
 //! Limits live in the limiter's store, as operators would set them: 20 requests and 2,000
 //! tokens a minute per key (resource level), 5,000 tokens a minute per project.
-//! Serves on `$ADDR` (default `127.0.0.1:3001`).
+//! Serves on `$ADDR` (default `127.0.0.1:3001`). In memory by default; with
+//! `ZAE_DYNAMODB_ENDPOINT=http://...` (or `--dynamodb`, which starts DynamoDB Local) the
+//! limits and buckets live in DynamoDB, shared by every gateway pointed at it.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -37,7 +39,10 @@ use axum::{Json, Router};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use zae_limiter::middleware::{extract, RateLimitLayer, Usage};
-use zae_limiter::{InMemoryRepository, LeaseHandle, Limit, RateLimiter};
+use zae_limiter::{LeaseHandle, Limit, RateLimiter};
+
+#[path = "support/mod.rs"]
+mod support;
 
 /// The most request body the estimator reads.
 const MAX_BODY: usize = 1 << 20;
@@ -167,7 +172,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
 
-    let limiter = RateLimiter::new(InMemoryRepository::new());
+    let backend = support::from_env().await?;
+    tracing::info!("rate limits held by the {}", backend.description);
+    let limiter = backend.limiter();
     // What an operator would store (with the CLI, against DynamoDB, in production).
     limiter
         .set_resource_limits(
@@ -178,7 +185,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ],
         )
         .await?;
-    limiter.create_entity("acme").name("Acme Corp").await?;
+    support::created_or_exists(limiter.create_entity("acme").name("Acme Corp").await)?;
     limiter
         .set_entity_limits(
             "acme",
@@ -190,11 +197,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .await?;
     for key in ["sk-acme-1", "sk-acme-2"] {
-        limiter
-            .create_entity(key)
-            .parent("acme")
-            .cascade(true)
-            .await?;
+        support::created_or_exists(
+            limiter
+                .create_entity(key)
+                .parent("acme")
+                .cascade(true)
+                .await,
+        )?;
     }
 
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3001".to_string());

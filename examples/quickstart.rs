@@ -1,9 +1,12 @@
-//! An axum service limited per `x-api-key` on the in-memory backend.
+//! An axum service limited per `x-api-key` on the in-memory backend, or on DynamoDB.
 //!
 //! ```text
 //! cargo run --example quickstart
 //! curl -i -H 'x-api-key: alice' http://127.0.0.1:3000/hello
 //! ```
+//!
+//! With `ZAE_DYNAMODB_ENDPOINT=http://...` the limits hold in that DynamoDB instead (for
+//! every server pointed at it); `--dynamodb` alone starts DynamoDB Local for the run.
 //!
 //! `GET /hello` allows 5 requests a minute per key: the 6th within a minute gets 429, other
 //! keys are unaffected, a request without a key gets 401 and a key with `#` gets 400.
@@ -11,7 +14,10 @@
 
 use axum::{routing::get, Router};
 use zae_limiter::middleware::{extract, RateLimitLayer};
-use zae_limiter::{InMemoryRepository, Limit, RateLimiter};
+use zae_limiter::Limit;
+
+#[path = "support/mod.rs"]
+mod support;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -22,7 +28,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
 
-    let limiter = RateLimiter::new(InMemoryRepository::new());
+    let backend = support::from_env().await?;
+    tracing::info!("rate limits held by the {}", backend.description);
+    let limiter = backend.limiter();
     let app = Router::new()
         .route("/hello", get(|| async { "Hello, world!\n" }))
         .layer(

@@ -48,7 +48,10 @@ async fn nothing_listening_is_unavailable_within_the_timeout() {
         .unwrap_err();
     assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
     assert!(started.elapsed() < TIMEOUT * 3, "{:?}", started.elapsed());
-    assert!(std::error::Error::source(&err).is_some(), "the cause is kept");
+    assert!(
+        std::error::Error::source(&err).is_some(),
+        "the cause is kept"
+    );
 }
 
 #[tokio::test]

@@ -10,6 +10,8 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+mod dynamo;
+
 /// A running example, killed on drop.
 struct Example {
     child: Child,
@@ -30,7 +32,7 @@ fn example_path(name: &str) -> PathBuf {
     dir.join("examples").join(name)
 }
 
-fn start(name: &str) -> Example {
+fn start(name: &str, env: &[(&str, String)]) -> Example {
     let path = example_path(name);
     assert!(
         path.exists(),
@@ -38,6 +40,7 @@ fn start(name: &str) -> Example {
         path.display()
     );
     let mut child = Command::new(path)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("ADDR", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -80,9 +83,51 @@ async fn call(
     )
 }
 
+/// The environment that points an example at DynamoDB Local.
+async fn on_dynamodb() -> Vec<(&'static str, String)> {
+    vec![("ZAE_DYNAMODB_ENDPOINT", dynamo::endpoint().await)]
+}
+
 #[tokio::test]
 async fn quickstart_limits_per_key() {
-    let ex = start("quickstart");
+    quickstart(start("quickstart", &[])).await;
+}
+
+#[tokio::test]
+async fn quickstart_on_dynamodb() {
+    quickstart(start("quickstart", &on_dynamodb().await)).await;
+}
+
+#[tokio::test]
+async fn llm_gateway_charges_true_token_counts() {
+    llm_gateway(start("llm_gateway", &[])).await;
+}
+
+#[tokio::test]
+async fn llm_gateway_on_dynamodb() {
+    llm_gateway(start("llm_gateway", &on_dynamodb().await)).await;
+}
+
+#[tokio::test]
+async fn fleet_shares_one_limit_between_two_servers() {
+    let path = example_path("fleet");
+    let out = Command::new(path)
+        .envs(on_dynamodb().await)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let summary = text.lines().last().unwrap();
+    assert!(
+        summary.starts_with("admitted 10 in all (server-a 5, server-b 5), rejected 20"),
+        "{text}"
+    );
+    assert_eq!(text.matches(": 200 ").count(), 10, "{text}");
+    assert_eq!(text.matches(": 429 ").count(), 20, "{text}");
+}
+
+async fn quickstart(ex: Example) {
     let hello = format!("{}/hello", ex.base);
     for _ in 0..5 {
         let (status, _, body) = call("GET", hello.clone(), &[("x-api-key", "alice")], "").await;
@@ -102,9 +147,7 @@ async fn quickstart_limits_per_key() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
-#[tokio::test]
-async fn llm_gateway_charges_true_token_counts() {
-    let ex = start("llm_gateway");
+async fn llm_gateway(ex: Example) {
     let auth = [
         ("authorization", "Bearer sk-acme-1"),
         ("content-type", "application/json"),

@@ -134,7 +134,10 @@ async fn orchestrate() {
         let out = w.wait_with_output().unwrap();
         assert!(out.status.success(), "a worker failed: {}", out.status);
         let text = String::from_utf8(out.stdout).unwrap();
-        let nums: Vec<i64> = text.split_whitespace().map(|n| n.parse().unwrap()).collect();
+        let nums: Vec<i64> = text
+            .split_whitespace()
+            .map(|n| n.parse().unwrap())
+            .collect();
         admitted += nums[0] as u64;
         first = first.min(nums[1]);
         last = last.max(nums[2]);
@@ -154,5 +157,9 @@ async fn orchestrate() {
         admitted >= l.capacity + l.refill_amount * 2,
         "the run is too short to prove anything: {admitted} admitted"
     );
-    assert_eq!(tc, admitted as i64 * 1000, "tc equals the admitted total exactly");
+    assert_eq!(
+        tc,
+        admitted as i64 * 1000,
+        "tc equals the admitted total exactly"
+    );
 }

@@ -1,0 +1,64 @@
+//! How the examples pick their backend: DynamoDB when `ZAE_DYNAMODB_ENDPOINT` is set or
+//! `--dynamodb` is passed (starting DynamoDB Local when no endpoint is given), else the
+//! in-memory backend.
+
+use zae_limiter::local::DynamoDbLocal;
+use zae_limiter::{DynamoDbRepository, Error, InMemoryRepository, RateLimiter, Repository};
+
+/// The chosen backend, with the DynamoDB Local it started (stopped on drop).
+pub struct Backend {
+    /// The repository to build limiters on.
+    pub repo: std::sync::Arc<dyn Repository>,
+    /// What was chosen, for the log.
+    pub description: String,
+    _local: Option<DynamoDbLocal>,
+}
+
+impl Backend {
+    /// A limiter over the backend.
+    pub fn limiter(&self) -> RateLimiter {
+        RateLimiter::builder_shared(self.repo.clone()).build()
+    }
+}
+
+/// Reads `ZAE_DYNAMODB_ENDPOINT` and `--dynamodb`.
+pub async fn from_env() -> Result<Backend, Box<dyn std::error::Error>> {
+    let endpoint = std::env::var("ZAE_DYNAMODB_ENDPOINT").ok();
+    let flag = std::env::args().any(|a| a == "--dynamodb");
+    let (endpoint, local) = match (endpoint, flag) {
+        (Some(url), _) => (url, None),
+        (None, true) => {
+            let local = DynamoDbLocal::start().await?;
+            (local.endpoint_url().to_string(), Some(local))
+        }
+        (None, false) => {
+            return Ok(Backend {
+                repo: std::sync::Arc::new(InMemoryRepository::new()),
+                description: "in-memory backend".into(),
+                _local: None,
+            })
+        }
+    };
+    let repo = DynamoDbRepository::builder()
+        .endpoint_url(&endpoint)
+        .build()
+        .await?;
+    Ok(Backend {
+        description: format!(
+            "DynamoDB at {endpoint} (table {}, namespace {})",
+            repo.table(),
+            repo.namespace()
+        ),
+        repo: std::sync::Arc::new(repo),
+        _local: local,
+    })
+}
+
+/// `Ok` if the entity was created or already exists (a second run on DynamoDB).
+#[allow(dead_code)]
+pub fn created_or_exists<T>(result: Result<T, Error>) -> Result<(), Error> {
+    match result {
+        Ok(_) | Err(Error::EntityExists { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
