@@ -401,6 +401,12 @@ impl Inner {
         update
             .conditions
             .push(format!("(attribute_not_exists({ttl}) OR {ttl} > {now_s})"));
+        // A busy item is not idle: push its expiry on with every write, so a hot key never
+        // drops to the slow path just because its TTL came due.
+        if let Some(expires) = self.bucket_ttl(item, now) {
+            let v = expr.num(expires);
+            update.set.push(format!("{ttl} = {v}"));
+        }
         let sent = self
             .client
             .update_item()
@@ -410,7 +416,7 @@ impl Inner {
             .set_condition_expression(update.condition())
             .set_expression_attribute_names(expr.names())
             .set_expression_attribute_values(expr.values())
-            .return_values(ReturnValue::AllNew)
+            .return_values(ReturnValue::UpdatedNew)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
             .await;
