@@ -15,10 +15,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_sdk_dynamodb::types::AttributeValue;
 use zae_limiter::local::DynamoDbLocal;
-use zae_limiter::repository::dynamodb::{aws_sdk_dynamodb, CallCounter, TableOptions};
+use zae_limiter::repository::dynamodb::{CallCounter, TableOptions};
 use zae_limiter::{DynamoDbRepository, Limit, RateLimiter};
+
+#[path = "support/raw.rs"]
+mod raw;
 
 const RESOURCE: &str = "bench";
 
@@ -100,30 +102,6 @@ async fn setup(
     (local, repo, limiter)
 }
 
-/// One raw conditional write, like the limiter's hot path minus everything a limiter adds.
-async fn raw_write(repo: &DynamoDbRepository, entity: &str) {
-    repo.client()
-        .update_item()
-        .table_name(repo.table())
-        .key(
-            "PK",
-            AttributeValue::S(format!(
-                "{}/BUCKET#{entity}#{RESOURCE}#0",
-                repo.namespace_id()
-            )),
-        )
-        .key("SK", AttributeValue::S("#STATE".into()))
-        .update_expression("ADD #tk :minus, #tc :plus")
-        .condition_expression("attribute_exists(PK) AND #tk >= :plus")
-        .expression_attribute_names("#tk", "b_rpm_tk")
-        .expression_attribute_names("#tc", "b_rpm_tc")
-        .expression_attribute_values(":minus", AttributeValue::N("-1000".into()))
-        .expression_attribute_values(":plus", AttributeValue::N("1000".into()))
-        .send()
-        .await
-        .expect("raw UpdateItem");
-}
-
 async fn measure(
     subject: Subject,
     stream: bool,
@@ -168,7 +146,7 @@ async fn run(
                 let entity = format!("e{}", n % entities);
                 let began = Instant::now();
                 match subject {
-                    Subject::Raw => raw_write(&repo, &entity).await,
+                    Subject::Raw => raw::update_item(&repo, &entity, RESOURCE).await,
                     Subject::Limiter => limiter
                         .acquire(entity, RESOURCE)
                         .limits(limits())

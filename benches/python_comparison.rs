@@ -24,6 +24,9 @@ use std::time::{Duration, Instant};
 use zae_limiter::local::DynamoDbLocal;
 use zae_limiter::{DynamoDbRepository, Limit, RateLimiter};
 
+#[path = "support/raw.rs"]
+mod raw;
+
 const PYTHON_PACKAGE: &str = "zae-limiter==0.17.0";
 const TABLE: &str = "zae-compare";
 const RESOURCE: &str = "bench";
@@ -74,7 +77,6 @@ enum Load {
 }
 
 async fn one(load: Load, limiter: &RateLimiter, repo: &DynamoDbRepository, entity: String) {
-    use zae_limiter::repository::dynamodb::aws_sdk_dynamodb::types::AttributeValue;
     match load {
         Load::Limiter => limiter
             .acquire(entity, RESOURCE)
@@ -84,28 +86,7 @@ async fn one(load: Load, limiter: &RateLimiter, repo: &DynamoDbRepository, entit
             .commit()
             .await
             .unwrap(),
-        Load::RawUpdateItem => {
-            repo.client()
-                .update_item()
-                .table_name(repo.table())
-                .key(
-                    "PK",
-                    AttributeValue::S(format!(
-                        "{}/BUCKET#{entity}#{RESOURCE}#0",
-                        repo.namespace_id()
-                    )),
-                )
-                .key("SK", AttributeValue::S("#STATE".into()))
-                .update_expression("ADD #tk :minus, #tc :plus")
-                .condition_expression("attribute_exists(PK) AND #tk >= :plus")
-                .expression_attribute_names("#tk", "b_rpm_tk")
-                .expression_attribute_names("#tc", "b_rpm_tc")
-                .expression_attribute_values(":minus", AttributeValue::N("-1000".into()))
-                .expression_attribute_values(":plus", AttributeValue::N("1000".into()))
-                .send()
-                .await
-                .unwrap();
-        }
+        Load::RawUpdateItem => raw::update_item(repo, &entity, RESOURCE).await,
     }
 }
 

@@ -165,12 +165,7 @@ fn app(limiter: RateLimiter) -> Router {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,zae_limiter=info".into()),
-        )
-        .init();
+    support::init_tracing();
 
     let backend = support::from_env().await?;
     tracing::info!("rate limits held by the {}", backend.description);

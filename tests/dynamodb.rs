@@ -243,19 +243,26 @@ async fn fast_rejection_then_rejection_cache() {
     assert_eq!(calls.get("UpdateItem"), 3);
 }
 
-#[tokio::test]
-async fn many_tasks_on_one_key_admit_exactly_the_capacity() {
-    let (repo, _) = dynamo::repo_with_counter().await;
-    let (limiter, _clock) = frozen(repo);
-    let limits = [Limit::per_minute("rpm", 50)];
-    let mut tasks = Vec::new();
-    for _ in 0..64 {
-        let limiter = limiter.clone();
-        let limits = limits.clone();
-        tasks.push(tokio::spawn(async move {
+/// `tasks` tasks each try `rounds` acquire + commit on the entity `entity(task)` names;
+/// returns how many were admitted.
+async fn hammer(
+    limiter: &RateLimiter,
+    tasks: usize,
+    rounds: usize,
+    entity: impl Fn(usize) -> String,
+    limits: Option<[Limit; 1]>,
+) -> u64 {
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let (limiter, entity, limits) = (limiter.clone(), entity(t), limits.clone());
+        handles.push(tokio::spawn(async move {
             let mut admitted = 0;
-            for _ in 0..2 {
-                match limiter.acquire("hot", "api").limits(limits.clone()).await {
+            for _ in 0..rounds {
+                let mut acquire = limiter.acquire(entity.clone(), "api");
+                if let Some(l) = &limits {
+                    acquire = acquire.limits(l.clone());
+                }
+                match acquire.await {
                     Ok(lease) => {
                         lease.commit().await.unwrap();
                         admitted += 1;
@@ -268,9 +275,18 @@ async fn many_tasks_on_one_key_admit_exactly_the_capacity() {
         }));
     }
     let mut admitted = 0;
-    for t in tasks {
-        admitted += t.await.unwrap();
+    for h in handles {
+        admitted += h.await.unwrap();
     }
+    admitted
+}
+
+#[tokio::test]
+async fn many_tasks_on_one_key_admit_exactly_the_capacity() {
+    let (repo, _) = dynamo::repo_with_counter().await;
+    let (limiter, _clock) = frozen(repo);
+    let limits = [Limit::per_minute("rpm", 50)];
+    let admitted = hammer(&limiter, 64, 2, |_| "hot".into(), Some(limits)).await;
     assert_eq!(admitted, 50);
     let states = limiter.bucket_states("hot", "api").await.unwrap();
     assert_eq!(states["rpm"].total_consumed_milli, 50_000);
@@ -298,28 +314,7 @@ async fn concurrent_cascades_never_overdraw_the_parent() {
             .await
             .unwrap();
     }
-    let mut tasks = Vec::new();
-    for t in 0..64 {
-        let limiter = limiter.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut admitted = 0u64;
-            for _ in 0..2 {
-                match limiter.acquire(format!("k{}", t % 16), "api").await {
-                    Ok(lease) => {
-                        lease.commit().await.unwrap();
-                        admitted += 1;
-                    }
-                    Err(Error::RateLimited(_)) => {}
-                    Err(e) => panic!("{e}"),
-                }
-            }
-            admitted
-        }));
-    }
-    let mut admitted = 0;
-    for t in tasks {
-        admitted += t.await.unwrap();
-    }
+    let admitted = hammer(&limiter, 64, 2, |t| format!("k{}", t % 16), None).await;
     assert_eq!(admitted, 40);
     let parent = limiter.bucket_states("proj", "api").await.unwrap();
     assert_eq!(parent["rpm"].total_consumed_milli, 40_000);
@@ -730,4 +725,42 @@ async fn delete_entity_removes_its_records() {
         limiter.delete_entity("k").await,
         Err(Error::EntityNotFound { .. })
     ));
+}
+
+#[tokio::test]
+async fn hot_path_reports_exact_availability() {
+    let (repo, calls) = dynamo::repo_with_counter().await;
+    let (limiter, clock) = frozen(repo);
+    let limits = [Limit::per_minute("rpm", 10)];
+    let available = |lease: &zae_limiter::Lease| lease.statuses()[0].available;
+    let lease = limiter
+        .acquire("k", "api")
+        .limits(limits.clone())
+        .await
+        .unwrap();
+    assert_eq!(available(&lease), 10, "created");
+    lease.commit().await.unwrap();
+    calls.reset();
+    let lease = limiter
+        .acquire("k", "api")
+        .limits(limits.clone())
+        .await
+        .unwrap();
+    assert_eq!(available(&lease), 9, "speculative");
+    lease.commit().await.unwrap();
+    // 12 s later two tokens have refilled, unwritten: the speculative write's new image
+    // shows them.
+    clock.advance(Duration::from_secs(12));
+    let lease = limiter
+        .acquire("k", "api")
+        .limits(limits.clone())
+        .await
+        .unwrap();
+    assert_eq!(available(&lease), 10);
+    assert_eq!(lease.statuses()[0].remaining(), 9);
+    lease.commit().await.unwrap();
+    assert_eq!(
+        calls.snapshot(),
+        [("UpdateItem".to_string(), 2)].into_iter().collect()
+    );
 }

@@ -54,6 +54,16 @@ pub async fn from_env() -> Result<Backend, Box<dyn std::error::Error>> {
     })
 }
 
+/// Logs to stderr at `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,zae_limiter=info".into()),
+        )
+        .init();
+}
+
 /// `Ok` if the entity was created or already exists (a second run on DynamoDB).
 #[allow(dead_code)]
 pub fn created_or_exists<T>(result: Result<T, Error>) -> Result<(), Error> {

@@ -108,6 +108,14 @@ enum Speculative {
     Failed(Option<Image>),
 }
 
+/// How a conditional `UpdateItem` ended.
+enum Updated {
+    /// Written; the new item when asked for.
+    Ok(Option<Image>),
+    /// A condition failed; the item as it was (`None`: it does not exist).
+    ConditionFailed(Option<Image>),
+}
+
 /// How a conditional write ended.
 enum Written {
     Ok,
@@ -407,28 +415,16 @@ impl Inner {
             let v = expr.num(expires);
             update.set.push(format!("{ttl} = {v}"));
         }
-        let sent = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(self.bucket_key(item)))
-            .update_expression(update.expression())
-            .set_condition_expression(update.condition())
-            .set_expression_attribute_names(expr.names())
-            .set_expression_attribute_values(expr.values())
-            .return_values(ReturnValue::UpdatedNew)
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .send()
-            .await;
-        match sent {
-            Ok(out) => Ok(Speculative::Admitted(Image::parse(
-                out.attributes().unwrap_or(&Item::new()),
-            ))),
-            Err(e) => match conditional_image(&e) {
-                Some(image) => Ok(Speculative::Failed(image)),
-                None => Err(errors::map("UpdateItem", &self.table, e)),
+        // ALL_NEW: the item as it now is gives each limit's exact availability.
+        Ok(
+            match self
+                .update_item(self.bucket_key(item), &update, &expr, true)
+                .await?
+            {
+                Updated::Ok(new) => Speculative::Admitted(new.unwrap_or_default()),
+                Updated::ConditionFailed(old) => Speculative::Failed(old),
             },
-        }
+        )
     }
 
     /// Creates the item with full buckets minus the consumption.
@@ -520,25 +516,15 @@ impl Inner {
         now: i64,
     ) -> Result<Written, Error> {
         let (update, expr) = self.normal_update(item, image, plan, now);
-        let sent = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(self.bucket_key(item)))
-            .update_expression(update.expression())
-            .set_condition_expression(update.condition())
-            .set_expression_attribute_names(expr.names())
-            .set_expression_attribute_values(expr.values())
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .send()
-            .await;
-        match sent {
-            Ok(_) => Ok(Written::Ok),
-            Err(e) => match conditional_image(&e) {
-                Some(image) => Ok(Written::Conflict(image)),
-                None => Err(errors::map("UpdateItem", &self.table, e)),
+        Ok(
+            match self
+                .update_item(self.bucket_key(item), &update, &expr, false)
+                .await?
+            {
+                Updated::Ok(_) => Written::Ok,
+                Updated::ConditionFailed(old) => Written::Conflict(old),
             },
-        }
+        )
     }
 
     /// The normal write's expression (see [`locked_update`]), with this acquire's
@@ -627,29 +613,13 @@ impl Inner {
                 })
                 .collect();
             let (update, expr) = locked_update(&current, &changes, Ttl::Keep, now);
-            let sent = self
-                .client
-                .update_item()
-                .table_name(&self.table)
-                .set_key(Some(codec::key(
-                    keys::bucket_pk(&self.ns, entity_id, resource),
-                    keys::STATE_SK,
-                )))
-                .update_expression(update.expression())
-                .set_condition_expression(update.condition())
-                .set_expression_attribute_names(expr.names())
-                .set_expression_attribute_values(expr.values())
-                .return_values_on_condition_check_failure(
-                    ReturnValuesOnConditionCheckFailure::AllOld,
-                )
-                .send()
-                .await;
-            image = match sent {
-                Ok(_) => return Ok(()),
-                Err(e) => match conditional_image(&e) {
-                    Some(image) => image,
-                    None => return Err(errors::map("UpdateItem", &self.table, e)),
-                },
+            let key = codec::key(
+                keys::bucket_pk(&self.ns, entity_id, resource),
+                keys::STATE_SK,
+            );
+            image = match self.update_item(key, &update, &expr, false).await? {
+                Updated::Ok(_) => return Ok(()),
+                Updated::ConditionFailed(old) => old,
             };
         }
         Err(contended(entity_id, resource))
@@ -691,31 +661,52 @@ impl Inner {
                 .set
                 .push(format!("{tc} = if_not_exists({tc}, {zero}) + {a}"));
         }
+        let key = codec::key(
+            keys::bucket_pk(&self.ns, entity_id, resource),
+            keys::STATE_SK,
+        );
+        if let Updated::ConditionFailed(_) = self.update_item(key, &update, &expr, false).await? {
+            tracing::debug!(
+                entity_id,
+                resource,
+                "adjust skipped: the bucket item is gone"
+            );
+        }
+        Ok(())
+    }
+
+    /// One conditional `UpdateItem`; on a failed condition, the item as it was (`ALL_OLD`),
+    /// and on success, with `return_new`, the item as it now is (`ALL_NEW`).
+    async fn update_item(
+        &self,
+        key: Item,
+        update: &Update,
+        expr: &Expr,
+        return_new: bool,
+    ) -> Result<Updated, Error> {
         let sent = self
             .client
             .update_item()
             .table_name(&self.table)
-            .set_key(Some(codec::key(
-                keys::bucket_pk(&self.ns, entity_id, resource),
-                keys::STATE_SK,
-            )))
+            .set_key(Some(key))
             .update_expression(update.expression())
             .set_condition_expression(update.condition())
             .set_expression_attribute_names(expr.names())
             .set_expression_attribute_values(expr.values())
+            .return_values(if return_new {
+                ReturnValue::AllNew
+            } else {
+                ReturnValue::None
+            })
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
             .await;
         match sent {
-            Ok(_) => Ok(()),
-            Err(e) if conditional_image(&e).is_some() => {
-                tracing::debug!(
-                    entity_id,
-                    resource,
-                    "adjust skipped: the bucket item is gone"
-                );
-                Ok(())
-            }
-            Err(e) => Err(errors::map("UpdateItem", &self.table, e)),
+            Ok(out) => Ok(Updated::Ok(out.attributes().map(Image::parse))),
+            Err(e) => match conditional_image(&e) {
+                Some(old) => Ok(Updated::ConditionFailed(old)),
+                None => Err(errors::map("UpdateItem", &self.table, e)),
+            },
         }
     }
 
