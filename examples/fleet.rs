@@ -29,6 +29,7 @@ async fn server(endpoint: &str, name: &'static str) -> Result<String, Box<dyn st
     let repo = DynamoDbRepository::builder()
         .endpoint_url(endpoint)
         .namespace("fleet-example")
+        .timeout(Duration::from_secs(5))
         .build()
         .await?;
     let app = Router::new()
@@ -63,6 +64,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         DynamoDbRepository::builder()
             .endpoint_url(&endpoint)
             .namespace("fleet-example")
+            .timeout(Duration::from_secs(5))
             .build()
             .await?,
     );

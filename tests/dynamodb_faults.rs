@@ -13,7 +13,7 @@ use zae_limiter::local::{free_port, DynamoDbLocal};
 use zae_limiter::middleware::{extract, RateLimitLayer};
 use zae_limiter::{DynamoDbRepository, Error, Limit, OnUnavailable, RateLimiter};
 
-const TIMEOUT: Duration = Duration::from_millis(800);
+const TIMEOUT: Duration = Duration::from_secs(2);
 
 fn rpm() -> Limit {
     Limit::per_minute("rpm", 100)
@@ -65,11 +65,23 @@ async fn killed_mid_run_then_back() {
         .start()
         .await
         .unwrap();
+    // Set up (and warm the freshly started JVM) with a patient client first.
+    let setup = DynamoDbRepository::builder()
+        .endpoint_url(local.endpoint_url())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .await
+        .unwrap();
+    let warm = RateLimiter::new(setup);
+    for _ in 0..3 {
+        let lease = warm.acquire("warm", "api").limits([rpm()]).await.unwrap();
+        lease.commit().await.unwrap();
+    }
     let repo = DynamoDbRepository::builder()
         .endpoint_url(local.endpoint_url())
         .timeout(TIMEOUT)
         .max_attempts(2)
-        .build()
+        .connect()
         .await
         .unwrap();
     let block = RateLimiter::new(repo.clone());

@@ -39,8 +39,10 @@ pub async fn from_env() -> Result<Backend, Box<dyn std::error::Error>> {
             })
         }
     };
+    // A patient timeout: a just-started DynamoDB Local answers its first calls slowly.
     let repo = DynamoDbRepository::builder()
         .endpoint_url(&endpoint)
+        .timeout(std::time::Duration::from_secs(5))
         .build()
         .await?;
     Ok(Backend {

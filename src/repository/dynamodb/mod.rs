@@ -722,9 +722,7 @@ impl Repository for DynamoDbRepository {
         });
         let records = table::delete_keys(&inner.client, &inner.table, doomed).await?;
         if existed || records > 0 {
-            inner
-                .rejections
-                .forget(&crate::keys::entity_resource(entity_id, ""));
+            inner.rejections.forget_entity(entity_id);
             inner
                 .audit(
                     entity_id,

@@ -70,8 +70,59 @@ impl RejectionCache {
         self.entries.remove(key);
     }
 
+    /// Drops every entry of an entity (it was deleted, its buckets with it).
+    pub fn forget_entity(&self, entity_id: &str) {
+        let prefix = crate::keys::entity_resource(entity_id, "");
+        self.entries.retain(|key, _| !key.starts_with(&prefix));
+    }
+
     /// Entries held now.
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exceeded(wait_ms: u64) -> Vec<LimitCheck> {
+        vec![LimitCheck {
+            available: 0,
+            exceeded: true,
+            retry_after_ms: Some(wait_ms),
+        }]
+    }
+
+    #[test]
+    fn keeps_a_rejection_for_its_wait_capped_at_the_max_age() {
+        let cache = RejectionCache::new(1_000);
+        cache.remember("a#api", Image::default(), &exceeded(300), 10_000);
+        assert!(cache.get("a#api", 10_299).is_some());
+        assert!(cache.get("a#api", 10_300).is_none());
+        cache.remember("a#api", Image::default(), &exceeded(60_000), 10_000);
+        assert!(cache.get("a#api", 10_999).is_some());
+        assert!(cache.get("a#api", 11_000).is_none());
+    }
+
+    #[test]
+    fn zero_max_age_disables_it() {
+        let cache = RejectionCache::new(0);
+        cache.remember("a#api", Image::default(), &exceeded(300), 0);
+        assert_eq!(cache.len(), 0);
+        assert!(cache.get("a#api", 1).is_none());
+    }
+
+    #[test]
+    fn forgets_one_entity_only() {
+        let cache = RejectionCache::new(1_000);
+        for key in ["a#api", "a#chat", "ab#api", "b#api"] {
+            cache.remember(key, Image::default(), &exceeded(500), 0);
+        }
+        cache.forget_entity("a");
+        assert_eq!(cache.len(), 2);
+        assert!(cache.get("ab#api", 1).is_some());
+        cache.forget("b#api");
+        assert_eq!(cache.len(), 1);
     }
 }
