@@ -326,11 +326,10 @@ pub(super) async fn ensure_version(client: &Client, table: &str) -> Result<(), E
     }
 }
 
+/// Wall-clock time for record stamps (`created_at`, `updated_at`, audit times).
 pub(super) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    use crate::clock::Clock;
+    crate::clock::SystemClock.now_ms()
 }
 
 /// The id of a registered, active namespace.
