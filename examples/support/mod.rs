@@ -56,9 +56,10 @@ pub async fn from_env() -> Result<Backend, Box<dyn std::error::Error>> {
     })
 }
 
-/// Logs to stderr at `RUST_LOG` (default `info`).
+/// Logs to stderr at `RUST_LOG` (default `info`), keeping stdout for the address line.
 pub fn init_tracing() {
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,zae_limiter=info".into()),
