@@ -16,7 +16,7 @@ use aws_sdk_dynamodb::types::{
 
 use super::codec::{self, num, s, Image, Item};
 use super::expr::{Expr, Update};
-use super::{errors, keys, Inner};
+use super::{errors, keys, table, Inner};
 use crate::bucket::{self, BucketState, MILLI};
 use crate::repository::{reconcile_bucket, AcquireOutcome, ItemRequest, LimitCheck};
 use crate::{Error, Limit};
@@ -154,13 +154,12 @@ impl Inner {
     }
 
     async fn acquire_one(&self, item: &ItemRequest, now: i64) -> Result<AcquireOutcome, Error> {
-        let cache_key = crate::keys::entity_resource(&item.entity_id, &item.resource);
-        if let Some(image) = self.rejections.get(&cache_key, now) {
+        if let Some(image) = self.rejections.get(&item.entity_id, &item.resource, now) {
             let plan = evaluate(Some(&image), item, now);
             if !plan.fits {
                 return Ok(rejected(plan.checks));
             }
-            self.rejections.forget(&cache_key);
+            self.rejections.forget(&item.entity_id, &item.resource);
         }
         if item.amounts.iter().all(|&a| a == 0) {
             // Nothing to write: decide on a consistent read.
@@ -179,12 +178,10 @@ impl Inner {
                         return Ok(admitted(admitted_checks(&new, item, now)))
                     }
                     Speculative::Failed(None) => Step::Create,
-                    Speculative::Failed(Some(old)) => {
-                        match self.next_step(&cache_key, old, item, now) {
-                            Ok(step) => step,
-                            Err(outcome) => return Ok(outcome),
-                        }
-                    }
+                    Speculative::Failed(Some(old)) => match self.next_step(old, item, now) {
+                        Ok(step) => step,
+                        Err(outcome) => return Ok(outcome),
+                    },
                 },
                 Step::Create => {
                     let plan = evaluate(None, item, now);
@@ -198,7 +195,7 @@ impl Inner {
                 }
                 Step::Read => match self.read_bucket(&item.entity_id, &item.resource).await? {
                     None => Step::Create,
-                    Some(image) => match self.next_step(&cache_key, image, item, now) {
+                    Some(image) => match self.next_step(image, item, now) {
                         Ok(step) => step,
                         Err(outcome) => return Ok(outcome),
                     },
@@ -211,12 +208,10 @@ impl Inner {
                     match self.normal(item, &image, &plan, now).await? {
                         Written::Ok => return Ok(admitted(plan.checks)),
                         Written::Conflict(None) => Step::Read,
-                        Written::Conflict(Some(old)) => {
-                            match self.next_step(&cache_key, old, item, now) {
-                                Ok(step) => step,
-                                Err(outcome) => return Ok(outcome),
-                            }
-                        }
+                        Written::Conflict(Some(old)) => match self.next_step(old, item, now) {
+                            Ok(step) => step,
+                            Err(outcome) => return Ok(outcome),
+                        },
                     }
                 }
             };
@@ -227,7 +222,6 @@ impl Inner {
     /// From an image: reject (remembering it), or the write to try next.
     fn next_step(
         &self,
-        cache_key: &str,
         image: Image,
         item: &ItemRequest,
         now: i64,
@@ -235,7 +229,7 @@ impl Inner {
         let plan = evaluate(Some(&image), item, now);
         if !plan.fits {
             self.rejections
-                .remember(cache_key, image, &plan.checks, now);
+                .remember(&item.entity_id, &item.resource, image, &plan.checks, now);
             return Err(rejected(plan.checks));
         }
         Ok(if plan.speculative_ok {
@@ -333,7 +327,7 @@ impl Inner {
                         let (update, expr) = self.normal_update(item, image, plan, now);
                         let tx = TxUpdate::builder()
                             .table_name(&self.table)
-                            .set_key(Some(self.bucket_key(item)))
+                            .set_key(Some(self.bucket_key(&item.entity_id, &item.resource)))
                             .update_expression(update.expression())
                             .set_condition_expression(update.condition())
                             .set_expression_attribute_names(expr.names())
@@ -418,7 +412,12 @@ impl Inner {
         // ALL_NEW: the item as it now is gives each limit's exact availability.
         Ok(
             match self
-                .update_item(self.bucket_key(item), &update, &expr, true)
+                .update_item(
+                    self.bucket_key(&item.entity_id, &item.resource),
+                    &update,
+                    &expr,
+                    true,
+                )
                 .await?
             {
                 Updated::Ok(new) => Speculative::Admitted(new.unwrap_or_default()),
@@ -518,7 +517,12 @@ impl Inner {
         let (update, expr) = self.normal_update(item, image, plan, now);
         Ok(
             match self
-                .update_item(self.bucket_key(item), &update, &expr, false)
+                .update_item(
+                    self.bucket_key(&item.entity_id, &item.resource),
+                    &update,
+                    &expr,
+                    false,
+                )
                 .await?
             {
                 Updated::Ok(_) => Written::Ok,
@@ -613,10 +617,7 @@ impl Inner {
                 })
                 .collect();
             let (update, expr) = locked_update(&current, &changes, Ttl::Keep, now);
-            let key = codec::key(
-                keys::bucket_pk(&self.ns, entity_id, resource),
-                keys::STATE_SK,
-            );
+            let key = self.bucket_key(entity_id, resource);
             image = match self.update_item(key, &update, &expr, false).await? {
                 Updated::Ok(_) => return Ok(()),
                 Updated::ConditionFailed(old) => old,
@@ -661,10 +662,7 @@ impl Inner {
                 .set
                 .push(format!("{tc} = if_not_exists({tc}, {zero}) + {a}"));
         }
-        let key = codec::key(
-            keys::bucket_pk(&self.ns, entity_id, resource),
-            keys::STATE_SK,
-        );
+        let key = self.bucket_key(entity_id, resource);
         if let Updated::ConditionFailed(_) = self.update_item(key, &update, &expr, false).await? {
             tracing::debug!(
                 entity_id,
@@ -710,10 +708,10 @@ impl Inner {
         }
     }
 
-    /// The key of an item's bucket record.
-    fn bucket_key(&self, item: &ItemRequest) -> Item {
+    /// The key of an entity and resource's bucket record.
+    fn bucket_key(&self, entity_id: &str, resource: &str) -> Item {
         codec::key(
-            keys::bucket_pk(&self.ns, &item.entity_id, &item.resource),
+            keys::bucket_pk(&self.ns, entity_id, resource),
             keys::STATE_SK,
         )
     }
@@ -724,24 +722,17 @@ impl Inner {
         entity_id: &str,
         resource: &str,
     ) -> Result<Option<Image>, Error> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(codec::key(
-                keys::bucket_pk(&self.ns, entity_id, resource),
-                keys::STATE_SK,
-            )))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| errors::map("GetItem", &self.table, e))?;
-        Ok(out.item().map(Image::parse))
+        let pk = keys::bucket_pk(&self.ns, entity_id, resource);
+        let item = table::get_item(&self.client, &self.table, &pk, keys::STATE_SK).await?;
+        Ok(item.as_ref().map(Image::parse))
     }
 
     /// Consistent reads of several bucket items in one `BatchGetItem`, in order.
     async fn read_buckets(&self, items: &[&ItemRequest]) -> Result<Vec<Option<Image>>, Error> {
-        let keys: Vec<Item> = items.iter().map(|i| self.bucket_key(i)).collect();
+        let keys: Vec<Item> = items
+            .iter()
+            .map(|i| self.bucket_key(&i.entity_id, &i.resource))
+            .collect();
         let found = self.batch_get(keys.clone(), true).await?;
         Ok(keys
             .iter()

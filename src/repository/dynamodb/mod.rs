@@ -468,16 +468,7 @@ impl Inner {
     }
 
     async fn get_record(&self, pk: &str, sk: &str) -> Result<Option<Item>, Error> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(codec::key(pk, sk)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| errors::map("GetItem", &self.table, e))?;
-        Ok(out.item().cloned())
+        table::get_item(&self.client, &self.table, pk, sk).await
     }
 
     /// Updates a config record under an optimistic lock on its `config_version`, which

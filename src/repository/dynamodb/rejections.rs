@@ -9,6 +9,7 @@
 use dashmap::DashMap;
 
 use super::codec::Image;
+use crate::keys;
 use crate::repository::LimitCheck;
 
 /// Entries kept at most; when full, expired entries go, then everything.
@@ -29,17 +30,27 @@ impl RejectionCache {
         }
     }
 
-    /// The remembered image of an item, if still fresh at `now_ms`.
-    pub fn get(&self, key: &str, now_ms: i64) -> Option<Image> {
+    /// The remembered image of an item, if still fresh at `now_ms` (the lookup allocates
+    /// nothing: it runs on every acquire).
+    pub fn get(&self, entity_id: &str, resource: &str, now_ms: i64) -> Option<Image> {
         if self.max_age_ms <= 0 {
             return None;
         }
-        let entry = self.entries.get(key)?;
-        (entry.1 > now_ms).then(|| entry.0.clone())
+        keys::with_entity_resource(entity_id, resource, |key| {
+            let entry = self.entries.get(key)?;
+            (entry.1 > now_ms).then(|| entry.0.clone())
+        })
     }
 
     /// Remembers the image behind a rejection, until the wait it reported (or the max age).
-    pub fn remember(&self, key: &str, image: Image, checks: &[LimitCheck], now_ms: i64) {
+    pub fn remember(
+        &self,
+        entity_id: &str,
+        resource: &str,
+        image: Image,
+        checks: &[LimitCheck],
+        now_ms: i64,
+    ) {
         if self.max_age_ms <= 0 {
             return;
         }
@@ -62,17 +73,18 @@ impl RejectionCache {
                 self.entries.clear();
             }
         }
-        self.entries.insert(key.to_string(), (image, until));
+        self.entries
+            .insert(keys::entity_resource(entity_id, resource), (image, until));
     }
 
     /// Drops an entry (the request it held back now fits).
-    pub fn forget(&self, key: &str) {
-        self.entries.remove(key);
+    pub fn forget(&self, entity_id: &str, resource: &str) {
+        keys::with_entity_resource(entity_id, resource, |key| self.entries.remove(key));
     }
 
     /// Drops every entry of an entity (it was deleted, its buckets with it).
     pub fn forget_entity(&self, entity_id: &str) {
-        let prefix = crate::keys::entity_resource(entity_id, "");
+        let prefix = keys::entity_resource(entity_id, "");
         self.entries.retain(|key, _| !key.starts_with(&prefix));
     }
 
@@ -97,32 +109,32 @@ mod tests {
     #[test]
     fn keeps_a_rejection_for_its_wait_capped_at_the_max_age() {
         let cache = RejectionCache::new(1_000);
-        cache.remember("a#api", Image::default(), &exceeded(300), 10_000);
-        assert!(cache.get("a#api", 10_299).is_some());
-        assert!(cache.get("a#api", 10_300).is_none());
-        cache.remember("a#api", Image::default(), &exceeded(60_000), 10_000);
-        assert!(cache.get("a#api", 10_999).is_some());
-        assert!(cache.get("a#api", 11_000).is_none());
+        cache.remember("a", "api", Image::default(), &exceeded(300), 10_000);
+        assert!(cache.get("a", "api", 10_299).is_some());
+        assert!(cache.get("a", "api", 10_300).is_none());
+        cache.remember("a", "api", Image::default(), &exceeded(60_000), 10_000);
+        assert!(cache.get("a", "api", 10_999).is_some());
+        assert!(cache.get("a", "api", 11_000).is_none());
     }
 
     #[test]
     fn zero_max_age_disables_it() {
         let cache = RejectionCache::new(0);
-        cache.remember("a#api", Image::default(), &exceeded(300), 0);
+        cache.remember("a", "api", Image::default(), &exceeded(300), 0);
         assert_eq!(cache.len(), 0);
-        assert!(cache.get("a#api", 1).is_none());
+        assert!(cache.get("a", "api", 1).is_none());
     }
 
     #[test]
     fn forgets_one_entity_only() {
         let cache = RejectionCache::new(1_000);
-        for key in ["a#api", "a#chat", "ab#api", "b#api"] {
-            cache.remember(key, Image::default(), &exceeded(500), 0);
+        for (entity, resource) in [("a", "api"), ("a", "chat"), ("ab", "api"), ("b", "api")] {
+            cache.remember(entity, resource, Image::default(), &exceeded(500), 0);
         }
         cache.forget_entity("a");
         assert_eq!(cache.len(), 2);
-        assert!(cache.get("ab#api", 1).is_some());
-        cache.forget("b#api");
+        assert!(cache.get("ab", "api", 1).is_some());
+        cache.forget("b", "api");
         assert_eq!(cache.len(), 1);
     }
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use aws_sdk_dynamodb::operation::describe_table::DescribeTableOutput;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, DeleteRequest, GlobalSecondaryIndex, KeySchemaElement,
@@ -92,12 +93,10 @@ pub(super) async fn ensure_table(
     table: &str,
     options: &TableOptions,
 ) -> Result<(), Error> {
-    match client.describe_table().table_name(table).send().await {
+    match describe(client, table).await {
         Ok(_) => return wait_active(client, table).await,
-        Err(e) => match errors::map("DescribeTable", table, e) {
-            Error::InfrastructureNotFound { .. } => {}
-            other => return Err(other),
-        },
+        Err(Error::InfrastructureNotFound { .. }) => {}
+        Err(other) => return Err(other),
     }
     let mut attributes = Vec::new();
     for name in [
@@ -223,12 +222,7 @@ pub(super) async fn ensure_table(
 
 async fn wait_active(client: &Client, table: &str) -> Result<(), Error> {
     for attempt in 0..120 {
-        let out = client
-            .describe_table()
-            .table_name(table)
-            .send()
-            .await
-            .map_err(|e| errors::map("DescribeTable", table, e))?;
+        let out = describe(client, table).await?;
         let t = out.table();
         let table_active = t.and_then(|t| t.table_status()) == Some(&TableStatus::Active);
         let indexes_active = t.is_none_or(|t| {
@@ -250,27 +244,42 @@ async fn wait_active(client: &Client, table: &str) -> Result<(), Error> {
 
 /// Checks that the table exists (for `connect`).
 pub(super) async fn require_table(client: &Client, table: &str) -> Result<(), Error> {
+    describe(client, table).await.map(|_| ())
+}
+
+/// A strongly consistent read of one record.
+pub(super) async fn get_item(
+    client: &Client,
+    table: &str,
+    pk: &str,
+    sk: &str,
+) -> Result<Option<Item>, Error> {
+    let out = client
+        .get_item()
+        .table_name(table)
+        .set_key(Some(codec::key(pk, sk)))
+        .consistent_read(true)
+        .send()
+        .await
+        .map_err(|e| errors::map("GetItem", table, e))?;
+    Ok(out.item)
+}
+
+/// The table's description; [`Error::InfrastructureNotFound`] when it does not exist.
+async fn describe(client: &Client, table: &str) -> Result<DescribeTableOutput, Error> {
     client
         .describe_table()
         .table_name(table)
         .send()
         .await
-        .map(|_| ())
         .map_err(|e| errors::map("DescribeTable", table, e))
 }
 
 /// Reads the stored schema version.
 pub(super) async fn stored_version(client: &Client, table: &str) -> Result<Option<String>, Error> {
-    let out = client
-        .get_item()
-        .table_name(table)
-        .set_key(Some(codec::key(keys::REGISTRY_PK, keys::VERSION_SK)))
-        .consistent_read(true)
-        .send()
-        .await
-        .map_err(|e| errors::map("GetItem", table, e))?;
-    Ok(out
-        .item()
+    let item = get_item(client, table, keys::REGISTRY_PK, keys::VERSION_SK).await?;
+    Ok(item
+        .as_ref()
         .and_then(|i| get_str(i, "schema_version"))
         .map(str::to_string))
 }
@@ -338,19 +347,9 @@ pub(super) async fn namespace_id(
     table: &str,
     name: &str,
 ) -> Result<Option<String>, Error> {
-    let out = client
-        .get_item()
-        .table_name(table)
-        .set_key(Some(codec::key(
-            keys::REGISTRY_PK,
-            keys::namespace_sk(name),
-        )))
-        .consistent_read(true)
-        .send()
-        .await
-        .map_err(|e| errors::map("GetItem", table, e))?;
-    Ok(out
-        .item()
+    let item = get_item(client, table, keys::REGISTRY_PK, &keys::namespace_sk(name)).await?;
+    Ok(item
+        .as_ref()
         .filter(|i| get_str(i, "status").is_none_or(|s| s == "active"))
         .and_then(|i| get_str(i, "namespace_id"))
         .map(str::to_string))
@@ -557,12 +556,7 @@ pub(super) async fn delete_keys(
 
 /// Reports on the table.
 pub(super) async fn status(client: &Client, table: &str) -> Result<TableStatusReport, Error> {
-    let out = client
-        .describe_table()
-        .table_name(table)
-        .send()
-        .await
-        .map_err(|e| errors::map("DescribeTable", table, e))?;
+    let out = describe(client, table).await?;
     let t = out.table();
     let ttl = client
         .describe_time_to_live()
