@@ -52,6 +52,7 @@ pub mod error;
 mod keys;
 mod lease;
 pub mod limit;
+pub mod limit_spec;
 mod limiter;
 #[cfg(feature = "dynamodb")]
 pub mod local;

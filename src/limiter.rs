@@ -519,6 +519,17 @@ impl RateLimiter {
         Ok(())
     }
 
+    /// Reads the system's policy for backend outages, if one is stored.
+    pub async fn get_on_unavailable(&self) -> Result<Option<OnUnavailable>, Error> {
+        self.inner.repo.get_on_unavailable().await
+    }
+
+    /// Every level that has limits stored (system, resources, entities), sorted by scope:
+    /// the whole stored configuration, for export and comparison.
+    pub async fn list_limits(&self) -> Result<Vec<(ConfigScope, Vec<Limit>)>, Error> {
+        self.inner.repo.list_limits().await
+    }
+
     /// Stores limits for a resource, for every entity without its own.
     pub async fn set_resource_limits(&self, resource: &str, limits: &[Limit]) -> Result<(), Error> {
         self.set_scope(Self::resource_scope(resource)?, limits)

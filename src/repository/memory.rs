@@ -452,6 +452,19 @@ impl Repository for InMemoryRepository {
         Ok(())
     }
 
+    async fn get_on_unavailable(&self) -> Result<Option<OnUnavailable>, Error> {
+        Ok(*read(&self.inner.on_unavailable))
+    }
+
+    async fn list_limits(&self) -> Result<Vec<(ConfigScope, Vec<Limit>)>, Error> {
+        let mut all: Vec<(ConfigScope, Vec<Limit>)> = read(&self.inner.configs)
+            .iter()
+            .map(|(scope, limits)| (scope.clone(), limits.to_vec()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(all)
+    }
+
     async fn load_config(&self, entity_id: &str, resource: &str) -> Result<StoredConfig, Error> {
         Ok(self.read_config(entity_id, resource))
     }

@@ -206,6 +206,18 @@ pub trait Repository: Send + Sync + 'static {
     /// Stores (or with `None` clears) the system's `on_unavailable` policy.
     async fn set_on_unavailable(&self, policy: Option<OnUnavailable>) -> Result<(), Error>;
 
+    /// Reads the system's `on_unavailable` policy, if one is stored.
+    async fn get_on_unavailable(&self) -> Result<Option<OnUnavailable>, Error>;
+
+    /// Every level that has limits stored, with its limits, for tools that export or
+    /// compare the whole configuration. The default says the backend cannot list.
+    async fn list_limits(&self) -> Result<Vec<(ConfigScope, Vec<Limit>)>, Error> {
+        Err(Error::Backend {
+            message: "this backend cannot list its stored limits".into(),
+            source: None,
+        })
+    }
+
     /// Reads the entity and the four config levels for an acquire, in one call.
     async fn load_config(&self, entity_id: &str, resource: &str) -> Result<StoredConfig, Error>;
 

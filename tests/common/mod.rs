@@ -105,6 +105,10 @@ impl Repository for Switchable {
         self.check()?;
         self.inner.set_on_unavailable(p).await
     }
+    async fn get_on_unavailable(&self) -> Result<Option<OnUnavailable>, Error> {
+        self.check()?;
+        self.inner.get_on_unavailable().await
+    }
     async fn load_config(&self, e: &str, r: &str) -> Result<StoredConfig, Error> {
         self.check()?;
         self.inner.load_config(e, r).await

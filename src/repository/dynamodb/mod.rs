@@ -24,12 +24,15 @@
 //! ```
 
 mod acquire;
+mod admin;
 mod audit;
+mod cloudformation;
 mod codec;
 mod counter;
 mod errors;
 mod expr;
 mod keys;
+mod listing;
 mod rejections;
 mod table;
 
@@ -47,7 +50,8 @@ use aws_sdk_dynamodb::Client;
 
 pub use audit::{AuditAction, AuditEvent};
 pub use counter::CallCounter;
-pub use table::{Billing, TableOptions, TableStatusReport, SCHEMA_VERSION};
+pub use admin::{check_schema_version, DynamoDbTable};
+pub use table::{Billing, NamespaceInfo, TableOptions, TableStatusReport, SCHEMA_VERSION};
 
 use self::codec::{get_i64, num, s, Image, Item};
 use self::expr::{Expr, Update};
@@ -398,7 +402,11 @@ impl DynamoDbRepository {
 
     /// Every namespace registered in the table: `(name, id, status)`.
     pub async fn list_namespaces(&self) -> Result<Vec<(String, String, String)>, Error> {
-        table::list_namespaces(&self.inner.client, &self.inner.table).await
+        Ok(table::list_namespaces(&self.inner.client, &self.inner.table)
+            .await?
+            .into_iter()
+            .map(|n| (n.name, n.id, n.status))
+            .collect())
     }
 
     /// Registers another namespace in this table (idempotent) and returns its id.
@@ -841,6 +849,16 @@ impl Repository for DynamoDbRepository {
             )
             .await;
         Ok(true)
+    }
+
+    async fn get_on_unavailable(&self) -> Result<Option<OnUnavailable>, Error> {
+        let (pk, sk) = self.inner.config_key(&ConfigScope::System);
+        let item = self.inner.get_record(&pk, &sk).await?;
+        Ok(item.as_ref().and_then(codec::on_unavailable))
+    }
+
+    async fn list_limits(&self) -> Result<Vec<(ConfigScope, Vec<Limit>)>, Error> {
+        self.inner.list_limits().await
     }
 
     async fn set_on_unavailable(&self, policy: Option<OnUnavailable>) -> Result<(), Error> {

@@ -69,7 +69,73 @@ pub struct TableStatusReport {
     pub schema_version: Option<String>,
     /// Whether TTL is enabled on the `ttl` attribute.
     pub ttl_enabled: bool,
+    /// `PAY_PER_REQUEST` or `PROVISIONED`.
+    pub billing: String,
+    /// Provisioned read and write capacity of the table, when provisioned.
+    pub provisioned: Option<(i64, i64)>,
+    /// Whether deletion protection is on.
+    pub deletion_protection: bool,
+    /// Whether point-in-time recovery is on (`None` when the endpoint cannot tell).
+    pub point_in_time_recovery: Option<bool>,
 }
+
+/// One namespace registered in a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    /// The namespace's name.
+    pub name: String,
+    /// Its opaque id, the prefix of its records' keys.
+    pub id: String,
+    /// `active`, or `deleted`/`purging` for one on its way out.
+    pub status: String,
+    /// When it was registered, epoch milliseconds.
+    pub created_at_ms: Option<i64>,
+}
+
+/// Every key attribute of the table and its indexes (all strings).
+pub(super) const KEY_ATTRIBUTES: [&str; 10] = [
+    "PK", "SK", "GSI1PK", "GSI1SK", "GSI2PK", "GSI2SK", "GSI3PK", "GSI3SK", "GSI4PK", "GSI4SK",
+];
+
+/// A global secondary index of the table.
+pub(super) struct IndexDef {
+    pub name: &'static str,
+    pub pk: &'static str,
+    pub sk: &'static str,
+    pub projection: ProjectionType,
+}
+
+/// The table's indexes: GSI1 children of a parent, GSI2 buckets by resource, GSI3 an
+/// entity's buckets and entity configs by resource, GSI4 every record of a namespace.
+pub(super) const INDEXES: [IndexDef; 4] = [
+    IndexDef {
+        name: "GSI1",
+        pk: "GSI1PK",
+        sk: "GSI1SK",
+        projection: ProjectionType::All,
+    },
+    IndexDef {
+        name: "GSI2",
+        pk: "GSI2PK",
+        sk: "GSI2SK",
+        projection: ProjectionType::All,
+    },
+    IndexDef {
+        name: "GSI3",
+        pk: "GSI3PK",
+        sk: "GSI3SK",
+        projection: ProjectionType::KeysOnly,
+    },
+    IndexDef {
+        name: "GSI4",
+        pk: "GSI4PK",
+        sk: "GSI4SK",
+        projection: ProjectionType::KeysOnly,
+    },
+];
+
+/// The TTL attribute (epoch seconds).
+pub(super) const TTL_ATTRIBUTE: &str = "ttl";
 
 fn key_schema(pk: &str, sk: &str) -> Result<Vec<KeySchemaElement>, Error> {
     Ok(vec![
@@ -99,9 +165,7 @@ pub(super) async fn ensure_table(
         Err(other) => return Err(other),
     }
     let mut attributes = Vec::new();
-    for name in [
-        "PK", "SK", "GSI1PK", "GSI1SK", "GSI2PK", "GSI2SK", "GSI3PK", "GSI3SK", "GSI4PK", "GSI4SK",
-    ] {
+    for name in KEY_ATTRIBUTES {
         attributes.push(
             AttributeDefinition::builder()
                 .attribute_name(name)
@@ -121,20 +185,16 @@ pub(super) async fn ensure_table(
         ),
     };
     let mut indexes = Vec::new();
-    for (n, projection) in [
-        (1, ProjectionType::All),
-        (2, ProjectionType::All),
-        (3, ProjectionType::KeysOnly),
-        (4, ProjectionType::KeysOnly),
-    ] {
+    for index in INDEXES {
         indexes.push(
             GlobalSecondaryIndex::builder()
-                .index_name(format!("GSI{n}"))
-                .set_key_schema(Some(key_schema(
-                    &format!("GSI{n}PK"),
-                    &format!("GSI{n}SK"),
-                )?))
-                .projection(Projection::builder().projection_type(projection).build())
+                .index_name(index.name)
+                .set_key_schema(Some(key_schema(index.pk, index.sk)?))
+                .projection(
+                    Projection::builder()
+                        .projection_type(index.projection.clone())
+                        .build(),
+                )
                 .set_provisioned_throughput(throughput.clone())
                 .build()
                 .map_err(build_error)?,
@@ -190,7 +250,7 @@ pub(super) async fn ensure_table(
         .time_to_live_specification(
             TimeToLiveSpecification::builder()
                 .enabled(true)
-                .attribute_name("ttl")
+                .attribute_name(TTL_ATTRIBUTE)
                 .build()
                 .map_err(build_error)?,
         )
@@ -424,11 +484,11 @@ pub(super) async fn ensure_namespace(
     })
 }
 
-/// Every registered namespace: `(name, id, status)`.
+/// Every registered namespace, by name.
 pub(super) async fn list_namespaces(
     client: &Client,
     table: &str,
-) -> Result<Vec<(String, String, String)>, Error> {
+) -> Result<Vec<NamespaceInfo>, Error> {
     let mut out = Vec::new();
     let mut start = None;
     loop {
@@ -448,11 +508,12 @@ pub(super) async fn list_namespaces(
                 get_str(item, "namespace_name"),
                 get_str(item, "namespace_id"),
             ) {
-                out.push((
-                    n.to_string(),
-                    i.to_string(),
-                    get_str(item, "status").unwrap_or("active").to_string(),
-                ));
+                out.push(NamespaceInfo {
+                    name: n.to_string(),
+                    id: i.to_string(),
+                    status: get_str(item, "status").unwrap_or("active").to_string(),
+                    created_at_ms: codec::get_i64(item, "created_at"),
+                });
             }
         }
         start = page.last_evaluated_key().cloned();
@@ -584,5 +645,30 @@ pub(super) async fn status(client: &Client, table: &str) -> Result<TableStatusRe
             .time_to_live_description()
             .and_then(|d| d.time_to_live_status())
             .is_some_and(|s| s.as_str() == "ENABLED"),
+        billing: t
+            .and_then(|t| t.billing_mode_summary())
+            .and_then(|b| b.billing_mode())
+            .map_or("PROVISIONED", |m| m.as_str())
+            .to_string(),
+        provisioned: t
+            .and_then(|t| t.provisioned_throughput())
+            .and_then(|p| Some((p.read_capacity_units()?, p.write_capacity_units()?)))
+            .filter(|(r, w)| *r > 0 || *w > 0),
+        deletion_protection: t
+            .and_then(|t| t.deletion_protection_enabled())
+            .unwrap_or(false),
+        point_in_time_recovery: client
+            .describe_continuous_backups()
+            .table_name(table)
+            .send()
+            .await
+            .ok()
+            .and_then(|o| {
+                let status = o
+                    .continuous_backups_description()?
+                    .point_in_time_recovery_description()?
+                    .point_in_time_recovery_status()?;
+                Some(status.as_str() == "ENABLED")
+            }),
     })
 }
