@@ -41,11 +41,12 @@ fn bad(text: &str, reason: impl Into<String>) -> Error {
 }
 
 fn number(text: &str, field: &str, value: &str) -> Result<u64, Error> {
-    value
-        .trim()
-        .replace('_', "")
-        .parse::<u64>()
-        .map_err(|_| bad(text, format!("{field} {value:?} is not a whole number; {FORMS}")))
+    value.trim().replace('_', "").parse::<u64>().map_err(|_| {
+        bad(
+            text,
+            format!("{field} {value:?} is not a whole number; {FORMS}"),
+        )
+    })
 }
 
 /// Parses a refill period: whole seconds (`90`), or a number followed by `s`, `m`, `h` or
@@ -149,8 +150,14 @@ mod tests {
             parse("tpm:10000:burst=15000"),
             Limit::per_minute("tpm", 10_000).with_burst(15_000)
         );
-        assert_eq!(parse("tokens:500:100/10"), Limit::custom("tokens", 500, 100, 10));
-        assert_eq!(parse("tokens:500:100/10s"), Limit::custom("tokens", 500, 100, 10));
+        assert_eq!(
+            parse("tokens:500:100/10"),
+            Limit::custom("tokens", 500, 100, 10)
+        );
+        assert_eq!(
+            parse("tokens:500:100/10s"),
+            Limit::custom("tokens", 500, 100, 10)
+        );
         assert_eq!(parse("x:5:5/2h"), Limit::custom("x", 5, 5, 7_200));
         assert_eq!(parse("rps:10"), Limit::per_second("rps", 10));
         assert_eq!(parse("rph:10"), Limit::per_hour("rph", 10));

@@ -130,6 +130,29 @@ pub fn validate_entity_config_resource(value: &str) -> Result<(), Error> {
     }
 }
 
+/// Validates a DynamoDB table name: 3 to 255 letters, digits and `_ . -` (DynamoDB's own
+/// rule, checked here so a bad name fails before any call).
+pub fn validate_table_name(value: &str) -> Result<(), Error> {
+    let reason = if value.len() < 3 {
+        Some("must be at least 3 characters".to_string())
+    } else if value.len() > 255 {
+        Some("must be at most 255 characters".to_string())
+    } else {
+        value
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+            .map(|c| format!("contains {c:?}; allowed: letters, digits and _ . -"))
+    };
+    match reason {
+        None => Ok(()),
+        Some(reason) => Err(Error::InvalidName {
+            field: "table".into(),
+            value: truncate(value),
+            reason,
+        }),
+    }
+}
+
 /// Validates a namespace name.
 pub fn validate_namespace(value: &str) -> Result<(), Error> {
     check(

@@ -217,6 +217,7 @@ pub enum OnUnavailableArg {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::enum_variant_names)] // the subcommands are `set-limits`, `get-limits`, ...
 pub enum ResourceCommand {
     /// Store a resource's limits (replacing any).
     SetLimits {

@@ -66,10 +66,21 @@ impl From<Error> for Failure {
                 AWS,
                 "DynamoDB refused the request: check the credentials' permissions on the table (and deletion protection, for delete)".to_string(),
             ),
-            Error::InvalidIdentifier { .. } | Error::InvalidName { .. } | Error::Validation { .. } => (
+            Error::InvalidIdentifier { .. } => (
                 BAD_ARGUMENTS,
-                "ids start with a letter or digit, then letters, digits and _ . - : @; limit and resource names start with a letter (resources may contain /); see --help".to_string(),
+                "ids are 1 to 256 characters: a letter or digit, then letters, digits and _ . - : @".to_string(),
             ),
+            Error::InvalidName { field, .. } => (
+                BAD_ARGUMENTS,
+                match field.as_str() {
+                    "table" => "DynamoDB table names are 3 to 255 letters, digits and _ . -",
+                    "resource" => "resources are 1 to 64 characters: a letter, then letters, digits and _ . - /",
+                    "namespace" => "namespaces are 1 to 64 characters: a letter, then letters, digits and _ . -",
+                    _ => "names are 1 to 64 characters: a letter, then letters, digits and _ . -",
+                }
+                .to_string(),
+            ),
+            Error::Validation { .. } => (BAD_ARGUMENTS, "see the command's --help".to_string()),
             Error::EntityNotFound { .. } => (
                 ERROR,
                 "`zae-limiter entity create` creates it".to_string(),

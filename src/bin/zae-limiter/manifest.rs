@@ -49,7 +49,9 @@ pub fn parse(text: &str) -> Result<Desired, String> {
     if let Some(system) = file.system {
         desired.on_unavailable = system.on_unavailable;
         if let Some(limits) = system.limits {
-            desired.limits.insert(ConfigScope::System, limits.into_limits());
+            desired
+                .limits
+                .insert(ConfigScope::System, limits.into_limits());
         }
     }
     for (resource, limits) in file.resources.unwrap_or_default().0 {
@@ -216,8 +218,11 @@ impl Spec {
         let period = match raw.period {
             None => 60,
             Some(Period::Seconds(s)) => s,
-            Some(Period::Text(t)) => zae_limiter::limit_spec::parse_period_seconds(&t)
-                .map_err(|_| format!("period {t:?} is not a period; write seconds (60) or 30s, 1m, 1h, 1d"))?,
+            Some(Period::Text(t)) => {
+                zae_limiter::limit_spec::parse_period_seconds(&t).map_err(|_| {
+                    format!("period {t:?} is not a period; write seconds (60) or 30s, 1m, 1h, 1d")
+                })?
+            }
         };
         let check = |field: &str, value: u64, max: u64| {
             if value == 0 {
@@ -265,7 +270,9 @@ impl<'de> Deserialize<'de> for Spec {
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Spec, E> {
                 match u64::try_from(v) {
                     Ok(v) => self.visit_u64(v),
-                    Err(_) => Err(E::custom(format_args!("capacity must be positive, not {v}"))),
+                    Err(_) => Err(E::custom(format_args!(
+                        "capacity must be positive, not {v}"
+                    ))),
                 }
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Spec, A::Error> {
@@ -311,14 +318,38 @@ mod tests {
     #[test]
     fn errors_name_line_and_field() {
         for (text, needles) in [
-            ("resources:\n  gpt-4:\n    tpm:\n      capacity: 0\n", vec!["resources.gpt-4.tpm", "capacity must be positive", "line 4"]),
-            ("system:\n  limits:\n    rpm: {capcity: 5}\n", vec!["unknown field `capcity`", "line 3"]),
-            ("resources:\n  gpt-4:\n    rpm: 1\n    rpm: 2\n", vec!["rpm appears twice", "line"]),
-            ("entities:\n  'bad id!':\n    _default_:\n      rpm: 1\n", vec!["entity_id", "line 2"]),
-            ("resources:\n  r:\n    'bad name': 1\n", vec!["limit", "line 3"]),
-            ("resources:\n  r:\n    rpm: {capacity: 5, period: 5w}\n", vec!["period \"5w\"", "line 3"]),
-            ("resources:\n  r:\n    rpm: -4\n", vec!["capacity must be positive", "line 3"]),
-            ("system:\n  on_unavailable: maybe\n", vec!["on_unavailable", "line 2"]),
+            (
+                "resources:\n  gpt-4:\n    tpm:\n      capacity: 0\n",
+                vec!["resources.gpt-4.tpm", "capacity must be positive", "line 4"],
+            ),
+            (
+                "system:\n  limits:\n    rpm: {capcity: 5}\n",
+                vec!["unknown field `capcity`", "line 3"],
+            ),
+            (
+                "resources:\n  gpt-4:\n    rpm: 1\n    rpm: 2\n",
+                vec!["rpm appears twice", "line"],
+            ),
+            (
+                "entities:\n  'bad id!':\n    _default_:\n      rpm: 1\n",
+                vec!["entity_id", "line 2"],
+            ),
+            (
+                "resources:\n  r:\n    'bad name': 1\n",
+                vec!["limit", "line 3"],
+            ),
+            (
+                "resources:\n  r:\n    rpm: {capacity: 5, period: 5w}\n",
+                vec!["period \"5w\"", "line 3"],
+            ),
+            (
+                "resources:\n  r:\n    rpm: -4\n",
+                vec!["capacity must be positive", "line 3"],
+            ),
+            (
+                "system:\n  on_unavailable: maybe\n",
+                vec!["on_unavailable", "line 2"],
+            ),
             ("limits: {}\n", vec!["unknown field `limits`"]),
         ] {
             let err = parse(text).unwrap_err();

@@ -24,11 +24,8 @@ impl Out {
             let array: Vec<Value> = rows
                 .into_iter()
                 .map(|row| {
-                    let object: Map<String, Value> = columns
-                        .iter()
-                        .map(|c| c.to_string())
-                        .zip(row)
-                        .collect();
+                    let object: Map<String, Value> =
+                        columns.iter().map(|c| c.to_string()).zip(row).collect();
                     Value::Object(object)
                 })
                 .collect();
@@ -69,8 +66,10 @@ impl Out {
     /// One record: a JSON object, or `key: value` lines.
     pub fn record(&self, fields: Vec<(&str, Value)>) {
         if self.json() {
-            let object: Map<String, Value> =
-                fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            let object: Map<String, Value> = fields
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
             print_json(&Value::Object(object));
             return;
         }

@@ -21,6 +21,7 @@ impl DynamoDbRepositoryBuilder {
     /// is ignored) for table-level administration. Reads only:
     /// [`Error::InfrastructureNotFound`] when the table does not exist.
     pub async fn connect_table(self) -> Result<DynamoDbTable, Error> {
+        naming::validate_table_name(&self.table)?;
         let client = self.make_client().await;
         table::require_table(&client, &self.table).await?;
         Ok(DynamoDbTable {
@@ -66,7 +67,11 @@ impl DynamoDbTable {
     /// One registered namespace; `None` if no namespace has this name.
     pub async fn namespace(&self, name: &str) -> Result<Option<NamespaceInfo>, Error> {
         naming::validate_namespace(name)?;
-        Ok(self.namespaces().await?.into_iter().find(|n| n.name == name))
+        Ok(self
+            .namespaces()
+            .await?
+            .into_iter()
+            .find(|n| n.name == name))
     }
 
     /// Registers a namespace (idempotent) and returns its id. Writes the schema version

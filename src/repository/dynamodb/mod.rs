@@ -48,9 +48,9 @@ use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValuesOnConditionCheckFailure};
 use aws_sdk_dynamodb::Client;
 
+pub use admin::{check_schema_version, DynamoDbTable};
 pub use audit::{AuditAction, AuditEvent};
 pub use counter::CallCounter;
-pub use admin::{check_schema_version, DynamoDbTable};
 pub use table::{Billing, NamespaceInfo, TableOptions, TableStatusReport, SCHEMA_VERSION};
 
 use self::codec::{get_i64, num, s, Image, Item};
@@ -225,7 +225,7 @@ impl DynamoDbRepositoryBuilder {
     /// Opens the repository, creating the table, the version record and the namespace
     /// when missing (idempotent; safe when several processes start at once).
     pub async fn build(self) -> Result<DynamoDbRepository, Error> {
-        naming::validate_namespace(&self.namespace)?;
+        self.validate()?;
         let client = self.make_client().await;
         table::ensure_table(&client, &self.table, &self.table_options).await?;
         table::ensure_version(&client, &self.table).await?;
@@ -237,7 +237,7 @@ impl DynamoDbRepositoryBuilder {
     /// [`Error::InfrastructureNotFound`] without the table, [`Error::NamespaceNotFound`]
     /// without the namespace.
     pub async fn connect(self) -> Result<DynamoDbRepository, Error> {
-        naming::validate_namespace(&self.namespace)?;
+        self.validate()?;
         let client = self.make_client().await;
         table::require_table(&client, &self.table).await?;
         match table::stored_version(&client, &self.table).await? {
@@ -275,6 +275,12 @@ impl DynamoDbRepositoryBuilder {
                 stream: self.table_options.stream,
             }),
         }
+    }
+
+    /// Checks the names before any call.
+    fn validate(&self) -> Result<(), Error> {
+        naming::validate_table_name(&self.table)?;
+        naming::validate_namespace(&self.namespace)
     }
 
     async fn make_client(&self) -> Client {
@@ -402,11 +408,13 @@ impl DynamoDbRepository {
 
     /// Every namespace registered in the table: `(name, id, status)`.
     pub async fn list_namespaces(&self) -> Result<Vec<(String, String, String)>, Error> {
-        Ok(table::list_namespaces(&self.inner.client, &self.inner.table)
-            .await?
-            .into_iter()
-            .map(|n| (n.name, n.id, n.status))
-            .collect())
+        Ok(
+            table::list_namespaces(&self.inner.client, &self.inner.table)
+                .await?
+                .into_iter()
+                .map(|n| (n.name, n.id, n.status))
+                .collect(),
+        )
     }
 
     /// Registers another namespace in this table (idempotent) and returns its id.

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodb::operation::describe_table::DescribeTableOutput;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
@@ -264,7 +265,7 @@ pub(super) async fn ensure_table(
         }
     }
     if options.point_in_time_recovery {
-        client
+        let sent = client
             .update_continuous_backups()
             .table_name(table)
             .point_in_time_recovery_specification(
@@ -274,8 +275,15 @@ pub(super) async fn ensure_table(
                     .map_err(build_error)?,
             )
             .send()
-            .await
-            .map_err(|e| errors::map("UpdateContinuousBackups", table, e))?;
+            .await;
+        if let Err(e) = sent {
+            // DynamoDB Local has no backups; everything else about the table is usable.
+            if e.code() == Some("UnknownOperationException") {
+                tracing::warn!(table, "this endpoint does not support point-in-time recovery (DynamoDB Local); left off");
+            } else {
+                return Err(errors::map("UpdateContinuousBackups", table, e));
+            }
+        }
     }
     Ok(())
 }

@@ -5,7 +5,7 @@ use serde_json::json;
 use crate::args::{AuditCommand, Global};
 use crate::connect;
 use crate::failure::{Failure, Outcome};
-use crate::output::{text, timestamp, Out};
+use crate::output::{timestamp, Out};
 
 pub async fn run(global: &Global, command: AuditCommand, out: Out) -> Outcome {
     let AuditCommand::List { entity, limit } = command;
@@ -23,12 +23,23 @@ pub async fn run(global: &Global, command: AuditCommand, out: Out) -> Outcome {
                 json!(e.entity_id),
                 json!(e.resource),
                 json!(e.principal),
-                if out.json() { e.details } else { json!(text(&e.details)) },
+                if out.json() {
+                    e.details
+                } else {
+                    json!(e.details.to_string())
+                },
             ]
         })
         .collect();
     out.table(
-        &["timestamp", "action", "entity_id", "resource", "principal", "details"],
+        &[
+            "timestamp",
+            "action",
+            "entity_id",
+            "resource",
+            "principal",
+            "details",
+        ],
         rows,
     );
     Ok(())

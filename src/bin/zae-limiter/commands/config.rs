@@ -49,7 +49,11 @@ pub fn specs(limits: &[Limit]) -> String {
 }
 
 /// Stores limits at a scope through the limiter's per-level methods (which validate).
-pub async fn store(limiter: &RateLimiter, scope: &ConfigScope, limits: &[Limit]) -> Result<(), Error> {
+pub async fn store(
+    limiter: &RateLimiter,
+    scope: &ConfigScope,
+    limits: &[Limit],
+) -> Result<(), Error> {
     match scope {
         ConfigScope::System => limiter.set_system_limits(limits).await,
         ConfigScope::Resource(r) => limiter.set_resource_limits(r, limits).await,
@@ -132,7 +136,13 @@ pub fn limits_table(limits: &[Limit], out: Out) {
         })
         .collect();
     out.table(
-        &["limit", "capacity", "refill_amount", "refill_period_seconds", "spec"],
+        &[
+            "limit",
+            "capacity",
+            "refill_amount",
+            "refill_period_seconds",
+            "spec",
+        ],
         rows,
     );
 }
@@ -153,7 +163,9 @@ pub async fn delete(limiter: &RateLimiter, scope: ConfigScope, out: Out) -> Outc
 pub async fn system(global: &Global, command: SystemCommand, out: Out) -> Outcome {
     let limiter = connect::limiter(global).await?;
     match command {
-        SystemCommand::SetLimits(args) => set(&limiter, ConfigScope::System, &args.limits, out).await,
+        SystemCommand::SetLimits(args) => {
+            set(&limiter, ConfigScope::System, &args.limits, out).await
+        }
         SystemCommand::GetLimits => get(&limiter, ConfigScope::System, out).await,
         SystemCommand::DeleteLimits => delete(&limiter, ConfigScope::System, out).await,
         SystemCommand::SetDefaults { on_unavailable } => {
@@ -177,7 +189,13 @@ pub async fn resource(global: &Global, command: ResourceCommand, out: Out) -> Ou
     let limiter = connect::limiter(global).await?;
     match command {
         ResourceCommand::SetLimits { resource, limits } => {
-            set(&limiter, ConfigScope::Resource(resource), &limits.limits, out).await
+            set(
+                &limiter,
+                ConfigScope::Resource(resource),
+                &limits.limits,
+                out,
+            )
+            .await
         }
         ResourceCommand::GetLimits { resource } => {
             get(&limiter, ConfigScope::Resource(resource), out).await

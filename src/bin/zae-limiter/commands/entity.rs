@@ -106,12 +106,20 @@ pub async fn run(global: &Global, command: EntityCommand, out: Out) -> Outcome {
                             limit.refill_amount,
                             duration_ms(limit.refill_period_seconds * 1000)
                         )),
-                        if out.json() { json!(to_full) } else { json!(duration_ms(to_full)) },
+                        if out.json() {
+                            json!(to_full)
+                        } else {
+                            json!(duration_ms(to_full))
+                        },
                         json!(stored.contains_key(&limit.name)),
                     ]
                 })
                 .collect();
-            let to_full = if out.json() { "ms_to_full" } else { "time_to_full" };
+            let to_full = if out.json() {
+                "ms_to_full"
+            } else {
+                "time_to_full"
+            };
             if !out.json() {
                 println!(
                     "{entity} on {resource}: limits from {}",
@@ -130,7 +138,15 @@ pub async fn run(global: &Global, command: EntityCommand, out: Out) -> Outcome {
             entity,
             resource,
             limits,
-        } => config::set(&limiter, entity_scope(entity, resource), &limits.limits, out).await?,
+        } => {
+            config::set(
+                &limiter,
+                entity_scope(entity, resource),
+                &limits.limits,
+                out,
+            )
+            .await?
+        }
         EntityCommand::GetLimits { entity, resource } => {
             config::get(&limiter, entity_scope(entity, resource), out).await?
         }

@@ -158,19 +158,40 @@ pub async fn run(global: &Global, args: LoadtestArgs, out: Out) -> Outcome {
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     let calls_per_acquire = (!args.memory && total > 0).then(|| calls as f64 / total as f64);
     let limits_text = if explicit {
-        limits.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        limits
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     } else {
-        format!("stored, else {}", limits.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))
+        format!(
+            "stored, else {}",
+            limits
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     };
     let round = |x: f64| (x * 1000.0).round() / 1000.0;
     out.record(vec![
-        ("backend", json!(if args.memory { "memory".to_string() } else { format!("dynamodb table {}", global.table) })),
+        (
+            "backend",
+            json!(if args.memory {
+                "memory".to_string()
+            } else {
+                format!("dynamodb table {}", global.table)
+            }),
+        ),
         ("duration_s", json!(round(elapsed))),
         ("concurrency", json!(args.concurrency)),
         ("entities", json!(args.entities)),
         ("limits", json!(limits_text)),
         ("acquires", json!(total)),
-        ("throughput_per_s", json!(round(total as f64 / elapsed.max(0.001)))),
+        (
+            "throughput_per_s",
+            json!(round(total as f64 / elapsed.max(0.001))),
+        ),
         ("admitted", json!(counts.admitted.load(Ordering::Relaxed))),
         ("rejected", json!(counts.rejected.load(Ordering::Relaxed))),
         ("errors", json!(counts.errors.load(Ordering::Relaxed))),
@@ -180,8 +201,18 @@ pub async fn run(global: &Global, args: LoadtestArgs, out: Out) -> Outcome {
         ("latency_p99_ms", json!(ms(0.99))),
         ("latency_p999_ms", json!(ms(0.999))),
         ("latency_max_ms", json!(histogram.max() as f64 / 1000.0)),
-        ("dynamodb_calls", if args.memory { json!(null) } else { json!(counter.snapshot()) }),
-        ("dynamodb_calls_per_acquire", json!(calls_per_acquire.map(round))),
+        (
+            "dynamodb_calls",
+            if args.memory {
+                json!(null)
+            } else {
+                json!(counter.snapshot())
+            },
+        ),
+        (
+            "dynamodb_calls_per_acquire",
+            json!(calls_per_acquire.map(round)),
+        ),
     ]);
     Ok(())
 }

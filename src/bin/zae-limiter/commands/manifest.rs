@@ -74,9 +74,15 @@ fn update_detail(have: &[Limit], wanted: &[Limit]) -> String {
 
 fn change_json(change: &Change) -> Value {
     match change {
-        Change::Add(scope, after) => json!({ "action": "add", "scope": scope_json(scope), "before": null, "after": after }),
-        Change::Update(scope, before, after) => json!({ "action": "change", "scope": scope_json(scope), "before": before, "after": after }),
-        Change::Delete(scope, before) => json!({ "action": "delete", "scope": scope_json(scope), "before": before, "after": null }),
+        Change::Add(scope, after) => {
+            json!({ "action": "add", "scope": scope_json(scope), "before": null, "after": after })
+        }
+        Change::Update(scope, before, after) => {
+            json!({ "action": "change", "scope": scope_json(scope), "before": before, "after": after })
+        }
+        Change::Delete(scope, before) => {
+            json!({ "action": "delete", "scope": scope_json(scope), "before": before, "after": null })
+        }
         Change::Policy(before, after) => json!({
             "action": "change",
             "scope": { "level": "system", "setting": "on_unavailable" },
@@ -88,11 +94,13 @@ fn change_json(change: &Change) -> Value {
 
 /// Counts of additions, changes and deletions.
 fn counts(changes: &[Change]) -> (usize, usize, usize) {
-    changes.iter().fold((0, 0, 0), |(a, c, d), change| match change {
-        Change::Add(..) => (a + 1, c, d),
-        Change::Update(..) | Change::Policy(..) => (a, c + 1, d),
-        Change::Delete(..) => (a, c, d + 1),
-    })
+    changes
+        .iter()
+        .fold((0, 0, 0), |(a, c, d), change| match change {
+            Change::Add(..) => (a + 1, c, d),
+            Change::Update(..) | Change::Policy(..) => (a, c + 1, d),
+            Change::Delete(..) => (a, c, d + 1),
+        })
 }
 
 fn read_manifest(args: &ManifestArgs) -> Result<Desired, Failure> {
@@ -123,10 +131,10 @@ async fn live(limiter: &RateLimiter) -> Result<Desired, Failure> {
 }
 
 pub async fn run(global: &Global, command: ManifestCommand, out: Out) -> Outcome {
-    let (args, mode) = match &command {
-        ManifestCommand::Plan(args) => (args, "plan"),
-        ManifestCommand::Diff { manifest, .. } => (manifest, "diff"),
-        ManifestCommand::Apply(args) => (args, "apply"),
+    let args = match &command {
+        ManifestCommand::Plan(args) => args,
+        ManifestCommand::Diff { manifest, .. } => manifest,
+        ManifestCommand::Apply(args) => args,
     };
     // Validate the whole manifest before touching the table.
     let desired = read_manifest(args)?;
@@ -176,8 +184,12 @@ pub async fn run(global: &Global, command: ManifestCommand, out: Out) -> Outcome
                 );
             }
             if exit_code && !changes.is_empty() {
-                return Err(Failure::new(ERROR, "the live limits differ from the manifest")
-                    .hint(format!("`zae-limiter limits apply -f {}` makes them equal", args.file.display())));
+                return Err(
+                    Failure::new(ERROR, "the live limits differ from the manifest").hint(format!(
+                        "`zae-limiter limits apply -f {}` makes them equal",
+                        args.file.display()
+                    )),
+                );
             }
         }
         ManifestCommand::Apply(_) => {
@@ -185,7 +197,10 @@ pub async fn run(global: &Global, command: ManifestCommand, out: Out) -> Outcome
                 apply_one(&limiter, c).await?;
             }
             out.message(
-                format!("Applied: {add} added, {change} changed, {delete} deleted ({mode} of {}).", args.file.display()),
+                format!(
+                    "Applied {}: {add} added, {change} changed, {delete} deleted.",
+                    args.file.display()
+                ),
                 json!({ "added": add, "changed": change, "deleted": delete }),
             );
         }
@@ -211,7 +226,11 @@ fn plan_line(change: &Change) -> String {
 fn drift_line(change: &Change) -> String {
     match change {
         Change::Add(scope, after) => {
-            format!("missing from the table: {} ({})", describe(scope), specs(after))
+            format!(
+                "missing from the table: {} ({})",
+                describe(scope),
+                specs(after)
+            )
         }
         Change::Update(scope, before, after) => format!(
             "differs: {}: table has {}; manifest has {}",
@@ -220,7 +239,11 @@ fn drift_line(change: &Change) -> String {
             specs(after)
         ),
         Change::Delete(scope, before) => {
-            format!("not in the manifest: {} ({})", describe(scope), specs(before))
+            format!(
+                "not in the manifest: {} ({})",
+                describe(scope),
+                specs(before)
+            )
         }
         Change::Policy(before, after) => format!(
             "differs: system on_unavailable: table has {}; manifest has {}",

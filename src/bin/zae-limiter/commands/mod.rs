@@ -65,6 +65,9 @@ fn confirm(what: &str, expected: &str, yes: bool) -> Outcome {
     if answer.trim() == expected {
         Ok(())
     } else {
-        Err(Failure::new(crate::failure::ERROR, "not confirmed; nothing was deleted"))
+        Err(Failure::new(
+            crate::failure::ERROR,
+            "not confirmed; nothing was deleted",
+        ))
     }
 }

@@ -53,7 +53,10 @@ pub async fn run(global: &Global, command: NamespaceCommand, out: Out) -> Outcom
                 ("name", json!(info.name)),
                 ("id", json!(info.id)),
                 ("status", json!(info.status)),
-                ("created_at", info.created_at_ms.map_or(json!(null), timestamp)),
+                (
+                    "created_at",
+                    info.created_at_ms.map_or(json!(null), timestamp),
+                ),
                 ("table", json!(table.name())),
             ]);
         }
@@ -71,8 +74,10 @@ pub async fn run(global: &Global, command: NamespaceCommand, out: Out) -> Outcom
             )?;
             let bar = ProgressBar::new_spinner();
             bar.set_style(
-                ProgressStyle::with_template("{spinner} deleting namespace items: {pos} [{elapsed}]")
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                ProgressStyle::with_template(
+                    "{spinner} deleting namespace items: {pos} [{elapsed}]",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
             );
             bar.enable_steady_tick(Duration::from_millis(100));
             let deleted = repo

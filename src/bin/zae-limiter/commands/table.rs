@@ -39,7 +39,9 @@ fn options(args: &TableOptionArgs) -> Result<TableOptions, Failure> {
 
 fn billing_text(report: &TableStatusReport) -> String {
     match report.provisioned {
-        Some((r, w)) if report.billing == "PROVISIONED" => format!("provisioned ({r} RCU, {w} WCU)"),
+        Some((r, w)) if report.billing == "PROVISIONED" => {
+            format!("provisioned ({r} RCU, {w} WCU)")
+        }
         _ if report.billing == "PAY_PER_REQUEST" => "on-demand".into(),
         _ => report.billing.to_lowercase(),
     }
@@ -91,9 +93,24 @@ pub async fn deploy(global: &Global, args: &TableOptionArgs, out: Out) -> Outcom
             "Created table {} ({}{}{}{}).",
             report.table,
             billing_text(&report),
-            if options.point_in_time_recovery { ", point-in-time recovery" } else { "" },
-            if options.deletion_protection { ", deletion protection" } else { "" },
-            if options.stream { ", stream" } else { "" },
+            match (
+                options.point_in_time_recovery,
+                report.point_in_time_recovery
+            ) {
+                (_, Some(true)) => ", point-in-time recovery",
+                (true, _) => ", point-in-time recovery not supported by this endpoint",
+                _ => "",
+            },
+            if report.deletion_protection {
+                ", deletion protection"
+            } else {
+                ""
+            },
+            if report.stream.is_some() {
+                ", stream"
+            } else {
+                ""
+            },
         )
     }];
     if !unmet.is_empty() {
@@ -140,14 +157,24 @@ pub async fn status(global: &Global, out: Out) -> Outcome {
     out.record(vec![
         ("table", json!(report.table)),
         ("status", json!(report.status)),
-        ("billing", if out.json() { json!(report.billing) } else { json!(billing_text(&report)) }),
+        (
+            "billing",
+            if out.json() {
+                json!(report.billing)
+            } else {
+                json!(billing_text(&report))
+            },
+        ),
         ("items", json!(report.item_count)),
         ("namespaces", Value::Array(names)),
         ("schema_version", json!(report.schema_version)),
         ("compatible", json!(compatible)),
         ("stream", json!(report.stream)),
         ("ttl", json!(report.ttl_enabled)),
-        ("point_in_time_recovery", json!(report.point_in_time_recovery)),
+        (
+            "point_in_time_recovery",
+            json!(report.point_in_time_recovery),
+        ),
         ("deletion_protection", json!(report.deletion_protection)),
     ]);
     Ok(())
