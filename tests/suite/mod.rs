@@ -546,6 +546,73 @@ pub async fn stored_on_unavailable_is_resolved(repo: Arc<dyn Repository>) {
     );
 }
 
+pub async fn stored_limits_are_listed(repo: Arc<dyn Repository>) {
+    use zae_limiter::repository::ConfigScope;
+    let (l, _) = limiter(repo);
+    assert!(l.list_limits().await.unwrap().is_empty());
+    assert_eq!(l.get_on_unavailable().await.unwrap(), None);
+    l.set_system_limits(&[rpm(100)]).await.unwrap();
+    l.set_resource_limits("gpt-4", &[rpm(10), tpm(1000)]).await.unwrap();
+    l.set_resource_limits("openai/gpt-4o", &[rpm(20)]).await.unwrap();
+    l.set_entity_limits("key-1", "_default_", &[rpm(5)]).await.unwrap();
+    l.set_entity_limits("key-1", "gpt-4", &[tpm(50)]).await.unwrap();
+    // Entity records, buckets and audit events are not limits.
+    l.create_entity("key-1").await.unwrap();
+    admit(l.acquire("key-1", "gpt-4")).await;
+    l.set_on_unavailable(Some(OnUnavailable::Allow)).await.unwrap();
+    assert_eq!(
+        l.get_on_unavailable().await.unwrap(),
+        Some(OnUnavailable::Allow)
+    );
+    let entity = |r: &str| ConfigScope::Entity {
+        entity_id: "key-1".into(),
+        resource: r.into(),
+    };
+    let sorted = |mut v: Vec<Limit>| {
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    };
+    let listed: Vec<(ConfigScope, Vec<Limit>)> = l
+        .list_limits()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(s, v)| (s, sorted(v)))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            (ConfigScope::System, vec![rpm(100)]),
+            (ConfigScope::Resource("gpt-4".into()), vec![rpm(10), tpm(1000)]),
+            (ConfigScope::Resource("openai/gpt-4o".into()), vec![rpm(20)]),
+            (entity("_default_"), vec![rpm(5)]),
+            (entity("gpt-4"), vec![tpm(50)]),
+        ]
+    );
+    // The system record keeps its policy without limits: not listed as limits.
+    l.delete_system_limits().await.unwrap();
+    l.delete_entity_limits("key-1", "gpt-4").await.unwrap();
+    let scopes: Vec<ConfigScope> = l
+        .list_limits()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(
+        scopes,
+        vec![
+            ConfigScope::Resource("gpt-4".into()),
+            ConfigScope::Resource("openai/gpt-4o".into()),
+            entity("_default_"),
+        ]
+    );
+    assert_eq!(
+        l.get_on_unavailable().await.unwrap(),
+        Some(OnUnavailable::Allow)
+    );
+}
+
 pub async fn config_cache_counts_and_expires(repo: Arc<dyn Repository>) {
     let (l, clock) = limiter(Arc::clone(&repo));
     l.set_resource_limits("api", &[rpm(10)]).await.unwrap();
@@ -851,6 +918,7 @@ macro_rules! limiter_suite {
             slow_limit_sharing_an_item_refills_exactly,
             config_hierarchy_precedence,
             stored_on_unavailable_is_resolved,
+            stored_limits_are_listed,
             config_cache_counts_and_expires,
             added_limit_starts_full_and_removed_limit_stops,
             capacity_cut_clamps_tokens,
