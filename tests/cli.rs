@@ -63,6 +63,18 @@ fn expect(cmd: &mut Command, args: &[&str], code: i32) -> Output {
     out
 }
 
+/// Runs, expects exit code `code` and `needle` in stderr; returns the output.
+#[track_caller]
+fn fails(cmd: &mut Command, args: &[&str], code: i32, needle: &str) -> Output {
+    let out = expect(cmd, args, code);
+    assert!(
+        stderr(&out).contains(needle),
+        "zae-limiter {args:?}: stderr lacks {needle:?}: {}",
+        stderr(&out)
+    );
+    out
+}
+
 /// Runs with `--output json`, expects success, and parses stdout.
 #[track_caller]
 fn json(cmd: &mut Command, args: &[&str]) -> Value {
@@ -126,68 +138,62 @@ fn version_and_help_need_no_table() {
 #[test]
 fn exit_codes_say_what_went_wrong() {
     let (url, table) = deployed("codes");
+    let z = || zl(&url, &table);
     // 2: bad arguments, caught before any call.
-    let out = expect(
-        &mut zl(&url, &table),
+    fails(
+        &mut z(),
         &["system", "set-limits", "-l", "rpm:0"],
         2,
+        "must be positive",
     );
-    assert!(
-        stderr(&out).contains("must be positive"),
-        "{}",
-        stderr(&out)
-    );
-    let out = expect(
-        &mut zl(&url, &table),
+    fails(
+        &mut z(),
         &["system", "set-limits", "-l", "rpm"],
         2,
+        "NAME:RATE",
     );
-    assert!(stderr(&out).contains("NAME:RATE"), "{}", stderr(&out));
-    expect(&mut zl(&url, &table), &["no-such-command"], 2);
-    let out = expect(&mut zl(&url, &table), &["entity", "create", "bad id"], 2);
-    assert!(
-        stderr(&out).contains("invalid entity_id"),
-        "{}",
-        stderr(&out)
+    fails(&mut z(), &["no-such-command"], 2, "unrecognized subcommand");
+    let out = fails(
+        &mut z(),
+        &["entity", "create", "bad id"],
+        2,
+        "invalid entity_id",
     );
     assert!(stderr(&out).contains("hint:"), "{}", stderr(&out));
-    let out = expect(&mut zl(&url, "t2"), &["status"], 2);
-    assert!(stderr(&out).contains("invalid table"), "{}", stderr(&out));
+    fails(&mut zl(&url, "t2"), &["status"], 2, "invalid table");
     // Deleting without a terminal and without --yes is refused, and nothing is deleted.
-    let out = expect(&mut zl(&url, &table), &["delete"], 2);
-    assert!(stderr(&out).contains("--yes"), "{}", stderr(&out));
-    expect(&mut zl(&url, &table), &["status"], 0);
+    fails(&mut z(), &["delete"], 2, "--yes");
+    expect(&mut z(), &["status"], 0);
     // 4: table or namespace not found, with what to do.
-    let out = expect(&mut zl(&url, &unique_table("missing")), &["status"], 4);
-    assert!(
-        stderr(&out).contains("zae-limiter deploy"),
-        "{}",
-        stderr(&out)
-    );
-    let out = expect(
-        &mut zl(&url, &table),
-        &["-N", "nope", "system", "get-limits"],
+    fails(
+        &mut zl(&url, &unique_table("missing")),
+        &["status"],
         4,
+        "zae-limiter deploy",
     );
-    assert!(
-        stderr(&out).contains("namespace register nope"),
-        "{}",
-        stderr(&out)
+    let args = ["-N", "nope", "system", "get-limits"];
+    fails(&mut z(), &args, 4, "namespace register nope");
+    fails(
+        &mut z(),
+        &["namespace", "show", "nope"],
+        4,
+        "namespace not found",
     );
-    expect(&mut zl(&url, &table), &["namespace", "show", "nope"], 4);
     // 3: DynamoDB cannot be reached.
-    let dead = format!(
-        "http://127.0.0.1:{}",
-        zae_limiter::local::free_port().unwrap()
+    let port = zae_limiter::local::free_port().unwrap();
+    let dead = format!("http://127.0.0.1:{port}");
+    fails(
+        &mut zl(&dead, &table),
+        &["--timeout", "1s", "status"],
+        3,
+        "unavailable",
     );
-    let out = expect(&mut zl(&dead, &table), &["--timeout", "1s", "status"], 3);
-    assert!(stderr(&out).contains("unavailable"), "{}", stderr(&out));
     // 1: other errors.
-    let out = expect(&mut zl(&url, &table), &["entity", "show", "ghost"], 1);
-    assert!(
-        stderr(&out).contains("entity not found: ghost"),
-        "{}",
-        stderr(&out)
+    fails(
+        &mut z(),
+        &["entity", "show", "ghost"],
+        1,
+        "entity not found: ghost",
     );
 }
 
@@ -232,11 +238,11 @@ fn deploy_status_check_and_delete() {
     assert_eq!(check["compatible"], true);
 
     // Deletion protection holds, and the error says how to lift it.
-    let out = expect(&mut zl(&url, &table), &["delete", "--yes"], 3);
-    assert!(
-        stderr(&out).contains("deletion protection"),
-        "{}",
-        stderr(&out)
+    fails(
+        &mut zl(&url, &table),
+        &["delete", "--yes"],
+        3,
+        "deletion protection",
     );
     expect(&mut zl(&url, &table), &["status"], 0);
 
@@ -823,17 +829,9 @@ fn manifest_round_trip() {
         "bad.yaml",
         "resources:\n  gpt-4:\n    rpm: 1\n    tpm:\n      capacity: 0\n",
     );
-    let out = expect(
-        &mut z(),
-        &["limits", "apply", "-f", bad.to_str().unwrap()],
-        2,
-    );
-    let err = stderr(&out);
-    assert!(
-        err.contains("resources.gpt-4.tpm") && err.contains("capacity must be positive"),
-        "{err}"
-    );
-    assert!(err.contains("line 5"), "{err}");
+    let apply_bad = ["limits", "apply", "-f", bad.to_str().unwrap()];
+    let out = fails(&mut z(), &apply_bad, 2, "resources.gpt-4.tpm");
+    assert!(stderr(&out).contains("capacity must be positive at line 5"));
     for (text, needle) in [
         (
             "resources:\n  gpt-4:\n    rpm: {capacity: 5, refil_amount: 5}\n",
@@ -849,13 +847,8 @@ fn manifest_round_trip() {
         ),
         ("system:\n  on_unavailable: sometimes\n", "on_unavailable"),
     ] {
-        let bad = write(&dir, "bad.yaml", text);
-        let out = expect(
-            &mut z(),
-            &["limits", "apply", "-f", bad.to_str().unwrap()],
-            2,
-        );
-        assert!(stderr(&out).contains(needle), "{text}: {}", stderr(&out));
+        write(&dir, "bad.yaml", text);
+        let out = fails(&mut z(), &apply_bad, 2, needle);
         assert!(stderr(&out).contains("line "), "{text}: {}", stderr(&out));
     }
     let live = json(&mut z(), &["resource", "get-limits", "gpt-4"]);
@@ -956,6 +949,14 @@ fn local_start_status_stop_ends_only_its_own_process() {
         format!("export AWS_ENDPOINT_URL={endpoint}")
     );
     let pid = started["pid"].as_u64().unwrap() as u32;
+    // Should an assertion fail, the server started detached must not outlive the test.
+    struct StopOnDrop(u32);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            let _ = zae_limiter::local::stop_detached(self.0);
+        }
+    }
+    let _guard = StopOnDrop(pid);
     // It outlived the command that started it, and serves requests.
     assert!(zae_limiter::local::is_running(pid));
     let table = unique_table("on-local");

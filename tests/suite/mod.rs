@@ -552,14 +552,24 @@ pub async fn stored_limits_are_listed(repo: Arc<dyn Repository>) {
     assert!(l.list_limits().await.unwrap().is_empty());
     assert_eq!(l.get_on_unavailable().await.unwrap(), None);
     l.set_system_limits(&[rpm(100)]).await.unwrap();
-    l.set_resource_limits("gpt-4", &[rpm(10), tpm(1000)]).await.unwrap();
-    l.set_resource_limits("openai/gpt-4o", &[rpm(20)]).await.unwrap();
-    l.set_entity_limits("key-1", "_default_", &[rpm(5)]).await.unwrap();
-    l.set_entity_limits("key-1", "gpt-4", &[tpm(50)]).await.unwrap();
+    l.set_resource_limits("gpt-4", &[rpm(10), tpm(1000)])
+        .await
+        .unwrap();
+    l.set_resource_limits("openai/gpt-4o", &[rpm(20)])
+        .await
+        .unwrap();
+    l.set_entity_limits("key-1", "_default_", &[rpm(5)])
+        .await
+        .unwrap();
+    l.set_entity_limits("key-1", "gpt-4", &[tpm(50)])
+        .await
+        .unwrap();
     // Entity records, buckets and audit events are not limits.
     l.create_entity("key-1").await.unwrap();
     admit(l.acquire("key-1", "gpt-4")).await;
-    l.set_on_unavailable(Some(OnUnavailable::Allow)).await.unwrap();
+    l.set_on_unavailable(Some(OnUnavailable::Allow))
+        .await
+        .unwrap();
     assert_eq!(
         l.get_on_unavailable().await.unwrap(),
         Some(OnUnavailable::Allow)
@@ -583,7 +593,10 @@ pub async fn stored_limits_are_listed(repo: Arc<dyn Repository>) {
         listed,
         vec![
             (ConfigScope::System, vec![rpm(100)]),
-            (ConfigScope::Resource("gpt-4".into()), vec![rpm(10), tpm(1000)]),
+            (
+                ConfigScope::Resource("gpt-4".into()),
+                vec![rpm(10), tpm(1000)]
+            ),
             (ConfigScope::Resource("openai/gpt-4o".into()), vec![rpm(20)]),
             (entity("_default_"), vec![rpm(5)]),
             (entity("gpt-4"), vec![tpm(50)]),
