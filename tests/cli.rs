@@ -917,10 +917,32 @@ fn loadtest_reports_throughput_latency_and_calls() {
     let per_acquire = dynamo["dynamodb_calls_per_acquire"].as_f64().unwrap();
     assert!(per_acquire > 0.0 && per_acquire < 3.0, "{dynamo}");
     assert!(dynamo["dynamodb_calls"]["UpdateItem"].as_u64().unwrap() > 0);
-    expect(
+    // After a warm-up (first touches), every admitted acquire is one UpdateItem.
+    let steady = json(
+        &mut zl(&url, &table),
+        &[
+            "loadtest",
+            "--warmup",
+            "1s",
+            "--duration",
+            "2s",
+            "--concurrency",
+            "2",
+            "--entities",
+            "5",
+            "-l",
+            "rpm:1000000",
+        ],
+    );
+    assert_eq!(steady["rejected"], 0, "{steady}");
+    let per_acquire = steady["dynamodb_calls_per_acquire"].as_f64().unwrap();
+    assert!((0.95..=1.05).contains(&per_acquire), "{steady}");
+    assert_eq!(steady["warmup_s"], 1.0);
+    fails(
         &mut zl(&url, &table),
         &["loadtest", "--concurrency", "0"],
         2,
+        "at least 1",
     );
     expect(
         &mut zl(&url, &unique_table("none")),

@@ -16,8 +16,8 @@ type ItemGuard = parking_lot::ArcMutexGuard<RawMutex, Item>;
 type States = SmallVec<[BucketState; 4]>;
 
 use super::{
-    reconcile_bucket, AcquireOutcome, AcquireRequest, AdjustRequest, ConfigScope, ItemRequest,
-    LimitCheck, Repository, StoredConfig,
+    params_changed, reconcile_bucket, AcquireOutcome, AcquireRequest, AdjustRequest, ConfigScope,
+    ItemRequest, LimitCheck, Repository, StoredConfig,
 };
 use crate::bucket::{self, BucketState};
 use crate::keys;
@@ -96,6 +96,17 @@ impl Item {
             states.push(result.state);
         }
         (fits, states)
+    }
+
+    /// After a rejection: stores, refilled to now, the buckets whose limit parameters
+    /// changed, so the new rate counts from now (see [`reconcile_bucket`]).
+    fn adopt_changed_params(&mut self, request: &ItemRequest, now: i64) {
+        for limit in request.limits.iter() {
+            if let Some(stored) = self.get(&limit.name).filter(|s| params_changed(s, limit)) {
+                let state = reconcile_bucket(Some(stored), limit, now);
+                self.put(&limit.name, state);
+            }
+        }
     }
 
     fn put(&mut self, name: &str, state: BucketState) {
@@ -538,6 +549,10 @@ impl InMemoryRepository {
             for g in guards.iter_mut() {
                 g.touch(now, self.inner.idle_ttl_multiplier);
             }
+        } else {
+            for (i, item) in items.iter().enumerate() {
+                guards[guard_of(i)].adopt_changed_params(item, now);
+            }
         }
         AcquireOutcome { admitted, checks }
     }
@@ -553,6 +568,8 @@ impl InMemoryRepository {
                 guard.put(&limit.name, state);
             }
             guard.touch(now, self.inner.idle_ttl_multiplier);
+        } else {
+            guard.adopt_changed_params(item, now);
         }
         AcquireOutcome { admitted, checks }
     }

@@ -234,16 +234,18 @@ pub trait Repository: Send + Sync + 'static {
 /// Brings a stored bucket in line with the limit now configured: refills it to `now_ms` under
 /// its stored parameters, then adopts the new capacity and rate (clamping tokens to the new
 /// capacity). A limit newly added to the config starts full.
+///
+/// A backend must store the reconciled state once a limit's parameters changed, even when
+/// it rejects the acquire: otherwise the bucket goes on refilling at its old rate from its
+/// last write (a drained 1-per-day limit raised to 1,000 a minute would stay shut for up
+/// to a day). [`params_changed`] tells when.
 pub fn reconcile_bucket(stored: Option<&BucketState>, limit: &Limit, now_ms: i64) -> BucketState {
     let fresh = BucketState::from_limit(limit, now_ms);
     let Some(stored) = stored else {
         return fresh;
     };
     let mut state = crate::bucket::refill(stored, now_ms);
-    if state.capacity_milli != fresh.capacity_milli
-        || state.refill_amount_milli != fresh.refill_amount_milli
-        || state.refill_period_ms != fresh.refill_period_ms
-    {
+    if params_changed(stored, limit) {
         state.capacity_milli = fresh.capacity_milli;
         state.refill_amount_milli = fresh.refill_amount_milli;
         state.refill_period_ms = fresh.refill_period_ms;
@@ -251,4 +253,12 @@ pub fn reconcile_bucket(stored: Option<&BucketState>, limit: &Limit, now_ms: i64
         state.tokens_milli = state.tokens_milli.min(state.capacity_milli);
     }
     state
+}
+
+/// Whether a stored bucket's capacity, refill amount or period differ from `limit`'s.
+pub fn params_changed(stored: &BucketState, limit: &Limit) -> bool {
+    let fresh = BucketState::from_limit(limit, stored.last_refill_ms);
+    stored.capacity_milli != fresh.capacity_milli
+        || stored.refill_amount_milli != fresh.refill_amount_milli
+        || stored.refill_period_ms != fresh.refill_period_ms
 }

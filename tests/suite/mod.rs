@@ -670,6 +670,25 @@ pub async fn added_limit_starts_full_and_removed_limit_stops(repo: Arc<dyn Repos
     lease.commit().await.unwrap();
 }
 
+pub async fn raised_limit_applies_from_the_change(repo: Arc<dyn Repository>) {
+    // A drained 1-per-day bucket whose limit is raised to 1 per second must refill at the
+    // new rate from the moment the new limit is first used, even though every acquire
+    // since is rejected (and a rejection consumes nothing).
+    let (l, clock) = limiter(repo);
+    let daily = [Limit::per_day("calls", 1)];
+    let fast = [Limit::per_second("calls", 1)];
+    admit(l.acquire("u1", "api").limits(daily.clone())).await;
+    clock.advance(Duration::from_secs(1));
+    rejected(l.acquire("u1", "api").limits(daily).await);
+    let first = rejected(l.acquire("u1", "api").limits(fast.clone()).await);
+    assert!(first.retry_after() <= Duration::from_secs(1), "{first:?}");
+    clock.advance(Duration::from_millis(1_100));
+    admit(l.acquire("u1", "api").limits(fast.clone())).await;
+    rejected(l.acquire("u1", "api").limits(fast.clone()).await);
+    clock.advance(Duration::from_millis(1_000));
+    admit(l.acquire("u1", "api").limits(fast)).await;
+}
+
 pub async fn capacity_cut_clamps_tokens(repo: Arc<dyn Repository>) {
     let (l, _) = limiter(repo);
     admit(
@@ -684,6 +703,20 @@ pub async fn capacity_cut_clamps_tokens(repo: Arc<dyn Repository>) {
         admit(l.acquire("u1", "api").limits([rpm(10)])).await;
     }
     rejected(l.acquire("u1", "api").limits([rpm(10)]).await);
+    // A credit to a bucket that is already full moves nothing, and is no error.
+    let lease = l
+        .acquire("u2", "api")
+        .limits([rpm(10), tpm(100)])
+        .consume([("rpm", 1)])
+        .await
+        .unwrap();
+    lease.adjust([("tpm", -5)]).await.unwrap();
+    lease.commit().await.unwrap();
+    let available = l
+        .available("u2", "api", Some(&[rpm(10), tpm(100)]))
+        .await
+        .unwrap();
+    assert_eq!((available["rpm"], available["tpm"]), (9, 100));
 }
 
 pub async fn entities_crud(repo: Arc<dyn Repository>) {
@@ -934,6 +967,7 @@ macro_rules! limiter_suite {
             stored_limits_are_listed,
             config_cache_counts_and_expires,
             added_limit_starts_full_and_removed_limit_stops,
+            raised_limit_applies_from_the_change,
             capacity_cut_clamps_tokens,
             entities_crud,
             cascade_charges_parent_all_or_nothing,

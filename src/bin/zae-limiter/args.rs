@@ -350,6 +350,10 @@ pub struct LoadtestArgs {
     /// How long to run (e.g. 30s, 2m).
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub duration: Duration,
+    /// Run the same load this long first, unmeasured (first touches: config reads and item
+    /// creation), so the figures are the steady state.
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    pub warmup: Duration,
     /// Concurrent tasks.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,

@@ -18,7 +18,9 @@ use super::codec::{self, num, s, Image, Item};
 use super::expr::{Expr, Update};
 use super::{errors, keys, table, Inner};
 use crate::bucket::{self, BucketState, MILLI};
-use crate::repository::{reconcile_bucket, AcquireOutcome, ItemRequest, LimitCheck};
+use crate::repository::{
+    params_changed, reconcile_bucket, AcquireOutcome, ItemRequest, LimitCheck,
+};
 use crate::{Error, Limit};
 
 /// Attempts before an acquire gives up under contention (then `Unavailable`, never a 429).
@@ -59,6 +61,17 @@ pub(super) fn evaluate(image: Option<&Image>, item: &ItemRequest, now_ms: i64) -
         plan.states.push(result.state);
     }
     plan
+}
+
+/// Whether the item stores some requested limit with other parameters (capacity, refill
+/// amount or period) than those requested.
+fn stale_params(image: &Image, item: &ItemRequest) -> bool {
+    item.limits.iter().any(|limit| {
+        image
+            .buckets
+            .get(&limit.name)
+            .is_some_and(|stored| params_changed(stored, limit))
+    })
 }
 
 fn same_params(a: &BucketState, b: &BucketState) -> bool {
@@ -155,9 +168,13 @@ impl Inner {
 
     async fn acquire_one(&self, item: &ItemRequest, now: i64) -> Result<AcquireOutcome, Error> {
         if let Some(image) = self.rejections.get(&item.entity_id, &item.resource, now) {
-            let plan = evaluate(Some(&image), item, now);
-            if !plan.fits {
-                return Ok(rejected(plan.checks));
+            // A remembered image under other limit parameters is no guide: the item has
+            // to learn the new ones (see `adopt_params`).
+            if !stale_params(&image, item) {
+                let plan = evaluate(Some(&image), item, now);
+                if !plan.fits {
+                    return Ok(rejected(plan.checks));
+                }
             }
             self.rejections.forget(&item.entity_id, &item.resource);
         }
@@ -178,7 +195,7 @@ impl Inner {
                         return Ok(admitted(admitted_checks(&new, item, now)))
                     }
                     Speculative::Failed(None) => Step::Create,
-                    Speculative::Failed(Some(old)) => match self.next_step(old, item, now) {
+                    Speculative::Failed(Some(old)) => match self.next_step(old, item, now).await {
                         Ok(step) => step,
                         Err(outcome) => return Ok(outcome),
                     },
@@ -195,7 +212,7 @@ impl Inner {
                 }
                 Step::Read => match self.read_bucket(&item.entity_id, &item.resource).await? {
                     None => Step::Create,
-                    Some(image) => match self.next_step(image, item, now) {
+                    Some(image) => match self.next_step(image, item, now).await {
                         Ok(step) => step,
                         Err(outcome) => return Ok(outcome),
                     },
@@ -203,15 +220,20 @@ impl Inner {
                 Step::Normal(image) => {
                     let plan = evaluate(Some(&image), item, now);
                     if !plan.fits {
+                        if stale_params(&image, item) {
+                            self.adopt_params(item, &image, now).await;
+                        }
                         return Ok(rejected(plan.checks));
                     }
                     match self.normal(item, &image, &plan, now).await? {
                         Written::Ok => return Ok(admitted(plan.checks)),
                         Written::Conflict(None) => Step::Read,
-                        Written::Conflict(Some(old)) => match self.next_step(old, item, now) {
-                            Ok(step) => step,
-                            Err(outcome) => return Ok(outcome),
-                        },
+                        Written::Conflict(Some(old)) => {
+                            match self.next_step(old, item, now).await {
+                                Ok(step) => step,
+                                Err(outcome) => return Ok(outcome),
+                            }
+                        }
                     }
                 }
             };
@@ -220,7 +242,7 @@ impl Inner {
     }
 
     /// From an image: reject (remembering it), or the write to try next.
-    fn next_step(
+    async fn next_step(
         &self,
         image: Image,
         item: &ItemRequest,
@@ -228,8 +250,12 @@ impl Inner {
     ) -> Result<Step, AcquireOutcome> {
         let plan = evaluate(Some(&image), item, now);
         if !plan.fits {
-            self.rejections
-                .remember(&item.entity_id, &item.resource, image, &plan.checks, now);
+            if stale_params(&image, item) {
+                self.adopt_params(item, &image, now).await;
+            } else {
+                self.rejections
+                    .remember(&item.entity_id, &item.resource, image, &plan.checks, now);
+            }
             return Err(rejected(plan.checks));
         }
         Ok(if plan.speculative_ok {
@@ -260,6 +286,7 @@ impl Inner {
         let mut error = None;
         let mut checks = Vec::new();
         let mut fits = true;
+        let mut stale = Vec::new();
         for (item, result) in [(child, a), (parent, b)] {
             match result {
                 Ok(Speculative::Admitted(new)) => {
@@ -278,6 +305,7 @@ impl Inner {
                     let plan = evaluate(image.as_ref(), item, now);
                     fits &= plan.fits;
                     checks.extend(plan.checks);
+                    stale.extend(image.filter(|i| stale_params(i, item)).map(|i| (item, i)));
                 }
                 Err(e) => {
                     error.get_or_insert(e);
@@ -288,6 +316,9 @@ impl Inner {
             return Err(e);
         }
         if !fits {
+            for (item, image) in &stale {
+                self.adopt_params(item, image, now).await;
+            }
             return Ok(rejected(checks));
         }
         self.cascade_transaction(child, parent, now).await
@@ -309,6 +340,11 @@ impl Inner {
                 .map(|(item, image)| evaluate(image.as_ref(), item, now))
                 .collect();
             if plans.iter().any(|p| !p.fits) {
+                for (item, image) in items.iter().zip(&images) {
+                    if let Some(image) = image.as_ref().filter(|i| stale_params(i, item)) {
+                        self.adopt_params(item, image, now).await;
+                    }
+                }
                 return Ok(rejected(plans.into_iter().flat_map(|p| p.checks).collect()));
             }
             let mut writes = Vec::with_capacity(2);
@@ -557,6 +593,42 @@ impl Inner {
             None => Ttl::Remove,
         };
         locked_update(image, &changes, ttl, now)
+    }
+
+    /// After a rejection on an item that stores some limit with other parameters than
+    /// those now configured: writes the new parameters, refilled to now and consuming
+    /// nothing, so the new rate counts from now. A rejection writes nothing otherwise, and
+    /// the item would go on refilling at its old rate from its last write: a drained
+    /// 1-per-day limit raised to 1,000 a minute would stay shut for up to a day.
+    ///
+    /// Best effort: a lost race means another writer wrote the item (and with it the new
+    /// parameters); a failure leaves the rejection standing and is retried next time.
+    async fn adopt_params(&self, item: &ItemRequest, image: &Image, now: i64) {
+        let states: Vec<BucketState> = item
+            .limits
+            .iter()
+            .map(|limit| reconcile_bucket(image.buckets.get(&limit.name), limit, now))
+            .collect();
+        let changes: Vec<Change<'_>> = item
+            .limits
+            .iter()
+            .zip(states)
+            .map(|(limit, state)| Change {
+                limit,
+                state,
+                consumed: 0,
+                must_cover: false,
+            })
+            .collect();
+        let ttl = match self.bucket_ttl(item, now) {
+            Some(t) => Ttl::Set(t),
+            None => Ttl::Remove,
+        };
+        let (update, expr) = locked_update(image, &changes, ttl, now);
+        let key = self.bucket_key(&item.entity_id, &item.resource);
+        if let Err(e) = self.update_item(key, &update, &expr, false).await {
+            tracing::debug!(entity_id = %item.entity_id, resource = %item.resource, error = %e, "could not store changed limit parameters; will retry");
+        }
     }
 
     /// Gives back what a speculative write took (a one-sided cascade success).
@@ -837,30 +909,36 @@ fn locked_update(image: &Image, changes: &[Change<'_>], ttl: Ttl, now: i64) -> (
     update.set.push(format!("{rf} = {v}"));
     for change in changes {
         let name = &change.limit.name;
-        let tk = expr.name(&keys::bucket_attr(name, "tk"));
         let rc = expr.name(&keys::bucket_attr(name, "rc"));
         let carry = expr.num(change.state.refill_carry);
         update.set.push(format!("{rc} = {carry}"));
         match image.buckets.get(name) {
             Some(old) => {
                 let delta = change.state.tokens_milli.saturating_sub(old.tokens_milli);
-                if delta != 0 {
-                    let d = expr.num(delta);
-                    update.add.push(format!("{tk} {d}"));
+                let lo = change.must_cover.then(|| delta.saturating_neg());
+                let hi = (delta > 0).then(|| change.state.capacity_milli.saturating_sub(delta));
+                // Name `tk` only when it is used: DynamoDB rejects an unused name (a
+                // credit on a full bucket, or parameters adopted with no refill due, move
+                // no tokens).
+                if delta != 0 || lo.is_some() {
+                    let tk = expr.name(&keys::bucket_attr(name, "tk"));
+                    if delta != 0 {
+                        let d = expr.num(delta);
+                        update.add.push(format!("{tk} {d}"));
+                    }
+                    bound(&mut expr, &mut update, &tk, lo, hi);
                 }
                 if change.consumed != 0 {
                     let tc = expr.name(&keys::bucket_attr(name, "tc"));
                     let c = expr.num(change.consumed);
                     update.add.push(format!("{tc} {c}"));
                 }
-                let lo = change.must_cover.then(|| delta.saturating_neg());
-                let hi = (delta > 0).then(|| change.state.capacity_milli.saturating_sub(delta));
-                bound(&mut expr, &mut update, &tk, lo, hi);
                 if !same_params(old, &change.state) {
                     set_params(&mut expr, &mut update, name, &change.state);
                 }
             }
             None => {
+                let tk = expr.name(&keys::bucket_attr(name, "tk"));
                 let t = expr.num(change.state.tokens_milli);
                 update.set.push(format!("{tk} = {t}"));
                 let tc = expr.name(&keys::bucket_attr(name, "tc"));

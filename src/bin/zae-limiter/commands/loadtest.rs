@@ -67,7 +67,8 @@ pub async fn run(global: &Global, args: LoadtestArgs, out: Out) -> Outcome {
     };
     let counts = Arc::new(Counts::default());
     let first_error: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
-    let started = Instant::now();
+    // Warm-up runs the same load unmeasured (first touches: config reads, item creation).
+    let started = Instant::now() + args.warmup;
     let deadline = started + args.duration;
     let stop = Arc::new(tokio::sync::Notify::new());
 
@@ -103,6 +104,9 @@ pub async fn run(global: &Global, args: LoadtestArgs, out: Out) -> Outcome {
                     Ok(lease) => lease.commit().await.map(|()| true),
                     Err(e) => Err(e),
                 };
+                if begun < started {
+                    continue;
+                }
                 let micros = u64::try_from(begun.elapsed().as_micros()).unwrap_or(u64::MAX);
                 let _ = histogram.record(micros.clamp(1, 60_000_000));
                 match outcome {
@@ -118,13 +122,26 @@ pub async fn run(global: &Global, args: LoadtestArgs, out: Out) -> Outcome {
         }));
     }
 
+    if !args.warmup.is_zero() {
+        let warming = ProgressBar::new_spinner();
+        warming.set_message(format!("warming up for {:?}", args.warmup));
+        warming.enable_steady_tick(Duration::from_millis(100));
+        tokio::select! {
+            () = tokio::time::sleep_until(started.into()) => {}
+            _ = tokio::signal::ctrl_c() => stop.notify_waiters(),
+        }
+        warming.finish_and_clear();
+        // Calls made during warm-up are not counted (nor are those of an acquire still in
+        // flight at its end, at most one per task).
+        counter.reset();
+    }
     let bar = ProgressBar::new(args.duration.as_secs().max(1));
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len}s {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     loop {
-        let elapsed = started.elapsed();
+        let elapsed = Instant::now().saturating_duration_since(started);
         bar.set_position(elapsed.as_secs().min(args.duration.as_secs()));
         let done = counts.total();
         bar.set_message(format!(
@@ -152,7 +169,9 @@ pub async fn run(global: &Global, args: LoadtestArgs, out: Out) -> Outcome {
         }
     }
     bar.finish_and_clear();
-    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed = Instant::now()
+        .saturating_duration_since(started)
+        .as_secs_f64();
     let total = counts.total();
     let calls = counter.total();
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
@@ -184,6 +203,7 @@ pub async fn run(global: &Global, args: LoadtestArgs, out: Out) -> Outcome {
             }),
         ),
         ("duration_s", json!(round(elapsed))),
+        ("warmup_s", json!(args.warmup.as_secs_f64())),
         ("concurrency", json!(args.concurrency)),
         ("entities", json!(args.entities)),
         ("limits", json!(limits_text)),
