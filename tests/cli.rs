@@ -246,6 +246,29 @@ fn deploy_status_check_and_delete() {
     );
     expect(&mut zl(&url, &table), &["status"], 0);
 
+    // deploy on an existing table turns on what is asked and safe, and names the rest.
+    let (url, converge) = deployed("converge");
+    let again = json(
+        &mut zl(&url, &converge),
+        &["deploy", "--deletion-protection", "--stream"],
+    );
+    assert_eq!(again["created"], false);
+    assert_eq!(
+        again["changed"],
+        serde_json::json!(["deletion protection turned on"])
+    );
+    assert_eq!(again["differences"], serde_json::json!(["no stream"]));
+    assert_eq!(
+        json(&mut zl(&url, &converge), &["status"])["deletion_protection"],
+        true
+    );
+    let text = stdout(&expect(
+        &mut zl(&url, &converge),
+        &["deploy", "--deletion-protection"],
+        0,
+    ));
+    assert!(text.contains("exists; unchanged"), "{text}");
+
     let (url, plain) = deployed("delete");
     let provisioned = unique_table("prov");
     let out = json(

@@ -4,7 +4,7 @@
 
 use aws_sdk_dynamodb::Client;
 
-use super::table::{self, NamespaceInfo, TableStatusReport};
+use super::table::{self, NamespaceInfo, TableOptions, TableStatusReport};
 use super::{errors, DynamoDbRepositoryBuilder};
 use crate::{naming, Error};
 
@@ -80,6 +80,37 @@ impl DynamoDbTable {
         naming::validate_namespace(name)?;
         table::ensure_version(&self.client, &self.table).await?;
         table::ensure_namespace(&self.client, &self.table, name).await
+    }
+
+    /// Turns on what `options` asks for and the existing table lacks, where that is safe on
+    /// a live table: point-in-time recovery, deletion protection and tags (added or
+    /// updated, never removed). It never turns anything off, and leaves billing and stream
+    /// changes to the operator. Returns what it changed, for people.
+    pub async fn enable_options(&self, options: &TableOptions) -> Result<Vec<String>, Error> {
+        let live = self.status().await?;
+        let mut changed = Vec::new();
+        if options.point_in_time_recovery && live.point_in_time_recovery == Some(false) {
+            table::enable_pitr(&self.client, &self.table).await?;
+            changed.push("point-in-time recovery turned on".to_string());
+        }
+        if options.deletion_protection && !live.deletion_protection {
+            self.client
+                .update_table()
+                .table_name(&self.table)
+                .deletion_protection_enabled(true)
+                .send()
+                .await
+                .map_err(|e| errors::map("UpdateTable", &self.table, e))?;
+            table::wait_active(&self.client, &self.table).await?;
+            changed.push("deletion protection turned on".to_string());
+        }
+        if !options.tags.is_empty() {
+            let tagged = table::ensure_tags(&self.client, &self.table, &options.tags).await?;
+            if !tagged.is_empty() {
+                changed.push(format!("tags set: {}", tagged.join(", ")));
+            }
+        }
+        Ok(changed)
     }
 
     /// Deletes the whole table, every namespace with it. Fails with [`Error::Backend`]

@@ -265,30 +265,106 @@ pub(super) async fn ensure_table(
         }
     }
     if options.point_in_time_recovery {
-        let sent = client
-            .update_continuous_backups()
-            .table_name(table)
-            .point_in_time_recovery_specification(
-                PointInTimeRecoverySpecification::builder()
-                    .point_in_time_recovery_enabled(true)
-                    .build()
-                    .map_err(build_error)?,
-            )
-            .send()
-            .await;
-        if let Err(e) = sent {
-            // DynamoDB Local has no backups; everything else about the table is usable.
-            if e.code() == Some("UnknownOperationException") {
-                tracing::warn!(table, "this endpoint does not support point-in-time recovery (DynamoDB Local); left off");
-            } else {
-                return Err(errors::map("UpdateContinuousBackups", table, e));
-            }
-        }
+        enable_pitr(client, table).await?;
     }
     Ok(())
 }
 
-async fn wait_active(client: &Client, table: &str) -> Result<(), Error> {
+/// Turns on point-in-time recovery; on an endpoint without backups (DynamoDB Local) it
+/// warns and leaves it off, since everything else about the table is usable.
+pub(super) async fn enable_pitr(client: &Client, table: &str) -> Result<(), Error> {
+    let sent = client
+        .update_continuous_backups()
+        .table_name(table)
+        .point_in_time_recovery_specification(
+            PointInTimeRecoverySpecification::builder()
+                .point_in_time_recovery_enabled(true)
+                .build()
+                .map_err(build_error)?,
+        )
+        .send()
+        .await;
+    match sent {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some("UnknownOperationException") => {
+            tracing::warn!(
+                table,
+                "this endpoint does not support point-in-time recovery (DynamoDB Local); left off"
+            );
+            Ok(())
+        }
+        Err(e) => Err(errors::map("UpdateContinuousBackups", table, e)),
+    }
+}
+
+/// Adds or updates these tags on the table (others are left alone); returns the
+/// `key=value` pairs it set.
+pub(super) async fn ensure_tags(
+    client: &Client,
+    table: &str,
+    tags: &[(String, String)],
+) -> Result<Vec<String>, Error> {
+    let arn = describe(client, table)
+        .await?
+        .table()
+        .and_then(|t| t.table_arn())
+        .map(str::to_string)
+        .ok_or_else(|| Error::Backend {
+            message: format!("DescribeTable gave no ARN for table {table:?}"),
+            source: None,
+        })?;
+    let mut live = Vec::new();
+    let mut next = None;
+    loop {
+        let page = match client
+            .list_tags_of_resource()
+            .resource_arn(&arn)
+            .set_next_token(next)
+            .send()
+            .await
+        {
+            Ok(page) => page,
+            Err(e) if e.code() == Some("UnknownOperationException") => {
+                tracing::warn!(
+                    table,
+                    "this endpoint does not support tags (DynamoDB Local); left as they are"
+                );
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(errors::map("ListTagsOfResource", table, e)),
+        };
+        live.extend(
+            page.tags()
+                .iter()
+                .map(|t| (t.key().to_string(), t.value().to_string())),
+        );
+        next = page.next_token().map(str::to_string);
+        if next.is_none() {
+            break;
+        }
+    }
+    let missing: Vec<&(String, String)> = tags.iter().filter(|t| !live.contains(t)).collect();
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut request = client.tag_resource().resource_arn(&arn);
+    for (k, v) in &missing {
+        request = request.tags(
+            Tag::builder()
+                .key(k)
+                .value(v)
+                .build()
+                .map_err(build_error)?,
+        );
+    }
+    request
+        .send()
+        .await
+        .map_err(|e| errors::map("TagResource", table, e))?;
+    Ok(missing.iter().map(|(k, v)| format!("{k}={v}")).collect())
+}
+
+pub(super) async fn wait_active(client: &Client, table: &str) -> Result<(), Error> {
     for attempt in 0..120 {
         let out = describe(client, table).await?;
         let t = out.table();

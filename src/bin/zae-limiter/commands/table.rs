@@ -47,7 +47,8 @@ fn billing_text(report: &TableStatusReport) -> String {
     }
 }
 
-/// The requested options an existing table does not have (deploy never alters a table).
+/// The requested options an existing table does not have and `deploy` leaves alone
+/// (billing and stream; PITR where the endpoint has none).
 fn differences(wanted: &TableOptions, live: &TableStatusReport) -> Vec<String> {
     let mut out = Vec::new();
     let live_provisioned = live.billing == "PROVISIONED";
@@ -56,11 +57,10 @@ fn differences(wanted: &TableOptions, live: &TableStatusReport) -> Vec<String> {
         Billing::Provisioned { .. } if !live_provisioned => out.push("billing is on-demand".into()),
         _ => {}
     }
-    if wanted.point_in_time_recovery && live.point_in_time_recovery == Some(false) {
-        out.push("point-in-time recovery is off".into());
-    }
-    if wanted.deletion_protection && !live.deletion_protection {
-        out.push("deletion protection is off".into());
+    match (wanted.point_in_time_recovery, live.point_in_time_recovery) {
+        (true, Some(false)) => out.push("point-in-time recovery is off".into()),
+        (true, None) => out.push("this endpoint has no point-in-time recovery".into()),
+        _ => {}
     }
     if wanted.stream && live.stream.is_none() {
         out.push("no stream".into());
@@ -80,14 +80,21 @@ pub async fn deploy(global: &Global, args: &TableOptionArgs, out: Out) -> Outcom
         .build()
         .await?;
     let table = connect::table(global).await?;
+    let enabled = if existed {
+        table.enable_options(&options).await?
+    } else {
+        Vec::new()
+    };
     let report = table.status().await?;
     let unmet = if existed {
         differences(&options, &report)
     } else {
         Vec::new()
     };
-    let mut lines = vec![if existed {
-        format!("Table {} exists; left as it is.", report.table)
+    let mut lines = vec![if existed && enabled.is_empty() {
+        format!("Table {} exists; unchanged.", report.table)
+    } else if existed {
+        format!("Table {} exists; {}.", report.table, enabled.join("; "))
     } else {
         format!(
             "Created table {} ({}{}{}{}).",
@@ -115,7 +122,7 @@ pub async fn deploy(global: &Global, args: &TableOptionArgs, out: Out) -> Outcom
     }];
     if !unmet.is_empty() {
         lines.push(format!(
-            "note: the existing table differs from the options given: {}; change it with the AWS console or CLI",
+            "note: the existing table differs from the options given: {}; deploy does not change billing or streams, change them with the AWS console or CLI",
             unmet.join(", ")
         ));
     }
@@ -135,6 +142,7 @@ pub async fn deploy(global: &Global, args: &TableOptionArgs, out: Out) -> Outcom
             "point_in_time_recovery": report.point_in_time_recovery,
             "deletion_protection": report.deletion_protection,
             "stream": report.stream,
+            "changed": enabled,
             "differences": unmet,
         }),
     );
