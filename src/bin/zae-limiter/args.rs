@@ -7,11 +7,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use zae_limiter::Limit;
 
 /// Operate zae-limiter rate limits stored in DynamoDB: tables, namespaces, entities, limits.
-///
-/// Exit codes: 0 success, 1 error, 2 bad arguments, 3 AWS/DynamoDB error, 4 table or
-/// namespace not found.
 #[derive(Debug, Parser)]
-#[command(name = "zae-limiter", version, about, long_about = None)]
+#[command(
+    name = "zae-limiter",
+    version,
+    after_help = "Exit codes: 0 success, 1 error, 2 bad arguments, 3 AWS/DynamoDB error, 4 table or namespace not found."
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
