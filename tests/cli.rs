@@ -802,6 +802,25 @@ fn manifest_round_trip() {
         serde_json::json!([])
     );
 
+    // Export gives back a manifest equal to the live state, in YAML and in JSON.
+    let exported = stdout(&expect(&mut z(), &["limits", "export"], 0));
+    assert!(exported.contains("rpm: 500"), "{exported}");
+    let yaml = write(&dir, "exported.yaml", &exported);
+    let plan = stdout(&expect(
+        &mut z(),
+        &["limits", "plan", "-f", yaml.to_str().unwrap()],
+        0,
+    ));
+    assert!(plan.contains("No changes"), "{exported}\n{plan}");
+    let as_json = json(&mut z(), &["limits", "export"]);
+    assert_eq!(as_json["system"]["on_unavailable"], "block");
+    let json_file = write(&dir, "exported.json", &as_json.to_string());
+    let plan = json(
+        &mut z(),
+        &["limits", "plan", "-f", json_file.to_str().unwrap()],
+    );
+    assert_eq!(plan["changes"], serde_json::json!([]));
+
     // Someone changes a limit by hand: diff reports the drift.
     json(
         &mut z(),

@@ -322,6 +322,8 @@ pub enum ManifestCommand {
     },
     /// Make the live limits equal to the manifest (deleting what it no longer has).
     Apply(ManifestArgs),
+    /// Print the live limits as a manifest, to start managing them declaratively.
+    Export,
 }
 
 /// The manifest file.

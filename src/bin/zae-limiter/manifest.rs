@@ -74,6 +74,78 @@ pub fn parse(text: &str) -> Result<Desired, String> {
     Ok(desired)
 }
 
+/// A desired state as a manifest (the structure [`parse`] reads), each limit in its
+/// shortest form: a bare capacity when it refills its capacity every 60 s.
+pub fn render(desired: &Desired) -> serde_json::Value {
+    use serde_json::{json, Map, Value};
+    let limits = |limits: &[Limit]| -> Value {
+        let mut sorted = limits.to_vec();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut map = Map::new();
+        for l in sorted {
+            let spec = if l.refill_amount == l.capacity && l.refill_period_seconds == 60 {
+                json!(l.capacity)
+            } else {
+                let mut spec = Map::new();
+                spec.insert("capacity".into(), json!(l.capacity));
+                if l.refill_amount != l.capacity {
+                    spec.insert("refill_amount".into(), json!(l.refill_amount));
+                }
+                if l.refill_period_seconds != 60 {
+                    spec.insert("period".into(), json!(l.refill_period_seconds));
+                }
+                Value::Object(spec)
+            };
+            map.insert(l.name.clone(), spec);
+        }
+        Value::Object(map)
+    };
+    let mut system = Map::new();
+    let mut resources = Map::new();
+    let mut entities: BTreeMap<&str, Map<String, Value>> = BTreeMap::new();
+    if let Some(policy) = desired.on_unavailable {
+        system.insert("on_unavailable".into(), json!(policy.as_str()));
+    }
+    for (scope, l) in &desired.limits {
+        match scope {
+            ConfigScope::System => {
+                system.insert("limits".into(), limits(l));
+            }
+            ConfigScope::Resource(r) => {
+                resources.insert(r.clone(), limits(l));
+            }
+            ConfigScope::Entity {
+                entity_id,
+                resource,
+            } => {
+                entities
+                    .entry(entity_id)
+                    .or_default()
+                    .insert(resource.clone(), limits(l));
+            }
+        }
+    }
+    let mut out = Map::new();
+    if !system.is_empty() {
+        out.insert("system".into(), Value::Object(system));
+    }
+    if !resources.is_empty() {
+        out.insert("resources".into(), Value::Object(resources));
+    }
+    if !entities.is_empty() {
+        out.insert(
+            "entities".into(),
+            Value::Object(
+                entities
+                    .into_iter()
+                    .map(|(id, m)| (id.to_string(), Value::Object(m)))
+                    .collect(),
+            ),
+        );
+    }
+    Value::Object(out)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
@@ -357,6 +429,16 @@ mod tests {
                 assert!(err.contains(needle), "{text:?}: {err:?} lacks {needle:?}");
             }
         }
+    }
+
+    #[test]
+    fn render_parses_back_to_the_same_state() {
+        let text = "system:\n  on_unavailable: allow\n  limits:\n    rpm: 1000\nresources:\n  openai/gpt-4:\n    tpm: {capacity: 10000, burst: 15000}\n    rph: {capacity: 5, period: 1h}\nentities:\n  key-1:\n    _default_:\n      rpm: {capacity: 10, refill_amount: 1, period: 6s}\n";
+        let desired = parse(text).unwrap();
+        let rendered = serde_norway::to_string(&render(&desired)).unwrap();
+        assert_eq!(parse(&rendered).unwrap(), desired, "{rendered}");
+        assert!(rendered.contains("rpm: 1000"), "{rendered}");
+        assert_eq!(render(&Desired::default()), serde_json::json!({}));
     }
 
     #[test]

@@ -135,6 +135,7 @@ pub async fn run(global: &Global, command: ManifestCommand, out: Out) -> Outcome
         ManifestCommand::Plan(args) => args,
         ManifestCommand::Diff { manifest, .. } => manifest,
         ManifestCommand::Apply(args) => args,
+        ManifestCommand::Export => return export(global, out).await,
     };
     // Validate the whole manifest before touching the table.
     let desired = read_manifest(args)?;
@@ -192,6 +193,7 @@ pub async fn run(global: &Global, command: ManifestCommand, out: Out) -> Outcome
                 );
             }
         }
+        ManifestCommand::Export => {} // answered above
         ManifestCommand::Apply(_) => {
             for c in &changes {
                 apply_one(&limiter, c).await?;
@@ -204,6 +206,29 @@ pub async fn run(global: &Global, command: ManifestCommand, out: Out) -> Outcome
                 json!({ "added": add, "changed": change, "deleted": delete }),
             );
         }
+    }
+    Ok(())
+}
+
+/// Prints the live limits as a manifest: YAML, or JSON with `--output json` (which the
+/// manifest reader takes as well).
+async fn export(global: &Global, out: Out) -> Outcome {
+    let limiter = connect::limiter(global).await?;
+    let manifest = manifest::render(&live(&limiter).await?);
+    if out.json() {
+        out.message("", manifest);
+        return Ok(());
+    }
+    let yaml = serde_norway::to_string(&manifest)
+        .map_err(|e| Failure::new(ERROR, format!("rendering YAML: {e}")))?;
+    println!(
+        "# zae-limiter limits of table {}, namespace {}",
+        global.table, global.namespace
+    );
+    if manifest.as_object().is_some_and(|m| m.is_empty()) {
+        println!("# (nothing stored)");
+    } else {
+        print!("{yaml}");
     }
     Ok(())
 }
