@@ -13,11 +13,7 @@ use zae_limiter::{DynamoDbRepository, RateLimiter};
 
 /// The shared DynamoDB Local's endpoint (started on first use).
 fn endpoint() -> String {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(dynamo::endpoint())
+    runtime().block_on(dynamo::endpoint())
 }
 
 /// A table no other test uses.

@@ -29,7 +29,6 @@ use std::marker::PhantomData;
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
-use zae_limiter::limit::{MAX_REFILL_PERIOD_SECONDS, MAX_TOKENS};
 use zae_limiter::repository::ConfigScope;
 use zae_limiter::{naming, Limit, OnUnavailable};
 
@@ -168,17 +167,9 @@ impl LimitMap {
     fn into_limits(self) -> Vec<Limit> {
         self.0
             .into_iter()
-            .map(|(name, spec)| {
-                let mut limit = Limit::custom(
-                    name.0,
-                    spec.capacity,
-                    spec.refill_amount.unwrap_or(spec.capacity),
-                    spec.period,
-                );
-                if let Some(burst) = spec.burst {
-                    limit = limit.with_burst(burst);
-                }
-                limit
+            .map(|(name, Spec(limit))| Limit {
+                name: name.0,
+                ..limit
             })
             .collect()
     }
@@ -259,13 +250,8 @@ validated_key!(ResourceName, naming::validate_resource);
 validated_key!(EntityId, naming::validate_entity_id);
 validated_key!(EntityResource, naming::validate_entity_config_resource);
 
-/// One limit's numbers, validated.
-struct Spec {
-    capacity: u64,
-    refill_amount: Option<u64>,
-    period: u64,
-    burst: Option<u64>,
-}
+/// One limit, validated; its name comes from the key it is under.
+struct Spec(Limit);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -286,6 +272,8 @@ enum Period {
 }
 
 impl Spec {
+    /// The limit the fields describe, checked by [`Limit::validate`] (its name is filled in
+    /// from the key); the error names the manifest's field.
     fn from_raw(raw: RawSpec) -> Result<Self, String> {
         let period = match raw.period {
             None => 60,
@@ -296,29 +284,29 @@ impl Spec {
                 })?
             }
         };
-        let check = |field: &str, value: u64, max: u64| {
-            if value == 0 {
-                Err(format!("{field} must be positive"))
-            } else if value > max {
-                Err(format!("{field} must be at most {max}"))
-            } else {
-                Ok(())
-            }
-        };
-        check("capacity", raw.capacity, MAX_TOKENS)?;
-        if let Some(r) = raw.refill_amount {
-            check("refill_amount", r, MAX_TOKENS)?;
-        }
-        if let Some(b) = raw.burst {
-            check("burst", b, MAX_TOKENS)?;
-        }
-        check("period", period, MAX_REFILL_PERIOD_SECONDS)?;
-        Ok(Spec {
-            capacity: raw.capacity,
-            refill_amount: raw.refill_amount,
+        let mut limit = Limit::custom(
+            "unnamed",
+            raw.capacity,
+            raw.refill_amount.unwrap_or(raw.capacity),
             period,
-            burst: raw.burst,
-        })
+        );
+        if let Some(burst) = raw.burst {
+            limit = limit.with_burst(burst);
+        }
+        match limit.validate() {
+            Ok(()) => Ok(Spec(limit)),
+            Err(zae_limiter::Error::Validation { field, reason, .. }) => {
+                // Which manifest field set the limit's field.
+                let named = match field.rsplit('.').next().unwrap_or_default() {
+                    "capacity" if raw.burst.is_some() => "burst",
+                    "refill_amount" if raw.refill_amount.is_some() => "refill_amount",
+                    "refill_period_seconds" => "period",
+                    _ => "capacity",
+                };
+                Err(format!("{named} {reason}"))
+            }
+            Err(other) => Err(other.to_string()),
+        }
     }
 }
 

@@ -50,9 +50,9 @@ pub(super) fn evaluate(image: Option<&Image>, item: &ItemRequest, now_ms: i64) -
     };
     for (limit, &amount) in item.limits.iter().zip(&item.amounts) {
         let stored = image.and_then(|i| i.buckets.get(&limit.name));
-        let fresh = BucketState::from_limit(limit, now_ms);
-        plan.speculative_ok &= stored
-            .is_some_and(|s| same_params(s, &fresh) && i128::from(s.tokens_milli) >= milli(amount));
+        plan.speculative_ok &= stored.is_some_and(|s| {
+            !params_changed(s, limit) && i128::from(s.tokens_milli) >= milli(amount)
+        });
         let current = reconcile_bucket(stored, limit, now_ms);
         let result = bucket::try_consume(&current, amount, now_ms);
         plan.fits &= result.success;
@@ -588,11 +588,22 @@ impl Inner {
                 must_cover: true,
             })
             .collect();
+        self.item_update(item, image, &changes, now)
+    }
+
+    /// An rf-locked write of `changes` to the item, with the item's TTL.
+    fn item_update(
+        &self,
+        item: &ItemRequest,
+        image: &Image,
+        changes: &[Change<'_>],
+        now: i64,
+    ) -> (Update, Expr) {
         let ttl = match self.bucket_ttl(item, now) {
             Some(t) => Ttl::Set(t),
             None => Ttl::Remove,
         };
-        locked_update(image, &changes, ttl, now)
+        locked_update(image, changes, ttl, now)
     }
 
     /// After a rejection on an item that stores some limit with other parameters than
@@ -604,27 +615,17 @@ impl Inner {
     /// Best effort: a lost race means another writer wrote the item (and with it the new
     /// parameters); a failure leaves the rejection standing and is retried next time.
     async fn adopt_params(&self, item: &ItemRequest, image: &Image, now: i64) {
-        let states: Vec<BucketState> = item
-            .limits
-            .iter()
-            .map(|limit| reconcile_bucket(image.buckets.get(&limit.name), limit, now))
-            .collect();
         let changes: Vec<Change<'_>> = item
             .limits
             .iter()
-            .zip(states)
-            .map(|(limit, state)| Change {
+            .map(|limit| Change {
                 limit,
-                state,
+                state: reconcile_bucket(image.buckets.get(&limit.name), limit, now),
                 consumed: 0,
                 must_cover: false,
             })
             .collect();
-        let ttl = match self.bucket_ttl(item, now) {
-            Some(t) => Ttl::Set(t),
-            None => Ttl::Remove,
-        };
-        let (update, expr) = locked_update(image, &changes, ttl, now);
+        let (update, expr) = self.item_update(item, image, &changes, now);
         let key = self.bucket_key(&item.entity_id, &item.resource);
         if let Err(e) = self.update_item(key, &update, &expr, false).await {
             tracing::debug!(entity_id = %item.entity_id, resource = %item.resource, error = %e, "could not store changed limit parameters; will retry");

@@ -116,12 +116,6 @@ impl DynamoDbTable {
     /// Deletes the whole table, every namespace with it. Fails with [`Error::Backend`]
     /// while deletion protection is on.
     pub async fn delete(&self) -> Result<(), Error> {
-        self.client
-            .delete_table()
-            .table_name(&self.table)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| errors::map("DeleteTable", &self.table, e))
+        table::delete_table(&self.client, &self.table).await
     }
 }

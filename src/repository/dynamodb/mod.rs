@@ -439,14 +439,7 @@ impl DynamoDbRepository {
 
     /// Deletes the whole table (every namespace).
     pub async fn delete_table(&self) -> Result<(), Error> {
-        self.inner
-            .client
-            .delete_table()
-            .table_name(&self.inner.table)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| errors::map("DeleteTable", &self.inner.table, e))
+        table::delete_table(&self.inner.client, &self.inner.table).await
     }
 
     /// The table's state: status, item count, stream, TTL and schema version.

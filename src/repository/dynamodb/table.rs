@@ -699,6 +699,17 @@ pub(super) async fn delete_keys(
     Ok(total)
 }
 
+/// Deletes the table.
+pub(super) async fn delete_table(client: &Client, table: &str) -> Result<(), Error> {
+    client
+        .delete_table()
+        .table_name(table)
+        .send()
+        .await
+        .map(|_| ())
+        .map_err(|e| errors::map("DeleteTable", table, e))
+}
+
 /// Reports on the table.
 pub(super) async fn status(client: &Client, table: &str) -> Result<TableStatusReport, Error> {
     let out = describe(client, table).await?;

@@ -70,16 +70,20 @@ fn differences(wanted: &TableOptions, live: &TableStatusReport) -> Vec<String> {
 
 pub async fn deploy(global: &Global, args: &TableOptionArgs, out: Out) -> Outcome {
     let options = options(args)?;
-    let existed = match connect::table(global).await {
-        Ok(_) => true,
-        Err(f) if f.code == NOT_FOUND => false,
+    let existing = match connect::table(global).await {
+        Ok(table) => Some(table),
+        Err(f) if f.code == NOT_FOUND => None,
         Err(f) => return Err(f),
     };
+    let existed = existing.is_some();
     let repo = connect::builder(global)
         .table_options(options.clone())
         .build()
         .await?;
-    let table = connect::table(global).await?;
+    let table = match existing {
+        Some(table) => table,
+        None => connect::table(global).await?,
+    };
     let enabled = if existed {
         table.enable_options(&options).await?
     } else {
