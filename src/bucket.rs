@@ -22,6 +22,12 @@ use crate::Limit;
 /// Millitokens per token.
 pub const MILLI: i64 = 1000;
 
+/// The deepest debt a bucket may hold, in millitokens: [`crate::limit::MAX_TOKENS`]
+/// tokens below zero. Adjustments that would pass it are refused with a typed error, so
+/// stored values (capacity at most the same bound above zero) always fit an `i64` with
+/// room to spare, in every language that reads the table.
+pub const MIN_TOKENS_MILLI: i64 = -(crate::limit::MAX_TOKENS as i64) * MILLI;
+
 /// The stored state of one token bucket (one limit of one entity and resource).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct BucketState {

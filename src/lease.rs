@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
+use std::task::Context;
 
 use parking_lot::Mutex;
 use smallvec::SmallVec;
@@ -463,8 +463,6 @@ impl LeaseHandle {
     }
 }
 
-/// Polls `fut` once inline (the in-memory backend finishes there, so tests see the effect
-/// at once); if it is still pending, hands it to the current tokio runtime.
 /// Commits or rolls back a lease nobody awaits any more. A write that fails for a passing
 /// reason (network, throttling) is retried with backoff; the lease stays open between
 /// tries, so nothing is lost or doubled. Giving up is logged at `error`.
@@ -512,18 +510,44 @@ const SETTLE_RETRIES: u32 = 5;
 /// The first retry's wait; each next one doubles (0.1 s to 1.6 s, 3.1 s in all).
 const SETTLE_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Runs `fut` to completion without the caller waiting: polled once inline (the in-memory
+/// backend finishes there, so callers see the effect at once), then handed to the current
+/// tokio runtime.
+///
+/// Off any runtime (a lease dropped by blocking code, or after its runtime shut down), the
+/// future is polled inside a runtime of its own and finished on a thread of its own: a
+/// backend's timers and sockets need a reactor, and polling them without one panics (which,
+/// in a drop during unwinding, would abort the process).
 pub(crate) fn run_detached(fut: impl Future<Output = ()> + Send + 'static) {
     let mut fut = Box::pin(fut);
     let mut cx = Context::from_waker(std::task::Waker::noop());
-    if let Poll::Ready(()) = fut.as_mut().poll(&mut cx) {
-        return;
-    }
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) => {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        if fut.as_mut().poll(&mut cx).is_pending() {
             handle.spawn(fut);
         }
-        Err(_) => tracing::error!(
-            "a lease could not be settled: no tokio runtime to finish the backend write on"
-        ),
+        return;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "a lease could not be settled: no tokio runtime could be started to finish the backend write on");
+            return;
+        }
+    };
+    let ready = {
+        let _context = runtime.enter();
+        fut.as_mut().poll(&mut cx).is_ready()
+    };
+    if ready {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("zae-limiter-settle".into())
+        .spawn(move || runtime.block_on(fut));
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "a lease could not be settled: no thread could be started to finish the backend write on");
     }
 }

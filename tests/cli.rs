@@ -952,10 +952,13 @@ fn loadtest_reports_throughput_latency_and_calls() {
     // 3 entities x 10 per minute, plus at most one refilled token each in 3 s.
     assert!(admitted <= 3 * 10 + 3, "{dynamo}");
     assert_eq!(admitted + dynamo["rejected"].as_u64().unwrap(), acquires);
+    // Rejections are mostly answered from the rejection cache, so the rounded figure may
+    // read 0.0; it is a number all the same, and well under one call per acquire.
     let per_acquire = dynamo["dynamodb_calls_per_acquire"].as_f64().unwrap();
-    assert!(per_acquire > 0.0 && per_acquire < 3.0, "{dynamo}");
+    assert!((0.0..3.0).contains(&per_acquire), "{dynamo}");
     assert!(dynamo["dynamodb_calls"]["UpdateItem"].as_u64().unwrap() > 0);
-    // After a warm-up (first touches), every admitted acquire is one UpdateItem.
+    // After a warm-up (first touches), an admitted acquire is one UpdateItem, plus one
+    // more per key every fresh-`rf` window (600 ms here) when the rf-locked write refills.
     let steady = json(
         &mut zl(&url, &table),
         &[
@@ -974,7 +977,7 @@ fn loadtest_reports_throughput_latency_and_calls() {
     );
     assert_eq!(steady["rejected"], 0, "{steady}");
     let per_acquire = steady["dynamodb_calls_per_acquire"].as_f64().unwrap();
-    assert!((0.95..=1.05).contains(&per_acquire), "{steady}");
+    assert!((0.95..=1.2).contains(&per_acquire), "{steady}");
     assert_eq!(steady["warmup_s"], 1.0);
     fails(
         &mut zl(&url, &table),

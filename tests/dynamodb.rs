@@ -756,8 +756,9 @@ async fn hot_path_reports_exact_availability() {
         .unwrap();
     assert_eq!(available(&lease), 9, "speculative");
     lease.commit().await.unwrap();
-    // 12 s later two tokens have refilled, unwritten: the speculative write's new image
-    // shows them.
+    // 12 s later two tokens have refilled, unwritten. `rf` is then older than the
+    // fresh-`rf` window (6 s for 10 a minute), so the speculative write is refused and the
+    // rf-locked write refills first: one extra call, and the status is still exact.
     clock.advance(Duration::from_secs(12));
     let lease = limiter
         .acquire("k", "api")
@@ -769,6 +770,92 @@ async fn hot_path_reports_exact_availability() {
     lease.commit().await.unwrap();
     assert_eq!(
         calls.snapshot(),
-        [("UpdateItem".to_string(), 2)].into_iter().collect()
+        [("UpdateItem".to_string(), 3)].into_iter().collect()
     );
+    // Within the window the hot path is one call again.
+    calls.reset();
+    clock.advance(Duration::from_secs(1));
+    let lease = limiter
+        .acquire("k", "api")
+        .limits(limits.clone())
+        .await
+        .unwrap();
+    assert_eq!(available(&lease), 9);
+    lease.commit().await.unwrap();
+    assert_eq!(calls.get("UpdateItem"), 1, "{:?}", calls.snapshot());
+}
+
+/// Waits (on a runtime of its own) until `entity` has `want` tokens of a 10-per-minute
+/// limit again.
+fn wait_for_refund(limiter: &RateLimiter, entity: &str, want: i64) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let limits = [Limit::per_minute("rpm", 10)];
+        for _ in 0..300 {
+            let now = limiter
+                .available(entity, "api", Some(&limits))
+                .await
+                .unwrap()["rpm"];
+            if now == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the dropped lease of {entity} was not rolled back");
+    });
+}
+
+#[test]
+fn a_lease_dropped_off_any_runtime_rolls_back_without_a_panic() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let limits = [Limit::per_minute("rpm", 10)];
+    let (limiter, on_thread, after_shutdown) = runtime.block_on(async {
+        let repo = dynamo::builder().await.build().await.unwrap();
+        let (limiter, _) = frozen(repo);
+        let take = |entity: &'static str| {
+            limiter
+                .acquire(entity, "api")
+                .limits(limits.clone())
+                .consume([("rpm", 4)])
+        };
+        let a = take("a").await.unwrap();
+        let b = take("b").await.unwrap();
+        (limiter.clone(), a, b)
+    });
+    // On a thread with no runtime: the SDK's timers and sockets need a reactor, so the
+    // rollback gets a runtime of its own instead of panicking.
+    std::thread::spawn(move || drop(on_thread))
+        .join()
+        .expect("dropping a lease off a runtime must not panic");
+    wait_for_refund(&limiter, "a", 10);
+    // After the runtime that made it shut down.
+    drop(runtime);
+    drop(after_shutdown);
+    wait_for_refund(&limiter, "b", 10);
+}
+
+#[tokio::test]
+async fn a_limiter_on_a_purged_namespace_fails_with_namespace_not_found() {
+    let repo = dynamo::builder()
+        .await
+        .config_cache_ttl(Duration::ZERO)
+        .build()
+        .await
+        .unwrap();
+    let namespace = repo.namespace().to_string();
+    let limiter = RateLimiter::new(repo.clone());
+    let limits = [Limit::per_minute("rpm", 10)];
+    admit(limiter.acquire("k", "api").limits(limits.clone())).await;
+    repo.purge_namespace(|_| {}).await.unwrap();
+    let err = limiter
+        .acquire("k", "api")
+        .limits(limits.clone())
+        .await
+        .unwrap_err();
+    match err {
+        Error::NamespaceNotFound { namespace: ns } => assert_eq!(ns, namespace),
+        other => panic!("expected NamespaceNotFound, got {other:?}"),
+    }
+    // Nothing was written for the purged namespace.
+    assert!(raw_bucket(&repo, "k", "api").await.is_none());
 }

@@ -16,8 +16,8 @@ type ItemGuard = parking_lot::ArcMutexGuard<RawMutex, Item>;
 type States = SmallVec<[BucketState; 4]>;
 
 use super::{
-    params_changed, reconcile_bucket, AcquireOutcome, AcquireRequest, AdjustRequest, ConfigScope,
-    ItemRequest, LimitCheck, Repository, StoredConfig,
+    debt_too_deep, params_changed, reconcile_bucket, AcquireOutcome, AcquireRequest, AdjustRequest,
+    ConfigScope, ItemRequest, LimitCheck, Repository, StoredConfig,
 };
 use crate::bucket::{self, BucketState};
 use crate::keys;
@@ -369,8 +369,7 @@ impl Repository for InMemoryRepository {
     }
 
     async fn adjust(&self, request: &AdjustRequest) -> Result<(), Error> {
-        self.adjust_now(request);
-        Ok(())
+        self.adjust_now(request)
     }
 
     async fn get_buckets(
@@ -574,14 +573,24 @@ impl InMemoryRepository {
         AcquireOutcome { admitted, checks }
     }
 
-    fn adjust_now(&self, request: &AdjustRequest) {
+    /// Applies every delta or none: one that would pass the debt bound refuses the lot.
+    fn adjust_now(&self, request: &AdjustRequest) -> Result<(), Error> {
         let now = request.now_ms;
         self.inner.observe(now);
         let mut item = self.inner.lock_one(&request.entity_id, &request.resource);
+        let mut next: SmallVec<[BucketState; 4]> = SmallVec::new();
         for (limit, delta) in &request.deltas {
             let current = reconcile_bucket(item.get(&limit.name), limit, now);
-            item.put(&limit.name, bucket::force_consume(&current, *delta, now));
+            let state = bucket::force_consume(&current, *delta, now);
+            if state.tokens_milli < bucket::MIN_TOKENS_MILLI {
+                return Err(debt_too_deep(&limit.name, *delta));
+            }
+            next.push(state);
+        }
+        for ((limit, _), state) in request.deltas.iter().zip(next) {
+            item.put(&limit.name, state);
         }
         item.touch(now, self.inner.idle_ttl_multiplier);
+        Ok(())
     }
 }

@@ -255,6 +255,19 @@ pub fn reconcile_bucket(stored: Option<&BucketState>, limit: &Limit, now_ms: i64
     state
 }
 
+/// The error for an adjustment that would put a bucket deeper in debt than
+/// [`crate::bucket::MIN_TOKENS_MILLI`]; nothing of it is written.
+pub fn debt_too_deep(limit_name: &str, delta: i64) -> Error {
+    Error::validation(
+        format!("adjust.{limit_name}"),
+        delta.to_string(),
+        format!(
+            "would put the bucket more than {} tokens in debt",
+            crate::limit::MAX_TOKENS
+        ),
+    )
+}
+
 /// Whether a stored bucket's capacity, refill amount or period differ from `limit`'s.
 pub fn params_changed(stored: &BucketState, limit: &Limit) -> bool {
     let fresh = BucketState::from_limit(limit, stored.last_refill_ms);

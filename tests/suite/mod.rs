@@ -927,6 +927,310 @@ pub async fn lease_handle_shares_the_lease(repo: Arc<dyn Repository>) {
     );
 }
 
+/// Many tasks at once, each trying `attempts` acquires of 1 at the clock's current time;
+/// returns how many were admitted (and committed). Any error but a rejection fails.
+async fn burst(l: &RateLimiter, limits: &[Limit], tasks: usize, attempts: usize) -> u64 {
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let (l, limits) = (l.clone(), limits.to_vec());
+        handles.push(tokio::spawn(async move {
+            let mut admitted = 0u64;
+            for _ in 0..attempts {
+                match l.acquire("burst", "api").limits(limits.clone()).await {
+                    Ok(lease) => {
+                        lease.commit().await.unwrap();
+                        admitted += 1;
+                    }
+                    Err(Error::RateLimited(_)) => {}
+                    Err(e) => panic!("a burst saw an error that is not a rejection: {e:?}"),
+                }
+            }
+            admitted
+        }));
+    }
+    let mut total = 0;
+    for h in handles {
+        total += h.await.unwrap();
+    }
+    total
+}
+
+/// Bursts of 8 tasks every 100 ms for 3 s from the clock's time; returns what was admitted
+/// and checks it against capacity + refill over the span (+ the DynamoDB fresh-`rf`
+/// slack of max(1 token, 1% of capacity), DESIGN section 9).
+async fn burst_for_three_seconds(l: &RateLimiter, clock: &ManualClock, limit: &Limit) -> u64 {
+    let mut admitted = 0;
+    let rounds = 30;
+    for round in 0..rounds {
+        admitted += burst(l, std::slice::from_ref(limit), 8, 4).await;
+        if round + 1 < rounds {
+            clock.advance(Duration::from_millis(100));
+        }
+    }
+    let span_ms = (rounds - 1) * 100;
+    let refill = limit.refill_amount * span_ms / (limit.refill_period_seconds * 1000);
+    let slack = (limit.capacity / 100).max(1);
+    assert!(
+        admitted <= limit.capacity + refill + slack,
+        "admitted {admitted} over {span_ms} ms where at most {} + {refill} (+{slack}) are due",
+        limit.capacity
+    );
+    assert!(
+        admitted >= limit.capacity,
+        "admitted only {admitted} of a full bucket of {}",
+        limit.capacity
+    );
+    admitted
+}
+
+async fn consumed_milli(l: &RateLimiter, entity: &str, name: &str) -> i64 {
+    l.bucket_states(entity, "api").await.unwrap()[name].total_consumed_milli
+}
+
+pub async fn burst_after_idle_admits_capacity_not_twice(repo: Arc<dyn Repository>) {
+    let (l, clock) = limiter(repo);
+    let limit = rpm(100);
+    admit(l.acquire("burst", "api").limits([limit.clone()])).await;
+    clock.advance(Duration::from_secs(65));
+    let admitted = burst_for_three_seconds(&l, &clock, &limit).await;
+    assert_eq!(
+        consumed_milli(&l, "burst", "rpm").await,
+        (admitted as i64 + 1) * 1000
+    );
+}
+
+pub async fn burst_after_idle_following_a_rollback(repo: Arc<dyn Repository>) {
+    let (l, clock) = limiter(repo);
+    let limit = rpm(100);
+    let lease = l
+        .acquire("burst", "api")
+        .limits([limit.clone()])
+        .consume([("rpm", 30)])
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(5));
+    lease.rollback().await.unwrap();
+    clock.advance(Duration::from_secs(65));
+    let admitted = burst_for_three_seconds(&l, &clock, &limit).await;
+    assert_eq!(
+        consumed_milli(&l, "burst", "rpm").await,
+        admitted as i64 * 1000
+    );
+}
+
+pub async fn burst_after_idle_following_a_debt(repo: Arc<dyn Repository>) {
+    let (l, clock) = limiter(repo);
+    let limit = rpm(100);
+    let lease = l
+        .acquire("burst", "api")
+        .limits([limit.clone()])
+        .await
+        .unwrap();
+    lease.adjust([("rpm", 149)]).await.unwrap();
+    lease.commit().await.unwrap();
+    // 50 in debt: 90 s to fill; idle past that.
+    clock.advance(Duration::from_secs(95));
+    let admitted = burst_for_three_seconds(&l, &clock, &limit).await;
+    assert_eq!(
+        consumed_milli(&l, "burst", "rpm").await,
+        (admitted as i64 + 150) * 1000
+    );
+}
+
+pub async fn debit_after_a_long_hold_is_not_forgiven(repo: Arc<dyn Repository>) {
+    // A lease held 30 s then charged its true cost: the bucket was full (99 + 50 refilled,
+    // capped at 100) when the 99 were taken, so 1 token is left, not 50.
+    let (l, clock) = limiter(repo);
+    let limit = rpm(100);
+    let lease = l
+        .acquire("burst", "api")
+        .limits([limit.clone()])
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(30));
+    lease.adjust([("rpm", 99)]).await.unwrap();
+    lease.commit().await.unwrap();
+    assert_eq!(
+        l.available("burst", "api", Some(std::slice::from_ref(&limit)))
+            .await
+            .unwrap()["rpm"],
+        1
+    );
+    assert_eq!(burst(&l, &[limit], 8, 4).await, 1);
+}
+
+pub async fn debt_is_bounded_with_a_typed_error(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    let limits = [tpm(100)];
+    let max = zae_limiter::limit::MAX_TOKENS as i64;
+    // Twelve leases, each then charged the most one lease may hold.
+    let mut open = Vec::new();
+    for _ in 0..12 {
+        let lease = l
+            .acquire("u1", "api")
+            .limits(limits.clone())
+            .consume([("tpm", 1)])
+            .await
+            .unwrap();
+        lease.adjust([("tpm", max - 1)]).await.unwrap();
+        open.push(lease);
+    }
+    let mut refused = 0;
+    let mut leases = Vec::new();
+    for lease in open {
+        match lease.commit().await {
+            Ok(()) => {}
+            Err(e @ Error::Validation { .. }) => {
+                assert!(e.to_string().contains("debt"), "{e}");
+                refused += 1;
+                leases.push(lease);
+            }
+            Err(e) => panic!("expected a validation error, got {e:?}"),
+        }
+    }
+    assert_eq!(refused, 11, "debt past the bound was accepted");
+    // The bucket is intact: deep in debt, rejecting, never reported full or unavailable.
+    let states = l.bucket_states("u1", "api").await.unwrap();
+    let state = states.get("tpm").expect("the bucket survives");
+    assert!(state.tokens_milli >= zae_limiter::bucket::MIN_TOKENS_MILLI);
+    assert!(state.tokens_milli < 0);
+    assert!(l.available("u1", "api", Some(&limits)).await.unwrap()["tpm"] < 0);
+    rejected(l.acquire("u1", "api").limits(limits.clone()).await);
+    // The refused leases still hold their acquire, and roll back cleanly.
+    for lease in leases {
+        lease.rollback().await.unwrap();
+    }
+}
+
+pub async fn repeated_names_are_checked_before_any_write(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    let max = zae_limiter::limit::MAX_TOKENS;
+    let err = l
+        .acquire("u1", "api")
+        .limits([tpm(100)])
+        .consume([("tpm", max), ("tpm", 1)])
+        .await
+        .unwrap_err();
+    match &err {
+        Error::Validation { field, .. } => assert_eq!(field, "consume.tpm"),
+        other => panic!("expected a validation error, got {other:?}"),
+    }
+    // Repeated names within bounds add up.
+    let lease = l
+        .acquire("u1", "api")
+        .limits([tpm(100)])
+        .consume([("tpm", 30), ("tpm", 20)])
+        .await
+        .unwrap();
+    assert_eq!(lease.consumed()["tpm"], 50);
+    lease.commit().await.unwrap();
+    assert!(l.bucket_states("u1", "api").await.unwrap()["tpm"].total_consumed_milli == 50_000);
+}
+
+pub async fn contended_cascade_is_exact_and_never_unavailable(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    l.create_entity("proj").await.unwrap();
+    for c in 0..8 {
+        l.create_entity(format!("key-{c}"))
+            .parent("proj")
+            .cascade(true)
+            .await
+            .unwrap();
+    }
+    l.set_entity_limits("proj", "api", &[rpm(40)])
+        .await
+        .unwrap();
+    l.set_resource_limits("api", &[rpm(10)]).await.unwrap();
+    let mut handles = Vec::new();
+    for t in 0..32usize {
+        let l = l.clone();
+        handles.push(tokio::spawn(async move {
+            let key = format!("key-{}", t % 8);
+            let mut kept = 0u64;
+            for n in 0..4 {
+                match l.acquire(key.as_str(), "api").await {
+                    Ok(lease) if n % 2 == 0 => lease.rollback().await.unwrap(),
+                    Ok(lease) => {
+                        lease.commit().await.unwrap();
+                        kept += 1;
+                    }
+                    Err(Error::RateLimited(_)) => {}
+                    Err(e) => panic!("contention reported as an error: {e:?}"),
+                }
+            }
+            kept
+        }));
+    }
+    let mut kept = 0;
+    for h in handles {
+        kept += h.await.unwrap();
+    }
+    assert!(kept <= 40);
+    let parent = consumed_milli(&l, "proj", "rpm").await;
+    let mut children = 0;
+    for c in 0..8 {
+        let states = l.bucket_states(&format!("key-{c}"), "api").await.unwrap();
+        children += states.get("rpm").map_or(0, |s| s.total_consumed_milli);
+    }
+    assert_eq!(parent, kept as i64 * 1000, "the parent's tc is exact");
+    assert_eq!(children, kept as i64 * 1000, "every give-back landed");
+}
+
+pub async fn refund_when_another_limit_refills_by_less_than_a_millitoken(
+    repo: Arc<dyn Repository>,
+) {
+    let (l, clock) = limiter(repo);
+    let limits = [Limit::per_day("rpd", 1000), tpm(10_000)];
+    for _ in 0..5 {
+        let lease = l
+            .acquire("u1", "api")
+            .limits(limits.clone())
+            .consume([("rpd", 1), ("tpm", 500)])
+            .await
+            .unwrap();
+        // 1 ms of a 1,000-per-day refill is a hundredth of a millitoken: only the carry moves.
+        clock.advance(Duration::from_millis(1));
+        lease.adjust([("tpm", -200)]).await.unwrap();
+        lease.commit().await.unwrap();
+    }
+    let states = l.bucket_states("u1", "api").await.unwrap();
+    assert_eq!(states["tpm"].total_consumed_milli, 1_500_000);
+    assert_eq!(states["rpd"].total_consumed_milli, 5_000);
+}
+
+pub async fn cascade_with_nothing_to_take_from_one_side(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    l.create_entity("proj").await.unwrap();
+    l.create_entity("key")
+        .parent("proj")
+        .cascade(true)
+        .await
+        .unwrap();
+    // The parent's limits are named differently from the child's.
+    l.set_entity_limits("proj", "api", &[Limit::per_minute("proj_rpm", 5)])
+        .await
+        .unwrap();
+    l.set_entity_limits("key", "api", &[rpm(3)]).await.unwrap();
+    for _ in 0..3 {
+        let lease = l.acquire("key", "api").consume([("rpm", 1)]).await.unwrap();
+        assert_eq!(lease.statuses().len(), 2);
+        lease.commit().await.unwrap();
+    }
+    rejected(l.acquire("key", "api").consume([("rpm", 1)]).await);
+    // And the other way round: only the parent's limit is named.
+    let lease = l
+        .acquire("key", "api")
+        .consume([("proj_rpm", 2)])
+        .await
+        .unwrap();
+    lease.commit().await.unwrap();
+    assert_eq!(
+        l.available("proj", "api", None).await.unwrap()["proj_rpm"],
+        3
+    );
+    assert_eq!(l.available("key", "api", None).await.unwrap()["rpm"], 0);
+}
+
 /// Declares one `#[tokio::test]` per suite case over a backend factory.
 #[macro_export]
 macro_rules! limiter_suite {
@@ -961,6 +1265,15 @@ macro_rules! limiter_suite {
             availability_queries,
             concurrent_leases_with_adjusts_are_exact,
             lease_handle_shares_the_lease,
+            burst_after_idle_admits_capacity_not_twice,
+            burst_after_idle_following_a_rollback,
+            burst_after_idle_following_a_debt,
+            debit_after_a_long_hold_is_not_forgiven,
+            debt_is_bounded_with_a_typed_error,
+            repeated_names_are_checked_before_any_write,
+            contended_cascade_is_exact_and_never_unavailable,
+            refund_when_another_limit_refills_by_less_than_a_millitoken,
+            cascade_with_nothing_to_take_from_one_side,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

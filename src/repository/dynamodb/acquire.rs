@@ -17,9 +17,9 @@ use aws_sdk_dynamodb::types::{
 use super::codec::{self, num, s, Image, Item};
 use super::expr::{Expr, Update};
 use super::{errors, keys, table, Inner};
-use crate::bucket::{self, BucketState, MILLI};
+use crate::bucket::{self, BucketState, MILLI, MIN_TOKENS_MILLI};
 use crate::repository::{
-    params_changed, reconcile_bucket, AcquireOutcome, ItemRequest, LimitCheck,
+    debt_too_deep, params_changed, reconcile_bucket, AcquireOutcome, ItemRequest, LimitCheck,
 };
 use crate::{Error, Limit};
 
@@ -42,11 +42,13 @@ pub(super) struct Plan {
 
 /// Decides an item against an image (`None`: the item does not exist).
 pub(super) fn evaluate(image: Option<&Image>, item: &ItemRequest, now_ms: i64) -> Plan {
+    let window = fresh_window_ms(charged(item));
     let mut plan = Plan {
         checks: Vec::with_capacity(item.limits.len()),
         fits: true,
         states: Vec::with_capacity(item.limits.len()),
-        speculative_ok: image.is_some_and(|i| !expired(i, now_ms)),
+        speculative_ok: image
+            .is_some_and(|i| !expired(i, now_ms) && rf_is_fresh(i, now_ms, window)),
     };
     for (limit, &amount) in item.limits.iter().zip(&item.amounts) {
         let stored = image.and_then(|i| i.buckets.get(&limit.name));
@@ -78,6 +80,50 @@ fn same_params(a: &BucketState, b: &BucketState) -> bool {
     a.capacity_milli == b.capacity_milli
         && a.refill_amount_milli == b.refill_amount_milli
         && a.refill_period_ms == b.refill_period_ms
+}
+
+/// Whether an item takes no tokens at all.
+fn takes_nothing(item: &ItemRequest) -> bool {
+    item.amounts.iter().all(|&a| a == 0)
+}
+
+/// The limits an item takes tokens from.
+fn charged(item: &ItemRequest) -> impl Iterator<Item = &Limit> {
+    item.limits
+        .iter()
+        .zip(&item.amounts)
+        .filter(|(_, &a)| a > 0)
+        .map(|(l, _)| l)
+}
+
+/// The fresh-`rf` window `W` of DESIGN section 9: how far behind `now` an item's `rf` may
+/// be for a write that takes tokens without refilling (speculative writes and debits).
+///
+/// Such a write leaves `rf` where it was, so the next rf-locked write refills over the
+/// whole span since `rf` and caps at capacity, crediting time the bucket sat full *before*
+/// the take. Requiring `rf >= now - W` keeps that credit within the refill over `W`:
+/// `W = max(time for one token, time to fill / 100)`, the least over the limits taken
+/// from (so the excess in any window is at most max(1 token, 1% of capacity)).
+pub(super) fn fresh_window_ms<'a>(limits: impl Iterator<Item = &'a Limit>) -> i64 {
+    limits
+        .map(|l| {
+            let period_ms = u128::from(l.refill_period_seconds) * 1000;
+            let amount = u128::from(l.refill_amount.max(1));
+            let token_ms = period_ms / amount;
+            let fill_ms = u128::from(l.capacity) * period_ms / amount;
+            i64::try_from(token_ms.max(fill_ms / 100)).unwrap_or(i64::MAX)
+        })
+        .min()
+        .unwrap_or(i64::MAX)
+        .max(1)
+}
+
+/// Whether the image's `rf` lies within `window` of `now` (a write that takes without
+/// refilling may go ahead).
+fn rf_is_fresh(image: &Image, now_ms: i64, window: i64) -> bool {
+    image
+        .rf
+        .is_some_and(|rf| rf >= now_ms.saturating_sub(window))
 }
 
 fn expired(image: &Image, now_ms: i64) -> bool {
@@ -178,7 +224,7 @@ impl Inner {
             }
             self.rejections.forget(&item.entity_id, &item.resource);
         }
-        if item.amounts.iter().all(|&a| a == 0) {
+        if takes_nothing(item) {
             // Nothing to write: decide on a consistent read.
             let image = self.read_bucket(&item.entity_id, &item.resource).await?;
             let plan = evaluate(image.as_ref(), item, now);
@@ -273,6 +319,9 @@ impl Inner {
         parent: &ItemRequest,
         now: i64,
     ) -> Result<AcquireOutcome, Error> {
+        if takes_nothing(child) || takes_nothing(parent) {
+            return self.acquire_one_side(child, parent, now).await;
+        }
         let (a, b) = tokio::join!(self.speculative(child, now), self.speculative(parent, now));
         let (a, b) = match (a, b) {
             (Ok(Speculative::Admitted(x)), Ok(Speculative::Admitted(y))) => {
@@ -322,6 +371,41 @@ impl Inner {
             return Ok(rejected(checks));
         }
         self.cascade_transaction(child, parent, now).await
+    }
+
+    /// A cascade that takes nothing from one side (its limits are named differently): that
+    /// side is only checked, on a consistent read (a write would have nothing in it), and
+    /// the other side is charged as a single item.
+    async fn acquire_one_side(
+        &self,
+        child: &ItemRequest,
+        parent: &ItemRequest,
+        now: i64,
+    ) -> Result<AcquireOutcome, Error> {
+        let (checked, charged, checked_first) = if takes_nothing(child) {
+            (child, parent, true)
+        } else {
+            (parent, child, false)
+        };
+        let image = self
+            .read_bucket(&checked.entity_id, &checked.resource)
+            .await?;
+        let check = evaluate(image.as_ref(), checked, now);
+        let outcome = if check.fits {
+            self.acquire_one(charged, now).await?
+        } else {
+            let other = self
+                .read_bucket(&charged.entity_id, &charged.resource)
+                .await?;
+            rejected(evaluate(other.as_ref(), charged, now).checks)
+        };
+        let admitted = check.fits && outcome.admitted;
+        let checks = if checked_first {
+            check.checks.into_iter().chain(outcome.checks).collect()
+        } else {
+            outcome.checks.into_iter().chain(check.checks).collect()
+        };
+        Ok(AcquireOutcome { admitted, checks })
     }
 
     /// The slow path of a cascade: read both items, decide, write both in one transaction.
@@ -434,6 +518,11 @@ impl Inner {
                 update.conditions.push(format!("{n} = {v}"));
             }
         }
+        // The fresh-`rf` rule (see `fresh_window_ms`): an item idle past the window goes
+        // to the rf-locked write, which refills from `rf` before anything is taken.
+        let rf = expr.name("rf");
+        let oldest_rf = expr.num(now.saturating_sub(fresh_window_ms(charged(item))));
+        update.conditions.push(format!("{rf} >= {oldest_rf}"));
         let ttl = expr.name("ttl");
         let now_s = expr.num(now.div_euclid(1000));
         update
@@ -648,11 +737,12 @@ impl Inner {
     /// Signed whole-token changes to one item; `tc` moves by each full amount. Never
     /// creates an item: on a missing one this is a no-op.
     ///
-    /// Debits only (the usual adjust): one unconditional `ADD`, into debt if need be (a
-    /// limit the item lacks is seeded in full first). Any credit (rollback, a negative
-    /// adjust, compensation): an rf-locked write that refills first and caps the credit at
-    /// capacity, because a credit on top of refill not yet written would lift the bucket
-    /// above capacity.
+    /// Debits only (the usual adjust): one `ADD`, into debt if need be, when the item's
+    /// `rf` is fresh (see [`fresh_window_ms`]: a debit at a stale `rf` would be forgiven by
+    /// the next refill's cap) and the debt stays within [`MIN_TOKENS_MILLI`]. Otherwise,
+    /// and for any credit (rollback, a negative adjust, compensation): an rf-locked write
+    /// that refills first and caps the credit at capacity, because a credit on top of
+    /// refill not yet written would lift the bucket above capacity.
     pub(super) async fn write_deltas(
         &self,
         entity_id: &str,
@@ -664,10 +754,14 @@ impl Inner {
         if deltas.is_empty() {
             return Ok(());
         }
-        if deltas.iter().all(|(_, d)| *d > 0) {
-            return self.debit(entity_id, resource, &deltas).await;
-        }
-        let mut image = self.read_bucket(entity_id, resource).await?;
+        let mut image = if deltas.iter().all(|(_, d)| *d > 0) {
+            match self.debit(entity_id, resource, &deltas, now).await? {
+                Updated::Ok(_) => return Ok(()),
+                Updated::ConditionFailed(image) => image,
+            }
+        } else {
+            self.read_bucket(entity_id, resource).await?
+        };
         for _ in 0..MAX_ATTEMPTS {
             let Some(current) = image else {
                 tracing::debug!(
@@ -677,18 +771,20 @@ impl Inner {
                 );
                 return Ok(());
             };
-            let changes: Vec<Change<'_>> = deltas
-                .iter()
-                .map(|(limit, delta)| {
-                    let stored = reconcile_bucket(current.buckets.get(&limit.name), limit, now);
-                    Change {
-                        limit,
-                        state: bucket::force_consume(&stored, *delta, now),
-                        consumed: delta.saturating_mul(MILLI),
-                        must_cover: false,
-                    }
-                })
-                .collect();
+            let mut changes = Vec::with_capacity(deltas.len());
+            for (limit, delta) in &deltas {
+                let stored = reconcile_bucket(current.buckets.get(&limit.name), limit, now);
+                let state = bucket::force_consume(&stored, *delta, now);
+                if state.tokens_milli < MIN_TOKENS_MILLI {
+                    return Err(debt_too_deep(&limit.name, *delta));
+                }
+                changes.push(Change {
+                    limit,
+                    state,
+                    consumed: delta.saturating_mul(MILLI),
+                    must_cover: false,
+                });
+            }
             let (update, expr) = locked_update(&current, &changes, Ttl::Keep, now);
             let key = self.bucket_key(entity_id, resource);
             image = match self.update_item(key, &update, &expr, false).await? {
@@ -699,51 +795,35 @@ impl Inner {
         Err(contended(entity_id, resource))
     }
 
-    /// Unconditional debits (debt allowed), seeding a missing limit in full.
+    /// Debits as one `ADD` (debt allowed down to [`MIN_TOKENS_MILLI`]), conditioned on a
+    /// fresh `rf` and on every limit being stored; a failed condition returns the item
+    /// for the rf-locked write (which also seeds a limit the item lacks).
     async fn debit(
         &self,
         entity_id: &str,
         resource: &str,
         deltas: &[&(Limit, i64)],
-    ) -> Result<(), Error> {
+        now: i64,
+    ) -> Result<Updated, Error> {
         let mut expr = Expr::default();
         let mut update = Update::default();
         update.conditions.push("attribute_exists(PK)".into());
-        let zero = expr.num(0);
+        let rf = expr.name("rf");
+        let window = fresh_window_ms(deltas.iter().map(|(l, _)| l));
+        let oldest_rf = expr.num(now.saturating_sub(window));
+        update.conditions.push(format!("{rf} >= {oldest_rf}"));
         for (limit, delta) in deltas {
-            let fresh = BucketState::from_limit(limit, 0);
-            let [tk, tc, rc] =
-                ["tk", "tc", "rc"].map(|f| expr.name(&keys::bucket_attr(&limit.name, f)));
-            for (field, value) in [
-                ("cp", fresh.capacity_milli),
-                ("ra", fresh.refill_amount_milli),
-                ("rp", fresh.refill_period_ms),
-            ] {
-                let n = expr.name(&keys::bucket_attr(&limit.name, field));
-                let v = expr.num(value);
-                update.set.push(format!("{n} = if_not_exists({n}, {v})"));
-            }
-            update
-                .set
-                .push(format!("{rc} = if_not_exists({rc}, {zero})"));
-            let cap = expr.num(fresh.capacity_milli);
-            let a = expr.num(delta.saturating_mul(MILLI));
-            update
-                .set
-                .push(format!("{tk} = if_not_exists({tk}, {cap}) - {a}"));
-            update
-                .set
-                .push(format!("{tc} = if_not_exists({tc}, {zero}) + {a}"));
+            let [tk, tc] = ["tk", "tc"].map(|f| expr.name(&keys::bucket_attr(&limit.name, f)));
+            let debit = delta.saturating_mul(MILLI);
+            let minus = expr.num(debit.saturating_neg());
+            let plus = expr.num(debit);
+            let floor = expr.num(MIN_TOKENS_MILLI.saturating_add(debit));
+            update.add.push(format!("{tk} {minus}"));
+            update.add.push(format!("{tc} {plus}"));
+            update.conditions.push(format!("{tk} >= {floor}"));
         }
         let key = self.bucket_key(entity_id, resource);
-        if let Updated::ConditionFailed(_) = self.update_item(key, &update, &expr, false).await? {
-            tracing::debug!(
-                entity_id,
-                resource,
-                "adjust skipped: the bucket item is gone"
-            );
-        }
-        Ok(())
+        self.update_item(key, &update, &expr, false).await
     }
 
     /// One conditional `UpdateItem`; on a failed condition, the item as it was (`ALL_OLD`),
@@ -916,7 +996,12 @@ fn locked_update(image: &Image, changes: &[Change<'_>], ttl: Ttl, now: i64) -> (
         match image.buckets.get(name) {
             Some(old) => {
                 let delta = change.state.tokens_milli.saturating_sub(old.tokens_milli);
-                let lo = change.must_cover.then(|| delta.saturating_neg());
+                // An acquire needs the tokens still there; a debit keeps the debt in bounds.
+                let lo = if change.must_cover {
+                    Some(delta.saturating_neg())
+                } else {
+                    (delta < 0).then(|| MIN_TOKENS_MILLI.saturating_sub(delta))
+                };
                 let hi = (delta > 0).then(|| change.state.capacity_milli.saturating_sub(delta));
                 // Name `tk` only when it is used: DynamoDB rejects an unused name (a
                 // credit on a full bucket, or parameters adopted with no refill due, move
@@ -964,11 +1049,13 @@ fn locked_update(image: &Image, changes: &[Change<'_>], ttl: Ttl, now: i64) -> (
         if delta == 0 && refilled.refill_carry == old.refill_carry {
             continue;
         }
-        let tk = expr.name(&keys::bucket_attr(name, "tk"));
         let rc = expr.name(&keys::bucket_attr(name, "rc"));
         let carry = expr.num(refilled.refill_carry);
         update.set.push(format!("{rc} = {carry}"));
+        // Name `tk` only when tokens move: a refill of less than a millitoken changes the
+        // carry alone, and DynamoDB rejects a request that names an attribute it never uses.
         if delta != 0 {
+            let tk = expr.name(&keys::bucket_attr(name, "tk"));
             let d = expr.num(delta);
             update.add.push(format!("{tk} {d}"));
             let hi = refilled.capacity_milli.saturating_sub(delta);

@@ -25,11 +25,29 @@ pub(super) fn s(v: impl Into<String>) -> AttributeValue {
 }
 
 /// An integer attribute, if present and in range.
+///
+/// A number outside the `i64` range (DynamoDB holds 38 digits; another client or an old
+/// release may have stored one) saturates rather than vanishing: a bucket deep in debt
+/// must read as deep in debt, never as missing (which would read as full).
 pub(super) fn get_i64(item: &Item, name: &str) -> Option<i64> {
     match item.get(name)? {
-        AttributeValue::N(n) => n.parse().ok(),
+        AttributeValue::N(n) => parse_saturating(n),
         _ => None,
     }
+}
+
+fn parse_saturating(n: &str) -> Option<i64> {
+    if let Ok(v) = n.parse::<i64>() {
+        return Some(v);
+    }
+    if let Ok(v) = n.parse::<i128>() {
+        return Some(v.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64);
+    }
+    // Decimals and exponents ("1E+20", "2.5"): whole part, saturated.
+    n.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite())
+        .map(|v| v.trunc() as i64)
 }
 
 /// A string attribute, if present.
@@ -299,6 +317,12 @@ mod tests {
         item.insert("b_bad_tk".into(), s("x"));
         let image = Image::parse(&item);
         assert_eq!(image.rf, Some(1000));
+        assert_eq!(
+            super::parse_saturating("-11999999999999000000"),
+            Some(i64::MIN)
+        );
+        assert_eq!(super::parse_saturating("1E+3"), Some(1000));
+        assert_eq!(super::parse_saturating("x"), None);
         assert_eq!(image.ttl, Some(99));
         assert_eq!(image.buckets.len(), 1);
         let rpm = &image.buckets["rpm"];

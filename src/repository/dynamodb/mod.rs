@@ -896,6 +896,13 @@ impl Repository for DynamoDbRepository {
             inner.config_key(&ConfigScope::Resource(resource.into())),
             inner.config_key(&ConfigScope::System),
         ];
+        // The namespace's registry row rides along: a limiter opened before its namespace
+        // was purged must fail with `NamespaceNotFound` (at the latest when its config
+        // cache refreshes), not go on writing orphan buckets.
+        wanted.push((
+            keys::REGISTRY_PK.to_string(),
+            keys::namespace_id_sk(&inner.ns),
+        ));
         if resource != DEFAULT_RESOURCE {
             wanted.push((entity_pk.clone(), keys::entity_config_sk(DEFAULT_RESOURCE)));
         }
@@ -913,11 +920,16 @@ impl Repository for DynamoDbRepository {
         let limits_at = |(pk, sk): &(String, String)| -> Option<Arc<[Limit]>> {
             record(pk, sk).and_then(codec::config_limits).map(Arc::from)
         };
+        if record(&wanted[4].0, &wanted[4].1).is_none() {
+            return Err(Error::NamespaceNotFound {
+                namespace: inner.namespace.clone(),
+            });
+        }
         let system = record(&wanted[3].0, &wanted[3].1);
         Ok(StoredConfig {
             entity: record(&wanted[0].0, &wanted[0].1).and_then(codec::parse_entity),
             entity_limits: limits_at(&wanted[1]),
-            entity_default_limits: wanted.get(4).and_then(limits_at),
+            entity_default_limits: wanted.get(5).and_then(limits_at),
             resource_limits: limits_at(&wanted[2]),
             system_limits: limits_at(&wanted[3]),
             on_unavailable: system.and_then(codec::on_unavailable),
