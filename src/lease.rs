@@ -28,10 +28,29 @@ struct LeaseState {
     /// Per limit of every item: adjustments not yet written.
     pending: Amounts,
     closed: bool,
+    /// A write that failed with an unknown outcome: re-issued (same id, same deltas)
+    /// before anything else is written, so it lands exactly once.
+    in_doubt: Option<InDoubt>,
+    /// Item writes issued so far (for write ids).
+    writes_issued: u32,
+}
+
+/// An item write whose outcome is unknown.
+#[derive(Debug, Clone)]
+struct InDoubt {
+    item: usize,
+    /// Where the item's limits start in the flat amounts.
+    start: usize,
+    deltas: Amounts,
+    write_id: String,
+    /// A commit moves pending to written; a rollback only moves written.
+    commit: bool,
 }
 
 pub(crate) struct LeaseShared {
     limiter: RateLimiter,
+    /// Random, for write ids unique across processes.
+    id: u64,
     /// The items charged: the entity's own, then its parent's in a cascade.
     items: Vec<ItemRequest>,
     checks: Vec<LimitCheck>,
@@ -154,8 +173,8 @@ impl LeaseShared {
         Ok(())
     }
 
-    /// Writes one item's deltas (those that are not zero).
-    async fn write(&self, item: &ItemRequest, deltas: &[i64]) -> Result<(), Error> {
+    /// Writes one item's deltas (those that are not zero) under `write_id`.
+    async fn write(&self, item: &ItemRequest, deltas: &[i64], write_id: &str) -> Result<(), Error> {
         let changes: Vec<(Limit, i64)> = item
             .limits
             .iter()
@@ -171,8 +190,45 @@ impl LeaseShared {
             resource: item.resource.clone(),
             deltas: changes,
             now_ms: self.limiter.now_ms(),
+            write_id: Some(write_id.to_string()),
         };
         self.limiter.inner.repo.adjust(&request).await
+    }
+
+    /// Records a written item's deltas.
+    fn record(state: &mut LeaseState, start: usize, deltas: &[i64], commit: bool) {
+        for (k, d) in deltas.iter().enumerate() {
+            state.written[start + k] += d;
+            if commit {
+                state.pending[start + k] -= d;
+            }
+        }
+    }
+
+    /// Re-issues a write whose outcome was unknown, same id and deltas, so it lands exactly
+    /// once before anything else is written. Still unknown: the error, and it stays.
+    async fn resolve_in_doubt(&self) -> Result<(), Error> {
+        let Some(doubt) = self.state.lock().in_doubt.clone() else {
+            return Ok(());
+        };
+        let result = self
+            .write(&self.items[doubt.item], &doubt.deltas, &doubt.write_id)
+            .await;
+        let mut state = self.state.lock();
+        match result {
+            Ok(()) => {
+                Self::record(&mut state, doubt.start, &doubt.deltas, doubt.commit);
+                state.in_doubt = None;
+                Ok(())
+            }
+            Err(e @ Error::Unavailable { .. }) => Err(e),
+            // A definite refusal (the debt bound): it did not land and will not.
+            Err(e) => {
+                state.in_doubt = None;
+                tracing::warn!(error = %e, "a lease write that was in doubt was refused; dropped");
+                Ok(())
+            }
+        }
     }
 
     /// Closes the lease at once if nothing is pending and no commit or rollback is under
@@ -195,6 +251,7 @@ impl LeaseShared {
             return done;
         }
         let _writing = self.writes.lock().await;
+        self.resolve_in_doubt().await?;
         loop {
             let snapshot = {
                 let mut state = self.state.lock();
@@ -209,29 +266,38 @@ impl LeaseShared {
                 }
                 state.pending.clone()
             };
-            self.apply(&snapshot, |state, k, d| {
-                state.written[k] += d;
-                state.pending[k] -= d;
-            })
-            .await?;
+            self.apply(&snapshot, true).await?;
         }
     }
 
     /// Writes `deltas` (flat, every item's limits in order) item by item, recording each
     /// item's part once it is written, so a failure part-way leaves an exact account of
-    /// what remains.
-    async fn apply(
-        &self,
-        deltas: &[i64],
-        record: impl Fn(&mut LeaseState, usize, i64),
-    ) -> Result<(), Error> {
+    /// what remains. A write that fails with [`Error::Unavailable`] may still have landed:
+    /// it is kept in doubt and re-issued before anything else.
+    async fn apply(&self, deltas: &[i64], commit: bool) -> Result<(), Error> {
         let mut start = 0;
-        for item in &self.items {
+        for (index, item) in self.items.iter().enumerate() {
             let end = start + item.limits.len();
-            self.write(item, &deltas[start..end]).await?;
-            let mut state = self.state.lock();
-            for (k, d) in deltas.iter().enumerate().take(end).skip(start) {
-                record(&mut state, k, *d);
+            let part = &deltas[start..end];
+            if part.iter().any(|d| *d != 0) {
+                let write_id = {
+                    let mut state = self.state.lock();
+                    state.writes_issued += 1;
+                    format!("{:016x}-{}", self.id, state.writes_issued)
+                };
+                if let Err(e) = self.write(item, part, &write_id).await {
+                    if matches!(e, Error::Unavailable { .. }) {
+                        self.state.lock().in_doubt = Some(InDoubt {
+                            item: index,
+                            start,
+                            deltas: part.into(),
+                            write_id,
+                            commit,
+                        });
+                    }
+                    return Err(e);
+                }
+                Self::record(&mut self.state.lock(), start, part, commit);
             }
             start = end;
         }
@@ -240,6 +306,7 @@ impl LeaseShared {
 
     async fn rollback(&self) -> Result<(), Error> {
         let _writing = self.writes.lock().await;
+        self.resolve_in_doubt().await?;
         let refund: Amounts = {
             let state = self.state.lock();
             if state.closed {
@@ -247,8 +314,7 @@ impl LeaseShared {
             }
             state.written.iter().map(|w| -w).collect()
         };
-        self.apply(&refund, |state, k, d| state.written[k] += d)
-            .await?;
+        self.apply(&refund, false).await?;
         let mut state = self.state.lock();
         state.pending.iter_mut().for_each(|p| *p = 0);
         state.closed = true;
@@ -279,10 +345,13 @@ impl Lease {
         Lease {
             shared: Arc::new(LeaseShared {
                 limiter: limiter.clone(),
+                id: lease_id(),
                 state: Mutex::new(LeaseState {
                     pending: smallvec::smallvec![0; written.len()],
                     written,
                     closed: false,
+                    in_doubt: None,
+                    writes_issued: 0,
                 }),
                 items,
                 checks,
@@ -360,14 +429,30 @@ impl Lease {
 
     /// Writes pending adjustments and closes the lease. On error the lease stays open
     /// (commit again, or roll back).
+    ///
+    /// With a backend that sets an operation timeout (DynamoDB's `.timeout(..)`), the
+    /// wait is bounded by it, retries included: past it this returns
+    /// [`Error::Unavailable`] while the write goes on in the background and lands at most
+    /// once (a later `rollback` then finds the lease closed if it landed).
     pub async fn commit(&self) -> Result<(), Error> {
-        self.shared.commit().await
+        if let Some(done) = self.shared.try_close_without_write() {
+            return done;
+        }
+        bounded(&self.shared, "commit", |shared| async move {
+            shared.commit().await
+        })
+        .await
     }
 
     /// Returns everything the lease consumed (to the parent too) and closes it. On error
     /// the lease stays open, and a later rollback or drop returns what is left.
+    ///
+    /// Bounded by the backend's operation timeout as [`Self::commit`] is.
     pub async fn rollback(&self) -> Result<(), Error> {
-        self.shared.rollback().await
+        bounded(&self.shared, "rollback", |shared| async move {
+            shared.rollback().await
+        })
+        .await
     }
 
     /// A shared handle for reading the lease and buffering adjustments.
@@ -463,10 +548,58 @@ impl LeaseHandle {
     }
 }
 
+/// Runs a lease write, bounded by the backend's operation timeout when it has one: the
+/// write runs as a task of its own, so giving up waiting never cancels it half-way (it
+/// finishes in the background and records what it wrote).
+async fn bounded<F, Fut>(
+    shared: &Arc<LeaseShared>,
+    what: &'static str,
+    write: F,
+) -> Result<(), Error>
+where
+    F: FnOnce(Arc<LeaseShared>) -> Fut,
+    Fut: Future<Output = Result<(), Error>> + Send + 'static,
+{
+    let limit = shared.limiter.inner.repo.operation_timeout();
+    match (limit, tokio::runtime::Handle::try_current()) {
+        (Some(limit), Ok(runtime)) => {
+            let task = runtime.spawn(write(Arc::clone(shared)));
+            within(limit, what, task).await
+        }
+        _ => write(Arc::clone(shared)).await,
+    }
+}
+
+/// Waits for `task` at most `limit`; past it, [`Error::Unavailable`] (the task goes on).
+pub(crate) async fn within<T>(
+    limit: std::time::Duration,
+    what: &str,
+    task: tokio::task::JoinHandle<Result<T, Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(limit, task).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        Ok(Err(join)) => Err(Error::unavailable(
+            format!("the {what} was cancelled (its runtime is shutting down)"),
+            join,
+        )),
+        Err(_) => Err(Error::Unavailable {
+            message: format!(
+                "the {what} did not finish within the configured timeout of {limit:?}; it goes \
+                 on in the background and is applied at most once"
+            ),
+            source: None,
+        }),
+    }
+}
+
 /// Commits or rolls back a lease nobody awaits any more. A write that fails for a passing
-/// reason (network, throttling) is retried with backoff; the lease stays open between
-/// tries, so nothing is lost or doubled. Giving up is logged at `error`.
+/// reason (network, throttling, a timeout) is retried with backoff until it lands, for as
+/// long as the backend can still tell a re-sent write from a new one (DynamoDB's ten-minute
+/// idempotency window); the lease stays open between tries and re-issues a write in doubt
+/// first, so nothing is lost or doubled. Only then is giving up logged, at `error`.
 async fn settle_with_retries(shared: Arc<LeaseShared>, commit: bool, reason: &'static str) {
+    let started = std::time::Instant::now();
     let mut attempt = 0u32;
     loop {
         let result = if commit {
@@ -475,19 +608,31 @@ async fn settle_with_retries(shared: Arc<LeaseShared>, commit: bool, reason: &'s
             shared.rollback().await
         };
         match result {
-            Ok(()) | Err(Error::LeaseClosed) => return,
-            // Waiting needs a runtime's timer; off a runtime there is nothing to wait on.
-            Err(e @ Error::Unavailable { .. })
-                if attempt < SETTLE_RETRIES && tokio::runtime::Handle::try_current().is_ok() =>
-            {
-                tracing::warn!(
-                    entity_id = %shared.entity_id(),
-                    resource = %shared.resource(),
-                    error = %e,
-                    attempt,
-                    "settling rate-limit lease failed; retrying"
-                );
-                tokio::time::sleep(SETTLE_BACKOFF * 2u32.pow(attempt)).await;
+            Ok(()) | Err(Error::LeaseClosed) => {
+                if attempt > 0 {
+                    tracing::info!(
+                        entity_id = %shared.entity_id(),
+                        resource = %shared.resource(),
+                        attempts = attempt + 1,
+                        "settled rate-limit lease after retries"
+                    );
+                }
+                return;
+            }
+            Err(e @ Error::Unavailable { .. }) if started.elapsed() < SETTLE_FOR => {
+                // Once per lease at `warn`; the retries after it at `debug`.
+                if attempt == 0 {
+                    tracing::warn!(
+                        entity_id = %shared.entity_id(),
+                        resource = %shared.resource(),
+                        error = %e,
+                        reason,
+                        "settling rate-limit lease failed; retrying until it lands"
+                    );
+                } else {
+                    tracing::debug!(error = %e, attempt, "settling rate-limit lease: retrying");
+                }
+                tokio::time::sleep(settle_backoff(attempt)).await;
                 attempt += 1;
             }
             Err(e) => {
@@ -505,10 +650,23 @@ async fn settle_with_retries(shared: Arc<LeaseShared>, commit: bool, reason: &'s
     }
 }
 
-/// How many times a background settle is retried after a transient failure.
-const SETTLE_RETRIES: u32 = 5;
-/// The first retry's wait; each next one doubles (0.1 s to 1.6 s, 3.1 s in all).
-const SETTLE_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long a background settle keeps retrying a backend that is unavailable.
+const SETTLE_FOR: std::time::Duration = std::time::Duration::from_secs(9 * 60);
+
+/// 100 ms, doubling, at most 5 s.
+fn settle_backoff(attempt: u32) -> std::time::Duration {
+    std::time::Duration::from_millis(100u64.saturating_mul(1 << attempt.min(6)).min(5_000))
+}
+
+/// A random lease id (write ids must not collide across processes sharing a table).
+fn lease_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    h.finish()
+}
 
 /// Runs `fut` to completion without the caller waiting: polled once inline (the in-memory
 /// backend finishes there, so callers see the effect at once), then handed to the current

@@ -655,6 +655,7 @@ fn no_limits(entity_id: &str, resource: &str) -> Error {
 /// An acquire being set up: `.limits`, `.fallback_limits`, `.consume`, `.cascade`,
 /// `.on_unavailable`, then `.await`.
 #[must_use = "an acquire does nothing until it is awaited"]
+#[derive(Clone)]
 pub struct Acquire {
     limiter: RateLimiter,
     entity_id: String,
@@ -973,8 +974,53 @@ impl Acquire {
 
     async fn run(self) -> Result<Lease, Error> {
         let consume = self.validate()?;
-        let decision = self.decide(consume.as_deref()).await;
+        let limit = self.limiter.inner.repo.operation_timeout();
+        let decision = match (limit, tokio::runtime::Handle::try_current()) {
+            (Some(limit), Ok(runtime)) => self.decide_within(consume, limit, &runtime).await,
+            _ => self.decide(consume.as_deref()).await,
+        };
         self.apply_policy(decision)
+    }
+
+    /// [`Self::decide`] bounded by the backend's operation timeout, retries and backoff
+    /// included. The decision runs as a task of its own, so giving up waiting never cuts
+    /// a write off half-way: it finishes in the background, and a lease it admits after
+    /// the caller gave up is rolled back (its tokens are given back, once).
+    async fn decide_within(
+        &self,
+        consume: Option<Vec<(String, i64)>>,
+        limit: Duration,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Lease, Error> {
+        let worker = self.clone();
+        let mut task = runtime.spawn(async move { worker.decide(consume.as_deref()).await });
+        match tokio::time::timeout(limit, &mut task).await {
+            Ok(Ok(decision)) => decision,
+            Ok(Err(join)) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            Ok(Err(join)) => Err(Error::unavailable(
+                "the acquire was cancelled (its runtime is shutting down)",
+                join,
+            )),
+            Err(_) => {
+                runtime.spawn(async move {
+                    if let Ok(Ok(lease)) = task.await {
+                        tracing::debug!(
+                            entity_id = %lease.entity_id(),
+                            "an acquire admitted after its caller timed out; rolling back"
+                        );
+                        lease.settle_detached(false, "acquire timed out");
+                    }
+                });
+                Err(Error::Unavailable {
+                    message: format!(
+                        "the acquire for {}/{} did not finish within the configured timeout \
+                         of {limit:?}",
+                        self.entity_id, self.resource
+                    ),
+                    source: None,
+                })
+            }
+        }
     }
 }
 

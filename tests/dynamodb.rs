@@ -91,7 +91,8 @@ async fn hot_path_is_one_update_item_and_no_read() {
     );
     assert_eq!(calls.max_in_flight(), 1);
 
-    // Adjusting costs one more write at commit.
+    // Adjusting costs one more write at commit: a tokened single-item transaction, so a
+    // re-send after a lost response never charges twice.
     calls.reset();
     let lease = limiter
         .acquire("key-1", "gpt-4")
@@ -102,7 +103,12 @@ async fn hot_path_is_one_update_item_and_no_read() {
     lease.commit().await.unwrap();
     assert_eq!(
         calls.snapshot(),
-        [("UpdateItem".to_string(), 2)].into_iter().collect()
+        [
+            ("UpdateItem".to_string(), 1),
+            ("TransactWriteItems".to_string(), 1)
+        ]
+        .into_iter()
+        .collect()
     );
     let states = limiter.bucket_states("key-1", "gpt-4").await.unwrap();
     assert_eq!(states["tpm"].total_consumed_milli, (22 * 100 + 150) * 1000);
@@ -644,6 +650,7 @@ async fn adjust_never_creates_a_stub_item() {
             resource: "api".into(),
             deltas: vec![(Limit::per_minute("rpm", 10), delta)],
             now_ms: T0,
+            write_id: None,
         })
         .await
         .unwrap();
@@ -757,8 +764,9 @@ async fn hot_path_reports_exact_availability() {
     assert_eq!(available(&lease), 9, "speculative");
     lease.commit().await.unwrap();
     // 12 s later two tokens have refilled, unwritten. `rf` is then older than the
-    // fresh-`rf` window (6 s for 10 a minute), so the speculative write is refused and the
-    // rf-locked write refills first: one extra call, and the status is still exact.
+    // fresh-`rf` window (6 s for 10 a minute): the last image seen shows it, so the
+    // rf-locked write that refills first goes out at once, still one call, and the status
+    // is exact.
     clock.advance(Duration::from_secs(12));
     let lease = limiter
         .acquire("k", "api")
@@ -770,9 +778,9 @@ async fn hot_path_reports_exact_availability() {
     lease.commit().await.unwrap();
     assert_eq!(
         calls.snapshot(),
-        [("UpdateItem".to_string(), 3)].into_iter().collect()
+        [("UpdateItem".to_string(), 2)].into_iter().collect()
     );
-    // Within the window the hot path is one call again.
+    // Within the window: the speculative write, one call.
     calls.reset();
     clock.advance(Duration::from_secs(1));
     let lease = limiter

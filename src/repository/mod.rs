@@ -104,6 +104,11 @@ pub struct AdjustRequest {
     pub deltas: Vec<(Limit, i64)>,
     /// The time of the change, epoch milliseconds.
     pub now_ms: i64,
+    /// Identifies this write across re-sends: a backend whose writes can end with an
+    /// unknown outcome (a timeout) applies a write at most once per id, so a caller may
+    /// re-issue the same request after an [`Error::Unavailable`] without it landing twice.
+    /// [`crate::Lease`] sets it; `None` means the request is not re-issued.
+    pub write_id: Option<String>,
 }
 
 /// Where a set of stored limits lives in the config hierarchy.
@@ -152,6 +157,14 @@ pub trait Repository: Send + Sync + 'static {
     /// How long the limiter should cache resolved limits by default.
     fn default_config_cache_ttl(&self) -> Duration {
         Duration::from_secs(60)
+    }
+
+    /// How long a caller may wait for one acquire, commit or rollback, retries and
+    /// backoff included; the limiter enforces it (the work itself then finishes in the
+    /// background, so no write is cut off half-way). `None` (the default): no bound, as
+    /// for a backend that answers at once.
+    fn operation_timeout(&self) -> Option<Duration> {
+        None
     }
 
     /// A number that changes whenever an entity or stored limit changes, for backends that

@@ -10,12 +10,13 @@ use std::time::Duration;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
-    KeysAndAttributes, Put, ReturnValue, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
-    Update as TxUpdate,
+    AttributeValue, KeysAndAttributes, Put, ReturnValue, ReturnValuesOnConditionCheckFailure,
+    TransactWriteItem, Update as TxUpdate,
 };
 
 use super::codec::{self, num, s, Image, Item};
 use super::expr::{Expr, Update};
+use super::lease_writes::Sent;
 use super::{errors, keys, table, Inner};
 use crate::bucket::{self, BucketState, MILLI, MIN_TOKENS_MILLI};
 use crate::repository::{
@@ -177,7 +178,8 @@ enum Updated {
 
 /// How a conditional write ended.
 enum Written {
-    Ok,
+    /// Written; the new item when DynamoDB returned it.
+    Ok(Option<Image>),
     /// A condition failed; the item as it was, when DynamoDB returned it.
     Conflict(Option<Image>),
 }
@@ -187,7 +189,11 @@ enum Step {
     Speculative,
     Create,
     Read,
-    Normal(Image),
+    /// The rf-locked write from an image (`cached`: remembered, not just returned).
+    Normal {
+        image: Image,
+        cached: bool,
+    },
 }
 
 impl Inner {
@@ -233,12 +239,14 @@ impl Inner {
                 checks: plan.checks,
             });
         }
-        let mut step = Step::Speculative;
+        let mut step = self.first_step(item, now);
         for _ in 0..MAX_ATTEMPTS {
             step = match step {
                 Step::Speculative => match self.speculative(item, now).await? {
                     Speculative::Admitted(new) => {
-                        return Ok(admitted(admitted_checks(&new, item, now)))
+                        let checks = admitted_checks(&new, item, now);
+                        self.images.put(&item.entity_id, &item.resource, new);
+                        return Ok(admitted(checks));
                     }
                     Speculative::Failed(None) => Step::Create,
                     Speculative::Failed(Some(old)) => match self.next_step(old, item, now).await {
@@ -252,27 +260,7 @@ impl Inner {
                         return Ok(rejected(plan.checks));
                     }
                     match self.create(item, &plan, now).await? {
-                        Written::Ok => return Ok(admitted(plan.checks)),
-                        Written::Conflict(_) => Step::Read,
-                    }
-                }
-                Step::Read => match self.read_bucket(&item.entity_id, &item.resource).await? {
-                    None => Step::Create,
-                    Some(image) => match self.next_step(image, item, now).await {
-                        Ok(step) => step,
-                        Err(outcome) => return Ok(outcome),
-                    },
-                },
-                Step::Normal(image) => {
-                    let plan = evaluate(Some(&image), item, now);
-                    if !plan.fits {
-                        if stale_params(&image, item) {
-                            self.adopt_params(item, &image, now).await;
-                        }
-                        return Ok(rejected(plan.checks));
-                    }
-                    match self.normal(item, &image, &plan, now).await? {
-                        Written::Ok => return Ok(admitted(plan.checks)),
+                        Written::Ok(_) => return Ok(admitted(plan.checks)),
                         Written::Conflict(None) => Step::Read,
                         Written::Conflict(Some(old)) => {
                             match self.next_step(old, item, now).await {
@@ -282,9 +270,61 @@ impl Inner {
                         }
                     }
                 }
+                Step::Read => match self.read_bucket(&item.entity_id, &item.resource).await? {
+                    None => Step::Create,
+                    Some(image) => match self.next_step(image, item, now).await {
+                        Ok(step) => step,
+                        Err(outcome) => return Ok(outcome),
+                    },
+                },
+                Step::Normal { image, cached } => {
+                    let plan = evaluate(Some(&image), item, now);
+                    if cached && (!plan.fits || stale_params(&image, item)) {
+                        // A remembered image may be behind the table (a refund since):
+                        // never reject on it, read instead.
+                        Step::Read
+                    } else if !plan.fits {
+                        if stale_params(&image, item) {
+                            self.adopt_params(item, &image, now).await;
+                        }
+                        return Ok(rejected(plan.checks));
+                    } else {
+                        match self.normal(item, &image, &plan, now).await? {
+                            Written::Ok(new) => {
+                                if let Some(new) = new {
+                                    self.images.put(&item.entity_id, &item.resource, new);
+                                }
+                                return Ok(admitted(plan.checks));
+                            }
+                            Written::Conflict(None) => Step::Read,
+                            Written::Conflict(Some(old)) => {
+                                match self.next_step(old, item, now).await {
+                                    Ok(step) => step,
+                                    Err(outcome) => return Ok(outcome),
+                                }
+                            }
+                        }
+                    }
+                }
             };
         }
         Err(contended(&item.entity_id, &item.resource))
+    }
+
+    /// Where a single-item acquire starts: the speculative write, unless the last image
+    /// seen of the item shows an `rf` too old for it (the fresh-`rf` rule would refuse
+    /// it), in which case the rf-locked write is built from that image straight away.
+    fn first_step(&self, item: &ItemRequest, now: i64) -> Step {
+        let window = fresh_window_ms(charged(item));
+        match self.images.get(&item.entity_id, &item.resource) {
+            Some(image) if !expired(&image, now) && !rf_is_fresh(&image, now, window) => {
+                Step::Normal {
+                    image,
+                    cached: true,
+                }
+            }
+            _ => Step::Speculative,
+        }
     }
 
     /// From an image: reject (remembering it), or the write to try next.
@@ -304,10 +344,15 @@ impl Inner {
             }
             return Err(rejected(plan.checks));
         }
+        self.images
+            .put(&item.entity_id, &item.resource, image.clone());
         Ok(if plan.speculative_ok {
             Step::Speculative
         } else {
-            Step::Normal(image)
+            Step::Normal {
+                image,
+                cached: false,
+            }
         })
     }
 
@@ -339,7 +384,7 @@ impl Inner {
         for (item, result) in [(child, a), (parent, b)] {
             match result {
                 Ok(Speculative::Admitted(new)) => {
-                    if let Err(e) = self.compensate(item, now).await {
+                    if let Err(e) = self.give_back(item, now).await {
                         tracing::error!(
                             entity_id = %item.entity_id,
                             resource = %item.resource,
@@ -458,12 +503,26 @@ impl Inner {
                     }
                 });
             }
-            let sent = self
-                .client
-                .transact_write_items()
-                .set_transact_items(Some(writes))
-                .send()
-                .await;
+            // A token makes a re-send after an unknown outcome safe: DynamoDB applies it
+            // once, and answers the re-send as it did the first.
+            let token = format!("zl{:032x}", rand::random::<u128>());
+            let mut resends = 0;
+            let sent = loop {
+                let sent = self
+                    .client
+                    .transact_write_items()
+                    .set_transact_items(Some(writes.clone()))
+                    .client_request_token(&token)
+                    .send()
+                    .await;
+                match sent {
+                    Err(e) if errors::outcome_unknown(&e) && resends < RESENDS => {
+                        tokio::time::sleep(backoff(resends)).await;
+                        resends += 1;
+                    }
+                    other => break other,
+                }
+            };
             match sent {
                 Ok(_) => return Ok(admitted(plans.into_iter().flat_map(|p| p.checks).collect())),
                 Err(e) => {
@@ -539,8 +598,9 @@ impl Inner {
             match self
                 .update_item(
                     self.bucket_key(&item.entity_id, &item.resource),
-                    &update,
-                    &expr,
+                    update,
+                    expr,
+                    true,
                     true,
                 )
                 .await?
@@ -552,28 +612,52 @@ impl Inner {
     }
 
     /// Creates the item with full buckets minus the consumption.
+    ///
+    /// Marked like an acquire's update (see [`Self::update_item`]): sent again after an
+    /// unknown outcome, the put fails on the existing item, whose marker tells whether it
+    /// is this put's own.
     async fn create(&self, item: &ItemRequest, plan: &Plan, now: i64) -> Result<Written, Error> {
-        let sent = self
-            .client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(self.new_bucket_item(item, plan, now)))
-            .condition_expression("attribute_not_exists(PK)")
-            .send()
-            .await;
-        match sent {
-            Ok(_) => Ok(Written::Ok),
-            Err(e) => {
-                use aws_sdk_dynamodb::operation::put_item::PutItemError;
-                if matches!(
-                    e.as_service_error(),
-                    Some(PutItemError::ConditionalCheckFailedException(_))
-                ) {
-                    Ok(Written::Conflict(None))
-                } else {
-                    Err(errors::map("PutItem", &self.table, e))
+        use aws_sdk_dynamodb::operation::put_item::PutItemError;
+        let marker = new_marker();
+        let mut attrs = self.new_bucket_item(item, plan, now);
+        attrs.insert(MARKER.into(), s(&marker));
+        let mut attempt = 0;
+        let mut resending = false;
+        loop {
+            let sent = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(attrs.clone()))
+                .condition_expression("attribute_not_exists(PK)")
+                .return_values_on_condition_check_failure(
+                    ReturnValuesOnConditionCheckFailure::AllOld,
+                )
+                .customize()
+                .config_override(no_retries())
+                .send()
+                .await;
+            let error = match sent {
+                Ok(_) => return Ok(Written::Ok(None)),
+                Err(e) => e,
+            };
+            if let Some(PutItemError::ConditionalCheckFailedException(c)) = error.as_service_error()
+            {
+                let existing = c.item().filter(|i| !i.is_empty()).map(Image::parse);
+                if resending && existing.as_ref().and_then(|i| i.marker.as_deref()) == Some(&marker)
+                {
+                    return Ok(Written::Ok(None));
                 }
+                return Ok(Written::Conflict(existing));
             }
+            if attempt < RESENDS && (errors::retry_as_is(&error) || errors::outcome_unknown(&error))
+            {
+                resending |= errors::outcome_unknown(&error);
+                tokio::time::sleep(backoff(attempt)).await;
+                attempt += 1;
+                continue;
+            }
+            return Err(errors::map("PutItem", &self.table, error));
         }
     }
 
@@ -644,13 +728,14 @@ impl Inner {
             match self
                 .update_item(
                     self.bucket_key(&item.entity_id, &item.resource),
-                    &update,
-                    &expr,
-                    false,
+                    update,
+                    expr,
+                    true,
+                    true,
                 )
                 .await?
             {
-                Updated::Ok(_) => Written::Ok,
+                Updated::Ok(new) => Written::Ok(new),
                 Updated::ConditionFailed(old) => Written::Conflict(old),
             },
         )
@@ -716,13 +801,78 @@ impl Inner {
             .collect();
         let (update, expr) = self.item_update(item, image, &changes, now);
         let key = self.bucket_key(&item.entity_id, &item.resource);
-        if let Err(e) = self.update_item(key, &update, &expr, false).await {
+        if let Err(e) = self.update_item(key, update, expr, false, false).await {
             tracing::debug!(entity_id = %item.entity_id, resource = %item.resource, error = %e, "could not store changed limit parameters; will retry");
         }
     }
 
-    /// Gives back what a speculative write took (a one-sided cascade success).
-    async fn compensate(&self, item: &ItemRequest, now: i64) -> Result<(), Error> {
+    /// Signed whole-token changes to one item; `tc` moves by each full amount. Never
+    /// creates an item: on a missing one this is a no-op. Lands exactly once per
+    /// `write_id`, however often it is re-issued (see [`super::lease_writes`]).
+    ///
+    /// Debits only (the usual adjust): one `ADD`, into debt if need be, when the item's
+    /// `rf` is fresh (see [`fresh_window_ms`]: a debit at a stale `rf` would be forgiven by
+    /// the next refill's cap) and the debt stays within [`MIN_TOKENS_MILLI`]. Otherwise,
+    /// and for any credit (rollback, a negative adjust, compensation): an rf-locked write
+    /// that refills first and caps the credit at capacity, because a credit on top of
+    /// refill not yet written would lift the bucket above capacity. A lost race returns
+    /// the item as it now is, and the next try uses it: contention delays a write, it
+    /// never fails it.
+    pub(super) async fn write_deltas(
+        &self,
+        entity_id: &str,
+        resource: &str,
+        deltas: &[(Limit, i64)],
+        now: i64,
+        write_id: &str,
+    ) -> Result<(), Error> {
+        let deltas: Vec<&(Limit, i64)> = deltas.iter().filter(|(_, d)| *d != 0).collect();
+        if deltas.is_empty() || self.resolve_in_doubt(write_id).await? {
+            return Ok(());
+        }
+        let credits = deltas.iter().any(|(_, d)| *d < 0);
+        // The last image seen spares a read (a credit needs one) or a refused debit (at a
+        // stale `rf`); it is only a guide, as every write is conditioned on the item.
+        let window = fresh_window_ms(deltas.iter().map(|(l, _)| l));
+        let mut image = self
+            .images
+            .get(entity_id, resource)
+            .filter(|i| credits || !rf_is_fresh(i, now, window));
+        for attempt in 0..DELTA_ATTEMPTS {
+            let locked = credits || image.is_some();
+            let (update, expr) = match image.take() {
+                None if !credits => debit_update(&deltas, now),
+                None => match self.read_bucket(entity_id, resource).await? {
+                    Some(current) => locked_deltas(&current, &deltas, now)?,
+                    None => return skipped(entity_id, resource),
+                },
+                Some(current) => locked_deltas(&current, &deltas, now)?,
+            };
+            let key = self.bucket_key(entity_id, resource);
+            match self
+                .send_once(write_id, key, &update, &expr, credits)
+                .await?
+            {
+                Sent::Applied => {
+                    if locked {
+                        self.images.forget(entity_id, resource);
+                    }
+                    return Ok(());
+                }
+                Sent::ConditionFailed(None) => return skipped(entity_id, resource),
+                Sent::ConditionFailed(Some(current)) => image = Some(current),
+            }
+            if attempt >= 4 {
+                tokio::time::sleep(backoff(attempt - 4)).await;
+            }
+        }
+        Err(contended(entity_id, resource))
+    }
+
+    /// Gives back what a speculative write took (a one-sided cascade success), retrying
+    /// until it lands: the caller may be gone (the acquire then finishes in the
+    /// background), so nothing else would.
+    async fn give_back(&self, item: &ItemRequest, now: i64) -> Result<(), Error> {
         let deltas: Vec<(Limit, i64)> = item
             .limits
             .iter()
@@ -730,134 +880,128 @@ impl Inner {
             .filter(|(_, &a)| a > 0)
             .map(|(l, &a)| (l.clone(), -i64::try_from(a).unwrap_or(i64::MAX)))
             .collect();
-        self.write_deltas(&item.entity_id, &item.resource, &deltas, now)
-            .await
-    }
-
-    /// Signed whole-token changes to one item; `tc` moves by each full amount. Never
-    /// creates an item: on a missing one this is a no-op.
-    ///
-    /// Debits only (the usual adjust): one `ADD`, into debt if need be, when the item's
-    /// `rf` is fresh (see [`fresh_window_ms`]: a debit at a stale `rf` would be forgiven by
-    /// the next refill's cap) and the debt stays within [`MIN_TOKENS_MILLI`]. Otherwise,
-    /// and for any credit (rollback, a negative adjust, compensation): an rf-locked write
-    /// that refills first and caps the credit at capacity, because a credit on top of
-    /// refill not yet written would lift the bucket above capacity.
-    pub(super) async fn write_deltas(
-        &self,
-        entity_id: &str,
-        resource: &str,
-        deltas: &[(Limit, i64)],
-        now: i64,
-    ) -> Result<(), Error> {
-        let deltas: Vec<&(Limit, i64)> = deltas.iter().filter(|(_, d)| *d != 0).collect();
-        if deltas.is_empty() {
-            return Ok(());
-        }
-        let mut image = if deltas.iter().all(|(_, d)| *d > 0) {
-            match self.debit(entity_id, resource, &deltas, now).await? {
-                Updated::Ok(_) => return Ok(()),
-                Updated::ConditionFailed(image) => image,
-            }
-        } else {
-            self.read_bucket(entity_id, resource).await?
-        };
-        for _ in 0..MAX_ATTEMPTS {
-            let Some(current) = image else {
-                tracing::debug!(
-                    entity_id,
-                    resource,
-                    "adjust skipped: the bucket item is gone"
-                );
-                return Ok(());
-            };
-            let mut changes = Vec::with_capacity(deltas.len());
-            for (limit, delta) in &deltas {
-                let stored = reconcile_bucket(current.buckets.get(&limit.name), limit, now);
-                let state = bucket::force_consume(&stored, *delta, now);
-                if state.tokens_milli < MIN_TOKENS_MILLI {
-                    return Err(debt_too_deep(&limit.name, *delta));
+        let write_id = format!("give-back-{:032x}", rand::random::<u128>());
+        let started = std::time::Instant::now();
+        let mut attempt = 0;
+        loop {
+            let result = self
+                .write_deltas(&item.entity_id, &item.resource, &deltas, now, &write_id)
+                .await;
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e @ Error::Unavailable { .. }) if started.elapsed() < GIVE_BACK_FOR => {
+                    if attempt == 0 {
+                        tracing::warn!(entity_id = %item.entity_id, resource = %item.resource, error = %e, "giving back a one-sided cascade consumption failed; retrying until it lands");
+                    }
+                    tokio::time::sleep(backoff(attempt.min(5))).await;
+                    attempt += 1;
                 }
-                changes.push(Change {
-                    limit,
-                    state,
-                    consumed: delta.saturating_mul(MILLI),
-                    must_cover: false,
-                });
+                Err(e) => return Err(e),
             }
-            let (update, expr) = locked_update(&current, &changes, Ttl::Keep, now);
-            let key = self.bucket_key(entity_id, resource);
-            image = match self.update_item(key, &update, &expr, false).await? {
-                Updated::Ok(_) => return Ok(()),
-                Updated::ConditionFailed(old) => old,
-            };
         }
-        Err(contended(entity_id, resource))
-    }
-
-    /// Debits as one `ADD` (debt allowed down to [`MIN_TOKENS_MILLI`]), conditioned on a
-    /// fresh `rf` and on every limit being stored; a failed condition returns the item
-    /// for the rf-locked write (which also seeds a limit the item lacks).
-    async fn debit(
-        &self,
-        entity_id: &str,
-        resource: &str,
-        deltas: &[&(Limit, i64)],
-        now: i64,
-    ) -> Result<Updated, Error> {
-        let mut expr = Expr::default();
-        let mut update = Update::default();
-        update.conditions.push("attribute_exists(PK)".into());
-        let rf = expr.name("rf");
-        let window = fresh_window_ms(deltas.iter().map(|(l, _)| l));
-        let oldest_rf = expr.num(now.saturating_sub(window));
-        update.conditions.push(format!("{rf} >= {oldest_rf}"));
-        for (limit, delta) in deltas {
-            let [tk, tc] = ["tk", "tc"].map(|f| expr.name(&keys::bucket_attr(&limit.name, f)));
-            let debit = delta.saturating_mul(MILLI);
-            let minus = expr.num(debit.saturating_neg());
-            let plus = expr.num(debit);
-            let floor = expr.num(MIN_TOKENS_MILLI.saturating_add(debit));
-            update.add.push(format!("{tk} {minus}"));
-            update.add.push(format!("{tc} {plus}"));
-            update.conditions.push(format!("{tk} >= {floor}"));
-        }
-        let key = self.bucket_key(entity_id, resource);
-        self.update_item(key, &update, &expr, false).await
     }
 
     /// One conditional `UpdateItem`; on a failed condition, the item as it was (`ALL_OLD`),
     /// and on success, with `return_new`, the item as it now is (`ALL_NEW`).
+    ///
+    /// A `marked` write (an acquire's: it takes tokens, and is not idempotent) also sets
+    /// the item's write marker to an id of its own, and is never re-sent blindly: the SDK
+    /// does not retry it, and when its outcome is unknown (a timeout, a lost response) it
+    /// is sent again with the extra condition that the marker is not its id. If the first
+    /// send landed, that condition fails and the returned item shows the marker: the write
+    /// is known to have landed, once. (Only if another write changed the item in between
+    /// is the second send applied too: tokens held twice, never an over-admission.)
     async fn update_item(
         &self,
         key: Item,
-        update: &Update,
-        expr: &Expr,
+        mut update: Update,
+        mut expr: Expr,
         return_new: bool,
+        marked: bool,
     ) -> Result<Updated, Error> {
-        let sent = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(key))
-            .update_expression(update.expression())
-            .set_condition_expression(update.condition())
-            .set_expression_attribute_names(expr.names())
-            .set_expression_attribute_values(expr.values())
-            .return_values(if return_new {
-                ReturnValue::AllNew
+        let marker = marked.then(|| {
+            let id = new_marker();
+            let name = expr.name(MARKER);
+            let value = expr.value(AttributeValue::S(id.clone()));
+            update.set.push(format!("{name} = {value}"));
+            (id, name, value)
+        });
+        let mut attempt = 0;
+        let mut resending = false;
+        loop {
+            let request = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(key.clone()))
+                .update_expression(update.expression())
+                .set_condition_expression(update.condition())
+                .set_expression_attribute_names(expr.names())
+                .set_expression_attribute_values(expr.values())
+                .return_values(if return_new {
+                    ReturnValue::AllNew
+                } else {
+                    ReturnValue::None
+                })
+                .return_values_on_condition_check_failure(
+                    ReturnValuesOnConditionCheckFailure::AllOld,
+                );
+            let sent = if marked {
+                request
+                    .customize()
+                    .config_override(no_retries())
+                    .send()
+                    .await
             } else {
-                ReturnValue::None
-            })
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .send()
-            .await;
-        match sent {
-            Ok(out) => Ok(Updated::Ok(out.attributes().map(Image::parse))),
-            Err(e) => match conditional_image(&e) {
-                Some(old) => Ok(Updated::ConditionFailed(old)),
-                None => Err(errors::map("UpdateItem", &self.table, e)),
-            },
+                request.send().await
+            };
+            let error = match sent {
+                Ok(out) => return Ok(Updated::Ok(out.attributes().map(Image::parse))),
+                Err(e) => e,
+            };
+            if let Some(old) = conditional_image(&error) {
+                let landed = resending
+                    && marker
+                        .as_ref()
+                        .zip(old.as_ref())
+                        .is_some_and(|((id, _, _), image)| image.marker.as_deref() == Some(id));
+                if landed {
+                    tracing::debug!(
+                        "a write whose response was lost had landed; not applied again"
+                    );
+                    return Ok(Updated::Ok(old.filter(|_| return_new)));
+                }
+                return Ok(Updated::ConditionFailed(old));
+            }
+            if attempt < RESENDS {
+                if errors::retry_as_is(&error) {
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+                if let Some((_, name, value)) =
+                    marker.as_ref().filter(|_| errors::outcome_unknown(&error))
+                {
+                    if !resending {
+                        update.conditions.push(format!(
+                            "(attribute_not_exists({name}) OR {name} <> {value})"
+                        ));
+                        resending = true;
+                    }
+                    tracing::debug!(error = %errors::map("UpdateItem", &self.table, error), "an acquire's write has an unknown outcome; sending it again, marked");
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+            }
+            if resending || (marked && errors::outcome_unknown(&error)) {
+                tracing::warn!(
+                    "an acquire's write has an unknown outcome after {} sends; if it landed, \
+                     its tokens stay charged until they refill",
+                    attempt + 1
+                );
+            }
+            return Err(errors::map("UpdateItem", &self.table, error));
         }
     }
 
@@ -941,6 +1085,88 @@ impl Inner {
             source: None,
         })
     }
+}
+
+/// The attribute an acquire's write marks with its id (see `Inner::update_item`).
+pub(super) const MARKER: &str = "lw";
+
+/// Sends of one acquire write after throttling or an unknown outcome.
+const RESENDS: usize = 3;
+
+fn new_marker() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// A per-request override that turns the SDK's retries off, for writes that must not be
+/// sent twice without a check.
+fn no_retries() -> aws_sdk_dynamodb::config::Builder {
+    aws_sdk_dynamodb::config::Builder::default()
+        .retry_config(aws_sdk_dynamodb::config::retry::RetryConfig::disabled())
+}
+
+/// Attempts of one adjustment (each lost race returns the newer item to try again with).
+const DELTA_ATTEMPTS: usize = 200;
+
+/// How long a give-back is retried while DynamoDB is unavailable (its idempotency token's
+/// window): past that it is reported, never silently dropped.
+const GIVE_BACK_FOR: Duration = Duration::from_secs(9 * 60);
+
+/// An adjustment of an item that is gone: nothing to do (never create a stub item).
+fn skipped(entity_id: &str, resource: &str) -> Result<(), Error> {
+    tracing::debug!(
+        entity_id,
+        resource,
+        "adjust skipped: the bucket item is gone"
+    );
+    Ok(())
+}
+
+/// Debits as one `ADD` (debt allowed down to [`MIN_TOKENS_MILLI`]), conditioned on a fresh
+/// `rf` and on every limit being stored; a failed condition returns the item for the
+/// rf-locked write (which also seeds a limit the item lacks).
+fn debit_update(deltas: &[&(Limit, i64)], now: i64) -> (Update, Expr) {
+    let mut expr = Expr::default();
+    let mut update = Update::default();
+    update.conditions.push("attribute_exists(PK)".into());
+    let rf = expr.name("rf");
+    let window = fresh_window_ms(deltas.iter().map(|(l, _)| l));
+    let oldest_rf = expr.num(now.saturating_sub(window));
+    update.conditions.push(format!("{rf} >= {oldest_rf}"));
+    for (limit, delta) in deltas {
+        let [tk, tc] = ["tk", "tc"].map(|f| expr.name(&keys::bucket_attr(&limit.name, f)));
+        let debit = delta.saturating_mul(MILLI);
+        let minus = expr.num(debit.saturating_neg());
+        let plus = expr.num(debit);
+        let floor = expr.num(MIN_TOKENS_MILLI.saturating_add(debit));
+        update.add.push(format!("{tk} {minus}"));
+        update.add.push(format!("{tc} {plus}"));
+        update.conditions.push(format!("{tk} >= {floor}"));
+    }
+    (update, expr)
+}
+
+/// The rf-locked write of signed deltas on `current`: refilled, charged or credited
+/// (capped at capacity), never past the debt bound.
+fn locked_deltas(
+    current: &Image,
+    deltas: &[&(Limit, i64)],
+    now: i64,
+) -> Result<(Update, Expr), Error> {
+    let mut changes = Vec::with_capacity(deltas.len());
+    for (limit, delta) in deltas {
+        let stored = reconcile_bucket(current.buckets.get(&limit.name), limit, now);
+        let state = bucket::force_consume(&stored, *delta, now);
+        if state.tokens_milli < MIN_TOKENS_MILLI {
+            return Err(debt_too_deep(&limit.name, *delta));
+        }
+        changes.push(Change {
+            limit,
+            state,
+            consumed: delta.saturating_mul(MILLI),
+            must_cover: false,
+        });
+    }
+    Ok(locked_update(current, &changes, Ttl::Keep, now))
 }
 
 /// One limit's part in an rf-locked write.

@@ -123,6 +123,8 @@ pub(super) struct Image {
     pub rf: Option<i64>,
     /// Expiry, epoch seconds.
     pub ttl: Option<i64>,
+    /// The id of the last acquire write that marked the item.
+    pub marker: Option<String>,
 }
 
 impl Image {
@@ -156,6 +158,7 @@ impl Image {
             buckets,
             rf,
             ttl: get_i64(item, "ttl"),
+            marker: get_str(item, "lw").map(str::to_string),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! (access denied, a malformed request) becomes [`Error::Backend`], which never admits.
 
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 
 use crate::Error;
 
@@ -66,4 +67,46 @@ fn describe(error: &(dyn std::error::Error + 'static)) -> String {
         cause = next;
     }
     cause.to_string()
+}
+
+/// Error codes whose request may have been applied before the failure was reported.
+const MAYBE_APPLIED_CODES: &[&str] = &[
+    "InternalServerError",
+    "InternalFailure",
+    "ServiceUnavailable",
+    "TransactionInProgressException",
+];
+
+/// Whether a failed request may nevertheless have been applied: the outcome is unknown
+/// (a timeout, a connection lost after sending, a server error). Such a write is never
+/// simply sent again (it could apply twice); it is resolved (see `lease_writes`).
+pub(super) fn outcome_unknown<E>(error: &SdkError<E, HttpResponse>) -> bool
+where
+    E: ProvideErrorMetadata,
+{
+    match error {
+        SdkError::ConstructionFailure(_) => false,
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or("");
+            MAYBE_APPLIED_CODES.contains(&code) || service.raw().status().is_server_error()
+        }
+        // Timeouts, dispatch failures (the connection may have carried the request),
+        // unreadable responses.
+        _ => true,
+    }
+}
+
+/// Whether a request certainly was not applied and may be sent again as it is
+/// (throttling, capacity).
+pub(super) fn retry_as_is<E>(error: &SdkError<E, HttpResponse>) -> bool
+where
+    E: ProvideErrorMetadata,
+{
+    match error {
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or("");
+            TRANSIENT_CODES.contains(&code) && !MAYBE_APPLIED_CODES.contains(&code)
+        }
+        _ => false,
+    }
 }

@@ -31,7 +31,9 @@ mod codec;
 mod counter;
 mod errors;
 mod expr;
+mod images;
 mod keys;
+mod lease_writes;
 mod listing;
 mod rejections;
 mod table;
@@ -89,10 +91,16 @@ struct Inner {
     /// The namespace's opaque id, the prefix of every key.
     ns: String,
     config_cache_ttl: Duration,
+    /// The bound on what a caller waits for one operation.
+    timeout: Duration,
     rejections: RejectionCache,
     bucket_ttl_multiplier: u32,
     principal: Option<String>,
     stream: bool,
+    /// Lease writes whose outcome is unknown, to be re-sent with their tokens.
+    in_doubt: lease_writes::InDoubtWrites,
+    /// The last image seen of each item written.
+    images: images::ImageCache,
 }
 
 /// Settings for a [`DynamoDbRepository`]; see [`DynamoDbRepository::builder`].
@@ -104,6 +112,7 @@ pub struct DynamoDbRepositoryBuilder {
     endpoint_url: Option<String>,
     config_cache_ttl: Duration,
     timeout: Duration,
+    attempt_timeout: Option<Duration>,
     max_attempts: u32,
     client: Option<Client>,
     counter: Option<CallCounter>,
@@ -122,6 +131,7 @@ impl Default for DynamoDbRepositoryBuilder {
             endpoint_url: None,
             config_cache_ttl: Duration::from_secs(60),
             timeout: Duration::from_secs(1),
+            attempt_timeout: None,
             max_attempts: 3,
             client: None,
             counter: None,
@@ -168,10 +178,22 @@ impl DynamoDbRepositoryBuilder {
         self
     }
 
-    /// The time limit of each DynamoDB call, retries included (default 1 s). When it
-    /// passes, the call fails with [`Error::Unavailable`].
+    /// How long a caller waits for one acquire, commit or rollback, every DynamoDB call,
+    /// retry and backoff in it included (default 1 s). Past it the operation fails with
+    /// [`Error::Unavailable`] (which the outage policy decides on); the work itself goes on
+    /// in the background, so a write is never cut off half-way, and an acquire admitted
+    /// after its caller gave up is rolled back. Single calls (reads, config writes) are
+    /// bounded by it too.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// The time limit of one DynamoDB call, the SDK's retries of it included (default: the
+    /// [`Self::timeout`]). A call cut off by it may still have landed; acquire and lease
+    /// writes resolve that (see the crate's exactness notes) rather than send it twice.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = Some(timeout);
         self
     }
 
@@ -267,12 +289,15 @@ impl DynamoDbRepositoryBuilder {
                 namespace: self.namespace,
                 ns,
                 config_cache_ttl: self.config_cache_ttl,
+                timeout: self.timeout,
                 rejections: RejectionCache::new(
                     i64::try_from(self.rejection_cache_max_age.as_millis()).unwrap_or(i64::MAX),
                 ),
                 bucket_ttl_multiplier: self.bucket_ttl_multiplier,
                 principal: self.principal,
                 stream: self.table_options.stream,
+                in_doubt: Default::default(),
+                images: images::ImageCache::new(),
             }),
         }
     }
@@ -312,11 +337,12 @@ impl DynamoDbRepositoryBuilder {
         if let Some(url) = &self.endpoint_url {
             config = config.endpoint_url(url);
         }
+        let per_call = self.attempt_timeout.unwrap_or(self.timeout);
         config = config
             .timeout_config(
                 TimeoutConfig::builder()
-                    .operation_timeout(self.timeout)
-                    .connect_timeout(self.timeout)
+                    .operation_timeout(per_call)
+                    .connect_timeout(per_call)
                     .build(),
             )
             .retry_config(RetryConfig::standard().with_max_attempts(self.max_attempts));
@@ -391,6 +417,12 @@ impl DynamoDbRepository {
     /// How many rejections the local rejection cache holds.
     pub fn rejection_cache_len(&self) -> usize {
         self.inner.rejections.len()
+    }
+
+    /// How many lease writes are in doubt now: they failed with an unknown outcome and
+    /// wait to be re-sent with their idempotency tokens (0 once every one is resolved).
+    pub fn writes_in_doubt(&self) -> usize {
+        self.inner.in_doubt.len()
     }
 
     /// The audit events of an entity (or `$SYSTEM`, or `$RESOURCE:{resource}`), newest
@@ -580,6 +612,10 @@ impl Repository for DynamoDbRepository {
         self.inner.config_cache_ttl
     }
 
+    fn operation_timeout(&self) -> Option<Duration> {
+        Some(self.inner.timeout)
+    }
+
     async fn acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome, Error> {
         self.inner
             .acquire_items(&request.items, request.now_ms)
@@ -587,12 +623,21 @@ impl Repository for DynamoDbRepository {
     }
 
     async fn adjust(&self, request: &AdjustRequest) -> Result<(), Error> {
+        let fresh_id;
+        let write_id = match &request.write_id {
+            Some(id) => id.as_str(),
+            None => {
+                fresh_id = format!("adjust-{:032x}", rand::random::<u128>());
+                &fresh_id
+            }
+        };
         self.inner
             .write_deltas(
                 &request.entity_id,
                 &request.resource,
                 &request.deltas,
                 request.now_ms,
+                write_id,
             )
             .await
     }
@@ -723,6 +768,7 @@ impl Repository for DynamoDbRepository {
         let records = table::delete_keys(&inner.client, &inner.table, doomed).await?;
         if existed || records > 0 {
             inner.rejections.forget_entity(entity_id);
+            inner.images.forget_entity(entity_id);
             inner
                 .audit(
                     entity_id,

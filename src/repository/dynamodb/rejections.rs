@@ -6,27 +6,41 @@
 //! holds (others consume meanwhile), except for a refund landing in that window, so a
 //! rejection it proves is one DynamoDB would give, bar that refund, for at most the max age.
 
-use dashmap::DashMap;
+use quick_cache::sync::Cache;
 
 use super::codec::Image;
 use crate::keys;
 use crate::repository::LimitCheck;
 
-/// Entries kept at most; when full, expired entries go, then everything.
+/// Entries kept at most. When full, the entry least likely to be used again goes
+/// (quick_cache's S3-FIFO eviction), so a flood of distinct rejected ids cannot flush the
+/// entries that keep hot keys off DynamoDB.
 const MAX_ENTRIES: usize = 10_000;
 
-#[derive(Debug)]
 pub(super) struct RejectionCache {
     max_age_ms: i64,
-    entries: DashMap<String, (Image, i64), foldhash::fast::RandomState>,
+    entries: Cache<String, (Image, i64)>,
+}
+
+impl std::fmt::Debug for RejectionCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RejectionCache")
+            .field("max_age_ms", &self.max_age_ms)
+            .field("len", &self.entries.len())
+            .finish()
+    }
 }
 
 impl RejectionCache {
     /// A cache keeping each rejection at most `max_age_ms` (0 disables it).
     pub fn new(max_age_ms: i64) -> Self {
+        Self::with_capacity(max_age_ms, MAX_ENTRIES)
+    }
+
+    fn with_capacity(max_age_ms: i64, capacity: usize) -> Self {
         RejectionCache {
             max_age_ms,
-            entries: DashMap::default(),
+            entries: Cache::new(capacity),
         }
     }
 
@@ -37,8 +51,8 @@ impl RejectionCache {
             return None;
         }
         keys::with_entity_resource(entity_id, resource, |key| {
-            let entry = self.entries.get(key)?;
-            (entry.1 > now_ms).then(|| entry.0.clone())
+            let (image, until) = self.entries.get(key)?;
+            (until > now_ms).then_some(image)
         })
     }
 
@@ -66,12 +80,6 @@ impl RejectionCache {
         let until = now_ms.saturating_add(wait.min(self.max_age_ms));
         if until <= now_ms {
             return;
-        }
-        if self.entries.len() >= MAX_ENTRIES {
-            self.entries.retain(|_, (_, u)| *u > now_ms);
-            if self.entries.len() >= MAX_ENTRIES {
-                self.entries.clear();
-            }
         }
         self.entries
             .insert(keys::entity_resource(entity_id, resource), (image, until));
@@ -123,6 +131,25 @@ mod tests {
         cache.remember("a", "api", Image::default(), &exceeded(300), 0);
         assert_eq!(cache.len(), 0);
         assert!(cache.get("a", "api", 1).is_none());
+    }
+
+    #[test]
+    fn a_flood_of_new_ids_keeps_the_hot_entries() {
+        let cache = RejectionCache::with_capacity(1_000, 100);
+        cache.remember("hot", "api", Image::default(), &exceeded(500), 0);
+        for i in 0..1_000 {
+            // The hot key is asked for all the time...
+            assert!(cache.get("hot", "api", 1).is_some(), "evicted after {i}");
+            // ...while a flood of one-off ids passes through.
+            cache.remember(
+                &format!("flood-{i}"),
+                "api",
+                Image::default(),
+                &exceeded(500),
+                0,
+            );
+        }
+        assert!(cache.len() <= 110);
     }
 
     #[test]
