@@ -16,7 +16,7 @@ use aws_sdk_dynamodb::types::{
 
 use super::codec::{self, num, s, Image, Item};
 use super::expr::{Expr, Update};
-use super::lease_writes::Sent;
+use super::lease_writes::{claim_lane, verdict, Sent, Verdict};
 use super::{errors, keys, table, Inner};
 use crate::bucket::{self, BucketState, MILLI, MIN_TOKENS_MILLI};
 use crate::repository::{
@@ -24,8 +24,9 @@ use crate::repository::{
 };
 use crate::{Error, Limit};
 
-/// Attempts before an acquire gives up under contention (then `Unavailable`, never a 429).
-const MAX_ATTEMPTS: usize = 12;
+/// Attempts before an acquire gives up under contention (then `Unavailable`, never a 429;
+/// the caller's wait is bounded by the timeout long before).
+const MAX_ATTEMPTS: usize = 32;
 
 /// What the arithmetic says about one item.
 #[derive(Debug)]
@@ -240,7 +241,12 @@ impl Inner {
             });
         }
         let mut step = self.first_step(item, now);
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
+            // Writers that keep losing the rf race back off a little, so one busy writer
+            // cannot starve the others.
+            if attempt >= 3 {
+                tokio::time::sleep(backoff((attempt - 3).min(4))).await;
+            }
             step = match step {
                 Step::Speculative => match self.speculative(item, now).await? {
                     Speculative::Admitted(new) => {
@@ -260,7 +266,12 @@ impl Inner {
                         return Ok(rejected(plan.checks));
                     }
                     match self.create(item, &plan, now).await? {
-                        Written::Ok(_) => return Ok(admitted(plan.checks)),
+                        Written::Ok(new) => {
+                            if let Some(new) = new {
+                                self.images.put(&item.entity_id, &item.resource, new);
+                            }
+                            return Ok(admitted(plan.checks));
+                        }
                         Written::Conflict(None) => Step::Read,
                         Written::Conflict(Some(old)) => {
                             match self.next_step(old, item, now).await {
@@ -506,7 +517,7 @@ impl Inner {
             // A token makes a re-send after an unknown outcome safe: DynamoDB applies it
             // once, and answers the re-send as it did the first.
             let token = format!("zl{:032x}", rand::random::<u128>());
-            let mut resends = 0;
+            let mut resends = Resends::default();
             let sent = loop {
                 let sent = self
                     .client
@@ -516,10 +527,10 @@ impl Inner {
                     .send()
                     .await;
                 match sent {
-                    Err(e) if errors::outcome_unknown(&e) && resends < RESENDS => {
-                        tokio::time::sleep(backoff(resends)).await;
-                        resends += 1;
-                    }
+                    Err(e) if errors::outcome_unknown(&e) => match resends.next(&e) {
+                        Some(wait) => tokio::time::sleep(wait).await,
+                        None => break Err(e),
+                    },
                     other => break other,
                 }
             };
@@ -621,7 +632,7 @@ impl Inner {
         let marker = new_marker();
         let mut attrs = self.new_bucket_item(item, plan, now);
         attrs.insert(MARKER.into(), s(&marker));
-        let mut attempt = 0;
+        let mut resends = Resends::default();
         let mut resending = false;
         loop {
             let sent = self
@@ -638,7 +649,7 @@ impl Inner {
                 .send()
                 .await;
             let error = match sent {
-                Ok(_) => return Ok(Written::Ok(None)),
+                Ok(_) => return Ok(Written::Ok(Some(Image::parse(&attrs)))),
                 Err(e) => e,
             };
             if let Some(PutItemError::ConditionalCheckFailedException(c)) = error.as_service_error()
@@ -650,11 +661,9 @@ impl Inner {
                 }
                 return Ok(Written::Conflict(existing));
             }
-            if attempt < RESENDS && (errors::retry_as_is(&error) || errors::outcome_unknown(&error))
-            {
+            if let Some(wait) = resends.next(&error) {
                 resending |= errors::outcome_unknown(&error);
-                tokio::time::sleep(backoff(attempt)).await;
-                attempt += 1;
+                tokio::time::sleep(wait).await;
                 continue;
             }
             return Err(errors::map("PutItem", &self.table, error));
@@ -807,17 +816,15 @@ impl Inner {
     }
 
     /// Signed whole-token changes to one item; `tc` moves by each full amount. Never
-    /// creates an item: on a missing one this is a no-op. Lands exactly once per
+    /// creates an item: on a missing one this is a no-op. Lands at most once per
     /// `write_id`, however often it is re-issued (see [`super::lease_writes`]).
     ///
-    /// Debits only (the usual adjust): one `ADD`, into debt if need be, when the item's
-    /// `rf` is fresh (see [`fresh_window_ms`]: a debit at a stale `rf` would be forgiven by
-    /// the next refill's cap) and the debt stays within [`MIN_TOKENS_MILLI`]. Otherwise,
-    /// and for any credit (rollback, a negative adjust, compensation): an rf-locked write
-    /// that refills first and caps the credit at capacity, because a credit on top of
-    /// refill not yet written would lift the bucket above capacity. A lost race returns
-    /// the item as it now is, and the next try uses it: contention delays a write, it
-    /// never fails it.
+    /// One `ADD` per limit without the rf lock (see [`unlocked_update`]) when the item's
+    /// `rf` is fresh: a debit at a stale `rf` would be forgiven by the next refill's cap,
+    /// and a credit near capacity could meet refill not yet written. Otherwise an
+    /// rf-locked write that refills first, charges (within [`MIN_TOKENS_MILLI`]) or
+    /// credits (capped at capacity). A lost race returns the item as it now is, and the
+    /// next try uses it: contention delays a write, it never fails it.
     pub(super) async fn write_deltas(
         &self,
         entity_id: &str,
@@ -827,43 +834,82 @@ impl Inner {
         write_id: &str,
     ) -> Result<(), Error> {
         let deltas: Vec<&(Limit, i64)> = deltas.iter().filter(|(_, d)| *d != 0).collect();
-        if deltas.is_empty() || self.resolve_in_doubt(write_id).await? {
+        if deltas.is_empty() {
             return Ok(());
         }
-        let credits = deltas.iter().any(|(_, d)| *d < 0);
-        // The last image seen spares a read (a credit needs one) or a refused debit (at a
-        // stale `rf`); it is only a guide, as every write is conditioned on the item.
+        let credit = deltas.iter().any(|(_, d)| *d < 0);
         let window = fresh_window_ms(deltas.iter().map(|(l, _)| l));
-        let mut image = self
-            .images
-            .get(entity_id, resource)
-            .filter(|i| credits || !rf_is_fresh(i, now, window));
+        // The write claims the next number of its lane, so it needs the item as last seen
+        // (only a guide: every write is conditioned on the item as it is), or a read.
+        let mut image = match self.images.get(entity_id, resource) {
+            Some(image) => Some(image),
+            None => self.read_bucket(entity_id, resource).await?,
+        };
+        let doubtful = self.doubtful(write_id);
+        let key = self.bucket_key(entity_id, resource);
         for attempt in 0..DELTA_ATTEMPTS {
-            let locked = credits || image.is_some();
-            let (update, expr) = match image.take() {
-                None if !credits => debit_update(&deltas, now),
-                None => match self.read_bucket(entity_id, resource).await? {
-                    Some(current) => locked_deltas(&current, &deltas, now)?,
-                    None => return skipped(entity_id, resource),
-                },
-                Some(current) => locked_deltas(&current, &deltas, now)?,
+            let Some(current) = image.take() else {
+                self.resolved(write_id);
+                return skipped(entity_id, resource);
             };
-            let key = self.bucket_key(entity_id, resource);
+            match verdict(&current, write_id, doubtful) {
+                Verdict::Landed => {
+                    self.resolved(write_id);
+                    return Ok(());
+                }
+                Verdict::Unknowable if credit => {
+                    tracing::warn!(
+                        entity_id,
+                        resource,
+                        write_id,
+                        "a refund's outcome stayed unknown until it could no longer be told; \
+                         taken as landed (never refunded twice), so its tokens may stay held \
+                         until they refill"
+                    );
+                    self.resolved(write_id);
+                    return Ok(());
+                }
+                Verdict::Unknowable => tracing::warn!(
+                    entity_id,
+                    resource,
+                    write_id,
+                    "a charge's outcome stayed unknown until it could no longer be told; \
+                     applied (an admitted request is always charged), so it may be held twice \
+                     until it refills"
+                ),
+                Verdict::Write => {}
+            }
+            let locked = !unlocked_fits(&current, &deltas, now, window);
+            let (mut update, mut expr) = if locked {
+                locked_deltas(&current, &deltas, now)?
+            } else {
+                unlocked_update(&current, &deltas, now)
+            };
+            let seq = claim_lane(&mut update, &mut expr, Some(&current), write_id);
             match self
-                .send_once(write_id, key, &update, &expr, credits)
+                .send_lease_write(write_id, key.clone(), &update, &expr, seq)
                 .await?
             {
                 Sent::Applied => {
+                    self.resolved(write_id);
                     if locked {
                         self.images.forget(entity_id, resource);
                     }
                     return Ok(());
                 }
-                Sent::ConditionFailed(None) => return skipped(entity_id, resource),
-                Sent::ConditionFailed(Some(current)) => image = Some(current),
+                Sent::ConditionFailed(None) => {
+                    self.resolved(write_id);
+                    return skipped(entity_id, resource);
+                }
+                Sent::ConditionFailed(Some(newer)) => {
+                    self.images.put(entity_id, resource, newer.clone());
+                    image = Some(newer);
+                }
             }
-            if attempt >= 4 {
-                tokio::time::sleep(backoff(attempt - 4)).await;
+            // Writers that lost a race spread out (full jitter), so the next round is not
+            // the same stampede and no writer is starved by one that keeps winning.
+            if attempt > 0 {
+                tokio::time::sleep(jitter(attempt)).await;
             }
         }
         Err(contended(entity_id, resource))
@@ -926,7 +972,7 @@ impl Inner {
             update.set.push(format!("{name} = {value}"));
             (id, name, value)
         });
-        let mut attempt = 0;
+        let mut resends = Resends::default();
         let mut resending = false;
         loop {
             let request = self
@@ -973,33 +1019,31 @@ impl Inner {
                 }
                 return Ok(Updated::ConditionFailed(old));
             }
-            if attempt < RESENDS {
-                if errors::retry_as_is(&error) {
-                    tokio::time::sleep(backoff(attempt)).await;
-                    attempt += 1;
-                    continue;
-                }
-                if let Some((_, name, value)) =
-                    marker.as_ref().filter(|_| errors::outcome_unknown(&error))
-                {
-                    if !resending {
-                        update.conditions.push(format!(
-                            "(attribute_not_exists({name}) OR {name} <> {value})"
-                        ));
-                        resending = true;
+            let unknown = errors::outcome_unknown(&error);
+            if marker.is_some() || !unknown {
+                if let Some(wait) = resends.next(&error) {
+                    if let Some((_, name, value)) = marker.as_ref().filter(|_| unknown) {
+                        if !resending {
+                            update.conditions.push(format!(
+                                "(attribute_not_exists({name}) OR {name} <> {value})"
+                            ));
+                            resending = true;
+                        }
                     }
-                    tracing::debug!(error = %errors::map("UpdateItem", &self.table, error), "an acquire's write has an unknown outcome; sending it again, marked");
-                    tokio::time::sleep(backoff(attempt)).await;
-                    attempt += 1;
+                    tokio::time::sleep(wait).await;
                     continue;
                 }
             }
-            if resending || (marked && errors::outcome_unknown(&error)) {
+            if resending || (marked && unknown) {
                 tracing::warn!(
-                    "an acquire's write has an unknown outcome after {} sends; if it landed, \
-                     its tokens stay charged until they refill",
-                    attempt + 1
+                    error = %errors::map("UpdateItem", &self.table, error),
+                    "an acquire's write was left with an unknown outcome; if it landed, its \
+                     tokens stay charged until they refill"
                 );
+                return Err(Error::Unavailable {
+                    message: "an acquire's write was left with an unknown outcome".into(),
+                    source: None,
+                });
             }
             return Err(errors::map("UpdateItem", &self.table, error));
         }
@@ -1090,8 +1134,51 @@ impl Inner {
 /// The attribute an acquire's write marks with its id (see `Inner::update_item`).
 pub(super) const MARKER: &str = "lw";
 
-/// Sends of one acquire write after throttling or an unknown outcome.
+/// Sends of one acquire write after throttling (which certainly did not apply it).
 const RESENDS: usize = 3;
+
+/// How long an acquire write with an unknown outcome is sent again (marked, or with its
+/// token) until its outcome is known: DynamoDB may be restarting. The caller waits at most
+/// its timeout; the rest goes on in the background, and an admission found then is rolled
+/// back.
+const RESOLVE_FOR: Duration = Duration::from_secs(60);
+
+/// When an acquire write may be sent again, and after how long.
+struct Resends {
+    started: std::time::Instant,
+    attempt: usize,
+}
+
+impl Default for Resends {
+    fn default() -> Self {
+        Resends {
+            started: std::time::Instant::now(),
+            attempt: 0,
+        }
+    }
+}
+
+impl Resends {
+    /// The wait before sending again after `error`, or `None` to give up: throttling a few
+    /// times, an unknown outcome until [`RESOLVE_FOR`] has passed.
+    fn next<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(
+        &mut self,
+        error: &aws_sdk_dynamodb::error::SdkError<
+            E,
+            aws_smithy_runtime_api::client::orchestrator::HttpResponse,
+        >,
+    ) -> Option<Duration> {
+        let again = if errors::outcome_unknown(error) {
+            self.started.elapsed() < RESOLVE_FOR
+        } else {
+            errors::retry_as_is(error) && self.attempt < RESENDS
+        };
+        again.then(|| {
+            self.attempt += 1;
+            backoff((self.attempt - 1).min(5))
+        })
+    }
+}
 
 fn new_marker() -> String {
     format!("{:016x}", rand::random::<u64>())
@@ -1099,7 +1186,7 @@ fn new_marker() -> String {
 
 /// A per-request override that turns the SDK's retries off, for writes that must not be
 /// sent twice without a check.
-fn no_retries() -> aws_sdk_dynamodb::config::Builder {
+pub(super) fn no_retries() -> aws_sdk_dynamodb::config::Builder {
     aws_sdk_dynamodb::config::Builder::default()
         .retry_config(aws_sdk_dynamodb::config::retry::RetryConfig::disabled())
 }
@@ -1121,10 +1208,21 @@ fn skipped(entity_id: &str, resource: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Debits as one `ADD` (debt allowed down to [`MIN_TOKENS_MILLI`]), conditioned on a fresh
-/// `rf` and on every limit being stored; a failed condition returns the item for the
-/// rf-locked write (which also seeds a limit the item lacks).
-fn debit_update(deltas: &[&(Limit, i64)], now: i64) -> (Update, Expr) {
+/// Signed deltas without the rf lock, so concurrent adjustments of a hot item never
+/// conflict on it. Conditioned on a fresh `rf` (within the window `W`, see
+/// [`fresh_window_ms`]), every limit stored with the configured parameters, and per limit:
+///
+/// - a debit: `ADD`, keeping the debt within [`MIN_TOKENS_MILLI`];
+/// - a credit on a bucket at least the refill over `W` below capacity after it: `ADD`.
+///   The refill not yet written (at most that much, `rf` being fresh) cannot meet the cap
+///   before the credit, so their order does not matter;
+/// - a credit that fills the bucket whatever refill is due (stored tokens plus the credit
+///   reach capacity): `SET` the tokens to capacity and the carry to 0, exactly what refill
+///   then credit give.
+///
+/// The variant is chosen from `image`; a stale image fails a condition and the returned
+/// item is used next time.
+fn unlocked_update(image: &Image, deltas: &[&(Limit, i64)], now: i64) -> (Update, Expr) {
     let mut expr = Expr::default();
     let mut update = Update::default();
     update.conditions.push("attribute_exists(PK)".into());
@@ -1134,15 +1232,81 @@ fn debit_update(deltas: &[&(Limit, i64)], now: i64) -> (Update, Expr) {
     update.conditions.push(format!("{rf} >= {oldest_rf}"));
     for (limit, delta) in deltas {
         let [tk, tc] = ["tk", "tc"].map(|f| expr.name(&keys::bucket_attr(&limit.name, f)));
-        let debit = delta.saturating_mul(MILLI);
-        let minus = expr.num(debit.saturating_neg());
-        let plus = expr.num(debit);
-        let floor = expr.num(MIN_TOKENS_MILLI.saturating_add(debit));
-        update.add.push(format!("{tk} {minus}"));
+        let change = delta.saturating_mul(MILLI);
+        let plus = expr.num(change);
         update.add.push(format!("{tc} {plus}"));
-        update.conditions.push(format!("{tk} >= {floor}"));
+        if change > 0 {
+            let minus = expr.num(change.saturating_neg());
+            let floor = expr.num(MIN_TOKENS_MILLI.saturating_add(change));
+            update.add.push(format!("{tk} {minus}"));
+            update.conditions.push(format!("{tk} >= {floor}"));
+            continue;
+        }
+        let fresh = BucketState::from_limit(limit, now);
+        let credit = change.saturating_neg();
+        let fills = image
+            .buckets
+            .get(&limit.name)
+            .is_some_and(|s| s.tokens_milli.saturating_add(credit) >= fresh.capacity_milli);
+        if fills {
+            let rc = expr.name(&keys::bucket_attr(&limit.name, "rc"));
+            let cap = expr.num(fresh.capacity_milli);
+            let zero = expr.num(0);
+            let low = expr.num(fresh.capacity_milli.saturating_sub(credit));
+            update.set.push(format!("{tk} = {cap}"));
+            update.set.push(format!("{rc} = {zero}"));
+            update.conditions.push(format!("{tk} >= {low}"));
+        } else {
+            let headroom = refill_over(&fresh, window).saturating_add(credit);
+            let ceiling = expr.num(fresh.capacity_milli.saturating_sub(headroom));
+            let amount = expr.num(credit);
+            update.add.push(format!("{tk} {amount}"));
+            update.conditions.push(format!("{tk} <= {ceiling}"));
+        }
+        for (field, value) in [
+            ("cp", fresh.capacity_milli),
+            ("ra", fresh.refill_amount_milli),
+            ("rp", fresh.refill_period_ms),
+        ] {
+            let n = expr.name(&keys::bucket_attr(&limit.name, field));
+            let v = expr.num(value);
+            update.conditions.push(format!("{n} = {v}"));
+        }
     }
     (update, expr)
+}
+
+/// Whether [`unlocked_update`] would pass on `image`: a fresh `rf`, every limit stored
+/// with the configured parameters, debits within the debt bound, credits clear of the
+/// capacity by the refill over the window.
+fn unlocked_fits(image: &Image, deltas: &[&(Limit, i64)], now: i64, window: i64) -> bool {
+    rf_is_fresh(image, now, window)
+        && deltas.iter().all(|(limit, delta)| {
+            let Some(stored) = image.buckets.get(&limit.name) else {
+                return false;
+            };
+            let change = delta.saturating_mul(MILLI);
+            if change > 0 {
+                stored.tokens_milli >= MIN_TOKENS_MILLI.saturating_add(change)
+            } else {
+                let fresh = BucketState::from_limit(limit, now);
+                let credit = change.saturating_neg();
+                let headroom = refill_over(&fresh, window).saturating_add(credit);
+                let clear = stored.tokens_milli <= fresh.capacity_milli.saturating_sub(headroom);
+                let fills = stored.tokens_milli.saturating_add(credit) >= fresh.capacity_milli;
+                !params_changed(stored, limit) && (clear || fills)
+            }
+        })
+}
+
+/// The most a bucket refills over `window_ms`, carry included, in millitokens (rounded up).
+fn refill_over(state: &BucketState, window_ms: i64) -> i64 {
+    if state.refill_period_ms <= 0 {
+        return 0;
+    }
+    let accrued = i128::from(window_ms.max(0)) * i128::from(state.refill_amount_milli)
+        + i128::from(state.refill_period_ms);
+    i64::try_from(accrued / i128::from(state.refill_period_ms) + 1).unwrap_or(i64::MAX)
 }
 
 /// The rf-locked write of signed deltas on `current`: refilled, charged or credited
@@ -1338,7 +1502,7 @@ fn set_params(expr: &mut Expr, update: &mut Update, name: &str, state: &BucketSt
 
 /// The image a failed conditional `UpdateItem` returned: `Some(None)` when the condition
 /// failed on a missing item, `None` when the error is not a failed condition.
-fn conditional_image<R>(
+pub(super) fn conditional_image<R>(
     error: &aws_sdk_dynamodb::error::SdkError<UpdateItemError, R>,
 ) -> Option<Option<Image>> {
     match error.as_service_error()? {
@@ -1377,6 +1541,12 @@ pub(super) fn build_error(e: aws_sdk_dynamodb::error::BuildError) -> Error {
         message: format!("could not build a DynamoDB request: {e}"),
         source: Some(Box::new(e)),
     }
+}
+
+/// Full jitter: a random wait below 2, 4, 8 ... ms, at most 128 ms.
+fn jitter(attempt: usize) -> Duration {
+    let cap = 2u64 << attempt.min(6);
+    Duration::from_micros(rand::random_range(0..cap * 1000))
 }
 
 /// Backoff with jitter: 10, 20, 40 ... ms, capped at 320 ms.

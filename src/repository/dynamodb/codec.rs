@@ -123,8 +123,11 @@ pub(super) struct Image {
     pub rf: Option<i64>,
     /// Expiry, epoch seconds.
     pub ttl: Option<i64>,
-    /// The id of the last acquire write that marked the item.
+    /// The id of the last write that marked the item (acquires and debits).
     pub marker: Option<String>,
+    /// The write lanes lease writes used (see `lease_writes`): lane, how many writes took
+    /// a number, and the id of the last one.
+    pub lanes: Vec<(usize, i64, Option<String>)>,
 }
 
 impl Image {
@@ -159,7 +162,32 @@ impl Image {
             rf,
             ttl: get_i64(item, "ttl"),
             marker: get_str(item, "lw").map(str::to_string),
+            lanes: (0..8)
+                .filter_map(|lane| {
+                    let seq = get_i64(item, &format!("ws{lane}"))?;
+                    let id = get_str(item, &format!("wi{lane}")).map(str::to_string);
+                    Some((lane, seq, id))
+                })
+                .collect(),
         }
+    }
+}
+
+impl Image {
+    /// How many lease writes took a number of write lane `lane` (0 if none).
+    pub fn lane_seq(&self, lane: usize) -> i64 {
+        self.lanes
+            .iter()
+            .find(|(l, _, _)| *l == lane)
+            .map_or(0, |(_, seq, _)| *seq)
+    }
+
+    /// The id of the last lease write of write lane `lane`.
+    pub fn lane_id(&self, lane: usize) -> Option<&str> {
+        self.lanes
+            .iter()
+            .find(|(l, _, _)| *l == lane)
+            .and_then(|(_, _, id)| id.as_deref())
     }
 }
 

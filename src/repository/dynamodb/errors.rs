@@ -90,10 +90,32 @@ where
             let code = service.err().code().unwrap_or("");
             MAYBE_APPLIED_CODES.contains(&code) || service.raw().status().is_server_error()
         }
-        // Timeouts, dispatch failures (the connection may have carried the request),
-        // unreadable responses.
+        // A refused connection carried nothing.
+        SdkError::DispatchFailure(failure)
+            if failure
+                .as_connector_error()
+                .is_some_and(|c| connection_refused(c)) =>
+        {
+            false
+        }
+        // Timeouts, other dispatch failures (the connection may have carried the
+        // request), unreadable responses.
         _ => true,
     }
+}
+
+/// Whether the cause of `error` is a refused connection (nothing was sent).
+fn connection_refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Whether a request certainly was not applied and may be sent again as it is

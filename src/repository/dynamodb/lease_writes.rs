@@ -1,68 +1,80 @@
-//! Lease writes (adjust, commit, rollback, a cascade's give-back) that land exactly once.
+//! Lease writes (adjust, commit, rollback, a cascade's give-back) that land once, as plain
+//! conditional `UpdateItem`s (no transactions: those would lock a hot item against every
+//! concurrent acquire).
 //!
-//! Each is one conditional update sent as a single-item `TransactWriteItems` with a
-//! `ClientRequestToken`: DynamoDB applies a token at most once within ten minutes, so a
-//! re-send (the SDK's retries, or ours) never debits or refunds twice. A write whose
-//! outcome is unknown (a timeout, a response lost after the write landed) is remembered
-//! under the caller's write id; the next write under that id first sends it again, token
-//! and all, which tells whether it landed. [`crate::Lease`] gives every item write an id
-//! and re-issues an unresolved one before anything else, so a commit or rollback that
-//! timed out is neither lost nor applied twice.
+//! A write's outcome can be unknown (a timeout, a response lost after the write landed).
+//! Such a write is never simply sent again: each lease write takes the next number of one
+//! of eight write lanes (the lane its id hashes to), conditioned on the lane's sequence
+//! `ws{k}` being `e` and setting it to `e + 1` and the lane's last id `wi{k}` to its own.
+//! Exactly one write takes each number of a lane, so the item tells whether a given write
+//! landed: a re-send of one that landed fails its condition and finds its id. Writes in
+//! different lanes never conflict, so concurrent commits of a hot item rarely do.
+//!
+//! Only if two more writes of the same lane landed before a doubtful write is checked can
+//! the item no longer tell; then a credit is taken as landed (a refund twice would
+//! over-admit) and a debit is applied (an admitted request is always charged): tokens may
+//! stay held until they refill, never an over-admission. Both are logged.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::types::{
-    ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update as TxUpdate,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnValuesOnConditionCheckFailure};
 use parking_lot::Mutex;
 
-use super::acquire::{backoff, build_error};
+use super::acquire::{backoff, no_retries};
 use super::codec::{Image, Item};
 use super::expr::{Expr, Update};
 use super::{errors, Inner};
 use crate::Error;
 
-/// How long DynamoDB remembers a `ClientRequestToken` (ten minutes), less a margin for
-/// clock and transit.
-const TOKEN_WINDOW: Duration = Duration::from_secs(9 * 60);
+/// Write lanes per item.
+pub(super) const LANES: usize = 8;
 
-/// Re-sends of one request after transaction conflicts or throttling (neither applied it).
-const CONFLICT_RETRIES: usize = 8;
+/// The lane of a write id (FNV-1a, stable across processes and releases).
+pub(super) fn lane_of(write_id: &str) -> usize {
+    let hash = write_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % LANES as u64) as usize
+}
 
-/// How a tokened write ended.
+/// A lane's sequence attribute.
+pub(super) fn lane_seq_attr(lane: usize) -> String {
+    format!("ws{lane}")
+}
+
+/// A lane's last-id attribute.
+pub(super) fn lane_id_attr(lane: usize) -> String {
+    format!("wi{lane}")
+}
+
+/// How a lease write ended.
 pub(super) enum Sent {
-    /// Applied (now, or by an earlier send of the same token).
+    /// Applied, now or by an earlier send of the same write.
     Applied,
-    /// A condition failed; the item as it was (`None`: it does not exist). Not applied.
+    /// A condition failed; the item as it was (`None`: it does not exist). Not applied by
+    /// this send (the caller checks the image for an earlier one).
     ConditionFailed(Option<Image>),
 }
 
-/// A write whose outcome is unknown, kept to be sent again with its token.
-struct InDoubt {
-    items: Vec<TransactWriteItem>,
-    token: String,
-    /// Whether it credits a bucket (a refund twice would over-admit).
-    credits: bool,
-    /// When it was first sent: its token dedupes for [`TOKEN_WINDOW`] from then.
-    since: Instant,
-}
-
-/// The writes in doubt, by write id.
+/// Lease writes whose outcome was unknown, by write id: the lane number each claimed.
 #[derive(Default)]
-pub(super) struct InDoubtWrites(Mutex<HashMap<String, InDoubt>>);
+pub(super) struct InDoubtWrites(Mutex<HashMap<String, (i64, Instant)>>);
 
 impl InDoubtWrites {
-    fn remember(&self, write_id: &str, doubt: InDoubt) {
+    fn remember(&self, write_id: &str, seq: i64) {
         let mut map = self.0.lock();
-        // Ids nobody re-issues (a caller that gave up) expire with their token.
-        map.retain(|_, d| d.since.elapsed() < TOKEN_WINDOW * 2);
-        map.insert(write_id.to_string(), doubt);
+        map.retain(|_, (_, since)| since.elapsed() < Duration::from_secs(3600));
+        map.entry(write_id.to_string())
+            .or_insert((seq, Instant::now()));
     }
 
-    fn take(&self, write_id: &str) -> Option<InDoubt> {
-        self.0.lock().remove(write_id)
+    fn seq(&self, write_id: &str) -> Option<i64> {
+        self.0.lock().get(write_id).map(|(seq, _)| *seq)
+    }
+
+    fn forget(&self, write_id: &str) {
+        self.0.lock().remove(write_id);
     }
 
     /// How many writes are in doubt now.
@@ -71,125 +83,130 @@ impl InDoubtWrites {
     }
 }
 
-/// A fresh client request token (at most 36 characters).
-fn new_token() -> String {
-    format!("zl{:032x}", rand::random::<u128>())
+/// What an item says about a lease write.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// It landed.
+    Landed,
+    /// It did not (or it was never sent): write it, claiming the lane's next number.
+    Write,
+    /// It was in doubt and the lane moved on too far to tell.
+    Unknowable,
+}
+
+/// What `image` says about write `write_id`, which (if it was in doubt) claimed number
+/// `doubtful` of its lane.
+pub(super) fn verdict(image: &Image, write_id: &str, doubtful: Option<i64>) -> Verdict {
+    let lane = lane_of(write_id);
+    if image.lane_id(lane) == Some(write_id) {
+        return Verdict::Landed;
+    }
+    match doubtful {
+        // Its number was taken by a later write too: the id it left was overwritten.
+        Some(seq) if image.lane_seq(lane) > seq.saturating_add(1) => Verdict::Unknowable,
+        _ => Verdict::Write,
+    }
+}
+
+/// Adds a lease write's claim on the next number of its lane to `update`.
+pub(super) fn claim_lane(
+    update: &mut Update,
+    expr: &mut Expr,
+    image: Option<&Image>,
+    write_id: &str,
+) -> i64 {
+    let lane = lane_of(write_id);
+    let seq = image.map_or(0, |i| i.lane_seq(lane));
+    let seq_name = expr.name(&lane_seq_attr(lane));
+    let id_name = expr.name(&lane_id_attr(lane));
+    let next = expr.num(seq.saturating_add(1));
+    let id = expr.value(AttributeValue::S(write_id.to_string()));
+    update.set.push(format!("{seq_name} = {next}"));
+    update.set.push(format!("{id_name} = {id}"));
+    if seq == 0 {
+        update
+            .conditions
+            .push(format!("attribute_not_exists({seq_name})"));
+    } else {
+        let expected = expr.num(seq);
+        update.conditions.push(format!("{seq_name} = {expected}"));
+    }
+    seq
 }
 
 impl Inner {
-    /// Sends `update` to the item at `key` as a tokened single-item transaction (see the
-    /// module docs), returning the item as it was when a condition failed.
-    pub(super) async fn send_once(
+    /// The lane number a write claimed when its outcome became unknown, if it did.
+    pub(super) fn doubtful(&self, write_id: &str) -> Option<i64> {
+        self.in_doubt.seq(write_id)
+    }
+
+    /// The write is resolved (landed, or certainly not): no longer in doubt.
+    pub(super) fn resolved(&self, write_id: &str) {
+        self.in_doubt.forget(write_id);
+    }
+
+    /// Sends one lease write (its proof of landing already in `update`), repeating it while
+    /// the outcome is unknown, for half of what a caller waits (the repository's timeout,
+    /// so the answer reaches the caller in time); still unknown then: `Unavailable`, and a
+    /// credit is remembered as in doubt (with the slot it claimed) for the lease to
+    /// re-issue.
+    pub(super) async fn send_lease_write(
         &self,
         write_id: &str,
         key: Item,
         update: &Update,
         expr: &Expr,
-        credits: bool,
+        lane_seq: i64,
     ) -> Result<Sent, Error> {
-        let tx = TxUpdate::builder()
-            .table_name(&self.table)
-            .set_key(Some(key))
-            .update_expression(update.expression())
-            .set_condition_expression(update.condition())
-            .set_expression_attribute_names(expr.names())
-            .set_expression_attribute_values(expr.values())
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .build()
-            .map_err(build_error)?;
-        let doubt = InDoubt {
-            items: vec![TransactWriteItem::builder().update(tx).build()],
-            token: new_token(),
-            credits,
-            since: Instant::now(),
-        };
-        self.send_tokened(write_id, doubt).await
-    }
-
-    /// Sends a tokened transaction until its outcome is known; an unknown outcome is
-    /// remembered under `write_id` and reported as [`Error::Unavailable`].
-    async fn send_tokened(&self, write_id: &str, doubt: InDoubt) -> Result<Sent, Error> {
+        let started = Instant::now();
         let mut attempt = 0;
         loop {
             let sent = self
                 .client
-                .transact_write_items()
-                .set_transact_items(Some(doubt.items.clone()))
-                .client_request_token(&doubt.token)
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(key.clone()))
+                .update_expression(update.expression())
+                .set_condition_expression(update.condition())
+                .set_expression_attribute_names(expr.names())
+                .set_expression_attribute_values(expr.values())
+                .return_values_on_condition_check_failure(
+                    ReturnValuesOnConditionCheckFailure::AllOld,
+                )
+                .customize()
+                .config_override(no_retries())
                 .send()
                 .await;
             let error = match sent {
                 Ok(_) => return Ok(Sent::Applied),
                 Err(e) => e,
             };
-            if let Some(TransactWriteItemsError::TransactionCanceledException(c)) =
-                error.as_service_error()
-            {
-                let failed = c
-                    .cancellation_reasons()
-                    .iter()
-                    .find(|r| r.code() == Some("ConditionalCheckFailed"));
-                if let Some(reason) = failed {
-                    let image = reason.item().filter(|i| !i.is_empty()).map(Image::parse);
-                    return Ok(Sent::ConditionFailed(image));
-                }
-                // A conflict with another transaction, or throttling: not applied.
-                if attempt < CONFLICT_RETRIES {
-                    tokio::time::sleep(backoff(attempt)).await;
-                    attempt += 1;
-                    continue;
-                }
-                return Err(errors::map("TransactWriteItems", &self.table, error));
+            if let Some(old) = super::acquire::conditional_image(&error) {
+                return Ok(Sent::ConditionFailed(old));
             }
-            if errors::retry_as_is(&error) && attempt < CONFLICT_RETRIES {
-                tokio::time::sleep(backoff(attempt)).await;
+            let unknown = errors::outcome_unknown(&error);
+            let again = if unknown {
+                started.elapsed() < self.timeout / 2
+            } else {
+                errors::retry_as_is(&error) && attempt < 8
+            };
+            if again {
+                tokio::time::sleep(backoff(attempt.min(5))).await;
                 attempt += 1;
                 continue;
             }
-            if errors::outcome_unknown(&error) {
-                let mapped = errors::map("TransactWriteItems", &self.table, error);
-                self.in_doubt.remember(write_id, doubt);
+            if unknown {
+                self.in_doubt.remember(write_id, lane_seq);
+                let mapped = errors::map("UpdateItem", &self.table, error);
                 return Err(Error::Unavailable {
                     message: format!(
-                        "{mapped}; the write's outcome is unknown and it will be sent again, \
-                         with its idempotency token, before anything else is written for it"
+                        "{mapped}; the write's outcome is unknown, and re-issuing it (the \
+                         lease does) applies it at most once"
                     ),
                     source: Some(Box::new(mapped)),
                 });
             }
-            return Err(errors::map("TransactWriteItems", &self.table, error));
+            return Err(errors::map("UpdateItem", &self.table, error));
         }
-    }
-
-    /// Resolves the write left in doubt under `write_id`, if any: `true` if it landed,
-    /// `false` if it certainly did not (or there was none). Still unknown: `Unavailable`,
-    /// and it stays in doubt.
-    pub(super) async fn resolve_in_doubt(&self, write_id: &str) -> Result<bool, Error> {
-        let Some(doubt) = self.in_doubt.take(write_id) else {
-            return Ok(false);
-        };
-        if doubt.since.elapsed() >= TOKEN_WINDOW {
-            // The token no longer dedupes, so a re-send could apply twice. A credit is
-            // given up (a refund twice would over-admit); a debit is written again (never
-            // under-charge).
-            if doubt.credits {
-                tracing::error!(
-                    write_id,
-                    "a credit's outcome stayed unknown past DynamoDB's ten-minute idempotency \
-                     window; it is not sent again, so up to its amount may stay charged"
-                );
-                return Ok(true);
-            }
-            tracing::warn!(
-                write_id,
-                "a debit's outcome stayed unknown past DynamoDB's ten-minute idempotency \
-                 window; it is written again"
-            );
-            return Ok(false);
-        }
-        Ok(match self.send_tokened(write_id, doubt).await? {
-            Sent::Applied => true,
-            Sent::ConditionFailed(_) => false,
-        })
     }
 }

@@ -182,16 +182,18 @@ impl DynamoDbRepositoryBuilder {
     /// retry and backoff in it included (default 1 s). Past it the operation fails with
     /// [`Error::Unavailable`] (which the outage policy decides on); the work itself goes on
     /// in the background, so a write is never cut off half-way, and an acquire admitted
-    /// after its caller gave up is rolled back. Single calls (reads, config writes) are
-    /// bounded by it too.
+    /// after its caller gave up is rolled back. Other calls (reads, config writes) are
+    /// bounded by [`Self::attempt_timeout`].
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
-    /// The time limit of one DynamoDB call, the SDK's retries of it included (default: the
-    /// [`Self::timeout`]). A call cut off by it may still have landed; acquire and lease
-    /// writes resolve that (see the crate's exactness notes) rather than send it twice.
+    /// The time limit of one DynamoDB call, the SDK's retries of it included (default: 5 x
+    /// [`Self::timeout`], at least 2 s; it only has to catch a connection that hangs, since
+    /// callers of acquire, commit and rollback are bounded by the timeout). A write cut
+    /// off by it may still have landed: acquire and lease writes then find out (a marker,
+    /// an idempotency token) rather than apply twice.
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
         self.attempt_timeout = Some(timeout);
         self
@@ -337,7 +339,9 @@ impl DynamoDbRepositoryBuilder {
         if let Some(url) = &self.endpoint_url {
             config = config.endpoint_url(url);
         }
-        let per_call = self.attempt_timeout.unwrap_or(self.timeout);
+        let per_call = self
+            .attempt_timeout
+            .unwrap_or_else(|| (self.timeout * 5).max(Duration::from_secs(2)));
         config = config
             .timeout_config(
                 TimeoutConfig::builder()
