@@ -39,7 +39,8 @@ async fn server(endpoint: &str, name: &'static str) -> Result<String, Box<dyn st
         )
         .layer(
             RateLimitLayer::new(RateLimiter::new(repo))
-                .entity(extract::header("x-api-key"))
+                // An API key is a secret: limited by its digest, never stored or echoed.
+                .entity(extract::secret(extract::header("x-api-key")))
                 .resource(extract::fixed("fleet")),
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -191,10 +191,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ],
         )
         .await?;
-    for key in ["sk-acme-1", "sk-acme-2"] {
+    // Keys are secrets: each is known by its digest (what `extract::bearer()` yields), so
+    // no key reaches the table, a response or a log.
+    for (n, key) in ["sk-acme-1", "sk-acme-2"].into_iter().enumerate() {
         support::created_or_exists(
             limiter
-                .create_entity(key)
+                .create_entity(extract::secret_id(key))
+                .name(format!("Acme key {}", n + 1))
                 .parent("acme")
                 .cascade(true)
                 .await,

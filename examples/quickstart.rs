@@ -30,7 +30,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/hello", get(|| async { "Hello, world!\n" }))
         .layer(
             RateLimitLayer::new(limiter)
-                .entity(extract::header("x-api-key"))
+                // An API key is a secret: limited by its digest, never stored or echoed.
+                .entity(extract::secret(extract::header("x-api-key")))
                 .resource(extract::fixed("hello"))
                 .limits([Limit::per_minute("rpm", 5)]),
         );

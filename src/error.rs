@@ -144,6 +144,17 @@ impl Error {
         }
     }
 
+    /// What rule the input broke, for the validation errors (without the value, which may
+    /// be a secret).
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Error::InvalidIdentifier { reason, .. }
+            | Error::InvalidName { reason, .. }
+            | Error::Validation { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+
     /// Builds an [`Error::Validation`].
     pub fn validation(
         field: impl Into<String>,

@@ -56,6 +56,7 @@ pub mod limit_spec;
 mod limiter;
 #[cfg(feature = "dynamodb")]
 pub mod local;
+mod log_throttle;
 pub mod middleware;
 pub mod model;
 pub mod naming;

@@ -55,6 +55,8 @@ pub(crate) struct Inner {
     /// The system policy last read successfully (0 = none yet, 1 = allow, 2 = block), used
     /// when the backend cannot be read.
     last_policy: AtomicU8,
+    /// Outage log lines, once then a count every 10 s.
+    outage_log: crate::log_throttle::LogThrottle,
 }
 
 impl std::fmt::Debug for RateLimiter {
@@ -107,6 +109,7 @@ impl RateLimiterBuilder {
                 cache: ConfigCache::new(ttl),
                 on_unavailable: self.on_unavailable,
                 last_policy: AtomicU8::new(0),
+                outage_log: crate::log_throttle::LogThrottle::new(),
             }),
         }
     }
@@ -743,19 +746,21 @@ impl Acquire {
         }
     }
 
-    /// Applies the outage policy to a decision.
+    /// Applies the outage policy to a decision. The outage is logged once, then as a
+    /// count every 10 s (a line per request would flood the log when it matters most).
     fn apply_policy(&self, decision: Result<Lease, Error>) -> Result<Lease, Error> {
         match decision {
             Err(Error::Unavailable { message, source })
                 if self.limiter.policy(self.on_unavailable) == OnUnavailable::Allow =>
             {
-                tracing::warn!(
-                    entity_id = %self.entity_id,
-                    resource = %self.resource,
-                    error = %message,
-                    cause = ?source,
-                    "rate limiter backend unavailable; admitting (on_unavailable = allow)"
-                );
+                self.limiter.inner.outage_log.note(|count, _| {
+                    tracing::warn!(
+                        error = %message,
+                        cause = ?source,
+                        requests = count,
+                        "rate limiter backend unavailable; admitting (on_unavailable = allow)"
+                    )
+                });
                 Ok(Lease::unlimited(
                     &self.limiter,
                     &self.entity_id,
@@ -763,12 +768,13 @@ impl Acquire {
                 ))
             }
             Err(e @ Error::Unavailable { .. }) => {
-                tracing::warn!(
-                    entity_id = %self.entity_id,
-                    resource = %self.resource,
-                    error = %e,
-                    "rate limiter backend unavailable; rejecting (on_unavailable = block)"
-                );
+                self.limiter.inner.outage_log.note(|count, _| {
+                    tracing::warn!(
+                        error = %e,
+                        requests = count,
+                        "rate limiter backend unavailable; rejecting (on_unavailable = block)"
+                    )
+                });
                 Err(e)
             }
             other => other,
@@ -792,7 +798,10 @@ impl Acquire {
                     .fold(0u64, |sum, (_, a)| sum.saturating_add(*a as u64)),
             })
             .collect();
-        Some((limits, amounts, source != ConfigSource::Entity))
+        // Limits stored for this entity (for this resource or all of them) keep its
+        // buckets; shared levels let an idle item expire.
+        let own = matches!(source, ConfigSource::Entity | ConfigSource::EntityDefault);
+        Some((limits, amounts, !own))
     }
 
     /// The parent's item for a cascade, if its limits resolve.

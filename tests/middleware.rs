@@ -18,7 +18,7 @@ use zae_limiter::clock::ManualClock;
 use zae_limiter::middleware::{
     extract, RateLimitLayer, Rejection, Usage, RATELIMIT, RATELIMIT_POLICY,
 };
-use zae_limiter::{InMemoryRepository, LeaseHandle, Limit, OnUnavailable, RateLimiter};
+use zae_limiter::{Error, InMemoryRepository, LeaseHandle, Limit, OnUnavailable, RateLimiter};
 
 fn limiter() -> RateLimiter {
     RateLimiter::builder(InMemoryRepository::new())
@@ -50,6 +50,11 @@ async fn body_json(
 ) -> serde_json::Value {
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     serde_json::from_slice(&bytes).unwrap()
+}
+
+async fn body_text(resp: Response<impl http_body::Body<Error = impl std::fmt::Debug>>) -> String {
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 async fn send(app: &Router, req: Request<Body>) -> Response<Body> {
@@ -483,8 +488,8 @@ async fn rejection_response_can_be_replaced() {
 async fn forwarded_client_ip_cannot_be_spoofed_past_trusted_proxies() {
     let l = limiter();
     let app = Router::new().route("/", get(|| async { "ok" })).layer(
-        RateLimitLayer::new(l)
-            .entity(extract::forwarded_ip(1))
+        RateLimitLayer::new(l.clone())
+            .entity(extract::x_forwarded_for(1))
             .limits([Limit::per_minute("rpm", 1)]),
     );
     let with_xff = |xff: &str| {
@@ -508,6 +513,147 @@ async fn forwarded_client_ip_cannot_be_spoofed_past_trusted_proxies() {
     // No header at all: the request did not come through the proxy.
     let resp = send(&app, Request::get("/").body(Body::empty()).unwrap()).await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let body = body_json(resp).await;
+    assert_eq!(
+        body["message"],
+        "the request has no client address in X-Forwarded-For (behind 1 trusted proxies)"
+    );
+
+    // Behind a proxy that appends X-Forwarded-For, a client-sent Forwarded header is
+    // never read: five forged `for=` values are still one client against a limit of 2.
+    let two = Router::new().route("/", get(|| async { "ok" })).layer(
+        RateLimitLayer::new(l)
+            .entity(extract::x_forwarded_for(1))
+            .limits([Limit::per_minute("rpm", 2)]),
+    );
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        let req = Request::get("/")
+            .header("forwarded", format!("for=9.9.9.{i}"))
+            .header("x-forwarded-for", "198.51.100.4:5678")
+            .body(Body::empty())
+            .unwrap();
+        statuses.push(send(&two, req).await.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429, 429, 429]);
+    // A garbage Forwarded next to a valid X-Forwarded-For changes nothing.
+    let req = Request::get("/")
+        .header("forwarded", "garbage;;==")
+        .header("x-forwarded-for", "198.51.100.9")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&two, req).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn secrets_are_digested_and_never_echoed() {
+    let l = limiter();
+    let app = Router::new().route("/", get(|| async { "ok" })).layer(
+        RateLimitLayer::new(l.clone())
+            .entity(extract::bearer())
+            .limits([Limit::per_minute("rpm", 1)]),
+    );
+    // A JWT longer than an entity id may be, and a base64 key with + / =.
+    let jwt = format!("eyJhbGciOiJIUzI1NiJ9.eyJ{}.c2ln", "x".repeat(400));
+    for token in [jwt.as_str(), "sk+live/AbC=="] {
+        let req = |t: &str| {
+            Request::get("/")
+                .header("authorization", format!("Bearer {t}"))
+                .body(Body::empty())
+                .unwrap()
+        };
+        assert_eq!(send(&app, req(token)).await.status(), StatusCode::OK);
+        let resp = send(&app, req(token)).await;
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        let text = body_text(resp).await;
+        assert!(!text.contains(token), "the 429 echoes the secret: {text}");
+        let id = extract::secret(extract::BearerToken).id_of(token);
+        assert!(text.contains(&id), "{text}");
+        assert_eq!(
+            l.available(&id, "default", Some(&[Limit::per_minute("rpm", 1)]))
+                .await
+                .unwrap()["rpm"],
+            0
+        );
+    }
+    // A raw key that is no valid id: 400, naming the rule, not the value.
+    let raw = Router::new().route("/", get(|| async { "ok" })).layer(
+        RateLimitLayer::new(l)
+            .entity(extract::header("x-api-key"))
+            .limits([Limit::per_minute("rpm", 1)]),
+    );
+    let resp = send(&raw, get_req("/", Some("-secret-key#1"))).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let text = body_text(resp).await;
+    assert!(!text.contains("secret-key"), "{text}");
+}
+
+#[tokio::test]
+async fn unmatched_paths_get_one_resource_or_pass_through() {
+    let l = limiter();
+    let limited = |l: &RateLimiter, resource: extract::MatchedPathResource| {
+        Router::new().route("/known", get(|| async { "ok" })).layer(
+            RateLimitLayer::new(l.clone())
+                .entity(extract::header("x-api-key"))
+                .resource(resource)
+                .limits([Limit::per_minute("rpm", 2)]),
+        )
+    };
+    let app = limited(&l, extract::matched_path());
+    // Long, distinct paths: one resource between them, never a 500.
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        let path = format!("/{}/{i}", "x".repeat(80));
+        statuses.push(
+            send(&app, get_req(&path, Some("k")))
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(statuses, [404, 404, 429, 429]);
+    let states = l.bucket_states("k", extract::UNMATCHED).await.unwrap();
+    assert_eq!(states["rpm"].total_consumed_milli, 2_000);
+    // Passing through: unlimited, and no bucket anywhere.
+    let open = limited(&l, extract::matched_path().pass_unmatched());
+    for _ in 0..4 {
+        let resp = send(&open, get_req("/nowhere", Some("k2"))).await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        assert!(resp.headers().get("ratelimit").is_none());
+    }
+    assert!(l
+        .bucket_states("k2", extract::UNMATCHED)
+        .await
+        .unwrap()
+        .is_empty());
+    // An extracted resource that breaks the naming rules is the client's fault: 400.
+    let by_query = Router::new().route("/", get(|| async { "ok" })).layer(
+        RateLimitLayer::new(l.clone())
+            .entity(extract::header("x-api-key"))
+            .resource(extract::query("model"))
+            .limits([Limit::per_minute("rpm", 2)]),
+    );
+    let resp = send(&by_query, get_req("/?model=gpt%234", Some("k"))).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(body_json(resp).await["field"], "resource");
+    // And a missing one too.
+    let resp = send(&by_query, get_req("/", Some("k"))).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+}
+
+#[test]
+fn invalid_limits_fail_when_the_layer_is_built() {
+    let l = limiter();
+    let err = RateLimitLayer::<Body>::new(l.clone())
+        .try_limits([Limit::per_minute("bad#name", 1)])
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidName { .. }), "{err:?}");
+    let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        RateLimitLayer::<Body>::new(l).limits([Limit::per_minute("rpm", 0)])
+    }))
+    .unwrap_err();
+    let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(message.contains("invalid limit"), "{message}");
 }
 
 #[tokio::test]
@@ -546,14 +692,6 @@ async fn fallback_entity_and_misconfiguration() {
         send(&unconfigured, get_req("/", Some("k2"))).await.status(),
         StatusCode::OK
     );
-    // Invalid limits given to the layer: every request gets 500 (found once, at build).
-    let invalid = Router::new().route("/", get(|| async { "ok" })).layer(
-        RateLimitLayer::new(l.clone())
-            .entity(extract::header("x-api-key"))
-            .limits([Limit::per_minute("bad#name", 1)]),
-    );
-    let resp = send(&invalid, get_req("/", Some("k"))).await;
-    assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
     let no_entity = Router::new()
         .route("/", get(|| async { "ok" }))
         .layer(RateLimitLayer::new(l).limits([Limit::per_minute("rpm", 1)]));

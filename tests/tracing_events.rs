@@ -63,3 +63,50 @@ async fn admit_reject_and_unavailable_are_traced() {
     assert!(text.contains("rate_limit"), "span name missing: {text}");
     assert!(text.contains("traced-key"), "entity missing: {text}");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn floods_and_outages_do_not_flood_the_log() {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let backend = common::Switchable::default();
+    let app = Router::new().route("/", get(|| async { "ok" })).layer(
+        RateLimitLayer::new(RateLimiter::new(backend.clone()))
+            .entity(extract::header("x-api-key"))
+            .limits([Limit::per_minute("rpm", 1)]),
+    );
+    let call = |app: Router| async move {
+        let req = Request::get("/")
+            .header("x-api-key", "flood-key")
+            .body(Body::empty())
+            .unwrap();
+        app.oneshot(req).await.unwrap().status()
+    };
+    assert_eq!(call(app.clone()).await, StatusCode::OK);
+    // A one-key flood: rejections are normal traffic, logged at debug only.
+    for _ in 0..500 {
+        assert_eq!(call(app.clone()).await, StatusCode::TOO_MANY_REQUESTS);
+    }
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        !text.contains("rate limited"),
+        "rejections logged at INFO: {text}"
+    );
+    // An outage answering every request 503: a line or two, not one per request.
+    backend.set_down(true);
+    for _ in 0..500 {
+        assert_eq!(call(app.clone()).await, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines = text.lines().filter(|l| l.contains("unavailable")).count();
+    assert!(
+        (1..=4).contains(&lines),
+        "{lines} outage lines for 500 requests:\n{text}"
+    );
+}

@@ -18,9 +18,16 @@ pub trait Extractor<B>: Send + Sync + 'static {
     /// The key, or `None` if the request does not carry it.
     fn extract(&self, req: &Request<B>) -> Option<String>;
 
-    /// What the extractor looks for, for error messages (e.g. `header x-api-key`).
+    /// What the extractor looks for, for error messages (e.g. `header x-api-key`), read
+    /// after "the request has no".
     fn describe(&self) -> String {
-        "the rate-limit key".into()
+        "rate-limit key".into()
+    }
+
+    /// For a resource extractor: whether a request it finds nothing in passes through
+    /// unlimited (rather than being answered 400).
+    fn pass_through_when_missing(&self) -> bool {
+        false
     }
 }
 
@@ -91,13 +98,16 @@ impl<B> Extractor<B> for Query {
     }
 }
 
-/// The token of an `Authorization: Bearer ...` header.
+/// The token of an `Authorization: Bearer ...` header, as it is. A token is a secret:
+/// use [`bearer`] (its digest) as an entity id, never this raw value.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BearerToken;
 
-/// The token of an `Authorization: Bearer ...` header.
-pub fn bearer() -> BearerToken {
-    BearerToken
+/// The digest of the `Authorization: Bearer ...` token (see [`secret`]): a stable entity
+/// id per token, whatever its length or alphabet (JWTs, base64 keys), and never the
+/// secret itself in a table key, a response or a log.
+pub fn bearer() -> Secret<BearerToken> {
+    secret(BearerToken)
 }
 
 impl<B> Extractor<B> for BearerToken {
@@ -108,7 +118,93 @@ impl<B> Extractor<B> for BearerToken {
     }
 
     fn describe(&self) -> String {
-        "an Authorization: Bearer token".into()
+        "Authorization: Bearer token".into()
+    }
+}
+
+/// An extractor of secrets (API keys, bearer tokens) turned into stable entity ids: the
+/// SHA-256 digest of the value (keyed with HMAC when [`Secret::keyed`] is given a key),
+/// as `k` and 32 hex digits. The same secret always gives the same id, in every process;
+/// the secret itself never reaches a table key, a response body or a log line.
+///
+/// ```
+/// use zae_limiter::middleware::extract::{self, Extractor};
+///
+/// let api_key = extract::secret(extract::header("x-api-key"));
+/// let req = http::Request::builder()
+///     .header("x-api-key", "sk-live/abc+def==")
+///     .body(())
+///     .unwrap();
+/// let id = api_key.extract(&req).unwrap();
+/// assert!(id.starts_with('k') && id.len() == 33 && !id.contains("sk-live"));
+/// ```
+#[derive(Clone)]
+pub struct Secret<E> {
+    inner: E,
+    key: Option<Arc<[u8]>>,
+}
+
+impl<E: std::fmt::Debug> std::fmt::Debug for Secret<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret")
+            .field("inner", &self.inner)
+            .field("keyed", &self.key.is_some())
+            .finish()
+    }
+}
+
+/// The entity id [`secret`] (unkeyed) and [`bearer`] derive from `secret`: for
+/// provisioning an entity (its limits, its parent) ahead of its first request.
+pub fn secret_id(secret: &str) -> String {
+    Secret {
+        inner: (),
+        key: None,
+    }
+    .id_of(secret)
+}
+
+/// Turns what `inner` extracts (a secret) into its digest; see [`Secret`].
+pub fn secret<E>(inner: E) -> Secret<E> {
+    Secret { inner, key: None }
+}
+
+impl<E> Secret<E> {
+    /// Keys the digest (HMAC-SHA-256 with `key`), so ids cannot be recomputed from a
+    /// leaked or guessed secret without the key. Every process must use the same key.
+    pub fn keyed(mut self, key: impl AsRef<[u8]>) -> Self {
+        self.key = Some(Arc::from(key.as_ref()));
+        self
+    }
+
+    /// The entity id of `secret`.
+    pub fn id_of(&self, secret: &str) -> String {
+        use hmac::{KeyInit, Mac};
+        use sha2::Digest;
+        let digest: Vec<u8> = match &self.key {
+            Some(key) => {
+                let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key)
+                    .expect("HMAC takes a key of any length");
+                mac.update(secret.as_bytes());
+                mac.finalize().into_bytes().to_vec()
+            }
+            None => sha2::Sha256::digest(secret.as_bytes()).to_vec(),
+        };
+        let mut id = String::with_capacity(33);
+        id.push('k');
+        for byte in &digest[..16] {
+            id.push_str(&format!("{byte:02x}"));
+        }
+        id
+    }
+}
+
+impl<B, E: Extractor<B>> Extractor<B> for Secret<E> {
+    fn extract(&self, req: &Request<B>) -> Option<String> {
+        self.inner.extract(req).map(|value| self.id_of(&value))
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
     }
 }
 
@@ -131,7 +227,7 @@ impl<B> Extractor<B> for Fixed {
     }
 
     fn describe(&self) -> String {
-        format!("the fixed value {}", self.value)
+        format!("fixed value {}", self.value)
     }
 }
 
@@ -153,8 +249,9 @@ pub fn ip_entity_id(ip: IpAddr) -> String {
     }
 }
 
-/// The client's IP address from `Forwarded` (preferred) or `X-Forwarded-For`, behind
-/// a known number of trusted proxies.
+/// The client's IP address from the `Forwarded` header (RFC 7239), behind a known number
+/// of trusted proxies that write it. `X-Forwarded-For` is never read (a client could send
+/// it): use [`x_forwarded_for`] when the proxies write that header instead.
 ///
 /// Each proxy appends the address it received the request from, so with `n` trusted proxies
 /// in front of the service the client is the `n`-th address from the right. The leftmost
@@ -163,34 +260,75 @@ pub fn ip_entity_id(ip: IpAddr) -> String {
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardedIp {
     trusted_proxies: usize,
+    header: ProxyHeader,
 }
 
-/// See [`ForwardedIp`]; `trusted_proxies` must be at least 1 (0 extracts nothing: use
-/// `peer_ip` for a service without proxies).
+/// The header a deployment's proxies write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProxyHeader {
+    Forwarded,
+    XForwardedFor,
+}
+
+/// The client address from `Forwarded` behind `trusted_proxies` proxies (see
+/// [`ForwardedIp`]); 0 extracts nothing (use `peer_ip` for a service without proxies).
 pub fn forwarded_ip(trusted_proxies: usize) -> ForwardedIp {
-    ForwardedIp { trusted_proxies }
+    ForwardedIp {
+        trusted_proxies,
+        header: ProxyHeader::Forwarded,
+    }
+}
+
+/// The client address from `X-Forwarded-For` behind `trusted_proxies` proxies that append
+/// to it (nginx, AWS ALB); `Forwarded` is never read. Entries may carry a port
+/// (`1.2.3.4:5678`, `[2001:db8::1]:443`).
+pub fn x_forwarded_for(trusted_proxies: usize) -> ForwardedIp {
+    ForwardedIp {
+        trusted_proxies,
+        header: ProxyHeader::XForwardedFor,
+    }
+}
+
+/// One `X-Forwarded-For` entry: an address, with or without a port.
+fn parse_forwarded_for(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| {
+            entry
+                .strip_prefix('[')
+                .and_then(|e| e.strip_suffix(']'))
+                .and_then(|e| e.parse().ok())
+        })
 }
 
 impl ForwardedIp {
-    fn chain<B>(req: &Request<B>) -> Option<Vec<Option<IpAddr>>> {
-        let joined = |name: &HeaderName| -> Option<String> {
-            let parts: Vec<&str> = req
-                .headers()
-                .get_all(name)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect();
-            (!parts.is_empty()).then(|| parts.join(", "))
+    /// The addresses of the chain, oldest first (`None` for an entry that is no address).
+    fn chain<B>(&self, req: &Request<B>) -> Option<Vec<Option<IpAddr>>> {
+        let name = match self.header {
+            ProxyHeader::Forwarded => FORWARDED,
+            ProxyHeader::XForwardedFor => HeaderName::from_static("x-forwarded-for"),
         };
-        use forwarded_header_value::ForwardedHeaderValue;
-        if let Some(value) = joined(&FORWARDED) {
-            let parsed = ForwardedHeaderValue::from_forwarded(&value).ok()?;
-            return Some(parsed.iter().map(|s| s.forwarded_for_ip()).collect());
+        let parts: Vec<&str> = req
+            .headers()
+            .get_all(&name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if parts.is_empty() {
+            return None;
         }
-        let xff = HeaderName::from_static("x-forwarded-for");
-        let value = joined(&xff)?;
-        let parsed = ForwardedHeaderValue::from_x_forwarded_for(&value).ok()?;
-        Some(parsed.iter().map(|s| s.forwarded_for_ip()).collect())
+        let value = parts.join(", ");
+        match self.header {
+            ProxyHeader::Forwarded => {
+                use forwarded_header_value::ForwardedHeaderValue;
+                let parsed = ForwardedHeaderValue::from_forwarded(&value).ok()?;
+                Some(parsed.iter().map(|s| s.forwarded_for_ip()).collect())
+            }
+            ProxyHeader::XForwardedFor => Some(value.split(',').map(parse_forwarded_for).collect()),
+        }
     }
 }
 
@@ -199,14 +337,18 @@ impl<B> Extractor<B> for ForwardedIp {
         if self.trusted_proxies == 0 {
             return None;
         }
-        let chain = Self::chain(req)?;
+        let chain = self.chain(req)?;
         let index = chain.len().checked_sub(self.trusted_proxies)?;
         chain[index].map(ip_entity_id)
     }
 
     fn describe(&self) -> String {
+        let header = match self.header {
+            ProxyHeader::Forwarded => "Forwarded",
+            ProxyHeader::XForwardedFor => "X-Forwarded-For",
+        };
         format!(
-            "the client address in Forwarded / X-Forwarded-For behind {} trusted proxies",
+            "client address in {header} (behind {} trusted proxies)",
             self.trusted_proxies
         )
     }
@@ -221,14 +363,44 @@ mod axum_extractors {
     use super::*;
 
     /// The route pattern axum matched (`/v1/chat/{id}`), as a resource name: the leading
-    /// `/` dropped, `{`, `}`, `*` and `:` replaced by `_`, and `root` for `/`. Requests that
-    /// matched no route use their URI path the same way.
-    #[derive(Debug, Clone, Copy, Default)]
-    pub struct MatchedPathResource;
+    /// `/` dropped, `{`, `}`, `*` and `:` replaced by `_`, and `root` for `/`.
+    ///
+    /// A request that matched no route (a 404 to be) gets one fixed resource,
+    /// `unmatched` by default ([`Self::unmatched`]), or passes through unlimited
+    /// ([`Self::pass_unmatched`]): never its raw path, which would let any client mint
+    /// resources without bound.
+    #[derive(Debug, Clone, Default)]
+    pub struct MatchedPathResource {
+        /// `None`: unmatched requests pass through.
+        unmatched: Option<String>,
+        pass: bool,
+    }
 
     /// See [`MatchedPathResource`].
     pub fn matched_path() -> MatchedPathResource {
-        MatchedPathResource
+        MatchedPathResource {
+            unmatched: Some(UNMATCHED.into()),
+            pass: false,
+        }
+    }
+
+    /// The resource of requests that matched no route, unless configured otherwise.
+    pub const UNMATCHED: &str = "unmatched";
+
+    impl MatchedPathResource {
+        /// The resource for requests that matched no route (default `unmatched`).
+        pub fn unmatched(mut self, resource: impl Into<String>) -> Self {
+            self.unmatched = Some(resource.into());
+            self.pass = false;
+            self
+        }
+
+        /// Requests that matched no route pass through, not rate limited.
+        pub fn pass_unmatched(mut self) -> Self {
+            self.unmatched = None;
+            self.pass = true;
+            self
+        }
     }
 
     /// Turns a path into a valid resource name.
@@ -255,15 +427,18 @@ mod axum_extractors {
 
     impl<B> Extractor<B> for MatchedPathResource {
         fn extract(&self, req: &Request<B>) -> Option<String> {
-            let path = req
-                .extensions()
-                .get::<MatchedPath>()
-                .map_or_else(|| req.uri().path(), |m| m.as_str());
-            Some(path_resource(path))
+            match req.extensions().get::<MatchedPath>() {
+                Some(matched) => Some(path_resource(matched.as_str())),
+                None => self.unmatched.clone(),
+            }
         }
 
         fn describe(&self) -> String {
-            "the matched route".into()
+            "matched route".into()
+        }
+
+        fn pass_through_when_missing(&self) -> bool {
+            self.pass
         }
     }
 
@@ -284,13 +459,15 @@ mod axum_extractors {
         }
 
         fn describe(&self) -> String {
-            "the peer address (ConnectInfo)".into()
+            "peer address (ConnectInfo)".into()
         }
     }
 }
 
 #[cfg(feature = "axum")]
-pub use axum_extractors::{matched_path, path_resource, peer_ip, MatchedPathResource, PeerIp};
+pub use axum_extractors::{
+    matched_path, path_resource, peer_ip, MatchedPathResource, PeerIp, UNMATCHED,
+};
 
 #[cfg(test)]
 mod tests {
@@ -315,7 +492,8 @@ mod tests {
         assert_eq!(Extractor::<()>::extract(&header("missing"), &r), None);
         assert_eq!(query("api_key").extract(&r).as_deref(), Some("q 1"));
         assert_eq!(query("nope").extract(&r), None);
-        assert_eq!(bearer().extract(&r).as_deref(), Some("tok"));
+        assert_eq!(BearerToken.extract(&r).as_deref(), Some("tok"));
+        assert_eq!(bearer().extract(&r), Some(secret(BearerToken).id_of("tok")));
         assert_eq!(fixed("api").extract(&r).as_deref(), Some("api"));
         assert_eq!(Extractor::<()>::extract(&header("bad name"), &r), None);
         let basic = req(&[("authorization", "Basic abc")], "/");
@@ -323,13 +501,13 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_ip_takes_nth_from_right() {
+    fn x_forwarded_for_takes_nth_from_right() {
         let r = req(&[("x-forwarded-for", "6.6.6.6, 1.1.1.1, 10.0.0.1")], "/");
-        assert_eq!(forwarded_ip(1).extract(&r).as_deref(), Some("10.0.0.1"));
-        assert_eq!(forwarded_ip(2).extract(&r).as_deref(), Some("1.1.1.1"));
-        assert_eq!(forwarded_ip(3).extract(&r).as_deref(), Some("6.6.6.6"));
-        assert_eq!(forwarded_ip(4).extract(&r), None);
-        assert_eq!(forwarded_ip(0).extract(&r), None);
+        assert_eq!(x_forwarded_for(1).extract(&r).as_deref(), Some("10.0.0.1"));
+        assert_eq!(x_forwarded_for(2).extract(&r).as_deref(), Some("1.1.1.1"));
+        assert_eq!(x_forwarded_for(3).extract(&r).as_deref(), Some("6.6.6.6"));
+        assert_eq!(x_forwarded_for(4).extract(&r), None);
+        assert_eq!(x_forwarded_for(0).extract(&r), None);
         // Repeated header lines count in order.
         let split = req(
             &[
@@ -338,7 +516,45 @@ mod tests {
             ],
             "/",
         );
-        assert_eq!(forwarded_ip(1).extract(&split).as_deref(), Some("1.1.1.1"));
+        assert_eq!(
+            x_forwarded_for(1).extract(&split).as_deref(),
+            Some("1.1.1.1")
+        );
+        // Entries with ports, as some proxies write them.
+        let ports = req(
+            &[(
+                "x-forwarded-for",
+                "9.9.9.9:1234, 1.2.3.4:5678, [2001:db8::1]:443",
+            )],
+            "/",
+        );
+        assert_eq!(
+            x_forwarded_for(1).extract(&ports).as_deref(),
+            Some("2001:db8:0:0:0:0:0:1")
+        );
+        assert_eq!(
+            x_forwarded_for(2).extract(&ports).as_deref(),
+            Some("1.2.3.4")
+        );
+        let garbage = req(&[("x-forwarded-for", "not-an-ip")], "/");
+        assert_eq!(x_forwarded_for(1).extract(&garbage), None);
+    }
+
+    #[test]
+    fn each_proxy_header_is_read_alone() {
+        // Behind a proxy that appends X-Forwarded-For, a client-sent Forwarded is ignored.
+        let spoofed = req(
+            &[
+                ("forwarded", "for=9.9.9.1"),
+                ("x-forwarded-for", "7.7.7.7, 1.1.1.1"),
+            ],
+            "/",
+        );
+        assert_eq!(
+            x_forwarded_for(1).extract(&spoofed).as_deref(),
+            Some("1.1.1.1")
+        );
+        // And the other way round.
         let fwd = req(
             &[
                 (
@@ -353,8 +569,40 @@ mod tests {
             forwarded_ip(1).extract(&fwd).as_deref(),
             Some("2001:db8:0:0:0:0:0:1")
         );
-        let garbage = req(&[("x-forwarded-for", "not-an-ip")], "/");
+        // A garbage Forwarded next to a valid X-Forwarded-For matters only to forwarded_ip.
+        let garbage = req(
+            &[("forwarded", "garbage;;=="), ("x-forwarded-for", "1.1.1.1")],
+            "/",
+        );
         assert_eq!(forwarded_ip(1).extract(&garbage), None);
+        assert_eq!(
+            x_forwarded_for(1).extract(&garbage).as_deref(),
+            Some("1.1.1.1")
+        );
+        assert_eq!(
+            Extractor::<()>::describe(&x_forwarded_for(1)),
+            "client address in X-Forwarded-For (behind 1 trusted proxies)"
+        );
+    }
+
+    #[test]
+    fn secrets_become_stable_digests() {
+        let jwt = format!("eyJ{}.eyJ{}.sig+/=", "a".repeat(300), "b".repeat(200));
+        let r = req(&[("authorization", &format!("Bearer {jwt}"))], "/");
+        let id = bearer().extract(&r).unwrap();
+        crate::naming::validate_entity_id(&id).unwrap();
+        assert_eq!(id.len(), 33);
+        assert!(!id.contains("eyJ"));
+        // Stable across extractors and processes; keyed digests differ from plain ones.
+        assert_eq!(bearer().extract(&r), Some(id.clone()));
+        let keyed = secret(BearerToken).keyed(b"server-key");
+        assert_ne!(keyed.extract(&r).unwrap(), id);
+        assert_eq!(keyed.extract(&r), keyed.extract(&r));
+        // A known vector: SHA-256("abc") starts ba7816bf8f01cfea414140de5dae2223.
+        assert_eq!(
+            secret(BearerToken).id_of("abc"),
+            "kba7816bf8f01cfea414140de5dae2223"
+        );
     }
 
     #[test]

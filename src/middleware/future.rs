@@ -96,6 +96,17 @@ where
         }
     }
 
+    /// No rate limit applies (a request the resource extractor lets through): the inner
+    /// call is under way, with no lease.
+    pub(crate) fn passing(config: Arc<Config<B>>, call: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Calling { call },
+            lease: None,
+            config,
+            span: tracing::Span::none(),
+        }
+    }
+
     /// The acquire was decided at once and refused.
     pub(crate) fn failed(config: Arc<Config<B>>, error: Error, span: tracing::Span) -> Self {
         let rejection = rejection_for(error, &config);
@@ -137,9 +148,10 @@ fn respond<B, ResB: Body>(
     rejection: &Rejection,
 ) -> Response<RateLimitBody<ResB>> {
     match rejection {
+        // A rejection is normal traffic: `debug`, or a flood would flood the log too.
         Rejection::RateLimited(e) => {
             let primary = e.primary_violation();
-            tracing::info!(
+            tracing::debug!(
                 entity_id = %primary.entity_id,
                 resource = %primary.resource,
                 limit = %primary.limit.name,
@@ -149,7 +161,13 @@ fn respond<B, ResB: Body>(
             )
         }
         Rejection::Unavailable { error, .. } => {
-            tracing::warn!(error = %error, "rate limiter unavailable; answering 503")
+            config.outage_log.note(|count, first| {
+                if first {
+                    tracing::warn!(error = %error, "rate limiter unavailable; answering 503");
+                } else {
+                    tracing::warn!(error = %error, "{count} requests answered 503 in the last 10 s: rate limiter unavailable");
+                }
+            })
         }
         Rejection::Misconfigured(error) => {
             tracing::error!(error = %error, "rate limiter misconfigured; answering 500")
@@ -157,8 +175,13 @@ fn respond<B, ResB: Body>(
         Rejection::MissingEntity { expected } => {
             tracing::debug!(expected = %expected, "no rate-limit key; answering 401")
         }
-        Rejection::InvalidEntity(error) => {
-            tracing::debug!(error = %error, "invalid rate-limit key; answering 400")
+        Rejection::InvalidEntity(error) => tracing::debug!(
+            field = error.field().unwrap_or(""),
+            reason = error.reason().unwrap_or(""),
+            "invalid rate-limit key; answering 400"
+        ),
+        Rejection::MissingResource { expected } => {
+            tracing::debug!(expected = %expected, "no rate-limit resource; answering 400")
         }
     }
     let response = match &config.rejection {
@@ -182,7 +205,7 @@ fn rejection_for(error: Error, config: &Config<impl Sized>) -> Rejection {
             error: e,
             retry_after: config.unavailable_retry_after,
         },
-        e if e.field() == Some("entity_id") => Rejection::InvalidEntity(e),
+        e if matches!(e.field(), Some("entity_id" | "resource")) => Rejection::InvalidEntity(e),
         e => Rejection::Misconfigured(e),
     }
 }

@@ -26,9 +26,6 @@ pub(crate) struct Config<B> {
     pub(crate) limits: Option<Arc<[Limit]>>,
     pub(crate) fallback_limits: Option<Arc<[Limit]>>,
     pub(crate) route_limits: HashMap<String, Arc<[Limit]>>,
-    /// Why a limit list given to the layer is invalid, if one is: every request then gets
-    /// a 500 naming it (checked once here, so requests need not check again).
-    pub(crate) invalid_limits: Option<String>,
     pub(crate) consume: Option<Estimator<B>>,
     pub(crate) cascade: Option<bool>,
     pub(crate) on_unavailable: Option<OnUnavailable>,
@@ -37,6 +34,8 @@ pub(crate) struct Config<B> {
     pub(crate) unavailable_retry_after: Duration,
     pub(crate) naming: PolicyNaming,
     pub(crate) policy_cache: Arc<PolicyCache>,
+    /// Its 503 log lines, once then a count every 10 s.
+    pub(crate) outage_log: Arc<crate::log_throttle::LogThrottle>,
     pub(crate) rejection: Option<RejectionFn>,
 }
 
@@ -50,7 +49,6 @@ impl<B> Clone for Config<B> {
             limits: self.limits.clone(),
             fallback_limits: self.fallback_limits.clone(),
             route_limits: self.route_limits.clone(),
-            invalid_limits: self.invalid_limits.clone(),
             consume: self.consume.clone(),
             cascade: self.cascade,
             on_unavailable: self.on_unavailable,
@@ -60,6 +58,7 @@ impl<B> Clone for Config<B> {
             naming: self.naming.clone(),
             // A changed configuration may name limits differently: start a new cache.
             policy_cache: Arc::default(),
+            outage_log: Arc::clone(&self.outage_log),
             rejection: self.rejection.clone(),
         }
     }
@@ -112,7 +111,6 @@ impl<B: 'static> RateLimitLayer<B> {
                 limits: None,
                 fallback_limits: None,
                 route_limits: HashMap::new(),
-                invalid_limits: None,
                 consume: None,
                 cascade: None,
                 on_unavailable: None,
@@ -121,6 +119,7 @@ impl<B: 'static> RateLimitLayer<B> {
                 unavailable_retry_after: Duration::from_secs(1),
                 naming: PolicyNaming::default(),
                 policy_cache: Arc::default(),
+                outage_log: Arc::default(),
                 rejection: None,
             }),
         }
@@ -131,15 +130,22 @@ impl<B: 'static> RateLimitLayer<B> {
     }
 
     /// Validates a limit list given to the layer, once.
-    fn checked(&mut self, limits: impl IntoIterator<Item = Limit>) -> Arc<[Limit]> {
+    /// Validates limits given to the layer: a bad one is a startup error, never a 500 on
+    /// every request.
+    fn checked(limits: impl IntoIterator<Item = Limit>) -> Arc<[Limit]> {
         let limits: Arc<[Limit]> = limits.into_iter().collect();
         if let Err(e) = crate::limit::validate_all(&limits) {
-            tracing::error!(error = %e, "RateLimitLayer was given invalid limits; requests get 500");
-            self.config_mut()
-                .invalid_limits
-                .get_or_insert(e.to_string());
+            panic!("RateLimitLayer was given an invalid limit: {e}");
         }
         limits
+    }
+
+    /// [`Self::limits`] that returns the validation error instead of panicking, for limits
+    /// read from configuration at startup.
+    pub fn try_limits(self, limits: impl IntoIterator<Item = Limit>) -> Result<Self, crate::Error> {
+        let limits: Vec<Limit> = limits.into_iter().collect();
+        crate::limit::validate_all(&limits)?;
+        Ok(self.limits(limits))
     }
 
     /// How to find the entity (e.g. `extract::header("x-api-key")`). A request without it
@@ -163,15 +169,25 @@ impl<B: 'static> RateLimitLayer<B> {
     }
 
     /// Enforce exactly these limits, whatever is stored.
+    ///
+    /// # Panics
+    ///
+    /// When a limit is invalid (see [`Limit::validate`]), with the reason: a configuration
+    /// error shows at startup. [`Self::try_limits`] returns it instead.
     pub fn limits(mut self, limits: impl IntoIterator<Item = Limit>) -> Self {
-        let limits = self.checked(limits);
+        let limits = Self::checked(limits);
         self.config_mut().limits = Some(limits);
         self
     }
 
     /// Enforce these limits where nothing is stored for the entity, resource or system.
+    ///
+    /// # Panics
+    ///
+    /// When a limit is invalid (see [`Limit::validate`]), with the reason: a configuration
+    /// error shows at startup. [`Self::try_limits`] returns it instead.
     pub fn fallback_limits(mut self, limits: impl IntoIterator<Item = Limit>) -> Self {
-        let limits = self.checked(limits);
+        let limits = Self::checked(limits);
         self.config_mut().fallback_limits = Some(limits);
         self
     }
@@ -183,7 +199,7 @@ impl<B: 'static> RateLimitLayer<B> {
         route: impl Into<String>,
         limits: impl IntoIterator<Item = Limit>,
     ) -> Self {
-        let limits = self.checked(limits);
+        let limits = Self::checked(limits);
         self.config_mut().route_limits.insert(route.into(), limits);
         self
     }

@@ -8,7 +8,7 @@
 //! let limiter = RateLimiter::new(InMemoryRepository::new());
 //! let app: Router = Router::new().route("/hello", get(|| async { "hi" })).layer(
 //!     RateLimitLayer::new(limiter)
-//!         .entity(extract::header("x-api-key"))
+//!         .entity(extract::secret(extract::header("x-api-key")))
 //!         .resource(extract::matched_path())
 //!         .limits([Limit::per_minute("rpm", 100)]),
 //! );

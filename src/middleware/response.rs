@@ -33,7 +33,13 @@ pub enum Rejection {
         /// What the entity extractor looked for.
         expected: String,
     },
-    /// The entity failed validation (400).
+    /// The request carried no resource where the resource extractor looks (400).
+    MissingResource {
+        /// What the resource extractor looked for.
+        expected: String,
+    },
+    /// The entity or the resource failed validation (400): the client's input, not the
+    /// server's configuration.
     InvalidEntity(Error),
     /// A limit was exceeded (429).
     RateLimited(RateLimitExceeded),
@@ -54,7 +60,9 @@ impl Rejection {
     pub fn status(&self) -> StatusCode {
         match self {
             Rejection::MissingEntity { .. } => StatusCode::UNAUTHORIZED,
-            Rejection::InvalidEntity(_) => StatusCode::BAD_REQUEST,
+            Rejection::MissingResource { .. } | Rejection::InvalidEntity(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Rejection::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Rejection::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::Misconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -70,10 +78,19 @@ impl Rejection {
                 "error": "missing_rate_limit_key",
                 "message": format!("the request has no {expected}"),
             }),
+            Rejection::MissingResource { expected } => serde_json::json!({
+                "error": "missing_rate_limit_resource",
+                "message": format!("the request has no {expected}"),
+            }),
+            // The value is never echoed: it may be a secret (an API key sent raw).
             Rejection::InvalidEntity(e) => serde_json::json!({
                 "error": "invalid_rate_limit_key",
                 "field": e.field(),
-                "message": e.to_string(),
+                "message": format!(
+                    "invalid {}: {}",
+                    e.field().unwrap_or("key"),
+                    e.reason().unwrap_or("it breaks the naming rules")
+                ),
             }),
             Rejection::RateLimited(e) => e.as_json(),
             Rejection::Unavailable { .. } => serde_json::json!({
@@ -238,13 +255,17 @@ struct PolicyFields {
     names: Vec<String>,
 }
 
-/// The last [`PolicyFields`] built, reused while requests hit the same limit lists (the
-/// layer's own, or the same stored config): serializing the policy is most of the cost of
-/// the header fields.
+/// The [`PolicyFields`] built last, reused while requests hit the same limits: serializing
+/// the policy is most of the cost of the header fields. Lists match by content, not by
+/// pointer, so entities with stored limits (each its own copy) share one entry; a few
+/// entries are kept, most recent first, for layers whose requests alternate between lists.
 #[derive(Debug, Default)]
 pub(crate) struct PolicyCache {
-    last: Mutex<Option<Arc<PolicyFields>>>,
+    recent: Mutex<Vec<Arc<PolicyFields>>>,
 }
+
+/// Entries a [`PolicyCache`] keeps.
+const POLICY_CACHE_ENTRIES: usize = 8;
 
 impl PolicyCache {
     fn fields(&self, items: &[ItemRequest], naming: &PolicyNaming) -> Option<Arc<PolicyFields>> {
@@ -253,10 +274,17 @@ impl PolicyCache {
                 && f.lists
                     .iter()
                     .zip(items)
-                    .all(|(l, i)| Arc::ptr_eq(l, &i.limits))
+                    .all(|(l, i)| Arc::ptr_eq(l, &i.limits) || **l == *i.limits)
         };
-        if let Some(hit) = self.last.lock().as_ref().filter(|f| same(f)) {
-            return Some(Arc::clone(hit));
+        {
+            let mut recent = self.recent.lock();
+            if let Some(at) = recent.iter().position(|f| same(f)) {
+                let hit = Arc::clone(&recent[at]);
+                if at > 0 {
+                    recent[..=at].rotate_right(1);
+                }
+                return Some(hit);
+            }
         }
         let members = || {
             items
@@ -280,7 +308,9 @@ impl PolicyCache {
             policy,
             names,
         });
-        *self.last.lock() = Some(Arc::clone(&fields));
+        let mut recent = self.recent.lock();
+        recent.insert(0, Arc::clone(&fields));
+        recent.truncate(POLICY_CACHE_ENTRIES);
         Some(fields)
     }
 }
@@ -434,6 +464,33 @@ mod tests {
             h[&RATELIMIT],
             r#""rpm";r=0;t=12, "rph";r=99;t=0, "parent:rpm";r=19;t=0"#
         );
+    }
+
+    #[test]
+    fn equal_lists_share_a_cache_entry() {
+        let cache = PolicyCache::default();
+        let item = |limits: Arc<[Limit]>| ItemRequest {
+            entity_id: "k".into(),
+            resource: "api".into(),
+            limits,
+            amounts: vec![1],
+            expires_when_idle: false,
+        };
+        // Two entities' stored limits: equal, but separate allocations.
+        let a = [item(vec![Limit::per_minute("rpm", 10)].into())];
+        let b = [item(vec![Limit::per_minute("rpm", 10)].into())];
+        let first = cache.fields(&a, &PolicyNaming::default()).unwrap();
+        let second = cache.fields(&b, &PolicyNaming::default()).unwrap();
+        assert!(Arc::ptr_eq(&first, &second), "rebuilt for equal limits");
+        let other = [item(vec![Limit::per_minute("rpm", 20)].into())];
+        let third = cache.fields(&other, &PolicyNaming::default()).unwrap();
+        assert!(!Arc::ptr_eq(&first, &third));
+        // Both stay cached.
+        assert!(Arc::ptr_eq(
+            &cache.fields(&a, &PolicyNaming::default()).unwrap(),
+            &first
+        ));
+        assert_eq!(cache.recent.lock().len(), 2);
     }
 
     #[test]

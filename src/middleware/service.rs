@@ -75,10 +75,6 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let config = Arc::clone(&self.config);
-        if let Some(reason) = &config.invalid_limits {
-            let e = Error::validation("limits", "", reason.clone());
-            return ResponseFuture::rejected(config, Rejection::Misconfigured(e));
-        }
         let entity = config
             .entity
             .as_ref()
@@ -102,17 +98,16 @@ where
             };
             return ResponseFuture::rejected(config, rejection);
         };
-        // The acquire validates the entity (an invalid one becomes a 400 there).
+        // The acquire validates the entity and the resource (invalid ones become a 400).
         let Some(resource) = config.resource.extract(&req) else {
-            let e = Error::validation(
-                "resource",
-                "",
-                format!(
-                    "the resource extractor found no {}",
-                    config.resource.describe()
-                ),
-            );
-            return ResponseFuture::rejected(config, Rejection::Misconfigured(e));
+            if config.resource.pass_through_when_missing() {
+                let call = self.inner.call(req);
+                return ResponseFuture::passing(config, call);
+            }
+            let rejection = Rejection::MissingResource {
+                expected: config.resource.describe(),
+            };
+            return ResponseFuture::rejected(config, rejection);
         };
         let span = tracing::debug_span!("rate_limit", entity_id = %entity, resource = %resource);
         let mut acquire = config.limiter.acquire(entity, resource).lists_checked();
