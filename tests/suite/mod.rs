@@ -1115,6 +1115,23 @@ pub async fn repeated_names_are_checked_before_any_write(repo: Arc<dyn Repositor
         Error::Validation { field, .. } => assert_eq!(field, "consume.tpm"),
         other => panic!("expected a validation error, got {other:?}"),
     }
+    // The most negative amount there is: a typed error, never an overflow.
+    let err = l
+        .acquire("u1", "api")
+        .limits([tpm(100)])
+        .consume([("tpm", i128::MIN)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Validation { .. }), "{err:?}");
+    let lease = l
+        .acquire("u1", "api")
+        .limits([tpm(100)])
+        .consume([("tpm", 1)])
+        .await
+        .unwrap();
+    let err = lease.adjust([("tpm", i128::MIN)]).await.unwrap_err();
+    assert!(matches!(err, Error::Validation { .. }), "{err:?}");
+    lease.rollback().await.unwrap();
     // Repeated names within bounds add up.
     let lease = l
         .acquire("u1", "api")
