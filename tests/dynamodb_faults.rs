@@ -61,31 +61,7 @@ async fn killed_mid_run_then_back() {
     let dir = std::env::temp_dir().join(format!("zae-faults-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let port = free_port().unwrap();
-    let mut local = DynamoDbLocal::builder()
-        .port(port)
-        .db_path(&dir)
-        .start()
-        .await
-        .unwrap();
-    // Set up (and warm the freshly started JVM) with a patient client first.
-    let setup = DynamoDbRepository::builder()
-        .endpoint_url(local.endpoint_url())
-        .timeout(Duration::from_secs(30))
-        .build()
-        .await
-        .unwrap();
-    let warm = RateLimiter::new(setup);
-    for _ in 0..3 {
-        let lease = warm.acquire("warm", "api").limits([rpm()]).await.unwrap();
-        lease.commit().await.unwrap();
-    }
-    let repo = DynamoDbRepository::builder()
-        .endpoint_url(local.endpoint_url())
-        .timeout(TIMEOUT)
-        .max_attempts(2)
-        .connect()
-        .await
-        .unwrap();
+    let (mut local, repo) = own_server(TIMEOUT, Some(&dir), port).await;
     let block = RateLimiter::new(repo.clone());
     let allow = RateLimiter::builder(repo.clone())
         .on_unavailable(OnUnavailable::Allow)

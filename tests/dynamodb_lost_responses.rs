@@ -151,6 +151,16 @@ fn tpm() -> [Limit; 1] {
     [Limit::per_minute("tpm", 1_000)]
 }
 
+/// A lease of `n` tokens of the 1,000-a-minute limit on `k`.
+async fn take(limiter: &RateLimiter, n: u64) -> zae_limiter::Lease {
+    limiter
+        .acquire("k", "api")
+        .limits(tpm())
+        .consume([("tpm", n)])
+        .await
+        .unwrap()
+}
+
 async fn tokens_and_consumed(limiter: &RateLimiter) -> (i64, i64) {
     let states = limiter.bucket_states("k", "api").await.unwrap();
     let state = states["tpm"];
@@ -162,20 +172,10 @@ async fn a_lost_answer_to_an_acquire_is_resolved_by_its_marker() {
     let (limiter, _repo, lose) = limiter_losing_responses().await;
     // The item's creation, then a speculative write: each lands, each answer is lost.
     lose.lose("PutItem", 1);
-    let lease = limiter
-        .acquire("k", "api")
-        .limits(tpm())
-        .consume([("tpm", 100)])
-        .await
-        .unwrap();
+    let lease = take(&limiter, 100).await;
     lease.commit().await.unwrap();
     lose.lose("UpdateItem", 1);
-    let lease = limiter
-        .acquire("k", "api")
-        .limits(tpm())
-        .consume([("tpm", 100)])
-        .await
-        .unwrap();
+    let lease = take(&limiter, 100).await;
     lease.commit().await.unwrap();
     assert_eq!((lose.lost("PutItem"), lose.lost("UpdateItem")), (1, 1));
     assert_eq!(tokens_and_consumed(&limiter).await, (800, 200));
@@ -184,12 +184,7 @@ async fn a_lost_answer_to_an_acquire_is_resolved_by_its_marker() {
 #[tokio::test]
 async fn lost_answers_to_lease_writes_never_apply_twice() {
     let (limiter, repo, lose) = limiter_losing_responses().await;
-    let lease = limiter
-        .acquire("k", "api")
-        .limits(tpm())
-        .consume([("tpm", 100)])
-        .await
-        .unwrap();
+    let lease = take(&limiter, 100).await;
     // The commit's debit lands and its answer is lost: sent again, it finds its own
     // marker and is not applied twice.
     lease.adjust([("tpm", 50)]).await.unwrap();
@@ -200,12 +195,7 @@ async fn lost_answers_to_lease_writes_never_apply_twice() {
 
     // A refund whose answers stay lost past the timeout: the commit fails as unavailable
     // with the credit in doubt; committing again re-issues it, and it counts once.
-    let lease = limiter
-        .acquire("k", "api")
-        .limits(tpm())
-        .consume([("tpm", 100)])
-        .await
-        .unwrap();
+    let lease = take(&limiter, 100).await;
     lease.adjust([("tpm", -40)]).await.unwrap();
     lose.blackout(Some("UpdateItem"));
     let err = lease.commit().await.unwrap_err();
@@ -217,12 +207,7 @@ async fn lost_answers_to_lease_writes_never_apply_twice() {
     assert_eq!(tokens_and_consumed(&limiter).await, (790, 210));
 
     // A rollback in doubt, then rolled back again: refunded once.
-    let lease = limiter
-        .acquire("k", "api")
-        .limits(tpm())
-        .consume([("tpm", 200)])
-        .await
-        .unwrap();
+    let lease = take(&limiter, 200).await;
     lose.blackout(Some("UpdateItem"));
     assert!(lease.rollback().await.is_err());
     lose.blackout(None);
@@ -231,22 +216,12 @@ async fn lost_answers_to_lease_writes_never_apply_twice() {
 
     // Eight other credits land before the doubtful one is re-issued: the ring no longer
     // tells, and it is taken as landed, never refunded twice.
-    let doubtful = limiter
-        .acquire("k", "api")
-        .limits(tpm())
-        .consume([("tpm", 10)])
-        .await
-        .unwrap();
+    let doubtful = take(&limiter, 10).await;
     lose.blackout(Some("UpdateItem"));
     assert!(doubtful.rollback().await.is_err());
     lose.blackout(None);
     for _ in 0..8 {
-        let lease = limiter
-            .acquire("k", "api")
-            .limits(tpm())
-            .consume([("tpm", 1)])
-            .await
-            .unwrap();
+        let lease = take(&limiter, 1).await;
         lease.rollback().await.unwrap();
     }
     doubtful.rollback().await.unwrap();
@@ -254,12 +229,7 @@ async fn lost_answers_to_lease_writes_never_apply_twice() {
     assert_eq!(repo.writes_in_doubt(), 0);
 
     // A lease dropped with its rollback's answers lost: the background settle resolves it.
-    let lease = limiter
-        .acquire("k", "api")
-        .limits(tpm())
-        .consume([("tpm", 300)])
-        .await
-        .unwrap();
+    let lease = take(&limiter, 300).await;
     lose.lose("UpdateItem", 1);
     drop(lease);
     for _ in 0..100 {

@@ -27,30 +27,42 @@ impl Write for Captured {
     }
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn admit_reject_and_unavailable_are_traced() {
+/// Captures what this thread logs at `level` and above, while the guard lives.
+fn capture(level: tracing::Level) -> (Captured, tracing::subscriber::DefaultGuard) {
     let captured = Captured::default();
     let sink = captured.clone();
     let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
+        .with_max_level(level)
         .with_ansi(false)
         .with_writer(move || sink.clone())
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    (captured, tracing::subscriber::set_default(subscriber))
+}
 
+/// A 1-a-minute app over a backend that can be switched off.
+fn app() -> (Router, common::Switchable) {
     let backend = common::Switchable::default();
     let app = Router::new().route("/", get(|| async { "ok" })).layer(
         RateLimitLayer::new(RateLimiter::new(backend.clone()))
             .entity(extract::header("x-api-key"))
             .limits([Limit::per_minute("rpm", 1)]),
     );
-    let call = |app: Router| async move {
-        let req = Request::get("/")
-            .header("x-api-key", "traced-key")
-            .body(Body::empty())
-            .unwrap();
-        app.oneshot(req).await.unwrap().status()
-    };
+    (app, backend)
+}
+
+async fn call(app: Router, key: &str) -> StatusCode {
+    let req = Request::get("/")
+        .header("x-api-key", key)
+        .body(Body::empty())
+        .unwrap();
+    app.oneshot(req).await.unwrap().status()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn admit_reject_and_unavailable_are_traced() {
+    let (captured, _guard) = capture(tracing::Level::DEBUG);
+    let (app, backend) = app();
+    let call = |app: Router| call(app, "traced-key");
     assert_eq!(call(app.clone()).await, StatusCode::OK);
     assert_eq!(call(app.clone()).await, StatusCode::TOO_MANY_REQUESTS);
     backend.set_down(true);
@@ -66,28 +78,9 @@ async fn admit_reject_and_unavailable_are_traced() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn floods_and_outages_do_not_flood_the_log() {
-    let captured = Captured::default();
-    let sink = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(move || sink.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-
-    let backend = common::Switchable::default();
-    let app = Router::new().route("/", get(|| async { "ok" })).layer(
-        RateLimitLayer::new(RateLimiter::new(backend.clone()))
-            .entity(extract::header("x-api-key"))
-            .limits([Limit::per_minute("rpm", 1)]),
-    );
-    let call = |app: Router| async move {
-        let req = Request::get("/")
-            .header("x-api-key", "flood-key")
-            .body(Body::empty())
-            .unwrap();
-        app.oneshot(req).await.unwrap().status()
-    };
+    let (captured, _guard) = capture(tracing::Level::INFO);
+    let (app, backend) = app();
+    let call = |app: Router| call(app, "flood-key");
     assert_eq!(call(app.clone()).await, StatusCode::OK);
     // A one-key flood: rejections are normal traffic, logged at debug only.
     for _ in 0..500 {

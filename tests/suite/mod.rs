@@ -948,6 +948,11 @@ async fn burst(l: &RateLimiter, limits: &[Limit], tasks: usize, attempts: usize)
             admitted
         }));
     }
+    sum(handles).await
+}
+
+/// The sum of what the tasks returned.
+async fn sum(handles: Vec<tokio::task::JoinHandle<u64>>) -> u64 {
     let mut total = 0;
     for h in handles {
         total += h.await.unwrap();
@@ -987,16 +992,22 @@ async fn consumed_milli(l: &RateLimiter, entity: &str, name: &str) -> i64 {
     l.bucket_states(entity, "api").await.unwrap()[name].total_consumed_milli
 }
 
+/// Bursts for three seconds (see `burst_for_three_seconds`), then checks that the stored
+/// consumption is what the burst admitted plus `kept_before` tokens, exactly.
+async fn burst_and_check(l: &RateLimiter, clock: &ManualClock, limit: &Limit, kept_before: i64) {
+    let admitted = burst_for_three_seconds(l, clock, limit).await;
+    assert_eq!(
+        consumed_milli(l, "burst", &limit.name).await,
+        (admitted as i64 + kept_before) * 1000
+    );
+}
+
 pub async fn burst_after_idle_admits_capacity_not_twice(repo: Arc<dyn Repository>) {
     let (l, clock) = limiter(repo);
     let limit = rpm(100);
     admit(l.acquire("burst", "api").limits([limit.clone()])).await;
     clock.advance(Duration::from_secs(65));
-    let admitted = burst_for_three_seconds(&l, &clock, &limit).await;
-    assert_eq!(
-        consumed_milli(&l, "burst", "rpm").await,
-        (admitted as i64 + 1) * 1000
-    );
+    burst_and_check(&l, &clock, &limit, 1).await;
 }
 
 pub async fn burst_after_idle_following_a_rollback(repo: Arc<dyn Repository>) {
@@ -1011,11 +1022,7 @@ pub async fn burst_after_idle_following_a_rollback(repo: Arc<dyn Repository>) {
     clock.advance(Duration::from_secs(5));
     lease.rollback().await.unwrap();
     clock.advance(Duration::from_secs(65));
-    let admitted = burst_for_three_seconds(&l, &clock, &limit).await;
-    assert_eq!(
-        consumed_milli(&l, "burst", "rpm").await,
-        admitted as i64 * 1000
-    );
+    burst_and_check(&l, &clock, &limit, 0).await;
 }
 
 pub async fn burst_after_idle_following_a_debt(repo: Arc<dyn Repository>) {
@@ -1030,11 +1037,7 @@ pub async fn burst_after_idle_following_a_debt(repo: Arc<dyn Repository>) {
     lease.commit().await.unwrap();
     // 50 in debt: 90 s to fill; idle past that.
     clock.advance(Duration::from_secs(95));
-    let admitted = burst_for_three_seconds(&l, &clock, &limit).await;
-    assert_eq!(
-        consumed_milli(&l, "burst", "rpm").await,
-        (admitted as i64 + 150) * 1000
-    );
+    burst_and_check(&l, &clock, &limit, 150).await;
 }
 
 pub async fn debit_after_a_long_hold_is_not_forgiven(repo: Arc<dyn Repository>) {
@@ -1178,10 +1181,7 @@ pub async fn contended_cascade_is_exact_and_never_unavailable(repo: Arc<dyn Repo
             kept
         }));
     }
-    let mut kept = 0;
-    for h in handles {
-        kept += h.await.unwrap();
-    }
+    let kept = sum(handles).await;
     assert!(kept <= 40);
     let parent = consumed_milli(&l, "proj", "rpm").await;
     let mut children = 0;

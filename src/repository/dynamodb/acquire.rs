@@ -265,20 +265,10 @@ impl Inner {
                     if !plan.fits {
                         return Ok(rejected(plan.checks));
                     }
-                    match self.create(item, &plan, now).await? {
-                        Written::Ok(new) => {
-                            if let Some(new) = new {
-                                self.images.put(&item.entity_id, &item.resource, new);
-                            }
-                            return Ok(admitted(plan.checks));
-                        }
-                        Written::Conflict(None) => Step::Read,
-                        Written::Conflict(Some(old)) => {
-                            match self.next_step(old, item, now).await {
-                                Ok(step) => step,
-                                Err(outcome) => return Ok(outcome),
-                            }
-                        }
+                    let written = self.create(item, &plan, now).await?;
+                    match self.after_write(written, item, plan.checks, now).await {
+                        Ok(step) => step,
+                        Err(outcome) => return Ok(outcome),
                     }
                 }
                 Step::Read => match self.read_bucket(&item.entity_id, &item.resource).await? {
@@ -300,20 +290,10 @@ impl Inner {
                         }
                         return Ok(rejected(plan.checks));
                     } else {
-                        match self.normal(item, &image, &plan, now).await? {
-                            Written::Ok(new) => {
-                                if let Some(new) = new {
-                                    self.images.put(&item.entity_id, &item.resource, new);
-                                }
-                                return Ok(admitted(plan.checks));
-                            }
-                            Written::Conflict(None) => Step::Read,
-                            Written::Conflict(Some(old)) => {
-                                match self.next_step(old, item, now).await {
-                                    Ok(step) => step,
-                                    Err(outcome) => return Ok(outcome),
-                                }
-                            }
+                        let written = self.normal(item, &image, &plan, now).await?;
+                        match self.after_write(written, item, plan.checks, now).await {
+                            Ok(step) => step,
+                            Err(outcome) => return Ok(outcome),
                         }
                     }
                 }
@@ -335,6 +315,27 @@ impl Inner {
                 }
             }
             _ => Step::Speculative,
+        }
+    }
+
+    /// Where a create or rf-locked write leads: admitted (`Err`, the new item remembered),
+    /// a read, or the next step from the item it returned.
+    async fn after_write(
+        &self,
+        written: Written,
+        item: &ItemRequest,
+        checks: Vec<LimitCheck>,
+        now: i64,
+    ) -> Result<Step, AcquireOutcome> {
+        match written {
+            Written::Ok(new) => {
+                if let Some(new) = new {
+                    self.images.put(&item.entity_id, &item.resource, new);
+                }
+                Err(admitted(checks))
+            }
+            Written::Conflict(None) => Ok(Step::Read),
+            Written::Conflict(Some(old)) => self.next_step(old, item, now).await,
         }
     }
 
@@ -578,15 +579,7 @@ impl Inner {
                 let zero = expr.num(0);
                 update.conditions.push(format!("{tk} >= {zero}"));
             }
-            for (field, value) in [
-                ("cp", fresh.capacity_milli),
-                ("ra", fresh.refill_amount_milli),
-                ("rp", fresh.refill_period_ms),
-            ] {
-                let n = expr.name(&keys::bucket_attr(&limit.name, field));
-                let v = expr.num(value);
-                update.conditions.push(format!("{n} = {v}"));
-            }
+            require_params(&mut expr, &mut update, &limit.name, &fresh);
         }
         // The fresh-`rf` rule (see `fresh_window_ms`): an item idle past the window goes
         // to the rf-locked write, which refills from `rf` before anything is taken.
@@ -976,22 +969,12 @@ impl Inner {
         let mut resending = false;
         loop {
             let request = self
-                .client
-                .update_item()
-                .table_name(&self.table)
-                .set_key(Some(key.clone()))
-                .update_expression(update.expression())
-                .set_condition_expression(update.condition())
-                .set_expression_attribute_names(expr.names())
-                .set_expression_attribute_values(expr.values())
+                .update_request(key.clone(), &update, &expr)
                 .return_values(if return_new {
                     ReturnValue::AllNew
                 } else {
                     ReturnValue::None
-                })
-                .return_values_on_condition_check_failure(
-                    ReturnValuesOnConditionCheckFailure::AllOld,
-                );
+                });
             let sent = if marked {
                 request
                     .customize()
@@ -1047,6 +1030,25 @@ impl Inner {
             }
             return Err(errors::map("UpdateItem", &self.table, error));
         }
+    }
+
+    /// A conditional `UpdateItem` of `update` on the item at `key`, returning the item as
+    /// it was when the condition fails.
+    pub(super) fn update_request(
+        &self,
+        key: Item,
+        update: &Update,
+        expr: &Expr,
+    ) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key))
+            .update_expression(update.expression())
+            .set_condition_expression(update.condition())
+            .set_expression_attribute_names(expr.names())
+            .set_expression_attribute_values(expr.values())
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
     }
 
     /// The key of an entity and resource's bucket record.
@@ -1263,15 +1265,7 @@ fn unlocked_update(image: &Image, deltas: &[&(Limit, i64)], now: i64) -> (Update
             update.add.push(format!("{tk} {amount}"));
             update.conditions.push(format!("{tk} <= {ceiling}"));
         }
-        for (field, value) in [
-            ("cp", fresh.capacity_milli),
-            ("ra", fresh.refill_amount_milli),
-            ("rp", fresh.refill_period_ms),
-        ] {
-            let n = expr.name(&keys::bucket_attr(&limit.name, field));
-            let v = expr.num(value);
-            update.conditions.push(format!("{n} = {v}"));
-        }
+        require_params(&mut expr, &mut update, &limit.name, &fresh);
     }
     (update, expr)
 }
@@ -1485,6 +1479,20 @@ fn bound(expr: &mut Expr, update: &mut Update, attr: &str, lo: Option<i64>, hi: 
             update.conditions.push(format!("{attr} <= {hi}"));
         }
         (None, None) => {}
+    }
+}
+
+/// Conditions the write on the item storing `state`'s parameters for limit `name` (a write
+/// that does not refill must not act on a bucket under other parameters).
+fn require_params(expr: &mut Expr, update: &mut Update, name: &str, state: &BucketState) {
+    for (field, value) in [
+        ("cp", state.capacity_milli),
+        ("ra", state.refill_amount_milli),
+        ("rp", state.refill_period_ms),
+    ] {
+        let n = expr.name(&keys::bucket_attr(name, field));
+        let v = expr.num(value);
+        update.conditions.push(format!("{n} = {v}"));
     }
 }
 

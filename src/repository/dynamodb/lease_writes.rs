@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use aws_sdk_dynamodb::types::{AttributeValue, ReturnValuesOnConditionCheckFailure};
+use aws_sdk_dynamodb::types::AttributeValue;
 use parking_lot::Mutex;
 
 use super::acquire::{backoff, no_retries};
@@ -162,17 +162,7 @@ impl Inner {
         let mut attempt = 0;
         loop {
             let sent = self
-                .client
-                .update_item()
-                .table_name(&self.table)
-                .set_key(Some(key.clone()))
-                .update_expression(update.expression())
-                .set_condition_expression(update.condition())
-                .set_expression_attribute_names(expr.names())
-                .set_expression_attribute_values(expr.values())
-                .return_values_on_condition_check_failure(
-                    ReturnValuesOnConditionCheckFailure::AllOld,
-                )
+                .update_request(key.clone(), update, expr)
                 .customize()
                 .config_override(no_retries())
                 .send()
