@@ -883,10 +883,11 @@ impl Inner {
                 .send_lease_write(write_id, key.clone(), &update, &expr, seq)
                 .await?
             {
-                Sent::Applied => {
+                Sent::Applied(new) => {
                     self.resolved(write_id);
-                    if locked {
-                        self.images.forget(entity_id, resource);
+                    match new {
+                        Some(new) => self.images.put(entity_id, resource, new),
+                        None => self.images.forget(entity_id, resource),
                     }
                     return Ok(());
                 }
@@ -1210,17 +1211,19 @@ fn skipped(entity_id: &str, resource: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Signed deltas without the rf lock, so concurrent adjustments of a hot item never
-/// conflict on it. Conditioned on a fresh `rf` (within the window `W`, see
-/// [`fresh_window_ms`]), every limit stored with the configured parameters, and per limit:
+/// Signed deltas without moving `rf`, so concurrent adjustments of a hot item never
+/// conflict on it. The item's `rf` must be fresh (within the window `W`, see
+/// [`fresh_window_ms`]) and every limit stored with the configured parameters; per limit:
 ///
-/// - a debit: `ADD`, keeping the debt within [`MIN_TOKENS_MILLI`];
-/// - a credit on a bucket at least the refill over `W` below capacity after it: `ADD`.
-///   The refill not yet written (at most that much, `rf` being fresh) cannot meet the cap
-///   before the credit, so their order does not matter;
-/// - a credit that fills the bucket whatever refill is due (stored tokens plus the credit
-///   reach capacity): `SET` the tokens to capacity and the carry to 0, exactly what refill
-///   then credit give.
+/// - a debit: `ADD`, keeping the debt within [`MIN_TOKENS_MILLI`] (conditioned on a fresh
+///   `rf`);
+/// - a credit: conditioned on `rf` being the image's `X` (pinned, not moved), so the
+///   refill not yet written is known: `refill(now - X)`, up to the carry. If the tokens
+///   plus that refill plus the credit stay below capacity, `ADD` the credit (the cap is
+///   not met, so refill and credit commute: exact). If they reach capacity, the bucket is
+///   full now: `SET` the tokens to capacity and the carry to 0 (crediting at most the
+///   refill since `X`, within `W`, as the fresh-`rf` rule allows). The rare band between
+///   the two bounds of the carry goes to the rf-locked write.
 ///
 /// The variant is chosen from `image`; a stale image fails a condition and the returned
 /// item is used next time.
@@ -1230,8 +1233,18 @@ fn unlocked_update(image: &Image, deltas: &[&(Limit, i64)], now: i64) -> (Update
     update.conditions.push("attribute_exists(PK)".into());
     let rf = expr.name("rf");
     let window = fresh_window_ms(deltas.iter().map(|(l, _)| l));
-    let oldest_rf = expr.num(now.saturating_sub(window));
-    update.conditions.push(format!("{rf} >= {oldest_rf}"));
+    let pinned = image.rf.filter(|_| deltas.iter().any(|(_, d)| *d < 0));
+    match pinned {
+        Some(x) => {
+            let v = expr.num(x);
+            update.conditions.push(format!("{rf} = {v}"));
+        }
+        None => {
+            let oldest_rf = expr.num(now.saturating_sub(window));
+            update.conditions.push(format!("{rf} >= {oldest_rf}"));
+        }
+    }
+    let since = pinned.map_or(window, |x| now.saturating_sub(x));
     for (limit, delta) in deltas {
         let [tk, tc] = ["tk", "tc"].map(|f| expr.name(&keys::bucket_attr(&limit.name, f)));
         let change = delta.saturating_mul(MILLI);
@@ -1246,34 +1259,90 @@ fn unlocked_update(image: &Image, deltas: &[&(Limit, i64)], now: i64) -> (Update
         }
         let fresh = BucketState::from_limit(limit, now);
         let credit = change.saturating_neg();
-        let fills = image
-            .buckets
-            .get(&limit.name)
-            .is_some_and(|s| s.tokens_milli.saturating_add(credit) >= fresh.capacity_milli);
-        if fills {
-            let rc = expr.name(&keys::bucket_attr(&limit.name, "rc"));
-            let cap = expr.num(fresh.capacity_milli);
-            let zero = expr.num(0);
-            let low = expr.num(fresh.capacity_milli.saturating_sub(credit));
-            update.set.push(format!("{tk} = {cap}"));
-            update.set.push(format!("{rc} = {zero}"));
-            update.conditions.push(format!("{tk} >= {low}"));
-        } else {
-            let headroom = refill_over(&fresh, window).saturating_add(credit);
-            let ceiling = expr.num(fresh.capacity_milli.saturating_sub(headroom));
-            let amount = expr.num(credit);
-            update.add.push(format!("{tk} {amount}"));
-            update.conditions.push(format!("{tk} <= {ceiling}"));
+        match credit_variant(image.buckets.get(&limit.name), &fresh, credit, since) {
+            Some(CreditVariant::Fills { low }) => {
+                let rc = expr.name(&keys::bucket_attr(&limit.name, "rc"));
+                let cap = expr.num(fresh.capacity_milli);
+                let zero = expr.num(0);
+                let low = expr.num(low);
+                update.set.push(format!("{tk} = {cap}"));
+                update.set.push(format!("{rc} = {zero}"));
+                update.conditions.push(format!("{tk} >= {low}"));
+            }
+            // The clear variant (and, should the image show neither, the conservative one:
+            // the caller builds this only when `unlocked_fits`).
+            variant => {
+                let ceiling = match variant {
+                    Some(CreditVariant::Clear { ceiling }) => ceiling,
+                    _ => credit_bounds(&fresh, credit, since).0,
+                };
+                let ceiling = expr.num(ceiling);
+                let amount = expr.num(credit);
+                update.add.push(format!("{tk} {amount}"));
+                update.conditions.push(format!("{tk} <= {ceiling}"));
+            }
         }
         require_params(&mut expr, &mut update, &limit.name, &fresh);
     }
     (update, expr)
 }
 
+/// How an unlocked credit is written.
+enum CreditVariant {
+    /// `ADD`: the tokens stay at most `ceiling` before it, so the cap is not met.
+    Clear { ceiling: i64 },
+    /// `SET` to capacity: the tokens are at least `low` before it, so the bucket is full.
+    Fills { low: i64 },
+}
+
+/// The bounds of a credit of `credit` millitokens on `stored`, `since_ms` after its `rf`:
+/// the refill not yet written lies between `since * ra / rp` (no carry) and that plus one
+/// period's worth (any carry), rounded outward.
+fn credit_bounds(fresh: &BucketState, credit: i64, since_ms: i64) -> (i64, i64) {
+    let pending_hi = refill_over(fresh, since_ms);
+    let pending_lo = if fresh.refill_period_ms > 0 {
+        i64::try_from(
+            i128::from(since_ms.max(0)) * i128::from(fresh.refill_amount_milli)
+                / i128::from(fresh.refill_period_ms),
+        )
+        .unwrap_or(i64::MAX)
+    } else {
+        0
+    };
+    let ceiling = fresh
+        .capacity_milli
+        .saturating_sub(credit)
+        .saturating_sub(pending_hi);
+    let low = fresh
+        .capacity_milli
+        .saturating_sub(credit)
+        .saturating_sub(pending_lo);
+    (ceiling, low)
+}
+
+/// Which unlocked credit fits `stored` (`None`: neither, the rf-locked write does it).
+fn credit_variant(
+    stored: Option<&BucketState>,
+    fresh: &BucketState,
+    credit: i64,
+    since_ms: i64,
+) -> Option<CreditVariant> {
+    let stored = stored?;
+    let (ceiling, low) = credit_bounds(fresh, credit, since_ms);
+    if stored.tokens_milli <= ceiling {
+        Some(CreditVariant::Clear { ceiling })
+    } else if stored.tokens_milli >= low {
+        Some(CreditVariant::Fills { low })
+    } else {
+        None
+    }
+}
+
 /// Whether [`unlocked_update`] would pass on `image`: a fresh `rf`, every limit stored
-/// with the configured parameters, debits within the debt bound, credits clear of the
-/// capacity by the refill over the window.
+/// with the configured parameters, debits within the debt bound, each credit clearly below
+/// or at capacity.
 fn unlocked_fits(image: &Image, deltas: &[&(Limit, i64)], now: i64, window: i64) -> bool {
+    let since = image.rf.map_or(window, |x| now.saturating_sub(x));
     rf_is_fresh(image, now, window)
         && deltas.iter().all(|(limit, delta)| {
             let Some(stored) = image.buckets.get(&limit.name) else {
@@ -1284,11 +1353,9 @@ fn unlocked_fits(image: &Image, deltas: &[&(Limit, i64)], now: i64, window: i64)
                 stored.tokens_milli >= MIN_TOKENS_MILLI.saturating_add(change)
             } else {
                 let fresh = BucketState::from_limit(limit, now);
-                let credit = change.saturating_neg();
-                let headroom = refill_over(&fresh, window).saturating_add(credit);
-                let clear = stored.tokens_milli <= fresh.capacity_milli.saturating_sub(headroom);
-                let fills = stored.tokens_milli.saturating_add(credit) >= fresh.capacity_milli;
-                !params_changed(stored, limit) && (clear || fills)
+                !params_changed(stored, limit)
+                    && credit_variant(Some(stored), &fresh, change.saturating_neg(), since)
+                        .is_some()
             }
         })
 }
@@ -1561,4 +1628,62 @@ fn jitter(attempt: usize) -> Duration {
 pub(super) fn backoff(attempt: usize) -> Duration {
     let base = 10u64 << attempt.min(5);
     Duration::from_millis(base + rand::random_range(0..base))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 100 a minute: 1,666 millitokens a second.
+    fn state(tokens: i64) -> BucketState {
+        let mut s = BucketState::from_limit(&Limit::per_minute("rpm", 100), 0);
+        s.tokens_milli = tokens;
+        s
+    }
+
+    #[test]
+    fn an_unlocked_credit_is_clear_of_the_cap_or_fills_the_bucket() {
+        let fresh = state(100_000);
+        let credit = 10_000;
+        // 600 ms after rf: 1,000 millitokens of refill not yet written.
+        let since = 600;
+        let (ceiling, low) = credit_bounds(&fresh, credit, since);
+        assert!(ceiling < low && low - ceiling <= 3, "{ceiling} {low}");
+        // Well below: refill and credit cannot meet the cap, whatever the carry.
+        match credit_variant(Some(&state(50_000)), &fresh, credit, since) {
+            Some(CreditVariant::Clear { ceiling }) => {
+                assert!(ceiling + credit + refill_over(&fresh, since) <= 100_000 + 1_667)
+            }
+            _ => panic!("expected a clear credit"),
+        }
+        // Near full: tokens + refill + credit reach capacity, so the bucket is full now.
+        assert!(matches!(
+            credit_variant(Some(&state(89_500)), &fresh, credit, since),
+            Some(CreditVariant::Fills { .. })
+        ));
+        // Between the bounds of the carry: the rf-locked write decides.
+        let between = (ceiling + low) / 2 + 1;
+        if between > ceiling && between < low {
+            assert!(credit_variant(Some(&state(between)), &fresh, credit, since).is_none());
+        }
+    }
+
+    #[test]
+    fn the_fresh_window_is_one_token_or_a_hundredth_of_the_fill() {
+        // 100 a minute: a token every 600 ms, full in 60 s: W = 600 ms.
+        assert_eq!(fresh_window_ms([Limit::per_minute("rpm", 100)].iter()), 600);
+        // 10,000 a minute with a burst of 50,000: full in 300 s, W = 3 s.
+        let tpm = Limit::per_minute("tpm", 10_000).with_burst(50_000);
+        assert_eq!(fresh_window_ms([tpm.clone()].iter()), 3_000);
+        // The least over the limits taken from.
+        assert_eq!(
+            fresh_window_ms([tpm, Limit::per_minute("rpm", 100)].iter()),
+            600
+        );
+        // 1 a day: the time for one token, a day, is longer than a hundredth of the fill.
+        assert_eq!(
+            fresh_window_ms([Limit::per_day("rpd", 1)].iter()),
+            86_400_000
+        );
+    }
 }

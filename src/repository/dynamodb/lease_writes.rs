@@ -50,8 +50,9 @@ pub(super) fn lane_id_attr(lane: usize) -> String {
 
 /// How a lease write ended.
 pub(super) enum Sent {
-    /// Applied, now or by an earlier send of the same write.
-    Applied,
+    /// Applied, now or by an earlier send of the same write; the item as it now is, when
+    /// DynamoDB returned it.
+    Applied(Option<Image>),
     /// A condition failed; the item as it was (`None`: it does not exist). Not applied by
     /// this send (the caller checks the image for an earlier one).
     ConditionFailed(Option<Image>),
@@ -161,14 +162,17 @@ impl Inner {
         let started = Instant::now();
         let mut attempt = 0;
         loop {
+            // ALL_NEW: the item as it now is keeps the last image seen current (its write
+            // lanes above all), so the next lease write claims the right number.
             let sent = self
                 .update_request(key.clone(), update, expr)
+                .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
                 .customize()
                 .config_override(no_retries())
                 .send()
                 .await;
             let error = match sent {
-                Ok(_) => return Ok(Sent::Applied),
+                Ok(out) => return Ok(Sent::Applied(out.attributes().map(Image::parse))),
                 Err(e) => e,
             };
             if let Some(old) = super::acquire::conditional_image(&error) {
