@@ -16,7 +16,7 @@ use aws_sdk_dynamodb::types::{
 
 use super::codec::{self, num, s, Image, Item};
 use super::expr::{Expr, Update};
-use super::lease_writes::{claim_lane, verdict, Sent, Verdict};
+use super::lease_writes::{claim_lane, Sent, Verdict};
 use super::{errors, keys, table, Inner};
 use crate::bucket::{self, BucketState, MILLI, MIN_TOKENS_MILLI};
 use crate::repository::{
@@ -251,7 +251,7 @@ impl Inner {
                 Step::Speculative => match self.speculative(item, now).await? {
                     Speculative::Admitted(new) => {
                         let checks = admitted_checks(&new, item, now);
-                        self.images.put(&item.entity_id, &item.resource, new);
+                        self.observe(&item.entity_id, &item.resource, new);
                         return Ok(admitted(checks));
                     }
                     Speculative::Failed(None) => Step::Create,
@@ -330,7 +330,7 @@ impl Inner {
         match written {
             Written::Ok(new) => {
                 if let Some(new) = new {
-                    self.images.put(&item.entity_id, &item.resource, new);
+                    self.observe(&item.entity_id, &item.resource, new);
                 }
                 Err(admitted(checks))
             }
@@ -356,8 +356,7 @@ impl Inner {
             }
             return Err(rejected(plan.checks));
         }
-        self.images
-            .put(&item.entity_id, &item.resource, image.clone());
+        self.observe(&item.entity_id, &item.resource, image.clone());
         Ok(if plan.speculative_ok {
             Step::Speculative
         } else {
@@ -528,10 +527,12 @@ impl Inner {
                     .send()
                     .await;
                 match sent {
-                    Err(e) if errors::outcome_unknown(&e) => match resends.next(&e) {
-                        Some(wait) => tokio::time::sleep(wait).await,
-                        None => break Err(e),
-                    },
+                    Err(e) if resends.in_doubt || errors::outcome_unknown(&e) => {
+                        match resends.next(&e) {
+                            Some(wait) => tokio::time::sleep(wait).await,
+                            None => break Err(e),
+                        }
+                    }
                     other => break other,
                 }
             };
@@ -836,16 +837,21 @@ impl Inner {
         // (only a guide: every write is conditioned on the item as it is), or a read.
         let mut image = match self.images.get(entity_id, resource) {
             Some(image) => Some(image),
-            None => self.read_bucket(entity_id, resource).await?,
+            None => {
+                let read = self.read_bucket(entity_id, resource).await?;
+                if let Some(read) = &read {
+                    self.observe(entity_id, resource, read.clone());
+                }
+                read
+            }
         };
-        let doubtful = self.doubtful(write_id);
         let key = self.bucket_key(entity_id, resource);
         for attempt in 0..DELTA_ATTEMPTS {
             let Some(current) = image.take() else {
                 self.resolved(write_id);
                 return skipped(entity_id, resource);
             };
-            match verdict(&current, write_id, doubtful) {
+            match self.verdict(&current, write_id) {
                 Verdict::Landed => {
                     self.resolved(write_id);
                     return Ok(());
@@ -862,7 +868,7 @@ impl Inner {
                     self.resolved(write_id);
                     return Ok(());
                 }
-                Verdict::Unknowable => tracing::warn!(
+                Verdict::Unknowable if attempt == 0 => tracing::warn!(
                     entity_id,
                     resource,
                     write_id,
@@ -870,7 +876,7 @@ impl Inner {
                      applied (an admitted request is always charged), so it may be held twice \
                      until it refills"
                 ),
-                Verdict::Write => {}
+                Verdict::Unknowable | Verdict::Write => {}
             }
             let locked = !unlocked_fits(&current, &deltas, now, window);
             let (mut update, mut expr) = if locked {
@@ -880,13 +886,20 @@ impl Inner {
             };
             let seq = claim_lane(&mut update, &mut expr, Some(&current), write_id);
             match self
-                .send_lease_write(write_id, key.clone(), &update, &expr, seq)
+                .send_lease_write(
+                    write_id,
+                    (entity_id, resource),
+                    key.clone(),
+                    &update,
+                    &expr,
+                    seq,
+                )
                 .await?
             {
                 Sent::Applied(new) => {
                     self.resolved(write_id);
                     match new {
-                        Some(new) => self.images.put(entity_id, resource, new),
+                        Some(new) => self.observe(entity_id, resource, new),
                         None => self.images.forget(entity_id, resource),
                     }
                     return Ok(());
@@ -896,7 +909,7 @@ impl Inner {
                     return skipped(entity_id, resource);
                 }
                 Sent::ConditionFailed(Some(newer)) => {
-                    self.images.put(entity_id, resource, newer.clone());
+                    self.observe(entity_id, resource, newer.clone());
                     image = Some(newer);
                 }
             }
@@ -1150,6 +1163,9 @@ const RESOLVE_FOR: Duration = Duration::from_secs(60);
 struct Resends {
     started: std::time::Instant,
     attempt: usize,
+    /// A send's outcome was unknown: until one is known, keep sending through any passing
+    /// failure (DynamoDB restarting refuses connections for a while).
+    in_doubt: bool,
 }
 
 impl Default for Resends {
@@ -1157,13 +1173,14 @@ impl Default for Resends {
         Resends {
             started: std::time::Instant::now(),
             attempt: 0,
+            in_doubt: false,
         }
     }
 }
 
 impl Resends {
     /// The wait before sending again after `error`, or `None` to give up: throttling a few
-    /// times, an unknown outcome until [`RESOLVE_FOR`] has passed.
+    /// times; once an outcome was unknown, any passing failure until [`RESOLVE_FOR`].
     fn next<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(
         &mut self,
         error: &aws_sdk_dynamodb::error::SdkError<
@@ -1171,8 +1188,9 @@ impl Resends {
             aws_smithy_runtime_api::client::orchestrator::HttpResponse,
         >,
     ) -> Option<Duration> {
-        let again = if errors::outcome_unknown(error) {
-            self.started.elapsed() < RESOLVE_FOR
+        self.in_doubt |= errors::outcome_unknown(error);
+        let again = if self.in_doubt {
+            errors::transient(error) && self.started.elapsed() < RESOLVE_FOR
         } else {
             errors::retry_as_is(error) && self.attempt < RESENDS
         };

@@ -118,6 +118,22 @@ fn connection_refused(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Whether a retry later may succeed (the network, a server error, throttling), whatever
+/// became of this request.
+pub(super) fn transient<E>(error: &SdkError<E, HttpResponse>) -> bool
+where
+    E: ProvideErrorMetadata,
+{
+    match error {
+        SdkError::ConstructionFailure(_) => false,
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or("");
+            TRANSIENT_CODES.contains(&code) || service.raw().status().is_server_error()
+        }
+        _ => true,
+    }
+}
+
 /// Whether a request certainly was not applied and may be sent again as it is
 /// (throttling, capacity).
 pub(super) fn retry_as_is<E>(error: &SdkError<E, HttpResponse>) -> bool

@@ -58,29 +58,82 @@ pub(super) enum Sent {
     ConditionFailed(Option<Image>),
 }
 
-/// Lease writes whose outcome was unknown, by write id: the lane number each claimed.
+/// A lease write whose outcome was unknown.
+#[derive(Debug, Clone)]
+struct Doubt {
+    /// The item it went to (`entity#resource`).
+    item: String,
+    /// The lane number it claimed.
+    seq: i64,
+    since: Instant,
+    /// Whether it landed, once an image of the item showed it.
+    landed: Option<bool>,
+}
+
+/// Lease writes whose outcome was unknown, by write id. Every image of an item this
+/// process sees (each acquire returns one) is checked against them, so a doubt is settled
+/// as soon as the item shows its lane's next number, before later writes move the lane on.
 #[derive(Default)]
-pub(super) struct InDoubtWrites(Mutex<HashMap<String, (i64, Instant)>>);
+pub(super) struct InDoubtWrites {
+    doubts: Mutex<HashMap<String, Doubt>>,
+    /// Whether there are any (checked without the lock on every image).
+    any: std::sync::atomic::AtomicBool,
+}
 
 impl InDoubtWrites {
-    fn remember(&self, write_id: &str, seq: i64) {
-        let mut map = self.0.lock();
-        map.retain(|_, (_, since)| since.elapsed() < Duration::from_secs(3600));
-        map.entry(write_id.to_string())
-            .or_insert((seq, Instant::now()));
+    fn remember(&self, write_id: &str, item: String, seq: i64) {
+        let mut map = self.doubts.lock();
+        map.retain(|_, d| d.since.elapsed() < Duration::from_secs(3600));
+        // A write re-issued after an earlier doubt claims a later number only once the
+        // item showed the earlier one taken by another write: the latest claim is the one
+        // that may have landed.
+        let since = map.get(write_id).map_or_else(Instant::now, |d| d.since);
+        map.insert(
+            write_id.to_string(),
+            Doubt {
+                item,
+                seq,
+                since,
+                landed: None,
+            },
+        );
+        self.any.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn seq(&self, write_id: &str) -> Option<i64> {
-        self.0.lock().get(write_id).map(|(seq, _)| *seq)
+    fn get(&self, write_id: &str) -> Option<Doubt> {
+        self.doubts.lock().get(write_id).cloned()
     }
 
     fn forget(&self, write_id: &str) {
-        self.0.lock().remove(write_id);
+        let mut map = self.doubts.lock();
+        map.remove(write_id);
+        if map.is_empty() {
+            self.any.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Settles what `image` of `item` tells about the writes in doubt on it.
+    pub fn observe(&self, item: &str, image: &Image) {
+        if !self.any.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        for (id, doubt) in self.doubts.lock().iter_mut() {
+            if doubt.landed.is_some() || doubt.item != item {
+                continue;
+            }
+            let lane = lane_of(id);
+            if image.lane_id(lane) == Some(id.as_str()) {
+                doubt.landed = Some(true);
+            } else if image.lane_seq(lane) == doubt.seq.saturating_add(1) {
+                // Its number went to another write: it did not land.
+                doubt.landed = Some(false);
+            }
+        }
     }
 
     /// How many writes are in doubt now.
     pub fn len(&self) -> usize {
-        self.0.lock().len()
+        self.doubts.lock().len()
     }
 }
 
@@ -95,17 +148,26 @@ pub(super) enum Verdict {
     Unknowable,
 }
 
-/// What `image` says about write `write_id`, which (if it was in doubt) claimed number
-/// `doubtful` of its lane.
-pub(super) fn verdict(image: &Image, write_id: &str, doubtful: Option<i64>) -> Verdict {
+/// What `image` says about write `write_id`, given what is known of it from when its
+/// outcome became unknown (the lane number it claimed, and whether an image seen since
+/// settled it).
+fn verdict_of(image: &Image, write_id: &str, doubt: Option<&Doubt>) -> Verdict {
     let lane = lane_of(write_id);
     if image.lane_id(lane) == Some(write_id) {
         return Verdict::Landed;
     }
-    match doubtful {
+    match doubt {
+        None => Verdict::Write,
+        Some(Doubt {
+            landed: Some(true), ..
+        }) => Verdict::Landed,
+        Some(Doubt {
+            landed: Some(false),
+            ..
+        }) => Verdict::Write,
         // Its number was taken by a later write too: the id it left was overwritten.
-        Some(seq) if image.lane_seq(lane) > seq.saturating_add(1) => Verdict::Unknowable,
-        _ => Verdict::Write,
+        Some(doubt) if image.lane_seq(lane) > doubt.seq.saturating_add(1) => Verdict::Unknowable,
+        Some(_) => Verdict::Write,
     }
 }
 
@@ -136,9 +198,19 @@ pub(super) fn claim_lane(
 }
 
 impl Inner {
-    /// The lane number a write claimed when its outcome became unknown, if it did.
-    pub(super) fn doubtful(&self, write_id: &str) -> Option<i64> {
-        self.in_doubt.seq(write_id)
+    /// What `image` says about lease write `write_id` (see `verdict_of`).
+    pub(super) fn verdict(&self, image: &Image, write_id: &str) -> Verdict {
+        verdict_of(image, write_id, self.in_doubt.get(write_id).as_ref())
+    }
+
+    /// Remembers the newest image seen of an item, and settles the writes in doubt on it
+    /// that it tells about.
+    pub(super) fn observe(&self, entity_id: &str, resource: &str, image: Image) {
+        if self.in_doubt.any.load(std::sync::atomic::Ordering::Relaxed) {
+            let item = crate::keys::entity_resource(entity_id, resource);
+            self.in_doubt.observe(&item, &image);
+        }
+        self.images.put(entity_id, resource, image);
     }
 
     /// The write is resolved (landed, or certainly not): no longer in doubt.
@@ -154,6 +226,7 @@ impl Inner {
     pub(super) async fn send_lease_write(
         &self,
         write_id: &str,
+        item: (&str, &str),
         key: Item,
         update: &Update,
         expr: &Expr,
@@ -161,6 +234,7 @@ impl Inner {
     ) -> Result<Sent, Error> {
         let started = Instant::now();
         let mut attempt = 0;
+        let mut in_doubt = false;
         loop {
             // ALL_NEW: the item as it now is keeps the last image seen current (its write
             // lanes above all), so the next lease write claims the right number.
@@ -178,9 +252,18 @@ impl Inner {
             if let Some(old) = super::acquire::conditional_image(&error) {
                 return Ok(Sent::ConditionFailed(old));
             }
-            let unknown = errors::outcome_unknown(&error);
-            let again = if unknown {
-                started.elapsed() < self.timeout / 2
+            // Once a send's outcome was unknown, the write stays in doubt until a send
+            // answers (a refused connection while DynamoDB restarts tells nothing). It is
+            // remembered at once, so every image seen from now on can settle it, and a
+            // re-send refused by its condition (the first send may have landed, and the
+            // lane moved on) is judged with the doubt in mind.
+            if !in_doubt && errors::outcome_unknown(&error) {
+                in_doubt = true;
+                let item = crate::keys::entity_resource(item.0, item.1);
+                self.in_doubt.remember(write_id, item, lane_seq);
+            }
+            let again = if in_doubt {
+                errors::transient(&error) && started.elapsed() < self.timeout / 2
             } else {
                 errors::retry_as_is(&error) && attempt < 8
             };
@@ -189,8 +272,7 @@ impl Inner {
                 attempt += 1;
                 continue;
             }
-            if unknown {
-                self.in_doubt.remember(write_id, lane_seq);
+            if in_doubt {
                 let mapped = errors::map("UpdateItem", &self.table, error);
                 return Err(Error::Unavailable {
                     message: format!(
@@ -202,5 +284,71 @@ impl Inner {
             }
             return Err(errors::map("UpdateItem", &self.table, error));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image_with_lane(lane: usize, seq: i64, id: &str) -> Image {
+        Image {
+            lanes: vec![(lane, seq, Some(id.to_string()))],
+            ..Image::default()
+        }
+    }
+
+    #[test]
+    fn a_write_in_doubt_is_settled_by_the_images_seen_since() {
+        let doubts = InDoubtWrites::default();
+        let id = "lease-1";
+        let lane = lane_of(id);
+        // No doubt: only the item's own lane tells.
+        assert_eq!(
+            verdict_of(&image_with_lane(lane, 4, id), id, None),
+            Verdict::Landed
+        );
+        assert_eq!(
+            verdict_of(&image_with_lane(lane, 4, "x"), id, None),
+            Verdict::Write
+        );
+        // In doubt at number 3 of its lane.
+        doubts.remember(id, "k#api".into(), 3);
+        let doubt = doubts.get(id);
+        assert_eq!(
+            verdict_of(&image_with_lane(lane, 6, "other"), id, doubt.as_ref()),
+            Verdict::Unknowable,
+            "two more writes took the lane on: nothing tells"
+        );
+        // An image seen right after showed its number taken by this write: settled, even
+        // once the lane has moved on.
+        doubts.observe("k#api", &image_with_lane(lane, 4, id));
+        let doubt = doubts.get(id);
+        assert_eq!(
+            verdict_of(&image_with_lane(lane, 6, "other"), id, doubt.as_ref()),
+            Verdict::Landed
+        );
+        // Or by another write: it did not land.
+        let other = "lease-2";
+        doubts.remember(other, "k#api".into(), 7);
+        doubts.observe("k#api", &image_with_lane(lane_of(other), 8, "someone"));
+        assert_eq!(
+            verdict_of(
+                &image_with_lane(lane_of(other), 12, "someone else"),
+                other,
+                doubts.get(other).as_ref()
+            ),
+            Verdict::Write
+        );
+        // Images of other items tell nothing.
+        let third = "lease-3";
+        doubts.remember(third, "k#api".into(), 1);
+        doubts.observe("j#api", &image_with_lane(lane_of(third), 2, third));
+        assert_eq!(doubts.get(third).unwrap().landed, None);
+        doubts.forget(id);
+        doubts.forget(other);
+        doubts.forget(third);
+        assert_eq!(doubts.len(), 0);
+        assert!(!doubts.any.load(std::sync::atomic::Ordering::Relaxed));
     }
 }
