@@ -658,7 +658,7 @@ fn no_limits(entity_id: &str, resource: &str) -> Error {
 /// An acquire being set up: `.limits`, `.fallback_limits`, `.consume`, `.cascade`,
 /// `.on_unavailable`, then `.await`.
 #[must_use = "an acquire does nothing until it is awaited"]
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Acquire {
     limiter: RateLimiter,
     entity_id: String,
@@ -1100,6 +1100,7 @@ impl Drop for AcquireFuture {
 
 /// An entity being created: `.name`, `.parent`, `.cascade`, `.metadata`, then `.await`.
 #[must_use = "nothing is created until it is awaited"]
+#[derive(Debug)]
 pub struct CreateEntity {
     limiter: RateLimiter,
     id: String,

@@ -780,3 +780,63 @@ async fn real_server_on_loopback() {
         .unwrap();
     assert_eq!(left["rpm"], 0);
 }
+
+#[tokio::test]
+async fn skipped_requests_pass_untouched() {
+    let l = limiter();
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route("/healthz", get(|| async { "healthy" }))
+        .layer(
+            RateLimitLayer::new(l.clone())
+                .entity(extract::header("x-api-key"))
+                .limits([Limit::per_minute("rpm", 1)])
+                .skip(|head| {
+                    head.uri.path() == "/healthz"
+                        || head
+                            .headers
+                            .get("x-api-key")
+                            .is_some_and(|k| k == "internal")
+                }),
+        );
+    // Health checks and an allow-listed key: never limited, no lease, no header fields,
+    // no bucket written; even without a key.
+    for _ in 0..3 {
+        let resp = send(&app, get_req("/healthz", None)).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(resp.headers().get("ratelimit").is_none());
+        let resp = send(&app, get_req("/", Some("internal"))).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(resp.headers().get("ratelimit-policy").is_none());
+    }
+    assert!(l
+        .bucket_states("internal", "default")
+        .await
+        .unwrap()
+        .is_empty());
+    // Everyone else is limited as before.
+    assert_eq!(
+        send(&app, get_req("/", Some("k"))).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&app, get_req("/", Some("k"))).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        send(&app, get_req("/", None)).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[test]
+fn acquires_and_entity_builders_are_debug() {
+    let l = limiter();
+    let acquire = format!("{:?}", l.acquire("u1", "api").consume([("rpm", 2)]));
+    assert!(
+        acquire.contains("u1") && acquire.contains("api"),
+        "{acquire}"
+    );
+    let create = format!("{:?}", l.create_entity("e1").name("E"));
+    assert!(create.contains("e1"), "{create}");
+}

@@ -17,6 +17,7 @@ use crate::{Limit, OnUnavailable, RateLimiter};
 
 type Estimator<B> = Arc<dyn Fn(&Request<B>) -> Vec<(String, i128)> + Send + Sync>;
 type RejectionFn = Arc<dyn Fn(&Rejection) -> Response<Full<Bytes>> + Send + Sync>;
+type SkipFn = Arc<dyn Fn(&http::request::Parts) -> bool + Send + Sync>;
 
 pub(crate) struct Config<B> {
     pub(crate) limiter: RateLimiter,
@@ -37,6 +38,8 @@ pub(crate) struct Config<B> {
     /// Its 503 log lines, once then a count every 10 s.
     pub(crate) outage_log: Arc<crate::log_throttle::LogThrottle>,
     pub(crate) rejection: Option<RejectionFn>,
+    /// Requests that pass through untouched.
+    pub(crate) skip: Option<SkipFn>,
 }
 
 impl<B> Clone for Config<B> {
@@ -60,6 +63,7 @@ impl<B> Clone for Config<B> {
             policy_cache: Arc::default(),
             outage_log: Arc::clone(&self.outage_log),
             rejection: self.rejection.clone(),
+            skip: self.skip.clone(),
         }
     }
 }
@@ -121,6 +125,7 @@ impl<B: 'static> RateLimitLayer<B> {
                 policy_cache: Arc::default(),
                 outage_log: Arc::default(),
                 rejection: None,
+                skip: None,
             }),
         }
     }
@@ -214,6 +219,26 @@ impl<B: 'static> RateLimitLayer<B> {
         N: Amount,
     {
         self.config_mut().consume = Some(Arc::new(move |req| named_amounts(estimate(req))));
+        self
+    }
+
+    /// Lets the requests `skip` picks through untouched: health checks, internal networks,
+    /// allow-listed keys. A skipped request reaches the inner service with no lease, no
+    /// write and no header fields. The predicate sees the request head only.
+    ///
+    /// ```
+    /// # use zae_limiter::{InMemoryRepository, Limit, RateLimiter};
+    /// # use zae_limiter::middleware::{extract, RateLimitLayer};
+    /// let layer = RateLimitLayer::<axum::body::Body>::new(RateLimiter::new(InMemoryRepository::new()))
+    ///     .entity(extract::secret(extract::header("x-api-key")))
+    ///     .limits([Limit::per_minute("rpm", 100)])
+    ///     .skip(|head| head.uri.path() == "/healthz");
+    /// ```
+    pub fn skip(
+        mut self,
+        skip: impl Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.config_mut().skip = Some(Arc::new(skip));
         self
     }
 

@@ -75,6 +75,19 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let config = Arc::clone(&self.config);
+        let req = match &config.skip {
+            Some(skip) => {
+                let (head, body) = req.into_parts();
+                let skipped = skip(&head);
+                let req = Request::from_parts(head, body);
+                if skipped {
+                    let call = self.inner.call(req);
+                    return ResponseFuture::passing(config, call);
+                }
+                req
+            }
+            None => req,
+        };
         let entity = config
             .entity
             .as_ref()
