@@ -39,8 +39,6 @@ struct LeaseState {
 #[derive(Debug, Clone)]
 struct InDoubt {
     item: usize,
-    /// Where the item's limits start in the flat amounts.
-    start: usize,
     deltas: Amounts,
     write_id: String,
     /// A commit moves pending to written; a rollback only moves written.
@@ -195,6 +193,11 @@ impl LeaseShared {
         self.limiter.inner.repo.adjust(&request).await
     }
 
+    /// Where item `index`'s limits start in the flat amounts.
+    fn item_start(&self, index: usize) -> usize {
+        self.items[..index].iter().map(|i| i.limits.len()).sum()
+    }
+
     /// Records a written item's deltas.
     fn record(state: &mut LeaseState, start: usize, deltas: &[i64], commit: bool) {
         for (k, d) in deltas.iter().enumerate() {
@@ -217,7 +220,8 @@ impl LeaseShared {
         let mut state = self.state.lock();
         match result {
             Ok(()) => {
-                Self::record(&mut state, doubt.start, &doubt.deltas, doubt.commit);
+                let start = self.item_start(doubt.item);
+                Self::record(&mut state, start, &doubt.deltas, doubt.commit);
                 state.in_doubt = None;
                 Ok(())
             }
@@ -289,7 +293,6 @@ impl LeaseShared {
                     if matches!(e, Error::Unavailable { .. }) {
                         self.state.lock().in_doubt = Some(InDoubt {
                             item: index,
-                            start,
                             deltas: part.into(),
                             write_id,
                             commit,
@@ -571,18 +574,13 @@ where
 }
 
 /// Waits for `task` at most `limit`; past it, [`Error::Unavailable`] (the task goes on).
-pub(crate) async fn within<T>(
+async fn within<T>(
     limit: std::time::Duration,
     what: &str,
     task: tokio::task::JoinHandle<Result<T, Error>>,
 ) -> Result<T, Error> {
     match tokio::time::timeout(limit, task).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(join)) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-        Ok(Err(join)) => Err(Error::unavailable(
-            format!("the {what} was cancelled (its runtime is shutting down)"),
-            join,
-        )),
+        Ok(result) => joined(result, what),
         Err(_) => Err(Error::Unavailable {
             message: format!(
                 "the {what} did not finish within the configured timeout of {limit:?}; it goes \
@@ -590,6 +588,22 @@ pub(crate) async fn within<T>(
             ),
             source: None,
         }),
+    }
+}
+
+/// The result of a finished task: its own, a panic passed on, or `Unavailable` when its
+/// runtime cancelled it.
+pub(crate) fn joined<T>(
+    result: Result<Result<T, Error>, tokio::task::JoinError>,
+    what: &str,
+) -> Result<T, Error> {
+    match result {
+        Ok(result) => result,
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        Err(join) => Err(Error::unavailable(
+            format!("the {what} was cancelled (its runtime is shutting down)"),
+            join,
+        )),
     }
 }
 

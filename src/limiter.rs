@@ -1004,12 +1004,7 @@ impl Acquire {
         let worker = self.clone();
         let mut task = runtime.spawn(async move { worker.decide(consume.as_deref()).await });
         match tokio::time::timeout(limit, &mut task).await {
-            Ok(Ok(decision)) => decision,
-            Ok(Err(join)) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-            Ok(Err(join)) => Err(Error::unavailable(
-                "the acquire was cancelled (its runtime is shutting down)",
-                join,
-            )),
+            Ok(result) => crate::lease::joined(result, "acquire"),
             Err(_) => {
                 runtime.spawn(async move {
                     if let Ok(Ok(lease)) = task.await {

@@ -58,10 +58,7 @@ async fn nothing_listening_is_unavailable_within_the_timeout() {
 
 #[tokio::test]
 async fn killed_mid_run_then_back() {
-    let dir = std::env::temp_dir().join(format!("zae-faults-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let port = free_port().unwrap();
-    let (mut local, repo) = own_server(TIMEOUT, Some(&dir), port).await;
+    let (disk, mut local, repo) = OnDisk::start("faults", TIMEOUT).await;
     let block = RateLimiter::new(repo.clone());
     let allow = RateLimiter::builder(repo.clone())
         .on_unavailable(OnUnavailable::Allow)
@@ -99,12 +96,7 @@ async fn killed_mid_run_then_back() {
         .unwrap();
 
     // DynamoDB returns (same port, same data): everything works again.
-    let _local = DynamoDbLocal::builder()
-        .port(port)
-        .db_path(&dir)
-        .start()
-        .await
-        .unwrap();
+    let _local = disk.restart().await;
     let mut recovered = false;
     let mut failed = 0;
     for _ in 0..50 {
@@ -131,13 +123,47 @@ async fn killed_mid_run_then_back() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(consumed, 4_000, "failed attempts {failed}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Sends `signal` to DynamoDB Local's whole process group (supervisor and JVM).
 fn signal(local: &DynamoDbLocal, signal: i32) {
     let pid = local.pid().expect("a started server has a pid") as i32;
     assert_eq!(unsafe { libc::kill(-pid, signal) }, 0, "signal {signal}");
+}
+
+/// A server of our own that keeps its tables on disk, so it can be killed and started
+/// again on the same port with the same data.
+struct OnDisk {
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl OnDisk {
+    /// A fresh folder named for `name` and a free port: the server, warmed up, and a
+    /// repository on it with `timeout`.
+    async fn start(name: &str, timeout: Duration) -> (Self, DynamoDbLocal, DynamoDbRepository) {
+        let dir = std::env::temp_dir().join(format!("zae-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let port = free_port().unwrap();
+        let (local, repo) = own_server(timeout, Some(&dir), port).await;
+        (OnDisk { dir, port }, local, repo)
+    }
+
+    /// The server again, on the same port with the same data.
+    async fn restart(&self) -> DynamoDbLocal {
+        DynamoDbLocal::builder()
+            .port(self.port)
+            .db_path(&self.dir)
+            .start()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for OnDisk {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// A server of our own, warmed up, and a repository on it with `timeout`.
@@ -316,10 +342,7 @@ async fn settle(lease: &zae_limiter::Lease, commit: bool, tally: &mut Tally) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_under_load_charges_nothing_for_requests_never_admitted() {
     const LIMIT: Duration = Duration::from_millis(500);
-    let dir = std::env::temp_dir().join(format!("zae-kill-load-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let port = free_port().unwrap();
-    let (mut local, repo) = own_server(LIMIT, Some(&dir), port).await;
+    let (disk, mut local, repo) = OnDisk::start("kill-load", LIMIT).await;
     let block = RateLimiter::new(repo.clone());
     let allow = RateLimiter::builder(repo.clone())
         .on_unavailable(OnUnavailable::Allow)
@@ -336,12 +359,7 @@ async fn killed_under_load_charges_nothing_for_requests_never_admitted() {
     tokio::time::sleep(Duration::from_millis(2_000)).await;
     local.stop(); // SIGKILL, mid-load
     tokio::time::sleep(Duration::from_millis(1_000)).await;
-    let _local = DynamoDbLocal::builder()
-        .port(port)
-        .db_path(&dir)
-        .start()
-        .await
-        .unwrap();
+    let _local = disk.restart().await;
     tokio::time::sleep(Duration::from_millis(3_000)).await;
     stop.store(true, Ordering::Relaxed);
     let mut kept = 0;
@@ -386,5 +404,4 @@ async fn killed_under_load_charges_nothing_for_requests_never_admitted() {
         leaked <= bound,
         "{leaked} tokens charged for requests never admitted (bound {bound})"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -189,10 +189,11 @@ impl<E> Secret<E> {
             }
             None => sha2::Sha256::digest(secret.as_bytes()).to_vec(),
         };
+        use std::fmt::Write;
         let mut id = String::with_capacity(33);
         id.push('k');
         for byte in &digest[..16] {
-            id.push_str(&format!("{byte:02x}"));
+            let _ = write!(id, "{byte:02x}");
         }
         id
     }

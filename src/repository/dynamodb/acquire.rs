@@ -845,7 +845,6 @@ impl Inner {
                 read
             }
         };
-        let key = self.bucket_key(entity_id, resource);
         for attempt in 0..DELTA_ATTEMPTS {
             let Some(current) = image.take() else {
                 self.resolved(write_id);
@@ -886,14 +885,7 @@ impl Inner {
             };
             let seq = claim_lane(&mut update, &mut expr, Some(&current), write_id);
             match self
-                .send_lease_write(
-                    write_id,
-                    (entity_id, resource),
-                    key.clone(),
-                    &update,
-                    &expr,
-                    seq,
-                )
+                .send_lease_write(write_id, (entity_id, resource), &update, &expr, seq)
                 .await?
             {
                 Sent::Applied(new) => {
@@ -1066,7 +1058,7 @@ impl Inner {
     }
 
     /// The key of an entity and resource's bucket record.
-    fn bucket_key(&self, entity_id: &str, resource: &str) -> Item {
+    pub(super) fn bucket_key(&self, entity_id: &str, resource: &str) -> Item {
         codec::key(
             keys::bucket_pk(&self.ns, entity_id, resource),
             keys::STATE_SK,
@@ -1567,14 +1559,19 @@ fn bound(expr: &mut Expr, update: &mut Update, attr: &str, lo: Option<i64>, hi: 
     }
 }
 
-/// Conditions the write on the item storing `state`'s parameters for limit `name` (a write
-/// that does not refill must not act on a bucket under other parameters).
-fn require_params(expr: &mut Expr, update: &mut Update, name: &str, state: &BucketState) {
-    for (field, value) in [
+/// A bucket's parameter attributes (capacity, refill amount, refill period) and values.
+fn params(state: &BucketState) -> [(&'static str, i64); 3] {
+    [
         ("cp", state.capacity_milli),
         ("ra", state.refill_amount_milli),
         ("rp", state.refill_period_ms),
-    ] {
+    ]
+}
+
+/// Conditions the write on the item storing `state`'s parameters for limit `name` (a write
+/// that does not refill must not act on a bucket under other parameters).
+fn require_params(expr: &mut Expr, update: &mut Update, name: &str, state: &BucketState) {
+    for (field, value) in params(state) {
         let n = expr.name(&keys::bucket_attr(name, field));
         let v = expr.num(value);
         update.conditions.push(format!("{n} = {v}"));
@@ -1582,11 +1579,7 @@ fn require_params(expr: &mut Expr, update: &mut Update, name: &str, state: &Buck
 }
 
 fn set_params(expr: &mut Expr, update: &mut Update, name: &str, state: &BucketState) {
-    for (field, value) in [
-        ("cp", state.capacity_milli),
-        ("ra", state.refill_amount_milli),
-        ("rp", state.refill_period_ms),
-    ] {
+    for (field, value) in params(state) {
         let n = expr.name(&keys::bucket_attr(name, field));
         let v = expr.num(value);
         update.set.push(format!("{n} = {v}"));

@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
+use super::acquire::MARKER;
 use super::keys;
+use super::lease_writes::{lane_id_attr, lane_seq_attr, LANES};
 use crate::bucket::BucketState;
 use crate::naming::RESERVED_LIMIT_NAME;
 use crate::{Entity, Limit, OnUnavailable};
@@ -161,19 +163,17 @@ impl Image {
             buckets,
             rf,
             ttl: get_i64(item, "ttl"),
-            marker: get_str(item, "lw").map(str::to_string),
-            lanes: (0..8)
+            marker: get_str(item, MARKER).map(str::to_string),
+            lanes: (0..LANES)
                 .filter_map(|lane| {
-                    let seq = get_i64(item, &format!("ws{lane}"))?;
-                    let id = get_str(item, &format!("wi{lane}")).map(str::to_string);
+                    let seq = get_i64(item, &lane_seq_attr(lane))?;
+                    let id = get_str(item, &lane_id_attr(lane)).map(str::to_string);
                     Some((lane, seq, id))
                 })
                 .collect(),
         }
     }
-}
 
-impl Image {
     /// How many lease writes took a number of write lane `lane` (0 if none).
     pub fn lane_seq(&self, lane: usize) -> i64 {
         self.lanes

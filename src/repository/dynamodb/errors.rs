@@ -86,10 +86,7 @@ where
 {
     match error {
         SdkError::ConstructionFailure(_) => false,
-        SdkError::ServiceError(service) => {
-            let code = service.err().code().unwrap_or("");
-            MAYBE_APPLIED_CODES.contains(&code) || service.raw().status().is_server_error()
-        }
+        SdkError::ServiceError(_) => service_failure(error, MAYBE_APPLIED_CODES),
         // A refused connection carried nothing.
         SdkError::DispatchFailure(failure)
             if failure
@@ -126,11 +123,22 @@ where
 {
     match error {
         SdkError::ConstructionFailure(_) => false,
-        SdkError::ServiceError(service) => {
-            let code = service.err().code().unwrap_or("");
-            TRANSIENT_CODES.contains(&code) || service.raw().status().is_server_error()
-        }
+        SdkError::ServiceError(_) => service_failure(error, TRANSIENT_CODES),
         _ => true,
+    }
+}
+
+/// For a service error: whether its code is one of `codes`, or DynamoDB answered 5xx.
+fn service_failure<E>(error: &SdkError<E, HttpResponse>, codes: &[&str]) -> bool
+where
+    E: ProvideErrorMetadata,
+{
+    match error {
+        SdkError::ServiceError(service) => {
+            codes.contains(&service.err().code().unwrap_or(""))
+                || service.raw().status().is_server_error()
+        }
+        _ => false,
     }
 }
 

@@ -22,7 +22,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use parking_lot::Mutex;
 
 use super::acquire::{backoff, no_retries};
-use super::codec::{Image, Item};
+use super::codec::Image;
 use super::expr::{Expr, Update};
 use super::{errors, Inner};
 use crate::Error;
@@ -227,7 +227,6 @@ impl Inner {
         &self,
         write_id: &str,
         item: (&str, &str),
-        key: Item,
         update: &Update,
         expr: &Expr,
         lane_seq: i64,
@@ -239,7 +238,7 @@ impl Inner {
             // ALL_NEW: the item as it now is keeps the last image seen current (its write
             // lanes above all), so the next lease write claims the right number.
             let sent = self
-                .update_request(key.clone(), update, expr)
+                .update_request(self.bucket_key(item.0, item.1), update, expr)
                 .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
                 .customize()
                 .config_override(no_retries())
