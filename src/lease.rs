@@ -13,8 +13,8 @@ use std::task::Context;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
-use crate::limiter::{checked_amounts, named_amounts, statuses, Amount};
-use crate::repository::{AdjustRequest, ItemRequest, LimitCheck};
+use crate::amount::{checked_amounts, named_amounts, Amount};
+use crate::repository::{statuses, AdjustRequest, ItemRequest, LimitCheck};
 use crate::{Error, Limit, LimitStatus, RateLimiter};
 
 /// Whole tokens per limit of every item: inline for the usual few limits.

@@ -43,6 +43,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod amount;
 #[cfg(feature = "blocking")]
 pub mod blocking;
 pub mod bucket;
@@ -62,11 +63,12 @@ pub mod model;
 pub mod naming;
 pub mod repository;
 
+pub use amount::Amount;
 pub use error::{BoxError, Error, ErrorCategory, RateLimitExceeded};
 pub use lease::{Lease, LeaseHandle};
 pub use limit::Limit;
 pub use limiter::{
-    Acquire, AcquireFuture, Amount, BoxFuture, CreateEntity, RateLimiter, RateLimiterBuilder,
+    Acquire, AcquireFuture, BoxFuture, CreateEntity, RateLimiter, RateLimiterBuilder,
 };
 pub use model::{
     BackendCapabilities, CacheStats, ConfigSource, Entity, LimitStatus, OnUnavailable,

@@ -12,7 +12,7 @@ use tower_layer::Layer;
 use super::extract::{Extractor, SharedExtractor};
 use super::response::{PolicyCache, PolicyNaming, Rejection};
 use super::service::RateLimit;
-use crate::limiter::{named_amounts, Amount};
+use crate::amount::{named_amounts, Amount};
 use crate::{Limit, OnUnavailable, RateLimiter};
 
 type Estimator<B> = Arc<dyn Fn(&Request<B>) -> Vec<(String, i128)> + Send + Sync>;

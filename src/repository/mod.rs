@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::bucket::{BucketState, ConsumeResult};
-use crate::{BackendCapabilities, Entity, Error, Limit, OnUnavailable};
+use crate::{BackendCapabilities, Entity, Error, Limit, LimitStatus, OnUnavailable};
 
 #[cfg(feature = "dynamodb")]
 pub mod dynamodb;
@@ -287,4 +287,27 @@ pub fn params_changed(stored: &BucketState, limit: &Limit) -> bool {
     stored.capacity_milli != fresh.capacity_milli
         || stored.refill_amount_milli != fresh.refill_amount_milli
         || stored.refill_period_ms != fresh.refill_period_ms
+}
+
+/// Names each check: the statuses of an acquire, child first.
+pub(crate) fn statuses(items: &[ItemRequest], checks: &[LimitCheck]) -> Vec<LimitStatus> {
+    items
+        .iter()
+        .flat_map(|item| {
+            item.limits
+                .iter()
+                .zip(&item.amounts)
+                .map(move |(limit, amount)| (item, limit, *amount))
+        })
+        .zip(checks)
+        .map(|((item, limit, requested), check)| LimitStatus {
+            entity_id: item.entity_id.clone(),
+            resource: item.resource.clone(),
+            limit: limit.clone(),
+            available: check.available,
+            requested,
+            exceeded: check.exceeded,
+            retry_after_ms: check.retry_after_ms,
+        })
+        .collect()
 }

@@ -4,8 +4,10 @@
 //! (access denied, a malformed request) becomes [`Error::Backend`], which never admits.
 
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 
+use super::codec::Image;
 use crate::Error;
 
 /// Error codes that a retry later may fix.
@@ -154,5 +156,25 @@ where
             TRANSIENT_CODES.contains(&code) && !MAYBE_APPLIED_CODES.contains(&code)
         }
         _ => false,
+    }
+}
+
+/// The image a failed conditional `UpdateItem` returned: `Some(None)` when the condition
+/// failed on a missing item, `None` when the error is not a failed condition.
+pub(super) fn conditional_image<R>(
+    error: &aws_sdk_dynamodb::error::SdkError<UpdateItemError, R>,
+) -> Option<Option<Image>> {
+    match error.as_service_error()? {
+        UpdateItemError::ConditionalCheckFailedException(c) => {
+            Some(c.item().filter(|i| !i.is_empty()).map(Image::parse))
+        }
+        _ => None,
+    }
+}
+
+pub(super) fn build_error(e: aws_sdk_dynamodb::error::BuildError) -> Error {
+    Error::Backend {
+        message: format!("could not build a DynamoDB request: {e}"),
+        source: Some(Box::new(e)),
     }
 }

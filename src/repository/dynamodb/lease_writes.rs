@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 use aws_sdk_dynamodb::types::AttributeValue;
 use parking_lot::Mutex;
 
-use super::acquire::{backoff, no_retries};
 use super::codec::Image;
 use super::expr::{Expr, Update};
+use super::retry::{backoff, no_retries};
 use super::{errors, Inner};
 use crate::Error;
 
@@ -248,7 +248,7 @@ impl Inner {
                 Ok(out) => return Ok(Sent::Applied(out.attributes().map(Image::parse))),
                 Err(e) => e,
             };
-            if let Some(old) = super::acquire::conditional_image(&error) {
+            if let Some(old) = super::errors::conditional_image(&error) {
                 return Ok(Sent::ConditionFailed(old));
             }
             // Once a send's outcome was unknown, the write stays in doubt until a send

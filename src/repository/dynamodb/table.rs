@@ -14,8 +14,9 @@ use aws_sdk_dynamodb::types::{
 };
 use aws_sdk_dynamodb::Client;
 
-use super::acquire::{backoff, build_error};
 use super::codec::{self, get_str, num, s, Item};
+use super::errors::build_error;
+use super::retry::backoff;
 use super::{errors, keys};
 use crate::Error;
 

@@ -1,0 +1,467 @@
+//! [`Acquire`]: one acquire being set up, decided now when it can be, else awaited.
+
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use smallvec::SmallVec;
+
+use super::{no_limits, resolve, BoxFuture, RateLimiter};
+use crate::amount::{checked_amounts, named_amounts, Amount};
+use crate::lease::Lease;
+use crate::repository::{statuses, AcquireOutcome, AcquireRequest, ItemRequest, StoredConfig};
+use crate::{limit, naming, ConfigSource, Error, Limit, OnUnavailable, RateLimitExceeded};
+
+/// An acquire being set up: `.limits`, `.fallback_limits`, `.consume`, `.cascade`,
+/// `.on_unavailable`, then `.await`.
+#[must_use = "an acquire does nothing until it is awaited"]
+#[derive(Clone, Debug)]
+pub struct Acquire {
+    limiter: RateLimiter,
+    entity_id: String,
+    resource: String,
+    limits: Option<Arc<[Limit]>>,
+    fallback: Option<Arc<[Limit]>>,
+    /// The limit lists were validated by whoever built them (the HTTP layer, once).
+    lists_checked: bool,
+    /// Set by [`Acquire::try_now`] when the backend could not decide at once, so awaiting
+    /// goes straight to the backend instead of trying again.
+    undecided: bool,
+    consume: Option<Vec<(String, i128)>>,
+    cascade: Option<bool>,
+    on_unavailable: Option<OnUnavailable>,
+}
+
+impl Acquire {
+    pub(super) fn new(limiter: RateLimiter, entity_id: String, resource: String) -> Self {
+        Acquire {
+            limiter,
+            entity_id,
+            resource,
+            limits: None,
+            fallback: None,
+            lists_checked: false,
+            undecided: false,
+            consume: None,
+            cascade: None,
+            on_unavailable: None,
+        }
+    }
+
+    /// Enforce exactly these limits, ignoring stored ones.
+    pub fn limits(mut self, limits: impl IntoIterator<Item = Limit>) -> Self {
+        self.limits = Some(limits.into_iter().collect());
+        self
+    }
+
+    /// Enforce these limits only when no level stores any.
+    pub fn fallback_limits(mut self, limits: impl IntoIterator<Item = Limit>) -> Self {
+        self.fallback = Some(limits.into_iter().collect());
+        self
+    }
+
+    /// [`Self::limits`] from a list shared with other acquires (no copy).
+    pub fn shared_limits(mut self, limits: Arc<[Limit]>) -> Self {
+        self.limits = Some(limits);
+        self
+    }
+
+    /// [`Self::fallback_limits`] from a list shared with other acquires (no copy).
+    pub fn shared_fallback_limits(mut self, limits: Arc<[Limit]>) -> Self {
+        self.fallback = Some(limits);
+        self
+    }
+
+    /// Marks the limit lists as validated already (by a caller that checked them once).
+    pub(crate) fn lists_checked(mut self) -> Self {
+        self.lists_checked = true;
+        self
+    }
+
+    /// The amount to take from each limit by name; limits not named take 0, names that
+    /// match no limit are ignored. Default: 1 from every limit.
+    pub fn consume<K: Into<String>, N: Amount>(
+        mut self,
+        amounts: impl IntoIterator<Item = (K, N)>,
+    ) -> Self {
+        self.consume = Some(named_amounts(amounts));
+        self
+    }
+
+    /// Whether to charge the parent too, overriding the entity's `cascade` setting.
+    pub fn cascade(mut self, cascade: bool) -> Self {
+        self.cascade = Some(cascade);
+        self
+    }
+
+    /// The outage policy for this call, overriding the limiter's and the stored one.
+    pub fn on_unavailable(mut self, policy: OnUnavailable) -> Self {
+        self.on_unavailable = Some(policy);
+        self
+    }
+
+    /// Validates the input; returns the checked consume amounts.
+    fn validate(&self) -> Result<Option<Vec<(String, i64)>>, Error> {
+        naming::validate_entity_id(&self.entity_id)?;
+        naming::validate_resource(&self.resource)?;
+        if !self.lists_checked {
+            if let Some(l) = &self.limits {
+                limit::validate_all(l)?;
+            }
+            if let Some(l) = &self.fallback {
+                limit::validate_all(l)?;
+            }
+        }
+        match &self.consume {
+            Some(c) => Ok(Some(checked_amounts("consume", c, false)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Applies the outage policy to a decision. The outage is logged once, then as a
+    /// count every 10 s (a line per request would flood the log when it matters most).
+    fn apply_policy(&self, decision: Result<Lease, Error>) -> Result<Lease, Error> {
+        match decision {
+            Err(Error::Unavailable { message, source })
+                if self.limiter.policy(self.on_unavailable) == OnUnavailable::Allow =>
+            {
+                self.limiter.inner.outage_log.note(|count, _| {
+                    tracing::warn!(
+                        error = %message,
+                        cause = ?source,
+                        requests = count,
+                        "rate limiter backend unavailable; admitting (on_unavailable = allow)"
+                    )
+                });
+                Ok(Lease::unlimited(
+                    &self.limiter,
+                    &self.entity_id,
+                    &self.resource,
+                ))
+            }
+            Err(e @ Error::Unavailable { .. }) => {
+                self.limiter.inner.outage_log.note(|count, _| {
+                    tracing::warn!(
+                        error = %e,
+                        requests = count,
+                        "rate limiter backend unavailable; rejecting (on_unavailable = block)"
+                    )
+                });
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
+    /// An entity's limits as resolved from `stored`, with the amount to take from each.
+    fn charges(
+        &self,
+        stored: &StoredConfig,
+        consume: Option<&[(String, i64)]>,
+    ) -> Option<(Arc<[Limit]>, Vec<u64>, bool)> {
+        let (limits, source) = resolve(stored, self.limits.as_ref(), self.fallback.as_ref())?;
+        let amounts = limits
+            .iter()
+            .map(|l| match consume {
+                None => 1,
+                Some(c) => c
+                    .iter()
+                    .filter(|(n, _)| *n == l.name)
+                    .fold(0u64, |sum, (_, a)| sum.saturating_add(*a as u64)),
+            })
+            .collect();
+        // Limits stored for this entity (for this resource or all of them) keep its
+        // buckets; shared levels let an idle item expire.
+        let own = matches!(source, ConfigSource::Entity | ConfigSource::EntityDefault);
+        Some((limits, amounts, !own))
+    }
+
+    /// The parent's item for a cascade, if its limits resolve.
+    fn parent_item(
+        &self,
+        parent_id: &str,
+        stored: &StoredConfig,
+        consume: Option<&[(String, i64)]>,
+    ) -> Option<ItemRequest> {
+        let (limits, amounts, expires_when_idle) = self.charges(stored, consume)?;
+        Some(ItemRequest {
+            entity_id: parent_id.to_string(),
+            resource: self.resource.clone(),
+            limits,
+            amounts,
+            expires_when_idle,
+        })
+    }
+
+    /// The entity's own limits and amounts, and the parent to charge too (if it cascades).
+    #[allow(clippy::type_complexity)]
+    fn own_charges<'s>(
+        &self,
+        stored: &'s StoredConfig,
+        consume: Option<&[(String, i64)]>,
+    ) -> Result<(Arc<[Limit]>, Vec<u64>, bool, Option<&'s str>), Error> {
+        let (limits, amounts, expires) = self
+            .charges(stored, consume)
+            .ok_or_else(|| no_limits(&self.entity_id, &self.resource))?;
+        let entity = stored.entity.as_ref();
+        let cascade = self
+            .cascade
+            .unwrap_or_else(|| entity.is_some_and(|e| e.cascade));
+        let parent = entity
+            .and_then(|e| e.parent_id.as_deref())
+            .filter(|_| cascade);
+        Ok((limits, amounts, expires, parent))
+    }
+
+    /// Turns the backend's answer into a lease or a rejection.
+    fn finish(&self, request: AcquireRequest, outcome: AcquireOutcome) -> Result<Lease, Error> {
+        if !outcome.admitted {
+            let rejection = RateLimitExceeded::new(statuses(&request.items, &outcome.checks))
+                .ok_or_else(|| {
+                    Error::unavailable(
+                        "backend rejected an acquire without reporting an exceeded limit",
+                        "inconsistent AcquireOutcome",
+                    )
+                })?;
+            tracing::debug!(
+                entity_id = %request.items[0].entity_id,
+                resource = %request.items[0].resource,
+                retry_after_ms = rejection.retry_after().as_millis() as u64,
+                "rate limit exceeded"
+            );
+            return Err(Error::RateLimited(rejection));
+        }
+        tracing::debug!(
+            entity_id = %request.items[0].entity_id,
+            resource = %request.items[0].resource,
+            "admitted"
+        );
+        Ok(Lease::new(&self.limiter, request.items, outcome.checks))
+    }
+
+    async fn decide(&self, consume: Option<&[(String, i64)]>) -> Result<Lease, Error> {
+        let limiter = &self.limiter;
+        let now = limiter.now_ms();
+        let stored = limiter
+            .stored_config(&self.entity_id, &self.resource, now)
+            .await?;
+        let (limits, amounts, expires_when_idle, parent) = self.own_charges(&stored, consume)?;
+        let mut items = vec![ItemRequest {
+            entity_id: self.entity_id.clone(),
+            resource: self.resource.clone(),
+            limits,
+            amounts,
+            expires_when_idle,
+        }];
+        if let Some(parent_id) = parent {
+            let parent_stored = limiter
+                .stored_config(parent_id, &self.resource, now)
+                .await?;
+            items.extend(self.parent_item(parent_id, &parent_stored, consume));
+        }
+        let request = AcquireRequest { items, now_ms: now };
+        let outcome = limiter.inner.repo.acquire(&request).await?;
+        self.finish(request, outcome)
+    }
+
+    /// [`Self::decide`] without waiting: `None` as soon as a step would wait for I/O.
+    ///
+    /// The entity id and resource move into the request (the lease keeps them) rather
+    /// than being copied; they are put back whenever the acquire is not decided here.
+    fn decide_now(&mut self, consume: Option<&[(String, i64)]>) -> Option<Result<Lease, Error>> {
+        let mut lookups = SmallVec::new();
+        let decided = self.decide_now_counting(consume, &mut lookups)?;
+        for hit in lookups {
+            self.limiter.inner.cache.count(hit);
+        }
+        Some(decided)
+    }
+
+    fn decide_now_counting(
+        &mut self,
+        consume: Option<&[(String, i64)]>,
+        lookups: &mut SmallVec<[bool; 2]>,
+    ) -> Option<Result<Lease, Error>> {
+        let limiter = self.limiter.clone();
+        let now = limiter.now_ms();
+        let stored =
+            match limiter.stored_config_now(&self.entity_id, &self.resource, now, lookups)? {
+                Ok(stored) => stored,
+                Err(e) => return Some(Err(e)),
+            };
+        let (limits, amounts, expires_when_idle, parent) = match self.own_charges(&stored, consume)
+        {
+            Ok(found) => found,
+            Err(e) => return Some(Err(e)),
+        };
+        let parent_item = match parent {
+            None => None,
+            Some(parent_id) => {
+                match limiter.stored_config_now(parent_id, &self.resource, now, lookups)? {
+                    Ok(parent_stored) => self.parent_item(parent_id, &parent_stored, consume),
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+        };
+        let mut items = Vec::with_capacity(1 + usize::from(parent_item.is_some()));
+        items.push(ItemRequest {
+            entity_id: std::mem::take(&mut self.entity_id),
+            resource: std::mem::take(&mut self.resource),
+            limits,
+            amounts,
+            expires_when_idle,
+        });
+        items.extend(parent_item);
+        let mut request = AcquireRequest { items, now_ms: now };
+        match limiter.inner.repo.acquire_now(&request) {
+            Some(Ok(outcome)) => Some(self.finish(request, outcome)),
+            Some(Err(e)) => {
+                self.take_back(&mut request);
+                Some(Err(e))
+            }
+            None => {
+                self.take_back(&mut request);
+                None
+            }
+        }
+    }
+
+    /// Moves the entity id and resource back from a request that was not decided.
+    fn take_back(&mut self, request: &mut AcquireRequest) {
+        let own = request.items.swap_remove(0);
+        self.entity_id = own.entity_id;
+        self.resource = own.resource;
+    }
+
+    /// Decides at once when the backend can answer without I/O (the in-memory backend
+    /// always can), else hands the acquire back to be awaited. Lets a caller on a hot path
+    /// skip the boxed future; `.await` does the same internally.
+    pub fn try_now(mut self) -> Result<Result<Lease, Error>, Self> {
+        if self.undecided {
+            return Err(self);
+        }
+        let consume = match self.validate() {
+            Ok(consume) => consume,
+            Err(e) => return Ok(Err(e)),
+        };
+        match self.decide_now(consume.as_deref()) {
+            Some(decision) => Ok(self.apply_policy(decision)),
+            None => {
+                self.undecided = true;
+                Err(self)
+            }
+        }
+    }
+
+    async fn run(self) -> Result<Lease, Error> {
+        let consume = self.validate()?;
+        let limit = self.limiter.inner.repo.operation_timeout();
+        let decision = match (limit, tokio::runtime::Handle::try_current()) {
+            (Some(limit), Ok(runtime)) => self.decide_within(consume, limit, &runtime).await,
+            _ => self.decide(consume.as_deref()).await,
+        };
+        self.apply_policy(decision)
+    }
+
+    /// [`Self::decide`] bounded by the backend's operation timeout, retries and backoff
+    /// included. The decision runs as a task of its own, so giving up waiting never cuts
+    /// a write off half-way: it finishes in the background, and a lease it admits after
+    /// the caller gave up is rolled back (its tokens are given back, once).
+    async fn decide_within(
+        &self,
+        consume: Option<Vec<(String, i64)>>,
+        limit: Duration,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Lease, Error> {
+        let worker = self.clone();
+        let mut task = runtime.spawn(async move { worker.decide(consume.as_deref()).await });
+        match tokio::time::timeout(limit, &mut task).await {
+            Ok(result) => crate::lease::joined(result, "acquire"),
+            Err(_) => {
+                runtime.spawn(async move {
+                    if let Ok(Ok(lease)) = task.await {
+                        tracing::debug!(
+                            entity_id = %lease.entity_id(),
+                            "an acquire admitted after its caller timed out; rolling back"
+                        );
+                        lease.settle_detached(false, "acquire timed out");
+                    }
+                });
+                Err(Error::Unavailable {
+                    message: format!(
+                        "the acquire for {}/{} did not finish within the configured timeout \
+                         of {limit:?}",
+                        self.entity_id, self.resource
+                    ),
+                    source: None,
+                })
+            }
+        }
+    }
+}
+
+impl IntoFuture for Acquire {
+    type Output = Result<Lease, Error>;
+    type IntoFuture = AcquireFuture;
+
+    fn into_future(self) -> Self::IntoFuture {
+        let decision: BoxFuture<'static, Self::Output> = match self.try_now() {
+            Ok(decided) => Box::pin(std::future::ready(decided)),
+            Err(pending) => Box::pin(pending.run()),
+        };
+        AcquireFuture {
+            decision: Some(decision),
+        }
+    }
+}
+
+/// The future of an [`Acquire`]: resolves to the [`Lease`] or the rejection.
+///
+/// Dropping it before it resolves is safe: a backend may already have written the
+/// consumption, so the acquire is finished in the background and its lease rolled back,
+/// never leaked (as with `tokio::select!` or a timeout around `.await`).
+#[must_use = "an acquire does nothing until it is awaited"]
+pub struct AcquireFuture {
+    decision: Option<BoxFuture<'static, Result<Lease, Error>>>,
+}
+
+impl std::fmt::Debug for AcquireFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcquireFuture")
+            .field("done", &self.decision.is_none())
+            .finish()
+    }
+}
+
+impl Future for AcquireFuture {
+    type Output = Result<Lease, Error>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let Some(decision) = self.decision.as_mut() else {
+            return std::task::Poll::Ready(Err(Error::LeaseClosed));
+        };
+        let out = std::task::ready!(decision.as_mut().poll(cx));
+        self.decision = None;
+        std::task::Poll::Ready(out)
+    }
+}
+
+impl Drop for AcquireFuture {
+    fn drop(&mut self) {
+        if let Some(decision) = self.decision.take() {
+            crate::lease::run_detached(async move {
+                if let Ok(lease) = decision.await {
+                    tracing::debug!(
+                        entity_id = %lease.entity_id(),
+                        "acquire dropped before it returned; rolling back"
+                    );
+                    lease.settle_detached(false, "acquire dropped before it returned");
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,467 @@
+//! The write paths on bucket items (DESIGN section 9): speculative, create, normal, the
+//! transaction for a cascade that needs the normal path, and signed adjustments.
+//!
+//! Every path decides with the pure functions of [`crate::bucket`] on an image of the item
+//! (read, or returned by a failed conditional write), and writes with `ADD` under conditions
+//! that make the decision hold at write time: nothing is ever read, changed and `Put` back.
+//!
+//! - `plan`: the pure decision on an image (no I/O), unit-tested;
+//! - `update`: the pure building of update and condition expressions;
+//! - `write`: the conditional writes of an acquire (speculative, create, rf-locked);
+//! - `deltas`: adjustments and give-backs of leases;
+//! - `read`: reads of bucket items.
+//!
+//! This module drives them: one item, or a cascade of two.
+
+mod deltas;
+mod plan;
+mod read;
+mod update;
+mod write;
+
+pub(super) use write::MARKER;
+
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{Put, TransactWriteItem, Update as TxUpdate};
+use plan::{
+    admitted_checks, charged, evaluate, expired, fresh_window_ms, rf_is_fresh, stale_params,
+    takes_nothing, Plan,
+};
+use write::Resends;
+
+use crate::repository::dynamodb::codec::Image;
+use crate::repository::dynamodb::errors::build_error;
+use crate::repository::dynamodb::retry::backoff;
+use crate::repository::dynamodb::{errors, Inner};
+use crate::repository::{AcquireOutcome, ItemRequest, LimitCheck};
+use crate::Error;
+
+/// Attempts before an acquire gives up under contention (then `Unavailable`, never a 429;
+/// the caller's wait is bounded by the timeout long before).
+const MAX_ATTEMPTS: usize = 32;
+
+/// How a speculative write ended.
+pub(super) enum Speculative {
+    /// Consumed; the item as it now is.
+    Admitted(Image),
+    /// A condition failed; the item as it was (`None`: it does not exist).
+    Failed(Option<Image>),
+}
+
+/// How a conditional `UpdateItem` ended.
+pub(super) enum Updated {
+    /// Written; the new item when asked for.
+    Ok(Option<Image>),
+    /// A condition failed; the item as it was (`None`: it does not exist).
+    ConditionFailed(Option<Image>),
+}
+
+/// How a conditional write ended.
+pub(super) enum Written {
+    /// Written; the new item when DynamoDB returned it.
+    Ok(Option<Image>),
+    /// A condition failed; the item as it was, when DynamoDB returned it.
+    Conflict(Option<Image>),
+}
+
+/// The next step of the single-item loop.
+pub(super) enum Step {
+    Speculative,
+    Create,
+    Read,
+    /// The rf-locked write from an image (`cached`: remembered, not just returned).
+    Normal {
+        image: Image,
+        cached: bool,
+    },
+}
+
+impl Inner {
+    /// Consumes from one or two items (child, then parent), all or nothing.
+    pub(in crate::repository::dynamodb) async fn acquire_items(
+        &self,
+        items: &[ItemRequest],
+        now_ms: i64,
+    ) -> Result<AcquireOutcome, Error> {
+        match items {
+            [] => Ok(AcquireOutcome {
+                admitted: true,
+                checks: Vec::new(),
+            }),
+            [item] => self.acquire_one(item, now_ms).await,
+            [child, parent] => self.acquire_cascade(child, parent, now_ms).await,
+            _ => Err(Error::validation(
+                "items",
+                items.len().to_string(),
+                "an acquire covers one entity, or a child and its parent",
+            )),
+        }
+    }
+
+    pub(super) async fn acquire_one(
+        &self,
+        item: &ItemRequest,
+        now: i64,
+    ) -> Result<AcquireOutcome, Error> {
+        if let Some(image) = self.rejections.get(&item.entity_id, &item.resource, now) {
+            // A remembered image under other limit parameters is no guide: the item has
+            // to learn the new ones (see `adopt_params`).
+            if !stale_params(&image, item) {
+                let plan = evaluate(Some(&image), item, now);
+                if !plan.fits {
+                    return Ok(rejected(plan.checks));
+                }
+            }
+            self.rejections.forget(&item.entity_id, &item.resource);
+        }
+        if takes_nothing(item) {
+            // Nothing to write: decide on a consistent read.
+            let image = self.read_bucket(&item.entity_id, &item.resource).await?;
+            let plan = evaluate(image.as_ref(), item, now);
+            return Ok(AcquireOutcome {
+                admitted: plan.fits,
+                checks: plan.checks,
+            });
+        }
+        let mut step = self.first_step(item, now);
+        for attempt in 0..MAX_ATTEMPTS {
+            // Writers that keep losing the rf race back off a little, so one busy writer
+            // cannot starve the others.
+            if attempt >= 3 {
+                tokio::time::sleep(backoff((attempt - 3).min(4))).await;
+            }
+            step = match step {
+                Step::Speculative => match self.speculative(item, now).await? {
+                    Speculative::Admitted(new) => {
+                        let checks = admitted_checks(&new, item, now);
+                        self.observe(&item.entity_id, &item.resource, new);
+                        return Ok(admitted(checks));
+                    }
+                    Speculative::Failed(None) => Step::Create,
+                    Speculative::Failed(Some(old)) => match self.next_step(old, item, now).await {
+                        Ok(step) => step,
+                        Err(outcome) => return Ok(outcome),
+                    },
+                },
+                Step::Create => {
+                    let plan = evaluate(None, item, now);
+                    if !plan.fits {
+                        return Ok(rejected(plan.checks));
+                    }
+                    let written = self.create(item, &plan, now).await?;
+                    match self.after_write(written, item, plan.checks, now).await {
+                        Ok(step) => step,
+                        Err(outcome) => return Ok(outcome),
+                    }
+                }
+                Step::Read => match self.read_bucket(&item.entity_id, &item.resource).await? {
+                    None => Step::Create,
+                    Some(image) => match self.next_step(image, item, now).await {
+                        Ok(step) => step,
+                        Err(outcome) => return Ok(outcome),
+                    },
+                },
+                Step::Normal { image, cached } => {
+                    let plan = evaluate(Some(&image), item, now);
+                    if cached && (!plan.fits || stale_params(&image, item)) {
+                        // A remembered image may be behind the table (a refund since):
+                        // never reject on it, read instead.
+                        Step::Read
+                    } else if !plan.fits {
+                        if stale_params(&image, item) {
+                            self.adopt_params(item, &image, now).await;
+                        }
+                        return Ok(rejected(plan.checks));
+                    } else {
+                        let written = self.normal(item, &image, &plan, now).await?;
+                        match self.after_write(written, item, plan.checks, now).await {
+                            Ok(step) => step,
+                            Err(outcome) => return Ok(outcome),
+                        }
+                    }
+                }
+            };
+        }
+        Err(contended(&item.entity_id, &item.resource))
+    }
+
+    /// Where a single-item acquire starts: the speculative write, unless the last image
+    /// seen of the item shows an `rf` too old for it (the fresh-`rf` rule would refuse
+    /// it), in which case the rf-locked write is built from that image straight away.
+    pub(super) fn first_step(&self, item: &ItemRequest, now: i64) -> Step {
+        let window = fresh_window_ms(charged(item));
+        match self.images.get(&item.entity_id, &item.resource) {
+            Some(image) if !expired(&image, now) && !rf_is_fresh(&image, now, window) => {
+                Step::Normal {
+                    image,
+                    cached: true,
+                }
+            }
+            _ => Step::Speculative,
+        }
+    }
+
+    /// Where a create or rf-locked write leads: admitted (`Err`, the new item remembered),
+    /// a read, or the next step from the item it returned.
+    pub(super) async fn after_write(
+        &self,
+        written: Written,
+        item: &ItemRequest,
+        checks: Vec<LimitCheck>,
+        now: i64,
+    ) -> Result<Step, AcquireOutcome> {
+        match written {
+            Written::Ok(new) => {
+                if let Some(new) = new {
+                    self.observe(&item.entity_id, &item.resource, new);
+                }
+                Err(admitted(checks))
+            }
+            Written::Conflict(None) => Ok(Step::Read),
+            Written::Conflict(Some(old)) => self.next_step(old, item, now).await,
+        }
+    }
+
+    /// From an image: reject (remembering it), or the write to try next.
+    pub(super) async fn next_step(
+        &self,
+        image: Image,
+        item: &ItemRequest,
+        now: i64,
+    ) -> Result<Step, AcquireOutcome> {
+        let plan = evaluate(Some(&image), item, now);
+        if !plan.fits {
+            if stale_params(&image, item) {
+                self.adopt_params(item, &image, now).await;
+            } else {
+                self.rejections
+                    .remember(&item.entity_id, &item.resource, image, &plan.checks, now);
+            }
+            return Err(rejected(plan.checks));
+        }
+        self.observe(&item.entity_id, &item.resource, image.clone());
+        Ok(if plan.speculative_ok {
+            Step::Speculative
+        } else {
+            Step::Normal {
+                image,
+                cached: false,
+            }
+        })
+    }
+
+    /// Child and parent: both speculative writes at once, compensating a one-sided success;
+    /// else one transaction of normal writes.
+    pub(super) async fn acquire_cascade(
+        &self,
+        child: &ItemRequest,
+        parent: &ItemRequest,
+        now: i64,
+    ) -> Result<AcquireOutcome, Error> {
+        if takes_nothing(child) || takes_nothing(parent) {
+            return self.acquire_one_side(child, parent, now).await;
+        }
+        let (a, b) = tokio::join!(self.speculative(child, now), self.speculative(parent, now));
+        let (a, b) = match (a, b) {
+            (Ok(Speculative::Admitted(x)), Ok(Speculative::Admitted(y))) => {
+                let mut checks = admitted_checks(&x, child, now);
+                checks.extend(admitted_checks(&y, parent, now));
+                return Ok(admitted(checks));
+            }
+            other => other,
+        };
+        // Undo whatever one side took, then decide from what the other side saw.
+        let mut error = None;
+        let mut checks = Vec::new();
+        let mut fits = true;
+        let mut stale = Vec::new();
+        for (item, result) in [(child, a), (parent, b)] {
+            match result {
+                Ok(Speculative::Admitted(new)) => {
+                    if let Err(e) = self.give_back(item, now).await {
+                        tracing::error!(
+                            entity_id = %item.entity_id,
+                            resource = %item.resource,
+                            error = %e,
+                            "could not give back a one-sided cascade consumption"
+                        );
+                        error.get_or_insert(e);
+                    }
+                    checks.extend(admitted_checks(&new, item, now));
+                }
+                Ok(Speculative::Failed(image)) => {
+                    let plan = evaluate(image.as_ref(), item, now);
+                    fits &= plan.fits;
+                    checks.extend(plan.checks);
+                    stale.extend(image.filter(|i| stale_params(i, item)).map(|i| (item, i)));
+                }
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = error {
+            return Err(e);
+        }
+        if !fits {
+            for (item, image) in &stale {
+                self.adopt_params(item, image, now).await;
+            }
+            return Ok(rejected(checks));
+        }
+        self.cascade_transaction(child, parent, now).await
+    }
+
+    /// A cascade that takes nothing from one side (its limits are named differently): that
+    /// side is only checked, on a consistent read (a write would have nothing in it), and
+    /// the other side is charged as a single item.
+    pub(super) async fn acquire_one_side(
+        &self,
+        child: &ItemRequest,
+        parent: &ItemRequest,
+        now: i64,
+    ) -> Result<AcquireOutcome, Error> {
+        let (checked, charged, checked_first) = if takes_nothing(child) {
+            (child, parent, true)
+        } else {
+            (parent, child, false)
+        };
+        let image = self
+            .read_bucket(&checked.entity_id, &checked.resource)
+            .await?;
+        let check = evaluate(image.as_ref(), checked, now);
+        let outcome = if check.fits {
+            self.acquire_one(charged, now).await?
+        } else {
+            let other = self
+                .read_bucket(&charged.entity_id, &charged.resource)
+                .await?;
+            rejected(evaluate(other.as_ref(), charged, now).checks)
+        };
+        let admitted = check.fits && outcome.admitted;
+        let checks = if checked_first {
+            check.checks.into_iter().chain(outcome.checks).collect()
+        } else {
+            outcome.checks.into_iter().chain(check.checks).collect()
+        };
+        Ok(AcquireOutcome { admitted, checks })
+    }
+
+    /// The slow path of a cascade: read both items, decide, write both in one transaction.
+    pub(super) async fn cascade_transaction(
+        &self,
+        child: &ItemRequest,
+        parent: &ItemRequest,
+        now: i64,
+    ) -> Result<AcquireOutcome, Error> {
+        let items = [child, parent];
+        for attempt in 0..MAX_ATTEMPTS {
+            let images = self.read_buckets(&items).await?;
+            let plans: Vec<Plan> = items
+                .iter()
+                .zip(&images)
+                .map(|(item, image)| evaluate(image.as_ref(), item, now))
+                .collect();
+            if plans.iter().any(|p| !p.fits) {
+                for (item, image) in items.iter().zip(&images) {
+                    if let Some(image) = image.as_ref().filter(|i| stale_params(i, item)) {
+                        self.adopt_params(item, image, now).await;
+                    }
+                }
+                return Ok(rejected(plans.into_iter().flat_map(|p| p.checks).collect()));
+            }
+            let mut writes = Vec::with_capacity(2);
+            for ((item, image), plan) in items.iter().zip(&images).zip(&plans) {
+                writes.push(match image {
+                    None => {
+                        let put = Put::builder()
+                            .table_name(&self.table)
+                            .set_item(Some(self.new_bucket_item(item, plan, now)))
+                            .condition_expression("attribute_not_exists(PK)")
+                            .build()
+                            .map_err(build_error)?;
+                        TransactWriteItem::builder().put(put).build()
+                    }
+                    Some(image) => {
+                        let (update, expr) = self.normal_update(item, image, plan, now);
+                        let tx = TxUpdate::builder()
+                            .table_name(&self.table)
+                            .set_key(Some(self.bucket_key(&item.entity_id, &item.resource)))
+                            .update_expression(update.expression())
+                            .set_condition_expression(update.condition())
+                            .set_expression_attribute_names(expr.names())
+                            .set_expression_attribute_values(expr.values())
+                            .build()
+                            .map_err(build_error)?;
+                        TransactWriteItem::builder().update(tx).build()
+                    }
+                });
+            }
+            // A token makes a re-send after an unknown outcome safe: DynamoDB applies it
+            // once, and answers the re-send as it did the first.
+            let token = format!("zl{:032x}", rand::random::<u128>());
+            let mut resends = Resends::default();
+            let sent = loop {
+                let sent = self
+                    .client
+                    .transact_write_items()
+                    .set_transact_items(Some(writes.clone()))
+                    .client_request_token(&token)
+                    .send()
+                    .await;
+                match sent {
+                    Err(e) if resends.in_doubt || errors::outcome_unknown(&e) => {
+                        match resends.next(&e) {
+                            Some(wait) => tokio::time::sleep(wait).await,
+                            None => break Err(e),
+                        }
+                    }
+                    other => break other,
+                }
+            };
+            match sent {
+                Ok(_) => return Ok(admitted(plans.into_iter().flat_map(|p| p.checks).collect())),
+                Err(e) => {
+                    let reasons: Vec<String> = match e.as_service_error() {
+                        Some(TransactWriteItemsError::TransactionCanceledException(c)) => c
+                            .cancellation_reasons()
+                            .iter()
+                            .filter_map(|r| r.code().map(str::to_string))
+                            .collect(),
+                        _ => return Err(errors::map("TransactWriteItems", &self.table, e)),
+                    };
+                    // A failed condition means the items moved: read again and decide anew.
+                    // A conflict with another transaction is contention: back off and retry;
+                    // neither is a rate-limit rejection.
+                    if !reasons.iter().any(|r| r == "ConditionalCheckFailed") {
+                        tokio::time::sleep(backoff(attempt)).await;
+                    }
+                }
+            }
+        }
+        Err(contended(&child.entity_id, &child.resource))
+    }
+}
+
+pub(super) fn admitted(checks: Vec<LimitCheck>) -> AcquireOutcome {
+    AcquireOutcome {
+        admitted: true,
+        checks,
+    }
+}
+
+pub(super) fn rejected(checks: Vec<LimitCheck>) -> AcquireOutcome {
+    AcquireOutcome {
+        admitted: false,
+        checks,
+    }
+}
+
+pub(super) fn contended(entity_id: &str, resource: &str) -> Error {
+    Error::Unavailable {
+        message: format!(
+            "DynamoDB write contention on {entity_id}/{resource}: gave up after {MAX_ATTEMPTS} attempts"
+        ),
+        source: None,
+    }
+}

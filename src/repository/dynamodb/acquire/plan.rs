@@ -1,0 +1,267 @@
+//! The pure decision on one item's image: what fits, and whether a speculative write
+//! would succeed. No I/O.
+
+use crate::bucket::{self, BucketState, MILLI};
+use crate::repository::dynamodb::codec::Image;
+use crate::repository::{params_changed, reconcile_bucket, ItemRequest, LimitCheck};
+use crate::Limit;
+
+/// What the arithmetic says about one item.
+#[derive(Debug)]
+pub(in crate::repository::dynamodb) struct Plan {
+    /// One check per limit.
+    pub checks: Vec<LimitCheck>,
+    /// Whether every limit fits.
+    pub fits: bool,
+    /// The state of every limit after this acquire (refilled, reconciled, consumed).
+    pub states: Vec<BucketState>,
+    /// Whether the stored tokens cover the request without refill, with the stored
+    /// parameters equal to the requested ones: a speculative write would succeed.
+    pub speculative_ok: bool,
+}
+
+/// Decides an item against an image (`None`: the item does not exist).
+pub(in crate::repository::dynamodb) fn evaluate(
+    image: Option<&Image>,
+    item: &ItemRequest,
+    now_ms: i64,
+) -> Plan {
+    let window = fresh_window_ms(charged(item));
+    let mut plan = Plan {
+        checks: Vec::with_capacity(item.limits.len()),
+        fits: true,
+        states: Vec::with_capacity(item.limits.len()),
+        speculative_ok: image
+            .is_some_and(|i| !expired(i, now_ms) && rf_is_fresh(i, now_ms, window)),
+    };
+    for (limit, &amount) in item.limits.iter().zip(&item.amounts) {
+        let stored = image.and_then(|i| i.buckets.get(&limit.name));
+        plan.speculative_ok &= stored.is_some_and(|s| {
+            !params_changed(s, limit) && i128::from(s.tokens_milli) >= milli(amount)
+        });
+        let current = reconcile_bucket(stored, limit, now_ms);
+        let result = bucket::try_consume(&current, amount, now_ms);
+        plan.fits &= result.success;
+        plan.checks
+            .push(LimitCheck::from_consume(limit, amount, &result));
+        plan.states.push(result.state);
+    }
+    plan
+}
+
+/// Whether the item stores some requested limit with other parameters (capacity, refill
+/// amount or period) than those requested.
+pub(super) fn stale_params(image: &Image, item: &ItemRequest) -> bool {
+    item.limits.iter().any(|limit| {
+        image
+            .buckets
+            .get(&limit.name)
+            .is_some_and(|stored| params_changed(stored, limit))
+    })
+}
+
+pub(super) fn same_params(a: &BucketState, b: &BucketState) -> bool {
+    a.capacity_milli == b.capacity_milli
+        && a.refill_amount_milli == b.refill_amount_milli
+        && a.refill_period_ms == b.refill_period_ms
+}
+
+/// Whether an item takes no tokens at all.
+pub(super) fn takes_nothing(item: &ItemRequest) -> bool {
+    item.amounts.iter().all(|&a| a == 0)
+}
+
+/// The limits an item takes tokens from.
+pub(super) fn charged(item: &ItemRequest) -> impl Iterator<Item = &Limit> {
+    item.limits
+        .iter()
+        .zip(&item.amounts)
+        .filter(|(_, &a)| a > 0)
+        .map(|(l, _)| l)
+}
+
+/// The fresh-`rf` window `W` of DESIGN section 9: how far behind `now` an item's `rf` may
+/// be for a write that takes tokens without refilling (speculative writes and debits).
+///
+/// Such a write leaves `rf` where it was, so the next rf-locked write refills over the
+/// whole span since `rf` and caps at capacity, crediting time the bucket sat full *before*
+/// the take. Requiring `rf >= now - W` keeps that credit within the refill over `W`:
+/// `W = max(time for one token, time to fill / 100)`, the least over the limits taken
+/// from (so the excess in any window is at most max(1 token, 1% of capacity)).
+pub(in crate::repository::dynamodb) fn fresh_window_ms<'a>(
+    limits: impl Iterator<Item = &'a Limit>,
+) -> i64 {
+    limits
+        .map(|l| {
+            let period_ms = u128::from(l.refill_period_seconds) * 1000;
+            let amount = u128::from(l.refill_amount.max(1));
+            let token_ms = period_ms / amount;
+            let fill_ms = u128::from(l.capacity) * period_ms / amount;
+            i64::try_from(token_ms.max(fill_ms / 100)).unwrap_or(i64::MAX)
+        })
+        .min()
+        .unwrap_or(i64::MAX)
+        .max(1)
+}
+
+/// Whether the image's `rf` lies within `window` of `now` (a write that takes without
+/// refilling may go ahead).
+pub(super) fn rf_is_fresh(image: &Image, now_ms: i64, window: i64) -> bool {
+    image
+        .rf
+        .is_some_and(|rf| rf >= now_ms.saturating_sub(window))
+}
+
+pub(super) fn expired(image: &Image, now_ms: i64) -> bool {
+    image.ttl.is_some_and(|t| t <= now_ms.div_euclid(1000))
+}
+
+/// Whole tokens as millitokens (amounts are at most [`crate::limit::MAX_TOKENS`]).
+pub(super) fn milli(amount: u64) -> i128 {
+    i128::from(amount) * i128::from(MILLI)
+}
+
+pub(super) fn milli_i64(amount: u64) -> i64 {
+    i64::try_from(milli(amount)).unwrap_or(i64::MAX)
+}
+
+/// The checks of a speculative write that succeeded, from the item it left.
+pub(super) fn admitted_checks(new: &Image, item: &ItemRequest, now_ms: i64) -> Vec<LimitCheck> {
+    item.limits
+        .iter()
+        .zip(&item.amounts)
+        .map(|(limit, &amount)| {
+            let available = new.buckets.get(&limit.name).map_or(0, |state| {
+                let mut before = *state;
+                before.tokens_milli = before.tokens_milli.saturating_add(milli_i64(amount));
+                bucket::available(&before, now_ms)
+            });
+            LimitCheck {
+                available,
+                exceeded: false,
+                retry_after_ms: Some(0),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use super::*;
+
+    const NOW: i64 = 1_000_000;
+
+    fn item(limits: &[Limit], amounts: &[u64]) -> ItemRequest {
+        ItemRequest {
+            entity_id: "e".into(),
+            resource: "r".into(),
+            limits: Arc::from(limits),
+            amounts: amounts.to_vec(),
+            expires_when_idle: true,
+        }
+    }
+
+    /// An image storing each limit with `tokens` whole tokens, refilled at `rf`.
+    fn image(limits: &[Limit], tokens: i64, rf: i64) -> Image {
+        let buckets: BTreeMap<String, BucketState> = limits
+            .iter()
+            .map(|l| {
+                let mut state = BucketState::from_limit(l, rf);
+                state.tokens_milli = tokens * MILLI;
+                (l.name.clone(), state)
+            })
+            .collect();
+        Image {
+            buckets,
+            rf: Some(rf),
+            ..Image::default()
+        }
+    }
+
+    #[test]
+    fn a_missing_item_fits_from_full_and_is_never_speculative() {
+        let rpm = [Limit::per_minute("rpm", 10)];
+        let plan = evaluate(None, &item(&rpm, &[3]), NOW);
+        assert!(plan.fits && !plan.speculative_ok);
+        assert_eq!(plan.states[0].tokens_milli, 7 * MILLI);
+        assert_eq!(plan.checks[0].available, 10);
+    }
+
+    #[test]
+    fn stored_tokens_that_cover_the_take_with_a_fresh_rf_go_speculative() {
+        let rpm = [Limit::per_minute("rpm", 10)];
+        let plan = evaluate(Some(&image(&rpm, 5, NOW - 100)), &item(&rpm, &[5]), NOW);
+        assert!(plan.fits && plan.speculative_ok);
+        // One more than stored: refill since rf may cover it, but not without refilling.
+        let plan = evaluate(Some(&image(&rpm, 5, NOW - 100)), &item(&rpm, &[6]), NOW);
+        assert!(!plan.fits && !plan.speculative_ok);
+    }
+
+    #[test]
+    fn an_old_rf_refills_on_the_locked_path_never_speculatively() {
+        // 10 a minute: W = 6 s. An rf a minute old is stale: the bucket refills to full
+        // first (so the take fits), on the rf-locked write.
+        let rpm = [Limit::per_minute("rpm", 10)];
+        let plan = evaluate(Some(&image(&rpm, 0, NOW - 60_000)), &item(&rpm, &[10]), NOW);
+        assert!(plan.fits && !plan.speculative_ok);
+        assert_eq!(plan.states[0].tokens_milli, 0);
+    }
+
+    #[test]
+    fn changed_parameters_and_expired_items_are_not_speculative() {
+        let stored = [Limit::per_minute("rpm", 10)];
+        let wanted = [Limit::per_minute("rpm", 20)];
+        let image_old = image(&stored, 10, NOW);
+        assert!(stale_params(&image_old, &item(&wanted, &[1])));
+        assert!(!evaluate(Some(&image_old), &item(&wanted, &[1]), NOW).speculative_ok);
+        let mut expiring = image(&stored, 10, NOW);
+        expiring.ttl = Some(NOW / 1000);
+        assert!(!evaluate(Some(&expiring), &item(&stored, &[1]), NOW).speculative_ok);
+    }
+
+    #[test]
+    fn every_limit_must_fit_and_each_is_checked() {
+        let limits = [Limit::per_minute("rpm", 10), Limit::per_minute("tpm", 100)];
+        let plan = evaluate(
+            Some(&image(&limits, 10, NOW)),
+            &item(&limits, &[1, 500]),
+            NOW,
+        );
+        assert!(!plan.fits);
+        assert!(!plan.checks[0].exceeded && plan.checks[1].exceeded);
+        // A limit taken nothing from does not narrow the fresh window.
+        assert!(takes_nothing(&item(&limits, &[0, 0])));
+        assert_eq!(charged(&item(&limits, &[0, 5])).count(), 1);
+    }
+
+    #[test]
+    fn admitted_checks_report_what_was_available_before_the_take() {
+        let rpm = [Limit::per_minute("rpm", 10)];
+        let after = image(&rpm, 4, NOW);
+        let checks = admitted_checks(&after, &item(&rpm, &[2]), NOW);
+        assert_eq!(checks[0].available, 6);
+        assert!(!checks[0].exceeded);
+    }
+
+    #[test]
+    fn the_fresh_window_is_one_token_or_a_hundredth_of_the_fill() {
+        // 100 a minute: a token every 600 ms, full in 60 s: W = 600 ms.
+        assert_eq!(fresh_window_ms([Limit::per_minute("rpm", 100)].iter()), 600);
+        // 10,000 a minute with a burst of 50,000: full in 300 s, W = 3 s.
+        let tpm = Limit::per_minute("tpm", 10_000).with_burst(50_000);
+        assert_eq!(fresh_window_ms([tpm.clone()].iter()), 3_000);
+        // The least over the limits taken from.
+        assert_eq!(
+            fresh_window_ms([tpm, Limit::per_minute("rpm", 100)].iter()),
+            600
+        );
+        // 1 a day: the time for one token, a day, is longer than a hundredth of the fill.
+        assert_eq!(
+            fresh_window_ms([Limit::per_day("rpd", 1)].iter()),
+            86_400_000
+        );
+    }
+}

@@ -1,0 +1,435 @@
+//! Update and condition expressions for bucket writes, built from an image: the
+//! unlocked deltas and the rf-locked write. Pure, no I/O.
+
+use super::plan::{fresh_window_ms, rf_is_fresh, same_params};
+use crate::bucket::{self, BucketState, MILLI, MIN_TOKENS_MILLI};
+use crate::repository::dynamodb::codec::Image;
+use crate::repository::dynamodb::expr::{Expr, Update};
+use crate::repository::dynamodb::keys;
+use crate::repository::{debt_too_deep, params_changed, reconcile_bucket};
+use crate::{Error, Limit};
+
+/// Signed deltas without moving `rf`, so concurrent adjustments of a hot item never
+/// conflict on it. The item's `rf` must be fresh (within the window `W`, see
+/// [`fresh_window_ms`]) and every limit stored with the configured parameters; per limit:
+///
+/// - a debit: `ADD`, keeping the debt within [`MIN_TOKENS_MILLI`] (conditioned on a fresh
+///   `rf`);
+/// - a credit: conditioned on `rf` being the image's `X` (pinned, not moved), so the
+///   refill not yet written is known: `refill(now - X)`, up to the carry. If the tokens
+///   plus that refill plus the credit stay below capacity, `ADD` the credit (the cap is
+///   not met, so refill and credit commute: exact). If they reach capacity, the bucket is
+///   full now: `SET` the tokens to capacity and the carry to 0 (crediting at most the
+///   refill since `X`, within `W`, as the fresh-`rf` rule allows). The rare band between
+///   the two bounds of the carry goes to the rf-locked write.
+///
+/// The variant is chosen from `image`; a stale image fails a condition and the returned
+/// item is used next time.
+pub(super) fn unlocked_update(image: &Image, deltas: &[&(Limit, i64)], now: i64) -> (Update, Expr) {
+    let mut expr = Expr::default();
+    let mut update = Update::default();
+    update.conditions.push("attribute_exists(PK)".into());
+    let rf = expr.name("rf");
+    let window = fresh_window_ms(deltas.iter().map(|(l, _)| l));
+    let pinned = image.rf.filter(|_| deltas.iter().any(|(_, d)| *d < 0));
+    match pinned {
+        Some(x) => {
+            let v = expr.num(x);
+            update.conditions.push(format!("{rf} = {v}"));
+        }
+        None => {
+            let oldest_rf = expr.num(now.saturating_sub(window));
+            update.conditions.push(format!("{rf} >= {oldest_rf}"));
+        }
+    }
+    let since = pinned.map_or(window, |x| now.saturating_sub(x));
+    for (limit, delta) in deltas {
+        let [tk, tc] = ["tk", "tc"].map(|f| expr.name(&keys::bucket_attr(&limit.name, f)));
+        let change = delta.saturating_mul(MILLI);
+        let plus = expr.num(change);
+        update.add.push(format!("{tc} {plus}"));
+        if change > 0 {
+            let minus = expr.num(change.saturating_neg());
+            let floor = expr.num(MIN_TOKENS_MILLI.saturating_add(change));
+            update.add.push(format!("{tk} {minus}"));
+            update.conditions.push(format!("{tk} >= {floor}"));
+            continue;
+        }
+        let fresh = BucketState::from_limit(limit, now);
+        let credit = change.saturating_neg();
+        match credit_variant(image.buckets.get(&limit.name), &fresh, credit, since) {
+            Some(CreditVariant::Fills { low }) => {
+                let rc = expr.name(&keys::bucket_attr(&limit.name, "rc"));
+                let cap = expr.num(fresh.capacity_milli);
+                let zero = expr.num(0);
+                let low = expr.num(low);
+                update.set.push(format!("{tk} = {cap}"));
+                update.set.push(format!("{rc} = {zero}"));
+                update.conditions.push(format!("{tk} >= {low}"));
+            }
+            // The clear variant (and, should the image show neither, the conservative one:
+            // the caller builds this only when `unlocked_fits`).
+            variant => {
+                let ceiling = match variant {
+                    Some(CreditVariant::Clear { ceiling }) => ceiling,
+                    _ => credit_bounds(&fresh, credit, since).0,
+                };
+                let ceiling = expr.num(ceiling);
+                let amount = expr.num(credit);
+                update.add.push(format!("{tk} {amount}"));
+                update.conditions.push(format!("{tk} <= {ceiling}"));
+            }
+        }
+        require_params(&mut expr, &mut update, &limit.name, &fresh);
+    }
+    (update, expr)
+}
+
+/// How an unlocked credit is written.
+pub(super) enum CreditVariant {
+    /// `ADD`: the tokens stay at most `ceiling` before it, so the cap is not met.
+    Clear { ceiling: i64 },
+    /// `SET` to capacity: the tokens are at least `low` before it, so the bucket is full.
+    Fills { low: i64 },
+}
+
+/// The bounds of a credit of `credit` millitokens on `stored`, `since_ms` after its `rf`:
+/// the refill not yet written lies between `since * ra / rp` (no carry) and that plus one
+/// period's worth (any carry), rounded outward.
+pub(super) fn credit_bounds(fresh: &BucketState, credit: i64, since_ms: i64) -> (i64, i64) {
+    let pending_hi = refill_over(fresh, since_ms);
+    let pending_lo = if fresh.refill_period_ms > 0 {
+        i64::try_from(
+            i128::from(since_ms.max(0)) * i128::from(fresh.refill_amount_milli)
+                / i128::from(fresh.refill_period_ms),
+        )
+        .unwrap_or(i64::MAX)
+    } else {
+        0
+    };
+    let ceiling = fresh
+        .capacity_milli
+        .saturating_sub(credit)
+        .saturating_sub(pending_hi);
+    let low = fresh
+        .capacity_milli
+        .saturating_sub(credit)
+        .saturating_sub(pending_lo);
+    (ceiling, low)
+}
+
+/// Which unlocked credit fits `stored` (`None`: neither, the rf-locked write does it).
+pub(super) fn credit_variant(
+    stored: Option<&BucketState>,
+    fresh: &BucketState,
+    credit: i64,
+    since_ms: i64,
+) -> Option<CreditVariant> {
+    let stored = stored?;
+    let (ceiling, low) = credit_bounds(fresh, credit, since_ms);
+    if stored.tokens_milli <= ceiling {
+        Some(CreditVariant::Clear { ceiling })
+    } else if stored.tokens_milli >= low {
+        Some(CreditVariant::Fills { low })
+    } else {
+        None
+    }
+}
+
+/// Whether [`unlocked_update`] would pass on `image`: a fresh `rf`, every limit stored
+/// with the configured parameters, debits within the debt bound, each credit clearly below
+/// or at capacity.
+pub(super) fn unlocked_fits(
+    image: &Image,
+    deltas: &[&(Limit, i64)],
+    now: i64,
+    window: i64,
+) -> bool {
+    let since = image.rf.map_or(window, |x| now.saturating_sub(x));
+    rf_is_fresh(image, now, window)
+        && deltas.iter().all(|(limit, delta)| {
+            let Some(stored) = image.buckets.get(&limit.name) else {
+                return false;
+            };
+            let change = delta.saturating_mul(MILLI);
+            if change > 0 {
+                stored.tokens_milli >= MIN_TOKENS_MILLI.saturating_add(change)
+            } else {
+                let fresh = BucketState::from_limit(limit, now);
+                !params_changed(stored, limit)
+                    && credit_variant(Some(stored), &fresh, change.saturating_neg(), since)
+                        .is_some()
+            }
+        })
+}
+
+/// The most a bucket refills over `window_ms`, carry included, in millitokens (rounded up).
+pub(super) fn refill_over(state: &BucketState, window_ms: i64) -> i64 {
+    if state.refill_period_ms <= 0 {
+        return 0;
+    }
+    let accrued = i128::from(window_ms.max(0)) * i128::from(state.refill_amount_milli)
+        + i128::from(state.refill_period_ms);
+    i64::try_from(accrued / i128::from(state.refill_period_ms) + 1).unwrap_or(i64::MAX)
+}
+
+/// The rf-locked write of signed deltas on `current`: refilled, charged or credited
+/// (capped at capacity), never past the debt bound.
+pub(super) fn locked_deltas(
+    current: &Image,
+    deltas: &[&(Limit, i64)],
+    now: i64,
+) -> Result<(Update, Expr), Error> {
+    let mut changes = Vec::with_capacity(deltas.len());
+    for (limit, delta) in deltas {
+        let stored = reconcile_bucket(current.buckets.get(&limit.name), limit, now);
+        let state = bucket::force_consume(&stored, *delta, now);
+        if state.tokens_milli < MIN_TOKENS_MILLI {
+            return Err(debt_too_deep(&limit.name, *delta));
+        }
+        changes.push(Change {
+            limit,
+            state,
+            consumed: delta.saturating_mul(MILLI),
+            must_cover: false,
+        });
+    }
+    Ok(locked_update(current, &changes, Ttl::Keep, now))
+}
+
+/// One limit's part in an rf-locked write.
+pub(super) struct Change<'a> {
+    pub(super) limit: &'a Limit,
+    /// The state to reach (refilled to the write's time, then charged).
+    pub(super) state: BucketState,
+    /// Millitokens to add to `tc` (negative for a credit).
+    pub(super) consumed: i64,
+    /// Whether the stored tokens must still cover the change at write time (an acquire);
+    /// false for adjustments, which may go into debt.
+    pub(super) must_cover: bool,
+}
+
+/// What an rf-locked write does to the item's `ttl`.
+pub(super) enum Ttl {
+    Set(i64),
+    Remove,
+    Keep,
+}
+
+/// An rf-locked write: moves `rf` to the write's time and, in the same `UpdateItem`,
+/// per changed limit `ADD tk (target - stored)`, `ADD tc`, `SET rc` (and the parameters
+/// when the config changed; a limit the item lacks is seeded in full), and credits the
+/// refill accrued since `rf` to every other limit stored on the item, since moving `rf`
+/// would otherwise discard it.
+///
+/// Conditions: `rf` is the one read (one writer claims each refill window); per limit the
+/// stored tokens still cover the change (a speculative write may have drained them since)
+/// and the refill does not lift them above capacity (a credit may have landed since).
+pub(super) fn locked_update(
+    image: &Image,
+    changes: &[Change<'_>],
+    ttl: Ttl,
+    now: i64,
+) -> (Update, Expr) {
+    let mut expr = Expr::default();
+    let mut update = Update::default();
+    update.conditions.push("attribute_exists(PK)".into());
+    let rf = expr.name("rf");
+    match image.rf {
+        Some(old) => {
+            let v = expr.num(old);
+            update.conditions.push(format!("{rf} = {v}"));
+        }
+        None => update
+            .conditions
+            .push(format!("attribute_not_exists({rf})")),
+    }
+    let new_rf = now.max(image.rf.unwrap_or(i64::MIN));
+    let v = expr.num(new_rf);
+    update.set.push(format!("{rf} = {v}"));
+    for change in changes {
+        let name = &change.limit.name;
+        let rc = expr.name(&keys::bucket_attr(name, "rc"));
+        let carry = expr.num(change.state.refill_carry);
+        update.set.push(format!("{rc} = {carry}"));
+        match image.buckets.get(name) {
+            Some(old) => {
+                let delta = change.state.tokens_milli.saturating_sub(old.tokens_milli);
+                // An acquire needs the tokens still there; a debit keeps the debt in bounds.
+                let lo = if change.must_cover {
+                    Some(delta.saturating_neg())
+                } else {
+                    (delta < 0).then(|| MIN_TOKENS_MILLI.saturating_sub(delta))
+                };
+                let hi = (delta > 0).then(|| change.state.capacity_milli.saturating_sub(delta));
+                // Name `tk` only when it is used: DynamoDB rejects an unused name (a
+                // credit on a full bucket, or parameters adopted with no refill due, move
+                // no tokens).
+                if delta != 0 || lo.is_some() {
+                    let tk = expr.name(&keys::bucket_attr(name, "tk"));
+                    if delta != 0 {
+                        let d = expr.num(delta);
+                        update.add.push(format!("{tk} {d}"));
+                    }
+                    bound(&mut expr, &mut update, &tk, lo, hi);
+                }
+                if change.consumed != 0 {
+                    let tc = expr.name(&keys::bucket_attr(name, "tc"));
+                    let c = expr.num(change.consumed);
+                    update.add.push(format!("{tc} {c}"));
+                }
+                if !same_params(old, &change.state) {
+                    set_params(&mut expr, &mut update, name, &change.state);
+                }
+            }
+            None => {
+                let tk = expr.name(&keys::bucket_attr(name, "tk"));
+                let t = expr.num(change.state.tokens_milli);
+                update.set.push(format!("{tk} = {t}"));
+                let tc = expr.name(&keys::bucket_attr(name, "tc"));
+                let zero = expr.num(0);
+                let c = expr.num(change.consumed);
+                update
+                    .set
+                    .push(format!("{tc} = if_not_exists({tc}, {zero}) + {c}"));
+                update
+                    .conditions
+                    .push(format!("attribute_not_exists({tk})"));
+                set_params(&mut expr, &mut update, name, &change.state);
+            }
+        }
+    }
+    for (name, old) in &image.buckets {
+        if changes.iter().any(|c| &c.limit.name == name) {
+            continue;
+        }
+        let refilled = bucket::refill(old, new_rf);
+        let delta = refilled.tokens_milli.saturating_sub(old.tokens_milli);
+        if delta == 0 && refilled.refill_carry == old.refill_carry {
+            continue;
+        }
+        let rc = expr.name(&keys::bucket_attr(name, "rc"));
+        let carry = expr.num(refilled.refill_carry);
+        update.set.push(format!("{rc} = {carry}"));
+        // Name `tk` only when tokens move: a refill of less than a millitoken changes the
+        // carry alone, and DynamoDB rejects a request that names an attribute it never uses.
+        if delta != 0 {
+            let tk = expr.name(&keys::bucket_attr(name, "tk"));
+            let d = expr.num(delta);
+            update.add.push(format!("{tk} {d}"));
+            let hi = refilled.capacity_milli.saturating_sub(delta);
+            bound(&mut expr, &mut update, &tk, None, Some(hi));
+        }
+    }
+    match ttl {
+        Ttl::Set(t) => {
+            let n = expr.name("ttl");
+            let v = expr.num(t);
+            update.set.push(format!("{n} = {v}"));
+        }
+        Ttl::Remove => {
+            let n = expr.name("ttl");
+            update.remove.push(n);
+        }
+        Ttl::Keep => {}
+    }
+    (update, expr)
+}
+
+/// Conditions a stored value to `lo..=hi` (either side optional).
+pub(super) fn bound(
+    expr: &mut Expr,
+    update: &mut Update,
+    attr: &str,
+    lo: Option<i64>,
+    hi: Option<i64>,
+) {
+    match (lo, hi) {
+        (Some(lo), Some(hi)) => {
+            let (lo, hi) = (expr.num(lo), expr.num(hi));
+            update
+                .conditions
+                .push(format!("{attr} BETWEEN {lo} AND {hi}"));
+        }
+        (Some(lo), None) => {
+            let lo = expr.num(lo);
+            update.conditions.push(format!("{attr} >= {lo}"));
+        }
+        (None, Some(hi)) => {
+            let hi = expr.num(hi);
+            update.conditions.push(format!("{attr} <= {hi}"));
+        }
+        (None, None) => {}
+    }
+}
+
+/// A bucket's parameter attributes (capacity, refill amount, refill period) and values.
+pub(super) fn params(state: &BucketState) -> [(&'static str, i64); 3] {
+    [
+        ("cp", state.capacity_milli),
+        ("ra", state.refill_amount_milli),
+        ("rp", state.refill_period_ms),
+    ]
+}
+
+/// Conditions the write on the item storing `state`'s parameters for limit `name` (a write
+/// that does not refill must not act on a bucket under other parameters).
+pub(super) fn require_params(
+    expr: &mut Expr,
+    update: &mut Update,
+    name: &str,
+    state: &BucketState,
+) {
+    for (field, value) in params(state) {
+        let n = expr.name(&keys::bucket_attr(name, field));
+        let v = expr.num(value);
+        update.conditions.push(format!("{n} = {v}"));
+    }
+}
+
+pub(super) fn set_params(expr: &mut Expr, update: &mut Update, name: &str, state: &BucketState) {
+    for (field, value) in params(state) {
+        let n = expr.name(&keys::bucket_attr(name, field));
+        let v = expr.num(value);
+        update.set.push(format!("{n} = {v}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 100 a minute: 1,666 millitokens a second.
+    fn state(tokens: i64) -> BucketState {
+        let mut s = BucketState::from_limit(&Limit::per_minute("rpm", 100), 0);
+        s.tokens_milli = tokens;
+        s
+    }
+
+    #[test]
+    fn an_unlocked_credit_is_clear_of_the_cap_or_fills_the_bucket() {
+        let fresh = state(100_000);
+        let credit = 10_000;
+        // 600 ms after rf: 1,000 millitokens of refill not yet written.
+        let since = 600;
+        let (ceiling, low) = credit_bounds(&fresh, credit, since);
+        assert!(ceiling < low && low - ceiling <= 3, "{ceiling} {low}");
+        // Well below: refill and credit cannot meet the cap, whatever the carry.
+        match credit_variant(Some(&state(50_000)), &fresh, credit, since) {
+            Some(CreditVariant::Clear { ceiling }) => {
+                assert!(ceiling + credit + refill_over(&fresh, since) <= 100_000 + 1_667)
+            }
+            _ => panic!("expected a clear credit"),
+        }
+        // Near full: tokens + refill + credit reach capacity, so the bucket is full now.
+        assert!(matches!(
+            credit_variant(Some(&state(89_500)), &fresh, credit, since),
+            Some(CreditVariant::Fills { .. })
+        ));
+        // Between the bounds of the carry: the rf-locked write decides.
+        let between = (ceiling + low) / 2 + 1;
+        if between > ceiling && between < low {
+            assert!(credit_variant(Some(&state(between)), &fresh, credit, since).is_none());
+        }
+    }
+}
