@@ -53,7 +53,6 @@ pub mod error;
 mod keys;
 mod lease;
 pub mod limit;
-pub mod limit_spec;
 mod limiter;
 #[cfg(feature = "dynamodb")]
 pub mod local;

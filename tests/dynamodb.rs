@@ -664,6 +664,20 @@ async fn adjust_never_creates_a_stub_item() {
     assert!(calls.total() >= 2);
 }
 
+/// A limit with capacity 0: refused by the constructors, so changed after construction.
+fn zero_capacity() -> Limit {
+    let mut limit = Limit::per_minute("rpm", 1);
+    limit.capacity = 0;
+    limit
+}
+
+/// A limit named `name`, which the constructors would refuse.
+fn named(name: &str) -> Limit {
+    let mut limit = Limit::per_minute("rpm", 1);
+    limit.name = name.into();
+    limit
+}
+
 #[tokio::test]
 async fn bad_input_never_reaches_dynamodb() {
     let (repo, calls) = dynamo::repo_with_counter().await;
@@ -688,16 +702,16 @@ async fn bad_input_never_reaches_dynamodb() {
             .err(),
         limiter
             .acquire("k", "api")
-            .limits([Limit::per_minute("rpm", 0)])
+            .limits([zero_capacity()])
             .await
             .err(),
         limiter
             .acquire("k", "api")
-            .limits([Limit::per_minute("wcu", 1)])
+            .limits([named("wcu")])
             .await
             .err(),
         limiter
-            .set_entity_limits("k", "api", &[Limit::per_minute("bad name", 1)])
+            .set_entity_limits("k", "api", &[named("bad name")])
             .await
             .err(),
         limiter.create_entity("k").parent("p#q").await.err(),

@@ -645,11 +645,17 @@ async fn unmatched_paths_get_one_resource_or_pass_through() {
 fn invalid_limits_fail_when_the_layer_is_built() {
     let l = limiter();
     let err = RateLimitLayer::<Body>::new(l.clone())
-        .try_limits([Limit::per_minute("bad#name", 1)])
+        .try_limits([{
+            let mut bad = Limit::per_minute("rpm", 1);
+            bad.name = "bad#name".into();
+            bad
+        }])
         .unwrap_err();
     assert!(matches!(err, Error::InvalidName { .. }), "{err:?}");
     let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        RateLimitLayer::<Body>::new(l).limits([Limit::per_minute("rpm", 0)])
+        let mut zero = Limit::per_minute("rpm", 1);
+        zero.capacity = 0;
+        RateLimitLayer::<Body>::new(l).limits([zero])
     }))
     .unwrap_err();
     let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();

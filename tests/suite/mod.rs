@@ -25,6 +25,12 @@ pub fn limiter(repo: Arc<dyn Repository>) -> (RateLimiter, ManualClock) {
     (limiter, clock)
 }
 
+/// `limit` changed after construction (the fields are public), past the constructors' checks.
+fn changed(mut limit: Limit, change: impl FnOnce(&mut Limit)) -> Limit {
+    change(&mut limit);
+    limit
+}
+
 fn rpm(n: u64) -> Limit {
     Limit::per_minute("rpm", n)
 }
@@ -189,15 +195,21 @@ pub async fn invalid_input_is_a_typed_error(repo: Arc<dyn Repository>) {
     assert!(matches!(&err, Error::InvalidIdentifier { field, .. } if field == "entity_id"));
     let err = l.acquire("u1", "api#x").limits([rpm(1)]).await.unwrap_err();
     assert!(matches!(&err, Error::InvalidName { field, .. } if field == "resource"));
-    let err = l
-        .acquire("u1", "api")
-        .limits([Limit::per_minute("wcu", 1)])
-        .await
-        .unwrap_err();
+    // Constructors refuse an invalid limit; one changed after construction is refused by
+    // the acquire, with the same typed error.
+    let err = Limit::try_per_minute("wcu", 1).unwrap_err();
     assert!(matches!(&err, Error::InvalidName { field, .. } if field == "limit_name"));
     let err = l
         .acquire("u1", "api")
-        .limits([Limit::custom("rpm", 0, 1, 60)])
+        .limits([changed(rpm(1), |l| l.name = "wcu".into())])
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, Error::InvalidName { field, .. } if field == "limit_name"));
+    let err = Limit::try_custom("rpm", 0, 1, 60).unwrap_err();
+    assert!(matches!(&err, Error::Validation { field, .. } if field == "limits.rpm.capacity"));
+    let err = l
+        .acquire("u1", "api")
+        .limits([changed(rpm(1), |l| l.capacity = 0)])
         .await
         .unwrap_err();
     assert!(matches!(&err, Error::Validation { field, .. } if field == "limits.rpm.capacity"));

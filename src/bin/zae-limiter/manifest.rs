@@ -167,9 +167,14 @@ impl LimitMap {
     fn into_limits(self) -> Vec<Limit> {
         self.0
             .into_iter()
-            .map(|(name, Spec(limit))| Limit {
-                name: name.0,
-                ..limit
+            // Both parts were validated: the name as a key, the numbers as a spec.
+            .map(|(name, Spec(limit))| {
+                Limit::custom(
+                    name.0,
+                    limit.capacity,
+                    limit.refill_amount,
+                    limit.refill_period_seconds,
+                )
             })
             .collect()
     }
@@ -279,22 +284,19 @@ impl Spec {
             None => 60,
             Some(Period::Seconds(s)) => s,
             Some(Period::Text(t)) => {
-                zae_limiter::limit_spec::parse_period_seconds(&t).map_err(|_| {
+                zae_limiter::limit::parse_period_seconds(&t).map_err(|_| {
                     format!("period {t:?} is not a period; write seconds (60) or 30s, 1m, 1h, 1d")
                 })?
             }
         };
-        let mut limit = Limit::custom(
+        let limit = Limit::try_custom(
             "unnamed",
-            raw.capacity,
+            raw.burst.unwrap_or(raw.capacity),
             raw.refill_amount.unwrap_or(raw.capacity),
             period,
         );
-        if let Some(burst) = raw.burst {
-            limit = limit.with_burst(burst);
-        }
-        match limit.validate() {
-            Ok(()) => Ok(Spec(limit)),
+        match limit {
+            Ok(limit) => Ok(Spec(limit)),
             Err(zae_limiter::Error::Validation { field, reason, .. }) => {
                 // Which manifest field set the limit's field.
                 let named = match field.rsplit('.').next().unwrap_or_default() {

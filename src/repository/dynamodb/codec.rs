@@ -91,9 +91,8 @@ pub(super) fn config_limits(item: &Item) -> Option<Vec<Limit>> {
             tracing::warn!(limit = %name, "stored limit lacks capacity or refill; skipped");
             continue;
         };
-        let limit = Limit::custom(name.as_str(), cp, ra, rp);
-        match limit.validate() {
-            Ok(()) => limits.push(limit),
+        match Limit::try_custom(name.as_str(), cp, ra, rp) {
+            Ok(limit) => limits.push(limit),
             Err(e) => tracing::warn!(limit = %name, error = %e, "stored limit is invalid; skipped"),
         }
     }

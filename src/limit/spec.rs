@@ -1,15 +1,5 @@
-//! The compact text form of a [`Limit`], as operators type it (`rpm:100`,
-//! `tpm:10000:burst=15000`, `tokens:500:100/10`) and as the command-line tool prints it.
-//!
-//! - `name:rate`: `rate` tokens per period, capacity `rate`.
-//! - `name:rate:burst=B`: the same with capacity `B` ([`Limit::with_burst`]).
-//! - `name:capacity:amount/period`: any limit; the period is whole seconds, or a number with
-//!   `s`, `m`, `h` or `d`.
-//!
-//! Where the period is not written, a three-letter name of the form `?p?` says it (`rps`
-//! per second, `rpm`/`tpm` per minute, `rph` per hour, `rpd` per day); any other name means
-//! per minute. [`Limit`]'s `Display` writes the shortest form that parses back to the same
-//! limit.
+//! The compact text form of a [`Limit`] (see the [module docs](super#the-compact-text-form)):
+//! `FromStr`, `Display` and the period helpers.
 
 use std::fmt;
 use std::str::FromStr;
@@ -81,34 +71,33 @@ fn period(text: &str, value: &str) -> Result<u64, Error> {
 impl FromStr for Limit {
     type Err = Error;
 
-    /// Parses the compact form (see the [module docs](crate::limit_spec)) and validates the
+    /// Parses the compact form (see the [module docs](crate::limit#the-compact-text-form)) and validates the
     /// result, so a parsed limit is always usable.
     fn from_str(text: &str) -> Result<Self, Error> {
         let parts: Vec<&str> = text.trim().split(':').collect();
         let limit = match parts.as_slice() {
             [name, rate] => {
                 let rate = number(text, "rate", rate)?;
-                Limit::custom(*name, rate, rate, implied_period_seconds(name))
+                Limit::try_custom(*name, rate, rate, implied_period_seconds(name))?
             }
             [name, rate, third] => {
                 if let Some(burst) = third.trim().strip_prefix("burst=") {
                     let rate = number(text, "rate", rate)?;
-                    Limit::custom(*name, rate, rate, implied_period_seconds(name))
-                        .with_burst(number(text, "burst", burst)?)
+                    Limit::try_custom(*name, rate, rate, implied_period_seconds(name))?
+                        .try_with_burst(number(text, "burst", burst)?)?
                 } else if let Some((amount, per)) = third.split_once('/') {
-                    Limit::custom(
+                    Limit::try_custom(
                         *name,
                         number(text, "capacity", rate)?,
                         number(text, "refill amount", amount)?,
                         period(text, per)?,
-                    )
+                    )?
                 } else {
                     return Err(bad(text, format!("cannot read {third:?}; {FORMS}")));
                 }
             }
             _ => return Err(bad(text, FORMS)),
         };
-        limit.validate()?;
         Ok(limit)
     }
 }

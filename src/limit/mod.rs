@@ -1,0 +1,270 @@
+//! [`Limit`]: one named token bucket's capacity and refill rate, and its compact text form.
+//!
+//! # The compact text form
+//!
+//! As operators type a limit (`rpm:100`, `tpm:10000:burst=15000`, `tokens:500:100/10`) and as
+//! the command-line tool prints it (`Limit`'s `FromStr` and `Display`):
+//!
+//! - `name:rate`: `rate` tokens per period, capacity `rate`.
+//! - `name:rate:burst=B`: the same with capacity `B` ([`Limit::with_burst`]).
+//! - `name:capacity:amount/period`: any limit; the period is whole seconds, or a number with
+//!   `s`, `m`, `h` or `d`.
+//!
+//! Where the period is not written, a three-letter name of the form `?p?` says it (`rps`
+//! per second, `rpm`/`tpm` per minute, `rph` per hour, `rpd` per day); any other name means
+//! per minute. `Display` writes the shortest form that parses back to the same limit.
+
+mod spec;
+
+use serde::{Deserialize, Serialize};
+
+pub use spec::{implied_period_seconds, parse_period_seconds};
+
+use crate::{naming, Error};
+
+/// The largest capacity or refill amount a limit may have, in whole tokens.
+///
+/// Bucket values are stored in millitokens in an `i64`; this bound leaves room for debt and
+/// for the `i128` intermediates of refill without any risk of overflow.
+pub const MAX_TOKENS: u64 = 1_000_000_000_000_000;
+
+/// The longest refill period a limit may have: ten years, in seconds.
+pub const MAX_REFILL_PERIOD_SECONDS: u64 = 10 * 366 * 86_400;
+
+/// A named token-bucket limit: holds up to `capacity` tokens and regains `refill_amount`
+/// tokens every `refill_period_seconds`, continuously and exactly (see [`crate::bucket`]).
+///
+/// Every way to make one validates it, as governor's `Quota` does: a zero rate, a number
+/// out of range or a bad name is never a limit that silently admits nothing (or
+/// everything). The constructors for literals ([`Limit::per_minute`], ...) panic on such
+/// values, naming them; the `try_` constructors, [`str::parse`] and deserialization return
+/// a typed [`Error`] for values that come from configuration. The fields stay readable;
+/// [`Limit::validate`] (called by every API that takes limits) checks one that was changed
+/// since.
+///
+/// ```
+/// use zae_limiter::Limit;
+///
+/// let rpm = Limit::per_minute("rpm", 100);
+/// assert_eq!((rpm.capacity, rpm.refill_amount, rpm.refill_period_seconds), (100, 100, 60));
+/// let tpm = Limit::per_minute("tpm", 10_000).with_burst(15_000);
+/// assert_eq!((tpm.capacity, tpm.refill_amount), (15_000, 10_000));
+///
+/// // From configuration: a typed error naming the field, never a useless limit.
+/// let err = Limit::try_per_minute("rpm", 0).unwrap_err();
+/// assert_eq!(err.field(), Some("limits.rpm.capacity"));
+/// assert!(Limit::try_per_second("bad name", 1).is_err());
+/// assert!("rpm:0".parse::<Limit>().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "LimitFields")]
+#[non_exhaustive]
+pub struct Limit {
+    /// The limit's name, e.g. `rpm` or `tpm` (see [`crate::naming`] for the rules).
+    pub name: String,
+    /// The most tokens the bucket holds (the burst).
+    pub capacity: u64,
+    /// Tokens regained per refill period.
+    pub refill_amount: u64,
+    /// The refill period in seconds.
+    pub refill_period_seconds: u64,
+}
+
+/// A limit as stored or sent, checked by [`Limit::try_from`] before it becomes one.
+#[derive(Deserialize)]
+struct LimitFields {
+    name: String,
+    capacity: u64,
+    refill_amount: u64,
+    refill_period_seconds: u64,
+}
+
+impl TryFrom<LimitFields> for Limit {
+    type Error = Error;
+
+    fn try_from(f: LimitFields) -> Result<Self, Error> {
+        Limit::try_custom(f.name, f.capacity, f.refill_amount, f.refill_period_seconds)
+    }
+}
+
+/// Unwraps a constructor's result, panicking with the error (which names the field).
+#[track_caller]
+fn valid(limit: Result<Limit, Error>) -> Limit {
+    limit.unwrap_or_else(|e| panic!("{e}"))
+}
+
+impl Limit {
+    /// `rate` tokens per second, capacity `rate`.
+    ///
+    /// # Panics
+    ///
+    /// If the limit is invalid (a zero or too large `rate`, a bad name); use
+    /// [`Limit::try_per_second`] for values from configuration.
+    #[track_caller]
+    pub fn per_second(name: impl Into<String>, rate: u64) -> Self {
+        valid(Self::try_per_second(name, rate))
+    }
+
+    /// `rate` tokens per minute, capacity `rate`.
+    ///
+    /// # Panics
+    ///
+    /// If the limit is invalid; see [`Limit::try_per_minute`].
+    #[track_caller]
+    pub fn per_minute(name: impl Into<String>, rate: u64) -> Self {
+        valid(Self::try_per_minute(name, rate))
+    }
+
+    /// `rate` tokens per hour, capacity `rate`.
+    ///
+    /// # Panics
+    ///
+    /// If the limit is invalid; see [`Limit::try_per_hour`].
+    #[track_caller]
+    pub fn per_hour(name: impl Into<String>, rate: u64) -> Self {
+        valid(Self::try_per_hour(name, rate))
+    }
+
+    /// `rate` tokens per day, capacity `rate`.
+    ///
+    /// # Panics
+    ///
+    /// If the limit is invalid; see [`Limit::try_per_day`].
+    #[track_caller]
+    pub fn per_day(name: impl Into<String>, rate: u64) -> Self {
+        valid(Self::try_per_day(name, rate))
+    }
+
+    /// Any capacity, refill amount and period.
+    ///
+    /// # Panics
+    ///
+    /// If the limit is invalid; see [`Limit::try_custom`].
+    #[track_caller]
+    pub fn custom(
+        name: impl Into<String>,
+        capacity: u64,
+        refill_amount: u64,
+        refill_period_seconds: u64,
+    ) -> Self {
+        valid(Self::try_custom(
+            name,
+            capacity,
+            refill_amount,
+            refill_period_seconds,
+        ))
+    }
+
+    /// The same limit with capacity `burst`; the refill rate is unchanged.
+    ///
+    /// # Panics
+    ///
+    /// If `burst` is zero or above [`MAX_TOKENS`]; see [`Limit::try_with_burst`].
+    #[track_caller]
+    pub fn with_burst(self, burst: u64) -> Self {
+        valid(self.try_with_burst(burst))
+    }
+
+    /// [`Limit::per_second`], or [`Error::Validation`] / [`Error::InvalidName`] naming
+    /// what is wrong.
+    pub fn try_per_second(name: impl Into<String>, rate: u64) -> Result<Self, Error> {
+        Self::try_custom(name, rate, rate, 1)
+    }
+
+    /// [`Limit::per_minute`], or an error naming what is wrong.
+    pub fn try_per_minute(name: impl Into<String>, rate: u64) -> Result<Self, Error> {
+        Self::try_custom(name, rate, rate, 60)
+    }
+
+    /// [`Limit::per_hour`], or an error naming what is wrong.
+    pub fn try_per_hour(name: impl Into<String>, rate: u64) -> Result<Self, Error> {
+        Self::try_custom(name, rate, rate, 3_600)
+    }
+
+    /// [`Limit::per_day`], or an error naming what is wrong.
+    pub fn try_per_day(name: impl Into<String>, rate: u64) -> Result<Self, Error> {
+        Self::try_custom(name, rate, rate, 86_400)
+    }
+
+    /// [`Limit::custom`], or an error naming what is wrong.
+    pub fn try_custom(
+        name: impl Into<String>,
+        capacity: u64,
+        refill_amount: u64,
+        refill_period_seconds: u64,
+    ) -> Result<Self, Error> {
+        let limit = Limit {
+            name: name.into(),
+            capacity,
+            refill_amount,
+            refill_period_seconds,
+        };
+        limit.validate()?;
+        Ok(limit)
+    }
+
+    /// [`Limit::with_burst`], or an error naming what is wrong.
+    pub fn try_with_burst(mut self, burst: u64) -> Result<Self, Error> {
+        self.capacity = burst;
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Tokens regained per second (for display; the arithmetic never uses floats).
+    pub fn refill_rate(&self) -> f64 {
+        self.refill_amount as f64 / self.refill_period_seconds.max(1) as f64
+    }
+
+    /// Milliseconds an empty bucket takes to fill up to capacity.
+    pub fn time_to_fill_ms(&self) -> u64 {
+        if self.refill_amount == 0 {
+            return u64::MAX;
+        }
+        let ms = u128::from(self.capacity) * u128::from(self.refill_period_seconds) * 1000;
+        u64::try_from(ms.div_ceil(u128::from(self.refill_amount))).unwrap_or(u64::MAX)
+    }
+
+    /// Checks the name and that every number is positive and within bounds.
+    pub fn validate(&self) -> Result<(), Error> {
+        naming::validate_limit_name(&self.name)?;
+        let check = |field: &str, value: u64, max: u64| {
+            if value == 0 {
+                Err(Error::validation(
+                    format!("limits.{}.{field}", self.name),
+                    value.to_string(),
+                    "must be positive",
+                ))
+            } else if value > max {
+                Err(Error::validation(
+                    format!("limits.{}.{field}", self.name),
+                    value.to_string(),
+                    format!("must be at most {max}"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        check("capacity", self.capacity, MAX_TOKENS)?;
+        check("refill_amount", self.refill_amount, MAX_TOKENS)?;
+        check(
+            "refill_period_seconds",
+            self.refill_period_seconds,
+            MAX_REFILL_PERIOD_SECONDS,
+        )
+    }
+}
+
+/// Validates a set of limits: each one, and that no name appears twice.
+pub(crate) fn validate_all(limits: &[Limit]) -> Result<(), Error> {
+    for (i, limit) in limits.iter().enumerate() {
+        limit.validate()?;
+        if limits[..i].iter().any(|l| l.name == limit.name) {
+            return Err(Error::validation(
+                "limits",
+                limit.name.clone(),
+                "the same limit name appears twice",
+            ));
+        }
+    }
+    Ok(())
+}
