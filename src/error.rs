@@ -67,18 +67,18 @@ pub enum Error {
     /// An entity id or parent id breaks the identifier rules (see [`crate::naming`]).
     #[error("invalid {field} {value:?}: {reason}")]
     InvalidIdentifier {
-        /// Which input was wrong (`entity_id`, `parent_id`).
-        field: String,
+        /// Which input was wrong ([`Field::EntityId`], [`Field::ParentId`]).
+        field: Field,
         /// The value, truncated to 50 characters.
         value: String,
         /// What rule it broke.
         reason: String,
     },
-    /// A limit name, resource or namespace breaks the naming rules.
+    /// A limit name, resource, namespace or table name breaks the naming rules.
     #[error("invalid {field} {value:?}: {reason}")]
     InvalidName {
-        /// Which input was wrong (`limit_name`, `resource`, `namespace`).
-        field: String,
+        /// Which input was wrong ([`Field::LimitName`], [`Field::Resource`], ...).
+        field: Field,
         /// The value, truncated to 50 characters.
         value: String,
         /// What rule it broke.
@@ -94,32 +94,11 @@ pub enum Error {
         /// What rule it broke.
         reason: String,
     },
-    /// The namespace is not registered in the table.
-    #[error("namespace not found: {namespace}")]
-    NamespaceNotFound {
-        /// The namespace name.
-        namespace: String,
-    },
-    /// The table (or other infrastructure) does not exist.
-    #[error("rate limiter infrastructure not found: {resource}")]
-    InfrastructureNotFound {
-        /// What is missing, e.g. the table name.
-        resource: String,
-    },
-    /// The stored schema version differs from this client's and can be migrated.
-    #[error("schema version mismatch: client {client}, stored {stored}")]
-    VersionMismatch {
-        /// This client's schema version.
-        client: String,
-        /// The stored schema version.
-        stored: String,
-    },
-    /// The stored schema cannot be used by this client.
-    #[error("incompatible schema: {message}")]
-    IncompatibleSchema {
-        /// Why it is incompatible.
-        message: String,
-    },
+    /// The DynamoDB table or namespace is missing or not usable by this client.
+    #[cfg(feature = "dynamodb")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
+    #[error(transparent)]
+    Table(#[from] crate::repository::dynamodb::TableError),
     /// The lease was already committed or rolled back.
     #[error("lease is no longer active (already committed or rolled back)")]
     LeaseClosed,
@@ -130,14 +109,10 @@ impl Error {
     pub fn category(&self) -> ErrorCategory {
         match self {
             Error::RateLimited(_) | Error::LeaseClosed => ErrorCategory::RateLimit,
-            Error::Unavailable { .. }
-            | Error::Backend { .. }
-            | Error::NamespaceNotFound { .. }
-            | Error::InfrastructureNotFound { .. } => ErrorCategory::Infrastructure,
+            Error::Unavailable { .. } | Error::Backend { .. } => ErrorCategory::Infrastructure,
+            #[cfg(feature = "dynamodb")]
+            Error::Table(e) => e.category(),
             Error::EntityNotFound { .. } | Error::EntityExists { .. } => ErrorCategory::Entity,
-            Error::VersionMismatch { .. } | Error::IncompatibleSchema { .. } => {
-                ErrorCategory::Version
-            }
             Error::InvalidIdentifier { .. }
             | Error::InvalidName { .. }
             | Error::Validation { .. } => ErrorCategory::Validation,
@@ -176,14 +151,83 @@ impl Error {
         }
     }
 
-    /// The field at fault, for validation errors.
+    /// The field at fault, for validation errors (`entity_id`, `limits.rpm.capacity`, ...).
     pub fn field(&self) -> Option<&str> {
         match self {
-            Error::InvalidIdentifier { field, .. }
-            | Error::InvalidName { field, .. }
-            | Error::Validation { field, .. } => Some(field),
+            Error::InvalidIdentifier { field, .. } | Error::InvalidName { field, .. } => {
+                Some(field.as_str())
+            }
+            Error::Validation { field, .. } => Some(field),
             _ => None,
         }
+    }
+
+    /// Whether the error is about the request's entity id or resource: the client's input
+    /// (an HTTP layer answers 400), not the server's configuration.
+    pub fn is_invalid_key(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidIdentifier {
+                field: Field::EntityId,
+                ..
+            } | Error::InvalidName {
+                field: Field::Resource,
+                ..
+            }
+        )
+    }
+}
+
+/// The input an [`Error::InvalidIdentifier`] or [`Error::InvalidName`] is about.
+///
+/// Compares equal to its name (`field == "entity_id"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Field {
+    /// An entity id.
+    EntityId,
+    /// A parent entity id.
+    ParentId,
+    /// A resource.
+    Resource,
+    /// A limit name.
+    LimitName,
+    /// A namespace name.
+    Namespace,
+    /// A DynamoDB table name.
+    Table,
+}
+
+impl Field {
+    /// The field's name as errors and responses show it: `entity_id`, `parent_id`,
+    /// `resource`, `limit_name`, `namespace`, `table`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Field::EntityId => "entity_id",
+            Field::ParentId => "parent_id",
+            Field::Resource => "resource",
+            Field::LimitName => "limit_name",
+            Field::Namespace => "namespace",
+            Field::Table => "table",
+        }
+    }
+}
+
+impl std::fmt::Display for Field {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for Field {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Field {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
     }
 }
 

@@ -63,7 +63,7 @@ pub mod naming;
 pub mod repository;
 
 pub use amount::Amount;
-pub use error::{BoxError, Error, ErrorCategory, RateLimitExceeded};
+pub use error::{BoxError, Error, ErrorCategory, Field, RateLimitExceeded};
 pub use lease::{Lease, LeaseHandle};
 pub use limit::Limit;
 pub use limiter::{

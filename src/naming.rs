@@ -10,7 +10,7 @@
 //! | resource | like a limit name plus `/` (e.g. `openai/gpt-4`); `wcu` allowed |
 //! | namespace | like a limit name |
 
-use crate::Error;
+use crate::{Error, Field};
 
 /// The pseudo-resource of entity limits that apply to every resource.
 pub const DEFAULT_RESOURCE: &str = "_default_";
@@ -59,7 +59,7 @@ fn check(
 }
 
 /// Validates an entity id (also used for parent ids); `field` names it in the error.
-pub fn validate_identifier(field: &str, value: &str) -> Result<(), Error> {
+pub fn validate_identifier(field: Field, value: &str) -> Result<(), Error> {
     check(
         value,
         MAX_ID_LEN,
@@ -69,7 +69,7 @@ pub fn validate_identifier(field: &str, value: &str) -> Result<(), Error> {
         "letters, digits and _ . - : @",
     )
     .map_err(|reason| Error::InvalidIdentifier {
-        field: field.to_string(),
+        field,
         value: truncate(value),
         reason,
     })
@@ -77,7 +77,7 @@ pub fn validate_identifier(field: &str, value: &str) -> Result<(), Error> {
 
 /// Validates an entity id.
 pub fn validate_entity_id(value: &str) -> Result<(), Error> {
-    validate_identifier("entity_id", value)
+    validate_identifier(Field::EntityId, value)
 }
 
 /// Validates a limit name.
@@ -98,7 +98,7 @@ pub fn validate_limit_name(value: &str) -> Result<(), Error> {
         }
     })
     .map_err(|reason| Error::InvalidName {
-        field: "limit_name".into(),
+        field: Field::LimitName,
         value: truncate(value),
         reason,
     })
@@ -115,7 +115,7 @@ pub fn validate_resource(value: &str) -> Result<(), Error> {
         "letters, digits and _ . - /",
     )
     .map_err(|reason| Error::InvalidName {
-        field: "resource".into(),
+        field: Field::Resource,
         value: truncate(value),
         reason,
     })
@@ -146,7 +146,7 @@ pub fn validate_table_name(value: &str) -> Result<(), Error> {
     match reason {
         None => Ok(()),
         Some(reason) => Err(Error::InvalidName {
-            field: "table".into(),
+            field: Field::Table,
             value: truncate(value),
             reason,
         }),
@@ -164,7 +164,7 @@ pub fn validate_namespace(value: &str) -> Result<(), Error> {
         "letters, digits and _ . -",
     )
     .map_err(|reason| Error::InvalidName {
-        field: "namespace".into(),
+        field: Field::Namespace,
         value: truncate(value),
         reason,
     })

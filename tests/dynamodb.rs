@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use zae_limiter::clock::ManualClock;
-use zae_limiter::repository::dynamodb::{AuditAction, TableOptions};
+use zae_limiter::repository::dynamodb::{AuditAction, TableError, TableOptions};
 use zae_limiter::repository::AdjustRequest;
 use zae_limiter::{DynamoDbRepository, Error, Limit, RateLimiter, Repository};
 
@@ -398,7 +398,7 @@ async fn open_is_idempotent_and_safe_when_processes_race() {
         .await
         .unwrap_err();
     assert!(
-        matches!(gone, Error::InfrastructureNotFound { .. }),
+        matches!(gone, Error::Table(TableError::TableNotFound { .. })),
         "{gone:?}"
     );
 }
@@ -435,7 +435,7 @@ async fn connect_only_reads() {
         .await
         .unwrap_err();
     assert!(
-        matches!(missing, Error::InfrastructureNotFound { .. }),
+        matches!(missing, Error::Table(TableError::TableNotFound { .. })),
         "{missing:?}"
     );
     // The table exists once any test opened it; the namespace does not.
@@ -447,7 +447,10 @@ async fn connect_only_reads() {
         .connect()
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::NamespaceNotFound { .. }), "{err:?}");
+    assert!(
+        matches!(err, Error::Table(TableError::NamespaceNotFound { .. })),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -480,7 +483,10 @@ async fn namespaces_are_isolated_and_purged() {
         .connect()
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::NamespaceNotFound { .. }), "{err:?}");
+    assert!(
+        matches!(err, Error::Table(TableError::NamespaceNotFound { .. })),
+        "{err:?}"
+    );
     // b is untouched.
     assert!(lb
         .acquire("k", "api")
@@ -880,7 +886,7 @@ async fn a_limiter_on_a_purged_namespace_fails_with_namespace_not_found() {
         .await
         .unwrap_err();
     match err {
-        Error::NamespaceNotFound { namespace: ns } => assert_eq!(ns, namespace),
+        Error::Table(TableError::NamespaceNotFound { namespace: ns }) => assert_eq!(ns, namespace),
         other => panic!("expected NamespaceNotFound, got {other:?}"),
     }
     // Nothing was written for the purged namespace.

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::future::IntoFuture;
 
 use super::{BoxFuture, RateLimiter};
-use crate::{naming, Entity, Error};
+use crate::{naming, Entity, Error, Field};
 
 impl RateLimiter {
     /// Starts creating an entity; set options, then `.await` it.
@@ -42,7 +42,7 @@ impl RateLimiter {
 
     /// The entities whose parent is `parent_id`, by id.
     pub async fn get_children(&self, parent_id: &str) -> Result<Vec<Entity>, Error> {
-        naming::validate_identifier("parent_id", parent_id)?;
+        naming::validate_identifier(Field::ParentId, parent_id)?;
         self.inner.repo.get_children(parent_id).await
     }
 }
@@ -87,7 +87,7 @@ impl CreateEntity {
     async fn run(self) -> Result<Entity, Error> {
         naming::validate_entity_id(&self.id)?;
         if let Some(parent) = &self.parent_id {
-            naming::validate_identifier("parent_id", parent)?;
+            naming::validate_identifier(Field::ParentId, parent)?;
             if parent == &self.id {
                 return Err(Error::validation(
                     "parent_id",

@@ -205,7 +205,7 @@ fn rejection_for(error: Error, config: &Config<impl Sized>) -> Rejection {
             error: e,
             retry_after: config.unavailable_retry_after,
         },
-        e if matches!(e.field(), Some("entity_id" | "resource")) => Rejection::InvalidEntity(e),
+        e if e.is_invalid_key() => Rejection::InvalidEntity(e),
         e => Rejection::Misconfigured(e),
     }
 }

@@ -1,6 +1,7 @@
 //! Failures and exit codes: every error says what was wrong and what to do about it.
 
-use zae_limiter::Error;
+use zae_limiter::repository::dynamodb::TableError;
+use zae_limiter::{Error, Field};
 
 /// Exit code: something failed.
 pub const ERROR: u8 = 1;
@@ -50,11 +51,11 @@ impl From<Error> for Failure {
     fn from(error: Error) -> Self {
         let message = error.to_string();
         let (code, hint) = match &error {
-            Error::InfrastructureNotFound { .. } => (
+            Error::Table(TableError::TableNotFound { .. }) => (
                 NOT_FOUND,
                 "create it with `zae-limiter deploy`, or check --table, --region and --endpoint-url".to_string(),
             ),
-            Error::NamespaceNotFound { namespace } => (
+            Error::Table(TableError::NamespaceNotFound { namespace }) => (
                 NOT_FOUND,
                 format!("register it with `zae-limiter namespace register {namespace}`, or pick another with -N; `zae-limiter namespace list` shows them"),
             ),
@@ -72,10 +73,10 @@ impl From<Error> for Failure {
             ),
             Error::InvalidName { field, .. } => (
                 BAD_ARGUMENTS,
-                match field.as_str() {
-                    "table" => "DynamoDB table names are 3 to 255 letters, digits and _ . -",
-                    "resource" => "resources are 1 to 64 characters: a letter, then letters, digits and _ . - /",
-                    "namespace" => "namespaces are 1 to 64 characters: a letter, then letters, digits and _ . -",
+                match field {
+                    Field::Table => "DynamoDB table names are 3 to 255 letters, digits and _ . -",
+                    Field::Resource => "resources are 1 to 64 characters: a letter, then letters, digits and _ . - /",
+                    Field::Namespace => "namespaces are 1 to 64 characters: a letter, then letters, digits and _ . -",
                     _ => "names are 1 to 64 characters: a letter, then letters, digits and _ . -",
                 }
                 .to_string(),
@@ -89,7 +90,7 @@ impl From<Error> for Failure {
                 ERROR,
                 "pick another id, or `zae-limiter entity show` the existing one".to_string(),
             ),
-            Error::IncompatibleSchema { .. } | Error::VersionMismatch { .. } => (
+            Error::Table(TableError::IncompatibleSchema { .. }) => (
                 ERROR,
                 "use a zae-limiter release that reads this schema, or deploy a new table".to_string(),
             ),

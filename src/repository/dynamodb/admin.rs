@@ -19,7 +19,8 @@ pub struct DynamoDbTable {
 impl DynamoDbRepositoryBuilder {
     /// Opens the table (the builder's table, region, endpoint and timeouts; its namespace
     /// is ignored) for table-level administration. Reads only:
-    /// [`Error::InfrastructureNotFound`] when the table does not exist.
+    /// [`TableError::TableNotFound`](super::TableError::TableNotFound) when the table does not
+    /// exist.
     pub async fn connect_table(self) -> Result<DynamoDbTable, Error> {
         naming::validate_table_name(&self.table)?;
         let client = self.make_client().await;
@@ -32,7 +33,7 @@ impl DynamoDbRepositoryBuilder {
 }
 
 /// Whether a table holding schema `stored` can be used by this client (same major
-/// version as [`super::SCHEMA_VERSION`]); [`Error::IncompatibleSchema`] says why not.
+/// version as [`super::SCHEMA_VERSION`]); [`TableError::IncompatibleSchema`](super::TableError::IncompatibleSchema) says why not.
 pub fn check_schema_version(stored: &str) -> Result<(), Error> {
     table::check_version(stored)
 }

@@ -1,8 +1,8 @@
 //! [`DynamoDbRepositoryBuilder`]: table, namespace, endpoint, credentials, timeouts.
 
 use super::{
-    images, table, CallCounter, DynamoDbRepository, Inner, TableOptions, DEFAULT_NAMESPACE,
-    DEFAULT_TABLE,
+    images, table, CallCounter, DynamoDbRepository, Inner, TableError, TableOptions,
+    DEFAULT_NAMESPACE, DEFAULT_TABLE,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -172,7 +172,7 @@ impl DynamoDbRepositoryBuilder {
     }
 
     /// Opens an existing table and namespace without writing anything:
-    /// [`Error::InfrastructureNotFound`] without the table, [`Error::NamespaceNotFound`]
+    /// [`TableError::TableNotFound`] without the table, [`TableError::NamespaceNotFound`]
     /// without the namespace.
     pub async fn connect(self) -> Result<DynamoDbRepository, Error> {
         self.validate()?;
@@ -181,17 +181,17 @@ impl DynamoDbRepositoryBuilder {
         match table::stored_version(&client, &self.table).await? {
             Some(v) => table::check_version(&v)?,
             None => {
-                return Err(Error::InfrastructureNotFound {
-                    resource: format!(
-                        "the version record in table {:?} (run `open`/`build` or deploy first)",
-                        self.table
-                    ),
-                })
+                return Err(TableError::TableNotFound {
+                    table: self.table.clone(),
+                    reason: "it holds no version record (run `open`/`build` or deploy first)"
+                        .into(),
+                }
+                .into())
             }
         }
         let ns = table::namespace_id(&client, &self.table, &self.namespace)
             .await?
-            .ok_or_else(|| Error::NamespaceNotFound {
+            .ok_or_else(|| TableError::NamespaceNotFound {
                 namespace: self.namespace.clone(),
             })?;
         Ok(self.finish(client, ns))

@@ -1,6 +1,6 @@
 //! SDK errors as the crate's [`Error`]: transient failures (network, timeouts, throttling,
 //! server errors) become [`Error::Unavailable`], which the outage policy decides on; a
-//! missing table becomes [`Error::InfrastructureNotFound`]; anything retrying cannot fix
+//! missing table becomes [`TableError::TableNotFound`]; anything retrying cannot fix
 //! (access denied, a malformed request) becomes [`Error::Backend`], which never admits.
 
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
@@ -8,7 +8,46 @@ use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 
 use super::codec::Image;
-use crate::Error;
+use crate::{Error, ErrorCategory};
+
+/// What only the DynamoDB backend can find wrong: its table or namespace is missing or not
+/// usable by this client ([`Error::Table`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TableError {
+    /// The table does not exist, or holds no zae-limiter version record.
+    #[error("rate limiter table {table:?} not found: {reason}")]
+    TableNotFound {
+        /// The table name.
+        table: String,
+        /// What was missing.
+        reason: String,
+    },
+    /// The namespace is not registered in the table.
+    #[error("namespace not found: {namespace}")]
+    NamespaceNotFound {
+        /// The namespace name.
+        namespace: String,
+    },
+    /// The table's schema cannot be used by this client.
+    #[error("incompatible schema: {message}")]
+    IncompatibleSchema {
+        /// Why it is incompatible.
+        message: String,
+    },
+}
+
+impl TableError {
+    /// The broad kind: a missing table or namespace is infrastructure, a schema a version.
+    pub fn category(&self) -> ErrorCategory {
+        match self {
+            TableError::TableNotFound { .. } | TableError::NamespaceNotFound { .. } => {
+                ErrorCategory::Infrastructure
+            }
+            TableError::IncompatibleSchema { .. } => ErrorCategory::Version,
+        }
+    }
+}
 
 /// Error codes that a retry later may fix.
 const TRANSIENT_CODES: &[&str] = &[
@@ -34,9 +73,11 @@ where
             let code = service.err().code().unwrap_or("Unknown");
             let message = service.err().message().unwrap_or("").to_string();
             if code == "ResourceNotFoundException" {
-                return Error::InfrastructureNotFound {
-                    resource: format!("DynamoDB table {table:?} ({message})"),
-                };
+                return TableError::TableNotFound {
+                    table: table.to_string(),
+                    reason: message.to_string(),
+                }
+                .into();
             }
             let text = format!("DynamoDB {operation} failed: {code}: {message}");
             if TRANSIENT_CODES.contains(&code) {

@@ -47,6 +47,7 @@ pub use admin::{check_schema_version, DynamoDbTable};
 pub use audit::{AuditAction, AuditEvent};
 pub use builder::DynamoDbRepositoryBuilder;
 pub use counter::CallCounter;
+pub use errors::TableError;
 pub use repository::DynamoDbRepository;
 pub use table::{Billing, NamespaceInfo, TableOptions, TableStatusReport, SCHEMA_VERSION};
 

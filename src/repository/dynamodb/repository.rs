@@ -2,7 +2,7 @@
 
 use super::{
     codec, errors, images, keys, lease_writes, retry, table, AuditAction, AuditEvent,
-    DynamoDbRepositoryBuilder, TableStatusReport,
+    DynamoDbRepositoryBuilder, TableError, TableStatusReport,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -649,9 +649,10 @@ impl Repository for DynamoDbRepository {
             record(pk, sk).and_then(codec::config_limits).map(Arc::from)
         };
         if record(&wanted[4].0, &wanted[4].1).is_none() {
-            return Err(Error::NamespaceNotFound {
+            return Err(TableError::NamespaceNotFound {
                 namespace: inner.namespace.clone(),
-            });
+            }
+            .into());
         }
         let system = record(&wanted[3].0, &wanted[3].1);
         Ok(StoredConfig {

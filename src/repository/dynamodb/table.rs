@@ -17,11 +17,11 @@ use aws_sdk_dynamodb::Client;
 use super::codec::{self, get_str, num, s, Item};
 use super::errors::build_error;
 use super::retry::backoff;
-use super::{errors, keys};
+use super::{errors, keys, TableError};
 use crate::Error;
 
 /// The schema version this client writes and reads; a stored version with another major
-/// number is [`Error::IncompatibleSchema`].
+/// number is [`TableError::IncompatibleSchema`].
 pub const SCHEMA_VERSION: &str = "1.0.0";
 
 /// How the table is billed.
@@ -163,7 +163,7 @@ pub(super) async fn ensure_table(
 ) -> Result<(), Error> {
     match describe(client, table).await {
         Ok(_) => return wait_active(client, table).await,
-        Err(Error::InfrastructureNotFound { .. }) => {}
+        Err(Error::Table(TableError::TableNotFound { .. })) => {}
         Err(other) => return Err(other),
     }
     let mut attributes = Vec::new();
@@ -410,7 +410,7 @@ pub(super) async fn get_item(
     Ok(out.item)
 }
 
-/// The table's description; [`Error::InfrastructureNotFound`] when it does not exist.
+/// The table's description; [`TableError::TableNotFound`] when it does not exist.
 async fn describe(client: &Client, table: &str) -> Result<DescribeTableOutput, Error> {
     client
         .describe_table()
@@ -435,12 +435,13 @@ pub(super) fn check_version(stored: &str) -> Result<(), Error> {
     if major(stored) == major(SCHEMA_VERSION) {
         Ok(())
     } else {
-        Err(Error::IncompatibleSchema {
+        Err(TableError::IncompatibleSchema {
             message: format!(
                 "the table holds schema version {stored}; this client (zae-limiter {}) reads and writes {SCHEMA_VERSION}",
                 env!("CARGO_PKG_VERSION")
             ),
-        })
+        }
+        .into())
     }
 }
 
@@ -474,9 +475,10 @@ pub(super) async fn ensure_version(client: &Client, table: &str) -> Result<(), E
     }
     match stored_version(client, table).await? {
         Some(v) => check_version(&v),
-        None => Err(Error::IncompatibleSchema {
+        None => Err(TableError::IncompatibleSchema {
             message: "the version record has no schema_version".into(),
-        }),
+        }
+        .into()),
     }
 }
 

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
+use zae_limiter::repository::dynamodb::TableError;
 use zae_limiter::Error;
 
 use super::confirm;
@@ -46,9 +47,9 @@ pub async fn run(global: &Global, command: NamespaceCommand, out: Out) -> Outcom
                 .namespace(&name)
                 .await?
                 .filter(|n| n.status == "active")
-                .ok_or(Error::NamespaceNotFound {
+                .ok_or(Error::from(TableError::NamespaceNotFound {
                     namespace: name.clone(),
-                })?;
+                }))?;
             out.record(vec![
                 ("name", json!(info.name)),
                 ("id", json!(info.id)),
