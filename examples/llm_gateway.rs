@@ -30,7 +30,8 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::{to_bytes, Body};
-use axum::extract::{Extension, Request};
+use axum::extract::Request;
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -109,7 +110,7 @@ async fn complete(Json(chat): Json<ChatRequest>) -> impl IntoResponse {
     let completion = completion_for(&chat);
     let total = prompt_tokens(&chat) + completion.len() as u64;
     (
-        Extension(Usage::new().with("tpm", total)),
+        Usage::new().with("tpm", total),
         Json(serde_json::json!({
             "choices": [{"message": {"role": "assistant", "content": completion.concat()}}],
             "usage": {"prompt_tokens": prompt_tokens(&chat), "completion_tokens": completion.len(), "total_tokens": total},
@@ -117,10 +118,7 @@ async fn complete(Json(chat): Json<ChatRequest>) -> impl IntoResponse {
     )
 }
 
-async fn stream(
-    Extension(lease): Extension<LeaseHandle>,
-    Json(chat): Json<ChatRequest>,
-) -> impl IntoResponse {
+async fn stream(lease: LeaseHandle, Json(chat): Json<ChatRequest>) -> impl IntoResponse {
     // The lease holds the estimate (prompt + max_tokens); return what the stream does not
     // use as it finishes.
     let estimate = lease.consumed().get("tpm").copied().unwrap_or(0);
@@ -151,8 +149,8 @@ fn app(limiter: RateLimiter) -> Router {
         .entity(extract::bearer())
         .resource(extract::fixed("chat"))
         .unit("tpm", "tokens")
-        .consume(|req: &Request| {
-            let estimate = req.extensions().get::<TokenEstimate>().map_or(0, |e| e.0);
+        .consume(|head: &Parts| {
+            let estimate = head.extensions.get::<TokenEstimate>().map_or(0, |e| e.0);
             [("rpm", 1), ("tpm", estimate)]
         });
     Router::new()

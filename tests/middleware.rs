@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Extension;
+use axum::http::request::Parts;
 use axum::http::{Request, Response, StatusCode};
 use axum::routing::get;
 use axum::Router;
@@ -129,11 +130,11 @@ fn llm_app(l: &RateLimiter) -> Router {
     Router::new()
         .route(
             "/chat",
-            get(|| async { (Extension(Usage::new().with("tpm", 30)), "answer") }),
+            get(|| async { (Usage::new().with("tpm", 30), "answer") }),
         )
         .route(
             "/adjust",
-            get(|Extension(lease): Extension<LeaseHandle>| async move {
+            get(|lease: LeaseHandle| async move {
                 lease.adjust([("tpm", 400)]).unwrap();
                 "adjusted"
             }),
@@ -155,9 +156,9 @@ fn llm_app(l: &RateLimiter) -> Router {
                     Limit::per_minute("tpm", 1_000),
                 ])
                 .unit("tpm", "tokens")
-                .consume(|req: &Request<Body>| {
+                .consume(|req: &Parts| {
                     let estimate: u64 = req
-                        .headers()
+                        .headers
                         .get("x-estimate")
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse().ok())
@@ -265,7 +266,7 @@ fn streaming_app(l: &RateLimiter) -> Router {
                 .entity(extract::header("x-api-key"))
                 .resource(extract::fixed("llm"))
                 .limits([tpm()])
-                .consume(|_: &Request<Body>| [("tpm", 100)]),
+                .consume(|_: &Parts| [("tpm", 100)]),
         )
 }
 
@@ -644,7 +645,7 @@ async fn unmatched_paths_get_one_resource_or_pass_through() {
 #[test]
 fn invalid_limits_fail_when_the_layer_is_built() {
     let l = limiter();
-    let err = RateLimitLayer::<Body>::new(l.clone())
+    let err = RateLimitLayer::new(l.clone())
         .try_limits([{
             let mut bad = Limit::per_minute("rpm", 1);
             bad.name = "bad#name".into();
@@ -655,7 +656,7 @@ fn invalid_limits_fail_when_the_layer_is_built() {
     let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut zero = Limit::per_minute("rpm", 1);
         zero.capacity = 0;
-        RateLimitLayer::<Body>::new(l).limits([zero])
+        RateLimitLayer::new(l).limits([zero])
     }))
     .unwrap_err();
     let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
@@ -833,6 +834,91 @@ async fn skipped_requests_pass_untouched() {
         send(&app, get_req("/", None)).await.status(),
         StatusCode::UNAUTHORIZED
     );
+}
+
+#[tokio::test]
+async fn handlers_take_the_lease_as_an_argument() {
+    let l = limiter();
+    let app = Router::new()
+        .route(
+            "/",
+            get(|lease: Option<LeaseHandle>| async move {
+                match lease {
+                    Some(lease) => format!("lease {}", lease.consumed()["rpm"]),
+                    None => "no lease".to_string(),
+                }
+            }),
+        )
+        .route(
+            "/needs-lease",
+            get(|lease: LeaseHandle| async move { format!("{}", lease.entity_id()) }),
+        )
+        .layer(
+            RateLimitLayer::new(l.clone())
+                .entity(extract::header("x-api-key"))
+                .limits([Limit::per_minute("rpm", 10)])
+                .skip(|head| head.headers.contains_key("x-internal")),
+        );
+    let resp = send(&app, get_req("/", Some("k"))).await;
+    assert_eq!(body_text(resp).await, "lease 1");
+    // A skipped request has no lease: `Option<LeaseHandle>` is `None`, and a handler that
+    // requires one answers 500 naming the misconfiguration.
+    let mut skipped = get_req("/", None);
+    skipped
+        .headers_mut()
+        .insert("x-internal", "1".parse().unwrap());
+    assert_eq!(body_text(send(&app, skipped).await).await, "no lease");
+    let mut skipped = get_req("/needs-lease", None);
+    skipped
+        .headers_mut()
+        .insert("x-internal", "1".parse().unwrap());
+    let resp = send(&app, skipped).await;
+    assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(body_text(resp).await.contains("RateLimitLayer"));
+}
+
+#[tokio::test]
+async fn a_rejection_is_a_response() {
+    use axum::response::IntoResponse;
+    let l = limiter();
+    let limits = [Limit::per_minute("rpm", 1)];
+    l.acquire("k", "api")
+        .limits(limits.clone())
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    let Err(Error::RateLimited(e)) = l.acquire("k", "api").limits(limits).await else {
+        panic!("expected a rejection");
+    };
+    let resp = Rejection::RateLimited(e).into_response();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.headers()["retry-after"], "60");
+    assert!(resp.headers().contains_key(&RATELIMIT));
+    assert!(resp.headers().contains_key(&RATELIMIT_POLICY));
+    let body = body_text(resp).await;
+    assert!(body.contains("rate_limit_exceeded"), "{body}");
+}
+
+#[test]
+fn layers_and_services_are_clone_and_debug() {
+    use tower::Layer;
+    let layer = zae_limiter::middleware::RateLimit::layer(limiter())
+        .entity(extract::header("x-api-key"))
+        .limits([Limit::per_minute("rpm", 10)]);
+    let debug = format!("{:?}", layer.clone());
+    assert!(
+        debug.contains("header x-api-key") && debug.contains("rpm"),
+        "{debug}"
+    );
+    let mut service = layer.layer(tower::service_fn(|_: Request<Body>| async {
+        Ok::<_, Infallible>(Response::new(Body::empty()))
+    }));
+    let _: &mut _ = service.get_mut();
+    let service = service.clone();
+    assert!(format!("{service:?}").contains("RateLimit"));
+    let _inner = service.into_inner();
 }
 
 #[test]

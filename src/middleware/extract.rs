@@ -1,9 +1,11 @@
 //! Extractors: how the layer finds the entity (API key, user, client IP) and the resource of
 //! a request.
 //!
-//! An extractor returns `None` when the request does not carry what it looks for; the layer
-//! then tries its fallback extractor, or answers 401. Any closure
-//! `Fn(&Request<B>) -> Option<String>` is an extractor too.
+//! An extractor sees the request head only ([`Parts`]: method, URI, headers, extensions),
+//! as axum's `FromRequestParts` does, so it works whatever the body type. It returns `None`
+//! when the request does not carry what it looks for; the layer then tries its fallback
+//! extractor, or answers 401. Any closure `Fn(&Parts) -> Option<String>` is an extractor
+//! too.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -11,12 +13,12 @@ use std::sync::Arc;
 use headers::authorization::Bearer;
 use headers::{Authorization, HeaderMapExt};
 use http::header::{HeaderName, FORWARDED};
-use http::Request;
+use http::request::Parts;
 
 /// Finds a key (an entity id or a resource) in a request.
-pub trait Extractor<B>: Send + Sync + 'static {
+pub trait Extractor: Send + Sync + 'static {
     /// The key, or `None` if the request does not carry it.
-    fn extract(&self, req: &Request<B>) -> Option<String>;
+    fn extract(&self, req: &Parts) -> Option<String>;
 
     /// What the extractor looks for, for error messages (e.g. `header x-api-key`), read
     /// after "the request has no".
@@ -31,17 +33,17 @@ pub trait Extractor<B>: Send + Sync + 'static {
     }
 }
 
-impl<B, F> Extractor<B> for F
+impl<F> Extractor for F
 where
-    F: Fn(&Request<B>) -> Option<String> + Send + Sync + 'static,
+    F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
 {
-    fn extract(&self, req: &Request<B>) -> Option<String> {
+    fn extract(&self, req: &Parts) -> Option<String> {
         self(req)
     }
 }
 
 /// A shared, type-erased extractor.
-pub type SharedExtractor<B> = Arc<dyn Extractor<B>>;
+pub type SharedExtractor = Arc<dyn Extractor>;
 
 /// The value of a request header (the first one, if repeated).
 #[derive(Debug, Clone)]
@@ -61,9 +63,9 @@ pub fn header(name: impl AsRef<str>) -> Header {
     Header { name: parsed, raw }
 }
 
-impl<B> Extractor<B> for Header {
-    fn extract(&self, req: &Request<B>) -> Option<String> {
-        let value = req.headers().get(self.name.as_ref()?)?;
+impl Extractor for Header {
+    fn extract(&self, req: &Parts) -> Option<String> {
+        let value = req.headers.get(self.name.as_ref()?)?;
         let text = value.to_str().ok()?.trim();
         (!text.is_empty()).then(|| text.to_string())
     }
@@ -84,9 +86,9 @@ pub fn query(name: impl Into<String>) -> Query {
     Query { name: name.into() }
 }
 
-impl<B> Extractor<B> for Query {
-    fn extract(&self, req: &Request<B>) -> Option<String> {
-        let q = req.uri().query()?;
+impl Extractor for Query {
+    fn extract(&self, req: &Parts) -> Option<String> {
+        let q = req.uri.query()?;
         form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == &self.name)
             .map(|(_, v)| v.into_owned())
@@ -110,9 +112,9 @@ pub fn bearer() -> Secret<BearerToken> {
     secret(BearerToken)
 }
 
-impl<B> Extractor<B> for BearerToken {
-    fn extract(&self, req: &Request<B>) -> Option<String> {
-        let auth: Authorization<Bearer> = req.headers().typed_get()?;
+impl Extractor for BearerToken {
+    fn extract(&self, req: &Parts) -> Option<String> {
+        let auth: Authorization<Bearer> = req.headers.typed_get()?;
         let token = auth.token().trim();
         (!token.is_empty()).then(|| token.to_string())
     }
@@ -131,11 +133,12 @@ impl<B> Extractor<B> for BearerToken {
 /// use zae_limiter::middleware::extract::{self, Extractor};
 ///
 /// let api_key = extract::secret(extract::header("x-api-key"));
-/// let req = http::Request::builder()
+/// let (head, _body) = http::Request::builder()
 ///     .header("x-api-key", "sk-live/abc+def==")
 ///     .body(())
-///     .unwrap();
-/// let id = api_key.extract(&req).unwrap();
+///     .unwrap()
+///     .into_parts();
+/// let id = api_key.extract(&head).unwrap();
 /// assert!(id.starts_with('k') && id.len() == 33 && !id.contains("sk-live"));
 /// ```
 #[derive(Clone)]
@@ -199,8 +202,8 @@ impl<E> Secret<E> {
     }
 }
 
-impl<B, E: Extractor<B>> Extractor<B> for Secret<E> {
-    fn extract(&self, req: &Request<B>) -> Option<String> {
+impl<E: Extractor> Extractor for Secret<E> {
+    fn extract(&self, req: &Parts) -> Option<String> {
         self.inner.extract(req).map(|value| self.id_of(&value))
     }
 
@@ -222,8 +225,8 @@ pub fn fixed(value: impl Into<String>) -> Fixed {
     }
 }
 
-impl<B> Extractor<B> for Fixed {
-    fn extract(&self, _req: &Request<B>) -> Option<String> {
+impl Extractor for Fixed {
+    fn extract(&self, _req: &Parts) -> Option<String> {
         Some(self.value.clone())
     }
 
@@ -307,13 +310,13 @@ fn parse_forwarded_for(entry: &str) -> Option<IpAddr> {
 
 impl ForwardedIp {
     /// The addresses of the chain, oldest first (`None` for an entry that is no address).
-    fn chain<B>(&self, req: &Request<B>) -> Option<Vec<Option<IpAddr>>> {
+    fn chain(&self, req: &Parts) -> Option<Vec<Option<IpAddr>>> {
         let name = match self.header {
             ProxyHeader::Forwarded => FORWARDED,
             ProxyHeader::XForwardedFor => HeaderName::from_static("x-forwarded-for"),
         };
         let parts: Vec<&str> = req
-            .headers()
+            .headers
             .get_all(&name)
             .iter()
             .filter_map(|v| v.to_str().ok())
@@ -333,8 +336,8 @@ impl ForwardedIp {
     }
 }
 
-impl<B> Extractor<B> for ForwardedIp {
-    fn extract(&self, req: &Request<B>) -> Option<String> {
+impl Extractor for ForwardedIp {
+    fn extract(&self, req: &Parts) -> Option<String> {
         if self.trusted_proxies == 0 {
             return None;
         }
@@ -426,9 +429,9 @@ mod axum_extractors {
         out
     }
 
-    impl<B> Extractor<B> for MatchedPathResource {
-        fn extract(&self, req: &Request<B>) -> Option<String> {
-            match req.extensions().get::<MatchedPath>() {
+    impl Extractor for MatchedPathResource {
+        fn extract(&self, req: &Parts) -> Option<String> {
+            match req.extensions.get::<MatchedPath>() {
                 Some(matched) => Some(path_resource(matched.as_str())),
                 None => self.unmatched.clone(),
             }
@@ -453,9 +456,9 @@ mod axum_extractors {
         PeerIp
     }
 
-    impl<B> Extractor<B> for PeerIp {
-        fn extract(&self, req: &Request<B>) -> Option<String> {
-            let info = req.extensions().get::<ConnectInfo<SocketAddr>>()?;
+    impl Extractor for PeerIp {
+        fn extract(&self, req: &Parts) -> Option<String> {
+            let info = req.extensions.get::<ConnectInfo<SocketAddr>>()?;
             Some(ip_entity_id(info.0.ip()))
         }
 
@@ -474,12 +477,12 @@ pub use axum_extractors::{
 mod tests {
     use super::*;
 
-    fn req(headers: &[(&str, &str)], uri: &str) -> Request<()> {
-        let mut b = Request::builder().uri(uri);
+    fn req(headers: &[(&str, &str)], uri: &str) -> Parts {
+        let mut b = http::Request::builder().uri(uri);
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        b.body(()).unwrap()
+        b.body(()).unwrap().into_parts().0
     }
 
     #[test]
@@ -490,13 +493,13 @@ mod tests {
         );
         assert_eq!(header("x-api-key").extract(&r).as_deref(), Some("k1"));
         assert_eq!(header("X-API-KEY").extract(&r).as_deref(), Some("k1"));
-        assert_eq!(Extractor::<()>::extract(&header("missing"), &r), None);
+        assert_eq!(Extractor::extract(&header("missing"), &r), None);
         assert_eq!(query("api_key").extract(&r).as_deref(), Some("q 1"));
         assert_eq!(query("nope").extract(&r), None);
         assert_eq!(BearerToken.extract(&r).as_deref(), Some("tok"));
         assert_eq!(bearer().extract(&r), Some(secret(BearerToken).id_of("tok")));
         assert_eq!(fixed("api").extract(&r).as_deref(), Some("api"));
-        assert_eq!(Extractor::<()>::extract(&header("bad name"), &r), None);
+        assert_eq!(Extractor::extract(&header("bad name"), &r), None);
         let basic = req(&[("authorization", "Basic abc")], "/");
         assert_eq!(bearer().extract(&basic), None);
     }
@@ -581,7 +584,7 @@ mod tests {
             Some("1.1.1.1")
         );
         assert_eq!(
-            Extractor::<()>::describe(&x_forwarded_for(1)),
+            Extractor::describe(&x_forwarded_for(1)),
             "client address in X-Forwarded-For (behind 1 trusted proxies)"
         );
     }

@@ -47,7 +47,7 @@ pin_project! {
         #[pin]
         state: State<S, B>,
         lease: Option<Lease>,
-        config: Arc<Config<B>>,
+        config: Arc<Config>,
         span: tracing::Span,
     }
 
@@ -70,7 +70,7 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
 {
-    pub(crate) fn rejected(config: Arc<Config<B>>, rejection: Rejection) -> Self {
+    pub(crate) fn rejected(config: Arc<Config>, rejection: Rejection) -> Self {
         ResponseFuture {
             state: State::Rejected {
                 rejection: Some(Box::new(rejection)),
@@ -83,7 +83,7 @@ where
 
     /// The acquire was decided at once and admitted: the inner call is under way.
     pub(crate) fn calling(
-        config: Arc<Config<B>>,
+        config: Arc<Config>,
         call: S::Future,
         lease: Lease,
         span: tracing::Span,
@@ -98,7 +98,7 @@ where
 
     /// No rate limit applies (a request the resource extractor lets through): the inner
     /// call is under way, with no lease.
-    pub(crate) fn passing(config: Arc<Config<B>>, call: S::Future) -> Self {
+    pub(crate) fn passing(config: Arc<Config>, call: S::Future) -> Self {
         ResponseFuture {
             state: State::Calling { call },
             lease: None,
@@ -108,7 +108,7 @@ where
     }
 
     /// The acquire was decided at once and refused.
-    pub(crate) fn failed(config: Arc<Config<B>>, error: Error, span: tracing::Span) -> Self {
+    pub(crate) fn failed(config: Arc<Config>, error: Error, span: tracing::Span) -> Self {
         let rejection = rejection_for(error, &config);
         ResponseFuture {
             state: State::Rejected {
@@ -121,7 +121,7 @@ where
     }
 
     pub(crate) fn acquiring(
-        config: Arc<Config<B>>,
+        config: Arc<Config>,
         acquire: AcquireFuture,
         request: Request<B>,
         inner: S,
@@ -143,10 +143,7 @@ where
 }
 
 /// The layer's own response, with the `RateLimit` fields on a 429.
-fn respond<B, ResB: Body>(
-    config: &Config<B>,
-    rejection: &Rejection,
-) -> Response<RateLimitBody<ResB>> {
+fn respond<ResB: Body>(config: &Config, rejection: &Rejection) -> Response<RateLimitBody<ResB>> {
     match rejection {
         // A rejection is normal traffic: `debug`, or a flood would flood the log too.
         Rejection::RateLimited(e) => {
@@ -198,7 +195,7 @@ fn respond<B, ResB: Body>(
 }
 
 /// Maps an acquire error to the layer's answer.
-fn rejection_for(error: Error, config: &Config<impl Sized>) -> Rejection {
+fn rejection_for(error: Error, config: &Config) -> Rejection {
     match error {
         Error::RateLimited(e) => Rejection::RateLimited(e),
         e @ Error::Unavailable { .. } => Rejection::Unavailable {
@@ -270,8 +267,8 @@ where
 }
 
 /// Settles or hands the lease to the body, and adds the `RateLimit` fields.
-fn finish<B, ResB>(
-    config: &Config<B>,
+fn finish<ResB>(
+    config: &Config,
     response: Response<ResB>,
     lease: Option<Lease>,
 ) -> Response<RateLimitBody<ResB>>

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::request::Parts;
+use http::Response;
 use http_body_util::Full;
 use tower_layer::Layer;
 
@@ -15,19 +16,20 @@ use super::service::RateLimit;
 use crate::amount::{named_amounts, Amount};
 use crate::{Limit, OnUnavailable, RateLimiter};
 
-type Estimator<B> = Arc<dyn Fn(&Request<B>) -> Vec<(String, i128)> + Send + Sync>;
+type Estimator = Arc<dyn Fn(&Parts) -> Vec<(String, i128)> + Send + Sync>;
 type RejectionFn = Arc<dyn Fn(&Rejection) -> Response<Full<Bytes>> + Send + Sync>;
-type SkipFn = Arc<dyn Fn(&http::request::Parts) -> bool + Send + Sync>;
+type SkipFn = Arc<dyn Fn(&Parts) -> bool + Send + Sync>;
 
-pub(crate) struct Config<B> {
+/// What a [`RateLimitLayer`] and its services share.
+pub(crate) struct Config {
     pub(crate) limiter: RateLimiter,
-    pub(crate) entity: Option<SharedExtractor<B>>,
-    pub(crate) fallback_entity: Option<SharedExtractor<B>>,
-    pub(crate) resource: SharedExtractor<B>,
+    pub(crate) entity: Option<SharedExtractor>,
+    pub(crate) fallback_entity: Option<SharedExtractor>,
+    pub(crate) resource: SharedExtractor,
     pub(crate) limits: Option<Arc<[Limit]>>,
     pub(crate) fallback_limits: Option<Arc<[Limit]>>,
     pub(crate) route_limits: HashMap<String, Arc<[Limit]>>,
-    pub(crate) consume: Option<Estimator<B>>,
+    pub(crate) consume: Option<Estimator>,
     pub(crate) cascade: Option<bool>,
     pub(crate) on_unavailable: Option<OnUnavailable>,
     pub(crate) headers_on_success: bool,
@@ -42,7 +44,7 @@ pub(crate) struct Config<B> {
     pub(crate) skip: Option<SkipFn>,
 }
 
-impl<B> Clone for Config<B> {
+impl Clone for Config {
     fn clone(&self) -> Self {
         Config {
             limiter: self.limiter.clone(),
@@ -68,6 +70,26 @@ impl<B> Clone for Config<B> {
     }
 }
 
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let describe = |e: &Option<SharedExtractor>| e.as_ref().map(|e| e.describe());
+        f.debug_struct("RateLimitConfig")
+            .field("entity", &describe(&self.entity))
+            .field("fallback_entity", &describe(&self.fallback_entity))
+            .field("resource", &self.resource.describe())
+            .field("limits", &self.limits)
+            .field("fallback_limits", &self.fallback_limits)
+            .field("route_limits", &self.route_limits)
+            .field("consume", &self.consume.as_ref().map(|_| "estimator"))
+            .field("cascade", &self.cascade)
+            .field("on_unavailable", &self.on_unavailable)
+            .field("headers_on_success", &self.headers_on_success)
+            .field("rollback_on_server_error", &self.rollback_on_server_error)
+            .field("skip", &self.skip.as_ref().map(|_| "predicate"))
+            .finish_non_exhaustive()
+    }
+}
+
 /// A tower [`Layer`] that rate-limits requests with a [`RateLimiter`].
 ///
 /// For each request it extracts the entity and resource, acquires a lease (answering 429,
@@ -78,29 +100,14 @@ impl<B> Clone for Config<B> {
 /// (configurable), a failing body or a client that goes away before the response rolls the
 /// lease back.
 ///
-/// `B` is the request body type; it is inferred where the layer is used.
-pub struct RateLimitLayer<B> {
-    config: Arc<Config<B>>,
+/// Extractors, the consume estimator and the skip predicate see the request head only
+/// ([`http::request::Parts`]), so one layer serves any request body type.
+#[derive(Clone, Debug)]
+pub struct RateLimitLayer {
+    config: Arc<Config>,
 }
 
-impl<B> Clone for RateLimitLayer<B> {
-    fn clone(&self) -> Self {
-        RateLimitLayer {
-            config: Arc::clone(&self.config),
-        }
-    }
-}
-
-impl<B> std::fmt::Debug for RateLimitLayer<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RateLimitLayer")
-            .field("limits", &self.config.limits)
-            .field("route_limits", &self.config.route_limits)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<B: 'static> RateLimitLayer<B> {
+impl RateLimitLayer {
     /// A layer over `limiter`. Set at least the entity extractor.
     ///
     /// Defaults: resource `"default"`, stored limits, 1 from every limit per request,
@@ -130,7 +137,7 @@ impl<B: 'static> RateLimitLayer<B> {
         }
     }
 
-    fn config_mut(&mut self) -> &mut Config<B> {
+    fn config_mut(&mut self) -> &mut Config {
         Arc::make_mut(&mut self.config)
     }
 
@@ -155,20 +162,20 @@ impl<B: 'static> RateLimitLayer<B> {
 
     /// How to find the entity (e.g. `extract::header("x-api-key")`). A request without it
     /// gets 401 (unless a fallback finds one); an invalid one gets 400.
-    pub fn entity(mut self, extractor: impl Extractor<B>) -> Self {
+    pub fn entity(mut self, extractor: impl Extractor) -> Self {
         self.config_mut().entity = Some(Arc::new(extractor));
         self
     }
 
     /// Tried when the entity extractor finds nothing (e.g. the peer IP for anonymous
     /// requests).
-    pub fn fallback_entity(mut self, extractor: impl Extractor<B>) -> Self {
+    pub fn fallback_entity(mut self, extractor: impl Extractor) -> Self {
         self.config_mut().fallback_entity = Some(Arc::new(extractor));
         self
     }
 
     /// How to find the resource (e.g. `extract::matched_path()`, `extract::fixed("chat")`).
-    pub fn resource(mut self, extractor: impl Extractor<B>) -> Self {
+    pub fn resource(mut self, extractor: impl Extractor) -> Self {
         self.config_mut().resource = Arc::new(extractor);
         self
     }
@@ -209,11 +216,15 @@ impl<B: 'static> RateLimitLayer<B> {
         self
     }
 
-    /// How much each request consumes, estimated from the request (the true cost can be
-    /// reported after with [`super::Usage`]). Default: 1 from every limit.
+    /// How much each request consumes, estimated from the request head (the true cost can
+    /// be reported after with [`super::Usage`]). Default: 1 from every limit.
+    ///
+    /// An estimate from the body (an LLM prompt's tokens) is made by a middleware in front
+    /// of the layer that reads the body and puts the estimate in the request extensions,
+    /// where this closure finds it (see `examples/llm_gateway.rs`).
     pub fn consume<F, I, K, N>(mut self, estimate: F) -> Self
     where
-        F: Fn(&Request<B>) -> I + Send + Sync + 'static,
+        F: Fn(&Parts) -> I + Send + Sync + 'static,
         I: IntoIterator<Item = (K, N)>,
         K: Into<String>,
         N: Amount,
@@ -229,15 +240,12 @@ impl<B: 'static> RateLimitLayer<B> {
     /// ```
     /// # use zae_limiter::{InMemoryRepository, Limit, RateLimiter};
     /// # use zae_limiter::middleware::{extract, RateLimitLayer};
-    /// let layer = RateLimitLayer::<axum::body::Body>::new(RateLimiter::new(InMemoryRepository::new()))
+    /// let layer = RateLimitLayer::new(RateLimiter::new(InMemoryRepository::new()))
     ///     .entity(extract::secret(extract::header("x-api-key")))
     ///     .limits([Limit::per_minute("rpm", 100)])
     ///     .skip(|head| head.uri.path() == "/healthz");
     /// ```
-    pub fn skip(
-        mut self,
-        skip: impl Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
-    ) -> Self {
+    pub fn skip(mut self, skip: impl Fn(&Parts) -> bool + Send + Sync + 'static) -> Self {
         self.config_mut().skip = Some(Arc::new(skip));
         self
     }
@@ -293,8 +301,8 @@ impl<B: 'static> RateLimitLayer<B> {
     }
 }
 
-impl<S, B> Layer<S> for RateLimitLayer<B> {
-    type Service = RateLimit<S, B>;
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
         RateLimit::new(inner, Arc::clone(&self.config))

@@ -16,7 +16,15 @@
 //!
 //! The pieces, in the tower-http manner: [`RateLimitLayer`] holds the configuration,
 //! [`RateLimit`] wraps the inner service, [`ResponseFuture`] acquires then calls it, and
-//! [`RateLimitBody`] commits the lease when the response body ends.
+//! [`RateLimitBody`] commits the lease when the response body ends. Extractors see the
+//! request head only, so the layer is not generic over the body type.
+//!
+//! With the `axum` feature a handler takes the request's [`crate::LeaseHandle`] as an
+//! argument (`Option<LeaseHandle>` where the layer may skip the request), returns [`Usage`]
+//! as a response part, and a [`Rejection`] is an `IntoResponse`.
+//!
+//! [`RateLimit`] is not `tower::limit::RateLimit`: that one makes callers wait in
+//! `poll_ready`; this one answers 429 per entity (see [`RateLimit`]).
 //!
 //! | situation | answer |
 //! |---|---|
@@ -29,6 +37,8 @@
 
 use std::collections::BTreeMap;
 
+#[cfg(feature = "axum")]
+mod axum_integration;
 mod body;
 pub mod extract;
 mod future;
@@ -36,6 +46,9 @@ mod layer;
 mod response;
 mod service;
 
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub use axum_integration::MissingLease;
 pub use body::RateLimitBody;
 pub use future::ResponseFuture;
 pub use layer::RateLimitLayer;
@@ -44,14 +57,15 @@ pub use service::RateLimit;
 
 /// The true cost of a request, reported by the handler in the *response* extensions: the
 /// layer adjusts the lease by `actual - estimate` for each named limit before committing.
+/// With the `axum` feature it is a response part of its own.
 ///
 /// ```
-/// use axum::{response::IntoResponse, Extension};
+/// use axum::response::IntoResponse;
 /// use zae_limiter::middleware::Usage;
 ///
 /// async fn chat() -> impl IntoResponse {
 ///     let tokens_used = 812;
-///     (Extension(Usage::new().with("tpm", tokens_used)), "answer")
+///     (Usage::new().with("tpm", tokens_used), "answer")
 /// }
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
@@ -13,33 +14,35 @@ use super::body::RateLimitBody;
 use super::future::ResponseFuture;
 use super::layer::Config;
 use super::response::Rejection;
-use crate::Error;
+use super::RateLimitLayer;
+use crate::{Error, RateLimiter};
 
-/// Rate-limits requests to `S`; made by [`super::RateLimitLayer`].
-pub struct RateLimit<S, B> {
+/// Rate-limits requests to `S`; made by [`RateLimitLayer`] (or [`RateLimit::layer`]).
+///
+/// # Differences from `tower::limit::RateLimit`
+///
+/// The names clash, the behaviour does not: tower's `RateLimit` counts requests per
+/// service instance and makes callers *wait* in `poll_ready` until the next window. This
+/// one decides per request, per entity (API key, user, address) and resource, against
+/// buckets shared by every instance and process using the same backend, and *answers*
+/// `429 Too Many Requests` (with `Retry-After` and the `RateLimit` fields) instead of
+/// waiting; `poll_ready` only waits for the inner service. Import one of them under
+/// another name if both are in scope.
+#[derive(Clone, Debug)]
+pub struct RateLimit<S> {
     inner: S,
-    config: Arc<Config<B>>,
+    config: Arc<Config>,
 }
 
-impl<S: Clone, B> Clone for RateLimit<S, B> {
-    fn clone(&self) -> Self {
-        RateLimit {
-            inner: self.inner.clone(),
-            config: Arc::clone(&self.config),
-        }
+impl RateLimit<()> {
+    /// A [`RateLimitLayer`] over `limiter`, as tower-http services offer (`Timeout::layer`).
+    pub fn layer(limiter: RateLimiter) -> RateLimitLayer {
+        RateLimitLayer::new(limiter)
     }
 }
 
-impl<S: std::fmt::Debug, B> std::fmt::Debug for RateLimit<S, B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RateLimit")
-            .field("inner", &self.inner)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S, B> RateLimit<S, B> {
-    pub(crate) fn new(inner: S, config: Arc<Config<B>>) -> Self {
+impl<S> RateLimit<S> {
+    pub(crate) fn new(inner: S, config: Arc<Config>) -> Self {
         RateLimit { inner, config }
     }
 
@@ -48,17 +51,27 @@ impl<S, B> RateLimit<S, B> {
         &self.inner
     }
 
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
     /// Where the request's route limits are looked up: axum's matched path, else the path.
-    fn route_key(req: &Request<B>) -> &str {
+    fn route_key(head: &Parts) -> &str {
         #[cfg(feature = "axum")]
-        if let Some(m) = req.extensions().get::<axum::extract::MatchedPath>() {
+        if let Some(m) = head.extensions.get::<axum::extract::MatchedPath>() {
             return m.as_str();
         }
-        req.uri().path()
+        head.uri.path()
     }
 }
 
-impl<S, B, ResB> Service<Request<B>> for RateLimit<S, B>
+impl<S, B, ResB> Service<Request<B>> for RateLimit<S>
 where
     S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send,
@@ -75,28 +88,22 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let config = Arc::clone(&self.config);
-        let req = match &config.skip {
-            Some(skip) => {
-                let (head, body) = req.into_parts();
-                let skipped = skip(&head);
-                let req = Request::from_parts(head, body);
-                if skipped {
-                    let call = self.inner.call(req);
-                    return ResponseFuture::passing(config, call);
-                }
-                req
-            }
-            None => req,
-        };
+        // Extractors, the estimator and the skip predicate read the head; the request is
+        // put back together once, for the inner service.
+        let (head, body) = req.into_parts();
+        if config.skip.as_ref().is_some_and(|skip| skip(&head)) {
+            let call = self.inner.call(Request::from_parts(head, body));
+            return ResponseFuture::passing(config, call);
+        }
         let entity = config
             .entity
             .as_ref()
-            .and_then(|e| e.extract(&req))
+            .and_then(|e| e.extract(&head))
             .or_else(|| {
                 config
                     .fallback_entity
                     .as_ref()
-                    .and_then(|e| e.extract(&req))
+                    .and_then(|e| e.extract(&head))
             });
         let Some(entity) = entity else {
             let rejection = match &config.entity {
@@ -112,9 +119,9 @@ where
             return ResponseFuture::rejected(config, rejection);
         };
         // The acquire validates the entity and the resource (invalid ones become a 400).
-        let Some(resource) = config.resource.extract(&req) else {
+        let Some(resource) = config.resource.extract(&head) else {
             if config.resource.pass_through_when_missing() {
-                let call = self.inner.call(req);
+                let call = self.inner.call(Request::from_parts(head, body));
                 return ResponseFuture::passing(config, call);
             }
             let rejection = Rejection::MissingResource {
@@ -127,7 +134,7 @@ where
         let route_limits = if config.route_limits.is_empty() {
             None
         } else {
-            config.route_limits.get(Self::route_key(&req))
+            config.route_limits.get(Self::route_key(&head))
         };
         if let Some(limits) = route_limits.or(config.limits.as_ref()) {
             acquire = acquire.shared_limits(Arc::clone(limits));
@@ -136,7 +143,7 @@ where
             acquire = acquire.shared_fallback_limits(Arc::clone(limits));
         }
         if let Some(estimate) = &config.consume {
-            acquire = acquire.consume(estimate(&req));
+            acquire = acquire.consume(estimate(&head));
         }
         if let Some(cascade) = config.cascade {
             acquire = acquire.cascade(cascade);
@@ -151,9 +158,9 @@ where
             let _entered = span.enter();
             acquire.try_now()
         };
+        let mut req = Request::from_parts(head, body);
         match decided {
             Ok(Ok(lease)) => {
-                let mut req = req;
                 req.extensions_mut().insert(lease.handle());
                 let call = self.inner.call(req);
                 ResponseFuture::calling(config, call, lease, span)
