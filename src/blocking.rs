@@ -1,13 +1,14 @@
-//! [`SyncRateLimiter`] and [`SyncLease`]: the limiter for code without an async runtime.
+//! [`RateLimiter`] and [`Lease`]: the limiter for code without an async runtime, named
+//! after the async types they front (as `reqwest::blocking::Client` is).
 //!
 //! The limiter owns a small tokio runtime (one worker thread) and blocks on it. Do not call
 //! it from inside an async task; use [`crate::RateLimiter`] there.
 //!
 //! ```
-//! use zae_limiter::blocking::SyncRateLimiter;
+//! use zae_limiter::blocking::RateLimiter;
 //! use zae_limiter::{InMemoryRepository, Limit};
 //!
-//! let limiter = SyncRateLimiter::new(InMemoryRepository::new())?;
+//! let limiter = RateLimiter::new(InMemoryRepository::new())?;
 //! let lease = limiter
 //!     .acquire("user-1", "reports")
 //!     .limits([Limit::per_minute("rpm", 10)])
@@ -26,29 +27,30 @@ use tokio::runtime::Runtime;
 
 use crate::bucket::BucketState;
 use crate::{
-    Acquire, Amount, CacheStats, ConfigSource, Entity, Error, Lease, Limit, LimitStatus,
-    OnUnavailable, RateLimiter, Repository,
+    Acquire as AsyncAcquire, Amount, CacheStats, ConfigSource, Entity, Error, Lease as AsyncLease,
+    Limit, LimitStatus, OnUnavailable, RateLimiter as AsyncRateLimiter, Repository,
 };
 
-/// A blocking front to [`RateLimiter`]. Cheap to clone.
+/// A blocking front to [`crate::RateLimiter`]. Cheap to clone.
 #[derive(Clone, Debug)]
-pub struct SyncRateLimiter {
-    limiter: RateLimiter,
+pub struct RateLimiter {
+    limiter: AsyncRateLimiter,
     runtime: Arc<Runtime>,
 }
 
-/// A blocking front to [`Lease`]. Dropping it open rolls back before returning.
+/// A blocking front to [`crate::Lease`]. Dropping it open rolls back before returning.
 #[must_use = "a lease rolls back when dropped; commit it when the work is done"]
 #[derive(Debug)]
-pub struct SyncLease {
-    lease: Lease,
+pub struct Lease {
+    lease: AsyncLease,
     runtime: Arc<Runtime>,
 }
 
-/// A blocking acquire being set up; finish with [`SyncAcquire::call`].
+/// A blocking acquire being set up; finish with [`Acquire::call`].
 #[must_use = "an acquire does nothing until it is called"]
-pub struct SyncAcquire {
-    acquire: Acquire,
+#[derive(Debug)]
+pub struct Acquire {
+    acquire: AsyncAcquire,
     runtime: Arc<Runtime>,
 }
 
@@ -61,43 +63,39 @@ fn runtime() -> Result<Runtime, Error> {
         .map_err(|e| Error::unavailable("could not start the blocking limiter's runtime", e))
 }
 
-impl SyncRateLimiter {
+impl RateLimiter {
     /// A blocking limiter over `repo` with default settings.
     pub fn new(repo: impl Repository) -> Result<Self, Error> {
-        Self::from_async(RateLimiter::new(repo))
+        Self::from_async(AsyncRateLimiter::new(repo))
     }
 
-    /// Wraps a configured [`RateLimiter`] (see [`RateLimiter::builder`]).
-    pub fn from_async(limiter: RateLimiter) -> Result<Self, Error> {
-        Ok(SyncRateLimiter {
+    /// Wraps a configured [`crate::RateLimiter`] (see [`crate::RateLimiter::builder`]).
+    pub fn from_async(limiter: AsyncRateLimiter) -> Result<Self, Error> {
+        Ok(RateLimiter {
             limiter,
             runtime: Arc::new(runtime()?),
         })
     }
 
     /// The async limiter underneath.
-    pub fn inner(&self) -> &RateLimiter {
+    pub fn inner(&self) -> &AsyncRateLimiter {
         &self.limiter
     }
 
-    /// Runs any future (e.g. another [`RateLimiter`] method) to completion.
+    /// Runs any future (e.g. another [`crate::RateLimiter`] method) to completion.
     pub fn block_on<F: Future>(&self, fut: F) -> F::Output {
         self.runtime.block_on(fut)
     }
 
-    /// Starts an acquire; see [`RateLimiter::acquire`].
-    pub fn acquire(
-        &self,
-        entity_id: impl Into<String>,
-        resource: impl Into<String>,
-    ) -> SyncAcquire {
-        SyncAcquire {
+    /// Starts an acquire; see [`crate::RateLimiter::acquire`].
+    pub fn acquire(&self, entity_id: impl Into<String>, resource: impl Into<String>) -> Acquire {
+        Acquire {
             acquire: self.limiter.acquire(entity_id, resource),
             runtime: Arc::clone(&self.runtime),
         }
     }
 
-    /// See [`RateLimiter::available`].
+    /// See [`crate::RateLimiter::available`].
     pub fn available(
         &self,
         entity_id: &str,
@@ -107,7 +105,7 @@ impl SyncRateLimiter {
         self.block_on(self.limiter.available(entity_id, resource, limits))
     }
 
-    /// See [`RateLimiter::time_until_available`].
+    /// See [`crate::RateLimiter::time_until_available`].
     pub fn time_until_available<K: Into<String>, N: Amount>(
         &self,
         entity_id: &str,
@@ -121,7 +119,7 @@ impl SyncRateLimiter {
         )
     }
 
-    /// See [`RateLimiter::resolve_limits`].
+    /// See [`crate::RateLimiter::resolve_limits`].
     pub fn resolve_limits(
         &self,
         entity_id: &str,
@@ -130,7 +128,7 @@ impl SyncRateLimiter {
         self.block_on(self.limiter.resolve_limits(entity_id, resource))
     }
 
-    /// See [`RateLimiter::bucket_states`].
+    /// See [`crate::RateLimiter::bucket_states`].
     pub fn bucket_states(
         &self,
         entity_id: &str,
@@ -139,7 +137,7 @@ impl SyncRateLimiter {
         self.block_on(self.limiter.bucket_states(entity_id, resource))
     }
 
-    /// Creates an entity; see [`RateLimiter::create_entity`] for the options.
+    /// Creates an entity; see [`crate::RateLimiter::create_entity`] for the options.
     pub fn create_entity(
         &self,
         entity_id: &str,
@@ -153,32 +151,32 @@ impl SyncRateLimiter {
         self.block_on(create.into_future())
     }
 
-    /// See [`RateLimiter::get_entity`].
+    /// See [`crate::RateLimiter::get_entity`].
     pub fn get_entity(&self, entity_id: &str) -> Result<Option<Entity>, Error> {
         self.block_on(self.limiter.get_entity(entity_id))
     }
 
-    /// See [`RateLimiter::delete_entity`].
+    /// See [`crate::RateLimiter::delete_entity`].
     pub fn delete_entity(&self, entity_id: &str) -> Result<(), Error> {
         self.block_on(self.limiter.delete_entity(entity_id))
     }
 
-    /// See [`RateLimiter::get_children`].
+    /// See [`crate::RateLimiter::get_children`].
     pub fn get_children(&self, parent_id: &str) -> Result<Vec<Entity>, Error> {
         self.block_on(self.limiter.get_children(parent_id))
     }
 
-    /// See [`RateLimiter::set_system_limits`].
+    /// See [`crate::RateLimiter::set_system_limits`].
     pub fn set_system_limits(&self, limits: &[Limit]) -> Result<(), Error> {
         self.block_on(self.limiter.set_system_limits(limits))
     }
 
-    /// See [`RateLimiter::set_resource_limits`].
+    /// See [`crate::RateLimiter::set_resource_limits`].
     pub fn set_resource_limits(&self, resource: &str, limits: &[Limit]) -> Result<(), Error> {
         self.block_on(self.limiter.set_resource_limits(resource, limits))
     }
 
-    /// See [`RateLimiter::set_entity_limits`].
+    /// See [`crate::RateLimiter::set_entity_limits`].
     pub fn set_entity_limits(
         &self,
         entity_id: &str,
@@ -188,13 +186,13 @@ impl SyncRateLimiter {
         self.block_on(self.limiter.set_entity_limits(entity_id, resource, limits))
     }
 
-    /// See [`RateLimiter::cache_stats`].
+    /// See [`crate::RateLimiter::cache_stats`].
     pub fn cache_stats(&self) -> CacheStats {
         self.limiter.cache_stats()
     }
 }
 
-impl SyncAcquire {
+impl Acquire {
     /// See [`Acquire::limits`].
     pub fn limits(mut self, limits: impl IntoIterator<Item = Limit>) -> Self {
         self.acquire = self.acquire.limits(limits);
@@ -229,17 +227,17 @@ impl SyncAcquire {
     }
 
     /// Runs the acquire, blocking until it is decided.
-    pub fn call(self) -> Result<SyncLease, Error> {
+    pub fn call(self) -> Result<Lease, Error> {
         let lease = self.runtime.block_on(self.acquire.into_future())?;
-        Ok(SyncLease {
+        Ok(Lease {
             lease,
             runtime: self.runtime,
         })
     }
 }
 
-impl SyncLease {
-    /// See [`Lease::adjust`].
+impl Lease {
+    /// See [`crate::Lease::adjust`].
     pub fn adjust<K: Into<String>, N: Amount>(
         &self,
         deltas: impl IntoIterator<Item = (K, N)>,
@@ -247,33 +245,33 @@ impl SyncLease {
         self.runtime.block_on(self.lease.adjust(deltas))
     }
 
-    /// See [`Lease::commit`].
+    /// See [`crate::Lease::commit`].
     pub fn commit(&self) -> Result<(), Error> {
         self.runtime.block_on(self.lease.commit())
     }
 
-    /// See [`Lease::rollback`].
+    /// See [`crate::Lease::rollback`].
     pub fn rollback(&self) -> Result<(), Error> {
         self.runtime.block_on(self.lease.rollback())
     }
 
-    /// See [`Lease::consumed`].
+    /// See [`crate::Lease::consumed`].
     pub fn consumed(&self) -> BTreeMap<String, i64> {
         self.lease.consumed()
     }
 
-    /// See [`Lease::statuses`].
+    /// See [`crate::Lease::statuses`].
     pub fn statuses(&self) -> &[LimitStatus] {
         self.lease.statuses()
     }
 
-    /// See [`Lease::is_closed`].
+    /// See [`crate::Lease::is_closed`].
     pub fn is_closed(&self) -> bool {
         self.lease.is_closed()
     }
 }
 
-impl Drop for SyncLease {
+impl Drop for Lease {
     fn drop(&mut self) {
         if self.lease.is_closed() || self.lease.is_unlimited() {
             return;

@@ -5,12 +5,12 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use zae_limiter::blocking::SyncRateLimiter;
+use zae_limiter::blocking;
 use zae_limiter::clock::ManualClock;
 use zae_limiter::{Error, InMemoryRepository, Limit, RateLimiter};
 
-fn limiter() -> SyncRateLimiter {
-    SyncRateLimiter::from_async(
+fn limiter() -> blocking::RateLimiter {
+    blocking::RateLimiter::from_async(
         RateLimiter::builder(InMemoryRepository::new())
             .clock(ManualClock::new(1_000_000))
             .build(),
