@@ -41,10 +41,12 @@
 //! # Ok(()) }
 //! ```
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 
 mod amount;
 #[cfg(feature = "blocking")]
+#[cfg_attr(docsrs, doc(cfg(feature = "blocking")))]
 pub mod blocking;
 pub mod bucket;
 pub mod clock;
@@ -54,7 +56,8 @@ mod keys;
 mod lease;
 pub mod limit;
 mod limiter;
-#[cfg(feature = "dynamodb")]
+#[cfg(feature = "local")]
+#[cfg_attr(docsrs, doc(cfg(feature = "local")))]
 pub mod local;
 mod log_throttle;
 pub mod middleware;
@@ -73,6 +76,7 @@ pub use model::{
     BackendCapabilities, CacheStats, ConfigSource, Entity, LimitStatus, OnUnavailable,
 };
 #[cfg(feature = "dynamodb")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
 pub use repository::dynamodb::{DynamoDbRepository, DynamoDbRepositoryBuilder};
 pub use repository::memory::InMemoryRepository;
 pub use repository::Repository;

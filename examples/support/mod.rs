@@ -1,9 +1,13 @@
 //! How the examples pick their backend: DynamoDB when `ZAE_DYNAMODB_ENDPOINT` is set or
 //! `--dynamodb` is passed (starting DynamoDB Local when no endpoint is given), else the
-//! in-memory backend.
+//! in-memory backend. DynamoDB needs the `dynamodb` and `local` features
+//! (`cargo run --features dynamodb,local --example quickstart -- --dynamodb`).
 
+#[cfg(feature = "local")]
 use zae_limiter::local::DynamoDbLocal;
-use zae_limiter::{DynamoDbRepository, Error, InMemoryRepository, RateLimiter, Repository};
+#[cfg(feature = "local")]
+use zae_limiter::DynamoDbRepository;
+use zae_limiter::{Error, InMemoryRepository, RateLimiter, Repository};
 
 /// The chosen backend, with the DynamoDB Local it started (stopped on drop).
 pub struct Backend {
@@ -11,6 +15,7 @@ pub struct Backend {
     pub repo: std::sync::Arc<dyn Repository>,
     /// What was chosen, for the log.
     pub description: String,
+    #[cfg(feature = "local")]
     _local: Option<DynamoDbLocal>,
 }
 
@@ -21,7 +26,33 @@ impl Backend {
     }
 }
 
+/// The in-memory backend.
+fn in_memory() -> Backend {
+    Backend {
+        repo: std::sync::Arc::new(InMemoryRepository::new()),
+        description: "in-memory backend".into(),
+        #[cfg(feature = "local")]
+        _local: None,
+    }
+}
+
 /// Reads `ZAE_DYNAMODB_ENDPOINT` and `--dynamodb`.
+#[cfg(not(feature = "local"))]
+pub async fn from_env() -> Result<Backend, Box<dyn std::error::Error>> {
+    if std::env::var_os("ZAE_DYNAMODB_ENDPOINT").is_some()
+        || std::env::args().any(|a| a == "--dynamodb")
+    {
+        return Err(
+            "DynamoDB needs the crate's `dynamodb` and `local` features: \
+                    cargo run --features dynamodb,local --example <name>"
+                .into(),
+        );
+    }
+    Ok(in_memory())
+}
+
+/// Reads `ZAE_DYNAMODB_ENDPOINT` and `--dynamodb`.
+#[cfg(feature = "local")]
 pub async fn from_env() -> Result<Backend, Box<dyn std::error::Error>> {
     let endpoint = std::env::var("ZAE_DYNAMODB_ENDPOINT").ok();
     let flag = std::env::args().any(|a| a == "--dynamodb");
@@ -31,13 +62,7 @@ pub async fn from_env() -> Result<Backend, Box<dyn std::error::Error>> {
             let local = DynamoDbLocal::start().await?;
             (local.endpoint_url().to_string(), Some(local))
         }
-        (None, false) => {
-            return Ok(Backend {
-                repo: std::sync::Arc::new(InMemoryRepository::new()),
-                description: "in-memory backend".into(),
-                _local: None,
-            })
-        }
+        (None, false) => return Ok(in_memory()),
     };
     // A patient timeout: a just-started DynamoDB Local answers its first calls slowly.
     let repo = DynamoDbRepository::builder()

@@ -155,7 +155,7 @@ impl RateLimiter {
     ///
     /// Without `.limits(..)` the stored limits apply (entity+resource, entity `_default_`,
     /// resource, system, then `.fallback_limits(..)`); without `.consume(..)` it takes 1 from
-    /// every limit. Succeeds with a [`Lease`] once the consumption is written, or fails with
+    /// every limit. Succeeds with a [`Lease`](crate::Lease) once the consumption is written, or fails with
     /// [`Error::RateLimited`] having written nothing.
     pub fn acquire(&self, entity_id: impl Into<String>, resource: impl Into<String>) -> Acquire {
         Acquire::new(self.clone(), entity_id.into(), resource.into())

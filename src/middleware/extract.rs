@@ -469,6 +469,7 @@ mod axum_extractors {
 }
 
 #[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub use axum_extractors::{
     matched_path, path_resource, peer_ip, MatchedPathResource, PeerIp, UNMATCHED,
 };

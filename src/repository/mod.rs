@@ -19,6 +19,7 @@ use crate::bucket::{BucketState, ConsumeResult};
 use crate::{BackendCapabilities, Entity, Error, Limit, LimitStatus, OnUnavailable};
 
 #[cfg(feature = "dynamodb")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
 pub mod dynamodb;
 pub mod memory;
 

@@ -2,7 +2,7 @@
 //! 500 after DynamoDB Local applied the write): every one lands exactly once, whoever
 //! re-sends it (the SDK's retries, the lease, the background settle).
 
-mod dynamo;
+use crate::dynamo;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,6 +1,6 @@
 //! The layer reports admissions, rejections and outages through `tracing`.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};

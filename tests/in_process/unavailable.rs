@@ -1,7 +1,7 @@
 //! The outage policy: `Block` rejects with `Unavailable`, `Allow` admits without writing,
 //! and a failed read is never mistaken for "no limits".
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The tower layer, driven with `tower::ServiceExt::oneshot` and through a real axum server
 //! on a loopback port.
 
-mod common;
+use crate::common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -851,7 +851,7 @@ async fn handlers_take_the_lease_as_an_argument() {
         )
         .route(
             "/needs-lease",
-            get(|lease: LeaseHandle| async move { format!("{}", lease.entity_id()) }),
+            get(|lease: LeaseHandle| async move { lease.entity_id().to_string() }),
         )
         .layer(
             RateLimitLayer::new(l.clone())

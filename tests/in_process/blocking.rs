@@ -1,7 +1,5 @@
 //! The blocking limiter, from plain threads.
 
-#![cfg(feature = "blocking")]
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 

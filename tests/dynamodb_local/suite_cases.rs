@@ -1,7 +1,7 @@
 //! The behaviour suite on the DynamoDB backend, against DynamoDB Local.
 
-mod dynamo;
-mod suite;
+use crate::dynamo;
+use crate::suite;
 
 use std::sync::Arc;
 
@@ -19,4 +19,4 @@ async fn dynamodb() -> Arc<dyn Repository> {
     Arc::new(repo)
 }
 
-limiter_suite!(dynamodb());
+crate::limiter_suite!(dynamodb());

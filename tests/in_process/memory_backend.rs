@@ -1,6 +1,6 @@
 //! The behaviour suite on the in-memory backend, plus what is specific to it.
 
-mod suite;
+use crate::suite;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,7 @@ async fn memory() -> Arc<dyn Repository> {
     Arc::new(InMemoryRepository::new())
 }
 
-limiter_suite!(memory());
+crate::limiter_suite!(memory());
 
 #[tokio::test]
 async fn idle_buckets_are_evicted_and_memory_stays_bounded() {

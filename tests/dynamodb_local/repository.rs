@@ -1,7 +1,7 @@
 //! What is specific to the DynamoDB backend, against DynamoDB Local: the calls each path
 //! costs, concurrency, provisioning, namespaces, audit, TTL and the item format.
 
-mod dynamo;
+use crate::dynamo;
 
 use std::time::Duration;
 

@@ -1,0 +1,18 @@
+//! Every test that runs in this process with no server: the bucket arithmetic, the
+//! reference vectors, the behaviour suite on the in-memory backend, the layer, the
+//! blocking API, concurrency and outages. One binary, linked once.
+
+#[path = "../common/mod.rs"]
+mod common;
+#[path = "../suite/mod.rs"]
+mod suite;
+
+#[cfg(feature = "blocking")]
+mod blocking;
+mod bucket_properties;
+mod concurrency;
+mod conformance;
+mod memory_backend;
+mod middleware;
+mod tracing_events;
+mod unavailable;
