@@ -394,12 +394,14 @@ async fn killed_under_load_charges_nothing_for_requests_never_admitted() {
     // Never below: a refund applied twice would have over-admitted. Above zero only when a
     // refund's answer was lost at the kill and two more writes of its lane landed before
     // anything showed whether it had: it is then taken as landed (its tokens held until
-    // they refill). Measured: 0 in most runs, up to 6 tokens.
+    // they refill). So the leak is bounded by the refunds in flight at the kill: one per
+    // task, of at most 3 tokens. Measured: 0 when the machine is idle; 6 and 14 with the
+    // tests of this file and a build running beside it.
     assert!(
         leaked >= 0,
         "over-admission: {leaked} tokens refunded twice"
     );
-    let bound = (kept as i64 / 10).max(6);
+    let bound = 16 * 3;
     assert!(
         leaked <= bound,
         "{leaked} tokens charged for requests never admitted (bound {bound})"

@@ -36,9 +36,13 @@ pub const MAX_REFILL_PERIOD_SECONDS: u64 = 10 * 366 * 86_400;
 ///
 /// Every way to make one validates it, as governor's `Quota` does: a zero rate, a number
 /// out of range or a bad name is never a limit that silently admits nothing (or
-/// everything). The constructors for literals ([`Limit::per_minute`], ...) panic on such
-/// values, naming them; the `try_` constructors, [`str::parse`] and deserialization return
-/// a typed [`Error`] for values that come from configuration. The fields stay readable;
+/// everything).
+///
+/// # Panics
+///
+/// The constructors for literals in code ([`Limit::per_minute`], ...) panic on such values,
+/// naming the field: a bug, shown at once. The `try_` constructors, [`str::parse`] and
+/// deserialization return a typed [`Error`] instead, for values from configuration. The fields stay readable;
 /// [`Limit::validate`] (called by every API that takes limits) checks one that was changed
 /// since.
 ///
@@ -93,97 +97,42 @@ fn valid(limit: Result<Limit, Error>) -> Limit {
     limit.unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The constructors of `rate` tokens per period, capacity `rate`: one that panics on an
+/// invalid limit (for literals) and its `try_` twin (for configuration).
+macro_rules! per_period {
+    ($($unit:literal, $seconds:expr, $name:ident, $try_name:ident;)*) => {$(
+        #[doc = concat!("`rate` tokens per ", $unit, ", capacity `rate`. Panics if invalid (see [`Limit`]).")]
+        #[track_caller]
+        pub fn $name(name: impl Into<String>, rate: u64) -> Self {
+            valid(Self::$try_name(name, rate))
+        }
+
+        #[doc = concat!("[`Limit::", stringify!($name), "`], or a typed error naming what is wrong.")]
+        pub fn $try_name(name: impl Into<String>, rate: u64) -> Result<Self, Error> {
+            Self::try_custom(name, rate, rate, $seconds)
+        }
+    )*};
+}
+
 impl Limit {
-    /// `rate` tokens per second, capacity `rate`.
-    ///
-    /// # Panics
-    ///
-    /// If the limit is invalid (a zero or too large `rate`, a bad name); use
-    /// [`Limit::try_per_second`] for values from configuration.
-    #[track_caller]
-    pub fn per_second(name: impl Into<String>, rate: u64) -> Self {
-        valid(Self::try_per_second(name, rate))
+    per_period! {
+        "second", 1, per_second, try_per_second;
+        "minute", 60, per_minute, try_per_minute;
+        "hour", 3_600, per_hour, try_per_hour;
+        "day", 86_400, per_day, try_per_day;
     }
 
-    /// `rate` tokens per minute, capacity `rate`.
-    ///
-    /// # Panics
-    ///
-    /// If the limit is invalid; see [`Limit::try_per_minute`].
+    /// Any capacity, refill amount and period. Panics if invalid (see [`Limit`]).
     #[track_caller]
-    pub fn per_minute(name: impl Into<String>, rate: u64) -> Self {
-        valid(Self::try_per_minute(name, rate))
+    pub fn custom(name: impl Into<String>, capacity: u64, amount: u64, period_s: u64) -> Self {
+        valid(Self::try_custom(name, capacity, amount, period_s))
     }
 
-    /// `rate` tokens per hour, capacity `rate`.
-    ///
-    /// # Panics
-    ///
-    /// If the limit is invalid; see [`Limit::try_per_hour`].
-    #[track_caller]
-    pub fn per_hour(name: impl Into<String>, rate: u64) -> Self {
-        valid(Self::try_per_hour(name, rate))
-    }
-
-    /// `rate` tokens per day, capacity `rate`.
-    ///
-    /// # Panics
-    ///
-    /// If the limit is invalid; see [`Limit::try_per_day`].
-    #[track_caller]
-    pub fn per_day(name: impl Into<String>, rate: u64) -> Self {
-        valid(Self::try_per_day(name, rate))
-    }
-
-    /// Any capacity, refill amount and period.
-    ///
-    /// # Panics
-    ///
-    /// If the limit is invalid; see [`Limit::try_custom`].
-    #[track_caller]
-    pub fn custom(
-        name: impl Into<String>,
-        capacity: u64,
-        refill_amount: u64,
-        refill_period_seconds: u64,
-    ) -> Self {
-        valid(Self::try_custom(
-            name,
-            capacity,
-            refill_amount,
-            refill_period_seconds,
-        ))
-    }
-
-    /// The same limit with capacity `burst`; the refill rate is unchanged.
-    ///
-    /// # Panics
-    ///
-    /// If `burst` is zero or above [`MAX_TOKENS`]; see [`Limit::try_with_burst`].
+    /// The same limit with capacity `burst`; the refill rate is unchanged. Panics if
+    /// `burst` is zero or above [`MAX_TOKENS`].
     #[track_caller]
     pub fn with_burst(self, burst: u64) -> Self {
         valid(self.try_with_burst(burst))
-    }
-
-    /// [`Limit::per_second`], or [`Error::Validation`] / [`Error::InvalidName`] naming
-    /// what is wrong.
-    pub fn try_per_second(name: impl Into<String>, rate: u64) -> Result<Self, Error> {
-        Self::try_custom(name, rate, rate, 1)
-    }
-
-    /// [`Limit::per_minute`], or an error naming what is wrong.
-    pub fn try_per_minute(name: impl Into<String>, rate: u64) -> Result<Self, Error> {
-        Self::try_custom(name, rate, rate, 60)
-    }
-
-    /// [`Limit::per_hour`], or an error naming what is wrong.
-    pub fn try_per_hour(name: impl Into<String>, rate: u64) -> Result<Self, Error> {
-        Self::try_custom(name, rate, rate, 3_600)
-    }
-
-    /// [`Limit::per_day`], or an error naming what is wrong.
-    pub fn try_per_day(name: impl Into<String>, rate: u64) -> Result<Self, Error> {
-        Self::try_custom(name, rate, rate, 86_400)
     }
 
     /// [`Limit::custom`], or an error naming what is wrong.
