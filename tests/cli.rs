@@ -113,7 +113,7 @@ fn limiter(rt: &tokio::runtime::Runtime, url: &str, table: &str, namespace: &str
 #[test]
 fn version_and_help_need_no_table() {
     let version = json(&mut zl("http://127.0.0.1:9", "unused"), &["version"]);
-    assert_eq!(version["schema_version"], "1.0.0");
+    assert_eq!(version["schema_version"], "0.10.0");
     assert_eq!(version["client_version"], env!("CARGO_PKG_VERSION"));
     let help = expect(&mut zl("http://127.0.0.1:9", "unused"), &["--help"], 0);
     for command in [
@@ -219,7 +219,7 @@ fn deploy_status_check_and_delete() {
     assert_eq!(status["status"], "ACTIVE");
     assert_eq!(status["billing"], "PAY_PER_REQUEST");
     assert_eq!(status["namespaces"], serde_json::json!(["default"]));
-    assert_eq!(status["schema_version"], "1.0.0");
+    assert_eq!(status["schema_version"], "0.10.0");
     assert_eq!(status["compatible"], true);
     assert_eq!(status["ttl"], true);
     assert_eq!(status["stream"], "NEW_AND_OLD_IMAGES");

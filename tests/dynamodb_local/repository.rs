@@ -520,7 +520,7 @@ async fn changes_are_audited_newest_first() {
         .await
         .unwrap();
     let events = repo.audit_events("k", 10).await.unwrap();
-    let actions: Vec<AuditAction> = events.iter().map(|e| e.action).collect();
+    let actions: Vec<AuditAction> = events.iter().map(|e| e.action.clone()).collect();
     assert_eq!(
         actions,
         [

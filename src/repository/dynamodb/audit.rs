@@ -3,12 +3,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::codec::{self, attr_to_json, get_i64, get_str, json_to_attr, num, s, Item};
-use super::{errors, keys, Inner};
+use super::codec::{self, attr_to_json, get_str, json_to_attr, num, s, Item};
+use super::{errors, keys, stamps, Inner};
 use crate::Error;
 
-/// What changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// What changed: the actions the Python zae-limiter 0.17 records (`models.py:
+/// AuditAction`), and any other kept as it is, never dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum AuditAction {
@@ -16,43 +17,59 @@ pub enum AuditAction {
     EntityCreated,
     /// An entity was deleted (with its limits and buckets).
     EntityDeleted,
-    /// Limits were stored (details: `limits`).
+    /// Limits (or, at system level, the outage policy) were stored (details: `limits`,
+    /// `on_unavailable`).
     LimitsSet,
     /// Stored limits were deleted.
     LimitsDeleted,
-    /// The system's `on_unavailable` policy was set or cleared.
-    OnUnavailableSet,
+    /// An entity's parent changed (written by Python's `set_parent`).
+    EntityParentChanged,
+    /// A bucket was reset (written by Python's `reset_bucket`).
+    BucketReset,
+    /// A bucket was topped up (written by Python's `top_up`).
+    BucketToppedUp,
+    /// An action this crate does not know, as stored.
+    #[serde(untagged)]
+    Other(String),
 }
 
 impl AuditAction {
     /// The stored name, e.g. `"limits_set"`.
-    pub fn as_str(&self) -> &'static str {
+    pub fn as_str(&self) -> &str {
         match self {
             AuditAction::EntityCreated => "entity_created",
             AuditAction::EntityDeleted => "entity_deleted",
             AuditAction::LimitsSet => "limits_set",
             AuditAction::LimitsDeleted => "limits_deleted",
-            AuditAction::OnUnavailableSet => "on_unavailable_set",
+            AuditAction::EntityParentChanged => "entity_parent_changed",
+            AuditAction::BucketReset => "bucket_reset",
+            AuditAction::BucketToppedUp => "bucket_topped_up",
+            AuditAction::Other(name) => name,
         }
     }
 
-    fn parse(s: &str) -> Option<Self> {
+    /// The action stored as `name`; one this crate does not know is kept as
+    /// [`AuditAction::Other`].
+    pub fn parse(name: &str) -> Self {
         [
             AuditAction::EntityCreated,
             AuditAction::EntityDeleted,
             AuditAction::LimitsSet,
             AuditAction::LimitsDeleted,
-            AuditAction::OnUnavailableSet,
+            AuditAction::EntityParentChanged,
+            AuditAction::BucketReset,
+            AuditAction::BucketToppedUp,
         ]
         .into_iter()
-        .find(|a| a.as_str() == s)
+        .find(|a| a.as_str() == name)
+        .unwrap_or_else(|| AuditAction::Other(name.to_string()))
     }
 }
 
 /// One recorded change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEvent {
-    /// A unique id (time-ordered).
+    /// A unique id: a ULID, time-ordered across this crate and Python.
     pub event_id: String,
     /// The subject: an entity id, `$SYSTEM`, or `$RESOURCE:{resource}`.
     pub entity_id: String,
@@ -82,15 +99,12 @@ impl Inner {
         details: serde_json::Value,
     ) {
         let now = super::table::now_ms();
-        let suffix: String = (0..6)
-            .map(|_| char::from(b"0123456789abcdefghijklmnopqrstuvwxyz"[rand::random_range(0..36)]))
-            .collect();
-        let sk = keys::audit_sk(now, &suffix);
+        let event_id = stamps::audit_id(now);
         let pk = keys::audit_pk(&self.ns, subject);
-        let mut item: Item = codec::key(pk.clone(), sk.clone());
+        let mut item: Item = codec::key(pk.clone(), keys::audit_sk(&event_id));
         item.insert("entity_id".into(), s(subject));
-        item.insert("event_id".into(), s(format!("{now:013}{suffix}")));
-        item.insert("timestamp".into(), num(now));
+        item.insert("event_id".into(), s(&event_id));
+        item.insert("timestamp".into(), s(stamps::iso(now)));
         item.insert("action".into(), s(action.as_str()));
         if let Some(p) = &self.principal {
             item.insert("principal".into(), s(p));
@@ -104,7 +118,7 @@ impl Inner {
             num(now / 1000 + AUDIT_RETENTION_DAYS * 86_400),
         );
         item.insert("GSI4PK".into(), s(&self.ns));
-        item.insert("GSI4SK".into(), s(format!("{pk}{sk}")));
+        item.insert("GSI4SK".into(), s(pk));
         if let Err(e) = self
             .client
             .put_item()
@@ -113,7 +127,7 @@ impl Inner {
             .send()
             .await
         {
-            tracing::error!(subject, action = action.as_str(), error = %errors::map("PutItem", &self.table, e), "could not record audit event");
+            tracing::error!(subject, action = %action.as_str(), error = %errors::map("PutItem", &self.table, e), "could not record audit event");
         }
     }
 
@@ -154,10 +168,10 @@ fn parse_event(item: &Item) -> Option<AuditEvent> {
     Some(AuditEvent {
         event_id: get_str(item, "event_id")?.to_string(),
         entity_id: get_str(item, "entity_id")?.to_string(),
-        action: AuditAction::parse(get_str(item, "action")?)?,
+        action: AuditAction::parse(get_str(item, "action")?),
         principal: get_str(item, "principal").map(str::to_string),
         resource: get_str(item, "resource").map(str::to_string),
-        timestamp_ms: get_i64(item, "timestamp").unwrap_or(0),
+        timestamp_ms: stamps::time_ms(item, "timestamp").unwrap_or(0),
         details: item.get("details").map(attr_to_json).unwrap_or_default(),
     })
 }

@@ -178,17 +178,7 @@ impl DynamoDbRepositoryBuilder {
         self.validate()?;
         let client = self.make_client().await;
         table::require_table(&client, &self.table).await?;
-        match table::stored_version(&client, &self.table).await? {
-            Some(v) => table::check_version(&v)?,
-            None => {
-                return Err(TableError::TableNotFound {
-                    table: self.table.clone(),
-                    reason: "it holds no version record (run `open`/`build` or deploy first)"
-                        .into(),
-                }
-                .into())
-            }
-        }
+        table::require_version(&client, &self.table).await?;
         let ns = table::namespace_id(&client, &self.table, &self.namespace)
             .await?
             .ok_or_else(|| TableError::NamespaceNotFound {

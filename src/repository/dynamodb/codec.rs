@@ -214,7 +214,14 @@ pub(super) fn entity_item(ns: &str, entity: &Entity) -> Item {
                 .collect(),
         ),
     );
-    item.insert("created_at".into(), num(entity.created_at_ms));
+    item.insert(
+        "created_at".into(),
+        s(super::stamps::iso(entity.created_at_ms)),
+    );
+    // The owner's generation and incarnation, which Python's bucket creates pin (its
+    // contract, section 4): without them Python cannot acquire for this entity.
+    item.insert("pgen".into(), num(entity.created_at_ms));
+    item.insert("pinc".into(), s(super::stamps::incarnation()));
     if let Some(parent) = &entity.parent_id {
         item.insert("GSI1PK".into(), s(keys::parent_gsi1pk(ns, parent)));
         item.insert("GSI1SK".into(), s(format!("CHILD#{}", entity.id)));
@@ -242,7 +249,7 @@ pub(super) fn parse_entity(item: &Item) -> Option<Entity> {
         parent_id: get_str(item, "parent_id").map(str::to_string),
         cascade: matches!(item.get("cascade"), Some(AttributeValue::Bool(true))),
         metadata,
-        created_at_ms: get_i64(item, "created_at").unwrap_or(0),
+        created_at_ms: super::stamps::time_ms(item, "created_at").unwrap_or(0),
         id,
     })
 }
@@ -370,10 +377,14 @@ mod tests {
             parent_id: Some("proj".into()),
             cascade: true,
             metadata: BTreeMap::from([("tier".into(), "gold".into())]),
-            created_at_ms: 42,
+            // Stored as Python stores it: an ISO time, to the second.
+            created_at_ms: 1_764_498_521_000,
         };
         let item = entity_item("ns", &entity);
         assert_eq!(get_str(&item, "GSI1PK"), Some("ns/PARENT#proj"));
+        assert_eq!(get_str(&item, "created_at"), Some("2025-11-30T10:28:41Z"));
+        assert_eq!(get_i64(&item, "pgen"), Some(1_764_498_521_000));
+        assert_eq!(get_str(&item, "pinc").map(str::len), Some(16));
         assert_eq!(parse_entity(&item), Some(entity));
     }
 }

@@ -57,9 +57,10 @@ pub(super) fn audit_pk(ns: &str, subject: &str) -> String {
     format!("{ns}/AUDIT#{subject}")
 }
 
-/// An audit event's sort key: sorts by time, then by a random suffix.
-pub(super) fn audit_sk(timestamp_ms: i64, suffix: &str) -> String {
-    format!("#AUDIT#{timestamp_ms:013}#{suffix}")
+/// An audit event's sort key: `#AUDIT#` and its ULID, so events sort by time (and this
+/// crate's and Python's interleave in order).
+pub(super) fn audit_sk(event_id: &str) -> String {
+    format!("#AUDIT#{event_id}")
 }
 
 /// Attribute names of one limit in a bucket item: `b_{limit}_{field}`.

@@ -39,6 +39,7 @@ mod listing;
 mod rejections;
 mod repository;
 mod retry;
+mod stamps;
 mod table;
 
 pub use aws_sdk_dynamodb;
@@ -49,7 +50,10 @@ pub use builder::DynamoDbRepositoryBuilder;
 pub use counter::CallCounter;
 pub use errors::TableError;
 pub use repository::DynamoDbRepository;
-pub use table::{Billing, NamespaceInfo, TableOptions, TableStatusReport, SCHEMA_VERSION};
+pub use table::{
+    Billing, NamespaceInfo, TableOptions, TableStatusReport, CONTRACT_VERSION,
+    LEGACY_SCHEMA_VERSION, SCHEMA_VERSION,
+};
 
 use repository::Inner;
 

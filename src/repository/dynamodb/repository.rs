@@ -220,7 +220,8 @@ impl Inner {
             update.add.push(format!("{version} {one}"));
             let gsi4pk = expr.name("GSI4PK");
             let gsi4sk = expr.name("GSI4SK");
-            let (a, b) = (expr.value(s(&self.ns)), expr.value(s(format!("{pk}{sk}"))));
+            // As Python writes them: the namespace, and the record's partition key.
+            let (a, b) = (expr.value(s(&self.ns)), expr.value(s(&pk)));
             update.set.push(format!("{gsi4pk} = {a}"));
             update.set.push(format!("{gsi4sk} = {b}"));
             match scope {
@@ -607,7 +608,8 @@ impl Repository for DynamoDbRepository {
         inner
             .audit(
                 "$SYSTEM",
-                AuditAction::OnUnavailableSet,
+                // Python records the system policy with the system's limits.
+                AuditAction::LimitsSet,
                 None,
                 serde_json::json!({ "on_unavailable": policy.map(|p| p.as_str()) }),
             )

@@ -7,22 +7,32 @@ use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodb::operation::describe_table::DescribeTableOutput;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, DeleteRequest, GlobalSecondaryIndex, KeySchemaElement,
-    KeyType, PointInTimeRecoverySpecification, Projection, ProjectionType, ProvisionedThroughput,
-    Put, ScalarAttributeType, StreamSpecification, StreamViewType, TableStatus, Tag,
-    TimeToLiveSpecification, TransactWriteItem, WriteRequest,
+    AttributeDefinition, AttributeValue, BillingMode, DeleteRequest, GlobalSecondaryIndex,
+    KeySchemaElement, KeyType, PointInTimeRecoverySpecification, Projection, ProjectionType,
+    ProvisionedThroughput, Put, ScalarAttributeType, StreamSpecification, StreamViewType,
+    TableStatus, Tag, TimeToLiveSpecification, TransactWriteItem, WriteRequest,
 };
 use aws_sdk_dynamodb::Client;
 
-use super::codec::{self, get_str, num, s, Item};
+use super::codec::{self, get_str, s, Item};
 use super::errors::build_error;
 use super::retry::backoff;
-use super::{errors, keys, TableError};
+use super::{errors, keys, stamps, TableError};
 use crate::Error;
 
-/// The schema version this client writes and reads; a stored version with another major
-/// number is [`TableError::IncompatibleSchema`].
-pub const SCHEMA_VERSION: &str = "1.0.0";
+/// The schema version this client writes and reads: the one the Python zae-limiter 0.17
+/// writes, so each opens the other's tables. A stored version with another major number is
+/// [`TableError::IncompatibleSchema`] (both libraries check majors).
+pub const SCHEMA_VERSION: &str = "0.10.0";
+
+/// The schema version this crate wrote before it shared tables with Python. Python never
+/// wrote a major 1, so a table holding it is this crate's: read as it is by `connect`, and
+/// rewritten to [`SCHEMA_VERSION`] by `build` (and `zae-limiter deploy`).
+pub const LEGACY_SCHEMA_VERSION: &str = "1.0.0";
+
+/// The Python zae-limiter release whose table contract this crate follows. A table whose
+/// `client_min_version` is newer holds features this crate does not know.
+pub const CONTRACT_VERSION: &str = "0.17.0";
 
 /// How the table is billed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -420,24 +430,45 @@ async fn describe(client: &Client, table: &str) -> Result<DescribeTableOutput, E
         .map_err(|e| errors::map("DescribeTable", table, e))
 }
 
+/// The version record, if the table has one.
+async fn version_record(client: &Client, table: &str) -> Result<Option<Item>, Error> {
+    get_item(client, table, keys::REGISTRY_PK, keys::VERSION_SK).await
+}
+
 /// Reads the stored schema version.
 pub(super) async fn stored_version(client: &Client, table: &str) -> Result<Option<String>, Error> {
-    let item = get_item(client, table, keys::REGISTRY_PK, keys::VERSION_SK).await?;
-    Ok(item
+    Ok(version_record(client, table)
+        .await?
         .as_ref()
         .and_then(|i| get_str(i, "schema_version"))
         .map(str::to_string))
 }
 
-/// Whether a stored schema version can be used by this client.
+/// `X.Y.Z` as numbers, Python's way (`version.py: parse_version`): a leading `v` and a
+/// `+local` part dropped, a pre-release suffix ignored, `X.Y` read as `X.Y.0`.
+fn parse_version(text: &str) -> Option<(u64, u64, u64)> {
+    let text = text.trim().trim_start_matches('v');
+    let text = text.split('+').next()?;
+    let mut parts = text.split('.').map(|p| {
+        let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<u64>().ok()
+    });
+    let major = parts.next()??;
+    let minor = parts.next().flatten().unwrap_or(0);
+    let patch = parts.next().flatten().unwrap_or(0);
+    Some((major, minor, patch))
+}
+
+/// Whether a stored schema version can be used by this client: major 0, as Python's
+/// 0.x releases write, or this crate's legacy `1.0.0`.
 pub(super) fn check_version(stored: &str) -> Result<(), Error> {
-    let major = |v: &str| v.split('.').next().unwrap_or("").to_string();
-    if major(stored) == major(SCHEMA_VERSION) {
+    let ours = parse_version(SCHEMA_VERSION).map(|v| v.0);
+    if stored == LEGACY_SCHEMA_VERSION || parse_version(stored).map(|v| v.0) == ours {
         Ok(())
     } else {
         Err(TableError::IncompatibleSchema {
             message: format!(
-                "the table holds schema version {stored}; this client (zae-limiter {}) reads and writes {SCHEMA_VERSION}",
+                "the table holds schema version {stored}; this client (zae-limiter {}) reads and writes {SCHEMA_VERSION}, as the Python zae-limiter {CONTRACT_VERSION} does",
                 env!("CARGO_PKG_VERSION")
             ),
         }
@@ -445,19 +476,57 @@ pub(super) fn check_version(stored: &str) -> Result<(), Error> {
     }
 }
 
-/// Writes the version record unless present, then checks it.
+/// Checks a version record: its schema, and that it asks for no client newer than the
+/// contract this crate follows.
+fn check_record(record: &Item) -> Result<(), Error> {
+    let Some(schema) = get_str(record, "schema_version") else {
+        return Err(TableError::IncompatibleSchema {
+            message: "the version record has no schema_version".into(),
+        }
+        .into());
+    };
+    check_version(schema)?;
+    let min = get_str(record, "client_min_version").unwrap_or("0.0.0");
+    match (parse_version(min), parse_version(CONTRACT_VERSION)) {
+        (Some(min_v), Some(ours)) if min_v > ours => Err(TableError::IncompatibleSchema {
+            message: format!(
+                "the table needs clients of zae-limiter {min} or newer (client_min_version); this crate follows the {CONTRACT_VERSION} table contract"
+            ),
+        }
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+/// Reads and checks the version record; [`TableError::TableNotFound`] without one.
+pub(super) async fn require_version(client: &Client, table: &str) -> Result<(), Error> {
+    match version_record(client, table).await? {
+        Some(record) => check_record(&record),
+        None => Err(TableError::TableNotFound {
+            table: table.to_string(),
+            reason: "it holds no version record (run `open`/`build` or deploy first)".into(),
+        }
+        .into()),
+    }
+}
+
+/// Who writes a record, as `updated_by` says it.
+fn writer() -> String {
+    format!("zae-limiter-rs:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Writes the version record unless present (exactly as Python's initializer does, with a
+/// NULL `lambda_version`, which never makes Python deploy anything), migrates this crate's
+/// legacy record, then checks it.
 pub(super) async fn ensure_version(client: &Client, table: &str) -> Result<(), Error> {
     let mut item = codec::key(keys::REGISTRY_PK, keys::VERSION_SK);
     item.insert("schema_version".into(), s(SCHEMA_VERSION));
-    item.insert("client_version".into(), s(env!("CARGO_PKG_VERSION")));
+    item.insert("lambda_version".into(), AttributeValue::Null(true));
     item.insert("client_min_version".into(), s("0.0.0"));
-    item.insert("updated_at".into(), num(now_ms()));
-    item.insert(
-        "updated_by".into(),
-        s(concat!("zae-limiter-rs/", env!("CARGO_PKG_VERSION"))),
-    );
+    item.insert("updated_at".into(), s(stamps::iso(now_ms())));
+    item.insert("updated_by".into(), s(writer()));
     item.insert("GSI4PK".into(), s("_"));
-    item.insert("GSI4SK".into(), s(keys::VERSION_SK));
+    item.insert("GSI4SK".into(), s(keys::REGISTRY_PK));
     let put = client
         .put_item()
         .table_name(table)
@@ -473,12 +542,54 @@ pub(super) async fn ensure_version(client: &Client, table: &str) -> Result<(), E
             return Err(errors::map("PutItem", table, e));
         }
     }
-    match stored_version(client, table).await? {
-        Some(v) => check_version(&v),
-        None => Err(TableError::IncompatibleSchema {
-            message: "the version record has no schema_version".into(),
+    let record = version_record(client, table).await?.unwrap_or_default();
+    if get_str(&record, "schema_version") == Some(LEGACY_SCHEMA_VERSION) {
+        migrate_legacy_version(client, table).await?;
+        return require_version(client, table).await;
+    }
+    check_record(&record)
+}
+
+/// Rewrites this crate's legacy version record in Python's form, once (conditioned on the
+/// legacy version, so racing processes rewrite it once).
+async fn migrate_legacy_version(client: &Client, table: &str) -> Result<(), Error> {
+    let sent = client
+        .update_item()
+        .table_name(table)
+        .set_key(Some(codec::key(keys::REGISTRY_PK, keys::VERSION_SK)))
+        .update_expression(
+            "SET schema_version = :new, updated_at = :at, updated_by = :by, \
+             client_min_version = if_not_exists(client_min_version, :min), \
+             lambda_version = if_not_exists(lambda_version, :null), GSI4SK = :gsi4sk \
+             REMOVE client_version",
+        )
+        .condition_expression("schema_version = :legacy")
+        .expression_attribute_values(":new", s(SCHEMA_VERSION))
+        .expression_attribute_values(":legacy", s(LEGACY_SCHEMA_VERSION))
+        .expression_attribute_values(":at", s(stamps::iso(now_ms())))
+        .expression_attribute_values(":by", s(writer()))
+        .expression_attribute_values(":min", s("0.0.0"))
+        .expression_attribute_values(":null", AttributeValue::Null(true))
+        .expression_attribute_values(":gsi4sk", s(keys::REGISTRY_PK))
+        .send()
+        .await;
+    match sent {
+        Ok(_) => {
+            tracing::info!(
+                table,
+                from = LEGACY_SCHEMA_VERSION,
+                to = SCHEMA_VERSION,
+                "migrated the version record"
+            );
+            Ok(())
         }
-        .into()),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(errors::map("UpdateItem", table, e)),
     }
 }
 
@@ -533,9 +644,9 @@ pub(super) async fn ensure_namespace(
             item.insert("namespace_id".into(), s(&id));
             item.insert("namespace_name".into(), s(name));
             item.insert("status".into(), s("active"));
-            item.insert("created_at".into(), num(now_ms()));
+            item.insert("created_at".into(), s(stamps::iso(now_ms())));
             item.insert("GSI4PK".into(), s("_"));
-            item.insert("GSI4SK".into(), s(sk));
+            item.insert("GSI4SK".into(), s(keys::REGISTRY_PK));
             let put = Put::builder()
                 .table_name(table)
                 .set_item(Some(item))
@@ -599,7 +710,7 @@ pub(super) async fn list_namespaces(
                     name: n.to_string(),
                     id: i.to_string(),
                     status: get_str(item, "status").unwrap_or("active").to_string(),
-                    created_at_ms: codec::get_i64(item, "created_at"),
+                    created_at_ms: stamps::time_ms(item, "created_at"),
                 });
             }
         }

@@ -166,7 +166,10 @@ impl Inner {
         );
         attrs.insert("GSI3SK".into(), s(format!("BUCKET#{}#0", item.resource)));
         attrs.insert("GSI4PK".into(), s(&self.ns));
-        attrs.insert("GSI4SK".into(), s(pk));
+        attrs.insert(
+            "GSI4SK".into(),
+            s(format!("BUCKET#{}#{}#0", item.entity_id, item.resource)),
+        );
         attrs
     }
 

@@ -1,0 +1,132 @@
+"""Drives the Python zae-limiter (from PyPI) for the interop tests: one JSON command in
+argv[1], one JSON answer on stdout. Every command opens the table through Python's normal
+path (`RepositoryBuilder(...).build()`), as a Python service would.
+
+Commands (`op`):
+- `open`: open the table and namespace; answers `{}`.
+- `acquire`: `n` acquire + commit of `consume` for `entity`/`resource` (stored limits, or
+  `limits` as `[name, capacity, refill_amount, period_seconds]`) from `tasks` asyncio
+  tasks; answers counts of `admitted`, `rejected` and each other exception by class, and
+  the DynamoDB calls made (`calls`) by operation.
+- `create_entity`: `entity`, `parent`, `cascade`.
+- `set_limits`: at `level` `entity` (with `entity`, `resource`), `resource` or `system`.
+- `audit`: the audit events of `entity` (`$SYSTEM` for the system), newest first.
+- `get_entity`: the entity as Python reads it.
+
+Errors answer `{"error": class name, "message": text}`.
+"""
+
+import asyncio
+import json
+import sys
+from collections import Counter
+
+from zae_limiter import Limit, RateLimiter
+from zae_limiter.exceptions import RateLimitExceeded
+from zae_limiter.repository_builder import RepositoryBuilder
+
+
+def limit(spec):
+    name, capacity, amount, period = spec
+    return Limit(name=name, capacity=capacity, refill_amount=amount, refill_period_seconds=period)
+
+
+async def open_limiter(cmd):
+    builder = (
+        RepositoryBuilder()
+        .stack(cmd["table"])
+        .namespace(cmd.get("namespace", "default"))
+        .endpoint_url(cmd["endpoint"])
+        .region("us-east-1")
+        .config_cache_ttl(0)
+    )
+    repo = await builder.build()
+    return repo, RateLimiter(repository=repo)
+
+
+def count_calls(repo, calls):
+    """Counts the DynamoDB operations the repository's client sends."""
+
+    async def hook():
+        client = await repo._get_client()
+        client.meta.events.register(
+            "before-call.dynamodb.*",
+            lambda model, **_: calls.update([model.name]),
+        )
+
+    return hook()
+
+
+async def run(cmd):
+    repo, limiter = await open_limiter(cmd)
+    try:
+        op = cmd["op"]
+        if op == "open":
+            return {}
+        if op == "create_entity":
+            await limiter.create_entity(
+                cmd["entity"], parent_id=cmd.get("parent"), cascade=cmd.get("cascade", False)
+            )
+            return {}
+        if op == "get_entity":
+            e = await limiter.get_entity(cmd["entity"])
+            if e is None:
+                return {"entity": None}
+            return {"entity": {"id": e.id, "parent_id": e.parent_id, "cascade": e.cascade,
+                               "name": e.name}}
+        if op == "set_limits":
+            limits = [limit(l) for l in cmd["limits"]]
+            level = cmd["level"]
+            if level == "entity":
+                await limiter.set_limits(cmd["entity"], limits, resource=cmd["resource"])
+            elif level == "resource":
+                await limiter.set_resource_defaults(cmd["resource"], limits)
+            else:
+                await limiter.set_system_defaults(limits)
+            return {}
+        if op == "audit":
+            events = await limiter.get_audit_events(cmd["entity"], limit=cmd.get("limit", 100))
+            return {"events": [{"event_id": e.event_id, "action": str(getattr(e.action, "value", e.action)),
+                                "timestamp": str(e.timestamp)} for e in events]}
+        if op == "acquire":
+            limits = [limit(l) for l in cmd["limits"]] if cmd.get("limits") else None
+            outcomes = Counter()
+            calls = Counter()
+            await count_calls(repo, calls)
+            n, tasks = cmd["n"], cmd.get("tasks", 1)
+
+            async def worker(share):
+                for _ in range(share):
+                    try:
+                        async with limiter.acquire(
+                            cmd["entity"], cmd["resource"], cmd["consume"], limits=limits
+                        ):
+                            pass
+                        outcomes["admitted"] += 1
+                    except RateLimitExceeded:
+                        outcomes["rejected"] += 1
+                    except Exception as e:  # noqa: BLE001 - reported by class
+                        outcomes[type(e).__name__] += 1
+                        outcomes["last_error"] = 0
+                        outcomes_messages.append(f"{type(e).__name__}: {e}")
+
+            outcomes_messages = []
+            shares = [n // tasks + (1 if i < n % tasks else 0) for i in range(tasks)]
+            await asyncio.gather(*(worker(s) for s in shares))
+            return {"outcomes": dict(outcomes), "calls": dict(calls),
+                    "messages": outcomes_messages[:3]}
+        return {"error": "UnknownCommand", "message": op}
+    finally:
+        await limiter.close()
+
+
+def main():
+    cmd = json.loads(sys.argv[1])
+    try:
+        answer = asyncio.run(run(cmd))
+    except Exception as e:  # noqa: BLE001 - the test reads the class
+        answer = {"error": type(e).__name__, "message": str(e)}
+    print(json.dumps(answer))
+
+
+main()
