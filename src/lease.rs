@@ -375,6 +375,7 @@ impl Lease {
             limits: Arc::from(Vec::new()),
             amounts: Vec::new(),
             expires_when_idle: true,
+            owner: None,
         };
         Self::from_parts(limiter, vec![item], Vec::new(), Amounts::new(), true)
     }

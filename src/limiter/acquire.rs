@@ -191,6 +191,7 @@ impl Acquire {
             limits,
             amounts,
             expires_when_idle,
+            owner: stored.entity.clone(),
         })
     }
 
@@ -253,6 +254,7 @@ impl Acquire {
             limits,
             amounts,
             expires_when_idle,
+            owner: stored.entity.clone(),
         }];
         if let Some(parent_id) = parent {
             let parent_stored = limiter
@@ -311,6 +313,7 @@ impl Acquire {
             limits,
             amounts,
             expires_when_idle,
+            owner: stored.entity.clone(),
         });
         items.extend(parent_item);
         let mut request = AcquireRequest { items, now_ms: now };

@@ -433,6 +433,7 @@ mod tests {
                 limits: vec![Limit::per_minute("rpm", 5), Limit::per_hour("rph", 100)].into(),
                 amounts: vec![1, 1],
                 expires_when_idle: true,
+                owner: None,
             },
             ItemRequest {
                 entity_id: "p".into(),
@@ -440,6 +441,7 @@ mod tests {
                 limits: vec![Limit::per_minute("rpm", 50)].into(),
                 amounts: vec![1],
                 expires_when_idle: true,
+                owner: None,
             },
         ];
         let check = |available| LimitCheck {
@@ -475,6 +477,7 @@ mod tests {
             limits,
             amounts: vec![1],
             expires_when_idle: false,
+            owner: None,
         };
         // Two entities' stored limits: equal, but separate allocations.
         let a = [item(vec![Limit::per_minute("rpm", 10)].into())];

@@ -493,7 +493,10 @@ impl InMemoryRepository {
             resource: r.to_string(),
         };
         StoredConfig {
-            entity: read(&self.inner.entities).get(entity_id).cloned(),
+            entity: read(&self.inner.entities)
+                .get(entity_id)
+                .cloned()
+                .map(Arc::new),
             entity_limits: configs.get(&entity_scope(resource)).cloned(),
             entity_default_limits: if resource == DEFAULT_RESOURCE {
                 None

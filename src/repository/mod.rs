@@ -38,6 +38,9 @@ pub struct ItemRequest {
     /// a backend may expire the item once idle; false when they are stored for this entity,
     /// whose buckets are kept (DESIGN section 9, bucket `ttl`).
     pub expires_when_idle: bool,
+    /// The entity's record, when it was created: a backend whose items carry their owner's
+    /// parent and cascade policy (DynamoDB, for the Python library's fast path) reads it.
+    pub owner: Option<Arc<Entity>>,
 }
 
 /// An all-or-nothing consumption over one item, or two (child and parent in a cascade).
@@ -132,7 +135,7 @@ pub enum ConfigScope {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoredConfig {
     /// The entity record, if it was created.
-    pub entity: Option<Entity>,
+    pub entity: Option<Arc<Entity>>,
     /// Limits stored for the entity and this resource.
     pub entity_limits: Option<Arc<[Limit]>>,
     /// Limits stored for the entity under `_default_`.

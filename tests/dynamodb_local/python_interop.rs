@@ -200,3 +200,137 @@ async fn a_legacy_table_of_this_crate_is_read_then_migrated_for_python() {
     ok(&python::run(command(&place, json!({"op": "open"}))).await);
     repo.delete_table().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_takes_its_one_call_fast_path_on_buckets_this_crate_created() {
+    let (repo, place) = shared().await;
+    let limiter = RateLimiter::new(repo);
+    limiter
+        .set_resource_limits("api", &[Limit::per_minute("rpm", 1_000_000)])
+        .await
+        .unwrap();
+    // This crate creates the bucket and writes it a few times.
+    for _ in 0..3 {
+        limiter
+            .acquire("k1", "api")
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+    }
+    let answer = python::run(command(
+        &place,
+        json!({"op": "acquire", "entity": "k1", "resource": "api", "consume": {"rpm": 1},
+               "n": 20, "warmup": 2, "config_cache_ttl": 60}),
+    ))
+    .await;
+    ok(&answer);
+    assert_eq!(answer["outcomes"]["admitted"], 20, "{answer}");
+    let calls: u64 = answer["calls"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    eprintln!("Python on a bucket this crate created: {calls} calls for 20 acquires: {answer}");
+    assert_eq!(calls, 20, "one UpdateItem per acquire: {answer}");
+    // And the accounting is shared: 3 + 2 + 20 taken.
+    let states = limiter.bucket_states("k1", "api").await.unwrap();
+    assert_eq!(states["rpm"].total_consumed_milli, 25_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_charges_the_parent_on_a_cascading_bucket_this_crate_created() {
+    let (repo, place) = shared().await;
+    let limiter = RateLimiter::new(repo);
+    limiter.create_entity("proj").await.unwrap();
+    limiter
+        .create_entity("key")
+        .parent("proj")
+        .cascade(true)
+        .await
+        .unwrap();
+    limiter
+        .set_entity_limits("key", "api", &[Limit::per_hour("rph", 10)])
+        .await
+        .unwrap();
+    limiter
+        .set_entity_limits("proj", "api", &[Limit::per_hour("rph", 3)])
+        .await
+        .unwrap();
+    // This crate creates both buckets (the child's stamped with its cascade and parent).
+    limiter
+        .acquire("key", "api")
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    // Python's fast path on the child must charge the parent too: 2 left there.
+    let answer = python::run(command(
+        &place,
+        json!({"op": "acquire", "entity": "key", "resource": "api", "consume": {"rph": 1}, "n": 5}),
+    ))
+    .await;
+    ok(&answer);
+    assert_eq!(answer["outcomes"]["admitted"], 2, "{answer}");
+    let parent = limiter.bucket_states("proj", "api").await.unwrap();
+    assert_eq!(parent["rph"].total_consumed_milli, 3_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_libraries_hammering_one_bucket_never_over_admit() {
+    let (repo, place) = shared().await;
+    let limiter = RateLimiter::new(repo);
+    // 600 an hour: one token every 6 s, so the run refills only a few.
+    let rph = Limit::per_hour("rph", 600);
+    limiter
+        .set_resource_limits("api", std::slice::from_ref(&rph))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let python = tokio::spawn(python::run(command(
+        &place,
+        json!({"op": "acquire", "entity": "hot", "resource": "api", "consume": {"rph": 1},
+               "n": 500, "tasks": 4, "config_cache_ttl": 60}),
+    )));
+    // Paced, so both clients are at it at once: Python takes a second to start.
+    let mut rust = Vec::new();
+    for _ in 0..4 {
+        let limiter = limiter.clone();
+        rust.push(tokio::spawn(async move {
+            let mut admitted = 0u64;
+            while started.elapsed() < std::time::Duration::from_secs(12) {
+                match limiter.acquire("hot", "api").await {
+                    Ok(lease) => {
+                        lease.commit().await.unwrap();
+                        admitted += 1;
+                    }
+                    Err(zae_limiter::Error::RateLimited(_)) => {}
+                    Err(e) => panic!("{e:?}"),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            admitted
+        }));
+    }
+    let mut ours = 0;
+    for task in rust {
+        ours += task.await.unwrap();
+    }
+    let answer = python.await.unwrap();
+    ok(&answer);
+    let theirs = answer["outcomes"]["admitted"].as_u64().unwrap_or(0);
+    let refill = started.elapsed().as_secs() / 6 + 1;
+    eprintln!("one bucket, both libraries: this crate admitted {ours}, Python {theirs}, capacity 600 (+{refill} refill at most): {answer}");
+    assert!(ours > 0 && theirs > 0, "both took part");
+    assert!(ours + theirs >= 600, "the capacity was there to take");
+    assert!(ours + theirs <= 600 + refill, "over-admission");
+    let states = limiter.bucket_states("hot", "api").await.unwrap();
+    assert_eq!(
+        states["rph"].total_consumed_milli,
+        (ours + theirs) as i64 * 1000,
+        "tc counts exactly what was admitted"
+    );
+}

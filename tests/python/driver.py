@@ -7,7 +7,7 @@ Commands (`op`):
 - `acquire`: `n` acquire + commit of `consume` for `entity`/`resource` (stored limits, or
   `limits` as `[name, capacity, refill_amount, period_seconds]`) from `tasks` asyncio
   tasks; answers counts of `admitted`, `rejected` and each other exception by class, and
-  the DynamoDB calls made (`calls`) by operation.
+  the DynamoDB calls made (`calls`) by operation, after `warmup` unmeasured acquires.
 - `create_entity`: `entity`, `parent`, `cascade`.
 - `set_limits`: at `level` `entity` (with `entity`, `resource`), `resource` or `system`.
 - `audit`: the audit events of `entity` (`$SYSTEM` for the system), newest first.
@@ -38,7 +38,7 @@ async def open_limiter(cmd):
         .namespace(cmd.get("namespace", "default"))
         .endpoint_url(cmd["endpoint"])
         .region("us-east-1")
-        .config_cache_ttl(0)
+        .config_cache_ttl(cmd.get("config_cache_ttl", 0))
     )
     repo = await builder.build()
     return repo, RateLimiter(repository=repo)
@@ -92,8 +92,14 @@ async def run(cmd):
             limits = [limit(l) for l in cmd["limits"]] if cmd.get("limits") else None
             outcomes = Counter()
             calls = Counter()
-            await count_calls(repo, calls)
             n, tasks = cmd["n"], cmd.get("tasks", 1)
+            # Unmeasured acquires first, so caches are warm (as on a running service).
+            for _ in range(cmd.get("warmup", 0)):
+                async with limiter.acquire(
+                    cmd["entity"], cmd["resource"], cmd["consume"], limits=limits
+                ):
+                    pass
+            await count_calls(repo, calls)
 
             async def worker(share):
                 for _ in range(share):

@@ -60,6 +60,25 @@ pub(super) fn get_str<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
     }
 }
 
+/// One limit's state in a bucket item, if it holds a usable one.
+fn bucket_state(item: &Item, name: &str, rf: Option<i64>) -> Option<BucketState> {
+    let field = |f: &str| get_i64(item, &keys::bucket_attr(name, f));
+    let (tk, cp, ra, rp) = (field("tk")?, field("cp")?, field("ra")?, field("rp")?);
+    if cp <= 0 || ra < 0 || rp <= 0 {
+        return None;
+    }
+    let carry = field("rc").unwrap_or(0);
+    Some(BucketState {
+        tokens_milli: tk,
+        last_refill_ms: rf.unwrap_or(0),
+        refill_carry: if (0..rp).contains(&carry) { carry } else { 0 },
+        capacity_milli: cp,
+        refill_amount_milli: ra,
+        refill_period_ms: rp,
+        total_consumed_milli: field("tc").unwrap_or(0),
+    })
+}
+
 /// The primary key of a record.
 pub(super) fn key(pk: impl Into<String>, sk: impl Into<String>) -> Item {
     HashMap::from([("PK".to_string(), s(pk)), ("SK".to_string(), s(sk))])
@@ -120,6 +139,9 @@ pub(super) fn on_unavailable(item: &Item) -> Option<OnUnavailable> {
 pub(super) struct Image {
     /// Per limit name.
     pub buckets: BTreeMap<String, BucketState>,
+    /// The Python library's write-capacity pseudo-limit, when the item has it: no limit of
+    /// this crate's, but refilled by every write that moves `rf`, as Python's writes do.
+    pub wcu: Option<BucketState>,
     /// The shared last-refill time (the optimistic lock of the normal write path).
     pub rf: Option<i64>,
     /// Expiry, epoch seconds.
@@ -135,31 +157,14 @@ impl Image {
     /// Reads a bucket item.
     pub fn parse(item: &Item) -> Self {
         let rf = get_i64(item, "rf");
-        let mut buckets = BTreeMap::new();
-        for name in names_with(item, "b_", "_cp") {
-            let field = |f: &str| get_i64(item, &keys::bucket_attr(&name, f));
-            let (Some(tk), Some(cp), Some(ra), Some(rp)) =
-                (field("tk"), field("cp"), field("ra"), field("rp"))
-            else {
-                continue;
-            };
-            if cp <= 0 || ra < 0 || rp <= 0 {
-                continue;
-            }
-            let carry = field("rc").unwrap_or(0);
-            let state = BucketState {
-                tokens_milli: tk,
-                last_refill_ms: rf.unwrap_or(0),
-                refill_carry: if (0..rp).contains(&carry) { carry } else { 0 },
-                capacity_milli: cp,
-                refill_amount_milli: ra,
-                refill_period_ms: rp,
-                total_consumed_milli: field("tc").unwrap_or(0),
-            };
-            buckets.insert(name, state);
-        }
+        let buckets = names_with(item, "b_", "_cp")
+            .into_iter()
+            .filter_map(|name| Some((bucket_state(item, &name, rf)?, name)))
+            .map(|(state, name)| (name, state))
+            .collect();
         Image {
             buckets,
+            wcu: bucket_state(item, RESERVED_LIMIT_NAME, rf),
             rf,
             ttl: get_i64(item, "ttl"),
             marker: get_str(item, MARKER).map(str::to_string),

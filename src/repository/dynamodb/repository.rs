@@ -658,7 +658,9 @@ impl Repository for DynamoDbRepository {
         }
         let system = record(&wanted[3].0, &wanted[3].1);
         Ok(StoredConfig {
-            entity: record(&wanted[0].0, &wanted[0].1).and_then(codec::parse_entity),
+            entity: record(&wanted[0].0, &wanted[0].1)
+                .and_then(codec::parse_entity)
+                .map(Arc::new),
             entity_limits: limits_at(&wanted[1]),
             entity_default_limits: wanted.get(5).and_then(limits_at),
             resource_limits: limits_at(&wanted[2]),

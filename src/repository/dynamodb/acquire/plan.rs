@@ -161,6 +161,7 @@ mod tests {
             limits: Arc::from(limits),
             amounts: amounts.to_vec(),
             expires_when_idle: true,
+            owner: None,
         }
     }
 

@@ -1,13 +1,16 @@
 //! Update and condition expressions for bucket writes, built from an image: the
 //! unlocked deltas and the rf-locked write. Pure, no I/O.
 
+use aws_sdk_dynamodb::types::AttributeValue;
+
 use super::plan::{fresh_window_ms, rf_is_fresh, same_params};
 use crate::bucket::{self, BucketState, MILLI, MIN_TOKENS_MILLI};
+use crate::naming::RESERVED_LIMIT_NAME;
 use crate::repository::dynamodb::codec::Image;
 use crate::repository::dynamodb::expr::{Expr, Update};
 use crate::repository::dynamodb::keys;
 use crate::repository::{debt_too_deep, params_changed, reconcile_bucket};
-use crate::{Error, Limit};
+use crate::{Entity, Error, Limit};
 
 /// Signed deltas without moving `rf`, so concurrent adjustments of a hot item never
 /// conflict on it. The item's `rf` must be fresh (within the window `W`, see
@@ -299,10 +302,13 @@ pub(super) fn locked_update(
             }
         }
     }
-    for (name, old) in &image.buckets {
-        if changes.iter().any(|c| &c.limit.name == name) {
-            continue;
-        }
+    let untouched = image
+        .buckets
+        .iter()
+        .filter(|(name, _)| !changes.iter().any(|c| &c.limit.name == *name))
+        .map(|(name, old)| (name.as_str(), old))
+        .chain(image.wcu.as_ref().map(|w| (RESERVED_LIMIT_NAME, w)));
+    for (name, old) in untouched {
         let refilled = bucket::refill(old, new_rf);
         let delta = refilled.tokens_milli.saturating_sub(old.tokens_milli);
         if delta == 0 && refilled.refill_carry == old.refill_carry {
@@ -391,6 +397,65 @@ pub(super) fn set_params(expr: &mut Expr, update: &mut Update, name: &str, state
     for (field, value) in params(state) {
         let n = expr.name(&keys::bucket_attr(name, field));
         let v = expr.num(value);
+        update.set.push(format!("{n} = {v}"));
+    }
+}
+
+/// The write-capacity pseudo-limit the Python library keeps on every bucket item (its
+/// table contract, section 5): 1,000 writes a second, full at creation. Its fast path
+/// requires it, so an item without it costs Python four calls per acquire.
+pub(in crate::repository::dynamodb) const WCU_FIELDS: [(&str, i64); 5] = [
+    ("tk", 1_000_000),
+    ("cp", 1_000_000),
+    ("ra", 1_000_000),
+    ("rp", 1_000),
+    ("tc", 0),
+];
+
+/// What an item needs for the Python library's fast path: the full `wcu` pseudo-limit,
+/// and its owner's `cascade` policy and `parent_id` (Python reads them from the bucket to
+/// decide whether to charge the parent, so an item without them would skip the parent).
+/// As `(attribute, value)` pairs, for a new item or a seed.
+pub(in crate::repository::dynamodb) fn shared_fields(
+    owner: Option<&Entity>,
+) -> Vec<(String, AttributeValue)> {
+    let mut fields: Vec<(String, AttributeValue)> = WCU_FIELDS
+        .iter()
+        .map(|(field, value)| {
+            (
+                keys::bucket_attr(RESERVED_LIMIT_NAME, field),
+                AttributeValue::N(value.to_string()),
+            )
+        })
+        .collect();
+    let parent = owner.and_then(|o| o.parent_id.as_deref());
+    let cascade = parent.is_some() && owner.is_some_and(|o| o.cascade);
+    fields.push(("cascade".into(), AttributeValue::Bool(cascade)));
+    if let Some(parent) = parent {
+        fields.push(("parent_id".into(), AttributeValue::S(parent.to_string())));
+    }
+    fields
+}
+
+/// Seeds [`shared_fields`] on an item this crate created before it shared tables with
+/// Python (it has no `wcu`), in the same rf-locked write; conditioned on `wcu` still being
+/// absent.
+pub(in crate::repository::dynamodb) fn seed_shared_fields(
+    image: &Image,
+    owner: Option<&Entity>,
+    expr: &mut Expr,
+    update: &mut Update,
+) {
+    if image.wcu.is_some() {
+        return;
+    }
+    let cp = expr.name(&keys::bucket_attr(RESERVED_LIMIT_NAME, "cp"));
+    update
+        .conditions
+        .push(format!("attribute_not_exists({cp})"));
+    for (attr, value) in shared_fields(owner) {
+        let n = expr.name(&attr);
+        let v = expr.value(value);
         update.set.push(format!("{n} = {v}"));
     }
 }

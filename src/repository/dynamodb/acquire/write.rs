@@ -2,7 +2,9 @@
 //! marked so a write in doubt is sent again only with a check.
 
 use super::plan::{charged, fresh_window_ms, milli_i64, Plan};
-use super::update::{locked_update, require_params, Change, Ttl};
+use super::update::{
+    locked_update, require_params, seed_shared_fields, shared_fields, Change, Ttl,
+};
 use super::{Speculative, Updated, Written};
 use std::time::Duration;
 
@@ -155,6 +157,7 @@ impl Inner {
         if let Some(ttl) = self.bucket_ttl(item, now) {
             attrs.insert("ttl".into(), num(ttl));
         }
+        attrs.extend(shared_fields(item.owner.as_deref()));
         attrs.insert(
             "GSI2PK".into(),
             s(keys::resource_pk(&self.ns, &item.resource)),
@@ -251,7 +254,9 @@ impl Inner {
             Some(t) => Ttl::Set(t),
             None => Ttl::Remove,
         };
-        locked_update(image, changes, ttl, now)
+        let (mut update, mut expr) = locked_update(image, changes, ttl, now);
+        seed_shared_fields(image, item.owner.as_deref(), &mut expr, &mut update);
+        (update, expr)
     }
 
     /// After a rejection on an item that stores some limit with other parameters than
