@@ -99,6 +99,27 @@ pub enum Error {
     #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
     #[error(transparent)]
     Table(#[from] crate::repository::dynamodb::TableError),
+    /// The resource is switched off for this entity (the Python library's `disabled` flag,
+    /// on the resource or the entity): nothing is admitted until it is enabled again.
+    #[error("resource {resource} is disabled for {entity_id}")]
+    ResourceDisabled {
+        /// The entity.
+        entity_id: String,
+        /// The resource.
+        resource: String,
+    },
+    /// The stored configuration uses a feature this crate does not enforce yet (the
+    /// Python library's schedules, `reset_after` quotas, soft limits, bypass, shards):
+    /// refused rather than enforced with other numbers.
+    #[error("unsupported {feature} on {entity_id}/{resource}: this crate does not enforce it yet, so it refuses the acquire rather than enforce other numbers")]
+    Unsupported {
+        /// The feature, e.g. `schedules`.
+        feature: String,
+        /// The entity.
+        entity_id: String,
+        /// The resource.
+        resource: String,
+    },
     /// The lease was already committed or rolled back.
     #[error("lease is no longer active (already committed or rolled back)")]
     LeaseClosed,
@@ -113,6 +134,8 @@ impl Error {
             #[cfg(feature = "dynamodb")]
             Error::Table(e) => e.category(),
             Error::EntityNotFound { .. } | Error::EntityExists { .. } => ErrorCategory::Entity,
+            Error::ResourceDisabled { .. } => ErrorCategory::RateLimit,
+            Error::Unsupported { .. } => ErrorCategory::Version,
             Error::InvalidIdentifier { .. }
             | Error::InvalidName { .. }
             | Error::Validation { .. } => ErrorCategory::Validation,

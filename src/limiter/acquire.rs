@@ -202,6 +202,19 @@ impl Acquire {
         stored: &'s StoredConfig,
         consume: Option<&[(String, i64)]>,
     ) -> Result<(Arc<[Limit]>, Vec<u64>, bool, Option<&'s str>), Error> {
+        if stored.disabled {
+            return Err(Error::ResourceDisabled {
+                entity_id: self.entity_id.clone(),
+                resource: self.resource.clone(),
+            });
+        }
+        if let (Some(feature), None) = (&stored.unsupported, &self.limits) {
+            return Err(Error::Unsupported {
+                feature: feature.clone(),
+                entity_id: self.entity_id.clone(),
+                resource: self.resource.clone(),
+            });
+        }
         let (limits, amounts, expires) = self
             .charges(stored, consume)
             .ok_or_else(|| no_limits(&self.entity_id, &self.resource))?;

@@ -177,6 +177,9 @@ fn respond<ResB: Body>(config: &Config, rejection: &Rejection) -> Response<RateL
             reason = error.reason().unwrap_or(""),
             "invalid rate-limit key; answering 400"
         ),
+        Rejection::Disabled(error) => {
+            tracing::debug!(error = %error, "resource disabled; answering 403")
+        }
         Rejection::MissingResource { expected } => {
             tracing::debug!(expected = %expected, "no rate-limit resource; answering 400")
         }
@@ -202,6 +205,7 @@ fn rejection_for(error: Error, config: &Config) -> Rejection {
             error: e,
             retry_after: config.unavailable_retry_after,
         },
+        e @ Error::ResourceDisabled { .. } => Rejection::Disabled(e),
         e if e.is_invalid_key() => Rejection::InvalidEntity(e),
         e => Rejection::Misconfigured(e),
     }

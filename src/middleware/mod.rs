@@ -30,6 +30,7 @@
 //! |---|---|
 //! | no entity in the request | 401, JSON naming what was expected |
 //! | entity fails validation | 400, JSON naming the field |
+//! | resource disabled (the Python library's `disabled` flag) | 403, JSON |
 //! | a limit exceeded | 429, JSON from [`crate::RateLimitExceeded::as_json`], `Retry-After`, `RateLimit-Policy`, `RateLimit` |
 //! | backend down, policy `Block` | 503 with `Retry-After` |
 //! | no limits anywhere, bad resource | 500 (logged at `error`) |

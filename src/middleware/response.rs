@@ -43,6 +43,8 @@ pub enum Rejection {
     InvalidEntity(Error),
     /// A limit was exceeded (429).
     RateLimited(RateLimitExceeded),
+    /// The resource is disabled for the entity (403): [`Error::ResourceDisabled`].
+    Disabled(Error),
     /// The backend is down and the policy is `Block` (503).
     Unavailable {
         /// The backend error.
@@ -64,6 +66,7 @@ impl Rejection {
                 StatusCode::BAD_REQUEST
             }
             Rejection::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Rejection::Disabled(_) => StatusCode::FORBIDDEN,
             Rejection::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::Misconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -93,6 +96,10 @@ impl Rejection {
                 ),
             }),
             Rejection::RateLimited(e) => e.as_json(),
+            Rejection::Disabled(_) => serde_json::json!({
+                "error": "resource_disabled",
+                "message": "this resource is disabled for the caller",
+            }),
             Rejection::Unavailable { .. } => serde_json::json!({
                 "error": "rate_limiter_unavailable",
                 "message": "the rate limiter's backend is unavailable; try again shortly",

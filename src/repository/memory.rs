@@ -508,6 +508,7 @@ impl InMemoryRepository {
                 .cloned(),
             system_limits: configs.get(&ConfigScope::System).cloned(),
             on_unavailable: *read(&self.inner.on_unavailable),
+            ..StoredConfig::default()
         }
     }
 

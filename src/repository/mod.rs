@@ -146,6 +146,15 @@ pub struct StoredConfig {
     pub system_limits: Option<Arc<[Limit]>>,
     /// The system's `on_unavailable` policy, if set.
     pub on_unavailable: Option<OnUnavailable>,
+    /// Whether the resource is switched off for the entity (the Python library's
+    /// `disabled` flag on the entity's config for the resource, its `_default_`, or the
+    /// resource; the first explicit value wins): acquires fail with
+    /// [`Error::ResourceDisabled`].
+    pub disabled: bool,
+    /// A stored feature this crate does not enforce yet on the level whose limits apply
+    /// (schedules, `reset_after` quotas, soft limits, bypass): acquires on stored limits
+    /// fail with [`Error::Unsupported`] rather than enforce other numbers.
+    pub unsupported: Option<String>,
 }
 
 /// A storage backend for buckets, entities and limits.

@@ -334,3 +334,149 @@ async fn both_libraries_hammering_one_bucket_never_over_admit() {
         "tc counts exactly what was admitted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_python_disabled_is_refused_with_a_typed_error_and_a_403() {
+    use axum::body::Body;
+    use axum::routing::get;
+    use http::{Request, StatusCode};
+    use tower::ServiceExt;
+    use zae_limiter::middleware::{extract, RateLimitLayer};
+    let (repo, place) = shared().await;
+    let limiter = RateLimiter::new(repo.clone());
+    limiter
+        .set_resource_limits("api", &[Limit::per_minute("rpm", 100)])
+        .await
+        .unwrap();
+    // The bucket exists and the limiter's config cache holds "enabled".
+    limiter
+        .acquire("k1", "api")
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    let answer = python::run(command(
+        &place,
+        json!({"op": "disable_resource", "resource": "api"}),
+    ))
+    .await;
+    ok(&answer);
+    // The cached config is stale, but the bucket's stamp refuses the write.
+    for _ in 0..3 {
+        let err = limiter.acquire("k1", "api").await.unwrap_err();
+        assert!(
+            matches!(&err, zae_limiter::Error::ResourceDisabled { resource, .. } if resource == "api"),
+            "{err:?}"
+        );
+    }
+    // A fresh limiter reads the flag from the config, before any write; the layer
+    // answers 403 with a JSON body.
+    let fresh = RateLimiter::new(repo);
+    let err = fresh.acquire("k2", "api").await.unwrap_err();
+    assert!(
+        matches!(err, zae_limiter::Error::ResourceDisabled { .. }),
+        "{err:?}"
+    );
+    let app = axum::Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(
+            RateLimitLayer::new(fresh.clone())
+                .entity(extract::header("x-api-key"))
+                .resource(extract::fixed("api")),
+        );
+    let resp = app
+        .oneshot(
+            Request::get("/")
+                .header("x-api-key", "k3")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("resource_disabled"));
+    // Enabled again by Python: admitted again (fresh limiter; the stamps are removed).
+    ok(&python::run(command(
+        &place,
+        json!({"op": "enable_resource", "resource": "api"}),
+    ))
+    .await);
+    RateLimiter::builder_shared(fresh.repository().clone())
+        .build()
+        .acquire("k1", "api")
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn features_this_crate_does_not_enforce_yet_fail_closed() {
+    use zae_limiter::repository::dynamodb::aws_sdk_dynamodb::types::AttributeValue;
+    let (repo, _place) = shared().await;
+    let limiter = RateLimiter::new(repo.clone());
+    limiter
+        .set_entity_limits("k1", "api", &[Limit::per_minute("rpm", 5)])
+        .await
+        .unwrap();
+    // As the Python library marks a soft limit, and a schedule, in the entity's config.
+    let key = |pk: String, sk: &str| {
+        std::collections::HashMap::from([
+            ("PK".to_string(), AttributeValue::S(pk)),
+            ("SK".to_string(), AttributeValue::S(sk.to_string())),
+        ])
+    };
+    let pk = format!("{}/ENTITY#k1", repo.namespace_id());
+    for (attr, value, feature) in [
+        ("l_rpm_soft", AttributeValue::Bool(true), "soft limits"),
+        (
+            "l_rpm_sched",
+            AttributeValue::S("1h9-17s500".into()),
+            "schedules",
+        ),
+        ("disabled", AttributeValue::S("bypass".into()), "bypass"),
+    ] {
+        repo.client()
+            .update_item()
+            .table_name(repo.table())
+            .set_key(Some(key(pk.clone(), "#CONFIG#api")))
+            .update_expression("SET #a = :v")
+            .expression_attribute_names("#a", attr)
+            .expression_attribute_values(":v", value)
+            .send()
+            .await
+            .unwrap();
+        let fresh = RateLimiter::builder_shared(limiter.repository().clone())
+            .config_cache_ttl(std::time::Duration::ZERO)
+            .build();
+        let err = fresh.acquire("k1", "api").await.unwrap_err();
+        assert!(
+            matches!(&err, zae_limiter::Error::Unsupported { feature: f, .. } if f == feature),
+            "{attr}: {err:?}"
+        );
+        repo.client()
+            .update_item()
+            .table_name(repo.table())
+            .set_key(Some(key(pk.clone(), "#CONFIG#api")))
+            .update_expression("REMOVE #a")
+            .expression_attribute_names("#a", attr)
+            .send()
+            .await
+            .unwrap();
+    }
+    // Explicit limits are the caller's numbers: no stored feature applies to them.
+    limiter
+        .acquire("k1", "api")
+        .limits([Limit::per_minute("rpm", 5)])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+}

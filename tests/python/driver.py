@@ -12,6 +12,10 @@ Commands (`op`):
 - `set_limits`: at `level` `entity` (with `entity`, `resource`), `resource` or `system`.
 - `audit`: the audit events of `entity` (`$SYSTEM` for the system), newest first.
 - `get_entity`: the entity as Python reads it.
+- `disable_resource` / `enable_resource`: `resource`, config and bucket stamps.
+
+A limit is `[name, capacity, refill_amount, period_seconds]`, optionally with a fifth
+element of keyword arguments (`{"soft": true}`).
 
 Errors answer `{"error": class name, "message": text}`.
 """
@@ -27,8 +31,10 @@ from zae_limiter.repository_builder import RepositoryBuilder
 
 
 def limit(spec):
-    name, capacity, amount, period = spec
-    return Limit(name=name, capacity=capacity, refill_amount=amount, refill_period_seconds=period)
+    name, capacity, amount, period = spec[:4]
+    extra = spec[4] if len(spec) > 4 else {}
+    return Limit(name=name, capacity=capacity, refill_amount=amount,
+                 refill_period_seconds=period, **extra)
 
 
 async def open_limiter(cmd):
@@ -84,6 +90,10 @@ async def run(cmd):
             else:
                 await limiter.set_system_defaults(limits)
             return {}
+        if op == "disable_resource":
+            return {"stamped": await repo.disable_resource(cmd["resource"])}
+        if op == "enable_resource":
+            return {"stamped": await repo.enable_resource(cmd["resource"])}
         if op == "audit":
             events = await limiter.get_audit_events(cmd["entity"], limit=cmd.get("limit", 100))
             return {"events": [{"event_id": e.event_id, "action": str(getattr(e.action, "value", e.action)),

@@ -79,6 +79,21 @@ fn bucket_state(item: &Item, name: &str, rf: Option<i64>) -> Option<BucketState>
     })
 }
 
+/// The first Python library feature stamped on a bucket item that this crate does not
+/// enforce yet (its contract, section 5): a `bypass` deadline, a soft limit's stamp, a
+/// schedule (`vu`, `sched`).
+fn unsupported_stamp(item: &Item) -> Option<&'static str> {
+    if item.contains_key("bypass") {
+        return Some("bypass");
+    }
+    if item.contains_key("vu") || item.contains_key("sched") {
+        return Some("schedules");
+    }
+    item.keys()
+        .any(|k| k.starts_with("b_") && (k.ends_with("_soft") || k.ends_with("_sched")))
+        .then_some("soft limits or schedules")
+}
+
 /// The primary key of a record.
 pub(super) fn key(pk: impl Into<String>, sk: impl Into<String>) -> Item {
     HashMap::from([("PK".to_string(), s(pk)), ("SK".to_string(), s(sk))])
@@ -118,6 +133,45 @@ pub(super) fn config_limits(item: &Item) -> Option<Vec<Limit>> {
     (!limits.is_empty()).then_some(limits)
 }
 
+/// A config record's `disabled` flag, as the Python library writes it: `Some(true)` for
+/// `true` (BOOL or string), `Some(false)` for `false`, `None` when absent (inherit). The
+/// string `bypass` is reported by [`config_unsupported`].
+pub(super) fn config_disabled(item: &Item) -> Option<bool> {
+    match item.get("disabled")? {
+        AttributeValue::Bool(b) => Some(*b),
+        AttributeValue::S(v) if v == "true" => Some(true),
+        AttributeValue::S(v) if v == "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// Whether a config record holds limits under either of the Python library's prefixes
+/// (`l_` and `w_`, its contract section 6): a level with only `w_` limits is not empty.
+pub(super) fn config_has_limits(item: &Item) -> bool {
+    item.keys()
+        .any(|k| (k.starts_with("l_") || k.starts_with("w_")) && k.ends_with("_cp"))
+}
+
+/// The first feature in a config record that this crate does not enforce yet: `reset_after`
+/// quotas (`w_` limits), schedules, soft limits, or a `bypass` flag.
+pub(super) fn config_unsupported(item: &Item) -> Option<&'static str> {
+    if matches!(item.get("disabled"), Some(AttributeValue::S(v)) if v == "bypass") {
+        return Some("bypass");
+    }
+    for key in item.keys() {
+        if key.starts_with("w_") {
+            return Some("reset_after quotas");
+        }
+        if key == "sched_tz" || key.ends_with("_sched") || key.ends_with("_rsched") {
+            return Some("schedules");
+        }
+        if key.ends_with("_soft") && matches!(item.get(key), Some(AttributeValue::Bool(true))) {
+            return Some("soft limits");
+        }
+    }
+    None
+}
+
 /// The `l_` attribute names a config record holds (to remove the stale ones on a write).
 pub(super) fn config_attr_names(item: &Item) -> Vec<String> {
     item.keys()
@@ -142,6 +196,13 @@ pub(super) struct Image {
     /// The Python library's write-capacity pseudo-limit, when the item has it: no limit of
     /// this crate's, but refilled by every write that moves `rf`, as Python's writes do.
     pub wcu: Option<BucketState>,
+    /// The Python library's `disabled` stamp: the resource is switched off for this item.
+    pub disabled: bool,
+    /// How many shards the Python library spread the bucket over (1 when absent).
+    pub shard_count: i64,
+    /// A Python library feature stamped on the item that this crate does not enforce yet
+    /// (`bypass`, a soft limit, a schedule), if any.
+    pub unsupported: Option<&'static str>,
     /// The shared last-refill time (the optimistic lock of the normal write path).
     pub rf: Option<i64>,
     /// Expiry, epoch seconds.
@@ -165,6 +226,9 @@ impl Image {
         Image {
             buckets,
             wcu: bucket_state(item, RESERVED_LIMIT_NAME, rf),
+            disabled: item.contains_key("disabled"),
+            shard_count: get_i64(item, "shard_count").unwrap_or(1),
+            unsupported: unsupported_stamp(item),
             rf,
             ttl: get_i64(item, "ttl"),
             marker: get_str(item, MARKER).map(str::to_string),

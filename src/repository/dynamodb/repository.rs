@@ -657,6 +657,30 @@ impl Repository for DynamoDbRepository {
             .into());
         }
         let system = record(&wanted[3].0, &wanted[3].1);
+        // The levels in resolution order: entity+resource, entity default, resource, system.
+        let levels: Vec<Option<&Item>> = [Some(1), wanted.get(5).map(|_| 5), Some(2), Some(3)]
+            .into_iter()
+            .flatten()
+            .map(|i| record(&wanted[i].0, &wanted[i].1))
+            .collect();
+        // `disabled` walks the first three levels (not the system's); the first explicit
+        // value wins, as in the Python library.
+        let flag = levels[..levels.len() - 1]
+            .iter()
+            .flatten()
+            .find(|item| item.contains_key("disabled"));
+        let disabled = flag
+            .and_then(|item| codec::config_disabled(item))
+            .unwrap_or(false);
+        let bypass =
+            flag.and_then(|item| codec::config_unsupported(item).filter(|f| *f == "bypass"));
+        let unsupported = bypass.or_else(|| {
+            levels
+                .iter()
+                .flatten()
+                .find(|item| codec::config_has_limits(item))
+                .and_then(|item| codec::config_unsupported(item))
+        });
         Ok(StoredConfig {
             entity: record(&wanted[0].0, &wanted[0].1)
                 .and_then(codec::parse_entity)
@@ -666,6 +690,8 @@ impl Repository for DynamoDbRepository {
             resource_limits: limits_at(&wanted[2]),
             system_limits: limits_at(&wanted[3]),
             on_unavailable: system.and_then(codec::on_unavailable),
+            disabled,
+            unsupported: unsupported.map(str::to_string),
         })
     }
 }

@@ -27,6 +27,7 @@ use plan::{
     admitted_checks, charged, evaluate, expired, fresh_window_ms, rf_is_fresh, stale_params,
     takes_nothing, Plan,
 };
+use update::refusal;
 use write::Resends;
 
 use crate::repository::dynamodb::codec::Image;
@@ -64,6 +65,9 @@ pub(super) enum Written {
     Conflict(Option<Image>),
 }
 
+/// How a single-item acquire ended before its next write: decided, or refused.
+type Done = Result<AcquireOutcome, Error>;
+
 /// The next step of the single-item loop.
 pub(super) enum Step {
     Speculative,
@@ -71,7 +75,7 @@ pub(super) enum Step {
     Read,
     /// The rf-locked write from an image (`cached`: remembered, not just returned).
     Normal {
-        image: Image,
+        image: Box<Image>,
         cached: bool,
     },
 }
@@ -140,7 +144,7 @@ impl Inner {
                     Speculative::Failed(None) => Step::Create,
                     Speculative::Failed(Some(old)) => match self.next_step(old, item, now).await {
                         Ok(step) => step,
-                        Err(outcome) => return Ok(outcome),
+                        Err(done) => return done,
                     },
                 },
                 Step::Create => {
@@ -151,17 +155,20 @@ impl Inner {
                     let written = self.create(item, &plan, now).await?;
                     match self.after_write(written, item, plan.checks, now).await {
                         Ok(step) => step,
-                        Err(outcome) => return Ok(outcome),
+                        Err(done) => return done,
                     }
                 }
                 Step::Read => match self.read_bucket(&item.entity_id, &item.resource).await? {
                     None => Step::Create,
                     Some(image) => match self.next_step(image, item, now).await {
                         Ok(step) => step,
-                        Err(outcome) => return Ok(outcome),
+                        Err(done) => return done,
                     },
                 },
                 Step::Normal { image, cached } => {
+                    if let Some(refused) = refusal(&image, item) {
+                        return Err(refused);
+                    }
                     let plan = evaluate(Some(&image), item, now);
                     if cached && (!plan.fits || stale_params(&image, item)) {
                         // A remembered image may be behind the table (a refund since):
@@ -176,7 +183,7 @@ impl Inner {
                         let written = self.normal(item, &image, &plan, now).await?;
                         match self.after_write(written, item, plan.checks, now).await {
                             Ok(step) => step,
-                            Err(outcome) => return Ok(outcome),
+                            Err(done) => return done,
                         }
                     }
                 }
@@ -193,7 +200,7 @@ impl Inner {
         match self.images.get(&item.entity_id, &item.resource) {
             Some(image) if !expired(&image, now) && !rf_is_fresh(&image, now, window) => {
                 Step::Normal {
-                    image,
+                    image: Box::new(image),
                     cached: true,
                 }
             }
@@ -209,13 +216,13 @@ impl Inner {
         item: &ItemRequest,
         checks: Vec<LimitCheck>,
         now: i64,
-    ) -> Result<Step, AcquireOutcome> {
+    ) -> Result<Step, Done> {
         match written {
             Written::Ok(new) => {
                 if let Some(new) = new {
                     self.observe(&item.entity_id, &item.resource, new);
                 }
-                Err(admitted(checks))
+                Err(Ok(admitted(checks)))
             }
             Written::Conflict(None) => Ok(Step::Read),
             Written::Conflict(Some(old)) => self.next_step(old, item, now).await,
@@ -228,7 +235,10 @@ impl Inner {
         image: Image,
         item: &ItemRequest,
         now: i64,
-    ) -> Result<Step, AcquireOutcome> {
+    ) -> Result<Step, Done> {
+        if let Some(refused) = refusal(&image, item) {
+            return Err(Err(refused));
+        }
         let plan = evaluate(Some(&image), item, now);
         if !plan.fits {
             if stale_params(&image, item) {
@@ -237,14 +247,14 @@ impl Inner {
                 self.rejections
                     .remember(&item.entity_id, &item.resource, image, &plan.checks, now);
             }
-            return Err(rejected(plan.checks));
+            return Err(Ok(rejected(plan.checks)));
         }
         self.observe(&item.entity_id, &item.resource, image.clone());
         Ok(if plan.speculative_ok {
             Step::Speculative
         } else {
             Step::Normal {
-                image,
+                image: Box::new(image),
                 cached: false,
             }
         })
@@ -290,6 +300,9 @@ impl Inner {
                     checks.extend(admitted_checks(&new, item, now));
                 }
                 Ok(Speculative::Failed(image)) => {
+                    if let Some(refused) = image.as_ref().and_then(|i| refusal(i, item)) {
+                        error.get_or_insert(refused);
+                    }
                     let plan = evaluate(image.as_ref(), item, now);
                     fits &= plan.fits;
                     checks.extend(plan.checks);
@@ -357,6 +370,11 @@ impl Inner {
         let items = [child, parent];
         for attempt in 0..MAX_ATTEMPTS {
             let images = self.read_buckets(&items).await?;
+            for (item, image) in items.iter().zip(&images) {
+                if let Some(refused) = image.as_ref().and_then(|i| refusal(i, item)) {
+                    return Err(refused);
+                }
+            }
             let plans: Vec<Plan> = items
                 .iter()
                 .zip(&images)

@@ -9,7 +9,7 @@ use crate::naming::RESERVED_LIMIT_NAME;
 use crate::repository::dynamodb::codec::Image;
 use crate::repository::dynamodb::expr::{Expr, Update};
 use crate::repository::dynamodb::keys;
-use crate::repository::{debt_too_deep, params_changed, reconcile_bucket};
+use crate::repository::{debt_too_deep, params_changed, reconcile_bucket, ItemRequest};
 use crate::{Entity, Error, Limit};
 
 /// Signed deltas without moving `rf`, so concurrent adjustments of a hot item never
@@ -399,6 +399,52 @@ pub(super) fn set_params(expr: &mut Expr, update: &mut Update, name: &str, state
         let v = expr.num(value);
         update.set.push(format!("{n} = {v}"));
     }
+}
+
+/// Conditions an acquire's write on the item holding nothing this crate must not write
+/// past: the Python library's `disabled` stamp, more than one shard, a `bypass` or
+/// schedule stamp, or a soft stamp on a limit taken from. A write that fails on one
+/// returns the item, and [`refusal`] names why.
+pub(in crate::repository::dynamodb) fn require_enforceable(
+    item: &ItemRequest,
+    expr: &mut Expr,
+    update: &mut Update,
+) {
+    for attr in ["disabled", "bypass", "vu"] {
+        let n = expr.name(attr);
+        update.conditions.push(format!("attribute_not_exists({n})"));
+    }
+    let shards = expr.name("shard_count");
+    let one = expr.num(1);
+    update.conditions.push(format!(
+        "(attribute_not_exists({shards}) OR {shards} <= {one})"
+    ));
+    for limit in item.limits.iter() {
+        let soft = expr.name(&keys::bucket_attr(&limit.name, "soft"));
+        update
+            .conditions
+            .push(format!("attribute_not_exists({soft})"));
+    }
+}
+
+/// Why an acquire must not go on with this item: it is disabled, or holds a feature this
+/// crate does not enforce yet. Refused, never enforced with other numbers.
+pub(in crate::repository::dynamodb) fn refusal(image: &Image, item: &ItemRequest) -> Option<Error> {
+    let unsupported = |feature: &str| Error::Unsupported {
+        feature: feature.to_string(),
+        entity_id: item.entity_id.clone(),
+        resource: item.resource.clone(),
+    };
+    if image.disabled {
+        return Some(Error::ResourceDisabled {
+            entity_id: item.entity_id.clone(),
+            resource: item.resource.clone(),
+        });
+    }
+    if image.shard_count > 1 {
+        return Some(unsupported("sharded buckets"));
+    }
+    image.unsupported.map(unsupported)
 }
 
 /// The write-capacity pseudo-limit the Python library keeps on every bucket item (its

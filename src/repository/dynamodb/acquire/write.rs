@@ -3,7 +3,8 @@
 
 use super::plan::{charged, fresh_window_ms, milli_i64, Plan};
 use super::update::{
-    locked_update, require_params, seed_shared_fields, shared_fields, Change, Ttl,
+    locked_update, require_enforceable, require_params, seed_shared_fields, shared_fields, Change,
+    Ttl,
 };
 use super::{Speculative, Updated, Written};
 use std::time::Duration;
@@ -30,6 +31,7 @@ impl Inner {
         let mut expr = Expr::default();
         let mut update = Update::default();
         update.conditions.push("attribute_exists(PK)".into());
+        require_enforceable(item, &mut expr, &mut update);
         for (limit, &amount) in item.limits.iter().zip(&item.amounts) {
             let fresh = BucketState::from_limit(limit, now);
             let tk = expr.name(&keys::bucket_attr(&limit.name, "tk"));
@@ -256,6 +258,7 @@ impl Inner {
         };
         let (mut update, mut expr) = locked_update(image, changes, ttl, now);
         seed_shared_fields(image, item.owner.as_deref(), &mut expr, &mut update);
+        require_enforceable(item, &mut expr, &mut update);
         (update, expr)
     }
 
