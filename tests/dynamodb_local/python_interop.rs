@@ -480,3 +480,45 @@ async fn features_this_crate_does_not_enforce_yet_fail_closed() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_lists_the_resources_this_crate_configured() {
+    let (repo, place) = shared().await;
+    let limiter = RateLimiter::new(repo);
+    let rpm = [Limit::per_minute("rpm", 5)];
+    limiter.set_resource_limits("api", &rpm).await.unwrap();
+    limiter.set_resource_limits("chat", &rpm).await.unwrap();
+    limiter.set_entity_limits("k1", "chat", &rpm).await.unwrap();
+    limiter.set_entity_limits("k2", "chat", &rpm).await.unwrap();
+    limiter
+        .set_entity_limits("k1", "_default_", &rpm)
+        .await
+        .unwrap();
+    // Setting again is no new config: counted once.
+    limiter.set_entity_limits("k1", "chat", &rpm).await.unwrap();
+    let listed = python::run(command(&place, json!({"op": "registries"}))).await;
+    ok(&listed);
+    assert_eq!(listed["resources"], json!(["api", "chat"]), "{listed}");
+    assert_eq!(
+        listed["entity_config_resources"],
+        json!(["_default_", "chat"]),
+        "{listed}"
+    );
+    // Deleting takes them out again, the count of `chat` only with its last config.
+    limiter.delete_resource_limits("api").await.unwrap();
+    limiter.delete_entity_limits("k1", "chat").await.unwrap();
+    limiter
+        .delete_entity_limits("k1", "_default_")
+        .await
+        .unwrap();
+    let listed = python::run(command(&place, json!({"op": "registries"}))).await;
+    assert_eq!(listed["resources"], json!(["chat"]), "{listed}");
+    assert_eq!(
+        listed["entity_config_resources"],
+        json!(["chat"]),
+        "{listed}"
+    );
+    limiter.delete_entity_limits("k2", "chat").await.unwrap();
+    let listed = python::run(command(&place, json!({"op": "registries"}))).await;
+    assert_eq!(listed["entity_config_resources"], json!([]), "{listed}");
+}

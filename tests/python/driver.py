@@ -13,6 +13,7 @@ Commands (`op`):
 - `audit`: the audit events of `entity` (`$SYSTEM` for the system), newest first.
 - `get_entity`: the entity as Python reads it.
 - `disable_resource` / `enable_resource`: `resource`, config and bucket stamps.
+- `registries`: the resources with defaults, and those with entity configs.
 
 A limit is `[name, capacity, refill_amount, period_seconds]`, optionally with a fifth
 element of keyword arguments (`{"soft": true}`).
@@ -90,6 +91,10 @@ async def run(cmd):
             else:
                 await limiter.set_system_defaults(limits)
             return {}
+        if op == "registries":
+            return {"resources": sorted(await limiter.list_resources_with_defaults()),
+                    "entity_config_resources":
+                        sorted(await limiter.list_resources_with_entity_configs())}
         if op == "disable_resource":
             return {"stamped": await repo.disable_resource(cmd["resource"])}
         if op == "enable_resource":

@@ -36,6 +36,7 @@ mod images;
 mod keys;
 mod lease_writes;
 mod listing;
+mod registries;
 mod rejections;
 mod repository;
 mod retry;

@@ -492,8 +492,10 @@ impl Repository for DynamoDbRepository {
 
     async fn set_limits(&self, scope: &ConfigScope, limits: &[Limit]) -> Result<(), Error> {
         let inner = &self.inner;
+        let created = std::sync::atomic::AtomicBool::new(false);
         inner
             .update_config(scope, |current, expr, update| {
+                created.store(current.is_none(), std::sync::atomic::Ordering::Relaxed);
                 let mut keep = Vec::new();
                 for limit in limits {
                     for (field, value) in [
@@ -515,6 +517,8 @@ impl Repository for DynamoDbRepository {
                 }
             })
             .await?;
+        let created = created.load(std::sync::atomic::Ordering::Relaxed);
+        inner.update_registries(scope, created, true).await?;
         let (subject, resource) = Inner::subject(scope);
         inner
             .audit(
@@ -565,6 +569,7 @@ impl Repository for DynamoDbRepository {
                     .map_err(|e| errors::map("DeleteItem", &inner.table, e))?;
             }
         }
+        inner.update_registries(scope, true, false).await?;
         let (subject, resource) = Inner::subject(scope);
         let limit_names: Vec<&str> = names
             .iter()
