@@ -522,3 +522,83 @@ async fn python_lists_the_resources_this_crate_configured() {
     let listed = python::run(command(&place, json!({"op": "registries"}))).await;
     assert_eq!(listed["entity_config_resources"], json!([]), "{listed}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entity_record_from_before_is_migrated_on_read_for_python() {
+    use zae_limiter::repository::dynamodb::aws_sdk_dynamodb::types::AttributeValue;
+    let (repo, place) = shared().await;
+    let limiter = RateLimiter::new(repo.clone());
+    limiter.create_entity("old").await.unwrap();
+    limiter
+        .set_entity_limits("old", "api", &[Limit::per_hour("rph", 4)])
+        .await
+        .unwrap();
+    // The record as this crate wrote it before: a number for `created_at`, no pgen/pinc.
+    let key = std::collections::HashMap::from([
+        (
+            "PK".to_string(),
+            AttributeValue::S(format!("{}/ENTITY#old", repo.namespace_id())),
+        ),
+        ("SK".to_string(), AttributeValue::S("#META".into())),
+    ]);
+    repo.client()
+        .update_item()
+        .table_name(repo.table())
+        .set_key(Some(key.clone()))
+        .update_expression("SET created_at = :n REMOVE pgen, pinc")
+        .expression_attribute_values(":n", AttributeValue::N("1764000000000".into()))
+        .send()
+        .await
+        .unwrap();
+    // Reading the entity's config (any acquire) rewrites it in the background.
+    let reader = RateLimiter::builder_shared(limiter.repository().clone())
+        .config_cache_ttl(std::time::Duration::ZERO)
+        .build();
+    reader
+        .acquire("old", "api")
+        .consume([("rph", 0)])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    let mut migrated = false;
+    for _ in 0..50 {
+        let item = repo
+            .client()
+            .get_item()
+            .table_name(repo.table())
+            .set_key(Some(key.clone()))
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap()
+            .item
+            .unwrap();
+        if matches!(item.get("created_at"), Some(AttributeValue::S(_))) && item.contains_key("pinc")
+        {
+            migrated = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(migrated, "the record was not rewritten");
+    assert_eq!(
+        reader
+            .get_entity("old")
+            .await
+            .unwrap()
+            .unwrap()
+            .created_at_ms,
+        1_764_000_000_000
+    );
+    // Python, which could not create this entity's buckets before, now can.
+    let answer = python::run(command(
+        &place,
+        json!({"op": "acquire", "entity": "old", "resource": "chat", "consume": {"rph": 1},
+               "limits": [["rph", 4, 4, 3600]], "n": 6}),
+    ))
+    .await;
+    ok(&answer);
+    assert_eq!(answer["outcomes"]["admitted"], 4, "{answer}");
+}

@@ -661,6 +661,9 @@ impl Repository for DynamoDbRepository {
             }
             .into());
         }
+        if let Some(meta) = record(&wanted[0].0, &wanted[0].1) {
+            inner.migrate_legacy_meta(meta);
+        }
         let system = record(&wanted[3].0, &wanted[3].1);
         // The levels in resolution order: entity+resource, entity default, resource, system.
         let levels: Vec<Option<&Item>> = [Some(1), wanted.get(5).map(|_| 5), Some(2), Some(3)]
