@@ -1078,3 +1078,54 @@ fn local_start_status_stop_ends_only_its_own_process() {
     assert!(text.contains("No DynamoDB Local"), "{text}");
     let _ = std::fs::remove_dir_all(state);
 }
+
+#[test]
+fn resources_and_entities_are_disabled_and_enabled() {
+    let (url, table) = deployed("flags");
+    json(
+        &mut zl(&url, &table),
+        &["resource", "set-limits", "api", "--limit", "rpm:100"],
+    );
+    let rt = runtime();
+    let limiter = limiter(&rt, &url, &table, "default");
+    rt.block_on(async {
+        limiter
+            .acquire("k1", "api")
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+    });
+    let disabled = json(&mut zl(&url, &table), &["resource", "disable", "api"]);
+    assert_eq!(disabled["disabled"], true, "{disabled}");
+    assert_eq!(disabled["buckets_stamped"], 1, "{disabled}");
+    let refused = rt
+        .block_on(async { limiter.acquire("k1", "api").await })
+        .unwrap_err();
+    assert!(
+        matches!(refused, zae_limiter::Error::ResourceDisabled { .. }),
+        "{refused:?}"
+    );
+    let enabled = json(
+        &mut zl(&url, &table),
+        &["entity", "enable", "k1", "--resource", "api"],
+    );
+    assert_eq!(enabled["disabled"], false, "{enabled}");
+    limiter.invalidate_config_cache();
+    rt.block_on(async {
+        limiter
+            .acquire("k1", "api")
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+    });
+    let text = stdout(&expect(
+        &mut zl(&url, &table),
+        &["--output", "table", "resource", "clear-disabled", "api"],
+        0,
+    ));
+    assert!(text.contains("inheriting"), "{text}");
+}

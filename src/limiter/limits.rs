@@ -124,4 +124,58 @@ impl RateLimiter {
         self.delete_scope(Self::entity_scope(entity_id, resource)?)
             .await
     }
+
+    /// Switches `resource` off for every entity without a flag of its own, as the Python
+    /// library's `disable_resource`: acquires fail with [`Error::ResourceDisabled`] (the
+    /// layer answers 403). Returns how many bucket items were stamped.
+    pub async fn disable_resource(&self, resource: &str) -> Result<usize, Error> {
+        self.set_disabled(Self::resource_scope(resource)?, Some(true))
+            .await
+    }
+
+    /// Switches `resource` on explicitly (overriding nothing above it: the resource is the
+    /// top level the flag walks). Returns how many bucket items were unstamped.
+    pub async fn enable_resource(&self, resource: &str) -> Result<usize, Error> {
+        self.set_disabled(Self::resource_scope(resource)?, Some(false))
+            .await
+    }
+
+    /// Removes the resource's flag: it inherits again (enabled).
+    pub async fn clear_resource_disabled(&self, resource: &str) -> Result<usize, Error> {
+        self.set_disabled(Self::resource_scope(resource)?, None)
+            .await
+    }
+
+    /// Switches `resource` off for one entity (`"_default_"`: every resource without a flag
+    /// of the entity's own), as the Python library's `disable_entity`.
+    pub async fn disable_entity(&self, entity_id: &str, resource: &str) -> Result<usize, Error> {
+        self.set_disabled(Self::entity_scope(entity_id, resource)?, Some(true))
+            .await
+    }
+
+    /// Switches `resource` on for one entity, overriding a resource-wide disable.
+    pub async fn enable_entity(&self, entity_id: &str, resource: &str) -> Result<usize, Error> {
+        self.set_disabled(Self::entity_scope(entity_id, resource)?, Some(false))
+            .await
+    }
+
+    /// Removes the entity's own flag for `resource`: it inherits again.
+    pub async fn clear_entity_disabled(
+        &self,
+        entity_id: &str,
+        resource: &str,
+    ) -> Result<usize, Error> {
+        self.set_disabled(Self::entity_scope(entity_id, resource)?, None)
+            .await
+    }
+
+    async fn set_disabled(
+        &self,
+        scope: ConfigScope,
+        disabled: Option<bool>,
+    ) -> Result<usize, Error> {
+        let stamped = self.inner.repo.set_disabled(&scope, disabled).await?;
+        self.invalidate_config_cache();
+        Ok(stamped)
+    }
 }

@@ -54,6 +54,8 @@ struct Inner {
     /// Serialises [`Inner::bump`], so the last writer's view of emptiness is the one kept.
     bump_lock: Mutex<()>,
     on_unavailable: RwLock<Option<OnUnavailable>>,
+    /// Explicit `disabled` flags by level (entity+resource, entity `_default_`, resource).
+    disabled: RwLock<HashMap<ConfigScope, bool>>,
     /// The latest time any call has passed in; eviction measures idleness against it, so it
     /// follows a manual clock in tests.
     latest_now_ms: AtomicI64,
@@ -191,6 +193,7 @@ impl InMemoryRepositoryBuilder {
             nothing_stored: AtomicBool::new(true),
             bump_lock: Mutex::new(()),
             on_unavailable: RwLock::default(),
+            disabled: RwLock::default(),
             latest_now_ms: AtomicI64::new(i64::MIN),
             idle_ttl_multiplier: self.idle_ttl_multiplier,
         });
@@ -261,7 +264,8 @@ impl Inner {
         let _serial = self.bump_lock.lock();
         let empty = read(&self.configs).is_empty()
             && read(&self.entities).is_empty()
-            && read(&self.on_unavailable).is_none();
+            && read(&self.on_unavailable).is_none()
+            && read(&self.disabled).is_empty();
         self.nothing_stored.store(empty, Ordering::Release);
         self.version.fetch_add(1, Ordering::AcqRel);
     }
@@ -466,6 +470,22 @@ impl Repository for InMemoryRepository {
         Ok(*read(&self.inner.on_unavailable))
     }
 
+    async fn set_disabled(
+        &self,
+        scope: &ConfigScope,
+        disabled: Option<bool>,
+    ) -> Result<usize, Error> {
+        let mut flags = write(&self.inner.disabled);
+        match disabled {
+            Some(flag) => flags.insert(scope.clone(), flag),
+            None => flags.remove(scope),
+        };
+        drop(flags);
+        self.inner.bump();
+        // Every acquire reads the flags afresh: nothing to stamp.
+        Ok(0)
+    }
+
     async fn list_limits(&self) -> Result<Vec<(ConfigScope, Vec<Limit>)>, Error> {
         let mut all: Vec<(ConfigScope, Vec<Limit>)> = read(&self.inner.configs)
             .iter()
@@ -508,6 +528,17 @@ impl InMemoryRepository {
                 .cloned(),
             system_limits: configs.get(&ConfigScope::System).cloned(),
             on_unavailable: *read(&self.inner.on_unavailable),
+            disabled: {
+                let flags = read(&self.inner.disabled);
+                [
+                    entity_scope(resource),
+                    entity_scope(DEFAULT_RESOURCE),
+                    ConfigScope::Resource(resource.to_string()),
+                ]
+                .iter()
+                .find_map(|scope| flags.get(scope).copied())
+                .unwrap_or(false)
+            },
             ..StoredConfig::default()
         }
     }

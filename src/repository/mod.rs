@@ -235,6 +235,23 @@ pub trait Repository: Send + Sync + 'static {
     /// Reads the system's `on_unavailable` policy, if one is stored.
     async fn get_on_unavailable(&self) -> Result<Option<OnUnavailable>, Error>;
 
+    /// Switches a resource off (`Some(true)`), on explicitly (`Some(false)`, overriding a
+    /// level above) or back to inherit (`None`), for one entity ([`ConfigScope::Entity`],
+    /// its resource or `_default_`) or every entity ([`ConfigScope::Resource`]), as the
+    /// Python library's `disabled` flag. Returns how many bucket items it stamped. The
+    /// default says the backend cannot.
+    async fn set_disabled(
+        &self,
+        scope: &ConfigScope,
+        disabled: Option<bool>,
+    ) -> Result<usize, Error> {
+        let _ = (scope, disabled);
+        Err(Error::Backend {
+            message: "this backend cannot disable resources".into(),
+            source: None,
+        })
+    }
+
     /// Every level that has limits stored, with its limits, for tools that export or
     /// compare the whole configuration. The default says the backend cannot list.
     async fn list_limits(&self) -> Result<Vec<(ConfigScope, Vec<Limit>)>, Error> {

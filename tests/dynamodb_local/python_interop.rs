@@ -602,3 +602,24 @@ async fn an_entity_record_from_before_is_migrated_on_read_for_python() {
     ok(&answer);
     assert_eq!(answer["outcomes"]["admitted"], 4, "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_refuses_a_resource_this_crate_disabled() {
+    let (repo, place) = shared().await;
+    let limiter = RateLimiter::new(repo);
+    limiter
+        .set_resource_limits("api", &[Limit::per_minute("rpm", 100)])
+        .await
+        .unwrap();
+    let acquire = json!({"op": "acquire", "entity": "k1", "resource": "api",
+                         "consume": {"rpm": 1}, "n": 2});
+    let answer = python::run(command(&place, acquire.clone())).await;
+    assert_eq!(answer["outcomes"]["admitted"], 2, "{answer}");
+    // Disabled here: the config flag and the stamp on the bucket Python created.
+    assert_eq!(limiter.disable_resource("api").await.unwrap(), 1);
+    let answer = python::run(command(&place, acquire.clone())).await;
+    assert_eq!(answer["outcomes"]["ResourceDisabled"], 2, "{answer}");
+    assert_eq!(limiter.enable_resource("api").await.unwrap(), 1);
+    let answer = python::run(command(&place, acquire)).await;
+    assert_eq!(answer["outcomes"]["admitted"], 2, "{answer}");
+}

@@ -1260,6 +1260,54 @@ pub async fn cascade_with_nothing_to_take_from_one_side(repo: Arc<dyn Repository
     assert_eq!(l.available("key", "api", None).await.unwrap()["rpm"], 0);
 }
 
+pub async fn disabled_resources_refuse_until_enabled(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    l.set_resource_limits("api", &[rpm(100)]).await.unwrap();
+    l.acquire("k1", "api")
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    let disabled = |r: Result<zae_limiter::Lease, Error>| matches!(r, Err(Error::ResourceDisabled { ref resource, .. }) if resource == "api");
+    l.disable_resource("api").await.unwrap();
+    assert!(disabled(l.acquire("k1", "api").await));
+    assert!(disabled(l.acquire("k2", "api").await));
+    // Even with the caller's own limits: the switch is about the resource.
+    assert!(disabled(l.acquire("k1", "api").limits([rpm(5)]).await));
+    // An entity's explicit flag overrides the resource's, both ways.
+    l.enable_entity("k1", "api").await.unwrap();
+    l.acquire("k1", "api")
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    assert!(disabled(l.acquire("k2", "api").await));
+    l.clear_entity_disabled("k1", "api").await.unwrap();
+    assert!(disabled(l.acquire("k1", "api").await));
+    l.enable_resource("api").await.unwrap();
+    l.disable_entity("k2", "_default_").await.unwrap();
+    l.acquire("k1", "api")
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    assert!(disabled(l.acquire("k2", "api").await));
+    l.clear_entity_disabled("k2", "_default_").await.unwrap();
+    l.clear_resource_disabled("api").await.unwrap();
+    l.acquire("k2", "api")
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    // Nothing disabled took a token: 4 admitted in all.
+    assert_eq!(l.available("k1", "api", None).await.unwrap()["rpm"], 97);
+    assert_eq!(l.available("k2", "api", None).await.unwrap()["rpm"], 99);
+}
+
 /// Declares one `#[tokio::test]` per suite case over a backend factory.
 #[macro_export]
 macro_rules! limiter_suite {
@@ -1303,6 +1351,7 @@ macro_rules! limiter_suite {
             contended_cascade_is_exact_and_never_unavailable,
             refund_when_another_limit_refills_by_less_than_a_millitoken,
             cascade_with_nothing_to_take_from_one_side,
+            disabled_resources_refuse_until_enabled,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

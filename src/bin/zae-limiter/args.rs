@@ -237,6 +237,22 @@ pub enum ResourceCommand {
         /// The resource.
         resource: String,
     },
+    /// Switch a resource off for every entity without a flag of its own (acquires are
+    /// refused; the layer answers 403). Stamps its buckets, as the Python library does.
+    Disable {
+        /// The resource.
+        resource: String,
+    },
+    /// Switch a resource on explicitly.
+    Enable {
+        /// The resource.
+        resource: String,
+    },
+    /// Remove a resource's disabled flag (it inherits: enabled).
+    ClearDisabled {
+        /// The resource.
+        resource: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -300,6 +316,30 @@ pub enum EntityCommand {
     },
     /// Delete an entity's limits for a resource.
     DeleteLimits {
+        /// The entity's id.
+        entity: String,
+        /// The resource, or `_default_`.
+        #[arg(long, default_value = "_default_")]
+        resource: String,
+    },
+    /// Switch a resource off for this entity (`_default_`: every resource).
+    Disable {
+        /// The entity's id.
+        entity: String,
+        /// The resource, or `_default_`.
+        #[arg(long, default_value = "_default_")]
+        resource: String,
+    },
+    /// Switch a resource on for this entity, overriding a resource-wide disable.
+    Enable {
+        /// The entity's id.
+        entity: String,
+        /// The resource, or `_default_`.
+        #[arg(long, default_value = "_default_")]
+        resource: String,
+    },
+    /// Remove this entity's disabled flag for a resource (it inherits again).
+    ClearDisabled {
         /// The entity's id.
         entity: String,
         /// The resource, or `_default_`.

@@ -47,6 +47,15 @@ pub(super) fn bucket_pk(ns: &str, entity_id: &str, resource: &str) -> String {
     format!("{ns}/BUCKET#{entity_id}#{resource}#0")
 }
 
+/// The entity and resource of a bucket item's key, as the Python library reads them: the
+/// shard after the last `#`, the entity before the first (keys-only index results carry
+/// nothing else).
+pub(super) fn parse_bucket_pk<'a>(ns: &str, pk: &'a str) -> Option<(&'a str, &'a str)> {
+    let rest = pk.strip_prefix(ns)?.strip_prefix("/BUCKET#")?;
+    let (rest, _shard) = rest.rsplit_once('#')?;
+    rest.split_once('#')
+}
+
 /// The GSI1 partition listing a parent's children.
 pub(super) fn parent_gsi1pk(ns: &str, parent_id: &str) -> String {
     format!("{ns}/PARENT#{parent_id}")
@@ -71,4 +80,25 @@ pub(super) fn bucket_attr(limit: &str, field: &str) -> String {
 /// Attribute names of one limit in a config record: `l_{limit}_{field}`.
 pub(super) fn config_attr(limit: &str, field: &str) -> String {
     format!("l_{limit}_{field}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_keys_parse_back_as_python_reads_them() {
+        let pk = bucket_pk("ns1", "user-1", "openai/gpt-4");
+        assert_eq!(
+            parse_bucket_pk("ns1", &pk),
+            Some(("user-1", "openai/gpt-4"))
+        );
+        // A shard above 0, as the Python library writes it.
+        assert_eq!(
+            parse_bucket_pk("ns1", "ns1/BUCKET#k#api#3"),
+            Some(("k", "api"))
+        );
+        assert_eq!(parse_bucket_pk("other", &pk), None);
+        assert_eq!(parse_bucket_pk("ns1", "ns1/ENTITY#k"), None);
+    }
 }

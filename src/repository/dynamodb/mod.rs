@@ -32,6 +32,7 @@ mod codec;
 mod counter;
 mod errors;
 mod expr;
+mod flags;
 mod images;
 mod keys;
 mod lease_writes;

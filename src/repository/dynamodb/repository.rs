@@ -596,6 +596,31 @@ impl Repository for DynamoDbRepository {
         self.inner.list_limits().await
     }
 
+    async fn set_disabled(
+        &self,
+        scope: &ConfigScope,
+        disabled: Option<bool>,
+    ) -> Result<usize, Error> {
+        let inner = &self.inner;
+        inner.write_disabled_flag(scope, disabled).await?;
+        // Each item's stamp follows the flag resolved for its entity: an entity's own flag
+        // overrides the resource's.
+        let mut stamped = 0;
+        for bucket in inner.governed_buckets(scope).await? {
+            let Some((entity, resource)) =
+                codec::get_str(&bucket, "PK").and_then(|pk| keys::parse_bucket_pk(&inner.ns, pk))
+            else {
+                continue;
+            };
+            let off = self.read_config(entity, resource, true).await?.disabled;
+            if inner.stamp_disabled(&bucket, off).await? {
+                stamped += 1;
+            }
+        }
+        inner.audit_disabled(scope, disabled, stamped).await;
+        Ok(stamped)
+    }
+
     async fn set_on_unavailable(&self, policy: Option<OnUnavailable>) -> Result<(), Error> {
         let inner = &self.inner;
         inner
@@ -623,6 +648,19 @@ impl Repository for DynamoDbRepository {
     }
 
     async fn load_config(&self, entity_id: &str, resource: &str) -> Result<StoredConfig, Error> {
+        self.read_config(entity_id, resource, false).await
+    }
+}
+
+impl DynamoDbRepository {
+    /// [`Repository::load_config`], with consistent reads when `consistent` (a flag just
+    /// written must be seen).
+    async fn read_config(
+        &self,
+        entity_id: &str,
+        resource: &str,
+        consistent: bool,
+    ) -> Result<StoredConfig, Error> {
         let inner = &self.inner;
         let entity_pk = keys::entity_pk(&inner.ns, entity_id);
         let mut wanted = vec![
@@ -644,7 +682,7 @@ impl Repository for DynamoDbRepository {
         let found = inner
             .batch_get(
                 wanted.iter().map(|(p, k)| codec::key(p, k)).collect(),
-                false,
+                consistent,
             )
             .await?;
         let record = |pk: &str, sk: &str| {

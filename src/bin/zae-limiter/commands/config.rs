@@ -203,5 +203,33 @@ pub async fn resource(global: &Global, command: ResourceCommand, out: Out) -> Ou
         ResourceCommand::DeleteLimits { resource } => {
             delete(&limiter, ConfigScope::Resource(resource), out).await
         }
+        ResourceCommand::Disable { resource } => {
+            let stamped = limiter.disable_resource(&resource).await?;
+            flagged(out, &format!("resource {resource}"), Some(true), stamped);
+            Ok(())
+        }
+        ResourceCommand::Enable { resource } => {
+            let stamped = limiter.enable_resource(&resource).await?;
+            flagged(out, &format!("resource {resource}"), Some(false), stamped);
+            Ok(())
+        }
+        ResourceCommand::ClearDisabled { resource } => {
+            let stamped = limiter.clear_resource_disabled(&resource).await?;
+            flagged(out, &format!("resource {resource}"), None, stamped);
+            Ok(())
+        }
     }
+}
+
+/// Reports a `disabled` flag written and the buckets stamped.
+pub fn flagged(out: Out, what: &str, disabled: Option<bool>, stamped: usize) {
+    let state = match disabled {
+        Some(true) => "disabled",
+        Some(false) => "enabled",
+        None => "inheriting",
+    };
+    out.message(
+        format!("{what} is {state}; {stamped} bucket items stamped."),
+        json!({ "target": what, "disabled": disabled, "buckets_stamped": stamped }),
+    );
 }

@@ -153,6 +153,23 @@ pub async fn run(global: &Global, command: EntityCommand, out: Out) -> Outcome {
         EntityCommand::DeleteLimits { entity, resource } => {
             config::delete(&limiter, entity_scope(entity, resource), out).await?
         }
+        EntityCommand::Disable { entity, resource } => {
+            let stamped = limiter.disable_entity(&entity, &resource).await?;
+            config::flagged(out, &format!("{entity} on {resource}"), Some(true), stamped);
+        }
+        EntityCommand::Enable { entity, resource } => {
+            let stamped = limiter.enable_entity(&entity, &resource).await?;
+            config::flagged(
+                out,
+                &format!("{entity} on {resource}"),
+                Some(false),
+                stamped,
+            );
+        }
+        EntityCommand::ClearDisabled { entity, resource } => {
+            let stamped = limiter.clear_entity_disabled(&entity, &resource).await?;
+            config::flagged(out, &format!("{entity} on {resource}"), None, stamped);
+        }
     }
     Ok(())
 }
