@@ -87,30 +87,21 @@ impl Inner {
             ),
         };
         let sk_attr = if index == "GSI2" { "GSI2SK" } else { "GSI3SK" };
-        let mut items = Vec::new();
-        let mut start = None;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name(index)
-                .key_condition_expression("#pk = :pk AND begins_with(#sk, :prefix)")
-                .expression_attribute_names("#pk", pk_attr)
-                .expression_attribute_names("#sk", sk_attr)
-                .expression_attribute_values(":pk", s(&pk))
-                .expression_attribute_values(":prefix", s(&sk_prefix))
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(|e| errors::map("Query", &self.table, e))?;
-            items.extend(page.items().iter().cloned());
-            start = page.last_evaluated_key().cloned();
-            if start.is_none() {
-                break;
-            }
-        }
-        Ok(items)
+        self.client
+            .query()
+            .table_name(&self.table)
+            .index_name(index)
+            .key_condition_expression("#pk = :pk AND begins_with(#sk, :prefix)")
+            .expression_attribute_names("#pk", pk_attr)
+            .expression_attribute_names("#sk", sk_attr)
+            .expression_attribute_values(":pk", s(&pk))
+            .expression_attribute_values(":prefix", s(&sk_prefix))
+            .into_paginator()
+            .items()
+            .send()
+            .collect::<Result<Vec<Item>, _>>()
+            .await
+            .map_err(|e| errors::map("Query", &self.table, e))
     }
 
     /// Stamps one bucket item: `SET disabled = true REMOVE bypass`, or `REMOVE disabled,
