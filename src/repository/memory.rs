@@ -529,15 +529,17 @@ impl InMemoryRepository {
             system_limits: configs.get(&ConfigScope::System).cloned(),
             on_unavailable: *read(&self.inner.on_unavailable),
             disabled: {
+                // Most stores hold no flag: build no scope keys for them.
                 let flags = read(&self.inner.disabled);
-                [
-                    entity_scope(resource),
-                    entity_scope(DEFAULT_RESOURCE),
-                    ConfigScope::Resource(resource.to_string()),
-                ]
-                .iter()
-                .find_map(|scope| flags.get(scope).copied())
-                .unwrap_or(false)
+                !flags.is_empty()
+                    && [
+                        entity_scope(resource),
+                        entity_scope(DEFAULT_RESOURCE),
+                        ConfigScope::Resource(resource.to_string()),
+                    ]
+                    .iter()
+                    .find_map(|scope| flags.get(scope).copied())
+                    .unwrap_or(false)
             },
             ..StoredConfig::default()
         }

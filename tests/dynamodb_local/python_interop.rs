@@ -2,7 +2,10 @@
 //! Local: each side opens the other's table through its normal path, enforces what the
 //! other stored, and reads the other's records.
 
+use std::collections::HashMap;
+
 use serde_json::{json, Value};
+use zae_limiter::repository::dynamodb::aws_sdk_dynamodb::types::AttributeValue;
 use zae_limiter::repository::dynamodb::{AuditAction, SCHEMA_VERSION};
 use zae_limiter::{DynamoDbRepository, Limit, RateLimiter};
 
@@ -31,6 +34,44 @@ fn command(place: &Value, fields: Value) -> Value {
         cmd[k] = v.clone();
     }
     cmd
+}
+
+/// The key of a record of the repository's namespace (`partition` after the namespace id).
+fn record_key(
+    repo: &DynamoDbRepository,
+    partition: &str,
+    sk: &str,
+) -> HashMap<String, AttributeValue> {
+    HashMap::from([
+        (
+            "PK".to_string(),
+            AttributeValue::S(format!("{}/{partition}", repo.namespace_id())),
+        ),
+        ("SK".to_string(), AttributeValue::S(sk.to_string())),
+    ])
+}
+
+/// Changes a record directly, as the Python library (or an older release of this crate)
+/// writes it: `update` with `#a` naming `attr` and `:v` the value, when given.
+async fn raw_update(
+    repo: &DynamoDbRepository,
+    key: HashMap<String, AttributeValue>,
+    update: &str,
+    attr: Option<&str>,
+    value: Option<AttributeValue>,
+) {
+    repo.client()
+        .update_item()
+        .table_name(repo.table())
+        .set_key(Some(key))
+        .update_expression(update)
+        .set_expression_attribute_names(
+            attr.map(|a| HashMap::from([("#a".to_string(), a.to_string())])),
+        )
+        .set_expression_attribute_values(value.map(|v| HashMap::from([(":v".to_string(), v)])))
+        .send()
+        .await
+        .unwrap();
 }
 
 fn ok(answer: &Value) {
@@ -151,7 +192,6 @@ async fn audit_events_interleave_in_time_order_on_both_sides() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_legacy_table_of_this_crate_is_read_then_migrated_for_python() {
-    use zae_limiter::repository::dynamodb::aws_sdk_dynamodb::types::AttributeValue;
     use zae_limiter::repository::dynamodb::LEGACY_SCHEMA_VERSION;
     let table = format!("legacy-{}", dynamo::unique_namespace("t"));
     let builder = || async {
@@ -418,7 +458,6 @@ async fn a_resource_python_disabled_is_refused_with_a_typed_error_and_a_403() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn features_this_crate_does_not_enforce_yet_fail_closed() {
-    use zae_limiter::repository::dynamodb::aws_sdk_dynamodb::types::AttributeValue;
     let (repo, _place) = shared().await;
     let limiter = RateLimiter::new(repo.clone());
     limiter
@@ -426,13 +465,7 @@ async fn features_this_crate_does_not_enforce_yet_fail_closed() {
         .await
         .unwrap();
     // As the Python library marks a soft limit, and a schedule, in the entity's config.
-    let key = |pk: String, sk: &str| {
-        std::collections::HashMap::from([
-            ("PK".to_string(), AttributeValue::S(pk)),
-            ("SK".to_string(), AttributeValue::S(sk.to_string())),
-        ])
-    };
-    let pk = format!("{}/ENTITY#k1", repo.namespace_id());
+    let config = || record_key(&repo, "ENTITY#k1", "#CONFIG#api");
     for (attr, value, feature) in [
         ("l_rpm_soft", AttributeValue::Bool(true), "soft limits"),
         (
@@ -442,16 +475,7 @@ async fn features_this_crate_does_not_enforce_yet_fail_closed() {
         ),
         ("disabled", AttributeValue::S("bypass".into()), "bypass"),
     ] {
-        repo.client()
-            .update_item()
-            .table_name(repo.table())
-            .set_key(Some(key(pk.clone(), "#CONFIG#api")))
-            .update_expression("SET #a = :v")
-            .expression_attribute_names("#a", attr)
-            .expression_attribute_values(":v", value)
-            .send()
-            .await
-            .unwrap();
+        raw_update(&repo, config(), "SET #a = :v", Some(attr), Some(value)).await;
         let fresh = RateLimiter::builder_shared(limiter.repository().clone())
             .config_cache_ttl(std::time::Duration::ZERO)
             .build();
@@ -460,15 +484,7 @@ async fn features_this_crate_does_not_enforce_yet_fail_closed() {
             matches!(&err, zae_limiter::Error::Unsupported { feature: f, .. } if f == feature),
             "{attr}: {err:?}"
         );
-        repo.client()
-            .update_item()
-            .table_name(repo.table())
-            .set_key(Some(key(pk.clone(), "#CONFIG#api")))
-            .update_expression("REMOVE #a")
-            .expression_attribute_names("#a", attr)
-            .send()
-            .await
-            .unwrap();
+        raw_update(&repo, config(), "REMOVE #a", Some(attr), None).await;
     }
     // Explicit limits are the caller's numbers: no stored feature applies to them.
     limiter
@@ -525,7 +541,6 @@ async fn python_lists_the_resources_this_crate_configured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entity_record_from_before_is_migrated_on_read_for_python() {
-    use zae_limiter::repository::dynamodb::aws_sdk_dynamodb::types::AttributeValue;
     let (repo, place) = shared().await;
     let limiter = RateLimiter::new(repo.clone());
     limiter.create_entity("old").await.unwrap();
@@ -534,22 +549,15 @@ async fn an_entity_record_from_before_is_migrated_on_read_for_python() {
         .await
         .unwrap();
     // The record as this crate wrote it before: a number for `created_at`, no pgen/pinc.
-    let key = std::collections::HashMap::from([
-        (
-            "PK".to_string(),
-            AttributeValue::S(format!("{}/ENTITY#old", repo.namespace_id())),
-        ),
-        ("SK".to_string(), AttributeValue::S("#META".into())),
-    ]);
-    repo.client()
-        .update_item()
-        .table_name(repo.table())
-        .set_key(Some(key.clone()))
-        .update_expression("SET created_at = :n REMOVE pgen, pinc")
-        .expression_attribute_values(":n", AttributeValue::N("1764000000000".into()))
-        .send()
-        .await
-        .unwrap();
+    let key = record_key(&repo, "ENTITY#old", "#META");
+    raw_update(
+        &repo,
+        key.clone(),
+        "SET created_at = :v REMOVE pgen, pinc",
+        None,
+        Some(AttributeValue::N("1764000000000".into())),
+    )
+    .await;
     // Reading the entity's config (any acquire) rewrites it in the background.
     let reader = RateLimiter::builder_shared(limiter.repository().clone())
         .config_cache_ttl(std::time::Duration::ZERO)

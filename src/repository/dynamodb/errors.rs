@@ -120,6 +120,24 @@ const MAYBE_APPLIED_CODES: &[&str] = &[
     "TransactionInProgressException",
 ];
 
+/// A conditional write's result: `Ok(true)` written, `Ok(false)` its condition failed
+/// (an expected outcome: already done, raced, or gone), any other error mapped.
+pub(super) fn written<T, E, R>(
+    result: Result<T, SdkError<E, R>>,
+    operation: &str,
+    table: &str,
+) -> Result<bool, Error>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    match result {
+        Ok(_) => Ok(true),
+        Err(e) if e.code() == Some("ConditionalCheckFailedException") => Ok(false),
+        Err(e) => Err(map(operation, table, e)),
+    }
+}
+
 /// Whether a failed request may nevertheless have been applied: the outcome is unknown
 /// (a timeout, a connection lost after sending, a server error). Such a write is never
 /// simply sent again (it could apply twice); it is resolved (see `lease_writes`).

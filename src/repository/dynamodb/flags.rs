@@ -123,15 +123,6 @@ impl Inner {
         } else {
             request.update_expression("REMOVE disabled, bypass")
         };
-        match request.send().await {
-            Ok(_) => Ok(true),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(errors::map("UpdateItem", &self.table, e)),
-        }
+        errors::written(request.send().await, "UpdateItem", &self.table)
     }
 }

@@ -37,6 +37,7 @@ mod images;
 mod keys;
 mod lease_writes;
 mod listing;
+mod migrations;
 mod registries;
 mod rejections;
 mod repository;

@@ -2,11 +2,10 @@
 //! 7): `#RESOURCES`, the set of resources with stored limits, and
 //! `#ENTITY_CONFIG_RESOURCES`, a count of entity configs per resource. Python's
 //! `list_resources_with_defaults()` and `list_resources_with_entity_configs()` read them.
-//! Also the lazy migration of entity records written before this crate followed Python.
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use super::codec::{self, num, s, Item};
+use super::codec::{self, s};
 use super::{errors, keys, Inner};
 use crate::repository::ConfigScope;
 use crate::Error;
@@ -95,59 +94,9 @@ impl Inner {
                 .expression_attribute_values(":zero", AttributeValue::N("0".into()))
                 .send()
                 .await;
-            if let Err(e) = removed {
-                if !e
-                    .as_service_error()
-                    .is_some_and(|s| s.is_conditional_check_failed_exception())
-                {
-                    return Err(errors::map("UpdateItem", &self.table, e));
-                }
-            }
+            // A count still above zero stays.
+            errors::written(removed, "UpdateItem", &self.table)?;
         }
         Ok(())
-    }
-
-    /// Rewrites an entity record this crate wrote before it shared tables with Python (a
-    /// numeric `created_at`, no `pgen`/`pinc`) in Python's form, in the background, once:
-    /// Python pins bucket creates on those fields and cannot create buckets for the entity
-    /// without them. Conditioned on the number read, so it never overwrites a newer write.
-    pub(super) fn migrate_legacy_meta(&self, meta: &Item) {
-        let Some(AttributeValue::N(created)) = meta.get("created_at") else {
-            return;
-        };
-        let Ok(ms) = created.parse::<i64>() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let key = codec::key(
-            codec::get_str(meta, "PK").unwrap_or_default(),
-            keys::META_SK,
-        );
-        let request = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(key))
-            .update_expression(
-                "SET created_at = :iso, pgen = if_not_exists(pgen, :ms), pinc = if_not_exists(pinc, :inc)",
-            )
-            .condition_expression("created_at = :old")
-            .expression_attribute_values(":iso", s(super::stamps::iso(ms)))
-            .expression_attribute_values(":ms", num(ms))
-            .expression_attribute_values(":inc", s(super::stamps::incarnation()))
-            .expression_attribute_values(":old", AttributeValue::N(created.clone()));
-        let table = self.table.clone();
-        runtime.spawn(async move {
-            if let Err(e) = request.send().await {
-                if !e
-                    .as_service_error()
-                    .is_some_and(|s| s.is_conditional_check_failed_exception())
-                {
-                    tracing::warn!(error = %errors::map("UpdateItem", &table, e), "could not migrate an entity record to the Python form; retried at its next read");
-                }
-            }
-        });
     }
 }

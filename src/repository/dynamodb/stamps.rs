@@ -25,8 +25,7 @@ pub(super) fn time_ms(item: &Item, name: &str) -> Option<i64> {
             let ms = time.duration_since(UNIX_EPOCH).ok()?.as_millis();
             i64::try_from(ms).ok()
         }
-        AttributeValue::N(n) => n.parse::<f64>().ok().map(|v| v as i64),
-        _ => None,
+        _ => super::codec::get_i64(item, name),
     }
 }
 

@@ -511,7 +511,7 @@ pub(super) async fn require_version(client: &Client, table: &str) -> Result<(), 
 }
 
 /// Who writes a record, as `updated_by` says it.
-fn writer() -> String {
+pub(super) fn writer() -> String {
     format!("zae-limiter-rs:{}", env!("CARGO_PKG_VERSION"))
 }
 
@@ -534,63 +534,14 @@ pub(super) async fn ensure_version(client: &Client, table: &str) -> Result<(), E
         .condition_expression("attribute_not_exists(PK)")
         .send()
         .await;
-    if let Err(e) = put {
-        if !e
-            .as_service_error()
-            .is_some_and(|s| s.is_conditional_check_failed_exception())
-        {
-            return Err(errors::map("PutItem", table, e));
-        }
-    }
+    // Present already: another process (or Python) wrote it.
+    errors::written(put, "PutItem", table)?;
     let record = version_record(client, table).await?.unwrap_or_default();
     if get_str(&record, "schema_version") == Some(LEGACY_SCHEMA_VERSION) {
-        migrate_legacy_version(client, table).await?;
+        super::migrations::migrate_legacy_version(client, table).await?;
         return require_version(client, table).await;
     }
     check_record(&record)
-}
-
-/// Rewrites this crate's legacy version record in Python's form, once (conditioned on the
-/// legacy version, so racing processes rewrite it once).
-async fn migrate_legacy_version(client: &Client, table: &str) -> Result<(), Error> {
-    let sent = client
-        .update_item()
-        .table_name(table)
-        .set_key(Some(codec::key(keys::REGISTRY_PK, keys::VERSION_SK)))
-        .update_expression(
-            "SET schema_version = :new, updated_at = :at, updated_by = :by, \
-             client_min_version = if_not_exists(client_min_version, :min), \
-             lambda_version = if_not_exists(lambda_version, :null), GSI4SK = :gsi4sk \
-             REMOVE client_version",
-        )
-        .condition_expression("schema_version = :legacy")
-        .expression_attribute_values(":new", s(SCHEMA_VERSION))
-        .expression_attribute_values(":legacy", s(LEGACY_SCHEMA_VERSION))
-        .expression_attribute_values(":at", s(stamps::iso(now_ms())))
-        .expression_attribute_values(":by", s(writer()))
-        .expression_attribute_values(":min", s("0.0.0"))
-        .expression_attribute_values(":null", AttributeValue::Null(true))
-        .expression_attribute_values(":gsi4sk", s(keys::REGISTRY_PK))
-        .send()
-        .await;
-    match sent {
-        Ok(_) => {
-            tracing::info!(
-                table,
-                from = LEGACY_SCHEMA_VERSION,
-                to = SCHEMA_VERSION,
-                "migrated the version record"
-            );
-            Ok(())
-        }
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(errors::map("UpdateItem", table, e)),
-    }
 }
 
 /// Wall-clock time for record stamps (`created_at`, `updated_at`, audit times).
