@@ -244,7 +244,7 @@ async fn a_legacy_table_of_this_crate_is_read_then_migrated_for_python() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_takes_its_one_call_fast_path_on_buckets_this_crate_created() {
     let (repo, place) = shared().await;
-    let limiter = RateLimiter::new(repo);
+    let limiter = RateLimiter::new(repo.clone());
     limiter
         .set_resource_limits("api", &[Limit::per_minute("rpm", 1_000_000)])
         .await
@@ -278,6 +278,12 @@ async fn python_takes_its_one_call_fast_path_on_buckets_this_crate_created() {
     // And the accounting is shared: 3 + 2 + 20 taken.
     let states = limiter.bucket_states("k1", "api").await.unwrap();
     assert_eq!(states["rpm"].total_consumed_milli, 25_000);
+    // Both sides keep Python's write accounting: every write after the create (2 of ours,
+    // 22 of Python's) took one write unit of the item's `wcu`.
+    let item = crate::repository::raw_bucket(&repo, "k1", "api")
+        .await
+        .unwrap();
+    assert_eq!(crate::repository::n(&item, "b_wcu_tc"), 24_000, "{item:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,7 +26,7 @@ fn frozen(repo: DynamoDbRepository) -> (RateLimiter, ManualClock) {
 }
 
 /// The raw bucket item, for checks on the stored format.
-async fn raw_bucket(
+pub(crate) async fn raw_bucket(
     repo: &DynamoDbRepository,
     entity: &str,
     resource: &str,
@@ -44,7 +44,7 @@ async fn raw_bucket(
         .item
 }
 
-fn n(item: &std::collections::HashMap<String, AttributeValue>, attr: &str) -> i64 {
+pub(crate) fn n(item: &std::collections::HashMap<String, AttributeValue>, attr: &str) -> i64 {
     item.get(attr).unwrap().as_n().unwrap().parse().unwrap()
 }
 

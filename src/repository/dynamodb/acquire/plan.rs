@@ -31,8 +31,11 @@ pub(in crate::repository::dynamodb) fn evaluate(
         checks: Vec::with_capacity(item.limits.len()),
         fits: true,
         states: Vec::with_capacity(item.limits.len()),
-        speculative_ok: image
-            .is_some_and(|i| !expired(i, now_ms) && rf_is_fresh(i, now_ms, window)),
+        // An item without the `wcu` pseudo-limit (written before tables were shared with
+        // Python) fails the speculative write's `wcu` term: the rf-locked write seeds it.
+        speculative_ok: image.is_some_and(|i| {
+            !expired(i, now_ms) && rf_is_fresh(i, now_ms, window) && i.wcu.is_some()
+        }),
     };
     for (limit, &amount) in item.limits.iter().zip(&item.amounts) {
         let stored = image.and_then(|i| i.buckets.get(&limit.name));
@@ -175,8 +178,10 @@ mod tests {
                 (l.name.clone(), state)
             })
             .collect();
+        let wcu = BucketState::from_limit(&Limit::per_second("writes", 1_000), rf);
         Image {
             buckets,
+            wcu: Some(wcu),
             rf: Some(rf),
             ..Image::default()
         }
@@ -221,6 +226,15 @@ mod tests {
         let mut expiring = image(&stored, 10, NOW);
         expiring.ttl = Some(NOW / 1000);
         assert!(!evaluate(Some(&expiring), &item(&stored, &[1]), NOW).speculative_ok);
+    }
+
+    #[test]
+    fn an_item_without_the_wcu_pseudo_limit_is_seeded_on_the_locked_path() {
+        let rpm = [Limit::per_minute("rpm", 10)];
+        let mut legacy = image(&rpm, 10, NOW);
+        legacy.wcu = None;
+        let plan = evaluate(Some(&legacy), &item(&rpm, &[1]), NOW);
+        assert!(plan.fits && !plan.speculative_ok);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::repository::dynamodb::errors::conditional_image;
 use crate::repository::dynamodb::expr::{Expr, Update};
 use crate::repository::dynamodb::retry::{backoff, no_retries};
 use crate::repository::dynamodb::{errors, keys, Inner};
+use crate::naming::RESERVED_LIMIT_NAME;
 use crate::repository::{reconcile_bucket, ItemRequest};
 use crate::{Error, Limit};
 
@@ -49,6 +50,7 @@ impl Inner {
             }
             require_params(&mut expr, &mut update, &limit.name, &fresh);
         }
+        debit_wcu(&mut expr, &mut update);
         // The fresh-`rf` rule (see `fresh_window_ms`): an item idle past the window goes
         // to the rf-locked write, which refills from `rf` before anything is taken.
         let rf = expr.name("rf");
@@ -399,6 +401,25 @@ impl Inner {
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
     }
 }
+
+/// The Python library's write accounting on the hot path (its contract, section 8.1): one
+/// write is 1,000 millitokens of the item's `wcu` pseudo-limit, so Python sees the
+/// partition's write pressure from both clients and shards a bucket that is too hot.
+/// Unconditioned on the balance (this crate does not shard; the rf-locked write refills
+/// `wcu`), but only on an item that has the full pseudo-limit: an `ADD` on an item without
+/// it would create a `tk` without its capacity and refill.
+fn debit_wcu(expr: &mut Expr, update: &mut Update) {
+    let [tk, tc, cp] =
+        ["tk", "tc", "cp"].map(|f| expr.name(&keys::bucket_attr(RESERVED_LIMIT_NAME, f)));
+    let minus = expr.num(-WCU_PER_WRITE);
+    let plus = expr.num(WCU_PER_WRITE);
+    update.add.push(format!("{tk} {minus}"));
+    update.add.push(format!("{tc} {plus}"));
+    update.conditions.push(format!("attribute_exists({cp})"));
+}
+
+/// Millitokens of `wcu` one write takes.
+const WCU_PER_WRITE: i64 = 1_000;
 
 /// The attribute an acquire's write marks with its id (see `Inner::update_item`).
 pub(in crate::repository::dynamodb) const MARKER: &str = "lw";
