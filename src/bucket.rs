@@ -195,6 +195,23 @@ pub fn force_consume(state: &BucketState, amount: i64, now_ms: i64) -> BucketSta
     next
 }
 
+/// A bypassed take (the Python library's `disabled = "bypass"`): admitted whatever the
+/// balance, counted in `total_consumed_milli`, no tokens taken. The state is refilled to
+/// `now_ms`, so the count is the only change a caller stores.
+pub fn count_only(state: &BucketState, amount: i64, now_ms: i64) -> ConsumeResult {
+    let mut refilled = refill(state, now_ms);
+    let available = refilled.tokens_milli.div_euclid(MILLI);
+    refilled.total_consumed_milli = saturate(
+        i128::from(refilled.total_consumed_milli) + i128::from(amount) * i128::from(MILLI),
+    );
+    ConsumeResult {
+        success: true,
+        available,
+        retry_after_ms: 0,
+        state: refilled,
+    }
+}
+
 /// Whole tokens available at `now_ms` (floored; negative in debt).
 pub fn available(state: &BucketState, now_ms: i64) -> i64 {
     refill(state, now_ms).tokens_milli.div_euclid(MILLI)

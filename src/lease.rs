@@ -189,6 +189,7 @@ impl LeaseShared {
             deltas: changes,
             now_ms: self.limiter.now_ms(),
             write_id: Some(write_id.to_string()),
+            counts_only: item.bypass,
         };
         self.limiter.inner.repo.adjust(&request).await
     }
@@ -376,6 +377,7 @@ impl Lease {
             amounts: Vec::new(),
             expires_when_idle: true,
             owner: None,
+            bypass: false,
         };
         Self::from_parts(limiter, vec![item], Vec::new(), Amounts::new(), true)
     }

@@ -79,4 +79,4 @@ pub use model::{
 #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
 pub use repository::dynamodb::{DynamoDbRepository, DynamoDbRepositoryBuilder};
 pub use repository::memory::InMemoryRepository;
-pub use repository::Repository;
+pub use repository::{Access, Repository};

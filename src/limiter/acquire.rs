@@ -192,6 +192,7 @@ impl Acquire {
             amounts,
             expires_when_idle,
             owner: stored.entity.clone(),
+            bypass: stored.bypass,
         })
     }
 
@@ -251,7 +252,13 @@ impl Acquire {
             resource = %request.items[0].resource,
             "admitted"
         );
-        Ok(Lease::new(&self.limiter, request.items, outcome.checks))
+        let mut items = request.items;
+        for &i in &outcome.bypassed {
+            if let Some(item) = items.get_mut(i) {
+                item.bypass = true;
+            }
+        }
+        Ok(Lease::new(&self.limiter, items, outcome.checks))
     }
 
     async fn decide(&self, consume: Option<&[(String, i64)]>) -> Result<Lease, Error> {
@@ -268,6 +275,7 @@ impl Acquire {
             amounts,
             expires_when_idle,
             owner: stored.entity.clone(),
+            bypass: stored.bypass,
         }];
         if let Some(parent_id) = parent {
             let parent_stored = limiter
@@ -327,6 +335,7 @@ impl Acquire {
             amounts,
             expires_when_idle,
             owner: stored.entity.clone(),
+            bypass: stored.bypass,
         });
         items.extend(parent_item);
         let mut request = AcquireRequest { items, now_ms: now };

@@ -1,7 +1,7 @@
 //! Stored limits at the system, resource and entity levels, and the outage policy.
 
 use super::RateLimiter;
-use crate::repository::ConfigScope;
+use crate::repository::{Access, ConfigScope};
 use crate::{limit, naming, Error, Limit, OnUnavailable};
 
 impl RateLimiter {
@@ -129,34 +129,39 @@ impl RateLimiter {
     /// library's `disable_resource`: acquires fail with [`Error::ResourceDisabled`] (the
     /// layer answers 403). Returns how many bucket items were stamped.
     pub async fn disable_resource(&self, resource: &str) -> Result<usize, Error> {
-        self.set_disabled(Self::resource_scope(resource)?, Some(true))
+        self.set_access(Self::resource_scope(resource)?, Some(Access::Disabled))
             .await
     }
 
     /// Switches `resource` on explicitly (overriding nothing above it: the resource is the
     /// top level the flag walks). Returns how many bucket items were unstamped.
     pub async fn enable_resource(&self, resource: &str) -> Result<usize, Error> {
-        self.set_disabled(Self::resource_scope(resource)?, Some(false))
+        self.set_access(Self::resource_scope(resource)?, Some(Access::Enabled))
             .await
     }
 
     /// Removes the resource's flag: it inherits again (enabled).
     pub async fn clear_resource_disabled(&self, resource: &str) -> Result<usize, Error> {
-        self.set_disabled(Self::resource_scope(resource)?, None)
-            .await
+        self.set_access(Self::resource_scope(resource)?, None).await
     }
 
     /// Switches `resource` off for one entity (`"_default_"`: every resource without a flag
     /// of the entity's own), as the Python library's `disable_entity`.
     pub async fn disable_entity(&self, entity_id: &str, resource: &str) -> Result<usize, Error> {
-        self.set_disabled(Self::entity_scope(entity_id, resource)?, Some(true))
-            .await
+        self.set_access(
+            Self::entity_scope(entity_id, resource)?,
+            Some(Access::Disabled),
+        )
+        .await
     }
 
     /// Switches `resource` on for one entity, overriding a resource-wide disable.
     pub async fn enable_entity(&self, entity_id: &str, resource: &str) -> Result<usize, Error> {
-        self.set_disabled(Self::entity_scope(entity_id, resource)?, Some(false))
-            .await
+        self.set_access(
+            Self::entity_scope(entity_id, resource)?,
+            Some(Access::Enabled),
+        )
+        .await
     }
 
     /// Removes the entity's own flag for `resource`: it inherits again.
@@ -165,16 +170,33 @@ impl RateLimiter {
         entity_id: &str,
         resource: &str,
     ) -> Result<usize, Error> {
-        self.set_disabled(Self::entity_scope(entity_id, resource)?, None)
+        self.set_access(Self::entity_scope(entity_id, resource)?, None)
             .await
     }
 
-    async fn set_disabled(
-        &self,
-        scope: ConfigScope,
-        disabled: Option<bool>,
-    ) -> Result<usize, Error> {
-        let stamped = self.inner.repo.set_disabled(&scope, disabled).await?;
+    /// Bypasses `resource` for every entity without a flag of its own, as the Python
+    /// library's `bypass_resource`: acquires are admitted whatever the balance and counted
+    /// (`tc`), nothing is taken. For an incident or a migration, without deleting limits;
+    /// undo it with [`Self::enable_resource`] or [`Self::clear_resource_disabled`].
+    /// Returns how many bucket items were stamped.
+    pub async fn bypass_resource(&self, resource: &str) -> Result<usize, Error> {
+        self.set_access(Self::resource_scope(resource)?, Some(Access::Bypassed))
+            .await
+    }
+
+    /// Bypasses `resource` for one entity (`"_default_"`: every resource without a flag of
+    /// the entity's own), as the Python library's `bypass_entity`. A cascade parent is
+    /// still enforced unless it is bypassed too.
+    pub async fn bypass_entity(&self, entity_id: &str, resource: &str) -> Result<usize, Error> {
+        self.set_access(
+            Self::entity_scope(entity_id, resource)?,
+            Some(Access::Bypassed),
+        )
+        .await
+    }
+
+    async fn set_access(&self, scope: ConfigScope, access: Option<Access>) -> Result<usize, Error> {
+        let stamped = self.inner.repo.set_access(&scope, access).await?;
         self.invalidate_config_cache();
         Ok(stamped)
     }

@@ -441,6 +441,7 @@ mod tests {
                 amounts: vec![1, 1],
                 expires_when_idle: true,
                 owner: None,
+                bypass: false,
             },
             ItemRequest {
                 entity_id: "p".into(),
@@ -449,6 +450,7 @@ mod tests {
                 amounts: vec![1],
                 expires_when_idle: true,
                 owner: None,
+                bypass: false,
             },
         ];
         let check = |available| LimitCheck {
@@ -485,6 +487,7 @@ mod tests {
             amounts: vec![1],
             expires_when_idle: false,
             owner: None,
+            bypass: false,
         };
         // Two entities' stored limits: equal, but separate allocations.
         let a = [item(vec![Limit::per_minute("rpm", 10)].into())];

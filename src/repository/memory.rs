@@ -16,8 +16,8 @@ type ItemGuard = parking_lot::ArcMutexGuard<RawMutex, Item>;
 type States = SmallVec<[BucketState; 4]>;
 
 use super::{
-    debt_too_deep, params_changed, reconcile_bucket, AcquireOutcome, AcquireRequest, AdjustRequest,
-    ConfigScope, ItemRequest, LimitCheck, Repository, StoredConfig,
+    debt_too_deep, params_changed, reconcile_bucket, Access, AcquireOutcome, AcquireRequest,
+    AdjustRequest, ConfigScope, ItemRequest, LimitCheck, Repository, StoredConfig,
 };
 use crate::bucket::{self, BucketState};
 use crate::keys;
@@ -54,8 +54,8 @@ struct Inner {
     /// Serialises [`Inner::bump`], so the last writer's view of emptiness is the one kept.
     bump_lock: Mutex<()>,
     on_unavailable: RwLock<Option<OnUnavailable>>,
-    /// Explicit `disabled` flags by level (entity+resource, entity `_default_`, resource).
-    disabled: RwLock<HashMap<ConfigScope, bool>>,
+    /// Explicit access flags by level (entity+resource, entity `_default_`, resource).
+    access: RwLock<HashMap<ConfigScope, Access>>,
     /// The latest time any call has passed in; eviction measures idleness against it, so it
     /// follows a manual clock in tests.
     latest_now_ms: AtomicI64,
@@ -92,7 +92,11 @@ impl Item {
         let mut states = States::new();
         for (limit, amount) in request.limits.iter().zip(request.amounts.iter().copied()) {
             let current = reconcile_bucket(self.get(&limit.name), limit, now);
-            let result = bucket::try_consume(&current, amount, now);
+            let result = if request.bypass {
+                bucket::count_only(&current, i64::try_from(amount).unwrap_or(i64::MAX), now)
+            } else {
+                bucket::try_consume(&current, amount, now)
+            };
             fits &= result.success;
             checks.push(LimitCheck::from_consume(limit, amount, &result));
             states.push(result.state);
@@ -193,7 +197,7 @@ impl InMemoryRepositoryBuilder {
             nothing_stored: AtomicBool::new(true),
             bump_lock: Mutex::new(()),
             on_unavailable: RwLock::default(),
-            disabled: RwLock::default(),
+            access: RwLock::default(),
             latest_now_ms: AtomicI64::new(i64::MIN),
             idle_ttl_multiplier: self.idle_ttl_multiplier,
         });
@@ -265,7 +269,7 @@ impl Inner {
         let empty = read(&self.configs).is_empty()
             && read(&self.entities).is_empty()
             && read(&self.on_unavailable).is_none()
-            && read(&self.disabled).is_empty();
+            && read(&self.access).is_empty();
         self.nothing_stored.store(empty, Ordering::Release);
         self.version.fetch_add(1, Ordering::AcqRel);
     }
@@ -470,13 +474,13 @@ impl Repository for InMemoryRepository {
         Ok(*read(&self.inner.on_unavailable))
     }
 
-    async fn set_disabled(
+    async fn set_access(
         &self,
         scope: &ConfigScope,
-        disabled: Option<bool>,
+        access: Option<Access>,
     ) -> Result<usize, Error> {
-        let mut flags = write(&self.inner.disabled);
-        match disabled {
+        let mut flags = write(&self.inner.access);
+        match access {
             Some(flag) => flags.insert(scope.clone(), flag),
             None => flags.remove(scope),
         };
@@ -512,6 +516,21 @@ impl InMemoryRepository {
             entity_id: entity_id.to_string(),
             resource: r.to_string(),
         };
+        // Most stores hold no flag: build no scope keys for them.
+        let access = {
+            let flags = read(&self.inner.access);
+            if flags.is_empty() {
+                None
+            } else {
+                [
+                    entity_scope(resource),
+                    entity_scope(DEFAULT_RESOURCE),
+                    ConfigScope::Resource(resource.to_string()),
+                ]
+                .iter()
+                .find_map(|scope| flags.get(scope).copied())
+            }
+        };
         StoredConfig {
             entity: read(&self.inner.entities)
                 .get(entity_id)
@@ -528,19 +547,8 @@ impl InMemoryRepository {
                 .cloned(),
             system_limits: configs.get(&ConfigScope::System).cloned(),
             on_unavailable: *read(&self.inner.on_unavailable),
-            disabled: {
-                // Most stores hold no flag: build no scope keys for them.
-                let flags = read(&self.inner.disabled);
-                !flags.is_empty()
-                    && [
-                        entity_scope(resource),
-                        entity_scope(DEFAULT_RESOURCE),
-                        ConfigScope::Resource(resource.to_string()),
-                    ]
-                    .iter()
-                    .find_map(|scope| flags.get(scope).copied())
-                    .unwrap_or(false)
-            },
+            disabled: access == Some(Access::Disabled),
+            bypass: access == Some(Access::Bypassed),
             ..StoredConfig::default()
         }
     }
@@ -590,7 +598,11 @@ impl InMemoryRepository {
                 guards[guard_of(i)].adopt_changed_params(item, now);
             }
         }
-        AcquireOutcome { admitted, checks }
+        AcquireOutcome {
+            admitted,
+            checks,
+            bypassed: bypassed(items),
+        }
     }
 
     /// [`Self::decide`] for the usual single item (no cascade), without the bookkeeping
@@ -607,7 +619,11 @@ impl InMemoryRepository {
         } else {
             guard.adopt_changed_params(item, now);
         }
-        AcquireOutcome { admitted, checks }
+        AcquireOutcome {
+            admitted,
+            checks,
+            bypassed: bypassed(std::slice::from_ref(item)),
+        }
     }
 
     /// Applies every delta or none: one that would pass the debt bound refuses the lot.
@@ -618,6 +634,10 @@ impl InMemoryRepository {
         let mut next: SmallVec<[BucketState; 4]> = SmallVec::new();
         for (limit, delta) in &request.deltas {
             let current = reconcile_bucket(item.get(&limit.name), limit, now);
+            if request.counts_only {
+                next.push(bucket::count_only(&current, *delta, now).state);
+                continue;
+            }
             let state = bucket::force_consume(&current, *delta, now);
             if state.tokens_milli < bucket::MIN_TOKENS_MILLI {
                 return Err(debt_too_deep(&limit.name, *delta));
@@ -630,4 +650,13 @@ impl InMemoryRepository {
         item.touch(now, self.inner.idle_ttl_multiplier);
         Ok(())
     }
+}
+
+/// The indices of the items admitted under a bypass (this backend bypasses exactly the
+/// items whose config says so).
+fn bypassed(items: &[ItemRequest]) -> Vec<usize> {
+    if !items.iter().any(|i| i.bypass) {
+        return Vec::new();
+    }
+    (0..items.len()).filter(|&i| items[i].bypass).collect()
 }

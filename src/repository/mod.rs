@@ -41,6 +41,11 @@ pub struct ItemRequest {
     /// The entity's record, when it was created: a backend whose items carry their owner's
     /// parent and cascade policy (DynamoDB, for the Python library's fast path) reads it.
     pub owner: Option<Arc<Entity>>,
+    /// The resource is bypassed for this entity (the Python library's `disabled = "bypass"`
+    /// flag): admit whatever the balance and count the consumption (`tc`) without taking
+    /// tokens. A backend may also bypass an item whose store says so (a live `bypass`
+    /// stamp) and reports it in [`AcquireOutcome::bypassed`].
+    pub bypass: bool,
 }
 
 /// An all-or-nothing consumption over one item, or two (child and parent in a cascade).
@@ -59,6 +64,9 @@ pub struct AcquireOutcome {
     pub admitted: bool,
     /// One check per limit of every item, in request order.
     pub checks: Vec<LimitCheck>,
+    /// The items (by index) admitted under a bypass: nothing was taken from them, so a
+    /// lease's later changes to them move the count only ([`AdjustRequest::counts_only`]).
+    pub bypassed: Vec<usize>,
 }
 
 /// How one limit fared in an acquire (the limiter turns these into
@@ -113,6 +121,9 @@ pub struct AdjustRequest {
     /// re-issue the same request after an [`Error::Unavailable`] without it landing twice.
     /// [`crate::Lease`] sets it; `None` means the request is not re-issued.
     pub write_id: Option<String>,
+    /// The item was admitted under a bypass ([`AcquireOutcome::bypassed`]): the deltas
+    /// change the consumption count (`tc`) only, never the tokens, which were not taken.
+    pub counts_only: bool,
 }
 
 /// Where a set of stored limits lives in the config hierarchy.
@@ -129,6 +140,21 @@ pub enum ConfigScope {
         /// The resource, or [`crate::naming::DEFAULT_RESOURCE`].
         resource: String,
     },
+}
+
+/// Whether a resource is enforced, switched off or bypassed: the Python library's
+/// `disabled` flag on an entity's or a resource's config (`true`, `false`, `"bypass"`).
+/// The first level that sets one wins (entity and resource, entity `_default_`,
+/// resource); none set means enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// Acquires fail with [`Error::ResourceDisabled`] (the layer answers 403).
+    Disabled,
+    /// Enforced, explicitly: overrides a flag on a level above.
+    Enabled,
+    /// Admitted whatever the balance and counted, nothing taken: for an incident, or a
+    /// trusted caller, without deleting the limits.
+    Bypassed,
 }
 
 /// Everything an acquire needs to know about an entity and resource, read in one call.
@@ -151,6 +177,10 @@ pub struct StoredConfig {
     /// resource; the first explicit value wins): acquires fail with
     /// [`Error::ResourceDisabled`].
     pub disabled: bool,
+    /// Whether the resource is bypassed for the entity (the Python library's
+    /// `disabled = "bypass"`, resolved like [`Self::disabled`]): acquires are admitted and
+    /// counted, nothing is taken.
+    pub bypass: bool,
     /// A stored feature this crate does not enforce yet on the level whose limits apply
     /// (schedules, `reset_after` quotas, soft limits, bypass): acquires on stored limits
     /// fail with [`Error::Unsupported`] rather than enforce other numbers.
@@ -235,17 +265,16 @@ pub trait Repository: Send + Sync + 'static {
     /// Reads the system's `on_unavailable` policy, if one is stored.
     async fn get_on_unavailable(&self) -> Result<Option<OnUnavailable>, Error>;
 
-    /// Switches a resource off (`Some(true)`), on explicitly (`Some(false)`, overriding a
-    /// level above) or back to inherit (`None`), for one entity ([`ConfigScope::Entity`],
-    /// its resource or `_default_`) or every entity ([`ConfigScope::Resource`]), as the
-    /// Python library's `disabled` flag. Returns how many bucket items it stamped. The
-    /// default says the backend cannot.
-    async fn set_disabled(
+    /// Sets a resource's [`Access`] (or with `None` goes back to inheriting it), for one
+    /// entity ([`ConfigScope::Entity`], its resource or `_default_`) or every entity
+    /// ([`ConfigScope::Resource`]), as the Python library's `disabled` flag. Returns how
+    /// many bucket items it stamped. The default says the backend cannot.
+    async fn set_access(
         &self,
         scope: &ConfigScope,
-        disabled: Option<bool>,
+        access: Option<Access>,
     ) -> Result<usize, Error> {
-        let _ = (scope, disabled);
+        let _ = (scope, access);
         Err(Error::Backend {
             message: "this backend cannot disable resources".into(),
             source: None,

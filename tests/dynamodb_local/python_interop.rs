@@ -479,7 +479,6 @@ async fn features_this_crate_does_not_enforce_yet_fail_closed() {
             AttributeValue::S("1h9-17s500".into()),
             "schedules",
         ),
-        ("disabled", AttributeValue::S("bypass".into()), "bypass"),
     ] {
         raw_update(&repo, config(), "SET #a = :v", Some(attr), Some(value)).await;
         let fresh = RateLimiter::builder_shared(limiter.repository().clone())
@@ -636,4 +635,86 @@ async fn python_refuses_a_resource_this_crate_disabled() {
     assert_eq!(limiter.enable_resource("api").await.unwrap(), 1);
     let answer = python::run(command(&place, acquire)).await;
     assert_eq!(answer["outcomes"]["admitted"], 2, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bypass_this_crate_wrote_is_honoured_by_python_and_counted_by_both() {
+    let (repo, place) = shared().await;
+    let limiter = RateLimiter::new(repo.clone());
+    limiter
+        .set_resource_limits("api", &[Limit::per_hour("rph", 2)])
+        .await
+        .unwrap();
+    limiter
+        .acquire("k1", "api")
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    assert_eq!(limiter.bypass_resource("api").await.unwrap(), 1);
+    // Stored as Python stores it: the flag, a deadline stamp, the raised client minimum.
+    let item = crate::repository::raw_bucket(&repo, "k1", "api")
+        .await
+        .unwrap();
+    assert!(item.contains_key("bypass") && !item.contains_key("disabled"));
+    let version = repo
+        .client()
+        .get_item()
+        .table_name(repo.table())
+        .key("PK", AttributeValue::S("_/SYSTEM#".into()))
+        .key("SK", AttributeValue::S("#VERSION".into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap();
+    assert_eq!(
+        version["client_min_version"],
+        AttributeValue::S("0.17.0".into()),
+        "older clients, which would enforce a bypass, are kept out"
+    );
+    // Python admits past the one token left, and counts.
+    let answer = python::run(command(
+        &place,
+        json!({"op": "acquire", "entity": "k1", "resource": "api", "consume": {"rph": 1}, "n": 5}),
+    ))
+    .await;
+    ok(&answer);
+    assert_eq!(answer["outcomes"]["admitted"], 5, "{answer}");
+    // So do we, on that bucket and on one Python creates bypassed.
+    let answer = python::run(command(
+        &place,
+        json!({"op": "acquire", "entity": "k2", "resource": "api", "consume": {"rph": 1}, "n": 4}),
+    ))
+    .await;
+    ok(&answer);
+    assert_eq!(answer["outcomes"]["admitted"], 4, "{answer}");
+    for key in ["k1", "k2"] {
+        for _ in 0..3 {
+            limiter
+                .acquire(key, "api")
+                .await
+                .unwrap()
+                .commit()
+                .await
+                .unwrap();
+        }
+    }
+    let k1 = limiter.bucket_states("k1", "api").await.unwrap();
+    assert_eq!(k1["rph"].total_consumed_milli, (1 + 5 + 3) * 1000);
+    assert_eq!(k1["rph"].tokens_milli, 1000, "nothing taken while bypassed");
+    let k2 = limiter.bucket_states("k2", "api").await.unwrap();
+    assert_eq!(k2["rph"].total_consumed_milli, (4 + 3) * 1000);
+    // Enabled again: both enforce the balance from before, no debt.
+    limiter.enable_resource("api").await.unwrap();
+    let answer = python::run(command(
+        &place,
+        json!({"op": "acquire", "entity": "k1", "resource": "api", "consume": {"rph": 1}, "n": 3}),
+    ))
+    .await;
+    ok(&answer);
+    assert_eq!(answer["outcomes"]["admitted"], 1, "{answer}");
+    assert!(limiter.acquire("k2", "api").await.is_ok());
 }

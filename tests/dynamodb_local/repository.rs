@@ -662,6 +662,7 @@ async fn adjust_never_creates_a_stub_item() {
             deltas: vec![(Limit::per_minute("rpm", 10), delta)],
             now_ms: T0,
             write_id: None,
+            counts_only: false,
         })
         .await
         .unwrap();

@@ -1308,6 +1308,91 @@ pub async fn disabled_resources_refuse_until_enabled(repo: Arc<dyn Repository>) 
     assert_eq!(l.available("k2", "api", None).await.unwrap()["rpm"], 99);
 }
 
+/// A bypassed resource admits whatever the balance and counts every take (`tc`), taking
+/// no tokens; a lease on it adjusts the count only; enabling it enforces the balance it
+/// had, with no debt from the bypass.
+pub async fn bypassed_resources_admit_and_count_without_taking(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    l.set_resource_limits("api", &[rpm(2)]).await.unwrap();
+    admit(l.acquire("k1", "api")).await;
+    let consumed = |l: RateLimiter, key: &'static str| async move {
+        l.bucket_states(key, "api").await.unwrap()["rpm"].total_consumed_milli
+    };
+    l.bypass_resource("api").await.unwrap();
+    // Five admitted with one token left, and three on a key never seen before.
+    for _ in 0..5 {
+        admit(l.acquire("k1", "api")).await;
+    }
+    for _ in 0..3 {
+        admit(l.acquire("k2", "api")).await;
+    }
+    // A lease's changes move the count, never the tokens.
+    let lease = l.acquire("k1", "api").await.unwrap();
+    lease.adjust([("rpm", 4)]).await.unwrap();
+    lease.adjust([("rpm", -2)]).await.unwrap();
+    lease.commit().await.unwrap();
+    l.acquire("k1", "api")
+        .await
+        .unwrap()
+        .rollback()
+        .await
+        .unwrap();
+    assert_eq!(consumed(l.clone(), "k1").await, (1 + 5 + 3) * 1000);
+    assert_eq!(consumed(l.clone(), "k2").await, 3 * 1000);
+    assert_eq!(l.available("k1", "api", None).await.unwrap()["rpm"], 1);
+    // An entity's own flag overrides the resource's bypass.
+    l.disable_entity("k2", "api").await.unwrap();
+    assert!(matches!(
+        l.acquire("k2", "api").await,
+        Err(Error::ResourceDisabled { .. })
+    ));
+    // Enabled: the balance from before the bypass, no debt.
+    l.enable_resource("api").await.unwrap();
+    admit(l.acquire("k1", "api")).await;
+    assert!(matches!(
+        l.acquire("k1", "api").await,
+        Err(Error::RateLimited(_))
+    ));
+    assert_eq!(consumed(l.clone(), "k1").await, 10 * 1000);
+}
+
+/// A bypassed child still charges an enforced parent, and is refused with it; a bypassed
+/// parent never refuses its child.
+pub async fn bypass_is_per_entity_in_a_cascade(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    l.create_entity("proj").await.unwrap();
+    l.create_entity("key")
+        .parent("proj")
+        .cascade(true)
+        .await
+        .unwrap();
+    l.set_entity_limits("key", "api", &[rpm(1)]).await.unwrap();
+    l.set_entity_limits("proj", "api", &[rpm(3)]).await.unwrap();
+    l.bypass_entity("key", "api").await.unwrap();
+    for _ in 0..3 {
+        admit(l.acquire("key", "api")).await;
+    }
+    let rejection = rejected(l.acquire("key", "api").await);
+    assert!(
+        rejection.violations().all(|s| s.entity_id == "proj"),
+        "{rejection:?}"
+    );
+    assert_eq!(l.available("key", "api", None).await.unwrap()["rpm"], 1);
+    assert_eq!(l.available("proj", "api", None).await.unwrap()["rpm"], 0);
+    // The parent bypassed instead: the child's own limit decides.
+    l.clear_entity_disabled("key", "api").await.unwrap();
+    l.bypass_entity("proj", "api").await.unwrap();
+    admit(l.acquire("key", "api")).await;
+    assert!(matches!(
+        l.acquire("key", "api").await,
+        Err(Error::RateLimited(_))
+    ));
+    assert_eq!(
+        l.bucket_states("proj", "api").await.unwrap()["rpm"].total_consumed_milli,
+        4 * 1000
+    );
+}
+
 /// Declares one `#[tokio::test]` per suite case over a backend factory.
 #[macro_export]
 macro_rules! limiter_suite {
@@ -1352,6 +1437,8 @@ macro_rules! limiter_suite {
             refund_when_another_limit_refills_by_less_than_a_millitoken,
             cascade_with_nothing_to_take_from_one_side,
             disabled_resources_refuse_until_enabled,
+            bypassed_resources_admit_and_count_without_taking,
+            bypass_is_per_entity_in_a_cascade,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

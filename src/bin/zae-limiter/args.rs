@@ -248,6 +248,13 @@ pub enum ResourceCommand {
         /// The resource.
         resource: String,
     },
+    /// Bypass a resource for every entity without a flag of its own: acquires are
+    /// admitted whatever the balance and counted, nothing is taken (the Python library's
+    /// `bypass`). Undo with `enable` or `clear-disabled`.
+    Bypass {
+        /// The resource.
+        resource: String,
+    },
     /// Remove a resource's disabled flag (it inherits: enabled).
     ClearDisabled {
         /// The resource.
@@ -332,6 +339,15 @@ pub enum EntityCommand {
     },
     /// Switch a resource on for this entity, overriding a resource-wide disable.
     Enable {
+        /// The entity's id.
+        entity: String,
+        /// The resource, or `_default_`.
+        #[arg(long, default_value = "_default_")]
+        resource: String,
+    },
+    /// Bypass a resource for this entity (`_default_`: every resource): admitted and
+    /// counted, nothing taken. A cascade parent is still enforced.
+    Bypass {
         /// The entity's id.
         entity: String,
         /// The resource, or `_default_`.

@@ -11,6 +11,7 @@ use super::keys;
 use super::lease_writes::{lane_id_attr, lane_seq_attr, LANES};
 use crate::bucket::BucketState;
 use crate::naming::RESERVED_LIMIT_NAME;
+use crate::repository::Access;
 use crate::{Entity, Limit, OnUnavailable};
 
 /// A record as the SDK returns it.
@@ -80,12 +81,8 @@ fn bucket_state(item: &Item, name: &str, rf: Option<i64>) -> Option<BucketState>
 }
 
 /// The first Python library feature stamped on a bucket item that this crate does not
-/// enforce yet (its contract, section 5): a `bypass` deadline, a soft limit's stamp, a
-/// schedule (`vu`, `sched`).
+/// enforce yet (its contract, section 5): a soft limit's stamp, a schedule (`vu`, `sched`).
 fn unsupported_stamp(item: &Item) -> Option<&'static str> {
-    if item.contains_key("bypass") {
-        return Some("bypass");
-    }
     if item.contains_key("vu") || item.contains_key("sched") {
         return Some("schedules");
     }
@@ -133,15 +130,25 @@ pub(super) fn config_limits(item: &Item) -> Option<Vec<Limit>> {
     (!limits.is_empty()).then_some(limits)
 }
 
-/// A config record's `disabled` flag, as the Python library writes it: `Some(true)` for
-/// `true` (BOOL or string), `Some(false)` for `false`, `None` when absent (inherit). The
-/// string `bypass` is reported by [`config_unsupported`].
-pub(super) fn config_disabled(item: &Item) -> Option<bool> {
+/// A config record's `disabled` flag, as the Python library writes it: `true` (BOOL or
+/// string), `false`, or the string `bypass`; `None` when absent (inherit) or unreadable.
+pub(super) fn config_access(item: &Item) -> Option<Access> {
     match item.get("disabled")? {
-        AttributeValue::Bool(b) => Some(*b),
-        AttributeValue::S(v) if v == "true" => Some(true),
-        AttributeValue::S(v) if v == "false" => Some(false),
+        AttributeValue::Bool(true) => Some(Access::Disabled),
+        AttributeValue::Bool(false) => Some(Access::Enabled),
+        AttributeValue::S(v) if v == "true" => Some(Access::Disabled),
+        AttributeValue::S(v) if v == "false" => Some(Access::Enabled),
+        AttributeValue::S(v) if v == "bypass" => Some(Access::Bypassed),
         _ => None,
+    }
+}
+
+/// How a config record stores an [`Access`] (the Python library's `disabled` values).
+pub(super) fn access_value(access: Access) -> AttributeValue {
+    match access {
+        Access::Disabled => AttributeValue::Bool(true),
+        Access::Enabled => AttributeValue::Bool(false),
+        Access::Bypassed => AttributeValue::S("bypass".into()),
     }
 }
 
@@ -153,11 +160,8 @@ pub(super) fn config_has_limits(item: &Item) -> bool {
 }
 
 /// The first feature in a config record that this crate does not enforce yet: `reset_after`
-/// quotas (`w_` limits), schedules, soft limits, or a `bypass` flag.
+/// quotas (`w_` limits), schedules, or soft limits.
 pub(super) fn config_unsupported(item: &Item) -> Option<&'static str> {
-    if matches!(item.get("disabled"), Some(AttributeValue::S(v)) if v == "bypass") {
-        return Some("bypass");
-    }
     for key in item.keys() {
         if key.starts_with("w_") {
             return Some("reset_after quotas");
@@ -201,8 +205,11 @@ pub(super) struct Image {
     /// How many shards the Python library spread the bucket over (1 when absent).
     pub shard_count: i64,
     /// A Python library feature stamped on the item that this crate does not enforce yet
-    /// (`bypass`, a soft limit, a schedule), if any.
+    /// (a soft limit, a schedule), if any.
     pub unsupported: Option<&'static str>,
+    /// The `bypass` stamp's deadline, epoch ms: while it is ahead, acquires on the item are
+    /// admitted and counted, nothing taken (a non-number reads as long expired).
+    pub bypass: Option<i64>,
     /// The shared last-refill time (the optimistic lock of the normal write path).
     pub rf: Option<i64>,
     /// Expiry, epoch seconds.
@@ -215,6 +222,11 @@ pub(super) struct Image {
 }
 
 impl Image {
+    /// Whether the item's `bypass` stamp is live at `now` (epoch ms).
+    pub fn bypassed(&self, now: i64) -> bool {
+        self.bypass.is_some_and(|deadline| deadline > now)
+    }
+
     /// Reads a bucket item.
     pub fn parse(item: &Item) -> Self {
         let rf = get_i64(item, "rf");
@@ -229,6 +241,9 @@ impl Image {
             disabled: item.contains_key("disabled"),
             shard_count: get_i64(item, "shard_count").unwrap_or(1),
             unsupported: unsupported_stamp(item),
+            bypass: item
+                .contains_key("bypass")
+                .then(|| get_i64(item, "bypass").unwrap_or(0)),
             rf,
             ttl: get_i64(item, "ttl"),
             marker: get_str(item, MARKER).map(str::to_string),

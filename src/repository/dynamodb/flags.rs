@@ -1,35 +1,40 @@
-//! The `disabled` flag, written as the Python library writes it (its contract, section
-//! 8.5): the config record's flag first, then a stamp on every bucket item it governs, so
-//! the fast path of both libraries refuses at once. Each item's stamp follows the flag
-//! resolved for its entity (an entity's explicit flag overrides the resource's).
+//! The `disabled` flag (an [`Access`]), written as the Python library writes it (its
+//! contract, section 8.5): the config record's flag first, then a stamp on every bucket
+//! item it governs, so the fast path of both libraries follows at once. Each item's stamp
+//! follows the flag resolved for its entity (an entity's explicit flag overrides the
+//! resource's): `disabled`, or a `bypass` deadline, or neither.
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
 use super::codec::{self, get_str, s, Item};
 use super::{errors, keys, AuditAction, Inner};
-use crate::repository::ConfigScope;
+use crate::repository::{Access, ConfigScope};
 use crate::Error;
 
 impl Inner {
     /// Writes the flag at `scope` (`None`: inherit) in its config record, and registers a
-    /// resource as Python's flag writes do.
-    pub(super) async fn write_disabled_flag(
+    /// resource as Python's flag writes do. A bypass first passes the table's version gate
+    /// (see [`super::table::require_readers`]), as Python's does.
+    pub(super) async fn write_access_flag(
         &self,
         scope: &ConfigScope,
-        disabled: Option<bool>,
+        access: Option<Access>,
     ) -> Result<(), Error> {
         if matches!(scope, ConfigScope::System) {
             return Err(Error::validation(
                 "scope",
                 "system",
-                "a resource is disabled for an entity or for every entity, not system-wide",
+                "a resource is disabled or bypassed for an entity or for every entity, not system-wide",
             ));
+        }
+        if access == Some(Access::Bypassed) {
+            super::table::require_readers(&self.client, &self.table, NON_ENFORCING_READERS).await?;
         }
         self.update_config(scope, |_, expr, update| {
             let n = expr.name("disabled");
-            match disabled {
+            match access {
                 Some(flag) => {
-                    let v = expr.value(AttributeValue::Bool(flag));
+                    let v = expr.value(codec::access_value(flag));
                     update.set.push(format!("{n} = {v}"));
                 }
                 None => update.remove.push(n),
@@ -43,18 +48,24 @@ impl Inner {
     }
 
     /// Records a flag write, as Python does (`limits_set` with the flag and the count).
-    pub(super) async fn audit_disabled(
+    pub(super) async fn audit_access(
         &self,
         scope: &ConfigScope,
-        disabled: Option<bool>,
+        access: Option<Access>,
         stamped: usize,
     ) {
         let (subject, resource) = Inner::subject(scope);
+        let flag = match access {
+            None => serde_json::Value::Null,
+            Some(Access::Disabled) => true.into(),
+            Some(Access::Enabled) => false.into(),
+            Some(Access::Bypassed) => "bypass".into(),
+        };
         self.audit(
             &subject,
             AuditAction::LimitsSet,
             resource,
-            serde_json::json!({ "disabled": disabled, "buckets_stamped": stamped }),
+            serde_json::json!({ "disabled": flag, "buckets_stamped": stamped }),
         )
         .await;
     }
@@ -104,9 +115,10 @@ impl Inner {
             .map_err(|e| errors::map("Query", &self.table, e))
     }
 
-    /// Stamps one bucket item: `SET disabled = true REMOVE bypass`, or `REMOVE disabled,
-    /// bypass`; only on an item that exists. False if it was gone.
-    pub(super) async fn stamp_disabled(&self, bucket: &Item, off: bool) -> Result<bool, Error> {
+    /// Stamps one bucket item with its effective access: `SET disabled = true REMOVE
+    /// bypass`, `SET bypass = deadline REMOVE disabled`, or `REMOVE disabled, bypass`; only
+    /// on an item that exists. False if it was gone.
+    pub(super) async fn stamp_access(&self, bucket: &Item, access: Access) -> Result<bool, Error> {
         let (Some(pk), Some(sk)) = (get_str(bucket, "PK"), get_str(bucket, "SK")) else {
             return Ok(false);
         };
@@ -116,13 +128,33 @@ impl Inner {
             .table_name(&self.table)
             .set_key(Some(codec::key(pk, sk)))
             .condition_expression("attribute_exists(PK)");
-        let request = if off {
-            request
+        let request = match access {
+            Access::Disabled => request
                 .update_expression("SET disabled = :t REMOVE bypass")
-                .expression_attribute_values(":t", AttributeValue::Bool(true))
-        } else {
-            request.update_expression("REMOVE disabled, bypass")
+                .expression_attribute_values(":t", AttributeValue::Bool(true)),
+            Access::Bypassed => request
+                .update_expression("SET bypass = :d REMOVE disabled")
+                .expression_attribute_values(
+                    ":d",
+                    codec::num(stamp_deadline(super::table::now_ms())),
+                ),
+            Access::Enabled => request.update_expression("REMOVE disabled, bypass"),
         };
         errors::written(request.send().await, "UpdateItem", &self.table)
     }
+}
+
+/// The release whose readers understand soft limits and bypass (the Python library's
+/// `MIN_READER_VERSION_FOR_NON_ENFORCING`).
+const NON_ENFORCING_READERS: &str = "0.17.0";
+
+/// How long a `bypass` stamp written now stays live at most, as the Python library's
+/// default `stamp_ttl`: a stamp outliving a lifted bypass by more than this is impossible.
+pub(super) const STAMP_TTL_MS: i64 = 60_000;
+
+/// A stamp's deadline, as Python draws it: `now + T x U(0.8, 1.0)`, so stamps written
+/// together are renewed spread out.
+pub(super) fn stamp_deadline(now_ms: i64) -> i64 {
+    let draw = 0.8 + 0.2 * rand::random::<f64>();
+    now_ms.saturating_add((STAMP_TTL_MS as f64 * draw) as i64)
 }

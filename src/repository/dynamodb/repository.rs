@@ -19,7 +19,7 @@ use super::rejections::RejectionCache;
 use crate::bucket::BucketState;
 use crate::naming::{self, DEFAULT_RESOURCE};
 use crate::repository::{
-    AcquireOutcome, AcquireRequest, AdjustRequest, ConfigScope, Repository, StoredConfig,
+    Access, AcquireOutcome, AcquireRequest, AdjustRequest, ConfigScope, Repository, StoredConfig,
 };
 use crate::{BackendCapabilities, Entity, Error, Limit, OnUnavailable};
 
@@ -321,6 +321,7 @@ impl Repository for DynamoDbRepository {
                 &request.deltas,
                 request.now_ms,
                 write_id,
+                request.counts_only,
             )
             .await
     }
@@ -596,13 +597,13 @@ impl Repository for DynamoDbRepository {
         self.inner.list_limits().await
     }
 
-    async fn set_disabled(
+    async fn set_access(
         &self,
         scope: &ConfigScope,
-        disabled: Option<bool>,
+        access: Option<Access>,
     ) -> Result<usize, Error> {
         let inner = &self.inner;
-        inner.write_disabled_flag(scope, disabled).await?;
+        inner.write_access_flag(scope, access).await?;
         // Each item's stamp follows the flag resolved for its entity: an entity's own flag
         // overrides the resource's.
         let mut stamped = 0;
@@ -612,12 +613,19 @@ impl Repository for DynamoDbRepository {
             else {
                 continue;
             };
-            let off = self.read_config(entity, resource, true).await?.disabled;
-            if inner.stamp_disabled(&bucket, off).await? {
+            let config = inner.read_config(entity, resource, true).await?;
+            let effective = if config.disabled {
+                Access::Disabled
+            } else if config.bypass {
+                Access::Bypassed
+            } else {
+                Access::Enabled
+            };
+            if inner.stamp_access(&bucket, effective).await? {
                 stamped += 1;
             }
         }
-        inner.audit_disabled(scope, disabled, stamped).await;
+        inner.audit_access(scope, access, stamped).await;
         Ok(stamped)
     }
 
@@ -648,20 +656,20 @@ impl Repository for DynamoDbRepository {
     }
 
     async fn load_config(&self, entity_id: &str, resource: &str) -> Result<StoredConfig, Error> {
-        self.read_config(entity_id, resource, false).await
+        self.inner.read_config(entity_id, resource, false).await
     }
 }
 
-impl DynamoDbRepository {
+impl Inner {
     /// [`Repository::load_config`], with consistent reads when `consistent` (a flag just
     /// written must be seen).
-    async fn read_config(
+    pub(super) async fn read_config(
         &self,
         entity_id: &str,
         resource: &str,
         consistent: bool,
     ) -> Result<StoredConfig, Error> {
-        let inner = &self.inner;
+        let inner = self;
         let entity_pk = keys::entity_pk(&inner.ns, entity_id);
         let mut wanted = vec![
             (entity_pk.clone(), keys::META_SK.to_string()),
@@ -715,18 +723,12 @@ impl DynamoDbRepository {
             .iter()
             .flatten()
             .find(|item| item.contains_key("disabled"));
-        let disabled = flag
-            .and_then(|item| codec::config_disabled(item))
-            .unwrap_or(false);
-        let bypass =
-            flag.and_then(|item| codec::config_unsupported(item).filter(|f| *f == "bypass"));
-        let unsupported = bypass.or_else(|| {
-            levels
-                .iter()
-                .flatten()
-                .find(|item| codec::config_has_limits(item))
-                .and_then(|item| codec::config_unsupported(item))
-        });
+        let access = flag.and_then(|item| codec::config_access(item));
+        let unsupported = levels
+            .iter()
+            .flatten()
+            .find(|item| codec::config_has_limits(item))
+            .and_then(|item| codec::config_unsupported(item));
         Ok(StoredConfig {
             entity: record(&wanted[0].0, &wanted[0].1)
                 .and_then(codec::parse_entity)
@@ -736,7 +738,8 @@ impl DynamoDbRepository {
             resource_limits: limits_at(&wanted[2]),
             system_limits: limits_at(&wanted[3]),
             on_unavailable: system.and_then(codec::on_unavailable),
-            disabled,
+            disabled: access == Some(Access::Disabled),
+            bypass: access == Some(Access::Bypassed),
             unsupported: unsupported.map(str::to_string),
         })
     }

@@ -476,6 +476,66 @@ pub(super) fn check_version(stored: &str) -> Result<(), Error> {
     }
 }
 
+/// The Python library's gate before a feature that older readers would misread is stored
+/// (its contract, section 2; soft limits and bypass need 0.17.0): refuses when the record
+/// names deployed Lambda code older than `minimum` (an aggregator that would misread the
+/// feature), then raises `client_min_version` to `minimum`, never lowering it, so older
+/// clients refuse the table rather than enforce it wrongly.
+///
+/// Unlike Python, a `NULL` `lambda_version` passes: this crate writes `NULL` because it
+/// deploys no Lambda code, and refusing it would refuse every table this crate created.
+pub(super) async fn require_readers(
+    client: &Client,
+    table: &str,
+    minimum: &str,
+) -> Result<(), Error> {
+    let wanted = parse_version(minimum);
+    for _ in 0..8 {
+        let Some(record) = version_record(client, table).await? else {
+            return Err(TableError::IncompatibleSchema {
+                message: "the table has no version record".into(),
+            }
+            .into());
+        };
+        if let Some(lambda) = get_str(&record, "lambda_version") {
+            if parse_version(lambda).is_none_or(|v| Some(v) < wanted) {
+                return Err(TableError::IncompatibleSchema {
+                    message: format!(
+                        "the table's Lambda code is zae-limiter {lambda}, older than the {minimum} this feature needs; upgrade it first"
+                    ),
+                }
+                .into());
+            }
+        }
+        let stored = get_str(&record, "client_min_version");
+        if stored.and_then(parse_version) >= wanted {
+            return Ok(());
+        }
+        let mut request = client
+            .update_item()
+            .table_name(table)
+            .key("PK", s(keys::REGISTRY_PK))
+            .key("SK", s(keys::VERSION_SK))
+            .update_expression("SET client_min_version = :new")
+            .expression_attribute_values(":new", s(minimum));
+        request = match stored {
+            Some(v) => request
+                .condition_expression("attribute_exists(PK) AND client_min_version = :stored")
+                .expression_attribute_values(":stored", s(v)),
+            None => request.condition_expression(
+                "attribute_exists(PK) AND attribute_not_exists(client_min_version)",
+            ),
+        };
+        if errors::written(request.send().await, "UpdateItem", table)? {
+            return Ok(());
+        }
+    }
+    Err(Error::unavailable(
+        "could not raise client_min_version",
+        "the version record kept changing",
+    ))
+}
+
 /// Checks a version record: its schema, and that it asks for no client newer than the
 /// contract this crate follows.
 fn check_record(record: &Item) -> Result<(), Error> {

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 use zae_limiter::repository::ConfigScope;
-use zae_limiter::{Error, Limit, OnUnavailable, RateLimiter};
+use zae_limiter::{Access, Error, Limit, OnUnavailable, RateLimiter};
 
 use crate::args::{Global, OnUnavailableArg, ResourceCommand, SystemCommand};
 use crate::connect;
@@ -205,12 +205,32 @@ pub async fn resource(global: &Global, command: ResourceCommand, out: Out) -> Ou
         }
         ResourceCommand::Disable { resource } => {
             let stamped = limiter.disable_resource(&resource).await?;
-            flagged(out, &format!("resource {resource}"), Some(true), stamped);
+            flagged(
+                out,
+                &format!("resource {resource}"),
+                Some(Access::Disabled),
+                stamped,
+            );
             Ok(())
         }
         ResourceCommand::Enable { resource } => {
             let stamped = limiter.enable_resource(&resource).await?;
-            flagged(out, &format!("resource {resource}"), Some(false), stamped);
+            flagged(
+                out,
+                &format!("resource {resource}"),
+                Some(Access::Enabled),
+                stamped,
+            );
+            Ok(())
+        }
+        ResourceCommand::Bypass { resource } => {
+            let stamped = limiter.bypass_resource(&resource).await?;
+            flagged(
+                out,
+                &format!("resource {resource}"),
+                Some(Access::Bypassed),
+                stamped,
+            );
             Ok(())
         }
         ResourceCommand::ClearDisabled { resource } => {
@@ -222,14 +242,18 @@ pub async fn resource(global: &Global, command: ResourceCommand, out: Out) -> Ou
 }
 
 /// Reports a `disabled` flag written and the buckets stamped.
-pub fn flagged(out: Out, what: &str, disabled: Option<bool>, stamped: usize) {
-    let state = match disabled {
-        Some(true) => "disabled",
-        Some(false) => "enabled",
-        None => "inheriting",
+pub fn flagged(out: Out, what: &str, access: Option<Access>, stamped: usize) {
+    let (state, flag) = match access {
+        Some(Access::Disabled) => ("disabled", json!(true)),
+        Some(Access::Enabled) => ("enabled", json!(false)),
+        Some(Access::Bypassed) => (
+            "bypassed (admitted and counted, nothing taken)",
+            json!("bypass"),
+        ),
+        None => ("inheriting", Value::Null),
     };
     out.message(
         format!("{what} is {state}; {stamped} bucket items stamped."),
-        json!({ "target": what, "disabled": disabled, "buckets_stamped": stamped }),
+        json!({ "target": what, "disabled": flag, "buckets_stamped": stamped }),
     );
 }

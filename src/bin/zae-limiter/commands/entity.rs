@@ -2,7 +2,7 @@
 
 use serde_json::json;
 use zae_limiter::repository::ConfigScope;
-use zae_limiter::{bucket, Entity, Error};
+use zae_limiter::{bucket, Access, Entity, Error};
 
 use super::config;
 use crate::args::{EntityCommand, Global};
@@ -155,14 +155,28 @@ pub async fn run(global: &Global, command: EntityCommand, out: Out) -> Outcome {
         }
         EntityCommand::Disable { entity, resource } => {
             let stamped = limiter.disable_entity(&entity, &resource).await?;
-            config::flagged(out, &format!("{entity} on {resource}"), Some(true), stamped);
+            config::flagged(
+                out,
+                &format!("{entity} on {resource}"),
+                Some(Access::Disabled),
+                stamped,
+            );
         }
         EntityCommand::Enable { entity, resource } => {
             let stamped = limiter.enable_entity(&entity, &resource).await?;
             config::flagged(
                 out,
                 &format!("{entity} on {resource}"),
-                Some(false),
+                Some(Access::Enabled),
+                stamped,
+            );
+        }
+        EntityCommand::Bypass { entity, resource } => {
+            let stamped = limiter.bypass_entity(&entity, &resource).await?;
+            config::flagged(
+                out,
+                &format!("{entity} on {resource}"),
+                Some(Access::Bypassed),
                 stamped,
             );
         }

@@ -5,9 +5,11 @@ use super::plan::fresh_window_ms;
 use super::update::{locked_deltas, unlocked_fits, unlocked_update};
 use std::time::Duration;
 
+use crate::bucket::MILLI;
+use crate::repository::dynamodb::expr::{Expr, Update};
 use crate::repository::dynamodb::lease_writes::{claim_lane, Sent, Verdict};
 use crate::repository::dynamodb::retry::{backoff, jitter};
-use crate::repository::dynamodb::Inner;
+use crate::repository::dynamodb::{keys, Inner};
 use crate::repository::ItemRequest;
 use crate::{Error, Limit};
 
@@ -22,6 +24,10 @@ impl Inner {
     /// rf-locked write that refills first, charges (within [`MIN_TOKENS_MILLI`]) or
     /// credits (capped at capacity). A lost race returns the item as it now is, and the
     /// next try uses it: contention delays a write, it never fails it.
+    ///
+    /// `counts_only`: the item was admitted under a bypass, so nothing was taken; the
+    /// deltas move `tc` alone, unconditioned on the tokens (as the Python library's
+    /// bypass-shaped adjustments do).
     pub(in crate::repository::dynamodb) async fn write_deltas(
         &self,
         entity_id: &str,
@@ -29,6 +35,7 @@ impl Inner {
         deltas: &[(Limit, i64)],
         now: i64,
         write_id: &str,
+        counts_only: bool,
     ) -> Result<(), Error> {
         let deltas: Vec<&(Limit, i64)> = deltas.iter().filter(|(_, d)| *d != 0).collect();
         if deltas.is_empty() {
@@ -81,7 +88,9 @@ impl Inner {
                 Verdict::Unknowable | Verdict::Write => {}
             }
             let locked = !unlocked_fits(&current, &deltas, now, window);
-            let (mut update, mut expr) = if locked {
+            let (mut update, mut expr) = if counts_only {
+                count_update(&deltas)
+            } else if locked {
                 locked_deltas(&current, &deltas, now)?
             } else {
                 unlocked_update(&current, &deltas, now)
@@ -120,7 +129,12 @@ impl Inner {
     /// Gives back what a speculative write took (a one-sided cascade success), retrying
     /// until it lands: the caller may be gone (the acquire then finishes in the
     /// background), so nothing else would.
-    pub(super) async fn give_back(&self, item: &ItemRequest, now: i64) -> Result<(), Error> {
+    pub(super) async fn give_back(
+        &self,
+        item: &ItemRequest,
+        now: i64,
+        counts_only: bool,
+    ) -> Result<(), Error> {
         let deltas: Vec<(Limit, i64)> = item
             .limits
             .iter()
@@ -133,7 +147,14 @@ impl Inner {
         let mut attempt = 0;
         loop {
             let result = self
-                .write_deltas(&item.entity_id, &item.resource, &deltas, now, &write_id)
+                .write_deltas(
+                    &item.entity_id,
+                    &item.resource,
+                    &deltas,
+                    now,
+                    &write_id,
+                    counts_only,
+                )
                 .await;
             match result {
                 Ok(()) => return Ok(()),
@@ -148,6 +169,19 @@ impl Inner {
             }
         }
     }
+}
+
+/// A bypassed item's adjustment: `ADD tc` per limit, on an item that exists.
+fn count_update(deltas: &[&(Limit, i64)]) -> (Update, Expr) {
+    let mut expr = Expr::default();
+    let mut update = Update::default();
+    update.conditions.push("attribute_exists(PK)".into());
+    for (limit, delta) in deltas {
+        let tc = expr.name(&keys::bucket_attr(&limit.name, "tc"));
+        let v = expr.num(delta.saturating_mul(MILLI));
+        update.add.push(format!("{tc} {v}"));
+    }
+    (update, expr)
 }
 
 /// Attempts of one adjustment (each lost race returns the newer item to try again with).

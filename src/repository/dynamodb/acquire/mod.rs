@@ -9,10 +9,12 @@
 //! - `update`: the pure building of update and condition expressions;
 //! - `write`: the conditional writes of an acquire (speculative, create, rf-locked);
 //! - `deltas`: adjustments and give-backs of leases;
-//! - `read`: reads of bucket items.
+//! - `read`: reads of bucket items;
+//! - `bypass`: bypassed acquires (the Python library's `bypass` flag and stamp).
 //!
 //! This module drives them: one item, or a cascade of two.
 
+mod bypass;
 mod deltas;
 mod plan;
 mod read;
@@ -70,6 +72,8 @@ type Done = Result<AcquireOutcome, Error>;
 
 /// The next step of the single-item loop.
 pub(super) enum Step {
+    /// The item's `bypass` stamp is live: admitted bypass-shaped.
+    Bypass,
     Speculative,
     Create,
     Read,
@@ -88,11 +92,11 @@ impl Inner {
         now_ms: i64,
     ) -> Result<AcquireOutcome, Error> {
         match items {
-            [] => Ok(AcquireOutcome {
-                admitted: true,
-                checks: Vec::new(),
-            }),
+            [] => Ok(admitted(Vec::new())),
             [item] => self.acquire_one(item, now_ms).await,
+            [child, parent] if child.bypass || parent.bypass => {
+                self.acquire_in_turn(child, parent, now_ms).await
+            }
             [child, parent] => self.acquire_cascade(child, parent, now_ms).await,
             _ => Err(Error::validation(
                 "items",
@@ -107,6 +111,25 @@ impl Inner {
         item: &ItemRequest,
         now: i64,
     ) -> Result<AcquireOutcome, Error> {
+        if takes_nothing(item) {
+            // Nothing to write: decide on a consistent read.
+            let image = self.read_bucket(&item.entity_id, &item.resource).await?;
+            if item.bypass || image.as_ref().is_some_and(|i| i.bypassed(now)) {
+                return Ok(bypass::bypassed_outcome(image.as_ref(), item, now));
+            }
+            let plan = evaluate(image.as_ref(), item, now);
+            return Ok(AcquireOutcome {
+                admitted: plan.fits,
+                checks: plan.checks,
+                bypassed: Vec::new(),
+            });
+        }
+        if item.bypass {
+            if let Some(outcome) = self.acquire_bypassed(item, now, true).await? {
+                return Ok(outcome);
+            }
+            // The bypass was lifted since the config was read: enforced.
+        }
         if let Some(image) = self.rejections.get(&item.entity_id, &item.resource, now) {
             // A remembered image under other limit parameters is no guide: the item has
             // to learn the new ones (see `adopt_params`).
@@ -118,15 +141,6 @@ impl Inner {
             }
             self.rejections.forget(&item.entity_id, &item.resource);
         }
-        if takes_nothing(item) {
-            // Nothing to write: decide on a consistent read.
-            let image = self.read_bucket(&item.entity_id, &item.resource).await?;
-            let plan = evaluate(image.as_ref(), item, now);
-            return Ok(AcquireOutcome {
-                admitted: plan.fits,
-                checks: plan.checks,
-            });
-        }
         let mut step = self.first_step(item, now);
         for attempt in 0..MAX_ATTEMPTS {
             // Writers that keep losing the rf race back off a little, so one busy writer
@@ -135,6 +149,10 @@ impl Inner {
                 tokio::time::sleep(backoff((attempt - 3).min(4))).await;
             }
             step = match step {
+                Step::Bypass => match self.acquire_bypassed(item, now, false).await? {
+                    Some(outcome) => return Ok(outcome),
+                    None => Step::Read,
+                },
                 Step::Speculative => match self.speculative(item, now).await? {
                     Speculative::Admitted(new) => {
                         let checks = admitted_checks(&new, item, now);
@@ -152,7 +170,7 @@ impl Inner {
                     if !plan.fits {
                         return Ok(rejected(plan.checks));
                     }
-                    let written = self.create(item, &plan, now).await?;
+                    let written = self.create(item, &plan.states, None, now).await?;
                     match self.after_write(written, item, plan.checks, now).await {
                         Ok(step) => step,
                         Err(done) => return done,
@@ -198,6 +216,7 @@ impl Inner {
     pub(super) fn first_step(&self, item: &ItemRequest, now: i64) -> Step {
         let window = fresh_window_ms(charged(item));
         match self.images.get(&item.entity_id, &item.resource) {
+            Some(image) if image.bypassed(now) => Step::Bypass,
             Some(image) if !expired(&image, now) && !rf_is_fresh(&image, now, window) => {
                 Step::Normal {
                     image: Box::new(image),
@@ -238,6 +257,9 @@ impl Inner {
     ) -> Result<Step, Done> {
         if let Some(refused) = refusal(&image, item) {
             return Err(Err(refused));
+        }
+        if image.bypassed(now) {
+            return Ok(Step::Bypass);
         }
         let plan = evaluate(Some(&image), item, now);
         if !plan.fits {
@@ -285,10 +307,11 @@ impl Inner {
         let mut checks = Vec::new();
         let mut fits = true;
         let mut stale = Vec::new();
+        let mut stamped = false;
         for (item, result) in [(child, a), (parent, b)] {
             match result {
                 Ok(Speculative::Admitted(new)) => {
-                    if let Err(e) = self.give_back(item, now).await {
+                    if let Err(e) = self.give_back(item, now, false).await {
                         tracing::error!(
                             entity_id = %item.entity_id,
                             resource = %item.resource,
@@ -300,6 +323,7 @@ impl Inner {
                     checks.extend(admitted_checks(&new, item, now));
                 }
                 Ok(Speculative::Failed(image)) => {
+                    stamped |= image.as_ref().is_some_and(|i| i.bypassed(now));
                     if let Some(refused) = image.as_ref().and_then(|i| refusal(i, item)) {
                         error.get_or_insert(refused);
                     }
@@ -315,6 +339,10 @@ impl Inner {
         }
         if let Some(e) = error {
             return Err(e);
+        }
+        if stamped {
+            // A side is bypassed by its stamp: each side on its own path.
+            return self.acquire_in_turn(child, parent, now).await;
         }
         if !fits {
             for (item, image) in &stale {
@@ -357,7 +385,68 @@ impl Inner {
         } else {
             outcome.checks.into_iter().chain(check.checks).collect()
         };
-        Ok(AcquireOutcome { admitted, checks })
+        Ok(AcquireOutcome {
+            admitted,
+            checks,
+            bypassed: Vec::new(),
+        })
+    }
+
+    /// A cascade with a bypassed side: the enforced side first (it may reject), then the
+    /// other, which is admitted unless its bypass was lifted meanwhile; a rejection of the
+    /// second gives the first back. All or nothing, as the one-transaction cascade.
+    pub(super) async fn acquire_in_turn(
+        &self,
+        child: &ItemRequest,
+        parent: &ItemRequest,
+        now: i64,
+    ) -> Result<AcquireOutcome, Error> {
+        let child_first = !child.bypass || parent.bypass;
+        let (first, second) = if child_first {
+            (child, parent)
+        } else {
+            (parent, child)
+        };
+        let a = self.acquire_one(first, now).await?;
+        let b = if a.admitted {
+            let b = match self.acquire_one(second, now).await {
+                Ok(b) => b,
+                Err(e) => {
+                    self.give_back(first, now, !a.bypassed.is_empty()).await?;
+                    return Err(e);
+                }
+            };
+            if !b.admitted {
+                self.give_back(first, now, !a.bypassed.is_empty()).await?;
+            }
+            b
+        } else {
+            // Rejected on the first side: the other side's state, for the statuses.
+            let image = self
+                .read_bucket(&second.entity_id, &second.resource)
+                .await?;
+            if second.bypass {
+                bypass::bypassed_outcome(image.as_ref(), second, now)
+            } else {
+                rejected(evaluate(image.as_ref(), second, now).checks)
+            }
+        };
+        let admitted = a.admitted && b.admitted;
+        let (child_out, parent_out) = if child_first { (a, b) } else { (b, a) };
+        let bypassed = [(0, &child_out), (1, &parent_out)]
+            .into_iter()
+            .filter(|(_, o)| admitted && !o.bypassed.is_empty())
+            .map(|(i, _)| i)
+            .collect();
+        Ok(AcquireOutcome {
+            admitted,
+            checks: child_out
+                .checks
+                .into_iter()
+                .chain(parent_out.checks)
+                .collect(),
+            bypassed,
+        })
     }
 
     /// The slow path of a cascade: read both items, decide, write both in one transaction.
@@ -374,6 +463,9 @@ impl Inner {
                 if let Some(refused) = image.as_ref().and_then(|i| refusal(i, item)) {
                     return Err(refused);
                 }
+            }
+            if images.iter().flatten().any(|i| i.bypassed(now)) {
+                return self.acquire_in_turn(child, parent, now).await;
             }
             let plans: Vec<Plan> = items
                 .iter()
@@ -394,7 +486,7 @@ impl Inner {
                     None => {
                         let put = Put::builder()
                             .table_name(&self.table)
-                            .set_item(Some(self.new_bucket_item(item, plan, now)))
+                            .set_item(Some(self.new_bucket_item(item, &plan.states, now)))
                             .condition_expression("attribute_not_exists(PK)")
                             .build()
                             .map_err(build_error)?;
@@ -465,6 +557,7 @@ pub(super) fn admitted(checks: Vec<LimitCheck>) -> AcquireOutcome {
     AcquireOutcome {
         admitted: true,
         checks,
+        bypassed: Vec::new(),
     }
 }
 
@@ -472,6 +565,7 @@ pub(super) fn rejected(checks: Vec<LimitCheck>) -> AcquireOutcome {
     AcquireOutcome {
         admitted: false,
         checks,
+        bypassed: Vec::new(),
     }
 }
 

@@ -165,6 +165,7 @@ mod tests {
             amounts: amounts.to_vec(),
             expires_when_idle: true,
             owner: None,
+            bypass: false,
         }
     }
 

@@ -402,18 +402,25 @@ pub(super) fn set_params(expr: &mut Expr, update: &mut Update, name: &str, state
 }
 
 /// Conditions an acquire's write on the item holding nothing this crate must not write
-/// past: the Python library's `disabled` stamp, more than one shard, a `bypass` or
-/// schedule stamp, or a soft stamp on a limit taken from. A write that fails on one
-/// returns the item, and [`refusal`] names why.
+/// past: the Python library's `disabled` stamp, a live `bypass` stamp (an acquire on it is
+/// admitted bypass-shaped instead), more than one shard, a schedule stamp, or a soft stamp
+/// on a limit taken from. A write that fails on one returns the item, and [`refusal`]
+/// names why (or the acquire goes bypass-shaped).
 pub(in crate::repository::dynamodb) fn require_enforceable(
     item: &ItemRequest,
+    now: i64,
     expr: &mut Expr,
     update: &mut Update,
 ) {
-    for attr in ["disabled", "bypass", "vu"] {
+    for attr in ["disabled", "vu"] {
         let n = expr.name(attr);
         update.conditions.push(format!("attribute_not_exists({n})"));
     }
+    let bypass = expr.name("bypass");
+    let now_v = expr.num(now);
+    update.conditions.push(format!(
+        "(attribute_not_exists({bypass}) OR {bypass} <= {now_v})"
+    ));
     let shards = expr.name("shard_count");
     let one = expr.num(1);
     update.conditions.push(format!(

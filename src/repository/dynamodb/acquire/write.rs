@@ -12,12 +12,12 @@ use std::time::Duration;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
 
 use crate::bucket::BucketState;
+use crate::naming::RESERVED_LIMIT_NAME;
 use crate::repository::dynamodb::codec::{self, num, s, Image, Item};
 use crate::repository::dynamodb::errors::conditional_image;
 use crate::repository::dynamodb::expr::{Expr, Update};
 use crate::repository::dynamodb::retry::{backoff, no_retries};
 use crate::repository::dynamodb::{errors, keys, Inner};
-use crate::naming::RESERVED_LIMIT_NAME;
 use crate::repository::{reconcile_bucket, ItemRequest};
 use crate::{Error, Limit};
 
@@ -32,7 +32,7 @@ impl Inner {
         let mut expr = Expr::default();
         let mut update = Update::default();
         update.conditions.push("attribute_exists(PK)".into());
-        require_enforceable(item, &mut expr, &mut update);
+        require_enforceable(item, now, &mut expr, &mut update);
         for (limit, &amount) in item.limits.iter().zip(&item.amounts) {
             let fresh = BucketState::from_limit(limit, now);
             let tk = expr.name(&keys::bucket_attr(&limit.name, "tk"));
@@ -90,15 +90,22 @@ impl Inner {
     /// Marked like an acquire's update (see [`Self::update_item`]): sent again after an
     /// unknown outcome, the put fails on the existing item, whose marker tells whether it
     /// is this put's own.
+    ///
+    /// `bypass`: the deadline of a `bypass` stamp to create the item with (a bypassed
+    /// acquire's create: the states are full, only `tc` counts the take).
     pub(super) async fn create(
         &self,
         item: &ItemRequest,
-        plan: &Plan,
+        states: &[BucketState],
+        bypass: Option<i64>,
         now: i64,
     ) -> Result<Written, Error> {
         use aws_sdk_dynamodb::operation::put_item::PutItemError;
         let marker = new_marker();
-        let mut attrs = self.new_bucket_item(item, plan, now);
+        let mut attrs = self.new_bucket_item(item, states, now);
+        if let Some(deadline) = bypass {
+            attrs.insert("bypass".into(), num(deadline));
+        }
         attrs.insert(MARKER.into(), s(&marker));
         let mut resends = Resends::default();
         let mut resending = false;
@@ -139,14 +146,19 @@ impl Inner {
     }
 
     /// The attributes of a new bucket item.
-    pub(super) fn new_bucket_item(&self, item: &ItemRequest, plan: &Plan, now: i64) -> Item {
+    pub(super) fn new_bucket_item(
+        &self,
+        item: &ItemRequest,
+        states: &[BucketState],
+        now: i64,
+    ) -> Item {
         let pk = keys::bucket_pk(&self.ns, &item.entity_id, &item.resource);
         let mut attrs = codec::key(pk.clone(), keys::STATE_SK);
         attrs.insert("entity_id".into(), s(&item.entity_id));
         attrs.insert("resource".into(), s(&item.resource));
         attrs.insert("rf".into(), num(now));
         attrs.insert("shard_count".into(), num(1));
-        for ((limit, &amount), state) in item.limits.iter().zip(&item.amounts).zip(&plan.states) {
+        for ((limit, &amount), state) in item.limits.iter().zip(&item.amounts).zip(states) {
             for (field, value) in [
                 ("tk", state.tokens_milli),
                 ("cp", state.capacity_milli),
@@ -260,7 +272,13 @@ impl Inner {
         };
         let (mut update, mut expr) = locked_update(image, changes, ttl, now);
         seed_shared_fields(image, item.owner.as_deref(), &mut expr, &mut update);
-        require_enforceable(item, &mut expr, &mut update);
+        require_enforceable(item, now, &mut expr, &mut update);
+        // A lapsed `bypass` stamp goes with the write that enforces again (Python's slow
+        // path removes it too, so its fast path is not sent to the slow one forever).
+        if image.bypass.is_some() {
+            let n = expr.name("bypass");
+            update.remove.push(n);
+        }
         (update, expr)
     }
 
