@@ -195,6 +195,39 @@ pub fn force_consume(state: &BucketState, amount: i64, now_ms: i64) -> BucketSta
     next
 }
 
+/// A take from a soft limit (the Python library's `soft`): it never refuses, so the bucket
+/// may go into debt, and the request is counted like any other. Only the debt bound
+/// ([`MIN_TOKENS_MILLI`], far beyond any real debt) refuses, so the arithmetic never
+/// overflows.
+pub fn try_consume_soft(state: &BucketState, amount: u64, now_ms: i64) -> ConsumeResult {
+    let hard = try_consume(state, amount, now_ms);
+    if hard.success {
+        return hard;
+    }
+    let next = force_consume(state, i64::try_from(amount).unwrap_or(i64::MAX), now_ms);
+    let fits = next.tokens_milli >= MIN_TOKENS_MILLI;
+    ConsumeResult {
+        success: fits,
+        available: hard.available,
+        retry_after_ms: if fits { 0 } else { hard.retry_after_ms },
+        state: if fits { next } else { hard.state },
+    }
+}
+
+/// The take of one limit: [`try_consume`], or [`try_consume_soft`] for a soft limit.
+pub fn try_consume_limit(
+    limit: &Limit,
+    state: &BucketState,
+    amount: u64,
+    now_ms: i64,
+) -> ConsumeResult {
+    if limit.soft {
+        try_consume_soft(state, amount, now_ms)
+    } else {
+        try_consume(state, amount, now_ms)
+    }
+}
+
 /// A bypassed take (the Python library's `disabled = "bypass"`): admitted whatever the
 /// balance, counted in `total_consumed_milli`, no tokens taken. The state is refilled to
 /// `now_ms`, so the count is the only change a caller stores.

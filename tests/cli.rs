@@ -1128,4 +1128,72 @@ fn resources_and_entities_are_disabled_and_enabled() {
         0,
     ));
     assert!(text.contains("inheriting"), "{text}");
+    let bypassed = json(&mut zl(&url, &table), &["resource", "bypass", "api"]);
+    assert_eq!(bypassed["disabled"], "bypass", "{bypassed}");
+    assert_eq!(bypassed["buckets_stamped"], 1, "{bypassed}");
+    let bypassed = json(
+        &mut zl(&url, &table),
+        &["entity", "bypass", "k2", "--resource", "api"],
+    );
+    assert_eq!(bypassed["disabled"], "bypass", "{bypassed}");
+}
+
+#[test]
+fn check_lists_records_using_features_this_client_refuses() {
+    use zae_limiter::repository::dynamodb::aws_sdk_dynamodb::types::AttributeValue;
+    let (url, table) = deployed("features");
+    let clean = json(&mut zl(&url, &table), &["check"]);
+    assert_eq!(clean["unsupported_features"], serde_json::json!([]));
+    json(
+        &mut zl(&url, &table),
+        &[
+            "entity",
+            "set-limits",
+            "k1",
+            "--resource",
+            "api",
+            "--limit",
+            "rpm:5",
+        ],
+    );
+    // The Python library schedules the limit (half from 9 to 17).
+    let rt = runtime();
+    rt.block_on(async {
+        let repo = DynamoDbRepository::builder()
+            .endpoint_url(&url)
+            .table(&table)
+            .connect()
+            .await
+            .unwrap();
+        repo.client()
+            .update_item()
+            .table_name(&table)
+            .key(
+                "PK",
+                AttributeValue::S(format!("{}/ENTITY#k1", repo.namespace_id())),
+            )
+            .key("SK", AttributeValue::S("#CONFIG#api".into()))
+            .update_expression("SET l_rpm_sched = :s")
+            .expression_attribute_values(":s", AttributeValue::S("1h9-17s500".into()))
+            .send()
+            .await
+            .unwrap();
+    });
+    let listed = json(&mut zl(&url, &table), &["check"]);
+    assert_eq!(listed["compatible"], true);
+    assert_eq!(
+        listed["unsupported_features"],
+        serde_json::json!([{
+            "feature": "schedules",
+            "namespace": "default",
+            "record": "config",
+            "subject": "k1/api",
+        }]),
+        "{listed}"
+    );
+    let text = stdout(&expect(&mut zl(&url, &table), &["check"], 0));
+    assert!(
+        text.contains("schedules (1)") && text.contains("schedules: default config k1/api"),
+        "{text}"
+    );
 }

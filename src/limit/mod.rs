@@ -9,6 +9,8 @@
 //! - `name:rate:burst=B`: the same with capacity `B` ([`Limit::with_burst`]).
 //! - `name:capacity:amount/period`: any limit; the period is whole seconds, or a number with
 //!   `s`, `m`, `h` or `d`.
+//! - any of these followed by `:soft`: a soft limit ([`Limit::soft`]), charged but never
+//!   refusing.
 //!
 //! Where the period is not written, a three-letter name of the form `?p?` says it (`rps`
 //! per second, `rpm`/`tpm` per minute, `rph` per hour, `rpd` per day); any other name means
@@ -72,6 +74,10 @@ pub struct Limit {
     pub refill_amount: u64,
     /// The refill period in seconds.
     pub refill_period_seconds: u64,
+    /// A soft limit (the Python library's `soft`) is charged and reported but never
+    /// refuses: its bucket may go into debt. For a budget to watch before it is enforced.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub soft: bool,
 }
 
 /// A limit as stored or sent, checked by [`Limit::try_from`] before it becomes one.
@@ -81,13 +87,17 @@ struct LimitFields {
     capacity: u64,
     refill_amount: u64,
     refill_period_seconds: u64,
+    #[serde(default)]
+    soft: bool,
 }
 
 impl TryFrom<LimitFields> for Limit {
     type Error = Error;
 
     fn try_from(f: LimitFields) -> Result<Self, Error> {
-        Limit::try_custom(f.name, f.capacity, f.refill_amount, f.refill_period_seconds)
+        let limit =
+            Limit::try_custom(f.name, f.capacity, f.refill_amount, f.refill_period_seconds)?;
+        Ok(if f.soft { limit.soft() } else { limit })
     }
 }
 
@@ -147,6 +157,7 @@ impl Limit {
             capacity,
             refill_amount,
             refill_period_seconds,
+            soft: false,
         };
         limit.validate()?;
         Ok(limit)
@@ -157,6 +168,21 @@ impl Limit {
         self.capacity = burst;
         self.validate()?;
         Ok(self)
+    }
+
+    /// The same limit, soft: charged and reported, never refusing (see [`Limit::soft`]
+    /// the field). Tables shared with the Python library need its 0.17 readers.
+    ///
+    /// ```
+    /// use zae_limiter::Limit;
+    ///
+    /// let budget = Limit::per_day("tokens", 1_000_000).soft();
+    /// assert!(budget.soft);
+    /// assert_eq!(budget.to_string(), "tokens:1000000:1000000/86400:soft");
+    /// ```
+    pub fn soft(mut self) -> Self {
+        self.soft = true;
+        self
     }
 
     /// Tokens regained per second (for display; the arithmetic never uses floats).

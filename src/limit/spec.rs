@@ -24,7 +24,7 @@ pub fn implied_period_seconds(name: &str) -> u64 {
 }
 
 const FORMS: &str =
-    "expected NAME:RATE, NAME:RATE:burst=CAPACITY or NAME:CAPACITY:AMOUNT/PERIOD (e.g. rpm:100, tpm:10000:burst=15000, tokens:500:100/10s)";
+    "expected NAME:RATE, NAME:RATE:burst=CAPACITY or NAME:CAPACITY:AMOUNT/PERIOD, optionally followed by :soft (e.g. rpm:100, tpm:10000:burst=15000, tokens:500:100/10s, tpd:1000000:soft)";
 
 fn bad(text: &str, reason: impl Into<String>) -> Error {
     Error::validation("limit", text, reason)
@@ -74,7 +74,11 @@ impl FromStr for Limit {
     /// Parses the compact form (see the [module docs](crate::limit#the-compact-text-form)) and validates the
     /// result, so a parsed limit is always usable.
     fn from_str(text: &str) -> Result<Self, Error> {
-        let parts: Vec<&str> = text.trim().split(':').collect();
+        let mut parts: Vec<&str> = text.trim().split(':').collect();
+        let soft = parts.len() > 2 && parts.last().map(|p| p.trim()) == Some("soft");
+        if soft {
+            parts.pop();
+        }
         let limit = match parts.as_slice() {
             [name, rate] => {
                 let rate = number(text, "rate", rate)?;
@@ -98,13 +102,24 @@ impl FromStr for Limit {
             }
             _ => return Err(bad(text, FORMS)),
         };
-        Ok(limit)
+        Ok(if soft { limit.soft() } else { limit })
     }
 }
 
 impl fmt::Display for Limit {
     /// The shortest compact form that parses back to this limit.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_hard(f)?;
+        if self.soft {
+            write!(f, ":soft")?;
+        }
+        Ok(())
+    }
+}
+
+impl Limit {
+    /// The compact form without the `:soft` suffix.
+    fn fmt_hard(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let implied = implied_period_seconds(&self.name);
         if self.refill_period_seconds != implied {
             write!(

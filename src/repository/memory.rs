@@ -95,7 +95,7 @@ impl Item {
             let result = if request.bypass {
                 bucket::count_only(&current, i64::try_from(amount).unwrap_or(i64::MAX), now)
             } else {
-                bucket::try_consume(&current, amount, now)
+                bucket::try_consume_limit(limit, &current, amount, now)
             };
             fits &= result.success;
             checks.push(LimitCheck::from_consume(limit, amount, &result));

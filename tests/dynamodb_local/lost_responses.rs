@@ -170,14 +170,18 @@ async fn tokens_and_consumed(limiter: &RateLimiter) -> (i64, i64) {
 #[tokio::test]
 async fn a_lost_answer_to_an_acquire_is_resolved_by_its_marker() {
     let (limiter, _repo, lose) = limiter_losing_responses().await;
-    // The item's creation, then a speculative write: each lands, each answer is lost.
-    lose.lose("PutItem", 1);
+    // The item's creation (a transaction with its owner check, sent again with its token),
+    // then a speculative write (marked): each lands, each answer is lost.
+    lose.lose("TransactWriteItems", 1);
     let lease = take(&limiter, 100).await;
     lease.commit().await.unwrap();
     lose.lose("UpdateItem", 1);
     let lease = take(&limiter, 100).await;
     lease.commit().await.unwrap();
-    assert_eq!((lose.lost("PutItem"), lose.lost("UpdateItem")), (1, 1));
+    assert_eq!(
+        (lose.lost("TransactWriteItems"), lose.lost("UpdateItem")),
+        (1, 1)
+    );
     assert_eq!(tokens_and_consumed(&limiter).await, (800, 200));
 }
 

@@ -470,14 +470,18 @@ async fn features_this_crate_does_not_enforce_yet_fail_closed() {
         .set_entity_limits("k1", "api", &[Limit::per_minute("rpm", 5)])
         .await
         .unwrap();
-    // As the Python library marks a soft limit, and a schedule, in the entity's config.
+    // As the Python library marks a schedule, and a reset_after quota, in the entity's config.
     let config = || record_key(&repo, "ENTITY#k1", "#CONFIG#api");
     for (attr, value, feature) in [
-        ("l_rpm_soft", AttributeValue::Bool(true), "soft limits"),
         (
             "l_rpm_sched",
             AttributeValue::S("1h9-17s500".into()),
             "schedules",
+        ),
+        (
+            "w_s_cp",
+            AttributeValue::N("50".into()),
+            "reset_after quotas",
         ),
     ] {
         raw_update(&repo, config(), "SET #a = :v", Some(attr), Some(value)).await;
@@ -717,4 +721,148 @@ async fn a_bypass_this_crate_wrote_is_honoured_by_python_and_counted_by_both() {
     ok(&answer);
     assert_eq!(answer["outcomes"]["admitted"], 1, "{answer}");
     assert!(limiter.acquire("k2", "api").await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_is_created_against_its_owner_record_as_it_now_is() {
+    let (repo, _place) = shared().await;
+    let limiter = RateLimiter::new(repo.clone());
+    for id in ["proj", "proj2"] {
+        limiter.create_entity(id).await.unwrap();
+    }
+    limiter
+        .create_entity("key")
+        .parent("proj")
+        .cascade(true)
+        .await
+        .unwrap();
+    limiter
+        .set_resource_limits("api", &[Limit::per_hour("rph", 10)])
+        .await
+        .unwrap();
+    let acquire = || async {
+        limiter
+            .acquire("key", "api")
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap()
+    };
+    acquire().await;
+    let meta_key = || record_key(&repo, "ENTITY#key", "#META");
+    let meta = repo
+        .client()
+        .get_item()
+        .table_name(repo.table())
+        .set_key(Some(meta_key()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap();
+    let bucket = crate::repository::raw_bucket(&repo, "key", "api")
+        .await
+        .unwrap();
+    assert_eq!(
+        bucket["pinc"], meta["pinc"],
+        "the bucket carries its owner's stamps"
+    );
+    assert_eq!(bucket["pgen"], meta["pgen"]);
+    // The bucket goes (expired), and meanwhile the entity is created again elsewhere under
+    // another parent, as Python would: a new incarnation. This limiter's config is cached.
+    let bucket_key = HashMap::from([
+        ("PK".to_string(), bucket["PK"].clone()),
+        ("SK".to_string(), bucket["SK"].clone()),
+    ]);
+    repo.client()
+        .delete_item()
+        .table_name(repo.table())
+        .set_key(Some(bucket_key))
+        .send()
+        .await
+        .unwrap();
+    let pinc = AttributeValue::S("00000000000000aa".into());
+    raw_update(
+        &repo,
+        meta_key(),
+        "SET #a = :v",
+        Some("pinc"),
+        Some(pinc.clone()),
+    )
+    .await;
+    raw_update(
+        &repo,
+        meta_key(),
+        "SET #a = :v",
+        Some("parent_id"),
+        Some(AttributeValue::S("proj2".into())),
+    )
+    .await;
+    // The create's owner check fails on the old stamp; the record is read again and the
+    // bucket created for the entity as it now is.
+    acquire().await;
+    let bucket = crate::repository::raw_bucket(&repo, "key", "api")
+        .await
+        .unwrap();
+    assert_eq!(bucket["pinc"], pinc);
+    assert_eq!(bucket["parent_id"], AttributeValue::S("proj2".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soft_limits_are_soft_on_both_sides() {
+    let (repo, place) = shared().await;
+    let limiter = RateLimiter::new(repo.clone());
+    limiter
+        .set_resource_limits(
+            "api",
+            &[
+                Limit::per_hour("rph", 100),
+                Limit::per_hour("tph", 10).soft(),
+            ],
+        )
+        .await
+        .unwrap();
+    // Stored as Python stores it.
+    let config = repo
+        .client()
+        .get_item()
+        .table_name(repo.table())
+        .set_key(Some(record_key(&repo, "RESOURCE#api", "#CONFIG")))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap();
+    assert_eq!(config["l_tph_soft"], AttributeValue::Bool(true));
+    assert!(!config.contains_key("l_rph_soft"));
+    // This crate charges past the soft budget, into debt.
+    for _ in 0..2 {
+        limiter
+            .acquire("k1", "api")
+            .consume([("rph", 1), ("tph", 8)])
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+    }
+    // So does Python, on the same bucket (it reads the config and admits).
+    let answer = python::run(command(
+        &place,
+        json!({"op": "acquire", "entity": "k1", "resource": "api",
+               "consume": {"rph": 1, "tph": 5}, "n": 3}),
+    ))
+    .await;
+    ok(&answer);
+    assert_eq!(answer["outcomes"]["admitted"], 3, "{answer}");
+    let states = limiter.bucket_states("k1", "api").await.unwrap();
+    assert_eq!(states["tph"].total_consumed_milli, (16 + 15) * 1000);
+    assert!(states["tph"].tokens_milli < -20_000, "{states:?}");
+    assert_eq!(
+        limiter.get_resource_limits("api").await.unwrap().unwrap()[1],
+        Limit::per_hour("tph", 10).soft()
+    );
 }

@@ -63,7 +63,8 @@ async fn hot_path_is_one_update_item_and_no_read() {
         .await
         .unwrap();
 
-    // First acquire: the config in one BatchGetItem, then the item is created.
+    // First acquire: the config in one BatchGetItem, then the item is created, checked
+    // against its owner's record (absent here) in one transaction, as Python creates.
     calls.reset();
     admit(
         limiter
@@ -72,7 +73,8 @@ async fn hot_path_is_one_update_item_and_no_read() {
     )
     .await;
     assert_eq!(calls.get("BatchGetItem"), 1, "{:?}", calls.snapshot());
-    assert_eq!(calls.get("PutItem"), 1, "{:?}", calls.snapshot());
+    assert_eq!(calls.get("TransactWriteItems"), 1, "{:?}", calls.snapshot());
+    assert_eq!(calls.total(), 3, "{:?}", calls.snapshot());
 
     // Config and item known: exactly one UpdateItem per acquire, no read at all.
     calls.reset();

@@ -1393,6 +1393,43 @@ pub async fn bypass_is_per_entity_in_a_cascade(repo: Arc<dyn Repository>) {
     );
 }
 
+/// A soft limit is charged and reported, into debt, and never refuses; the hard limits
+/// beside it still do.
+pub async fn soft_limits_charge_into_debt_and_never_refuse(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    let tpm_soft = tpm(10).soft();
+    l.set_resource_limits("api", &[rpm(2), tpm_soft.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        l.get_resource_limits("api").await.unwrap().unwrap(),
+        vec![rpm(2), tpm_soft]
+    );
+    for _ in 0..2 {
+        admit(l.acquire("k1", "api").consume([("rpm", 1), ("tpm", 8)])).await;
+    }
+    assert_eq!(l.available("k1", "api", None).await.unwrap()["tpm"], -6);
+    // The hard limit refuses; the soft one is no violation.
+    let rejection = rejected(
+        l.acquire("k1", "api")
+            .consume([("rpm", 1), ("tpm", 1)])
+            .await,
+    );
+    assert!(
+        rejection.violations().all(|s| s.limit.name == "rpm"),
+        "{rejection:?}"
+    );
+    // A lease's extra charge goes further into debt; a refund comes back.
+    let lease = l
+        .acquire("k2", "api")
+        .consume([("rpm", 1), ("tpm", 4)])
+        .await
+        .unwrap();
+    lease.adjust([("tpm", 20)]).await.unwrap();
+    lease.commit().await.unwrap();
+    assert_eq!(l.available("k2", "api", None).await.unwrap()["tpm"], -14);
+}
+
 /// Declares one `#[tokio::test]` per suite case over a backend factory.
 #[macro_export]
 macro_rules! limiter_suite {
@@ -1439,6 +1476,7 @@ macro_rules! limiter_suite {
             disabled_resources_refuse_until_enabled,
             bypassed_resources_admit_and_count_without_taking,
             bypass_is_per_entity_in_a_cascade,
+            soft_limits_charge_into_debt_and_never_refuse,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

@@ -1,7 +1,7 @@
 //! [`DynamoDbRepositoryBuilder`]: table, namespace, endpoint, credentials, timeouts.
 
 use super::{
-    images, table, CallCounter, DynamoDbRepository, Inner, TableError, TableOptions,
+    images, owners, table, CallCounter, DynamoDbRepository, Inner, TableError, TableOptions,
     DEFAULT_NAMESPACE, DEFAULT_TABLE,
 };
 use std::sync::Arc;
@@ -204,6 +204,7 @@ impl DynamoDbRepositoryBuilder {
                 stream: self.table_options.stream,
                 in_doubt: Default::default(),
                 images: images::ImageCache::new(),
+                owners: owners::OwnerCache::new(),
             }),
         }
     }

@@ -81,14 +81,15 @@ fn bucket_state(item: &Item, name: &str, rf: Option<i64>) -> Option<BucketState>
 }
 
 /// The first Python library feature stamped on a bucket item that this crate does not
-/// enforce yet (its contract, section 5): a soft limit's stamp, a schedule (`vu`, `sched`).
+/// enforce yet (its contract, section 5): a schedule (`vu`, `sched`). A soft limit's stamp
+/// (`b_{L}_soft`) is only Python's cache of its config, which this crate reads itself.
 fn unsupported_stamp(item: &Item) -> Option<&'static str> {
     if item.contains_key("vu") || item.contains_key("sched") {
         return Some("schedules");
     }
     item.keys()
-        .any(|k| k.starts_with("b_") && (k.ends_with("_soft") || k.ends_with("_sched")))
-        .then_some("soft limits or schedules")
+        .any(|k| k.starts_with("b_") && (k.ends_with("_sched") || k.ends_with("_rsched")))
+        .then_some("schedules")
 }
 
 /// The primary key of a record.
@@ -122,8 +123,12 @@ pub(super) fn config_limits(item: &Item) -> Option<Vec<Limit>> {
             tracing::warn!(limit = %name, "stored limit lacks capacity or refill; skipped");
             continue;
         };
+        let soft = matches!(
+            item.get(&keys::config_attr(&name, "soft")),
+            Some(AttributeValue::Bool(true))
+        );
         match Limit::try_custom(name.as_str(), cp, ra, rp) {
-            Ok(limit) => limits.push(limit),
+            Ok(limit) => limits.push(if soft { limit.soft() } else { limit }),
             Err(e) => tracing::warn!(limit = %name, error = %e, "stored limit is invalid; skipped"),
         }
     }
@@ -160,7 +165,7 @@ pub(super) fn config_has_limits(item: &Item) -> bool {
 }
 
 /// The first feature in a config record that this crate does not enforce yet: `reset_after`
-/// quotas (`w_` limits), schedules, or soft limits.
+/// quotas (`w_` limits) or schedules.
 pub(super) fn config_unsupported(item: &Item) -> Option<&'static str> {
     for key in item.keys() {
         if key.starts_with("w_") {
@@ -168,9 +173,6 @@ pub(super) fn config_unsupported(item: &Item) -> Option<&'static str> {
         }
         if key == "sched_tz" || key.ends_with("_sched") || key.ends_with("_rsched") {
             return Some("schedules");
-        }
-        if key.ends_with("_soft") && matches!(item.get(key), Some(AttributeValue::Bool(true))) {
-            return Some("soft limits");
         }
     }
     None
@@ -180,7 +182,10 @@ pub(super) fn config_unsupported(item: &Item) -> Option<&'static str> {
 pub(super) fn config_attr_names(item: &Item) -> Vec<String> {
     item.keys()
         .filter(|k| {
-            k.starts_with("l_") && (k.ends_with("_cp") || k.ends_with("_ra") || k.ends_with("_rp"))
+            k.starts_with("l_")
+                && ["_cp", "_ra", "_rp", "_soft"]
+                    .iter()
+                    .any(|suffix| k.ends_with(suffix))
         })
         .cloned()
         .collect()

@@ -146,7 +146,7 @@ impl Inner {
 
 /// The release whose readers understand soft limits and bypass (the Python library's
 /// `MIN_READER_VERSION_FOR_NON_ENFORCING`).
-const NON_ENFORCING_READERS: &str = "0.17.0";
+pub(super) const NON_ENFORCING_READERS: &str = "0.17.0";
 
 /// How long a `bypass` stamp written now stays live at most, as the Python library's
 /// default `stamp_ttl`: a stamp outliving a lifted bypass by more than this is impossible.

@@ -32,12 +32,14 @@ mod codec;
 mod counter;
 mod errors;
 mod expr;
+mod features;
 mod flags;
 mod images;
 mod keys;
 mod lease_writes;
 mod listing;
 mod migrations;
+mod owners;
 mod registries;
 mod rejections;
 mod repository;
@@ -52,6 +54,7 @@ pub use audit::{AuditAction, AuditEvent};
 pub use builder::DynamoDbRepositoryBuilder;
 pub use counter::CallCounter;
 pub use errors::TableError;
+pub use features::FeatureUse;
 pub use repository::DynamoDbRepository;
 pub use table::{
     Billing, NamespaceInfo, TableOptions, TableStatusReport, CONTRACT_VERSION,

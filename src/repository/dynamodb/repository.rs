@@ -1,8 +1,8 @@
 //! [`DynamoDbRepository`] and the [`Repository`] operations on its table.
 
 use super::{
-    codec, errors, images, keys, lease_writes, retry, table, AuditAction, AuditEvent,
-    DynamoDbRepositoryBuilder, TableError, TableStatusReport,
+    codec, errors, flags, images, keys, lease_writes, owners, retry, table, AuditAction,
+    AuditEvent, DynamoDbRepositoryBuilder, TableError, TableStatusReport,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -56,6 +56,8 @@ pub(super) struct Inner {
     pub(super) in_doubt: lease_writes::InDoubtWrites,
     /// The last image seen of each item written.
     pub(super) images: images::ImageCache,
+    /// The last owner stamp read of each entity (for the owner check on bucket creates).
+    pub(super) owners: owners::OwnerCache,
 }
 
 impl DynamoDbRepository {
@@ -493,6 +495,11 @@ impl Repository for DynamoDbRepository {
 
     async fn set_limits(&self, scope: &ConfigScope, limits: &[Limit]) -> Result<(), Error> {
         let inner = &self.inner;
+        if limits.iter().any(|l| l.soft) {
+            // Readers before 0.17 would enforce a soft limit: keep them out, as Python does.
+            table::require_readers(&inner.client, &inner.table, flags::NON_ENFORCING_READERS)
+                .await?;
+        }
         let created = std::sync::atomic::AtomicBool::new(false);
         inner
             .update_config(scope, |current, expr, update| {
@@ -507,6 +514,13 @@ impl Repository for DynamoDbRepository {
                         let attr = keys::config_attr(&limit.name, field);
                         let n = expr.name(&attr);
                         let v = expr.value(num(value));
+                        update.set.push(format!("{n} = {v}"));
+                        keep.push(attr);
+                    }
+                    if limit.soft {
+                        let attr = keys::config_attr(&limit.name, "soft");
+                        let n = expr.name(&attr);
+                        let v = expr.value(AttributeValue::Bool(true));
                         update.set.push(format!("{n} = {v}"));
                         keep.push(attr);
                     }
@@ -707,7 +721,9 @@ impl Inner {
             }
             .into());
         }
-        if let Some(meta) = record(&wanted[0].0, &wanted[0].1) {
+        let meta = record(&wanted[0].0, &wanted[0].1);
+        inner.remember_owner(entity_id, meta);
+        if let Some(meta) = meta {
             inner.migrate_legacy_meta(meta);
         }
         let system = record(&wanted[3].0, &wanted[3].1);

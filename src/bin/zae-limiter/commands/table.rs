@@ -251,12 +251,64 @@ pub async fn check(global: &Global, out: Out) -> Outcome {
         "this client (zae-limiter {}) reads and writes schema {SCHEMA_VERSION}; use a release for schema {stored}",
         env!("CARGO_PKG_VERSION")
     )))?;
+    // Records using Python library features this client refuses (fail closed) rather
+    // than enforce with other numbers.
+    let uses = table.unsupported_features().await?;
+    let names: std::collections::HashMap<String, String> = table
+        .namespaces()
+        .await?
+        .into_iter()
+        .map(|n| (n.id, n.name))
+        .collect();
+    let namespace = |id: &str| names.get(id).cloned().unwrap_or_else(|| id.to_string());
+    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    for u in &uses {
+        *counts.entry(u.feature.as_str()).or_default() += 1;
+    }
+    let unsupported = if out.json() {
+        json!(uses
+            .iter()
+            .map(|u| json!({
+                "feature": u.feature,
+                "namespace": namespace(&u.namespace_id),
+                "record": u.record,
+                "subject": u.subject,
+            }))
+            .collect::<Vec<_>>())
+    } else if uses.is_empty() {
+        json!("none")
+    } else {
+        let parts: Vec<String> = counts.iter().map(|(f, n)| format!("{f} ({n})")).collect();
+        json!(format!(
+            "{}; acquires on these records fail until this client supports them",
+            parts.join(", ")
+        ))
+    };
     out.record(vec![
         ("table", json!(table.name())),
         ("schema_version", json!(stored)),
         ("client_schema_version", json!(SCHEMA_VERSION)),
         ("client_version", json!(env!("CARGO_PKG_VERSION"))),
         ("compatible", json!(true)),
+        ("unsupported_features", unsupported),
     ]);
+    if !out.json() {
+        const SHOWN: usize = 50;
+        for u in uses.iter().take(SHOWN) {
+            println!(
+                "  {}: {} {} {}",
+                u.feature,
+                namespace(&u.namespace_id),
+                u.record,
+                u.subject
+            );
+        }
+        if uses.len() > SHOWN {
+            println!(
+                "  ... and {} more (--output json lists all)",
+                uses.len() - SHOWN
+            );
+        }
+    }
     Ok(())
 }

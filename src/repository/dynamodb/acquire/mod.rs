@@ -37,7 +37,7 @@ use crate::repository::dynamodb::errors::build_error;
 use crate::repository::dynamodb::retry::backoff;
 use crate::repository::dynamodb::{errors, Inner};
 use crate::repository::{AcquireOutcome, ItemRequest, LimitCheck};
-use crate::Error;
+use crate::{Entity, Error};
 
 /// Attempts before an acquire gives up under contention (then `Unavailable`, never a 429;
 /// the caller's wait is bounded by the timeout long before).
@@ -457,6 +457,8 @@ impl Inner {
         now: i64,
     ) -> Result<AcquireOutcome, Error> {
         let items = [child, parent];
+        // Owners whose record a failed owner check made us read again, as they now are.
+        let mut refreshed: Vec<(&str, Option<Entity>)> = Vec::new();
         for attempt in 0..MAX_ATTEMPTS {
             let images = self.read_buckets(&items).await?;
             for (item, image) in items.iter().zip(&images) {
@@ -480,13 +482,29 @@ impl Inner {
                 }
                 return Ok(rejected(plans.into_iter().flat_map(|p| p.checks).collect()));
             }
-            let mut writes = Vec::with_capacity(2);
+            let mut writes = Vec::with_capacity(4);
+            // The owner checks of the creates (see `owners`), after the writes.
+            let mut checks = Vec::new();
             for ((item, image), plan) in items.iter().zip(&images).zip(&plans) {
                 writes.push(match image {
                     None => {
+                        let mut attrs = self.new_bucket_item(item, &plan.states, now);
+                        if let Some((_, entity)) =
+                            refreshed.iter().find(|(id, _)| *id == item.entity_id)
+                        {
+                            write::restamp_owner(&mut attrs, entity.as_ref());
+                        }
+                        if let Some(owner) = self.owner(&item.entity_id) {
+                            attrs.extend(owner.bucket_fields());
+                            let check = self.owner_check(&item.entity_id, &owner)?;
+                            checks.push((
+                                item.entity_id.as_str(),
+                                TransactWriteItem::builder().condition_check(check).build(),
+                            ));
+                        }
                         let put = Put::builder()
                             .table_name(&self.table)
-                            .set_item(Some(self.new_bucket_item(item, &plan.states, now)))
+                            .set_item(Some(attrs))
                             .condition_expression("attribute_not_exists(PK)")
                             .build()
                             .map_err(build_error)?;
@@ -507,6 +525,8 @@ impl Inner {
                     }
                 });
             }
+            let owners: Vec<&str> = checks.iter().map(|(id, _)| *id).collect();
+            writes.extend(checks.into_iter().map(|(_, check)| check));
             // A token makes a re-send after an unknown outcome safe: DynamoDB applies it
             // once, and answers the re-send as it did the first.
             let token = format!("zl{:032x}", rand::random::<u128>());
@@ -536,10 +556,18 @@ impl Inner {
                         Some(TransactWriteItemsError::TransactionCanceledException(c)) => c
                             .cancellation_reasons()
                             .iter()
-                            .filter_map(|r| r.code().map(str::to_string))
+                            .map(|r| r.code().unwrap_or("None").to_string())
                             .collect(),
                         _ => return Err(errors::map("TransactWriteItems", &self.table, e)),
                     };
+                    // A failed owner check: the entity record changed; read it again.
+                    for (owner, reason) in owners.iter().zip(reasons.iter().skip(items.len())) {
+                        if reason == "ConditionalCheckFailed" {
+                            let entity = self.refresh_owner(owner).await?;
+                            refreshed.retain(|(id, _)| id != owner);
+                            refreshed.push((owner, entity));
+                        }
+                    }
                     // A failed condition means the items moved: read again and decide anew.
                     // A conflict with another transaction is contention: back off and retry;
                     // neither is a rate-limit rejection.

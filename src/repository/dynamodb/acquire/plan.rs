@@ -40,16 +40,26 @@ pub(in crate::repository::dynamodb) fn evaluate(
     for (limit, &amount) in item.limits.iter().zip(&item.amounts) {
         let stored = image.and_then(|i| i.buckets.get(&limit.name));
         plan.speculative_ok &= stored.is_some_and(|s| {
-            !params_changed(s, limit) && i128::from(s.tokens_milli) >= milli(amount)
+            !params_changed(s, limit) && i128::from(s.tokens_milli) >= floor(limit, amount)
         });
         let current = reconcile_bucket(stored, limit, now_ms);
-        let result = bucket::try_consume(&current, amount, now_ms);
+        let result = bucket::try_consume_limit(limit, &current, amount, now_ms);
         plan.fits &= result.success;
         plan.checks
             .push(LimitCheck::from_consume(limit, amount, &result));
         plan.states.push(result.state);
     }
     plan
+}
+
+/// The least a limit's stored tokens must be for a take of `amount` without refill: the
+/// amount, or for a soft limit (which may go into debt) the amount below the debt bound.
+pub(super) fn floor(limit: &Limit, amount: u64) -> i128 {
+    if limit.soft {
+        i128::from(bucket::MIN_TOKENS_MILLI) + milli(amount)
+    } else {
+        milli(amount)
+    }
 }
 
 /// Whether the item stores some requested limit with other parameters (capacity, refill

@@ -403,11 +403,11 @@ pub(super) fn set_params(expr: &mut Expr, update: &mut Update, name: &str, state
 
 /// Conditions an acquire's write on the item holding nothing this crate must not write
 /// past: the Python library's `disabled` stamp, a live `bypass` stamp (an acquire on it is
-/// admitted bypass-shaped instead), more than one shard, a schedule stamp, or a soft stamp
-/// on a limit taken from. A write that fails on one returns the item, and [`refusal`]
-/// names why (or the acquire goes bypass-shaped).
+/// admitted bypass-shaped instead), more than one shard, or a schedule stamp. A write that
+/// fails on one returns the item, and [`refusal`] names why (or the acquire goes
+/// bypass-shaped). Soft stamps (`b_{L}_soft`) are Python's cache of its config: this crate
+/// decides softness from the config it reads, and leaves the stamps to Python.
 pub(in crate::repository::dynamodb) fn require_enforceable(
-    item: &ItemRequest,
     now: i64,
     expr: &mut Expr,
     update: &mut Update,
@@ -426,11 +426,23 @@ pub(in crate::repository::dynamodb) fn require_enforceable(
     update.conditions.push(format!(
         "(attribute_not_exists({shards}) OR {shards} <= {one})"
     ));
-    for limit in item.limits.iter() {
-        let soft = expr.name(&keys::bucket_attr(&limit.name, "soft"));
-        update
-            .conditions
-            .push(format!("attribute_not_exists({soft})"));
+}
+
+/// Marks each soft limit of `item` on the bucket item for the Python library, which judges
+/// soft-ness by a bucket's `b_{L}_soft` stamp when its config cache served the limits and
+/// would otherwise enforce the limit as hard: an expired stamp (`0`) where there is none,
+/// so Python's next pass reads the config uncached and stamps a live deadline itself. An
+/// expired stamp grants nothing, so it can never make Python admit more; a live stamp of
+/// Python's is left alone.
+pub(in crate::repository::dynamodb) fn mark_soft(
+    item: &ItemRequest,
+    expr: &mut Expr,
+    update: &mut Update,
+) {
+    for limit in item.limits.iter().filter(|l| l.soft) {
+        let n = expr.name(&keys::bucket_attr(&limit.name, "soft"));
+        let zero = expr.num(0);
+        update.set.push(format!("{n} = if_not_exists({n}, {zero})"));
     }
 }
 

@@ -1,10 +1,10 @@
 //! The conditional writes of an acquire: speculative, create, rf-locked (normal), each
 //! marked so a write in doubt is sent again only with a check.
 
-use super::plan::{charged, fresh_window_ms, milli_i64, Plan};
+use super::plan::{charged, floor, fresh_window_ms, milli_i64, Plan};
 use super::update::{
-    locked_update, require_enforceable, require_params, seed_shared_fields, shared_fields, Change,
-    Ttl,
+    locked_update, mark_soft, require_enforceable, require_params, seed_shared_fields,
+    shared_fields, Change, Ttl,
 };
 use super::{Speculative, Updated, Written};
 use std::time::Duration;
@@ -14,8 +14,9 @@ use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditi
 use crate::bucket::BucketState;
 use crate::naming::RESERVED_LIMIT_NAME;
 use crate::repository::dynamodb::codec::{self, num, s, Image, Item};
-use crate::repository::dynamodb::errors::conditional_image;
+use crate::repository::dynamodb::errors::{build_error, conditional_image};
 use crate::repository::dynamodb::expr::{Expr, Update};
+use crate::repository::dynamodb::owners::Owner;
 use crate::repository::dynamodb::retry::{backoff, no_retries};
 use crate::repository::dynamodb::{errors, keys, Inner};
 use crate::repository::{reconcile_bucket, ItemRequest};
@@ -32,7 +33,8 @@ impl Inner {
         let mut expr = Expr::default();
         let mut update = Update::default();
         update.conditions.push("attribute_exists(PK)".into());
-        require_enforceable(item, now, &mut expr, &mut update);
+        require_enforceable(now, &mut expr, &mut update);
+        mark_soft(item, &mut expr, &mut update);
         for (limit, &amount) in item.limits.iter().zip(&item.amounts) {
             let fresh = BucketState::from_limit(limit, now);
             let tk = expr.name(&keys::bucket_attr(&limit.name, "tk"));
@@ -43,7 +45,9 @@ impl Inner {
                 let plus = expr.num(amount_milli);
                 update.add.push(format!("{tk} {minus}"));
                 update.add.push(format!("{tc} {plus}"));
-                update.conditions.push(format!("{tk} >= {plus}"));
+                // A soft limit may go into debt: only the debt bound holds it.
+                let least = expr.num(i64::try_from(floor(limit, amount)).unwrap_or(i64::MAX));
+                update.conditions.push(format!("{tk} >= {least}"));
             } else {
                 let zero = expr.num(0);
                 update.conditions.push(format!("{tk} >= {zero}"));
@@ -100,12 +104,97 @@ impl Inner {
         bypass: Option<i64>,
         now: i64,
     ) -> Result<Written, Error> {
-        use aws_sdk_dynamodb::operation::put_item::PutItemError;
-        let marker = new_marker();
         let mut attrs = self.new_bucket_item(item, states, now);
         if let Some(deadline) = bypass {
             attrs.insert("bypass".into(), num(deadline));
         }
+        match self.owner(&item.entity_id) {
+            Some(owner) => self.create_checked(item, attrs, owner).await,
+            None => self.put_new(attrs).await,
+        }
+    }
+
+    /// A create with the owner check (see [`crate::repository::dynamodb::owners`]): the
+    /// `Put` and a `ConditionCheck` on the owner's record in one transaction, re-sent with
+    /// its token after an unknown outcome (DynamoDB applies it once). A failed owner check
+    /// reads the record again and creates the item with the owner as it now is (its
+    /// parent, cascade policy and stamps).
+    async fn create_checked(
+        &self,
+        item: &ItemRequest,
+        mut attrs: Item,
+        owner: Owner,
+    ) -> Result<Written, Error> {
+        use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+        use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
+        let mut owner = owner;
+        for _ in 0..OWNER_CHECKS {
+            attrs.extend(owner.bucket_fields());
+            let put = Put::builder()
+                .table_name(&self.table)
+                .set_item(Some(attrs.clone()))
+                .condition_expression("attribute_not_exists(PK)")
+                .return_values_on_condition_check_failure(
+                    ReturnValuesOnConditionCheckFailure::AllOld,
+                )
+                .build()
+                .map_err(build_error)?;
+            let check = self.owner_check(&item.entity_id, &owner)?;
+            let writes = vec![
+                TransactWriteItem::builder().put(put).build(),
+                TransactWriteItem::builder().condition_check(check).build(),
+            ];
+            let token = format!("zc{:032x}", rand::random::<u128>());
+            let mut resends = Resends::default();
+            let error = loop {
+                let sent = self
+                    .client
+                    .transact_write_items()
+                    .set_transact_items(Some(writes.clone()))
+                    .client_request_token(&token)
+                    .customize()
+                    .config_override(no_retries())
+                    .send()
+                    .await;
+                let error = match sent {
+                    Ok(_) => return Ok(Written::Ok(Some(Image::parse(&attrs)))),
+                    Err(e) => e,
+                };
+                match resends.next(&error) {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => break error,
+                }
+            };
+            let Some(TransactWriteItemsError::TransactionCanceledException(c)) =
+                error.as_service_error()
+            else {
+                return Err(errors::map("TransactWriteItems", &self.table, error));
+            };
+            let reasons = c.cancellation_reasons();
+            let failed =
+                |i: usize| reasons.get(i).and_then(|r| r.code()) == Some("ConditionalCheckFailed");
+            if failed(0) {
+                let existing = reasons[0]
+                    .item()
+                    .filter(|i| !i.is_empty())
+                    .map(Image::parse);
+                return Ok(Written::Conflict(existing));
+            }
+            if !failed(1) {
+                // Another transaction on the item or the record: read and try again.
+                return Ok(Written::Conflict(None));
+            }
+            let entity = self.refresh_owner(&item.entity_id).await?;
+            owner = self.owner(&item.entity_id).unwrap_or(Owner::Absent);
+            restamp_owner(&mut attrs, entity.as_ref());
+        }
+        Ok(Written::Conflict(None))
+    }
+
+    /// A create without the owner check: one `PutItem`, marked like an acquire's update.
+    async fn put_new(&self, mut attrs: Item) -> Result<Written, Error> {
+        use aws_sdk_dynamodb::operation::put_item::PutItemError;
+        let marker = new_marker();
         attrs.insert(MARKER.into(), s(&marker));
         let mut resends = Resends::default();
         let mut resending = false;
@@ -168,6 +257,10 @@ impl Inner {
                 ("rc", state.refill_carry),
             ] {
                 attrs.insert(keys::bucket_attr(&limit.name, field), num(value));
+            }
+            // An expired soft stamp, for Python (see `mark_soft`).
+            if limit.soft {
+                attrs.insert(keys::bucket_attr(&limit.name, "soft"), num(0));
             }
         }
         if let Some(ttl) = self.bucket_ttl(item, now) {
@@ -252,7 +345,7 @@ impl Inner {
                 limit,
                 state: *state,
                 consumed: milli_i64(amount),
-                must_cover: true,
+                must_cover: !limit.soft,
             })
             .collect();
         self.item_update(item, image, &changes, now)
@@ -272,7 +365,8 @@ impl Inner {
         };
         let (mut update, mut expr) = locked_update(image, changes, ttl, now);
         seed_shared_fields(image, item.owner.as_deref(), &mut expr, &mut update);
-        require_enforceable(item, now, &mut expr, &mut update);
+        require_enforceable(now, &mut expr, &mut update);
+        mark_soft(item, &mut expr, &mut update);
         // A lapsed `bypass` stamp goes with the write that enforces again (Python's slow
         // path removes it too, so its fast path is not sent to the slow one forever).
         if image.bypass.is_some() {
@@ -438,6 +532,18 @@ fn debit_wcu(expr: &mut Expr, update: &mut Update) {
 
 /// Millitokens of `wcu` one write takes.
 const WCU_PER_WRITE: i64 = 1_000;
+
+/// Puts `owner`'s parent and cascade policy on a new item's attributes in place of those
+/// it was built with (the owner's record was read again), without its old stamps.
+pub(super) fn restamp_owner(attrs: &mut Item, owner: Option<&crate::Entity>) {
+    for attr in ["pgen", "pinc", "parent_id"] {
+        attrs.remove(attr);
+    }
+    attrs.extend(shared_fields(owner));
+}
+
+/// Creates sent again after a failed owner check (each with the record read again).
+const OWNER_CHECKS: usize = 3;
 
 /// The attribute an acquire's write marks with its id (see `Inner::update_item`).
 pub(in crate::repository::dynamodb) const MARKER: &str = "lw";

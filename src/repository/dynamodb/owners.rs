@@ -1,0 +1,179 @@
+//! The owner check on bucket creates (the Python library's contract, section 5): a bucket
+//! item is created in one transaction with a `ConditionCheck` that its owner's entity
+//! record is still the one the acquire read (same generation `pgen` and incarnation
+//! `pinc`), or still absent. An entity deleted and created again meanwhile (a new
+//! incarnation, perhaps another parent) fails the check, so no bucket is created with the
+//! old owner's parent and cascade policy stamped on it. The new item carries the owner's
+//! `pgen`/`pinc`, as Python's creates do.
+//!
+//! The stamps come from the entity records that config reads fetch anyway; an entity not
+//! read lately gets no check, as in Python ("only if the pass read META").
+
+use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck};
+use quick_cache::sync::Cache;
+
+use super::codec::{get_i64, get_str, num, s, Item};
+use super::errors::build_error;
+use super::{keys, table, Inner};
+use crate::{Entity, Error};
+
+/// Owners remembered at most.
+const MAX_ENTRIES: usize = 10_000;
+
+/// What the last read of an entity record found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Owner {
+    /// No record.
+    Absent,
+    /// The record's generation (0 when absent) and `pinc` (`None` when absent), and its
+    /// incarnation as Python derives it (`pinc`, else `created_at`, else `-`).
+    Found {
+        pgen: i64,
+        pinc: Option<String>,
+        incarnation: String,
+    },
+}
+
+impl Owner {
+    /// The stamp of an entity record (`None`: there is none).
+    pub(super) fn of(meta: Option<&Item>) -> Owner {
+        let Some(meta) = meta else {
+            return Owner::Absent;
+        };
+        let pinc = get_str(meta, "pinc").map(str::to_string);
+        let incarnation = pinc
+            .clone()
+            .or_else(|| get_str(meta, "created_at").map(str::to_string))
+            .unwrap_or_else(|| "-".to_string());
+        Owner::Found {
+            pgen: get_i64(meta, "pgen").unwrap_or(0),
+            pinc,
+            incarnation,
+        }
+    }
+
+    /// The condition on the owner's record, as Python builds it (`owner_meta_condition`),
+    /// with its values.
+    fn condition(&self) -> (String, Vec<(&'static str, AttributeValue)>) {
+        match self {
+            Owner::Absent => ("attribute_not_exists(PK)".into(), Vec::new()),
+            Owner::Found {
+                pgen,
+                pinc,
+                incarnation,
+            } => {
+                let generation = if *pgen == 0 {
+                    "(attribute_not_exists(pgen) OR pgen = :pg)"
+                } else {
+                    "pgen = :pg"
+                };
+                let mut values = vec![(":pg", num(*pgen))];
+                let incarnation_term = match pinc {
+                    Some(_) => {
+                        values.push((":inc", s(incarnation)));
+                        "(pinc = :inc OR (attribute_not_exists(pinc) AND created_at = :inc))"
+                    }
+                    None => "attribute_not_exists(pinc)",
+                };
+                (
+                    format!("attribute_exists(PK) AND {generation} AND {incarnation_term}"),
+                    values,
+                )
+            }
+        }
+    }
+
+    /// The owner's attributes a new bucket item carries (none when there is no record).
+    pub(super) fn bucket_fields(&self) -> Vec<(String, AttributeValue)> {
+        match self {
+            Owner::Absent => Vec::new(),
+            Owner::Found {
+                pgen, incarnation, ..
+            } => vec![("pgen".into(), num(*pgen)), ("pinc".into(), s(incarnation))],
+        }
+    }
+}
+
+/// The last stamp read of each entity record.
+pub(super) struct OwnerCache {
+    entries: Cache<String, Owner>,
+}
+
+impl OwnerCache {
+    pub fn new() -> Self {
+        OwnerCache {
+            entries: Cache::new(MAX_ENTRIES),
+        }
+    }
+}
+
+impl Inner {
+    /// Remembers what a read of `entity_id`'s record found.
+    pub(super) fn remember_owner(&self, entity_id: &str, meta: Option<&Item>) {
+        self.owners
+            .entries
+            .insert(entity_id.to_string(), Owner::of(meta));
+    }
+
+    /// The owner stamp last read for `entity_id`, if any was.
+    pub(super) fn owner(&self, entity_id: &str) -> Option<Owner> {
+        self.owners.entries.get(entity_id)
+    }
+
+    /// The `ConditionCheck` for a create of one of `entity_id`'s buckets under `owner`.
+    pub(super) fn owner_check(
+        &self,
+        entity_id: &str,
+        owner: &Owner,
+    ) -> Result<ConditionCheck, Error> {
+        let (condition, values) = owner.condition();
+        let mut check = ConditionCheck::builder()
+            .table_name(&self.table)
+            .key("PK", s(keys::entity_pk(&self.ns, entity_id)))
+            .key("SK", s(keys::META_SK))
+            .condition_expression(condition);
+        for (name, value) in values {
+            check = check.expression_attribute_values(name, value);
+        }
+        check.build().map_err(build_error)
+    }
+
+    /// Reads `entity_id`'s record again (consistently) after a create's check failed on
+    /// it, and remembers it; the entity as it now is.
+    pub(super) async fn refresh_owner(&self, entity_id: &str) -> Result<Option<Entity>, Error> {
+        let pk = keys::entity_pk(&self.ns, entity_id);
+        let meta = table::get_item(&self.client, &self.table, &pk, keys::META_SK).await?;
+        self.remember_owner(entity_id, meta.as_ref());
+        Ok(meta.as_ref().and_then(super::codec::parse_entity))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn conditions_follow_what_was_read() {
+        assert_eq!(Owner::of(None).condition().0, "attribute_not_exists(PK)");
+        let meta: Item = HashMap::from([
+            ("pgen".to_string(), num(1_764_498_521_000_i64)),
+            ("pinc".to_string(), s("70d28dbb31c62d53")),
+        ]);
+        let owner = Owner::of(Some(&meta));
+        let (condition, values) = owner.condition();
+        assert!(condition.starts_with("attribute_exists(PK) AND pgen = :pg AND (pinc = :inc"));
+        assert_eq!(values.len(), 2);
+        assert_eq!(
+            owner.bucket_fields()[1],
+            ("pinc".to_string(), s("70d28dbb31c62d53"))
+        );
+        // A record from before pgen/pinc: generation 0, no incarnation stamp.
+        let legacy: Item = HashMap::from([("created_at".to_string(), s("2025-01-01T00:00:00Z"))]);
+        let (condition, _) = Owner::of(Some(&legacy)).condition();
+        assert_eq!(
+            condition,
+            "attribute_exists(PK) AND (attribute_not_exists(pgen) OR pgen = :pg) AND attribute_not_exists(pinc)"
+        );
+    }
+}
