@@ -19,7 +19,8 @@
 //!
 //! Per limit only `capacity` is required: `refill_amount` defaults to the capacity and
 //! `period` (seconds, or `30s`/`1m`/`1h`/`1d`) to 60 s; `burst` raises the bucket above the
-//! capacity as [`Limit::with_burst`] does. Everything is validated while the file is read
+//! capacity as [`Limit::with_burst`] does; `soft: true` makes it a soft limit
+//! ([`Limit::soft`]), charged but never refusing. Everything is validated while the file is read
 //! (names, ids, numbers, unknown fields, duplicate keys), so an invalid manifest is
 //! rejected with its line and field before anything is written.
 
@@ -82,7 +83,8 @@ pub fn render(desired: &Desired) -> serde_json::Value {
         sorted.sort_by(|a, b| a.name.cmp(&b.name));
         let mut map = Map::new();
         for l in sorted {
-            let spec = if l.refill_amount == l.capacity && l.refill_period_seconds == 60 {
+            let spec = if l.refill_amount == l.capacity && l.refill_period_seconds == 60 && !l.soft
+            {
                 json!(l.capacity)
             } else {
                 let mut spec = Map::new();
@@ -92,6 +94,9 @@ pub fn render(desired: &Desired) -> serde_json::Value {
                 }
                 if l.refill_period_seconds != 60 {
                     spec.insert("period".into(), json!(l.refill_period_seconds));
+                }
+                if l.soft {
+                    spec.insert("soft".into(), json!(true));
                 }
                 Value::Object(spec)
             };
@@ -169,12 +174,17 @@ impl LimitMap {
             .into_iter()
             // Both parts were validated: the name as a key, the numbers as a spec.
             .map(|(name, Spec(limit))| {
-                Limit::custom(
+                let named = Limit::custom(
                     name.0,
                     limit.capacity,
                     limit.refill_amount,
                     limit.refill_period_seconds,
-                )
+                );
+                if limit.soft {
+                    named.soft()
+                } else {
+                    named
+                }
             })
             .collect()
     }
@@ -266,6 +276,9 @@ struct RawSpec {
     #[serde(alias = "refill_period_seconds")]
     period: Option<Period>,
     burst: Option<u64>,
+    /// A soft limit: charged and reported, never refusing.
+    #[serde(default)]
+    soft: bool,
 }
 
 /// Seconds as a number, or a string with a unit.
@@ -296,7 +309,7 @@ impl Spec {
             period,
         );
         match limit {
-            Ok(limit) => Ok(Spec(limit)),
+            Ok(limit) => Ok(Spec(if raw.soft { limit.soft() } else { limit })),
             Err(zae_limiter::Error::Validation { field, reason, .. }) => {
                 // Which manifest field set the limit's field.
                 let named = match field.rsplit('.').next().unwrap_or_default() {
@@ -318,7 +331,7 @@ impl<'de> Deserialize<'de> for Spec {
         impl<'de> Visitor<'de> for SpecVisitor {
             type Value = Spec;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a capacity, or a mapping with capacity and optionally refill_amount, period and burst")
+                f.write_str("a capacity, or a mapping with capacity and optionally refill_amount, period, burst and soft")
             }
             fn visit_u64<E: de::Error>(self, capacity: u64) -> Result<Spec, E> {
                 Spec::from_raw(RawSpec {
@@ -326,6 +339,7 @@ impl<'de> Deserialize<'de> for Spec {
                     refill_amount: None,
                     period: None,
                     burst: None,
+                    soft: false,
                 })
                 .map_err(E::custom)
             }
@@ -423,7 +437,7 @@ mod tests {
 
     #[test]
     fn render_parses_back_to_the_same_state() {
-        let text = "system:\n  on_unavailable: allow\n  limits:\n    rpm: 1000\nresources:\n  openai/gpt-4:\n    tpm: {capacity: 10000, burst: 15000}\n    rph: {capacity: 5, period: 1h}\nentities:\n  key-1:\n    _default_:\n      rpm: {capacity: 10, refill_amount: 1, period: 6s}\n";
+        let text = "system:\n  on_unavailable: allow\n  limits:\n    rpm: 1000\nresources:\n  openai/gpt-4:\n    tpm: {capacity: 10000, burst: 15000}\n    rph: {capacity: 5, period: 1h}\n    tpd: {capacity: 1000000, period: 1d, soft: true}\nentities:\n  key-1:\n    _default_:\n      rpm: {capacity: 10, refill_amount: 1, period: 6s}\n";
         let desired = parse(text).unwrap();
         let rendered = serde_norway::to_string(&render(&desired)).unwrap();
         assert_eq!(parse(&rendered).unwrap(), desired, "{rendered}");
