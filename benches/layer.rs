@@ -21,6 +21,32 @@ use tower_governor::GovernorLayer;
 use zae_limiter::middleware::{extract, RateLimitLayer};
 use zae_limiter::{InMemoryRepository, Limit, RateLimiter};
 
+/// Counts heap allocations, so the bench reports how many each request costs.
+struct Counting;
+
+static ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+// SAFETY: defers to the system allocator; only counts.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.realloc(ptr, layout, size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
 fn routers() -> [(&'static str, Router); 4] {
     let hello = || Router::new().route("/", get(|| async { "Hello, world!" }));
     // As `axum::serve` does: turn handlers into services once, not on every call.
@@ -85,10 +111,57 @@ fn benches(c: &mut Criterion) {
     g.finish();
 }
 
+/// Heap allocations per request through each router (the request and response built by
+/// the caller included, as for every router alike), over `n` warm requests.
+fn allocations(n: usize) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    println!("\n== heap allocations per request (warm, {n} requests, 100 keys) ==");
+    let mut base = 0.0;
+    for (name, router) in routers() {
+        let per_request = rt.block_on(async {
+            let call = |key: String| {
+                let router = router.clone();
+                async move {
+                    let req = Request::get("/")
+                        .header("x-api-key", key)
+                        .body(Body::empty())
+                        .unwrap();
+                    let resp = router.oneshot(req).await.unwrap();
+                    resp.into_body().collect().await.unwrap();
+                }
+            };
+            let keys: Vec<String> = (0..100).map(|i| format!("key-{i}")).collect();
+            for key in &keys {
+                call(key.clone()).await;
+            }
+            let before = ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed);
+            for i in 0..n {
+                call(keys[i % keys.len()].clone()).await;
+            }
+            // The key's clone above is the caller's, not the router's.
+            (ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed) - before) as f64 / n as f64
+                - 1.0
+        });
+        if name == "no limiter" {
+            base = per_request;
+        }
+        println!(
+            "{name:<28} {per_request:>6.2} per request ({:+.2} over no limiter)",
+            per_request - base
+        );
+    }
+}
+
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     benches(&mut c);
     c.final_summary();
+    if !std::env::args().any(|a| a == "--profile-time") {
+        allocations(10_000);
+    }
     support::report(
         "router call in-process, per request",
         &[

@@ -3,7 +3,7 @@
 //! Misses are cached too (an entity with no stored limits costs one read per TTL, not one per
 //! request), but a failed read is never cached: an outage must not turn into "no limits".
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,9 @@ pub(crate) struct ConfigCache {
     misses: AtomicU64,
     /// When the next sweep of expired entries is due, epoch milliseconds.
     next_sweep_ms: AtomicI64,
+    /// Whether anything was ever inserted: an in-process backend with nothing stored
+    /// caches nothing, and its lookups then skip the map (and the hashing) altogether.
+    used: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -50,6 +53,7 @@ impl ConfigCache {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             next_sweep_ms: AtomicI64::new(i64::MIN),
+            used: AtomicBool::new(false),
         }
     }
 
@@ -72,7 +76,7 @@ impl ConfigCache {
         now_ms: i64,
         version: Option<u64>,
     ) -> Option<Arc<StoredConfig>> {
-        if self.enabled() {
+        if self.enabled() && self.used.load(Ordering::Relaxed) {
             let hit = keys::with_entity_resource(entity_id, resource, |key| {
                 let found = self
                     .entries
@@ -98,6 +102,7 @@ impl ConfigCache {
         version: Option<u64>,
     ) {
         if self.enabled() {
+            self.used.store(true, Ordering::Relaxed);
             self.entries.insert(
                 keys::entity_resource(entity_id, resource),
                 Entry {

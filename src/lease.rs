@@ -14,32 +14,52 @@ use parking_lot::Mutex;
 use smallvec::SmallVec;
 
 use crate::amount::{checked_amounts, named_amounts, Amount};
-use crate::repository::{statuses, AdjustRequest, ItemRequest, LimitCheck};
+use crate::repository::{statuses, AdjustRequest, Checks, ItemRequest, Items, LimitCheck};
 use crate::{Error, Limit, LimitStatus, RateLimiter};
 
 /// Whole tokens per limit of every item: inline for the usual few limits.
-type Amounts = SmallVec<[i64; 4]>;
+type LeaseAmounts = SmallVec<[i64; 4]>;
 
 #[derive(Debug)]
 struct LeaseState {
     /// Per limit of every item (flattened in item order): whole tokens written so far
     /// (the acquire plus committed adjustments).
-    written: Amounts,
+    written: LeaseAmounts,
     /// Per limit of every item: adjustments not yet written.
-    pending: Amounts,
+    pending: LeaseAmounts,
     closed: bool,
     /// A write that failed with an unknown outcome: re-issued (same id, same deltas)
     /// before anything else is written, so it lands exactly once.
-    in_doubt: Option<InDoubt>,
+    /// Boxed: rare, and kept out of every lease's allocation.
+    in_doubt: Option<Box<InDoubt>>,
     /// Item writes issued so far (for write ids).
     writes_issued: u32,
+    /// A commit or rollback holds the writes lock (see [`Settling`]).
+    settling: bool,
+}
+
+/// Marks a commit or rollback under way for as long as it holds the writes lock, so the
+/// lock-free close of [`LeaseShared::try_close_without_write`] never races one.
+struct Settling<'a>(&'a LeaseShared);
+
+impl<'a> Settling<'a> {
+    fn start(shared: &'a LeaseShared) -> Self {
+        shared.state.lock().settling = true;
+        Settling(shared)
+    }
+}
+
+impl Drop for Settling<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().settling = false;
+    }
 }
 
 /// An item write whose outcome is unknown.
 #[derive(Debug, Clone)]
 struct InDoubt {
     item: usize,
-    deltas: Amounts,
+    deltas: LeaseAmounts,
     write_id: String,
     /// A commit moves pending to written; a rollback only moves written.
     commit: bool,
@@ -50,8 +70,8 @@ pub(crate) struct LeaseShared {
     /// Random, for write ids unique across processes.
     id: u64,
     /// The items charged: the entity's own, then its parent's in a cascade.
-    items: Vec<ItemRequest>,
-    checks: Vec<LimitCheck>,
+    items: Items,
+    checks: Checks,
     statuses: OnceLock<Vec<LimitStatus>>,
     /// Admitted during an outage without a write: holds nothing.
     unlimited: bool,
@@ -239,6 +259,19 @@ impl LeaseShared {
     /// Closes the lease at once if nothing is pending and no commit or rollback is under
     /// way; `None` if there is a write to do or to wait for.
     fn try_close_without_write(&self) -> Option<Result<(), Error>> {
+        // Nothing pending and no commit or rollback under way (the usual commit): closed
+        // without the writes lock.
+        {
+            let mut state = self.state.lock();
+            if !state.closed
+                && !state.settling
+                && state.in_doubt.is_none()
+                && state.pending.iter().all(|d| *d == 0)
+            {
+                state.closed = true;
+                return Some(Ok(()));
+            }
+        }
         let _writing = self.writes.try_lock().ok()?;
         let mut state = self.state.lock();
         if state.closed {
@@ -256,6 +289,7 @@ impl LeaseShared {
             return done;
         }
         let _writing = self.writes.lock().await;
+        let _settling = Settling::start(self);
         self.resolve_in_doubt().await?;
         loop {
             let snapshot = {
@@ -292,12 +326,12 @@ impl LeaseShared {
                 };
                 if let Err(e) = self.write(item, part, &write_id).await {
                     if matches!(e, Error::Unavailable { .. }) {
-                        self.state.lock().in_doubt = Some(InDoubt {
+                        self.state.lock().in_doubt = Some(Box::new(InDoubt {
                             item: index,
                             deltas: part.into(),
                             write_id,
                             commit,
-                        });
+                        }));
                     }
                     return Err(e);
                 }
@@ -310,8 +344,9 @@ impl LeaseShared {
 
     async fn rollback(&self) -> Result<(), Error> {
         let _writing = self.writes.lock().await;
+        let _settling = Settling::start(self);
         self.resolve_in_doubt().await?;
-        let refund: Amounts = {
+        let refund: LeaseAmounts = {
             let state = self.state.lock();
             if state.closed {
                 return Err(Error::LeaseClosed);
@@ -327,12 +362,8 @@ impl LeaseShared {
 }
 
 impl Lease {
-    pub(crate) fn new(
-        limiter: &RateLimiter,
-        items: Vec<ItemRequest>,
-        checks: Vec<LimitCheck>,
-    ) -> Self {
-        let written: Amounts = items
+    pub(crate) fn new(limiter: &RateLimiter, items: Items, checks: Checks) -> Self {
+        let written: LeaseAmounts = items
             .iter()
             .flat_map(|i| i.amounts.iter().map(|a| *a as i64))
             .collect();
@@ -341,9 +372,9 @@ impl Lease {
 
     fn from_parts(
         limiter: &RateLimiter,
-        items: Vec<ItemRequest>,
-        checks: Vec<LimitCheck>,
-        written: Amounts,
+        items: Items,
+        checks: Checks,
+        written: LeaseAmounts,
         unlimited: bool,
     ) -> Self {
         Lease {
@@ -356,6 +387,7 @@ impl Lease {
                     closed: false,
                     in_doubt: None,
                     writes_issued: 0,
+                    settling: false,
                 }),
                 items,
                 checks,
@@ -374,12 +406,18 @@ impl Lease {
             entity_id: entity_id.to_string(),
             resource: resource.to_string(),
             limits: Arc::from(Vec::new()),
-            amounts: Vec::new(),
+            amounts: crate::repository::Amounts::new(),
             expires_when_idle: true,
             owner: None,
             bypass: false,
         };
-        Self::from_parts(limiter, vec![item], Vec::new(), Amounts::new(), true)
+        Self::from_parts(
+            limiter,
+            smallvec::smallvec![item],
+            Checks::new(),
+            LeaseAmounts::new(),
+            true,
+        )
     }
 
     /// The items and checks, for the HTTP layer's header fields.
@@ -444,10 +482,24 @@ impl Lease {
         if let Some(done) = self.shared.try_close_without_write() {
             return done;
         }
-        bounded(&self.shared, "commit", |shared| async move {
+        let result = bounded(&self.shared, "commit", |shared| async move {
             shared.commit().await
         })
-        .await
+        .await;
+        self.count_failure(&result);
+        result
+    }
+
+    /// Counts a commit or rollback that failed (not one on a lease already closed).
+    fn count_failure(&self, result: &Result<(), Error>) {
+        if matches!(result, Err(e) if !matches!(e, Error::LeaseClosed)) {
+            let shared = &self.shared;
+            shared
+                .limiter
+                .inner
+                .metrics
+                .settle_failure(shared.resource());
+        }
     }
 
     /// Returns everything the lease consumed (to the parent too) and closes it. On error
@@ -455,10 +507,12 @@ impl Lease {
     ///
     /// Bounded by the backend's operation timeout as [`Self::commit`] is.
     pub async fn rollback(&self) -> Result<(), Error> {
-        bounded(&self.shared, "rollback", |shared| async move {
+        let result = bounded(&self.shared, "rollback", |shared| async move {
             shared.rollback().await
         })
-        .await
+        .await;
+        self.count_failure(&result);
+        result
     }
 
     /// A shared handle for reading the lease and buffering adjustments.
@@ -637,6 +691,7 @@ async fn settle_with_retries(shared: Arc<LeaseShared>, commit: bool, reason: &'s
                 return;
             }
             Err(e @ Error::Unavailable { .. }) if started.elapsed() < SETTLE_FOR => {
+                shared.limiter.inner.metrics.settle_retry(shared.resource());
                 // Once per lease at `warn`; the retries after it at `debug`.
                 if attempt == 0 {
                     tracing::warn!(
@@ -653,6 +708,11 @@ async fn settle_with_retries(shared: Arc<LeaseShared>, commit: bool, reason: &'s
                 attempt += 1;
             }
             Err(e) => {
+                shared
+                    .limiter
+                    .inner
+                    .metrics
+                    .settle_failure(shared.resource());
                 tracing::error!(
                     entity_id = %shared.entity_id(),
                     resource = %shared.resource(),
@@ -676,13 +736,22 @@ fn settle_backoff(attempt: u32) -> std::time::Duration {
 }
 
 /// A random lease id (write ids must not collide across processes sharing a table).
+/// A lease id: a random per-process base (drawn once, with the process id) plus a
+/// counter, so ids differ across processes and never repeat within one, for one atomic add
+/// per lease (no system call on the hot path).
 fn lease_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
+    static BASE: OnceLock<u64> = OnceLock::new();
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    h.write_u32(std::process::id());
-    h.finish()
+    let base = *BASE.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.finish()
+    });
+    // Odd multiplier: distinct counters give distinct ids.
+    base ^ COUNTER
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// Runs `fut` to completion without the caller waiting: polled once inline (the in-memory

@@ -60,6 +60,7 @@ mod limiter;
 #[cfg_attr(docsrs, doc(cfg(feature = "local")))]
 pub mod local;
 mod log_throttle;
+pub mod metrics;
 pub mod middleware;
 pub mod model;
 pub mod naming;

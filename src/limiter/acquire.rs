@@ -10,7 +10,9 @@ use smallvec::SmallVec;
 use super::{no_limits, resolve, BoxFuture, RateLimiter};
 use crate::amount::{checked_amounts, named_amounts, Amount};
 use crate::lease::Lease;
-use crate::repository::{statuses, AcquireOutcome, AcquireRequest, ItemRequest, StoredConfig};
+use crate::repository::{
+    statuses, AcquireOutcome, AcquireRequest, Amounts, ItemRequest, Items, StoredConfig,
+};
 use crate::{limit, naming, ConfigSource, Error, Limit, OnUnavailable, RateLimitExceeded};
 
 /// An acquire being set up: `.limits`, `.fallback_limits`, `.consume`, `.cascade`,
@@ -122,6 +124,14 @@ impl Acquire {
     /// Applies the outage policy to a decision. The outage is logged once, then as a
     /// count every 10 s (a line per request would flood the log when it matters most).
     fn apply_policy(&self, decision: Result<Lease, Error>) -> Result<Lease, Error> {
+        if matches!(decision, Err(Error::Unavailable { .. })) {
+            self.limiter.inner.metrics.decided(
+                &self.resource,
+                crate::metrics::Outcome::Unavailable,
+                &[],
+                &[],
+            );
+        }
         match decision {
             Err(Error::Unavailable { message, source })
                 if self.limiter.policy(self.on_unavailable) == OnUnavailable::Allow =>
@@ -159,7 +169,7 @@ impl Acquire {
         &self,
         stored: &StoredConfig,
         consume: Option<&[(String, i64)]>,
-    ) -> Option<(Arc<[Limit]>, Vec<u64>, bool)> {
+    ) -> Option<(Arc<[Limit]>, Amounts, bool)> {
         let (limits, source) = resolve(stored, self.limits.as_ref(), self.fallback.as_ref())?;
         let amounts = limits
             .iter()
@@ -202,8 +212,14 @@ impl Acquire {
         &self,
         stored: &'s StoredConfig,
         consume: Option<&[(String, i64)]>,
-    ) -> Result<(Arc<[Limit]>, Vec<u64>, bool, Option<&'s str>), Error> {
+    ) -> Result<(Arc<[Limit]>, Amounts, bool, Option<&'s str>), Error> {
         if stored.disabled {
+            self.limiter.inner.metrics.decided(
+                &self.resource,
+                crate::metrics::Outcome::Disabled,
+                &[],
+                &[],
+            );
             return Err(Error::ResourceDisabled {
                 entity_id: self.entity_id.clone(),
                 resource: self.resource.clone(),
@@ -231,6 +247,16 @@ impl Acquire {
 
     /// Turns the backend's answer into a lease or a rejection.
     fn finish(&self, request: AcquireRequest, outcome: AcquireOutcome) -> Result<Lease, Error> {
+        self.limiter.inner.metrics.decided(
+            &request.items[0].resource,
+            if outcome.admitted {
+                crate::metrics::Outcome::Admitted
+            } else {
+                crate::metrics::Outcome::Rejected
+            },
+            &request.items,
+            &outcome.checks,
+        );
         if !outcome.admitted {
             let rejection = RateLimitExceeded::new(statuses(&request.items, &outcome.checks))
                 .ok_or_else(|| {
@@ -268,7 +294,7 @@ impl Acquire {
             .stored_config(&self.entity_id, &self.resource, now)
             .await?;
         let (limits, amounts, expires_when_idle, parent) = self.own_charges(&stored, consume)?;
-        let mut items = vec![ItemRequest {
+        let mut items: Items = smallvec::smallvec![ItemRequest {
             entity_id: self.entity_id.clone(),
             resource: self.resource.clone(),
             limits,
@@ -327,7 +353,7 @@ impl Acquire {
                 }
             }
         };
-        let mut items = Vec::with_capacity(1 + usize::from(parent_item.is_some()));
+        let mut items = Items::new();
         items.push(ItemRequest {
             entity_id: std::mem::take(&mut self.entity_id),
             resource: std::mem::take(&mut self.resource),
@@ -431,14 +457,23 @@ impl IntoFuture for Acquire {
     type IntoFuture = AcquireFuture;
 
     fn into_future(self) -> Self::IntoFuture {
-        let decision: BoxFuture<'static, Self::Output> = match self.try_now() {
-            Ok(decided) => Box::pin(std::future::ready(decided)),
-            Err(pending) => Box::pin(pending.run()),
+        let decision = match self.try_now() {
+            // Decided without waiting (the in-memory backend): no future to allocate.
+            Ok(decided) => Decision::Ready(decided),
+            Err(pending) => Decision::Pending(Box::pin(pending.run())),
         };
         AcquireFuture {
             decision: Some(decision),
         }
     }
+}
+
+/// Where an [`AcquireFuture`] stands.
+enum Decision {
+    /// Decided at once.
+    Ready(Result<Lease, Error>),
+    /// Waiting for the backend.
+    Pending(BoxFuture<'static, Result<Lease, Error>>),
 }
 
 /// The future of an [`Acquire`]: resolves to the [`Lease`] or the rejection.
@@ -448,7 +483,7 @@ impl IntoFuture for Acquire {
 /// never leaked (as with `tokio::select!` or a timeout around `.await`).
 #[must_use = "an acquire does nothing until it is awaited"]
 pub struct AcquireFuture {
-    decision: Option<BoxFuture<'static, Result<Lease, Error>>>,
+    decision: Option<Decision>,
 }
 
 impl std::fmt::Debug for AcquireFuture {
@@ -466,10 +501,14 @@ impl Future for AcquireFuture {
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        let Some(decision) = self.decision.as_mut() else {
-            return std::task::Poll::Ready(Err(Error::LeaseClosed));
+        let out = match self.decision.as_mut() {
+            None => return std::task::Poll::Ready(Err(Error::LeaseClosed)),
+            Some(Decision::Pending(pending)) => std::task::ready!(pending.as_mut().poll(cx)),
+            Some(Decision::Ready(_)) => match self.decision.take() {
+                Some(Decision::Ready(decided)) => return std::task::Poll::Ready(decided),
+                _ => unreachable!("matched Ready just above"),
+            },
         };
-        let out = std::task::ready!(decision.as_mut().poll(cx));
         self.decision = None;
         std::task::Poll::Ready(out)
     }
@@ -477,8 +516,8 @@ impl Future for AcquireFuture {
 
 impl Drop for AcquireFuture {
     fn drop(&mut self) {
-        if let Some(decision) = self.decision.take() {
-            crate::lease::run_detached(async move {
+        match self.decision.take() {
+            Some(Decision::Pending(decision)) => crate::lease::run_detached(async move {
                 if let Ok(lease) = decision.await {
                     tracing::debug!(
                         entity_id = %lease.entity_id(),
@@ -486,7 +525,10 @@ impl Drop for AcquireFuture {
                     );
                     lease.settle_detached(false, "acquire dropped before it returned");
                 }
-            });
+            }),
+            // A decided lease never returned: dropping it rolls it back.
+            Some(Decision::Ready(decided)) => drop(decided),
+            None => {}
         }
     }
 }

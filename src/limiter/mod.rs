@@ -62,6 +62,8 @@ pub(crate) struct Inner {
     last_policy: AtomicU8,
     /// Outage log lines, once then a count every 10 s.
     outage_log: crate::log_throttle::LogThrottle,
+    /// Metric handles (feature `metrics`; nothing without it).
+    pub(crate) metrics: crate::metrics::Metrics,
 }
 
 impl std::fmt::Debug for RateLimiter {
@@ -115,6 +117,7 @@ impl RateLimiterBuilder {
                 on_unavailable: self.on_unavailable,
                 last_policy: AtomicU8::new(0),
                 outage_log: crate::log_throttle::LogThrottle::new(),
+                metrics: crate::metrics::Metrics::new(),
             }),
         }
     }

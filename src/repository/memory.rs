@@ -17,7 +17,7 @@ type States = SmallVec<[BucketState; 4]>;
 
 use super::{
     debt_too_deep, params_changed, reconcile_bucket, Access, AcquireOutcome, AcquireRequest,
-    AdjustRequest, ConfigScope, ItemRequest, LimitCheck, Repository, StoredConfig,
+    AdjustRequest, Checks, ConfigScope, ItemRequest, LimitCheck, Repository, StoredConfig,
 };
 use crate::bucket::{self, BucketState};
 use crate::keys;
@@ -82,12 +82,7 @@ impl Item {
 
     /// Tries every limit of `request` against this item's buckets without writing: pushes
     /// one check per limit and returns whether all fit, with the states to write if so.
-    fn charge(
-        &self,
-        request: &ItemRequest,
-        now: i64,
-        checks: &mut Vec<LimitCheck>,
-    ) -> (bool, States) {
+    fn charge(&self, request: &ItemRequest, now: i64, checks: &mut Checks) -> (bool, States) {
         let mut fits = true;
         let mut states = States::new();
         for (limit, amount) in request.limits.iter().zip(request.amounts.iter().copied()) {
@@ -575,7 +570,7 @@ impl InMemoryRepository {
 
         // Check everything first; write only if every limit of every item fits.
         let total: usize = items.iter().map(|i| i.limits.len()).sum();
-        let mut checks = Vec::with_capacity(total);
+        let mut checks = Checks::with_capacity(total);
         let mut admitted = true;
         let mut charged: SmallVec<[(usize, States); 2]> = SmallVec::new();
         for (i, item) in items.iter().enumerate() {
@@ -609,7 +604,7 @@ impl InMemoryRepository {
     /// that ordering several locks needs (measurably cheaper on the hot path).
     fn decide_one(&self, item: &ItemRequest, now: i64) -> AcquireOutcome {
         let mut guard = self.inner.lock_one(&item.entity_id, &item.resource);
-        let mut checks = Vec::with_capacity(item.limits.len());
+        let mut checks = Checks::with_capacity(item.limits.len());
         let (admitted, states) = guard.charge(item, now, &mut checks);
         if admitted {
             for (limit, state) in item.limits.iter().zip(states) {

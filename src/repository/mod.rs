@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use smallvec::SmallVec;
 
 use crate::bucket::{BucketState, ConsumeResult};
 use crate::{BackendCapabilities, Entity, Error, Limit, LimitStatus, OnUnavailable};
@@ -22,6 +23,16 @@ use crate::{BackendCapabilities, Entity, Error, Limit, LimitStatus, OnUnavailabl
 #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
 pub mod dynamodb;
 pub mod memory;
+
+/// The whole tokens to take from each limit of an item: inline for up to four limits, so
+/// an acquire allocates nothing for them.
+pub type Amounts = SmallVec<[u64; 4]>;
+
+/// One check per limit of every item of an acquire: inline for up to four.
+pub type Checks = SmallVec<[LimitCheck; 4]>;
+
+/// The items of an acquire: inline for one (a cascade, rarer, allocates).
+pub type Items = SmallVec<[ItemRequest; 1]>;
 
 /// One bucket item to charge in an acquire: the limits of one entity and resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +44,7 @@ pub struct ItemRequest {
     /// The limits to enforce.
     pub limits: Arc<[Limit]>,
     /// The whole tokens to take from each limit, in the same order (zero allowed).
-    pub amounts: Vec<u64>,
+    pub amounts: Amounts,
     /// Whether the limits come from a shared level (resource, system, or the caller's), so
     /// a backend may expire the item once idle; false when they are stored for this entity,
     /// whose buckets are kept (DESIGN section 9, bucket `ttl`).
@@ -52,7 +63,7 @@ pub struct ItemRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcquireRequest {
     /// The items, child first.
-    pub items: Vec<ItemRequest>,
+    pub items: Items,
     /// The time of the request, epoch milliseconds.
     pub now_ms: i64,
 }
@@ -63,7 +74,7 @@ pub struct AcquireOutcome {
     /// Whether everything was consumed (else nothing was).
     pub admitted: bool,
     /// One check per limit of every item, in request order.
-    pub checks: Vec<LimitCheck>,
+    pub checks: Checks,
     /// The items (by index) admitted under a bypass: nothing was taken from them, so a
     /// lease's later changes to them move the count only ([`AdjustRequest::counts_only`]).
     pub bypassed: Vec<usize>,

@@ -109,6 +109,14 @@ impl Repository for Switchable {
         self.check()?;
         self.inner.get_on_unavailable().await
     }
+    async fn set_access(
+        &self,
+        s: &ConfigScope,
+        a: Option<zae_limiter::Access>,
+    ) -> Result<usize, Error> {
+        self.check()?;
+        self.inner.set_access(s, a).await
+    }
     async fn load_config(&self, e: &str, r: &str) -> Result<StoredConfig, Error> {
         self.check()?;
         self.inner.load_config(e, r).await

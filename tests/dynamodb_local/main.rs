@@ -12,6 +12,11 @@ mod suite;
 
 mod local_server;
 mod lost_responses;
+#[cfg(feature = "metrics")]
+mod metrics_recorded;
+#[cfg(feature = "metrics")]
+#[path = "../common/metrics_snapshot.rs"]
+mod metrics_snapshot;
 mod python_interop;
 mod repository;
 mod suite_cases;

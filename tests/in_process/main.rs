@@ -13,6 +13,11 @@ mod bucket_properties;
 mod concurrency;
 mod conformance;
 mod memory_backend;
+#[cfg(feature = "metrics")]
+mod metrics_recorded;
+#[cfg(feature = "metrics")]
+#[path = "../common/metrics_snapshot.rs"]
+mod metrics_snapshot;
 mod middleware;
 mod tracing_events;
 mod unavailable;

@@ -258,6 +258,10 @@ impl DynamoDbRepositoryBuilder {
         if let Some(counter) = &self.counter {
             config = config.interceptor(counter.clone());
         }
+        #[cfg(feature = "metrics")]
+        {
+            config = config.interceptor(super::counter::CallMetrics);
+        }
         Client::from_conf(config.build())
     }
 }

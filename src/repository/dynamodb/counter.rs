@@ -93,3 +93,52 @@ impl Intercept for CallCounter {
         Ok(())
     }
 }
+
+/// Records every DynamoDB call of a repository's client in the `metrics` facade (see
+/// [`crate::metrics`]): `zae_limiter_dynamodb_calls_total` by operation and outcome, and
+/// `zae_limiter_dynamodb_call_seconds`, SDK retries included.
+#[cfg(feature = "metrics")]
+#[derive(Debug, Default)]
+pub(super) struct CallMetrics;
+
+/// When a call started, kept in the call's config bag.
+#[cfg(feature = "metrics")]
+#[derive(Debug, Clone)]
+struct CallStart(std::time::Instant);
+
+#[cfg(feature = "metrics")]
+impl aws_smithy_types::config_bag::Storable for CallStart {
+    type Storer = aws_smithy_types::config_bag::StoreReplace<Self>;
+}
+
+#[cfg(feature = "metrics")]
+impl Intercept for CallMetrics {
+    fn name(&self) -> &'static str {
+        "zae_limiter::CallMetrics"
+    }
+
+    fn read_before_execution(
+        &self,
+        _context: &BeforeSerializationInterceptorContextRef<'_>,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        cfg.interceptor_state()
+            .store_put(CallStart(std::time::Instant::now()));
+        Ok(())
+    }
+
+    fn read_after_execution(
+        &self,
+        context: &FinalizerInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let operation = cfg.load::<Metadata>().map_or("unknown", |m| m.name());
+        let ok = matches!(context.output_or_error(), Some(Ok(_)));
+        let seconds = cfg
+            .load::<CallStart>()
+            .map_or(0.0, |start| start.0.elapsed().as_secs_f64());
+        crate::metrics::dynamodb_call(operation, ok, seconds);
+        Ok(())
+    }
+}

@@ -36,7 +36,7 @@ use crate::repository::dynamodb::codec::Image;
 use crate::repository::dynamodb::errors::build_error;
 use crate::repository::dynamodb::retry::backoff;
 use crate::repository::dynamodb::{errors, Inner};
-use crate::repository::{AcquireOutcome, ItemRequest, LimitCheck};
+use crate::repository::{AcquireOutcome, Checks, ItemRequest};
 use crate::{Entity, Error};
 
 /// Attempts before an acquire gives up under contention (then `Unavailable`, never a 429;
@@ -92,7 +92,7 @@ impl Inner {
         now_ms: i64,
     ) -> Result<AcquireOutcome, Error> {
         match items {
-            [] => Ok(admitted(Vec::new())),
+            [] => Ok(admitted(Checks::new())),
             [item] => self.acquire_one(item, now_ms).await,
             [child, parent] if child.bypass || parent.bypass => {
                 self.acquire_in_turn(child, parent, now_ms).await
@@ -233,7 +233,7 @@ impl Inner {
         &self,
         written: Written,
         item: &ItemRequest,
-        checks: Vec<LimitCheck>,
+        checks: Checks,
         now: i64,
     ) -> Result<Step, Done> {
         match written {
@@ -304,7 +304,7 @@ impl Inner {
         };
         // Undo whatever one side took, then decide from what the other side saw.
         let mut error = None;
-        let mut checks = Vec::new();
+        let mut checks = Checks::new();
         let mut fits = true;
         let mut stale = Vec::new();
         let mut stamped = false;
@@ -581,7 +581,7 @@ impl Inner {
     }
 }
 
-pub(super) fn admitted(checks: Vec<LimitCheck>) -> AcquireOutcome {
+pub(super) fn admitted(checks: Checks) -> AcquireOutcome {
     AcquireOutcome {
         admitted: true,
         checks,
@@ -589,7 +589,7 @@ pub(super) fn admitted(checks: Vec<LimitCheck>) -> AcquireOutcome {
     }
 }
 
-pub(super) fn rejected(checks: Vec<LimitCheck>) -> AcquireOutcome {
+pub(super) fn rejected(checks: Checks) -> AcquireOutcome {
     AcquireOutcome {
         admitted: false,
         checks,

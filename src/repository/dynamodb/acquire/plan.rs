@@ -3,14 +3,14 @@
 
 use crate::bucket::{self, BucketState, MILLI};
 use crate::repository::dynamodb::codec::Image;
-use crate::repository::{params_changed, reconcile_bucket, ItemRequest, LimitCheck};
+use crate::repository::{params_changed, reconcile_bucket, Checks, ItemRequest, LimitCheck};
 use crate::Limit;
 
 /// What the arithmetic says about one item.
 #[derive(Debug)]
 pub(in crate::repository::dynamodb) struct Plan {
     /// One check per limit.
-    pub checks: Vec<LimitCheck>,
+    pub checks: Checks,
     /// Whether every limit fits.
     pub fits: bool,
     /// The state of every limit after this acquire (refilled, reconciled, consumed).
@@ -28,7 +28,7 @@ pub(in crate::repository::dynamodb) fn evaluate(
 ) -> Plan {
     let window = fresh_window_ms(charged(item));
     let mut plan = Plan {
-        checks: Vec::with_capacity(item.limits.len()),
+        checks: Checks::with_capacity(item.limits.len()),
         fits: true,
         states: Vec::with_capacity(item.limits.len()),
         // An item without the `wcu` pseudo-limit (written before tables were shared with
@@ -139,7 +139,7 @@ pub(super) fn milli_i64(amount: u64) -> i64 {
 }
 
 /// The checks of a speculative write that succeeded, from the item it left.
-pub(super) fn admitted_checks(new: &Image, item: &ItemRequest, now_ms: i64) -> Vec<LimitCheck> {
+pub(super) fn admitted_checks(new: &Image, item: &ItemRequest, now_ms: i64) -> Checks {
     item.limits
         .iter()
         .zip(&item.amounts)
@@ -172,7 +172,7 @@ mod tests {
             entity_id: "e".into(),
             resource: "r".into(),
             limits: Arc::from(limits),
-            amounts: amounts.to_vec(),
+            amounts: amounts.into(),
             expires_when_idle: true,
             owner: None,
             bypass: false,

@@ -1,0 +1,206 @@
+//! Operational metrics through the [`metrics`](https://docs.rs/metrics) facade (feature
+//! `metrics`): the application installs a recorder (an exporter such as
+//! `metrics-exporter-prometheus`, before it builds the limiter) and scrapes these.
+//!
+//! | name | kind | labels | what |
+//! |---|---|---|---|
+//! | `zae_limiter_requests_total` | counter | `resource`, `outcome` | acquires by outcome: `admitted`, `rejected`, `disabled`, `unavailable` (the backend failed; admitted or not by the outage policy) |
+//! | `zae_limiter_limit_checks_total` | counter | `resource`, `limit`, `outcome` | per limit of each decided acquire: `passed` or `exceeded` |
+//! | `zae_limiter_lease_settle_retries_total` | counter | `resource` | background commits and rollbacks sent again after an outage |
+//! | `zae_limiter_lease_settle_failures_total` | counter | `resource` | commits and rollbacks that failed for good |
+//! | `zae_limiter_dynamodb_calls_total` | counter | `operation`, `outcome` | DynamoDB calls (`ok` or `error`, a failed condition included) |
+//! | `zae_limiter_dynamodb_call_seconds` | histogram | `operation` | their latency, SDK retries included |
+//!
+//! Entity ids are never labels (unbounded cardinality); resources and limit names are
+//! configuration, so bounded. The handles are registered once per resource and limit and
+//! kept, so the hot path pays an increment, not a registry lookup: a recorder installed
+//! after the limiter served its first request is not seen by that limiter.
+//!
+//! Without the feature every function here compiles to nothing.
+
+#[cfg(feature = "metrics")]
+pub(crate) use enabled::*;
+
+#[cfg(not(feature = "metrics"))]
+pub(crate) use disabled::*;
+
+/// How an acquire ended, as the `outcome` label says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+pub(crate) enum Outcome {
+    Admitted,
+    Rejected,
+    Disabled,
+    Unavailable,
+}
+
+#[cfg(feature = "metrics")]
+mod enabled {
+    use std::sync::Arc;
+
+    use ::metrics::{counter, Counter};
+    use dashmap::DashMap;
+    use parking_lot::RwLock;
+
+    use super::Outcome;
+    use crate::repository::{ItemRequest, LimitCheck};
+
+    /// The handles of one resource, registered on first use.
+    struct ResourceHandles {
+        admitted: Counter,
+        rejected: Counter,
+        disabled: Counter,
+        unavailable: Counter,
+        settle_retries: Counter,
+        settle_failures: Counter,
+        /// Per limit name: passed, exceeded.
+        limits: RwLock<Vec<(Box<str>, Counter, Counter)>>,
+        resource: Arc<str>,
+    }
+
+    impl ResourceHandles {
+        fn new(resource: &str) -> Self {
+            let r: Arc<str> = resource.into();
+            let request = |outcome: &'static str| counter!("zae_limiter_requests_total", "resource" => r.to_string(), "outcome" => outcome);
+            ResourceHandles {
+                admitted: request("admitted"),
+                rejected: request("rejected"),
+                disabled: request("disabled"),
+                unavailable: request("unavailable"),
+                settle_retries: counter!("zae_limiter_lease_settle_retries_total", "resource" => r.to_string()),
+                settle_failures: counter!("zae_limiter_lease_settle_failures_total", "resource" => r.to_string()),
+                limits: RwLock::new(Vec::new()),
+                resource: r,
+            }
+        }
+
+        /// Counts one limit's check, registering its handles the first time.
+        fn check(&self, limit: &str, exceeded: bool) {
+            let pick = |(_, passed, over): &(Box<str>, Counter, Counter)| {
+                if exceeded {
+                    over.increment(1)
+                } else {
+                    passed.increment(1)
+                }
+            };
+            if let Some(found) = self.limits.read().iter().find(|(n, _, _)| &**n == limit) {
+                pick(found);
+                return;
+            }
+            let mut limits = self.limits.write();
+            if !limits.iter().any(|(n, _, _)| &**n == limit) {
+                let handle = |outcome: &'static str| {
+                    counter!(
+                        "zae_limiter_limit_checks_total",
+                        "resource" => self.resource.to_string(),
+                        "limit" => limit.to_string(),
+                        "outcome" => outcome
+                    )
+                };
+                limits.push((limit.into(), handle("passed"), handle("exceeded")));
+            }
+            if let Some(found) = limits.iter().find(|(n, _, _)| &**n == limit) {
+                pick(found);
+            }
+        }
+    }
+
+    /// A limiter's metric handles.
+    #[derive(Default)]
+    pub(crate) struct Metrics {
+        resources: DashMap<String, Arc<ResourceHandles>, foldhash::fast::RandomState>,
+    }
+
+    impl std::fmt::Debug for Metrics {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Metrics")
+                .field("resources", &self.resources.len())
+                .finish()
+        }
+    }
+
+    impl Metrics {
+        pub(crate) fn new() -> Self {
+            Self::default()
+        }
+
+        fn handles(&self, resource: &str) -> Arc<ResourceHandles> {
+            if let Some(found) = self.resources.get(resource) {
+                return Arc::clone(&found);
+            }
+            Arc::clone(
+                &self
+                    .resources
+                    .entry(resource.to_string())
+                    .or_insert_with(|| Arc::new(ResourceHandles::new(resource))),
+            )
+        }
+
+        /// One decided acquire: its outcome and, when the backend decided it, each
+        /// limit's check (`checks` in the items' limit order).
+        pub(crate) fn decided(
+            &self,
+            resource: &str,
+            outcome: Outcome,
+            items: &[ItemRequest],
+            checks: &[LimitCheck],
+        ) {
+            let handles = self.handles(resource);
+            match outcome {
+                Outcome::Admitted => handles.admitted.increment(1),
+                Outcome::Rejected => handles.rejected.increment(1),
+                Outcome::Disabled => handles.disabled.increment(1),
+                Outcome::Unavailable => handles.unavailable.increment(1),
+            }
+            let limits = items.iter().flat_map(|i| i.limits.iter());
+            for (limit, check) in limits.zip(checks) {
+                handles.check(&limit.name, check.exceeded);
+            }
+        }
+
+        /// A background settle of a lease on `resource` sent again.
+        pub(crate) fn settle_retry(&self, resource: &str) {
+            self.handles(resource).settle_retries.increment(1);
+        }
+
+        /// A commit or rollback of a lease on `resource` that failed for good.
+        pub(crate) fn settle_failure(&self, resource: &str) {
+            self.handles(resource).settle_failures.increment(1);
+        }
+    }
+
+    /// One DynamoDB call: its operation, whether it succeeded, and how long it took.
+    #[cfg(feature = "dynamodb")]
+    pub(crate) fn dynamodb_call(operation: &str, ok: bool, seconds: f64) {
+        let outcome = if ok { "ok" } else { "error" };
+        counter!("zae_limiter_dynamodb_calls_total", "operation" => operation.to_string(), "outcome" => outcome)
+            .increment(1);
+        ::metrics::histogram!("zae_limiter_dynamodb_call_seconds", "operation" => operation.to_string())
+            .record(seconds);
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+mod disabled {
+    use super::Outcome;
+    use crate::repository::{ItemRequest, LimitCheck};
+
+    /// Without the `metrics` feature: nothing is recorded.
+    #[derive(Debug)]
+    pub(crate) struct Metrics;
+
+    impl Metrics {
+        pub(crate) fn new() -> Self {
+            Metrics
+        }
+
+        #[inline(always)]
+        pub(crate) fn decided(&self, _: &str, _: Outcome, _: &[ItemRequest], _: &[LimitCheck]) {}
+
+        #[inline(always)]
+        pub(crate) fn settle_retry(&self, _: &str) {}
+
+        #[inline(always)]
+        pub(crate) fn settle_failure(&self, _: &str) {}
+    }
+}

@@ -1,0 +1,117 @@
+//! The limiter's counters, read back through a recorder (feature `metrics`).
+
+use std::time::Duration;
+
+use metrics_util::debugging::DebuggingRecorder;
+use zae_limiter::{Error, Limit, OnUnavailable, RateLimiter};
+
+use crate::common::Switchable;
+use crate::metrics_snapshot::Recorded;
+
+#[test]
+fn decisions_limits_and_outages_are_counted_per_resource_and_limit() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let backend = Switchable::default();
+            let limiter = RateLimiter::builder(backend.clone())
+                .config_cache_ttl(Duration::ZERO)
+                .build();
+            let limits = [Limit::per_minute("rpm", 2), Limit::per_minute("tpm", 100)];
+            let mut outcomes = Vec::new();
+            for _ in 0..3 {
+                let result = limiter
+                    .acquire("k1", "api")
+                    .limits(limits.clone())
+                    .consume([("rpm", 1), ("tpm", 10)])
+                    .await;
+                outcomes.push(match result {
+                    Ok(lease) => {
+                        lease.commit().await.unwrap();
+                        "admitted"
+                    }
+                    Err(Error::RateLimited(_)) => "rejected",
+                    Err(e) => panic!("{e:?}"),
+                });
+            }
+            assert_eq!(outcomes, ["admitted", "admitted", "rejected"]);
+            // Another resource has counters of its own.
+            limiter
+                .acquire("k1", "search")
+                .limits([Limit::per_minute("rpm", 5)])
+                .await
+                .unwrap()
+                .commit()
+                .await
+                .unwrap();
+            // Switched off: refused with its own outcome.
+            limiter.disable_resource("api").await.unwrap();
+            assert!(matches!(
+                limiter.acquire("k2", "api").limits(limits.clone()).await,
+                Err(Error::ResourceDisabled { .. })
+            ));
+            limiter.clear_resource_disabled("api").await.unwrap();
+            // An outage: counted whether the policy admits or not.
+            backend.set_down(true);
+            let allowed = limiter
+                .acquire("k3", "api")
+                .limits(limits.clone())
+                .on_unavailable(OnUnavailable::Allow)
+                .await
+                .unwrap();
+            assert!(allowed.is_unlimited());
+            assert!(limiter
+                .acquire("k3", "api")
+                .limits(limits.clone())
+                .on_unavailable(OnUnavailable::Block)
+                .await
+                .is_err());
+            // A lease whose rollback fails for good is a settle failure.
+            backend.set_down(false);
+            let lease = limiter
+                .acquire("k4", "api")
+                .limits([Limit::per_minute("rpm", 9)])
+                .await
+                .unwrap();
+            backend.set_down(true);
+            assert!(lease.rollback().await.is_err());
+            backend.set_down(false);
+            lease.rollback().await.unwrap();
+        });
+    });
+    let recorded = Recorded::take(&snapshotter);
+    let requests = |resource: &str, outcome: &str| {
+        recorded.counter(
+            "zae_limiter_requests_total",
+            &[("resource", resource), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(requests("api", "admitted"), 3);
+    assert_eq!(requests("api", "rejected"), 1);
+    assert_eq!(requests("api", "disabled"), 1);
+    assert_eq!(requests("api", "unavailable"), 2);
+    assert_eq!(requests("search", "admitted"), 1);
+    let checks = |limit: &str, outcome: &str| {
+        recorded.counter(
+            "zae_limiter_limit_checks_total",
+            &[("resource", "api"), ("limit", limit), ("outcome", outcome)],
+        )
+    };
+    // Three decided on rpm:2 + tpm, one more on rpm:9.
+    assert_eq!(checks("rpm", "passed"), 3);
+    assert_eq!(checks("rpm", "exceeded"), 1);
+    assert_eq!(checks("tpm", "passed"), 3);
+    assert_eq!(checks("tpm", "exceeded"), 0);
+    assert_eq!(
+        recorded.counter(
+            "zae_limiter_lease_settle_failures_total",
+            &[("resource", "api")]
+        ),
+        1
+    );
+}
