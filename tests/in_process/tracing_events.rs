@@ -36,7 +36,13 @@ fn capture(level: tracing::Level) -> (Captured, tracing::subscriber::DefaultGuar
         .with_ansi(false)
         .with_writer(move || sink.clone())
         .finish();
-    (captured, tracing::subscriber::set_default(subscriber))
+    let guard = tracing::subscriber::set_default(subscriber);
+    // Other tests of this binary, on other threads, may have registered a callsite while
+    // this subscriber was being set: recompute every callsite's interest with it in place
+    // (tracing caches interest per callsite, and a registration racing `set_default` can
+    // cache "never").
+    tracing::callsite::rebuild_interest_cache();
+    (captured, guard)
 }
 
 /// A 1-a-minute app over a backend that can be switched off.
