@@ -44,7 +44,8 @@ pub struct InMemoryRepository {
 
 #[derive(Debug)]
 struct Inner {
-    buckets: DashMap<String, Arc<Mutex<Item>>, foldhash::fast::RandomState>,
+    /// Per `{entity}#{resource}` (a boxed key: no capacity word per entry).
+    buckets: DashMap<Box<str>, Arc<Mutex<Item>>, foldhash::fast::RandomState>,
     entities: RwLock<HashMap<String, Entity>>,
     configs: RwLock<HashMap<ConfigScope, Arc<[Limit]>>>,
     /// Moves on every entity or config write (see [`Repository::config_version`]).
@@ -64,8 +65,9 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct Item {
-    /// Per limit name; sized exactly, since millions of these may be held.
-    buckets: Vec<(Box<str>, BucketState)>,
+    /// Per limit name (interned, shared by every item): the usual single bucket inline in
+    /// the item's own allocation, since millions of these may be held.
+    buckets: SmallVec<[(Arc<str>, BucketState); 1]>,
     /// When the item may be evicted, epoch milliseconds.
     evict_at_ms: i64,
     /// Set by eviction; a writer that finds it set looks the item up again.
@@ -115,7 +117,7 @@ impl Item {
             Some((_, s)) => *s = state,
             None => {
                 self.buckets.reserve_exact(1);
-                self.buckets.push((name.into(), state));
+                self.buckets.push((interned(name), state));
             }
         }
     }
@@ -135,6 +137,24 @@ impl Item {
         }
         self.evict_at_ms = now_ms.saturating_add(i64::try_from(keep_ms).unwrap_or(i64::MAX));
     }
+}
+
+/// A limit name, shared by every item with a bucket of that name: a name per bucket would
+/// cost each key a heap block of its own. Names are configuration, so the set stays small.
+fn interned(name: &str) -> Arc<str> {
+    static NAMES: std::sync::OnceLock<parking_lot::RwLock<std::collections::HashSet<Arc<str>>>> =
+        std::sync::OnceLock::new();
+    let names = NAMES.get_or_init(Default::default);
+    if let Some(found) = names.read().get(name) {
+        return Arc::clone(found);
+    }
+    let mut names = names.write();
+    if let Some(found) = names.get(name) {
+        return Arc::clone(found);
+    }
+    let shared: Arc<str> = name.into();
+    names.insert(Arc::clone(&shared));
+    shared
 }
 
 fn fill_time_ms(s: &BucketState) -> u64 {
@@ -303,7 +323,7 @@ impl Inner {
             Arc::clone(
                 &self
                     .buckets
-                    .entry(keys::entity_resource(entity_id, resource))
+                    .entry(keys::entity_resource(entity_id, resource).into_boxed_str())
                     .or_default(),
             )
         })
@@ -418,7 +438,7 @@ impl Repository for InMemoryRepository {
         );
         // Never block on an item lock while holding a map shard: collect, remove, then mark.
         let prefix = keys::entity_resource(entity_id, "");
-        let keys: Vec<String> = self
+        let keys: Vec<Box<str>> = self
             .inner
             .buckets
             .iter()
