@@ -27,6 +27,11 @@ impl Write for Captured {
     }
 }
 
+/// The tests that capture run one at a time: tracing computes one global level hint and a
+/// per-callsite interest from every subscriber alive, so two capturing subscribers set and
+/// dropped at once on two threads can leave either deaf to a callsite for a moment.
+static CAPTURING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Captures what this thread logs at `level` and above, while the guard lives.
 fn capture(level: tracing::Level) -> (Captured, tracing::subscriber::DefaultGuard) {
     let captured = Captured::default();
@@ -66,8 +71,16 @@ async fn call(app: Router, key: &str) -> StatusCode {
 
 #[tokio::test(flavor = "current_thread")]
 async fn admit_reject_and_unavailable_are_traced() {
+    let _serial = CAPTURING.lock().await;
     let (captured, _guard) = capture(tracing::Level::DEBUG);
     let (app, backend) = app();
+    // A warm-up on a key of its own, so every callsite on the path is registered (tests on
+    // other threads register them too, and a registration racing this thread's subscriber
+    // can cache "not interested" for a moment); then the interest is computed afresh and
+    // only what follows is read.
+    assert_eq!(self::call(app.clone(), "warm-up").await, StatusCode::OK);
+    tracing::callsite::rebuild_interest_cache();
+    captured.0.lock().unwrap().clear();
     let call = |app: Router| call(app, "traced-key");
     assert_eq!(call(app.clone()).await, StatusCode::OK);
     assert_eq!(call(app.clone()).await, StatusCode::TOO_MANY_REQUESTS);
@@ -84,6 +97,7 @@ async fn admit_reject_and_unavailable_are_traced() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn floods_and_outages_do_not_flood_the_log() {
+    let _serial = CAPTURING.lock().await;
     let (captured, _guard) = capture(tracing::Level::INFO);
     let (app, backend) = app();
     let call = |app: Router| call(app, "flood-key");
