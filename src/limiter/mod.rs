@@ -374,7 +374,7 @@ impl RateLimiter {
 }
 
 /// The first level with limits, as [`ConfigSource`] says.
-pub(super) fn resolve(
+pub(crate) fn resolve(
     stored: &StoredConfig,
     explicit: Option<&Arc<[Limit]>>,
     fallback: Option<&Arc<[Limit]>>,

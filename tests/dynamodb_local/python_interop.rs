@@ -865,4 +865,29 @@ async fn soft_limits_are_soft_on_both_sides() {
         limiter.get_resource_limits("api").await.unwrap().unwrap()[1],
         Limit::per_hour("tph", 10).soft()
     );
+    // Made hard again: the buckets' soft stamps go at once, as Python's fan-out removes
+    // them (its fast path would otherwise stay soft until they ran out).
+    let hard = [Limit::per_hour("rph", 100), Limit::per_hour("tph", 10)];
+    limiter.set_resource_limits("api", &hard).await.unwrap();
+    let item = crate::repository::raw_bucket(&repo, "k1", "api")
+        .await
+        .unwrap();
+    assert!(!item.contains_key("b_tph_soft"), "{item:?}");
+    // Soft again: a live stamp, from the config just written.
+    let soft = [
+        Limit::per_hour("rph", 100),
+        Limit::per_hour("tph", 10).soft(),
+    ];
+    limiter.set_resource_limits("api", &soft).await.unwrap();
+    let item = crate::repository::raw_bucket(&repo, "k1", "api")
+        .await
+        .unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert!(
+        crate::repository::n(&item, "b_tph_soft") > now_ms,
+        "{item:?}"
+    );
 }

@@ -144,6 +144,57 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Restamps the soft stamps of every bucket governed by `scope` from the limits its
+    /// entity now resolves to (read consistently), as Python's `_fanout_soft` does after a
+    /// config write: `SET b_{L}_soft = deadline` for a soft limit, `REMOVE` for a hard one.
+    /// Without it, a limit made hard again would stay soft on Python's fast path until its
+    /// stamps ran out. Returns how many items were restamped.
+    pub(super) async fn restamp_soft(&self, scope: &ConfigScope) -> Result<usize, Error> {
+        let mut stamped = 0;
+        for bucket in self.governed_buckets(scope).await? {
+            let (Some(pk), Some(sk)) = (get_str(&bucket, "PK"), get_str(&bucket, "SK")) else {
+                continue;
+            };
+            let Some((entity, resource)) = keys::parse_bucket_pk(&self.ns, pk) else {
+                continue;
+            };
+            let config = self.read_config(entity, resource, true).await?;
+            let Some((limits, _)) = crate::limiter::resolve(&config, None, None) else {
+                continue;
+            };
+            let mut expr = super::expr::Expr::default();
+            let mut update = super::expr::Update::default();
+            update.conditions.push("attribute_exists(PK)".into());
+            let deadline = stamp_deadline(super::table::now_ms());
+            for limit in limits.iter() {
+                let n = expr.name(&keys::bucket_attr(&limit.name, "soft"));
+                if limit.soft {
+                    let v = expr.num(deadline);
+                    update.set.push(format!("{n} = {v}"));
+                } else {
+                    update.remove.push(n);
+                }
+            }
+            let sent = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(codec::key(pk, sk)))
+                .update_expression(update.expression())
+                .set_condition_expression(update.condition())
+                .set_expression_attribute_names(expr.names())
+                .set_expression_attribute_values(expr.values())
+                .send()
+                .await;
+            if errors::written(sent, "UpdateItem", &self.table)? {
+                stamped += 1;
+            }
+        }
+        Ok(stamped)
+    }
+}
+
 /// The release whose readers understand soft limits and bypass (the Python library's
 /// `MIN_READER_VERSION_FOR_NON_ENFORCING`).
 pub(super) const NON_ENFORCING_READERS: &str = "0.17.0";

@@ -501,9 +501,16 @@ impl Repository for DynamoDbRepository {
                 .await?;
         }
         let created = std::sync::atomic::AtomicBool::new(false);
+        let had_soft = std::sync::atomic::AtomicBool::new(false);
         inner
             .update_config(scope, |current, expr, update| {
                 created.store(current.is_none(), std::sync::atomic::Ordering::Relaxed);
+                had_soft.store(
+                    current
+                        .and_then(codec::config_limits)
+                        .is_some_and(|l| l.iter().any(|l| l.soft)),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 let mut keep = Vec::new();
                 for limit in limits {
                     for (field, value) in [
@@ -534,6 +541,10 @@ impl Repository for DynamoDbRepository {
             .await?;
         let created = created.load(std::sync::atomic::Ordering::Relaxed);
         inner.update_registries(scope, created, true).await?;
+        // Soft-ness changed, or may have: restamp the buckets, as Python does.
+        if limits.iter().any(|l| l.soft) || had_soft.load(std::sync::atomic::Ordering::Relaxed) {
+            inner.restamp_soft(scope).await?;
+        }
         let (subject, resource) = Inner::subject(scope);
         inner
             .audit(
@@ -562,6 +573,7 @@ impl Repository for DynamoDbRepository {
         if names.is_empty() {
             return Ok(false);
         }
+        let had_soft = codec::config_limits(&current).is_some_and(|l| l.iter().any(|l| l.soft));
         match scope {
             // The system record also holds the outage policy: remove only the limits.
             ConfigScope::System => {
@@ -585,6 +597,10 @@ impl Repository for DynamoDbRepository {
             }
         }
         inner.update_registries(scope, true, false).await?;
+        if had_soft {
+            // The buckets fall back to another level's limits: restamp them from it.
+            inner.restamp_soft(scope).await?;
+        }
         let (subject, resource) = Inner::subject(scope);
         let limit_names: Vec<&str> = names
             .iter()
