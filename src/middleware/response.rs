@@ -347,7 +347,8 @@ pub(crate) fn admitted_headers(
         .flat_map(|item| item.limits.iter().zip(&item.amounts));
     // The member names come serialized from the cache; the parameters are integers, whose
     // structured-field form is plain decimal digits.
-    let mut current = String::with_capacity(32 * checks.len());
+    // Built on the stack for the usual few limits, then copied once into the header value.
+    let mut current: smallvec::SmallVec<[u8; 128]> = smallvec::SmallVec::new();
     let mut digits = itoa::Buffer::new();
     for ((name, (limit, amount)), check) in fields.names.iter().zip(limits).zip(checks) {
         let left = i128::from(check.available) - i128::from(*amount);
@@ -358,16 +359,16 @@ pub(crate) fn admitted_headers(
             one_token_seconds(limit)
         };
         if !current.is_empty() {
-            current.push_str(", ");
+            current.extend_from_slice(b", ");
         }
-        current.push_str(name);
-        current.push_str(";r=");
-        current.push_str(digits.format(remaining.min(SF_INTEGER_MAX)));
-        current.push_str(";t=");
-        current.push_str(digits.format(reset.min(SF_INTEGER_MAX)));
+        current.extend_from_slice(name.as_bytes());
+        current.extend_from_slice(b";r=");
+        current.extend_from_slice(digits.format(remaining.min(SF_INTEGER_MAX)).as_bytes());
+        current.extend_from_slice(b";t=");
+        current.extend_from_slice(digits.format(reset.min(SF_INTEGER_MAX)).as_bytes());
     }
     headers.insert(RATELIMIT_POLICY.clone(), fields.policy.clone());
-    if let Some(value) = header_value(current) {
+    if let Ok(value) = HeaderValue::from_bytes(&current) {
         headers.insert(RATELIMIT.clone(), value);
     }
 }
