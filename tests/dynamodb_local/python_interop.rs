@@ -891,3 +891,52 @@ async fn soft_limits_are_soft_on_both_sides() {
         "{item:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_bypass_stamp_bypasses_a_limiter_whose_config_is_still_cached() {
+    let (repo, _place) = shared().await;
+    // This limiter caches config for a minute; another process flips the flags.
+    let cached = RateLimiter::builder(repo.clone())
+        .config_cache_ttl(std::time::Duration::from_secs(60))
+        .build();
+    let operator = RateLimiter::builder(repo.clone())
+        .config_cache_ttl(std::time::Duration::ZERO)
+        .build();
+    operator
+        .set_resource_limits("api", &[Limit::per_hour("rph", 2)])
+        .await
+        .unwrap();
+    cached
+        .acquire("k1", "api")
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    assert_eq!(operator.bypass_resource("api").await.unwrap(), 1);
+    // The cached config still says enforced; the item's live stamp bypasses it.
+    for _ in 0..4 {
+        let lease = cached.acquire("k1", "api").await.unwrap();
+        lease.adjust([("rph", 1)]).await.unwrap();
+        lease.commit().await.unwrap();
+    }
+    let states = cached.bucket_states("k1", "api").await.unwrap();
+    assert_eq!(states["rph"].total_consumed_milli, (1 + 4 * 2) * 1000);
+    assert_eq!(
+        states["rph"].tokens_milli, 1000,
+        "nothing taken while bypassed"
+    );
+    // Enabled again: the stamp is gone, and the cached limiter enforces what is left.
+    operator.enable_resource("api").await.unwrap();
+    cached
+        .acquire("k1", "api")
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    assert!(matches!(
+        cached.acquire("k1", "api").await,
+        Err(zae_limiter::Error::RateLimited(_))
+    ));
+}
