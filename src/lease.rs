@@ -363,10 +363,13 @@ impl LeaseShared {
 
 impl Lease {
     pub(crate) fn new(limiter: &RateLimiter, items: Items, checks: Checks) -> Self {
-        let written: LeaseAmounts = items
-            .iter()
-            .flat_map(|i| i.amounts.iter().map(|a| *a as i64))
-            .collect();
+        // Pushed, not collected: a flattened iterator defeats the inline fast path.
+        let mut written = LeaseAmounts::new();
+        for item in &items {
+            for amount in &item.amounts {
+                written.push(*amount as i64);
+            }
+        }
         Self::from_parts(limiter, items, checks, written, false)
     }
 

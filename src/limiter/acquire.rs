@@ -171,16 +171,18 @@ impl Acquire {
         consume: Option<&[(String, i64)]>,
     ) -> Option<(Arc<[Limit]>, Amounts, bool)> {
         let (limits, source) = resolve(stored, self.limits.as_ref(), self.fallback.as_ref())?;
-        let amounts = limits
-            .iter()
-            .map(|l| match consume {
-                None => 1,
-                Some(c) => c
-                    .iter()
-                    .filter(|(n, _)| *n == l.name)
-                    .fold(0u64, |sum, (_, a)| sum.saturating_add(*a as u64)),
-            })
-            .collect();
+        let amounts = match consume {
+            // The default: 1 from every limit.
+            None => smallvec::smallvec![1; limits.len()],
+            Some(c) => limits
+                .iter()
+                .map(|l| {
+                    c.iter()
+                        .filter(|(n, _)| *n == l.name)
+                        .fold(0u64, |sum, (_, a)| sum.saturating_add(*a as u64))
+                })
+                .collect(),
+        };
         // Limits stored for this entity (for this resource or all of them) keep its
         // buckets; shared levels let an idle item expire.
         let own = matches!(source, ConfigSource::Entity | ConfigSource::EntityDefault);
@@ -363,7 +365,9 @@ impl Acquire {
             owner: stored.entity.clone(),
             bypass: stored.bypass,
         });
-        items.extend(parent_item);
+        if let Some(parent) = parent_item {
+            items.push(parent);
+        }
         let mut request = AcquireRequest { items, now_ms: now };
         match limiter.inner.repo.acquire_now(&request) {
             Some(Ok(outcome)) => Some(self.finish(request, outcome)),

@@ -242,7 +242,10 @@ impl RateLimiter {
             Some(OnUnavailable::Allow) => 1,
             Some(OnUnavailable::Block) => 2,
         };
-        self.inner.last_policy.store(code, Ordering::Relaxed);
+        // Read first: a store on every acquire would bounce the line between cores.
+        if self.inner.last_policy.load(Ordering::Relaxed) != code {
+            self.inner.last_policy.store(code, Ordering::Relaxed);
+        }
         // An in-process backend (one that reports a version) re-reads "nothing stored" as
         // cheaply as the cache would answer, so such keys take no cache entry: memory then
         // grows only with the buckets.
