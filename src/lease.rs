@@ -18,7 +18,7 @@ use crate::repository::{statuses, AdjustRequest, Checks, ItemRequest, Items, Lim
 use crate::{Error, Limit, LimitStatus, RateLimiter};
 
 /// Whole tokens per limit of every item: inline for the usual few limits.
-type LeaseAmounts = SmallVec<[i64; 4]>;
+type LeaseAmounts = SmallVec<[i64; 2]>;
 
 #[derive(Debug)]
 struct LeaseState {

@@ -24,12 +24,12 @@ use crate::{BackendCapabilities, Entity, Error, Limit, LimitStatus, OnUnavailabl
 pub mod dynamodb;
 pub mod memory;
 
-/// The whole tokens to take from each limit of an item: inline for up to four limits, so
-/// an acquire allocates nothing for them.
-pub type Amounts = SmallVec<[u64; 4]>;
+/// The whole tokens to take from each limit of an item: inline for up to two limits (say
+/// requests and tokens per minute), so an acquire allocates nothing for them.
+pub type Amounts = SmallVec<[u64; 2]>;
 
-/// One check per limit of every item of an acquire: inline for up to four.
-pub type Checks = SmallVec<[LimitCheck; 4]>;
+/// One check per limit of every item of an acquire: inline for up to two.
+pub type Checks = SmallVec<[LimitCheck; 2]>;
 
 /// The items of an acquire: inline for one (a cascade, rarer, allocates).
 pub type Items = SmallVec<[ItemRequest; 1]>;
