@@ -148,13 +148,19 @@ pub(super) fn config_access(item: &Item) -> Option<Access> {
     }
 }
 
-/// How a config record stores an [`Access`] (the Python library's `disabled` values).
-pub(super) fn access_value(access: Access) -> AttributeValue {
+/// An [`Access`] as the Python library's `disabled` flag says it: `true`, `false` or
+/// `"bypass"` (in a config record, and in the audit event of a flag write).
+pub(super) fn access_flag(access: Access) -> serde_json::Value {
     match access {
-        Access::Disabled => AttributeValue::Bool(true),
-        Access::Enabled => AttributeValue::Bool(false),
-        Access::Bypassed => AttributeValue::S("bypass".into()),
+        Access::Disabled => true.into(),
+        Access::Enabled => false.into(),
+        Access::Bypassed => "bypass".into(),
     }
+}
+
+/// How a config record stores an [`Access`].
+pub(super) fn access_value(access: Access) -> AttributeValue {
+    json_to_attr(&access_flag(access))
 }
 
 /// Whether a config record holds limits under either of the Python library's prefixes

@@ -7,8 +7,9 @@
 use aws_sdk_dynamodb::types::AttributeValue;
 
 use super::codec::{self, get_str, s, Item};
+use super::expr::{Expr, Update};
 use super::{errors, keys, AuditAction, Inner};
-use crate::repository::{Access, ConfigScope};
+use crate::repository::{Access, ConfigScope, StoredConfig};
 use crate::Error;
 
 impl Inner {
@@ -55,12 +56,7 @@ impl Inner {
         stamped: usize,
     ) {
         let (subject, resource) = Inner::subject(scope);
-        let flag = match access {
-            None => serde_json::Value::Null,
-            Some(Access::Disabled) => true.into(),
-            Some(Access::Enabled) => false.into(),
-            Some(Access::Bypassed) => "bypass".into(),
-        };
+        let flag = access.map_or(serde_json::Value::Null, codec::access_flag);
         self.audit(
             &subject,
             AuditAction::LimitsSet,
@@ -115,42 +111,15 @@ impl Inner {
             .map_err(|e| errors::map("Query", &self.table, e))
     }
 
-    /// Stamps one bucket item with its effective access: `SET disabled = true REMOVE
-    /// bypass`, `SET bypass = deadline REMOVE disabled`, or `REMOVE disabled, bypass`; only
-    /// on an item that exists. False if it was gone.
-    pub(super) async fn stamp_access(&self, bucket: &Item, access: Access) -> Result<bool, Error> {
-        let (Some(pk), Some(sk)) = (get_str(bucket, "PK"), get_str(bucket, "SK")) else {
-            return Ok(false);
-        };
-        let request = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(codec::key(pk, sk)))
-            .condition_expression("attribute_exists(PK)");
-        let request = match access {
-            Access::Disabled => request
-                .update_expression("SET disabled = :t REMOVE bypass")
-                .expression_attribute_values(":t", AttributeValue::Bool(true)),
-            Access::Bypassed => request
-                .update_expression("SET bypass = :d REMOVE disabled")
-                .expression_attribute_values(
-                    ":d",
-                    codec::num(stamp_deadline(super::table::now_ms())),
-                ),
-            Access::Enabled => request.update_expression("REMOVE disabled, bypass"),
-        };
-        errors::written(request.send().await, "UpdateItem", &self.table)
-    }
-}
-
-impl Inner {
-    /// Restamps the soft stamps of every bucket governed by `scope` from the limits its
-    /// entity now resolves to (read consistently), as Python's `_fanout_soft` does after a
-    /// config write: `SET b_{L}_soft = deadline` for a soft limit, `REMOVE` for a hard one.
-    /// Without it, a limit made hard again would stay soft on Python's fast path until its
-    /// stamps ran out. Returns how many items were restamped.
-    pub(super) async fn restamp_soft(&self, scope: &ConfigScope) -> Result<usize, Error> {
+    /// Restamps every bucket item `scope` governs from the config its entity now resolves
+    /// to (read consistently, so a flag or limit just written is seen): `stamp` adds one
+    /// item's changes to an update that requires the item to exist. Returns how many items
+    /// were written (one gone since is skipped).
+    pub(super) async fn restamp_governed(
+        &self,
+        scope: &ConfigScope,
+        stamp: impl Fn(&StoredConfig, &mut Expr, &mut Update),
+    ) -> Result<usize, Error> {
         let mut stamped = 0;
         for bucket in self.governed_buckets(scope).await? {
             let (Some(pk), Some(sk)) = (get_str(&bucket, "PK"), get_str(&bucket, "SK")) else {
@@ -160,12 +129,55 @@ impl Inner {
                 continue;
             };
             let config = self.read_config(entity, resource, true).await?;
-            let Some((limits, _)) = crate::limiter::resolve(&config, None, None) else {
-                continue;
-            };
-            let mut expr = super::expr::Expr::default();
-            let mut update = super::expr::Update::default();
+            let mut expr = Expr::default();
+            let mut update = Update::default();
             update.conditions.push("attribute_exists(PK)".into());
+            stamp(&config, &mut expr, &mut update);
+            if update.set.is_empty() && update.remove.is_empty() {
+                continue;
+            }
+            let sent = self
+                .update_request(codec::key(pk, sk), &update, &expr)
+                .send()
+                .await;
+            if errors::written(sent, "UpdateItem", &self.table)? {
+                stamped += 1;
+            }
+        }
+        Ok(stamped)
+    }
+
+    /// Stamps each governed bucket with the access resolved for its entity (an entity's
+    /// own flag overrides the resource's): `SET disabled = true REMOVE bypass`, `SET bypass
+    /// = deadline REMOVE disabled`, or `REMOVE disabled, bypass`.
+    pub(super) async fn stamp_access(&self, scope: &ConfigScope) -> Result<usize, Error> {
+        self.restamp_governed(scope, |config, expr, update| {
+            let (disabled, bypass) = (expr.name("disabled"), expr.name("bypass"));
+            if config.disabled {
+                let v = expr.value(AttributeValue::Bool(true));
+                update.set.push(format!("{disabled} = {v}"));
+                update.remove.push(bypass);
+            } else if config.bypass {
+                let v = expr.num(stamp_deadline(super::table::now_ms()));
+                update.set.push(format!("{bypass} = {v}"));
+                update.remove.push(disabled);
+            } else {
+                update.remove.push(disabled);
+                update.remove.push(bypass);
+            }
+        })
+        .await
+    }
+
+    /// Restamps the soft stamps of each governed bucket from the limits its entity now
+    /// resolves to, as Python's `_fanout_soft` does after a config write: `SET b_{L}_soft =
+    /// deadline` for a soft limit, `REMOVE` for a hard one. Without it, a limit made hard
+    /// again would stay soft on Python's fast path until its stamps ran out.
+    pub(super) async fn restamp_soft(&self, scope: &ConfigScope) -> Result<usize, Error> {
+        self.restamp_governed(scope, |config, expr, update| {
+            let Some((limits, _)) = crate::limiter::resolve(config, None, None) else {
+                return;
+            };
             let deadline = stamp_deadline(super::table::now_ms());
             for limit in limits.iter() {
                 let n = expr.name(&keys::bucket_attr(&limit.name, "soft"));
@@ -176,22 +188,8 @@ impl Inner {
                     update.remove.push(n);
                 }
             }
-            let sent = self
-                .client
-                .update_item()
-                .table_name(&self.table)
-                .set_key(Some(codec::key(pk, sk)))
-                .update_expression(update.expression())
-                .set_condition_expression(update.condition())
-                .set_expression_attribute_names(expr.names())
-                .set_expression_attribute_values(expr.values())
-                .send()
-                .await;
-            if errors::written(sent, "UpdateItem", &self.table)? {
-                stamped += 1;
-            }
-        }
-        Ok(stamped)
+        })
+        .await
     }
 }
 

@@ -12,10 +12,11 @@
 use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck};
 use quick_cache::sync::Cache;
 
+use super::acquire::owner_fields;
 use super::codec::{get_i64, get_str, num, s, Item};
 use super::errors::build_error;
 use super::{keys, table, Inner};
-use crate::{Entity, Error};
+use crate::Error;
 
 /// Owners remembered at most.
 const MAX_ENTRIES: usize = 10_000;
@@ -25,12 +26,15 @@ const MAX_ENTRIES: usize = 10_000;
 pub(super) enum Owner {
     /// No record.
     Absent,
-    /// The record's generation (0 when absent) and `pinc` (`None` when absent), and its
-    /// incarnation as Python derives it (`pinc`, else `created_at`, else `-`).
+    /// The record's generation (0 when absent) and `pinc` (`None` when absent), its
+    /// incarnation as Python derives it (`pinc`, else `created_at`, else `-`), and the
+    /// parent and cascade policy its buckets carry.
     Found {
         pgen: i64,
         pinc: Option<String>,
         incarnation: String,
+        parent_id: Option<String>,
+        cascade: bool,
     },
 }
 
@@ -45,10 +49,13 @@ impl Owner {
             .clone()
             .or_else(|| get_str(meta, "created_at").map(str::to_string))
             .unwrap_or_else(|| "-".to_string());
+        let entity = super::codec::parse_entity(meta);
         Owner::Found {
             pgen: get_i64(meta, "pgen").unwrap_or(0),
             pinc,
             incarnation,
+            parent_id: entity.as_ref().and_then(|e| e.parent_id.clone()),
+            cascade: entity.is_some_and(|e| e.cascade),
         }
     }
 
@@ -61,6 +68,7 @@ impl Owner {
                 pgen,
                 pinc,
                 incarnation,
+                ..
             } => {
                 let generation = if *pgen == 0 {
                     "(attribute_not_exists(pgen) OR pgen = :pg)"
@@ -83,13 +91,26 @@ impl Owner {
         }
     }
 
-    /// The owner's attributes a new bucket item carries (none when there is no record).
-    pub(super) fn bucket_fields(&self) -> Vec<(String, AttributeValue)> {
+    /// Puts the owner as read on a new bucket item's attributes, in place of what it was
+    /// built with: `pgen`/`pinc` (none when there is no record), the parent and the
+    /// cascade policy. The create is checked against this same read.
+    pub(super) fn stamp(&self, attrs: &mut Item) {
+        for attr in ["pgen", "pinc", "parent_id", "cascade"] {
+            attrs.remove(attr);
+        }
         match self {
-            Owner::Absent => Vec::new(),
+            Owner::Absent => attrs.extend(owner_fields(None, false)),
             Owner::Found {
-                pgen, incarnation, ..
-            } => vec![("pgen".into(), num(*pgen)), ("pinc".into(), s(incarnation))],
+                pgen,
+                incarnation,
+                parent_id,
+                cascade,
+                ..
+            } => {
+                attrs.insert("pgen".into(), num(*pgen));
+                attrs.insert("pinc".into(), s(incarnation));
+                attrs.extend(owner_fields(parent_id.as_deref(), *cascade));
+            }
         }
     }
 }
@@ -139,12 +160,12 @@ impl Inner {
     }
 
     /// Reads `entity_id`'s record again (consistently) after a create's check failed on
-    /// it, and remembers it; the entity as it now is.
-    pub(super) async fn refresh_owner(&self, entity_id: &str) -> Result<Option<Entity>, Error> {
+    /// it, and remembers it: the next create is stamped and checked with it.
+    pub(super) async fn refresh_owner(&self, entity_id: &str) -> Result<(), Error> {
         let pk = keys::entity_pk(&self.ns, entity_id);
         let meta = table::get_item(&self.client, &self.table, &pk, keys::META_SK).await?;
         self.remember_owner(entity_id, meta.as_ref());
-        Ok(meta.as_ref().and_then(super::codec::parse_entity))
+        Ok(())
     }
 }
 
@@ -164,10 +185,9 @@ mod tests {
         let (condition, values) = owner.condition();
         assert!(condition.starts_with("attribute_exists(PK) AND pgen = :pg AND (pinc = :inc"));
         assert_eq!(values.len(), 2);
-        assert_eq!(
-            owner.bucket_fields()[1],
-            ("pinc".to_string(), s("70d28dbb31c62d53"))
-        );
+        let mut attrs = Item::new();
+        owner.stamp(&mut attrs);
+        assert_eq!(attrs["pinc"], s("70d28dbb31c62d53"));
         // A record from before pgen/pinc: generation 0, no incarnation stamp.
         let legacy: Item = HashMap::from([("created_at".to_string(), s("2025-01-01T00:00:00Z"))]);
         let (condition, _) = Owner::of(Some(&legacy)).condition();

@@ -634,27 +634,7 @@ impl Repository for DynamoDbRepository {
     ) -> Result<usize, Error> {
         let inner = &self.inner;
         inner.write_access_flag(scope, access).await?;
-        // Each item's stamp follows the flag resolved for its entity: an entity's own flag
-        // overrides the resource's.
-        let mut stamped = 0;
-        for bucket in inner.governed_buckets(scope).await? {
-            let Some((entity, resource)) =
-                codec::get_str(&bucket, "PK").and_then(|pk| keys::parse_bucket_pk(&inner.ns, pk))
-            else {
-                continue;
-            };
-            let config = inner.read_config(entity, resource, true).await?;
-            let effective = if config.disabled {
-                Access::Disabled
-            } else if config.bypass {
-                Access::Bypassed
-            } else {
-                Access::Enabled
-            };
-            if inner.stamp_access(&bucket, effective).await? {
-                stamped += 1;
-            }
-        }
+        let stamped = inner.stamp_access(scope).await?;
         inner.audit_access(scope, access, stamped).await;
         Ok(stamped)
     }

@@ -9,8 +9,6 @@
 //! config says bypass (an item created before, or a fan-out that has not reached it) is
 //! written only after a consistent read of the config confirms it.
 
-use aws_sdk_dynamodb::types::AttributeValue;
-
 use super::{Updated, Written};
 use crate::bucket::{self, BucketState};
 use crate::repository::dynamodb::codec::Image;
@@ -114,7 +112,7 @@ fn bypass_update(item: &ItemRequest, stamp: Stamp, now: i64) -> (Update, Expr) {
         }
     }
     if !matches!(stamp, Stamp::Live) {
-        let v = expr.value(AttributeValue::N(stamp_deadline(now).to_string()));
+        let v = expr.num(stamp_deadline(now));
         update.set.push(format!("{bypass} = {v}"));
     }
     for (limit, &amount) in item.limits.iter().zip(&item.amounts) {

@@ -21,6 +21,7 @@ mod read;
 mod update;
 mod write;
 
+pub(super) use update::owner_fields;
 pub(super) use write::MARKER;
 
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
@@ -37,7 +38,7 @@ use crate::repository::dynamodb::errors::build_error;
 use crate::repository::dynamodb::retry::backoff;
 use crate::repository::dynamodb::{errors, Inner};
 use crate::repository::{AcquireOutcome, Checks, ItemRequest};
-use crate::{Entity, Error};
+use crate::Error;
 
 /// Attempts before an acquire gives up under contention (then `Unavailable`, never a 429;
 /// the caller's wait is bounded by the timeout long before).
@@ -457,8 +458,6 @@ impl Inner {
         now: i64,
     ) -> Result<AcquireOutcome, Error> {
         let items = [child, parent];
-        // Owners whose record a failed owner check made us read again, as they now are.
-        let mut refreshed: Vec<(&str, Option<Entity>)> = Vec::new();
         for attempt in 0..MAX_ATTEMPTS {
             let images = self.read_buckets(&items).await?;
             for (item, image) in items.iter().zip(&images) {
@@ -489,13 +488,8 @@ impl Inner {
                 writes.push(match image {
                     None => {
                         let mut attrs = self.new_bucket_item(item, &plan.states, now);
-                        if let Some((_, entity)) =
-                            refreshed.iter().find(|(id, _)| *id == item.entity_id)
-                        {
-                            write::restamp_owner(&mut attrs, entity.as_ref());
-                        }
                         if let Some(owner) = self.owner(&item.entity_id) {
-                            attrs.extend(owner.bucket_fields());
+                            owner.stamp(&mut attrs);
                             let check = self.owner_check(&item.entity_id, &owner)?;
                             checks.push((
                                 item.entity_id.as_str(),
@@ -563,9 +557,7 @@ impl Inner {
                     // A failed owner check: the entity record changed; read it again.
                     for (owner, reason) in owners.iter().zip(reasons.iter().skip(items.len())) {
                         if reason == "ConditionalCheckFailed" {
-                            let entity = self.refresh_owner(owner).await?;
-                            refreshed.retain(|(id, _)| id != owner);
-                            refreshed.push((owner, entity));
+                            self.refresh_owner(owner).await?;
                         }
                     }
                     // A failed condition means the items moved: read again and decide anew.

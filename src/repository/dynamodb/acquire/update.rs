@@ -493,9 +493,22 @@ pub(in crate::repository::dynamodb) fn shared_fields(
             )
         })
         .collect();
-    let parent = owner.and_then(|o| o.parent_id.as_deref());
-    let cascade = parent.is_some() && owner.is_some_and(|o| o.cascade);
-    fields.push(("cascade".into(), AttributeValue::Bool(cascade)));
+    fields.extend(owner_fields(
+        owner.and_then(|o| o.parent_id.as_deref()),
+        owner.is_some_and(|o| o.cascade),
+    ));
+    fields
+}
+
+/// A bucket's copy of its owner's policy: `cascade` (only with a parent) and `parent_id`.
+pub(in crate::repository::dynamodb) fn owner_fields(
+    parent: Option<&str>,
+    cascade: bool,
+) -> Vec<(String, AttributeValue)> {
+    let mut fields = vec![(
+        "cascade".to_string(),
+        AttributeValue::Bool(parent.is_some() && cascade),
+    )];
     if let Some(parent) = parent {
         fields.push(("parent_id".into(), AttributeValue::S(parent.to_string())));
     }

@@ -129,7 +129,7 @@ impl Inner {
         use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
         let mut owner = owner;
         for _ in 0..OWNER_CHECKS {
-            attrs.extend(owner.bucket_fields());
+            owner.stamp(&mut attrs);
             let put = Put::builder()
                 .table_name(&self.table)
                 .set_item(Some(attrs.clone()))
@@ -184,9 +184,8 @@ impl Inner {
                 // Another transaction on the item or the record: read and try again.
                 return Ok(Written::Conflict(None));
             }
-            let entity = self.refresh_owner(&item.entity_id).await?;
+            self.refresh_owner(&item.entity_id).await?;
             owner = self.owner(&item.entity_id).unwrap_or(Owner::Absent);
-            restamp_owner(&mut attrs, entity.as_ref());
         }
         Ok(Written::Conflict(None))
     }
@@ -532,15 +531,6 @@ fn debit_wcu(expr: &mut Expr, update: &mut Update) {
 
 /// Millitokens of `wcu` one write takes.
 const WCU_PER_WRITE: i64 = 1_000;
-
-/// Puts `owner`'s parent and cascade policy on a new item's attributes in place of those
-/// it was built with (the owner's record was read again), without its old stamps.
-pub(super) fn restamp_owner(attrs: &mut Item, owner: Option<&crate::Entity>) {
-    for attr in ["pgen", "pinc", "parent_id"] {
-        attrs.remove(attr);
-    }
-    attrs.extend(shared_fields(owner));
-}
 
 /// Creates sent again after a failed owner check (each with the record read again).
 const OWNER_CHECKS: usize = 3;
