@@ -78,6 +78,19 @@ impl BucketState {
         }
     }
 
+    /// A full bucket for one of `shards` shards of `limit` (the Python library's sharding,
+    /// its table contract section 8.4): the capacity and the refill amount are the shard's
+    /// share, floored in millitokens; the period is not divided. One shard is
+    /// [`Self::from_limit`].
+    pub fn for_shard(limit: &Limit, shards: u32, now_ms: i64) -> Self {
+        let mut state = Self::from_limit(limit, now_ms);
+        let shards = i64::from(shards.max(1));
+        state.capacity_milli /= shards;
+        state.refill_amount_milli /= shards;
+        state.tokens_milli = state.capacity_milli;
+        state
+    }
+
     /// Whether the bucket's parameters allow refill at all (positive amount and period).
     fn refills(&self) -> bool {
         self.refill_amount_milli > 0 && self.refill_period_ms > 0

@@ -109,7 +109,7 @@ pub enum Error {
         resource: String,
     },
     /// The stored configuration uses a feature this crate does not enforce yet (the
-    /// Python library's schedules, `reset_after` quotas, soft limits, bypass, shards):
+    /// Python library's schedules and `reset_after` quotas):
     /// refused rather than enforced with other numbers.
     #[error("unsupported {feature} on {entity_id}/{resource}: this crate does not enforce it yet, so it refuses the acquire rather than enforce other numbers")]
     Unsupported {

@@ -210,6 +210,7 @@ impl LeaseShared {
             now_ms: self.limiter.now_ms(),
             write_id: Some(write_id.to_string()),
             counts_only: item.bypass,
+            shard: item.shard,
         };
         self.limiter.inner.repo.adjust(&request).await
     }
@@ -413,6 +414,7 @@ impl Lease {
             expires_when_idle: true,
             owner: None,
             bypass: false,
+            shard: Default::default(),
         };
         Self::from_parts(
             limiter,

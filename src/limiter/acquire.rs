@@ -205,6 +205,7 @@ impl Acquire {
             expires_when_idle,
             owner: stored.entity.clone(),
             bypass: stored.bypass,
+            shard: Default::default(),
         })
     }
 
@@ -286,6 +287,11 @@ impl Acquire {
                 item.bypass = true;
             }
         }
+        for &(i, shard) in &outcome.shards {
+            if let Some(item) = items.get_mut(i) {
+                item.shard = shard;
+            }
+        }
         Ok(Lease::new(&self.limiter, items, outcome.checks))
     }
 
@@ -304,6 +310,7 @@ impl Acquire {
             expires_when_idle,
             owner: stored.entity.clone(),
             bypass: stored.bypass,
+            shard: Default::default(),
         }];
         if let Some(parent_id) = parent {
             let parent_stored = limiter
@@ -364,6 +371,7 @@ impl Acquire {
             expires_when_idle,
             owner: stored.entity.clone(),
             bypass: stored.bypass,
+            shard: Default::default(),
         });
         if let Some(parent) = parent_item {
             items.push(parent);

@@ -443,6 +443,7 @@ mod tests {
                 expires_when_idle: true,
                 owner: None,
                 bypass: false,
+                shard: Default::default(),
             },
             ItemRequest {
                 entity_id: "p".into(),
@@ -452,6 +453,7 @@ mod tests {
                 expires_when_idle: true,
                 owner: None,
                 bypass: false,
+                shard: Default::default(),
             },
         ];
         let check = |available| LimitCheck {
@@ -489,6 +491,7 @@ mod tests {
             expires_when_idle: false,
             owner: None,
             bypass: false,
+            shard: Default::default(),
         };
         // Two entities' stored limits: equal, but separate allocations.
         let a = [item(vec![Limit::per_minute("rpm", 10)].into())];

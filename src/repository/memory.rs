@@ -617,6 +617,7 @@ impl InMemoryRepository {
             admitted,
             checks,
             bypassed: bypassed(items),
+            shards: Vec::new(),
         }
     }
 
@@ -638,6 +639,7 @@ impl InMemoryRepository {
             admitted,
             checks,
             bypassed: bypassed(std::slice::from_ref(item)),
+            shards: Vec::new(),
         }
     }
 

@@ -57,6 +57,27 @@ pub struct ItemRequest {
     /// tokens. A backend may also bypass an item whose store says so (a live `bypass`
     /// stamp) and reports it in [`AcquireOutcome::bypassed`].
     pub bypass: bool,
+    /// The shard of the bucket to charge. Callers leave the default (the first of one); a
+    /// backend whose store spreads a hot bucket over several items picks one and reports
+    /// it in [`AcquireOutcome::shards`], so a lease's later changes go to the same item.
+    pub shard: Shard,
+}
+
+/// Which of a bucket's shards an item addresses: the Python library spreads a hot bucket
+/// over `count` items (`{ns}/BUCKET#{entity}#{resource}#{index}`), each holding an equal
+/// share of every limit's capacity and refill (its table contract, section 8.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Shard {
+    /// This shard, `0..count`; shard 0 is the authoritative one.
+    pub index: u32,
+    /// How many shards the bucket has (1: not sharded).
+    pub count: u32,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard { index: 0, count: 1 }
+    }
 }
 
 /// An all-or-nothing consumption over one item, or two (child and parent in a cascade).
@@ -78,6 +99,9 @@ pub struct AcquireOutcome {
     /// The items (by index) admitted under a bypass: nothing was taken from them, so a
     /// lease's later changes to them move the count only ([`AdjustRequest::counts_only`]).
     pub bypassed: Vec<usize>,
+    /// The items (by index) charged on a shard other than the request's
+    /// ([`ItemRequest::shard`]), and that shard: a lease's later changes go there.
+    pub shards: Vec<(usize, Shard)>,
 }
 
 /// How one limit fared in an acquire (the limiter turns these into
@@ -135,6 +159,8 @@ pub struct AdjustRequest {
     /// The item was admitted under a bypass ([`AcquireOutcome::bypassed`]): the deltas
     /// change the consumption count (`tc`) only, never the tokens, which were not taken.
     pub counts_only: bool,
+    /// The shard the acquire charged ([`AcquireOutcome::shards`]).
+    pub shard: Shard,
 }
 
 /// Where a set of stored limits lives in the config hierarchy.
@@ -323,12 +349,23 @@ pub trait Repository: Send + Sync + 'static {
 /// last write (a drained 1-per-day limit raised to 1,000 a minute would stay shut for up
 /// to a day). [`params_changed`] tells when.
 pub fn reconcile_bucket(stored: Option<&BucketState>, limit: &Limit, now_ms: i64) -> BucketState {
-    let fresh = BucketState::from_limit(limit, now_ms);
+    reconcile_shard(stored, limit, 1, now_ms)
+}
+
+/// [`reconcile_bucket`] for one of `shards` shards: `stored` and the result hold the
+/// shard's share of the limit (see [`BucketState::for_shard`]).
+pub fn reconcile_shard(
+    stored: Option<&BucketState>,
+    limit: &Limit,
+    shards: u32,
+    now_ms: i64,
+) -> BucketState {
+    let fresh = BucketState::for_shard(limit, shards, now_ms);
     let Some(stored) = stored else {
         return fresh;
     };
     let mut state = crate::bucket::refill(stored, now_ms);
-    if params_changed(stored, limit) {
+    if !same_params(stored, &fresh) {
         state.capacity_milli = fresh.capacity_milli;
         state.refill_amount_milli = fresh.refill_amount_milli;
         state.refill_period_ms = fresh.refill_period_ms;
@@ -353,10 +390,19 @@ pub fn debt_too_deep(limit_name: &str, delta: i64) -> Error {
 
 /// Whether a stored bucket's capacity, refill amount or period differ from `limit`'s.
 pub fn params_changed(stored: &BucketState, limit: &Limit) -> bool {
-    let fresh = BucketState::from_limit(limit, stored.last_refill_ms);
-    stored.capacity_milli != fresh.capacity_milli
-        || stored.refill_amount_milli != fresh.refill_amount_milli
-        || stored.refill_period_ms != fresh.refill_period_ms
+    shard_params_changed(stored, limit, 1)
+}
+
+/// [`params_changed`] for one of `shards` shards, whose `stored` state holds its share.
+pub fn shard_params_changed(stored: &BucketState, limit: &Limit, shards: u32) -> bool {
+    !same_params(stored, &BucketState::for_shard(limit, shards, 0))
+}
+
+/// Whether two states have the same capacity, refill amount and period.
+pub fn same_params(a: &BucketState, b: &BucketState) -> bool {
+    a.capacity_milli == b.capacity_milli
+        && a.refill_amount_milli == b.refill_amount_milli
+        && a.refill_period_ms == b.refill_period_ms
 }
 
 /// Names each check: the statuses of an acquire, child first.

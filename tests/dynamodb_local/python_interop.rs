@@ -940,3 +940,199 @@ async fn a_live_bypass_stamp_bypasses_a_limiter_whose_config_is_still_cached() {
         Err(zae_limiter::Error::RateLimited(_))
     ));
 }
+
+/// Every shard item of `entity`/`resource`'s bucket, by shard: `shard_count`, and the
+/// `tk` and `tc` of limit `name` (millitokens).
+async fn shard_items(
+    repo: &DynamoDbRepository,
+    entity: &str,
+    resource: &str,
+    name: &str,
+) -> Vec<(u32, i64, i64, i64)> {
+    let mut found = Vec::new();
+    for shard in 0..32u32 {
+        let key = record_key(
+            repo,
+            &format!("BUCKET#{entity}#{resource}#{shard}"),
+            "#STATE",
+        );
+        let item = repo
+            .client()
+            .get_item()
+            .table_name(repo.table())
+            .set_key(Some(key))
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap();
+        let Some(item) = item.item() else { continue };
+        let n = |attr: &str| -> i64 {
+            match item.get(attr) {
+                Some(AttributeValue::N(v)) => v.parse().unwrap(),
+                other => panic!("shard {shard}: {attr} is {other:?}"),
+            }
+        };
+        found.push((
+            shard,
+            n("shard_count"),
+            n(&format!("b_{name}_tk")),
+            n(&format!("b_{name}_tc")),
+        ));
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_python_sharded_holds_its_capacity_across_shards_for_both_sides() {
+    let (repo, place) = shared().await;
+    let limiter = RateLimiter::new(repo.clone());
+    // 100 a day: the run refills nothing worth a token.
+    limiter
+        .set_resource_limits("api", &[Limit::per_day("rpd", 100)])
+        .await
+        .unwrap();
+    // Python takes 75 on shard 0, then doubles the bucket twice (1 -> 2 -> 4 shards), as
+    // its client does on a partition out of write capacity: shard 0 now holds its share
+    // (25) and the other shards are created full (25 each) by whoever draws them first.
+    ok(&python::run(command(
+        &place,
+        json!({"op": "acquire", "entity": "hot", "resource": "api", "consume": {"rpd": 75}, "n": 1}),
+    ))
+    .await);
+    let bumped = python::run(command(
+        &place,
+        json!({"op": "bump_shards", "entity": "hot", "resource": "api", "from": [1, 2]}),
+    ))
+    .await;
+    ok(&bumped);
+    assert_eq!(bumped["counts"], json!([2, 4]));
+    // Both sides at once, one token per acquire, until the shards are empty.
+    let python = tokio::spawn(python::run(command(
+        &place,
+        json!({"op": "acquire", "entity": "hot", "resource": "api", "consume": {"rpd": 1},
+               "n": 60, "tasks": 2}),
+    )));
+    let mut rust = Vec::new();
+    for _ in 0..4 {
+        let limiter = limiter.clone();
+        rust.push(tokio::spawn(async move {
+            let (mut admitted, mut rejected) = (0u64, 0);
+            while rejected < 3 {
+                match limiter.acquire("hot", "api").await {
+                    Ok(lease) => {
+                        lease.commit().await.unwrap();
+                        admitted += 1;
+                    }
+                    Err(zae_limiter::Error::RateLimited(r)) => {
+                        // Only once every shard is short, and never sooner than a token.
+                        assert!(r.retry_after() >= std::time::Duration::from_secs(1));
+                        rejected += 1;
+                    }
+                    Err(e) => panic!("{e:?}"),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            }
+            admitted
+        }));
+    }
+    let mut ours = 0;
+    for task in rust {
+        ours += task.await.unwrap();
+    }
+    let answer = python.await.unwrap();
+    ok(&answer);
+    let theirs = answer["outcomes"]["admitted"].as_u64().unwrap_or(0);
+    eprintln!("4 shards of 25: this crate admitted {ours}, Python {theirs}: {answer}");
+    assert!(ours > 0, "this crate took part");
+    assert_eq!(
+        ours + theirs,
+        100,
+        "the shards' shares, no more and no less"
+    );
+    let shards = shard_items(&repo, "hot", "api", "rpd").await;
+    assert_eq!(
+        shards.iter().map(|s| s.0).collect::<Vec<_>>(),
+        [0, 1, 2, 3],
+        "every shard drawn and created: {shards:?}"
+    );
+    for &(shard, count, tk, _) in &shards {
+        assert_eq!(count, 4, "shard {shard} carries the count");
+        assert!((0..1_000).contains(&tk), "shard {shard} is empty: {tk}");
+    }
+    assert_eq!(
+        shards.iter().map(|s| s.3).sum::<i64>(),
+        175_000,
+        "tc counts every admission, shard by shard: {shards:?}"
+    );
+    // The bucket as a whole: its shards' shares together.
+    let states = limiter.bucket_states("hot", "api").await.unwrap();
+    assert_eq!(states["rpd"].capacity_milli, 100_000);
+    assert_eq!(states["rpd"].total_consumed_milli, 175_000);
+    assert!(states["rpd"].tokens_milli < 1_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_on_a_sharded_bucket_settles_on_the_shard_it_charged() {
+    let (repo, place) = shared().await;
+    let limiter = RateLimiter::new(repo.clone());
+    limiter
+        .set_resource_limits("llm", &[Limit::per_day("tpd", 1_000)])
+        .await
+        .unwrap();
+    ok(&python::run(command(
+        &place,
+        json!({"op": "acquire", "entity": "k", "resource": "llm", "consume": {"tpd": 750}, "n": 1}),
+    ))
+    .await);
+    ok(&python::run(command(
+        &place,
+        json!({"op": "bump_shards", "entity": "k", "resource": "llm", "from": [1, 2]}),
+    ))
+    .await);
+    // An estimate of 50 up front, 10 used: 40 go back, to the shard that gave them.
+    for _ in 0..12 {
+        let lease = limiter
+            .acquire("k", "llm")
+            .consume([("tpd", 50)])
+            .await
+            .unwrap();
+        lease.adjust([("tpd", -40)]).await.unwrap();
+        lease.commit().await.unwrap();
+    }
+    let shards = shard_items(&repo, "k", "llm", "tpd").await;
+    eprintln!("shards after 12 leases: {shards:?}");
+    assert!(
+        shards.len() > 1,
+        "the leases spread over the shards: {shards:?}"
+    );
+    for &(shard, count, tk, tc) in &shards {
+        assert_eq!(count, 4);
+        // Each shard holds its share (250) less what was charged on it, exactly: a
+        // refund sent to another shard would break this on both.
+        let before = if shard == 0 { 750_000 } else { 0 };
+        let own = tc - before;
+        assert!(own >= 0 && own % 10_000 == 0, "shard {shard}: tc {tc}");
+        assert!(
+            (0..1_000).contains(&(tk - (250_000 - own))),
+            "shard {shard}: tk {tk}, tc {tc}"
+        );
+    }
+    assert_eq!(
+        shards.iter().map(|s| s.3).sum::<i64>(),
+        750_000 + 12 * 10_000
+    );
+    // Python reads the shards this crate created and charges them in its turn.
+    let answer = python::run(command(
+        &place,
+        json!({"op": "acquire", "entity": "k", "resource": "llm", "consume": {"tpd": 5}, "n": 8}),
+    ))
+    .await;
+    ok(&answer);
+    assert_eq!(answer["outcomes"]["admitted"], 8, "{answer}");
+    let total: i64 = shard_items(&repo, "k", "llm", "tpd")
+        .await
+        .iter()
+        .map(|s| s.3)
+        .sum();
+    assert_eq!(total, 750_000 + 12 * 10_000 + 8 * 5_000);
+}

@@ -665,6 +665,7 @@ async fn adjust_never_creates_a_stub_item() {
             now_ms: T0,
             write_id: None,
             counts_only: false,
+            shard: Default::default(),
         })
         .await
         .unwrap();

@@ -14,6 +14,9 @@ Commands (`op`):
 - `get_entity`: the entity as Python reads it.
 - `disable_resource` / `enable_resource`: `resource`, config and bucket stamps.
 - `registries`: the resources with defaults, and those with entity configs.
+- `bump_shards`: doubles the `shard_count` of `entity`/`resource`'s bucket from each count
+  in `from` in turn, as Python's client does when a bucket runs out of write capacity;
+  answers the counts reached.
 
 A limit is `[name, capacity, refill_amount, period_seconds]`, optionally with a fifth
 element of keyword arguments (`{"soft": true}`).
@@ -95,6 +98,9 @@ async def run(cmd):
             return {"resources": sorted(await limiter.list_resources_with_defaults()),
                     "entity_config_resources":
                         sorted(await limiter.list_resources_with_entity_configs())}
+        if op == "bump_shards":
+            return {"counts": [await repo.bump_shard_count(cmd["entity"], cmd["resource"], c)
+                               for c in cmd["from"]]}
         if op == "disable_resource":
             return {"stamped": await repo.disable_resource(cmd["resource"])}
         if op == "enable_resource":

@@ -205,6 +205,7 @@ impl DynamoDbRepositoryBuilder {
                 in_doubt: Default::default(),
                 images: images::ImageCache::new(),
                 owners: owners::OwnerCache::new(),
+                shards: super::shards::ShardCounts::new(),
             }),
         }
     }

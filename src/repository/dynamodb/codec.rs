@@ -233,24 +233,41 @@ pub(super) struct Image {
 }
 
 impl Image {
+    /// How many shards the item's bucket has, as the item says (shard 0's is
+    /// authoritative; another shard's may lag until the count is stamped on it).
+    pub fn shards(&self) -> u32 {
+        u32::try_from(self.shard_count).unwrap_or(u32::MAX)
+    }
+
     /// Whether the item's `bypass` stamp is live at `now` (epoch ms).
     pub fn bypassed(&self, now: i64) -> bool {
         self.bypass.is_some_and(|deadline| deadline > now)
     }
 
     /// Reads a bucket item.
+    ///
+    /// On a shard of a sharded bucket, each limit's capacity and refill amount read as the
+    /// shard's share (the stored `cp`/`ra` are the undivided base, Python's contract
+    /// section 5), so the arithmetic runs on what this item may hold; `wcu` is a
+    /// per-partition limit and never divided.
     pub fn parse(item: &Item) -> Self {
         let rf = get_i64(item, "rf");
+        let shard_count = get_i64(item, "shard_count").unwrap_or(1).max(1);
+        let share = |mut state: BucketState| {
+            state.capacity_milli /= shard_count;
+            state.refill_amount_milli /= shard_count;
+            state
+        };
         let buckets = names_with(item, "b_", "_cp")
             .into_iter()
-            .filter_map(|name| Some((bucket_state(item, &name, rf)?, name)))
+            .filter_map(|name| Some((share(bucket_state(item, &name, rf)?), name)))
             .map(|(state, name)| (name, state))
             .collect();
         Image {
             buckets,
             wcu: bucket_state(item, RESERVED_LIMIT_NAME, rf),
             disabled: item.contains_key("disabled"),
-            shard_count: get_i64(item, "shard_count").unwrap_or(1),
+            shard_count,
             unsupported: unsupported_stamp(item),
             bypass: item
                 .contains_key("bypass")
@@ -391,6 +408,36 @@ pub(super) fn attr_to_json(value: &AttributeValue) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shard_reads_as_its_share_of_the_base_and_wcu_stays_whole() {
+        let mut item = key("ns/BUCKET#k#api#2", "#STATE");
+        for (k, v) in [
+            ("rf", "1000"),
+            ("shard_count", "3"),
+            ("b_rpm_tk", "20000"),
+            ("b_rpm_cp", "100000"),
+            ("b_rpm_ra", "100000"),
+            ("b_rpm_rp", "60000"),
+            ("b_rpm_tc", "5000"),
+            ("b_wcu_tk", "1000000"),
+            ("b_wcu_cp", "1000000"),
+            ("b_wcu_ra", "1000000"),
+            ("b_wcu_rp", "1000"),
+        ] {
+            item.insert(k.into(), num(v));
+        }
+        let image = Image::parse(&item);
+        assert_eq!(image.shards(), 3);
+        let rpm = image.buckets["rpm"];
+        // Floored in millitokens, as Python divides (`cp // shard_count`).
+        assert_eq!(
+            (rpm.capacity_milli, rpm.refill_amount_milli),
+            (33_333, 33_333)
+        );
+        assert_eq!((rpm.refill_period_ms, rpm.tokens_milli), (60_000, 20_000));
+        assert_eq!(image.wcu.unwrap().capacity_milli, 1_000_000);
+    }
 
     #[test]
     fn config_round_trip_skips_foreign_and_broken_attributes() {

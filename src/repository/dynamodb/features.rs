@@ -1,5 +1,5 @@
 //! Which records of a table use Python library features this crate does not enforce yet
-//! (schedules, `reset_after` quotas, soft limits, shards above one): acquires on them fail
+//! (schedules, `reset_after` quotas): acquires on them fail
 //! closed with [`crate::Error::Unsupported`], and `zae-limiter check` lists them so an
 //! operator knows before a request does.
 
@@ -47,11 +47,7 @@ fn feature_use(item: &Item) -> Option<FeatureUse> {
     let (namespace_id, partition) = pk.split_once('/')?;
     let (record, feature, subject) = if sk == keys::STATE_SK {
         let image = Image::parse(item);
-        let feature = match image.unsupported {
-            Some(f) => f,
-            None if image.shard_count > 1 => "sharded buckets",
-            None => return None,
-        };
+        let feature = image.unsupported?;
         let entity = get_str(item, "entity_id").unwrap_or("?");
         let resource = get_str(item, "resource").unwrap_or("?");
         ("bucket", feature, format!("{entity}/{resource}"))
@@ -118,11 +114,8 @@ mod tests {
             ("resource", s("api")),
             ("shard_count", num(4)),
         ]);
-        let found = feature_use(&bucket).unwrap();
-        assert_eq!(
-            (found.feature.as_str(), found.subject.as_str()),
-            ("sharded buckets", "k1/api")
-        );
+        // Shards are enforced (each its share); only features this crate lacks are listed.
+        assert!(feature_use(&bucket).is_none());
         let plain = item(&[("PK", s("ns1/BUCKET#k2#api#0")), ("SK", s("#STATE"))]);
         assert!(feature_use(&plain).is_none());
     }

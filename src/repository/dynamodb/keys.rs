@@ -42,9 +42,30 @@ pub(super) fn entity_config_sk(resource: &str) -> String {
     format!("#CONFIG#{resource}")
 }
 
-/// A bucket item's partition (shard 0; this client does not pre-shard).
-pub(super) fn bucket_pk(ns: &str, entity_id: &str, resource: &str) -> String {
-    format!("{ns}/BUCKET#{entity_id}#{resource}#0")
+/// A bucket item's partition, from its slot (see [`slot`]): `{ns}/BUCKET#{id}#{res}#{n}`.
+pub(super) fn bucket_pk(ns: &str, entity_id: &str, slot: &str) -> String {
+    let (resource, shard) = split_slot(slot);
+    format!("{ns}/BUCKET#{entity_id}#{resource}#{shard}")
+}
+
+/// The name this process gives one bucket item of an entity (its caches, its reads and
+/// writes): the resource for shard 0, `{resource}#{shard}` for another shard of a bucket
+/// the Python library sharded. Resource names cannot contain `#`, so no two items share a
+/// slot, and an entity's slots all start with `{entity}#` in the caches.
+pub(super) fn slot(resource: &str, shard: u32) -> std::borrow::Cow<'_, str> {
+    if shard == 0 {
+        std::borrow::Cow::Borrowed(resource)
+    } else {
+        std::borrow::Cow::Owned(format!("{resource}#{shard}"))
+    }
+}
+
+/// The resource and shard of a slot.
+pub(super) fn split_slot(slot: &str) -> (&str, u32) {
+    match slot.split_once('#') {
+        Some((resource, shard)) => (resource, shard.parse().unwrap_or(0)),
+        None => (slot, 0),
+    }
 }
 
 /// The entity and resource of a bucket item's key, as the Python library reads them: the
@@ -98,6 +119,10 @@ mod tests {
             parse_bucket_pk("ns1", "ns1/BUCKET#k#api#3"),
             Some(("k", "api"))
         );
+        assert_eq!(bucket_pk("ns1", "k", &slot("api", 3)), "ns1/BUCKET#k#api#3");
+        assert_eq!(split_slot(&slot("api", 3)), ("api", 3));
+        assert_eq!(split_slot(&slot("api", 0)), ("api", 0));
+        assert_eq!(pk, "ns1/BUCKET#user-1#openai/gpt-4#0");
         assert_eq!(parse_bucket_pk("other", &pk), None);
         assert_eq!(parse_bucket_pk("ns1", "ns1/ENTITY#k"), None);
     }

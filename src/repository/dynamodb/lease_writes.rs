@@ -203,13 +203,15 @@ impl Inner {
         verdict_of(image, write_id, self.in_doubt.get(write_id).as_ref())
     }
 
-    /// Remembers the newest image seen of an item, and settles the writes in doubt on it
-    /// that it tells about.
+    /// Remembers the newest image seen of an item (`resource`: its slot, see
+    /// [`super::keys::slot`]) and its bucket's shard count, and settles the writes in doubt
+    /// on it that it tells about.
     pub(super) fn observe(&self, entity_id: &str, resource: &str, image: Image) {
         if self.in_doubt.any.load(std::sync::atomic::Ordering::Relaxed) {
             let item = crate::keys::entity_resource(entity_id, resource);
             self.in_doubt.observe(&item, &image);
         }
+        self.shards.learn(entity_id, resource, &image);
         self.images.put(entity_id, resource, image);
     }
 

@@ -44,6 +44,7 @@ mod registries;
 mod rejections;
 mod repository;
 mod retry;
+mod shards;
 mod stamps;
 mod table;
 

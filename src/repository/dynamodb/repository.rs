@@ -58,6 +58,8 @@ pub(super) struct Inner {
     pub(super) images: images::ImageCache,
     /// The last owner stamp read of each entity (for the owner check on bucket creates).
     pub(super) owners: owners::OwnerCache,
+    /// The shard counts of the sharded buckets seen.
+    pub(super) shards: super::shards::ShardCounts,
 }
 
 impl DynamoDbRepository {
@@ -319,7 +321,7 @@ impl Repository for DynamoDbRepository {
         self.inner
             .write_deltas(
                 &request.entity_id,
-                &request.resource,
+                &keys::slot(&request.resource, request.shard.index),
                 &request.deltas,
                 request.now_ms,
                 write_id,
@@ -333,12 +335,26 @@ impl Repository for DynamoDbRepository {
         entity_id: &str,
         resource: &str,
     ) -> Result<BTreeMap<String, BucketState>, Error> {
-        Ok(self
-            .inner
-            .read_bucket(entity_id, resource)
-            .await?
-            .map(|i: Image| i.buckets)
-            .unwrap_or_default())
+        let Some(first) = self.inner.read_bucket(entity_id, resource).await? else {
+            return Ok(BTreeMap::new());
+        };
+        if first.shards() <= 1 {
+            return Ok(first.buckets);
+        }
+        // A sharded bucket: what its shards hold together (each its share).
+        let others: Vec<Item> = (1..first.shards())
+            .map(|k| self.inner.bucket_key(entity_id, &keys::slot(resource, k)))
+            .collect();
+        let mut buckets = first.buckets;
+        for item in self.inner.batch_get(others, true).await? {
+            for (name, shard) in Image::parse(&item).buckets {
+                buckets
+                    .entry(name)
+                    .and_modify(|total| add_shard(total, &shard))
+                    .or_insert(shard);
+            }
+        }
+        Ok(buckets)
     }
 
     async fn create_entity(&self, entity: &Entity) -> Result<(), Error> {
@@ -455,6 +471,7 @@ impl Repository for DynamoDbRepository {
         if existed || records > 0 {
             inner.rejections.forget_entity(entity_id);
             inner.images.forget_entity(entity_id);
+            inner.shards.forget_entity(entity_id);
             inner
                 .audit(
                     entity_id,
@@ -755,4 +772,22 @@ impl Inner {
             unsupported: unsupported.map(str::to_string),
         })
     }
+}
+
+/// Adds one shard's state to the total of a sharded bucket's shards: both refilled to the
+/// later of their refill times, then tokens, capacity, refill and consumption add up.
+fn add_shard(total: &mut BucketState, shard: &BucketState) {
+    let now = total.last_refill_ms.max(shard.last_refill_ms);
+    let (mut a, b) = (
+        crate::bucket::refill(total, now),
+        crate::bucket::refill(shard, now),
+    );
+    a.tokens_milli = a.tokens_milli.saturating_add(b.tokens_milli);
+    a.capacity_milli = a.capacity_milli.saturating_add(b.capacity_milli);
+    a.refill_amount_milli = a.refill_amount_milli.saturating_add(b.refill_amount_milli);
+    a.total_consumed_milli = a
+        .total_consumed_milli
+        .saturating_add(b.total_consumed_milli);
+    a.refill_carry = 0;
+    *total = a;
 }

@@ -42,12 +42,12 @@ impl Inner {
         let mut stamp = if by_config { Stamp::Renew } else { Stamp::Live };
         for _ in 0..3 {
             let (update, expr) = bypass_update(item, stamp, now);
-            let key = self.bucket_key(&item.entity_id, &item.resource);
+            let key = self.bucket_key(&item.entity_id, &super::slot(item));
             let old = match self.update_item(key, update, expr, true, true).await? {
                 Updated::Ok(new) => {
                     let image = new.unwrap_or_default();
                     let outcome = bypassed_outcome(Some(&image), item, now);
-                    self.observe(&item.entity_id, &item.resource, image);
+                    self.observe(&item.entity_id, &super::slot(item), image);
                     return Ok(Some(outcome));
                 }
                 Updated::ConditionFailed(old) => old,
@@ -70,7 +70,7 @@ impl Inner {
                 Written::Ok(new) => {
                     let outcome = bypassed_outcome(new.as_ref(), item, now);
                     if let Some(new) = new {
-                        self.observe(&item.entity_id, &item.resource, new);
+                        self.observe(&item.entity_id, &super::slot(item), new);
                     }
                     return Ok(Some(outcome));
                 }
@@ -151,5 +151,6 @@ pub(super) fn bypassed_outcome(
         admitted: true,
         checks,
         bypassed: vec![0],
+        shards: Vec::new(),
     }
 }

@@ -149,7 +149,7 @@ impl Inner {
             let result = self
                 .write_deltas(
                     &item.entity_id,
-                    &item.resource,
+                    &super::slot(item),
                     &deltas,
                     now,
                     &write_id,

@@ -36,9 +36,11 @@ use write::Resends;
 use crate::repository::dynamodb::codec::Image;
 use crate::repository::dynamodb::errors::build_error;
 use crate::repository::dynamodb::retry::backoff;
-use crate::repository::dynamodb::{errors, Inner};
-use crate::repository::{AcquireOutcome, Checks, ItemRequest};
+use crate::repository::dynamodb::shards::shard_order;
+use crate::repository::dynamodb::{errors, keys, Inner};
+use crate::repository::{AcquireOutcome, Checks, ItemRequest, LimitCheck, Shard};
 use crate::Error;
+use smallvec::SmallVec;
 
 /// Attempts before an acquire gives up under contention (then `Unavailable`, never a 429;
 /// the caller's wait is bounded by the timeout long before).
@@ -86,8 +88,72 @@ pub(super) enum Step {
 }
 
 impl Inner {
-    /// Consumes from one or two items (child, then parent), all or nothing.
+    /// Consumes from one or two items (child, then parent), all or nothing, each on one of
+    /// its bucket's shards (see [`crate::repository::dynamodb::shards`]).
     pub(in crate::repository::dynamodb) async fn acquire_items(
+        &self,
+        items: &[ItemRequest],
+        now_ms: i64,
+    ) -> Result<AcquireOutcome, Error> {
+        let counts: SmallVec<[u32; 2]> = items
+            .iter()
+            .map(|i| self.shards.count(&i.entity_id, &i.resource))
+            .collect();
+        if counts.iter().all(|&c| c <= 1) {
+            return self.acquire_placed(items, now_ms).await;
+        }
+        self.acquire_sharded(items, &counts, now_ms).await
+    }
+
+    /// An acquire touching a sharded bucket: each such item on a shard drawn at random,
+    /// and after a rejection, the items that ran short on their next shard, until one
+    /// placement admits or every shard of a short item was tried (each shard holds its own
+    /// share, so one short shard says nothing of the others). A rejection reports the
+    /// placement that fits soonest.
+    async fn acquire_sharded(
+        &self,
+        items: &[ItemRequest],
+        counts: &[u32],
+        now_ms: i64,
+    ) -> Result<AcquireOutcome, Error> {
+        let orders: Vec<Vec<Shard>> = counts.iter().map(|&c| shard_order(c).collect()).collect();
+        let mut next = vec![0; items.len()];
+        let mut placed = items.to_vec();
+        let mut best: Option<AcquireOutcome> = None;
+        loop {
+            for ((item, order), &k) in placed.iter_mut().zip(&orders).zip(&next) {
+                item.shard = order[k];
+            }
+            let mut outcome = self.acquire_placed(&placed, now_ms).await?;
+            if outcome.admitted {
+                outcome.shards = placed
+                    .iter()
+                    .zip(items)
+                    .enumerate()
+                    .filter(|(_, (p, i))| p.shard != i.shard)
+                    .map(|(k, (p, _))| (k, p.shard))
+                    .collect();
+                return Ok(outcome);
+            }
+            let mut moved = false;
+            for k in short_items(&placed, &outcome.checks) {
+                if next[k] + 1 < orders[k].len() {
+                    next[k] += 1;
+                    moved = true;
+                }
+            }
+            best = Some(match best {
+                Some(b) if wait_ms(&b) <= wait_ms(&outcome) => b,
+                _ => outcome,
+            });
+            if !moved {
+                return Ok(best.unwrap_or_else(|| rejected(Checks::new())));
+            }
+        }
+    }
+
+    /// Consumes from one or two items, each on the shard it names.
+    async fn acquire_placed(
         &self,
         items: &[ItemRequest],
         now_ms: i64,
@@ -114,7 +180,7 @@ impl Inner {
     ) -> Result<AcquireOutcome, Error> {
         if takes_nothing(item) {
             // Nothing to write: decide on a consistent read.
-            let image = self.read_bucket(&item.entity_id, &item.resource).await?;
+            let image = self.read_bucket(&item.entity_id, &slot(item)).await?;
             if item.bypass || image.as_ref().is_some_and(|i| i.bypassed(now)) {
                 return Ok(bypass::bypassed_outcome(image.as_ref(), item, now));
             }
@@ -123,6 +189,7 @@ impl Inner {
                 admitted: plan.fits,
                 checks: plan.checks,
                 bypassed: Vec::new(),
+                shards: Vec::new(),
             });
         }
         if item.bypass {
@@ -131,7 +198,7 @@ impl Inner {
             }
             // The bypass was lifted since the config was read: enforced.
         }
-        if let Some(image) = self.rejections.get(&item.entity_id, &item.resource, now) {
+        if let Some(image) = self.rejections.get(&item.entity_id, &slot(item), now) {
             // A remembered image under other limit parameters is no guide: the item has
             // to learn the new ones (see `adopt_params`).
             if !stale_params(&image, item) {
@@ -140,7 +207,7 @@ impl Inner {
                     return Ok(rejected(plan.checks));
                 }
             }
-            self.rejections.forget(&item.entity_id, &item.resource);
+            self.rejections.forget(&item.entity_id, &slot(item));
         }
         let mut step = self.first_step(item, now);
         for attempt in 0..MAX_ATTEMPTS {
@@ -157,7 +224,7 @@ impl Inner {
                 Step::Speculative => match self.speculative(item, now).await? {
                     Speculative::Admitted(new) => {
                         let checks = admitted_checks(&new, item, now);
-                        self.observe(&item.entity_id, &item.resource, new);
+                        self.observe(&item.entity_id, &slot(item), new);
                         return Ok(admitted(checks));
                     }
                     Speculative::Failed(None) => Step::Create,
@@ -177,7 +244,7 @@ impl Inner {
                         Err(done) => return done,
                     }
                 }
-                Step::Read => match self.read_bucket(&item.entity_id, &item.resource).await? {
+                Step::Read => match self.read_bucket(&item.entity_id, &slot(item)).await? {
                     None => Step::Create,
                     Some(image) => match self.next_step(image, item, now).await {
                         Ok(step) => step,
@@ -216,7 +283,7 @@ impl Inner {
     /// it), in which case the rf-locked write is built from that image straight away.
     pub(super) fn first_step(&self, item: &ItemRequest, now: i64) -> Step {
         let window = fresh_window_ms(charged(item));
-        match self.images.get(&item.entity_id, &item.resource) {
+        match self.images.get(&item.entity_id, &slot(item)) {
             Some(image) if image.bypassed(now) => Step::Bypass,
             Some(image) if !expired(&image, now) && !rf_is_fresh(&image, now, window) => {
                 Step::Normal {
@@ -240,7 +307,7 @@ impl Inner {
         match written {
             Written::Ok(new) => {
                 if let Some(new) = new {
-                    self.observe(&item.entity_id, &item.resource, new);
+                    self.observe(&item.entity_id, &slot(item), new);
                 }
                 Err(Ok(admitted(checks)))
             }
@@ -256,6 +323,7 @@ impl Inner {
         item: &ItemRequest,
         now: i64,
     ) -> Result<Step, Done> {
+        self.shards.learn(&item.entity_id, &slot(item), &image);
         if let Some(refused) = refusal(&image, item) {
             return Err(Err(refused));
         }
@@ -268,11 +336,11 @@ impl Inner {
                 self.adopt_params(item, &image, now).await;
             } else {
                 self.rejections
-                    .remember(&item.entity_id, &item.resource, image, &plan.checks, now);
+                    .remember(&item.entity_id, &slot(item), image, &plan.checks, now);
             }
             return Err(Ok(rejected(plan.checks)));
         }
-        self.observe(&item.entity_id, &item.resource, image.clone());
+        self.observe(&item.entity_id, &slot(item), image.clone());
         Ok(if plan.speculative_ok {
             Step::Speculative
         } else {
@@ -368,16 +436,12 @@ impl Inner {
         } else {
             (parent, child, false)
         };
-        let image = self
-            .read_bucket(&checked.entity_id, &checked.resource)
-            .await?;
+        let image = self.read_bucket(&checked.entity_id, &slot(checked)).await?;
         let check = evaluate(image.as_ref(), checked, now);
         let outcome = if check.fits {
             self.acquire_one(charged, now).await?
         } else {
-            let other = self
-                .read_bucket(&charged.entity_id, &charged.resource)
-                .await?;
+            let other = self.read_bucket(&charged.entity_id, &slot(charged)).await?;
             rejected(evaluate(other.as_ref(), charged, now).checks)
         };
         let admitted = check.fits && outcome.admitted;
@@ -390,6 +454,7 @@ impl Inner {
             admitted,
             checks,
             bypassed: Vec::new(),
+            shards: Vec::new(),
         })
     }
 
@@ -423,9 +488,7 @@ impl Inner {
             b
         } else {
             // Rejected on the first side: the other side's state, for the statuses.
-            let image = self
-                .read_bucket(&second.entity_id, &second.resource)
-                .await?;
+            let image = self.read_bucket(&second.entity_id, &slot(second)).await?;
             if second.bypass {
                 bypass::bypassed_outcome(image.as_ref(), second, now)
             } else {
@@ -447,6 +510,7 @@ impl Inner {
                 .chain(parent_out.checks)
                 .collect(),
             bypassed,
+            shards: Vec::new(),
         })
     }
 
@@ -508,7 +572,7 @@ impl Inner {
                         let (update, expr) = self.normal_update(item, image, plan, now);
                         let tx = TxUpdate::builder()
                             .table_name(&self.table)
-                            .set_key(Some(self.bucket_key(&item.entity_id, &item.resource)))
+                            .set_key(Some(self.bucket_key(&item.entity_id, &slot(item))))
                             .update_expression(update.expression())
                             .set_condition_expression(update.condition())
                             .set_expression_attribute_names(expr.names())
@@ -573,11 +637,42 @@ impl Inner {
     }
 }
 
+/// The items (by index) with a limit that ran short, from an outcome's checks.
+fn short_items(items: &[ItemRequest], checks: &[LimitCheck]) -> Vec<usize> {
+    let mut start = 0;
+    let mut short = Vec::new();
+    for (k, item) in items.iter().enumerate() {
+        let end = (start + item.limits.len()).min(checks.len());
+        if checks[start.min(end)..end].iter().any(|c| c.exceeded) {
+            short.push(k);
+        }
+        start = end;
+    }
+    short
+}
+
+/// How long a rejection says to wait (the longest of its exceeded limits; never: max).
+fn wait_ms(outcome: &AcquireOutcome) -> u64 {
+    outcome
+        .checks
+        .iter()
+        .filter(|c| c.exceeded)
+        .map(|c| c.retry_after_ms.unwrap_or(u64::MAX))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The slot of an item's bucket item (see [`keys::slot`]): its resource, on its shard.
+pub(super) fn slot(item: &ItemRequest) -> std::borrow::Cow<'_, str> {
+    keys::slot(&item.resource, item.shard.index)
+}
+
 pub(super) fn admitted(checks: Checks) -> AcquireOutcome {
     AcquireOutcome {
         admitted: true,
         checks,
         bypassed: Vec::new(),
+        shards: Vec::new(),
     }
 }
 
@@ -586,6 +681,7 @@ pub(super) fn rejected(checks: Checks) -> AcquireOutcome {
         admitted: false,
         checks,
         bypassed: Vec::new(),
+        shards: Vec::new(),
     }
 }
 

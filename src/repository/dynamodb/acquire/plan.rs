@@ -3,7 +3,7 @@
 
 use crate::bucket::{self, BucketState, MILLI};
 use crate::repository::dynamodb::codec::Image;
-use crate::repository::{params_changed, reconcile_bucket, Checks, ItemRequest, LimitCheck};
+use crate::repository::{reconcile_shard, shard_params_changed, Checks, ItemRequest, LimitCheck};
 use crate::Limit;
 
 /// What the arithmetic says about one item.
@@ -27,6 +27,8 @@ pub(in crate::repository::dynamodb) fn evaluate(
     now_ms: i64,
 ) -> Plan {
     let window = fresh_window_ms(charged(item));
+    // The shard's own count (a new shard is created at the count drawn with).
+    let shards = image.map_or(item.shard.count, Image::shards);
     let mut plan = Plan {
         checks: Checks::with_capacity(item.limits.len()),
         fits: true,
@@ -40,13 +42,18 @@ pub(in crate::repository::dynamodb) fn evaluate(
     for (limit, &amount) in item.limits.iter().zip(&item.amounts) {
         let stored = image.and_then(|i| i.buckets.get(&limit.name));
         plan.speculative_ok &= stored.is_some_and(|s| {
-            !params_changed(s, limit) && i128::from(s.tokens_milli) >= floor(limit, amount)
+            !shard_params_changed(s, limit, shards)
+                && i128::from(s.tokens_milli) >= floor(limit, amount)
         });
-        let current = reconcile_bucket(stored, limit, now_ms);
+        let current = reconcile_shard(stored, limit, shards, now_ms);
         let result = bucket::try_consume_limit(limit, &current, amount, now_ms);
         plan.fits &= result.success;
-        plan.checks
-            .push(LimitCheck::from_consume(limit, amount, &result));
+        let mut check = LimitCheck::from_consume(limit, amount, &result);
+        if !result.success && milli(amount) > i128::from(current.capacity_milli) {
+            // More than a shard can ever hold: no wait makes it fit.
+            check.retry_after_ms = None;
+        }
+        plan.checks.push(check);
         plan.states.push(result.state);
     }
     plan
@@ -69,14 +76,8 @@ pub(super) fn stale_params(image: &Image, item: &ItemRequest) -> bool {
         image
             .buckets
             .get(&limit.name)
-            .is_some_and(|stored| params_changed(stored, limit))
+            .is_some_and(|stored| shard_params_changed(stored, limit, image.shards()))
     })
-}
-
-pub(super) fn same_params(a: &BucketState, b: &BucketState) -> bool {
-    a.capacity_milli == b.capacity_milli
-        && a.refill_amount_milli == b.refill_amount_milli
-        && a.refill_period_ms == b.refill_period_ms
 }
 
 /// Whether an item takes no tokens at all.
@@ -176,6 +177,7 @@ mod tests {
             expires_when_idle: true,
             owner: None,
             bypass: false,
+            shard: Default::default(),
         }
     }
 
@@ -261,6 +263,32 @@ mod tests {
         // A limit taken nothing from does not narrow the fresh window.
         assert!(takes_nothing(&item(&limits, &[0, 0])));
         assert_eq!(charged(&item(&limits, &[0, 5])).count(), 1);
+    }
+
+    #[test]
+    fn a_shard_holds_its_share_and_refuses_more_than_a_share_for_good() {
+        // 100 a minute over 4 shards: each holds 25 and refills 25 a minute.
+        let rpm = [Limit::per_minute("rpm", 100)];
+        let mut shard = image(&rpm, 0, NOW);
+        shard.shard_count = 4;
+        for state in shard.buckets.values_mut() {
+            *state = BucketState::for_shard(&rpm[0], 4, NOW);
+        }
+        let plan = evaluate(Some(&shard), &item(&rpm, &[25]), NOW);
+        assert!(plan.fits && plan.speculative_ok);
+        assert_eq!(plan.checks[0].available, 25);
+        // More than a share never fits on any shard: no wait helps.
+        let plan = evaluate(Some(&shard), &item(&rpm, &[26]), NOW);
+        assert!(!plan.fits);
+        assert_eq!(plan.checks[0].retry_after_ms, None);
+        // The stored parameters are the base: the shard's share is not a change of limit.
+        assert!(!stale_params(&shard, &item(&rpm, &[1])));
+        // A new shard starts at its share, at the count it is created with.
+        let mut new = item(&rpm, &[5]);
+        new.shard = crate::repository::Shard { index: 3, count: 4 };
+        let plan = evaluate(None, &new, NOW);
+        assert_eq!(plan.states[0].tokens_milli, 20 * MILLI);
+        assert_eq!(plan.states[0].capacity_milli, 25 * MILLI);
     }
 
     #[test]

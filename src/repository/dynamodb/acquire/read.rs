@@ -11,25 +11,18 @@ use crate::repository::ItemRequest;
 use crate::Error;
 
 impl Inner {
-    /// The key of an entity and resource's bucket record.
-    pub(in crate::repository::dynamodb) fn bucket_key(
-        &self,
-        entity_id: &str,
-        resource: &str,
-    ) -> Item {
-        codec::key(
-            keys::bucket_pk(&self.ns, entity_id, resource),
-            keys::STATE_SK,
-        )
+    /// The key of an entity's bucket item in `slot` (see [`keys::slot`]).
+    pub(in crate::repository::dynamodb) fn bucket_key(&self, entity_id: &str, slot: &str) -> Item {
+        codec::key(keys::bucket_pk(&self.ns, entity_id, slot), keys::STATE_SK)
     }
 
-    /// A consistent read of one bucket item.
+    /// A consistent read of an entity's bucket item in `slot` (see [`keys::slot`]).
     pub(in crate::repository::dynamodb) async fn read_bucket(
         &self,
         entity_id: &str,
-        resource: &str,
+        slot: &str,
     ) -> Result<Option<Image>, Error> {
-        let pk = keys::bucket_pk(&self.ns, entity_id, resource);
+        let pk = keys::bucket_pk(&self.ns, entity_id, slot);
         let item = table::get_item(&self.client, &self.table, &pk, keys::STATE_SK).await?;
         Ok(item.as_ref().map(Image::parse))
     }
@@ -41,7 +34,7 @@ impl Inner {
     ) -> Result<Vec<Option<Image>>, Error> {
         let keys: Vec<Item> = items
             .iter()
-            .map(|i| self.bucket_key(&i.entity_id, &i.resource))
+            .map(|i| self.bucket_key(&i.entity_id, &super::slot(i)))
             .collect();
         let found = self.batch_get(keys.clone(), true).await?;
         Ok(keys

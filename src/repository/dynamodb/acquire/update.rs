@@ -3,13 +3,15 @@
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use super::plan::{fresh_window_ms, rf_is_fresh, same_params};
+use super::plan::{fresh_window_ms, rf_is_fresh};
 use crate::bucket::{self, BucketState, MILLI, MIN_TOKENS_MILLI};
 use crate::naming::RESERVED_LIMIT_NAME;
 use crate::repository::dynamodb::codec::Image;
 use crate::repository::dynamodb::expr::{Expr, Update};
 use crate::repository::dynamodb::keys;
-use crate::repository::{debt_too_deep, params_changed, reconcile_bucket, ItemRequest};
+use crate::repository::{
+    debt_too_deep, reconcile_shard, same_params, shard_params_changed, ItemRequest,
+};
 use crate::{Entity, Error, Limit};
 
 /// Signed deltas without moving `rf`, so concurrent adjustments of a hot item never
@@ -58,7 +60,7 @@ pub(super) fn unlocked_update(image: &Image, deltas: &[&(Limit, i64)], now: i64)
             update.conditions.push(format!("{tk} >= {floor}"));
             continue;
         }
-        let fresh = BucketState::from_limit(limit, now);
+        let fresh = BucketState::for_shard(limit, image.shards(), now);
         let credit = change.saturating_neg();
         match credit_variant(image.buckets.get(&limit.name), &fresh, credit, since) {
             Some(CreditVariant::Fills { low }) => {
@@ -83,7 +85,7 @@ pub(super) fn unlocked_update(image: &Image, deltas: &[&(Limit, i64)], now: i64)
                 update.conditions.push(format!("{tk} <= {ceiling}"));
             }
         }
-        require_params(&mut expr, &mut update, &limit.name, &fresh);
+        require_params(&mut expr, &mut update, limit);
     }
     (update, expr)
 }
@@ -158,8 +160,8 @@ pub(super) fn unlocked_fits(
             if change > 0 {
                 stored.tokens_milli >= MIN_TOKENS_MILLI.saturating_add(change)
             } else {
-                let fresh = BucketState::from_limit(limit, now);
-                !params_changed(stored, limit)
+                let fresh = BucketState::for_shard(limit, image.shards(), now);
+                !shard_params_changed(stored, limit, image.shards())
                     && credit_variant(Some(stored), &fresh, change.saturating_neg(), since)
                         .is_some()
             }
@@ -185,7 +187,12 @@ pub(super) fn locked_deltas(
 ) -> Result<(Update, Expr), Error> {
     let mut changes = Vec::with_capacity(deltas.len());
     for (limit, delta) in deltas {
-        let stored = reconcile_bucket(current.buckets.get(&limit.name), limit, now);
+        let stored = reconcile_shard(
+            current.buckets.get(&limit.name),
+            limit,
+            current.shards(),
+            now,
+        );
         let state = bucket::force_consume(&stored, *delta, now);
         if state.tokens_milli < MIN_TOKENS_MILLI {
             return Err(debt_too_deep(&limit.name, *delta));
@@ -282,7 +289,7 @@ pub(super) fn locked_update(
                     update.add.push(format!("{tc} {c}"));
                 }
                 if !same_params(old, &change.state) {
-                    set_params(&mut expr, &mut update, name, &change.state);
+                    set_params(&mut expr, &mut update, change.limit);
                 }
             }
             None => {
@@ -298,7 +305,7 @@ pub(super) fn locked_update(
                 update
                     .conditions
                     .push(format!("attribute_not_exists({tk})"));
-                set_params(&mut expr, &mut update, name, &change.state);
+                set_params(&mut expr, &mut update, change.limit);
             }
         }
     }
@@ -369,8 +376,10 @@ pub(super) fn bound(
     }
 }
 
-/// A bucket's parameter attributes (capacity, refill amount, refill period) and values.
-pub(super) fn params(state: &BucketState) -> [(&'static str, i64); 3] {
+/// A limit's parameter attributes (capacity, refill amount, refill period) and the values
+/// stored: the undivided base, whatever the shard (Python's contract, section 5).
+pub(super) fn params(limit: &Limit) -> [(&'static str, i64); 3] {
+    let state = BucketState::from_limit(limit, 0);
     [
         ("cp", state.capacity_milli),
         ("ra", state.refill_amount_milli),
@@ -378,24 +387,19 @@ pub(super) fn params(state: &BucketState) -> [(&'static str, i64); 3] {
     ]
 }
 
-/// Conditions the write on the item storing `state`'s parameters for limit `name` (a write
-/// that does not refill must not act on a bucket under other parameters).
-pub(super) fn require_params(
-    expr: &mut Expr,
-    update: &mut Update,
-    name: &str,
-    state: &BucketState,
-) {
-    for (field, value) in params(state) {
-        let n = expr.name(&keys::bucket_attr(name, field));
+/// Conditions the write on the item storing `limit`'s parameters (a write that does not
+/// refill must not act on a bucket under other parameters).
+pub(super) fn require_params(expr: &mut Expr, update: &mut Update, limit: &Limit) {
+    for (field, value) in params(limit) {
+        let n = expr.name(&keys::bucket_attr(&limit.name, field));
         let v = expr.num(value);
         update.conditions.push(format!("{n} = {v}"));
     }
 }
 
-pub(super) fn set_params(expr: &mut Expr, update: &mut Update, name: &str, state: &BucketState) {
-    for (field, value) in params(state) {
-        let n = expr.name(&keys::bucket_attr(name, field));
+pub(super) fn set_params(expr: &mut Expr, update: &mut Update, limit: &Limit) {
+    for (field, value) in params(limit) {
+        let n = expr.name(&keys::bucket_attr(&limit.name, field));
         let v = expr.num(value);
         update.set.push(format!("{n} = {v}"));
     }
@@ -403,7 +407,7 @@ pub(super) fn set_params(expr: &mut Expr, update: &mut Update, name: &str, state
 
 /// Conditions an acquire's write on the item holding nothing this crate must not write
 /// past: the Python library's `disabled` stamp, a live `bypass` stamp (an acquire on it is
-/// admitted bypass-shaped instead), more than one shard, or a schedule stamp. A write that
+/// admitted bypass-shaped instead), or a schedule stamp. A write that
 /// fails on one returns the item, and [`refusal`] names why (or the acquire goes
 /// bypass-shaped). Soft stamps (`b_{L}_soft`) are Python's cache of its config: this crate
 /// decides softness from the config it reads, and leaves the stamps to Python.
@@ -420,11 +424,6 @@ pub(in crate::repository::dynamodb) fn require_enforceable(
     let now_v = expr.num(now);
     update.conditions.push(format!(
         "(attribute_not_exists({bypass}) OR {bypass} <= {now_v})"
-    ));
-    let shards = expr.name("shard_count");
-    let one = expr.num(1);
-    update.conditions.push(format!(
-        "(attribute_not_exists({shards}) OR {shards} <= {one})"
     ));
 }
 
@@ -459,9 +458,6 @@ pub(in crate::repository::dynamodb) fn refusal(image: &Image, item: &ItemRequest
             entity_id: item.entity_id.clone(),
             resource: item.resource.clone(),
         });
-    }
-    if image.shard_count > 1 {
-        return Some(unsupported("sharded buckets"));
     }
     image.unsupported.map(unsupported)
 }

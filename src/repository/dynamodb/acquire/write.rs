@@ -2,8 +2,9 @@
 //! marked so a write in doubt is sent again only with a check.
 
 use super::plan::{charged, floor, fresh_window_ms, milli_i64, Plan};
+use super::slot;
 use super::update::{
-    locked_update, mark_soft, require_enforceable, require_params, seed_shared_fields,
+    locked_update, mark_soft, params, require_enforceable, require_params, seed_shared_fields,
     shared_fields, Change, Ttl,
 };
 use super::{Speculative, Updated, Written};
@@ -19,7 +20,7 @@ use crate::repository::dynamodb::expr::{Expr, Update};
 use crate::repository::dynamodb::owners::Owner;
 use crate::repository::dynamodb::retry::{backoff, no_retries};
 use crate::repository::dynamodb::{errors, keys, Inner};
-use crate::repository::{reconcile_bucket, ItemRequest};
+use crate::repository::{reconcile_shard, ItemRequest};
 use crate::{Error, Limit};
 
 impl Inner {
@@ -36,7 +37,6 @@ impl Inner {
         require_enforceable(now, &mut expr, &mut update);
         mark_soft(item, &mut expr, &mut update);
         for (limit, &amount) in item.limits.iter().zip(&item.amounts) {
-            let fresh = BucketState::from_limit(limit, now);
             let tk = expr.name(&keys::bucket_attr(&limit.name, "tk"));
             let amount_milli = milli_i64(amount);
             if amount > 0 {
@@ -52,7 +52,7 @@ impl Inner {
                 let zero = expr.num(0);
                 update.conditions.push(format!("{tk} >= {zero}"));
             }
-            require_params(&mut expr, &mut update, &limit.name, &fresh);
+            require_params(&mut expr, &mut update, limit);
         }
         debit_wcu(&mut expr, &mut update);
         // The fresh-`rf` rule (see `fresh_window_ms`): an item idle past the window goes
@@ -75,7 +75,7 @@ impl Inner {
         Ok(
             match self
                 .update_item(
-                    self.bucket_key(&item.entity_id, &item.resource),
+                    self.bucket_key(&item.entity_id, &slot(item)),
                     update,
                     expr,
                     true,
@@ -240,21 +240,21 @@ impl Inner {
         states: &[BucketState],
         now: i64,
     ) -> Item {
-        let pk = keys::bucket_pk(&self.ns, &item.entity_id, &item.resource);
+        let pk = keys::bucket_pk(&self.ns, &item.entity_id, &slot(item));
         let mut attrs = codec::key(pk.clone(), keys::STATE_SK);
         attrs.insert("entity_id".into(), s(&item.entity_id));
         attrs.insert("resource".into(), s(&item.resource));
         attrs.insert("rf".into(), num(now));
-        attrs.insert("shard_count".into(), num(1));
+        attrs.insert("shard_count".into(), num(i64::from(item.shard.count)));
         for ((limit, &amount), state) in item.limits.iter().zip(&item.amounts).zip(states) {
-            for (field, value) in [
+            // The tokens are this shard's (its share, less the take); the parameters
+            // are the undivided base, as Python stores them on every shard.
+            let own = [
                 ("tk", state.tokens_milli),
-                ("cp", state.capacity_milli),
-                ("ra", state.refill_amount_milli),
-                ("rp", state.refill_period_ms),
                 ("tc", milli_i64(amount)),
                 ("rc", state.refill_carry),
-            ] {
+            ];
+            for (field, value) in own.into_iter().chain(params(limit)) {
                 attrs.insert(keys::bucket_attr(&limit.name, field), num(value));
             }
             // An expired soft stamp, for Python (see `mark_soft`).
@@ -270,16 +270,26 @@ impl Inner {
             "GSI2PK".into(),
             s(keys::resource_pk(&self.ns, &item.resource)),
         );
-        attrs.insert("GSI2SK".into(), s(format!("BUCKET#{}#0", item.entity_id)));
+        let shard = item.shard.index;
+        attrs.insert(
+            "GSI2SK".into(),
+            s(format!("BUCKET#{}#{shard}", item.entity_id)),
+        );
         attrs.insert(
             "GSI3PK".into(),
             s(keys::entity_pk(&self.ns, &item.entity_id)),
         );
-        attrs.insert("GSI3SK".into(), s(format!("BUCKET#{}#0", item.resource)));
+        attrs.insert(
+            "GSI3SK".into(),
+            s(format!("BUCKET#{}#{shard}", item.resource)),
+        );
         attrs.insert("GSI4PK".into(), s(&self.ns));
         attrs.insert(
             "GSI4SK".into(),
-            s(format!("BUCKET#{}#{}#0", item.entity_id, item.resource)),
+            s(format!(
+                "BUCKET#{}#{}#{shard}",
+                item.entity_id, item.resource
+            )),
         );
         attrs
     }
@@ -312,7 +322,7 @@ impl Inner {
         Ok(
             match self
                 .update_item(
-                    self.bucket_key(&item.entity_id, &item.resource),
+                    self.bucket_key(&item.entity_id, &slot(item)),
                     update,
                     expr,
                     true,
@@ -389,13 +399,13 @@ impl Inner {
             .iter()
             .map(|limit| Change {
                 limit,
-                state: reconcile_bucket(image.buckets.get(&limit.name), limit, now),
+                state: reconcile_shard(image.buckets.get(&limit.name), limit, image.shards(), now),
                 consumed: 0,
                 must_cover: false,
             })
             .collect();
         let (update, expr) = self.item_update(item, image, &changes, now);
-        let key = self.bucket_key(&item.entity_id, &item.resource);
+        let key = self.bucket_key(&item.entity_id, &slot(item));
         if let Err(e) = self.update_item(key, update, expr, false, false).await {
             tracing::debug!(entity_id = %item.entity_id, resource = %item.resource, error = %e, "could not store changed limit parameters; will retry");
         }
