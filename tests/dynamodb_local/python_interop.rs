@@ -1136,3 +1136,80 @@ async fn a_lease_on_a_sharded_bucket_settles_on_the_shard_it_charged() {
         .sum();
     assert_eq!(total, 750_000 + 12 * 10_000 + 8 * 5_000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cascade_charges_a_sharded_parent_shard_by_shard() {
+    let (repo, place) = shared().await;
+    let limiter = RateLimiter::new(repo.clone());
+    limiter.create_entity("org").await.unwrap();
+    for key in ["key-a", "key-b"] {
+        limiter
+            .create_entity(key)
+            .parent("org")
+            .cascade(true)
+            .await
+            .unwrap();
+        limiter
+            .set_entity_limits(key, "api", &[Limit::per_day("rpd", 1_000)])
+            .await
+            .unwrap();
+    }
+    limiter
+        .set_entity_limits("org", "api", &[Limit::per_day("rpd", 40)])
+        .await
+        .unwrap();
+    // The parent's bucket is hot: Python takes 30 on it, then spreads it over 4 shards
+    // (shard 0 keeps its 10, a share; the others start at 10 each).
+    ok(&python::run(command(
+        &place,
+        json!({"op": "acquire", "entity": "org", "resource": "api", "consume": {"rpd": 30}, "n": 1}),
+    ))
+    .await);
+    ok(&python::run(command(
+        &place,
+        json!({"op": "bump_shards", "entity": "org", "resource": "api", "from": [1, 2]}),
+    ))
+    .await);
+    // Two children at once through the parent: exactly the parent's 40 admitted, each
+    // child charged for what it was admitted.
+    let mut tasks = Vec::new();
+    for key in ["key-a", "key-b", "key-a", "key-b"] {
+        let limiter = limiter.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut admitted = 0i64;
+            for _ in 0..20 {
+                match limiter.acquire(key, "api").await {
+                    Ok(lease) => {
+                        lease.commit().await.unwrap();
+                        admitted += 1;
+                    }
+                    Err(zae_limiter::Error::RateLimited(_)) => {}
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+            (key, admitted)
+        }));
+    }
+    let mut by_key = HashMap::new();
+    for task in tasks {
+        let (key, admitted) = task.await.unwrap();
+        *by_key.entry(key).or_insert(0) += admitted;
+    }
+    let total: i64 = by_key.values().sum();
+    assert_eq!(total, 40, "the parent's shards held 40: {by_key:?}");
+    for (key, admitted) in &by_key {
+        let child = limiter.bucket_states(key, "api").await.unwrap();
+        assert_eq!(child["rpd"].total_consumed_milli, admitted * 1_000, "{key}");
+    }
+    let shards = shard_items(&repo, "org", "api", "rpd").await;
+    assert_eq!(shards.len(), 4, "{shards:?}");
+    assert_eq!(
+        shards.iter().map(|s| s.3).sum::<i64>(),
+        (30 + 40) * 1_000,
+        "{shards:?}"
+    );
+    assert!(
+        shards.iter().all(|s| (0..1_000).contains(&s.2)),
+        "{shards:?}"
+    );
+}
