@@ -44,6 +44,9 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "aggregator")]
+#[cfg_attr(docsrs, doc(cfg(feature = "aggregator")))]
+pub mod aggregator;
 mod amount;
 #[cfg(feature = "blocking")]
 #[cfg_attr(docsrs, doc(cfg(feature = "blocking")))]

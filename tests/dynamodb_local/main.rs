@@ -10,6 +10,8 @@ mod python;
 #[path = "../suite/mod.rs"]
 mod suite;
 
+#[cfg(feature = "aggregator")]
+mod aggregator;
 mod local_server;
 mod lost_responses;
 #[cfg(feature = "metrics")]

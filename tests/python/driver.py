@@ -14,6 +14,8 @@ Commands (`op`):
 - `get_entity`: the entity as Python reads it.
 - `disable_resource` / `enable_resource`: `resource`, config and bucket stamps.
 - `registries`: the resources with defaults, and those with entity configs.
+- `usage`: the usage snapshots of `entity` (and `resource`), as Python's
+  `get_usage_snapshots` reads them.
 - `bump_shards`: doubles the `shard_count` of `entity`/`resource`'s bucket from each count
   in `from` in turn, as Python's client does when a bucket runs out of write capacity;
   answers the counts reached.
@@ -98,6 +100,13 @@ async def run(cmd):
             return {"resources": sorted(await limiter.list_resources_with_defaults()),
                     "entity_config_resources":
                         sorted(await limiter.list_resources_with_entity_configs())}
+        if op == "usage":
+            snaps, _ = await repo.get_usage_snapshots(
+                entity_id=cmd.get("entity"), resource=cmd.get("resource"),
+                window_type=cmd.get("window"))
+            return {"snapshots": [{"window": x.window_type, "window_start": x.window_start,
+                                   "counters": x.counters, "total_events": x.total_events}
+                                  for x in snaps]}
         if op == "bump_shards":
             return {"counts": [await repo.bump_shard_count(cmd["entity"], cmd["resource"], c)
                                for c in cmd["from"]]}

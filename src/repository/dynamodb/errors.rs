@@ -63,7 +63,7 @@ const TRANSIENT_CODES: &[&str] = &[
 ];
 
 /// Maps an SDK error from `operation` on `table`.
-pub(super) fn map<E, R>(operation: &str, table: &str, error: SdkError<E, R>) -> Error
+pub(crate) fn map<E, R>(operation: &str, table: &str, error: SdkError<E, R>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
@@ -178,7 +178,7 @@ fn connection_refused(error: &(dyn std::error::Error + 'static)) -> bool {
 
 /// Whether a retry later may succeed (the network, a server error, throttling), whatever
 /// became of this request.
-pub(super) fn transient<E>(error: &SdkError<E, HttpResponse>) -> bool
+pub(crate) fn transient<E>(error: &SdkError<E, HttpResponse>) -> bool
 where
     E: ProvideErrorMetadata,
 {

@@ -8,7 +8,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 
 /// Builds the alias maps of one request.
 #[derive(Debug, Default)]
-pub(super) struct Expr {
+pub(crate) struct Expr {
     names: HashMap<String, String>,
     by_attr: HashMap<String, String>,
     values: HashMap<String, AttributeValue>,
@@ -51,7 +51,7 @@ impl Expr {
 
 /// The clauses of an update expression, joined in DynamoDB's syntax.
 #[derive(Debug, Default)]
-pub(super) struct Update {
+pub(crate) struct Update {
     /// `SET` actions.
     pub set: Vec<String>,
     /// `ADD` actions.

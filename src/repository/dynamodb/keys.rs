@@ -10,7 +10,7 @@ pub(super) const CONFIG_SK: &str = "#CONFIG";
 /// The sort key of entity records.
 pub(super) const META_SK: &str = "#META";
 /// The sort key of bucket items.
-pub(super) const STATE_SK: &str = "#STATE";
+pub(crate) const STATE_SK: &str = "#STATE";
 
 /// Forward registry row: namespace name to id.
 pub(super) fn namespace_sk(name: &str) -> String {
@@ -28,12 +28,12 @@ pub(super) fn system_pk(ns: &str) -> String {
 }
 
 /// A resource config record's partition.
-pub(super) fn resource_pk(ns: &str, resource: &str) -> String {
+pub(crate) fn resource_pk(ns: &str, resource: &str) -> String {
     format!("{ns}/RESOURCE#{resource}")
 }
 
 /// An entity's partition (its record, its configs).
-pub(super) fn entity_pk(ns: &str, entity_id: &str) -> String {
+pub(crate) fn entity_pk(ns: &str, entity_id: &str) -> String {
     format!("{ns}/ENTITY#{entity_id}")
 }
 
@@ -71,7 +71,7 @@ pub(super) fn split_slot(slot: &str) -> (&str, u32) {
 /// The entity and resource of a bucket item's key, as the Python library reads them: the
 /// shard after the last `#`, the entity before the first (keys-only index results carry
 /// nothing else).
-pub(super) fn parse_bucket_pk<'a>(ns: &str, pk: &'a str) -> Option<(&'a str, &'a str)> {
+pub(crate) fn parse_bucket_pk<'a>(ns: &str, pk: &'a str) -> Option<(&'a str, &'a str)> {
     let rest = pk.strip_prefix(ns)?.strip_prefix("/BUCKET#")?;
     let (rest, _shard) = rest.rsplit_once('#')?;
     rest.split_once('#')

@@ -10,7 +10,7 @@ pub(super) fn jitter(attempt: usize) -> Duration {
 }
 
 /// Backoff with jitter: 10, 20, 40 ... ms, capped at 320 ms.
-pub(super) fn backoff(attempt: usize) -> Duration {
+pub(crate) fn backoff(attempt: usize) -> Duration {
     let base = 10u64 << attempt.min(5);
     Duration::from_millis(base + rand::random_range(0..base))
 }

@@ -1,0 +1,277 @@
+//! The usage aggregator on DynamoDB Local: stream records built from the real bucket items
+//! a limiter wrote (the image before and after each acquire, as a `NEW_AND_OLD_IMAGES`
+//! stream carries them), counted into snapshots exactly once however they are delivered,
+//! and read back by the Python zae-limiter 0.17.
+
+use std::collections::HashMap;
+
+use serde_json::json;
+use zae_limiter::aggregator::{Aggregator, BatchReport, ChangeKind, Skip, StreamRecord, Window};
+use zae_limiter::repository::dynamodb::aws_sdk_dynamodb::types::AttributeValue;
+use zae_limiter::{DynamoDbRepository, Limit, RateLimiter};
+
+use crate::{dynamo, python};
+
+type Item = HashMap<String, AttributeValue>;
+
+/// 2026-11-30T10:15:00Z.
+const T: i64 = 1_796_033_700_000;
+const HOUR: i64 = 3_600_000;
+
+async fn raw(repo: &DynamoDbRepository, pk: String, sk: &str) -> Option<Item> {
+    repo.client()
+        .get_item()
+        .table_name(repo.table())
+        .key("PK", AttributeValue::S(pk))
+        .key("SK", AttributeValue::S(sk.to_string()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap()
+        .item()
+        .cloned()
+}
+
+/// A bucket item as stored.
+async fn bucket(repo: &DynamoDbRepository, entity: &str, resource: &str) -> Option<Item> {
+    let pk = format!("{}/BUCKET#{entity}#{resource}#0", repo.namespace_id());
+    raw(repo, pk, "#STATE").await
+}
+
+/// A snapshot item as stored.
+async fn snapshot(repo: &DynamoDbRepository, entity: &str, sk: &str) -> Item {
+    let pk = format!("{}/ENTITY#{entity}", repo.namespace_id());
+    raw(repo, pk, sk)
+        .await
+        .unwrap_or_else(|| panic!("no snapshot {sk}"))
+}
+
+fn n(item: &Item, attr: &str) -> i64 {
+    match item.get(attr) {
+        Some(AttributeValue::N(v)) => v.parse().unwrap(),
+        other => panic!("{attr}: {other:?}"),
+    }
+}
+
+/// Acquires `tokens` (and 1 request) for `entity` and returns the stream record of the
+/// write: the item before and after, numbered `seq` in stream shard `shard`, at `at_ms`.
+async fn acquire_recorded(
+    limiter: &RateLimiter,
+    repo: &DynamoDbRepository,
+    entity: &str,
+    tokens: u64,
+    (shard, seq, at_ms): (&str, u64, i64),
+) -> StreamRecord {
+    let before = bucket(repo, entity, "llm").await;
+    limiter
+        .acquire(entity, "llm")
+        .consume([("rpm", 1), ("tpm", tokens)])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    let after = bucket(repo, entity, "llm").await;
+    StreamRecord {
+        kind: if before.is_some() {
+            ChangeKind::Modify
+        } else {
+            ChangeKind::Insert
+        },
+        stream_shard: shard.to_string(),
+        sequence_number: format!("{seq:021}"),
+        created_ms: Some(at_ms),
+        old_image: before,
+        new_image: after,
+    }
+}
+
+async fn setup() -> (DynamoDbRepository, RateLimiter, Aggregator) {
+    let repo = dynamo::builder().await.build().await.unwrap();
+    let limiter = RateLimiter::new(repo.clone());
+    limiter
+        .set_resource_limits(
+            "llm",
+            &[
+                Limit::per_minute("rpm", 1_000),
+                Limit::per_minute("tpm", 1_000_000),
+            ],
+        )
+        .await
+        .unwrap();
+    let aggregator = Aggregator::new(repo.client().clone(), repo.table());
+    (repo, limiter, aggregator)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_counts_once_however_often_and_in_whatever_batches_it_arrives() {
+    let (repo, limiter, aggregator) = setup().await;
+    // Six acquires: five in the 10:00 hour, the last at 11:15.
+    let mut records = Vec::new();
+    for i in 0..6u64 {
+        let at = if i < 5 {
+            T + i as i64 * 1_000
+        } else {
+            T + HOUR
+        };
+        records.push(
+            acquire_recorded(&limiter, &repo, "k1", 10 * (i + 1), ("sh-1", 100 + i, at)).await,
+        );
+    }
+    assert_eq!(records[0].kind, ChangeKind::Insert);
+    let first = aggregator.process(&records[..4]).await.unwrap();
+    assert_eq!(first.deltas, 8, "{first:?}");
+    assert_eq!(
+        first.snapshot_writes, 2,
+        "one write per item per batch: {first:?}"
+    );
+    // The same batch again (a redelivery), then an overlapping one.
+    let again = aggregator.process(&records[..4]).await.unwrap();
+    assert_eq!(
+        (again.snapshot_writes, again.already_counted),
+        (0, 8),
+        "{again:?}"
+    );
+    let overlap = aggregator.process(&records[2..]).await.unwrap();
+    assert_eq!(overlap.already_counted, 4, "{overlap:?}");
+    assert_eq!(overlap.snapshot_writes, 3, "{overlap:?}");
+
+    let hour10 = snapshot(&repo, "k1", "#USAGE#llm#2026-11-30T10:00:00Z").await;
+    assert_eq!(n(&hour10, "rpm"), 5);
+    assert_eq!(n(&hour10, "tpm"), 10 + 20 + 30 + 40 + 50);
+    assert_eq!(n(&hour10, "total_events"), 10);
+    let hour11 = snapshot(&repo, "k1", "#USAGE#llm#2026-11-30T11:00:00Z").await;
+    assert_eq!((n(&hour11, "rpm"), n(&hour11, "tpm")), (1, 60));
+    let day = snapshot(&repo, "k1", "#USAGE#llm#2026-11-30T00:00:00Z#daily").await;
+    assert_eq!((n(&day, "rpm"), n(&day, "tpm")), (6, 210));
+    assert_eq!(day["window"], AttributeValue::S("daily".into()));
+    // The totals are the buckets' own counters.
+    let states = limiter.bucket_states("k1", "llm").await.unwrap();
+    assert_eq!(states["tpm"].total_consumed_milli, 210_000);
+
+    // Python's reader sees the same numbers in the items this crate wrote.
+    let place = json!({"endpoint": dynamo::endpoint().await, "table": repo.table(),
+                       "namespace": repo.namespace(), "op": "usage", "entity": "k1",
+                       "resource": "llm"});
+    let answer = python::run(place).await;
+    assert!(answer.get("error").is_none(), "{answer}");
+    let snaps = answer["snapshots"].as_array().unwrap();
+    assert_eq!(snaps.len(), 3, "{answer}");
+    let daily = snaps.iter().find(|s| s["window"] == "daily").unwrap();
+    assert_eq!(daily["counters"], json!({"rpm": 6, "tpm": 210}), "{answer}");
+    assert_eq!(daily["window_start"], "2026-11-30T00:00:00Z");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_retried_after_a_crash_between_its_writes_counts_once() {
+    let (repo, limiter, aggregator) = setup().await;
+    let mut records = Vec::new();
+    for i in 0..3u64 {
+        records.push(acquire_recorded(&limiter, &repo, "k2", 5, ("sh-9", 7 + i, T)).await);
+    }
+    // The crash: only the hourly item was written before the process died.
+    let partial = aggregator
+        .clone()
+        .windows([Window::Hourly])
+        .process(&records)
+        .await
+        .unwrap();
+    assert_eq!(partial.snapshot_writes, 1);
+    let retried = aggregator.process(&records).await.unwrap();
+    assert_eq!(
+        (retried.snapshot_writes, retried.already_counted),
+        (1, 3),
+        "{retried:?}"
+    );
+    let hour = snapshot(&repo, "k2", "#USAGE#llm#2026-11-30T10:00:00Z").await;
+    let day = snapshot(&repo, "k2", "#USAGE#llm#2026-11-30T00:00:00Z#daily").await;
+    assert_eq!((n(&hour, "tpm"), n(&day, "tpm")), (15, 15));
+    // Two aggregators on the same batch at once (overlapping deliveries): still once.
+    let more: Vec<StreamRecord> = {
+        let mut v = Vec::new();
+        for i in 0..4u64 {
+            v.push(acquire_recorded(&limiter, &repo, "k2", 1, ("sh-9", 20 + i, T)).await);
+        }
+        v
+    };
+    let (a, b) = tokio::join!(aggregator.process(&more), aggregator.process(&more));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.already_counted + b.already_counted, 8, "{a:?} {b:?}");
+    let hour = snapshot(&repo, "k2", "#USAGE#llm#2026-11-30T10:00:00Z").await;
+    assert_eq!(n(&hour, "tpm"), 19);
+    assert_eq!(n(&hour, "rpm"), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_records_are_skipped_and_counted_never_failing_the_batch() {
+    let (repo, limiter, aggregator) = setup().await;
+    limiter.create_entity("k3").await.unwrap();
+    let good = acquire_recorded(&limiter, &repo, "k3", 4, ("sh-2", 1, T)).await;
+    let mut second = acquire_recorded(&limiter, &repo, "k3", 4, ("sh-2", 2, T)).await;
+    let meta = raw(&repo, format!("{}/ENTITY#k3", repo.namespace_id()), "#META")
+        .await
+        .unwrap();
+    let entity_record = StreamRecord {
+        kind: ChangeKind::Modify,
+        stream_shard: "sh-2".into(),
+        sequence_number: "3".into(),
+        created_ms: Some(T),
+        old_image: Some(meta.clone()),
+        new_image: Some(meta),
+    };
+    let removed = StreamRecord {
+        kind: ChangeKind::Remove,
+        sequence_number: "4".into(),
+        old_image: second.new_image.clone(),
+        new_image: None,
+        ..second.clone()
+    };
+    let mut anonymous = second.clone();
+    anonymous.sequence_number = "5".into();
+    anonymous.new_image.as_mut().unwrap().remove("entity_id");
+    // A counter of a limit the item does not hold, beside the real ones.
+    for image in [&mut second.old_image, &mut second.new_image] {
+        image
+            .as_mut()
+            .unwrap()
+            .insert("b_ghost_tc".into(), AttributeValue::N("1000".into()));
+    }
+    let report: BatchReport = aggregator
+        .process(&[good, entity_record, removed, anonymous, second])
+        .await
+        .unwrap();
+    assert_eq!(report.records, 5);
+    assert_eq!(report.skipped[&Skip::NotABucket], 1);
+    assert_eq!(report.skipped[&Skip::Removed], 1);
+    assert_eq!(report.skipped[&Skip::MissingAttributes], 1);
+    assert_eq!(report.skipped[&Skip::UnknownLimit], 1);
+    let hour = snapshot(&repo, "k3", "#USAGE#llm#2026-11-30T10:00:00Z").await;
+    assert_eq!((n(&hour, "rpm"), n(&hour, "tpm")), (2, 8));
+    assert!(!hour.contains_key("ghost"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_costs_one_write_per_window_per_batch() {
+    let (repo, limiter, aggregator) = setup().await;
+    let mut records = Vec::new();
+    for i in 0..40u64 {
+        records.push(
+            acquire_recorded(&limiter, &repo, "hot", 1, ("sh-3", 1_000 + i, T + i as i64)).await,
+        );
+    }
+    let report = aggregator
+        .clone()
+        .windows([Window::Hourly, Window::Daily, Window::Monthly])
+        .process(&records)
+        .await
+        .unwrap();
+    assert_eq!(report.deltas, 80);
+    assert_eq!(report.snapshot_writes, 3, "{report:?}");
+    let month = snapshot(&repo, "hot", "#USAGE#llm#2026-11-01T00:00:00Z#monthly").await;
+    assert_eq!((n(&month, "rpm"), n(&month, "tpm")), (40, 40));
+    assert_eq!(n(&month, "total_events"), 80);
+    // Counted in the window of when it happened (T, hours ago), not of the bucket's `rf`
+    // (now, and moved only by rf-locked writes).
+    let rf = n(records.last().unwrap().new_image.as_ref().unwrap(), "rf");
+    assert!(rf > T + HOUR);
+}
