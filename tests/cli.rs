@@ -1197,3 +1197,40 @@ fn check_lists_records_using_features_this_client_refuses() {
         "{text}"
     );
 }
+
+#[test]
+fn aggregator_run_counts_the_stream_into_snapshots_once() {
+    let (url, table) = (endpoint(), unique_table("agg"));
+    let deploy = json(&mut zl(&url, &table), &["deploy", "--stream"]);
+    assert_eq!(deploy["created"], true);
+    let rt = runtime();
+    let limiter = limiter(&rt, &url, &table, "default");
+    rt.block_on(async {
+        limiter
+            .set_resource_limits("api", &[zae_limiter::Limit::per_minute("rpm", 100)])
+            .await
+            .unwrap();
+        for _ in 0..4 {
+            limiter
+                .acquire("k1", "api")
+                .await
+                .unwrap()
+                .commit()
+                .await
+                .unwrap();
+        }
+    });
+    let once = ["aggregator", "run", "--once", "--windows", "hourly"];
+    let first = json(&mut zl(&url, &table), &once);
+    assert_eq!(first["consumptions"], 4, "{first}");
+    assert_eq!(first["snapshot_writes"], 1, "{first}");
+    // Run again: resumed from the saved position, nothing counted twice.
+    let again = json(&mut zl(&url, &table), &once);
+    assert_eq!(again["consumptions"], 0, "{again}");
+    fails(
+        &mut zl(&url, &table),
+        &["aggregator", "run", "--once", "--windows", "weekly"],
+        2,
+        "weekly",
+    );
+}

@@ -32,10 +32,12 @@
 //! the error, for the caller to retry it (nothing is counted twice) or send it to its
 //! dead-letter path.
 
+mod consumer;
 mod record;
 mod snapshots;
 mod window;
 
+pub use consumer::{stream_record, streams_client, PollReport, StreamConsumer};
 pub use record::{ChangeKind, Skip, StreamRecord};
 pub use window::Window;
 

@@ -275,3 +275,137 @@ async fn a_hot_key_costs_one_write_per_window_per_batch() {
     let rf = n(records.last().unwrap().new_image.as_ref().unwrap(), "rf");
     assert!(rf > T + HOUR);
 }
+
+/// Usage totals of `entity`'s hourly snapshots, per limit, read from the table.
+async fn hourly_totals(repo: &DynamoDbRepository, entity: &str) -> HashMap<String, i64> {
+    let out = repo
+        .client()
+        .query()
+        .table_name(repo.table())
+        .key_condition_expression("PK = :pk AND begins_with(SK, :usage)")
+        .expression_attribute_values(
+            ":pk",
+            AttributeValue::S(format!("{}/ENTITY#{entity}", repo.namespace_id())),
+        )
+        .expression_attribute_values(":usage", AttributeValue::S("#USAGE#".into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap();
+    let mut totals = HashMap::new();
+    for item in out.items() {
+        if item.get("window") != Some(&AttributeValue::S("hourly".into())) {
+            continue;
+        }
+        for limit in ["rpm", "tpm"] {
+            if let Some(AttributeValue::N(v)) = item.get(limit) {
+                *totals.entry(limit.to_string()).or_insert(0) += v.parse::<i64>().unwrap();
+            }
+        }
+    }
+    totals
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_consumer_resumes_where_it_stopped_and_counts_each_record_once() {
+    use zae_limiter::aggregator::{streams_client, StreamConsumer};
+    use zae_limiter::repository::dynamodb::TableOptions;
+    let endpoint = dynamo::endpoint().await;
+    let repo = dynamo::builder()
+        .await
+        .table("zae-limiter-stream-test")
+        .table_options(TableOptions {
+            stream: true,
+            ..TableOptions::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    let limiter = RateLimiter::new(repo.clone());
+    limiter
+        .set_resource_limits(
+            "llm",
+            &[
+                Limit::per_minute("rpm", 1_000),
+                Limit::per_minute("tpm", 1_000_000),
+            ],
+        )
+        .await
+        .unwrap();
+    let consumer = |repo: &DynamoDbRepository| {
+        let repo = repo.clone();
+        let endpoint = endpoint.clone();
+        async move {
+            StreamConsumer::new(
+                repo.client().clone(),
+                streams_client(None, Some(&endpoint)).await,
+                repo.table(),
+                Aggregator::new(repo.client().clone(), repo.table()),
+            )
+        }
+    };
+    // Estimates of 100 tokens, 30 used: the refunds are stream records too.
+    let use_tokens = |n: usize| {
+        let limiter = limiter.clone();
+        async move {
+            for _ in 0..n {
+                let lease = limiter
+                    .acquire("k-stream", "llm")
+                    .consume([("rpm", 1), ("tpm", 100)])
+                    .await
+                    .unwrap();
+                lease.adjust([("tpm", -70)]).await.unwrap();
+                lease.commit().await.unwrap();
+            }
+        }
+    };
+    use_tokens(5).await;
+    let first = consumer(&repo).await.poll().await.unwrap();
+    assert!(first.batch.records >= 10, "{first:?}");
+    assert_eq!(
+        hourly_totals(&repo, "k-stream").await,
+        HashMap::from([("rpm".to_string(), 5), ("tpm".to_string(), 150)]),
+        "{first:?}"
+    );
+    // A new consumer (a restart) starts where the last one saved its position.
+    use_tokens(3).await;
+    let resumed = consumer(&repo).await.poll().await.unwrap();
+    assert_eq!(resumed.batch.already_counted, 0, "{resumed:?}");
+    assert_eq!(
+        hourly_totals(&repo, "k-stream").await,
+        HashMap::from([("rpm".to_string(), 8), ("tpm".to_string(), 240)])
+    );
+    // A crash after counting, before saving the position: the records are read again
+    // and counted once.
+    let positions = repo
+        .client()
+        .query()
+        .table_name(repo.table())
+        .key_condition_expression("PK = :pk")
+        .expression_attribute_values(":pk", AttributeValue::S("_/AGGREGATOR#".into()))
+        .send()
+        .await
+        .unwrap();
+    assert!(!positions.items().is_empty());
+    for item in positions.items() {
+        repo.client()
+            .delete_item()
+            .table_name(repo.table())
+            .key("PK", item["PK"].clone())
+            .key("SK", item["SK"].clone())
+            .send()
+            .await
+            .unwrap();
+    }
+    let replayed = consumer(&repo).await.poll().await.unwrap();
+    assert!(replayed.batch.already_counted > 0, "{replayed:?}");
+    assert_eq!(
+        hourly_totals(&repo, "k-stream").await,
+        HashMap::from([("rpm".to_string(), 8), ("tpm".to_string(), 240)])
+    );
+    let states = limiter.bucket_states("k-stream", "llm").await.unwrap();
+    assert_eq!(
+        states["tpm"].total_consumed_milli, 240_000,
+        "the buckets agree"
+    );
+}

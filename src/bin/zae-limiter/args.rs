@@ -99,6 +99,33 @@ pub enum Command {
     Audit(AuditCommand),
     /// Drive acquire+commit load and report throughput, latency and DynamoDB calls.
     Loadtest(LoadtestArgs),
+    /// The usage aggregator: the table's stream into usage snapshots.
+    #[command(subcommand)]
+    Aggregator(AggregatorCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AggregatorCommand {
+    /// Read the table's stream (every namespace) into usage snapshots until interrupted,
+    /// resuming from the position saved in the table. The table needs a stream
+    /// (`deploy --stream`).
+    Run(AggregatorRunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AggregatorRunArgs {
+    /// The windows to keep snapshots for.
+    #[arg(long, value_delimiter = ',', default_value = "hourly,daily")]
+    pub windows: Vec<zae_limiter::aggregator::Window>,
+    /// Days a snapshot is kept after it is first written.
+    #[arg(long, default_value_t = 90)]
+    pub ttl_days: u32,
+    /// One pass over the stream, then exit (report what it counted).
+    #[arg(long)]
+    pub once: bool,
+    /// How long to wait after a pass that found nothing new.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub idle_wait: Duration,
 }
 
 #[derive(Debug, Subcommand)]

@@ -222,19 +222,12 @@ impl DynamoDbRepositoryBuilder {
         }
         let loopback = self.endpoint_url.as_deref().is_some_and(is_loopback);
         let mut config = if loopback {
-            let credentials = match (
-                std::env::var("AWS_ACCESS_KEY_ID"),
-                std::env::var("AWS_SECRET_ACCESS_KEY"),
-            ) {
-                (Ok(id), Ok(secret)) => Credentials::new(id, secret, None, None, "environment"),
-                _ => Credentials::new("zaelimiterlocal", "local", None, None, "zae-limiter"),
-            };
             aws_sdk_dynamodb::Config::builder()
                 .behavior_version(BehaviorVersion::latest())
                 .region(Region::new(
                     self.region.clone().unwrap_or_else(|| "us-east-1".into()),
                 ))
-                .credentials_provider(credentials)
+                .credentials_provider(local_credentials())
         } else {
             let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
             if let Some(region) = &self.region {
@@ -267,8 +260,20 @@ impl DynamoDbRepositoryBuilder {
     }
 }
 
+/// The credentials for DynamoDB Local, which checks none: the environment's when set,
+/// else fixed ones (so no AWS profile is needed on a developer's machine).
+pub(crate) fn local_credentials() -> Credentials {
+    match (
+        std::env::var("AWS_ACCESS_KEY_ID"),
+        std::env::var("AWS_SECRET_ACCESS_KEY"),
+    ) {
+        (Ok(id), Ok(secret)) => Credentials::new(id, secret, None, None, "environment"),
+        _ => Credentials::new("zaelimiterlocal", "local", None, None, "zae-limiter"),
+    }
+}
+
 /// Whether an endpoint URL names this machine (DynamoDB Local).
-fn is_loopback(url: &str) -> bool {
+pub(crate) fn is_loopback(url: &str) -> bool {
     let host = url
         .split("://")
         .nth(1)

@@ -26,7 +26,7 @@
 mod acquire;
 mod admin;
 mod audit;
-mod builder;
+pub(crate) mod builder;
 mod cloudformation;
 mod codec;
 mod counter;

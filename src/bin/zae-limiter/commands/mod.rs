@@ -1,5 +1,6 @@
 //! One module per command group; `run` dispatches.
 
+mod aggregator;
 mod audit;
 mod config;
 mod entity;
@@ -39,6 +40,7 @@ pub async fn run(cli: Cli) -> Outcome {
         Command::Limits(command) => manifest::run(global, command, out).await,
         Command::Audit(command) => audit::run(global, command, out).await,
         Command::Loadtest(args) => loadtest::run(global, args, out).await,
+        Command::Aggregator(command) => aggregator::run(global, command, out).await,
     }
 }
 
