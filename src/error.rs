@@ -123,6 +123,14 @@ pub enum Error {
     /// The lease was already committed or rolled back.
     #[error("lease is no longer active (already committed or rolled back)")]
     LeaseClosed,
+    /// The backend does not keep what the call asks for (usage snapshots in memory).
+    #[error("{operation} is not supported by the {backend} backend")]
+    NotSupported {
+        /// What was asked, e.g. `usage snapshots`.
+        operation: String,
+        /// The backend, e.g. `in-memory`.
+        backend: String,
+    },
 }
 
 impl Error {
@@ -130,7 +138,9 @@ impl Error {
     pub fn category(&self) -> ErrorCategory {
         match self {
             Error::RateLimited(_) | Error::LeaseClosed => ErrorCategory::RateLimit,
-            Error::Unavailable { .. } | Error::Backend { .. } => ErrorCategory::Infrastructure,
+            Error::Unavailable { .. } | Error::Backend { .. } | Error::NotSupported { .. } => {
+                ErrorCategory::Infrastructure
+            }
             #[cfg(feature = "dynamodb")]
             Error::Table(e) => e.category(),
             Error::EntityNotFound { .. } | Error::EntityExists { .. } => ErrorCategory::Entity,

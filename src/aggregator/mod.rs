@@ -35,11 +35,10 @@
 mod consumer;
 mod record;
 mod snapshots;
-mod window;
 
+pub use crate::usage::Window;
 pub use consumer::{stream_record, streams_client, PollReport, StreamConsumer};
 pub use record::{ChangeKind, Skip, StreamRecord};
-pub use window::Window;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -23,9 +23,9 @@ use std::collections::{BTreeMap, HashMap};
 use aws_sdk_dynamodb::types::AttributeValue;
 
 use super::record::{sequence_cmp, Delta};
-use super::window::Window;
 use crate::repository::dynamodb::expr::{Expr, Update};
 use crate::repository::dynamodb::keys;
+use crate::usage::Window;
 
 /// One snapshot item: an entity's use of a resource over one window.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -6,6 +6,7 @@
 mod acquire;
 mod entities;
 mod limits;
+mod usage;
 
 pub use acquire::{Acquire, AcquireFuture};
 pub use entities::CreateEntity;

@@ -427,6 +427,43 @@ impl Repository for InMemoryRepository {
         Ok(())
     }
 
+    async fn resource_buckets(
+        &self,
+        resource: &str,
+    ) -> Result<Vec<crate::usage::ResourceBucket>, Error> {
+        crate::naming::validate_resource(resource)?;
+        // Never block on an item lock while holding a map shard: collect, then lock.
+        let suffix = format!("#{resource}");
+        let items: Vec<(String, Arc<Mutex<Item>>)> = self
+            .inner
+            .buckets
+            .iter()
+            .filter_map(|e| {
+                // Entity ids cannot hold `#`: the key splits at its only `#`.
+                let entity = e.key().strip_suffix(suffix.as_str())?;
+                (!entity.contains('#')).then(|| (entity.to_string(), Arc::clone(e.value())))
+            })
+            .collect();
+        let entities = read(&self.inner.entities);
+        let mut found: Vec<crate::usage::ResourceBucket> = items
+            .into_iter()
+            .filter_map(|(entity_id, item)| {
+                let item = item.lock();
+                (!item.evicted).then(|| crate::usage::ResourceBucket {
+                    parent_id: entities.get(&entity_id).and_then(|e| e.parent_id.clone()),
+                    states: item
+                        .buckets
+                        .iter()
+                        .map(|(name, state)| (name.to_string(), *state))
+                        .collect(),
+                    entity_id,
+                })
+            })
+            .collect();
+        found.sort_by(|a, b| a.entity_id.cmp(&b.entity_id));
+        Ok(found)
+    }
+
     async fn get_entity(&self, entity_id: &str) -> Result<Option<Entity>, Error> {
         Ok(read(&self.inner.entities).get(entity_id).cloned())
     }

@@ -17,7 +17,21 @@ use async_trait::async_trait;
 use smallvec::SmallVec;
 
 use crate::bucket::{BucketState, ConsumeResult};
+use crate::usage::{ResourceBucket, UsagePage, UsageQuery};
 use crate::{BackendCapabilities, Entity, Error, Limit, LimitStatus, OnUnavailable};
+
+/// The error of an operation `repo` does not support.
+fn not_supported<R: Repository + ?Sized>(repo: &R, operation: &str) -> Error {
+    let backend = if repo.capabilities().shared_across_processes {
+        "shared"
+    } else {
+        "in-memory"
+    };
+    Error::NotSupported {
+        operation: operation.to_string(),
+        backend: backend.to_string(),
+    }
+}
 
 #[cfg(feature = "dynamodb")]
 #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
@@ -329,6 +343,20 @@ pub trait Repository: Send + Sync + 'static {
 
     /// Reads the entity and the four config levels for an acquire, in one call.
     async fn load_config(&self, entity_id: &str, resource: &str) -> Result<StoredConfig, Error>;
+
+    /// Usage snapshots (written by [`crate::aggregator`] or the Python aggregator), newest
+    /// first, in full pages. A backend that keeps none answers [`Error::NotSupported`].
+    async fn usage_snapshots(&self, query: &UsageQuery) -> Result<UsagePage, Error> {
+        let _ = query;
+        Err(not_supported(self, "usage snapshots"))
+    }
+
+    /// Every entity's buckets for `resource` (for capacity queries). A backend that
+    /// cannot list them answers [`Error::NotSupported`].
+    async fn resource_buckets(&self, resource: &str) -> Result<Vec<ResourceBucket>, Error> {
+        let _ = resource;
+        Err(not_supported(self, "listing a resource's buckets"))
+    }
 
     /// [`Self::load_config`] without waiting, as [`Self::acquire_now`].
     fn load_config_now(

@@ -10,6 +10,7 @@ mod suite;
 #[cfg(feature = "blocking")]
 mod blocking;
 mod bucket_properties;
+mod capacity;
 mod concurrency;
 mod conformance;
 mod memory_backend;

@@ -47,6 +47,7 @@ pub(crate) mod retry;
 mod shards;
 mod stamps;
 mod table;
+mod usage;
 
 pub use aws_sdk_dynamodb;
 

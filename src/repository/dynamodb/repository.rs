@@ -287,7 +287,7 @@ impl Repository for DynamoDbRepository {
     fn capabilities(&self) -> BackendCapabilities {
         BackendCapabilities {
             supports_audit_logging: true,
-            supports_usage_snapshots: false,
+            supports_usage_snapshots: true,
             supports_infrastructure_management: true,
             supports_change_streams: self.inner.stream,
             supports_batch_operations: true,
@@ -328,6 +328,21 @@ impl Repository for DynamoDbRepository {
                 request.counts_only,
             )
             .await
+    }
+
+    async fn usage_snapshots(
+        &self,
+        query: &crate::usage::UsageQuery,
+    ) -> Result<crate::usage::UsagePage, Error> {
+        self.inner.usage_page(query).await
+    }
+
+    async fn resource_buckets(
+        &self,
+        resource: &str,
+    ) -> Result<Vec<crate::usage::ResourceBucket>, Error> {
+        naming::validate_resource(resource)?;
+        self.inner.resource_buckets(resource).await
     }
 
     async fn get_buckets(
@@ -776,7 +791,7 @@ impl Inner {
 
 /// Adds one shard's state to the total of a sharded bucket's shards: both refilled to the
 /// later of their refill times, then tokens, capacity, refill and consumption add up.
-fn add_shard(total: &mut BucketState, shard: &BucketState) {
+pub(super) fn add_shard(total: &mut BucketState, shard: &BucketState) {
     let now = total.last_refill_ms.max(shard.last_refill_ms);
     let (mut a, b) = (
         crate::bucket::refill(total, now),
