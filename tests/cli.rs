@@ -1233,4 +1233,43 @@ fn aggregator_run_counts_the_stream_into_snapshots_once() {
         2,
         "weekly",
     );
+
+    // What it counted, read back.
+    let page = json(
+        &mut zl(&url, &table),
+        &["usage", "list", "--entity", "k1", "--resource", "api"],
+    );
+    let snapshots = page["snapshots"].as_array().unwrap();
+    assert_eq!(snapshots.len(), 1, "{page}");
+    assert_eq!(snapshots[0]["counters"]["rpm"], 4);
+    assert_eq!(snapshots[0]["window"], "hourly");
+    let listed = expect(
+        &mut zl(&url, &table),
+        &["usage", "list", "--resource", "api", "--chart", "rpm"],
+        0,
+    );
+    let text = stdout(&listed);
+    assert!(
+        text.contains("rpm=4") && text.contains("rpm per window"),
+        "{text}"
+    );
+    let summary = json(
+        &mut zl(&url, &table),
+        &["usage", "summary", "--entity", "k1"],
+    );
+    assert_eq!(summary["snapshots"], 1);
+    assert_eq!(summary["total"]["rpm"], 4);
+    fails(&mut zl(&url, &table), &["usage", "list"], 2, "--entity");
+    fails(
+        &mut zl(&url, &table),
+        &["usage", "list", "--entity", "k1", "--from", "yesterday"],
+        2,
+        "2026-11-30T00:00:00Z",
+    );
+    let capacity = json(
+        &mut zl(&url, &table),
+        &["resource", "capacity", "api", "--limit", "rpm"],
+    );
+    assert_eq!(capacity["capacity"], 100);
+    assert_eq!(capacity["entities"][0]["entity_id"], "k1");
 }

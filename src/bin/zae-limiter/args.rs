@@ -102,6 +102,56 @@ pub enum Command {
     /// The usage aggregator: the table's stream into usage snapshots.
     #[command(subcommand)]
     Aggregator(AggregatorCommand),
+    /// Usage snapshots (written by the aggregator): per entity, resource and window.
+    #[command(subcommand)]
+    Usage(UsageCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsageCommand {
+    /// One page of snapshots, newest first (`--chart LIMIT` draws that limit per window).
+    List(UsageArgs),
+    /// Totals and averages per limit over every matching snapshot.
+    Summary(UsageArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// An entity's usage (with `--resource`: of that resource only).
+    #[arg(long, required_unless_present = "resource")]
+    pub entity: Option<String>,
+    /// A resource's usage, by every entity (or the entity's, with `--entity`).
+    #[arg(long)]
+    pub resource: Option<String>,
+    /// Only this window.
+    #[arg(long)]
+    pub window: Option<zae_limiter::usage::Window>,
+    /// Only windows starting at or after this time (RFC 3339, e.g. 2026-11-30T00:00:00Z).
+    #[arg(long, value_parser = parse_time)]
+    pub from: Option<i64>,
+    /// Only windows starting at or before this time (RFC 3339).
+    #[arg(long, value_parser = parse_time)]
+    pub to: Option<i64>,
+    /// Snapshots per page.
+    #[arg(long, default_value_t = 50)]
+    pub page_size: usize,
+    /// Continue after the page that printed this token.
+    #[arg(long)]
+    pub page_token: Option<String>,
+    /// Draw this limit's usage per window under the table.
+    #[arg(long)]
+    pub chart: Option<String>,
+}
+
+/// An RFC 3339 time as epoch milliseconds.
+fn parse_time(text: &str) -> Result<i64, String> {
+    let time = humantime::parse_rfc3339_weak(text)
+        .map_err(|e| format!("{e} (expected e.g. 2026-11-30T00:00:00Z)"))?;
+    let ms = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| "before 1970".to_string())?
+        .as_millis();
+    i64::try_from(ms).map_err(|_| "too far ahead".to_string())
 }
 
 #[derive(Debug, Subcommand)]
@@ -286,6 +336,18 @@ pub enum ResourceCommand {
     ClearDisabled {
         /// The resource.
         resource: String,
+    },
+    /// How much of a limit is in use now, across the entities with a bucket for the
+    /// resource: capacity, available and utilisation, in total and per entity.
+    Capacity {
+        /// The resource.
+        resource: String,
+        /// The limit, e.g. `tpm`.
+        #[arg(long)]
+        limit: String,
+        /// Only entities without a parent.
+        #[arg(long)]
+        parents_only: bool,
     },
 }
 

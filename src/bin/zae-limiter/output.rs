@@ -89,7 +89,7 @@ impl Out {
     }
 }
 
-fn print_json(value: &Value) {
+pub fn print_json(value: &Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())

@@ -203,6 +203,17 @@ pub async fn resource(global: &Global, command: ResourceCommand, out: Out) -> Ou
         ResourceCommand::DeleteLimits { resource } => {
             delete(&limiter, ConfigScope::Resource(resource), out).await
         }
+        ResourceCommand::Capacity {
+            resource,
+            limit,
+            parents_only,
+        } => {
+            let capacity = limiter
+                .resource_capacity(&resource, &limit, parents_only)
+                .await?;
+            super::usage::capacity(&out, &capacity);
+            Ok(())
+        }
         ResourceCommand::Disable { resource } => {
             let stamped = limiter.disable_resource(&resource).await?;
             flagged(

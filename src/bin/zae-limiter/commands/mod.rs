@@ -9,6 +9,7 @@ mod local;
 mod manifest;
 mod namespace;
 mod table;
+mod usage;
 
 use std::io::{BufRead, IsTerminal, Write};
 
@@ -41,6 +42,7 @@ pub async fn run(cli: Cli) -> Outcome {
         Command::Audit(command) => audit::run(global, command, out).await,
         Command::Loadtest(args) => loadtest::run(global, args, out).await,
         Command::Aggregator(command) => aggregator::run(global, command, out).await,
+        Command::Usage(command) => usage::run(global, command, out).await,
     }
 }
 
