@@ -16,6 +16,8 @@ Commands (`op`):
 - `registries`: the resources with defaults, and those with entity configs.
 - `usage`: the usage snapshots of `entity` (and `resource`), as Python's
   `get_usage_snapshots` reads them.
+- `process_records`: Python's own aggregator (`process_stream_records`) on `records`
+  (Lambda-style stream records) for `windows`; answers its counts and errors.
 - `bump_shards`: doubles the `shard_count` of `entity`/`resource`'s bucket from each count
   in `from` in turn, as Python's client does when a bucket runs out of write capacity;
   answers the counts reached.
@@ -107,6 +109,17 @@ async def run(cmd):
             return {"snapshots": [{"window": x.window_type, "window_start": x.window_start,
                                    "counters": x.counters, "total_events": x.total_events}
                                   for x in snaps]}
+        if op == "process_records":
+            # The aggregator reaches DynamoDB through boto3's environment.
+            import os
+            os.environ["AWS_ENDPOINT_URL"] = cmd["endpoint"]
+            os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+            os.environ.setdefault("AWS_ACCESS_KEY_ID", "zaelimiterlocal")
+            os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+            from zae_limiter_aggregator.processor import process_stream_records
+            result = process_stream_records(cmd["records"], cmd["table"], cmd["windows"])
+            return {"processed": result.processed_count,
+                    "snapshots_updated": result.snapshots_updated, "errors": result.errors}
         if op == "bump_shards":
             return {"counts": [await repo.bump_shard_count(cmd["entity"], cmd["resource"], c)
                                for c in cmd["from"]]}
