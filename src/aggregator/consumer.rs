@@ -184,11 +184,7 @@ impl StreamConsumer {
                 }
                 Err(e) => return Err(errors::map("GetRecords", &self.table, e)),
             };
-            let records: Vec<StreamRecord> = out
-                .records()
-                .iter()
-                .map(|r| stream_record(shard, r))
-                .collect();
+            let records: Vec<StreamRecord> = out.records().iter().map(stream_record).collect();
             let next = out.next_shard_iterator().map(str::to_string);
             if records.is_empty() {
                 match next {
@@ -394,7 +390,7 @@ pub async fn streams_client(
 }
 
 /// A stream record as the aggregator reads it.
-pub fn stream_record(stream_shard: &str, record: &Record) -> StreamRecord {
+pub fn stream_record(record: &Record) -> StreamRecord {
     let data = record.dynamodb();
     StreamRecord {
         kind: match record.event_name() {
@@ -402,7 +398,6 @@ pub fn stream_record(stream_shard: &str, record: &Record) -> StreamRecord {
             Some(OperationType::Remove) => ChangeKind::Remove,
             _ => ChangeKind::Modify,
         },
-        stream_shard: stream_shard.to_string(),
         sequence_number: data
             .and_then(|d| d.sequence_number())
             .unwrap_or_default()

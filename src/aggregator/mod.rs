@@ -17,8 +17,8 @@
 //!
 //! What it does beyond the Python aggregator:
 //! - **Exactly once**: stream delivery is at least once; each snapshot item remembers, per
-//!   stream shard, the last record counted into it, and every write is conditioned on
-//!   what it read (see `snapshots`). A batch delivered twice, overlapping batches, and a
+//!   bucket item it counts, the last record counted into it, and every write is
+//!   conditioned on what it read (see `snapshots`). A batch delivered twice, overlapping batches, and a
 //!   batch retried after a crash between its writes count each record once.
 //! - **Coalesced**: one write per snapshot item per batch, however many records it holds.
 //! - **The right window**: usage counts in the window of the record's creation time, not
@@ -141,7 +141,7 @@ impl Aggregator {
                     start: window.key(consumption.at_ms),
                 };
                 targets.entry(target).or_default().push(Contribution {
-                    stream_shard: record.stream_shard.clone(),
+                    source: consumption.bucket_shard.clone(),
                     sequence_number: record.sequence_number.clone(),
                     deltas: consumption.deltas.clone(),
                 });

@@ -24,9 +24,8 @@ pub enum ChangeKind {
 pub struct StreamRecord {
     /// What happened.
     pub kind: ChangeKind,
-    /// The stream shard the record came from: sequence numbers are ordered within one.
-    pub stream_shard: String,
-    /// The record's sequence number in its stream shard (decimal digits).
+    /// The record's sequence number (decimal digits): a stream's records of one item are
+    /// numbered in the order they happened, across the stream's shards.
     pub sequence_number: String,
     /// When the change happened, epoch milliseconds (the stream's
     /// `ApproximateCreationDateTime`); the usage is counted in the window holding it.
@@ -68,6 +67,8 @@ pub(super) struct Consumption {
     pub namespace_id: String,
     pub entity_id: String,
     pub resource: String,
+    /// The bucket shard the record is of (its PK's last part).
+    pub bucket_shard: String,
     pub at_ms: i64,
     pub deltas: Vec<Delta>,
 }
@@ -104,6 +105,7 @@ pub(super) fn consumption(record: &StreamRecord) -> Result<(Consumption, Vec<Ski
     let pk = text(new, "PK").ok_or(Skip::NotABucket)?;
     let (namespace_id, _) = pk.split_once('/').ok_or(Skip::NotABucket)?;
     let (_, resource) = keys::parse_bucket_pk(namespace_id, pk).ok_or(Skip::NotABucket)?;
+    let bucket_shard = pk.rsplit_once('#').map_or("0", |(_, shard)| shard);
     let entity_id = text(new, "entity_id").ok_or(Skip::MissingAttributes)?;
     if record.sequence_number.is_empty() {
         return Err(Skip::MissingAttributes);
@@ -168,6 +170,7 @@ pub(super) fn consumption(record: &StreamRecord) -> Result<(Consumption, Vec<Ski
             namespace_id: namespace_id.to_string(),
             entity_id: entity_id.to_string(),
             resource: resource.to_string(),
+            bucket_shard: bucket_shard.to_string(),
             at_ms,
             deltas,
         },
@@ -230,7 +233,6 @@ mod tests {
     fn record(kind: ChangeKind, old: Option<i64>, new: Option<i64>) -> StreamRecord {
         StreamRecord {
             kind,
-            stream_shard: "shard-1".into(),
             sequence_number: "100".into(),
             created_ms: Some(5_000),
             old_image: old.map(|tc| bucket(tc, 0)),

@@ -7,12 +7,15 @@
 //! tokens), `total_events`, and `{limit}#od` for a soft limit left in debt.
 //!
 //! Beyond Python:
-//! - **Marks**: per stream shard, the sequence number of the last record counted into the
-//!   item, as a string attribute `seq#{stream shard}` (Python's readers take every number
-//!   attribute of a snapshot for a counter, and skip strings). A record at or below the
-//!   mark was counted already; the write is conditioned on the marks it read, so two
-//!   deliveries of one batch, overlapping batches, or a batch redelivered after a crash
-//!   between its writes count each record once.
+//! - **Marks**: per bucket item the snapshot counts (a sharded bucket has several), the
+//!   sequence number of its last record counted into the item, as a string attribute
+//!   `seq#{bucket shard}` (Python's readers take every number attribute of a snapshot for
+//!   a counter, and skip strings). A stream numbers one item's records in order, whichever
+//!   stream shard carries them, and a Lambda event does not name the stream shard: the
+//!   bucket item is the unit both ways of running see. A record at or below the mark was
+//!   counted already; the write is conditioned on the marks it read, so two deliveries of
+//!   one batch, overlapping batches, or a batch redelivered after a crash between its
+//!   writes count each record once.
 //! - **Keys**: an hourly item keeps Python's `#USAGE#{resource}#{window start}`; daily and
 //!   monthly items add `#{window}`, because Python's hourly item for midnight and its daily
 //!   item share a key and add into one another. Python's readers find both (they read the
@@ -66,17 +69,18 @@ pub(crate) fn sort_key(resource: &str, start: &str, window: Window) -> String {
 /// One record's part in one snapshot item.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Contribution {
-    pub stream_shard: String,
+    /// The bucket shard the record is of: whose mark orders it.
+    pub source: String,
     pub sequence_number: String,
     pub deltas: Vec<Delta>,
 }
 
-/// The attribute holding a stream shard's mark.
-pub(super) fn mark_attr(stream_shard: &str) -> String {
-    format!("seq#{stream_shard}")
+/// The attribute holding the mark of a bucket shard's records.
+pub(super) fn mark_attr(source: &str) -> String {
+    format!("seq#{source}")
 }
 
-/// The marks an item holds, per stream shard.
+/// The marks an item holds, per bucket shard.
 pub(super) fn marks(item: &HashMap<String, AttributeValue>) -> BTreeMap<String, String> {
     item.iter()
         .filter_map(|(name, value)| {
@@ -97,7 +101,7 @@ pub(super) fn update(
     let fresh: Vec<&Contribution> = contributions
         .iter()
         .filter(|c| {
-            marks.get(&c.stream_shard).is_none_or(|mark| {
+            marks.get(&c.source).is_none_or(|mark| {
                 sequence_cmp(&c.sequence_number, mark) == std::cmp::Ordering::Greater
             })
         })
@@ -117,9 +121,7 @@ pub(super) fn update(
             }
             events += 1;
         }
-        let mark = new_marks
-            .entry(&c.stream_shard)
-            .or_insert(&c.sequence_number);
+        let mark = new_marks.entry(&c.source).or_insert(&c.sequence_number);
         if sequence_cmp(&c.sequence_number, mark) == std::cmp::Ordering::Greater {
             *mark = &c.sequence_number;
         }
@@ -198,7 +200,7 @@ mod tests {
 
     fn contribution(seq: &str, tokens: i64) -> Contribution {
         Contribution {
-            stream_shard: "sh-1".into(),
+            source: "0".into(),
             sequence_number: seq.into(),
             deltas: vec![Delta {
                 limit: "rpm".into(),
@@ -217,7 +219,7 @@ mod tests {
         ];
         let (_, _, fresh) = update(&target(), &batch, &BTreeMap::new(), 0).unwrap();
         assert_eq!(fresh, 3);
-        let marked = BTreeMap::from([("sh-1".to_string(), "100".to_string())]);
+        let marked = BTreeMap::from([("0".to_string(), "100".to_string())]);
         let (update, expr, fresh) = update(&target(), &batch, &marked, 0).unwrap();
         assert_eq!(fresh, 1);
         let values = expr.values().unwrap();
@@ -232,7 +234,7 @@ mod tests {
         assert!(values
             .values()
             .any(|v| v.as_s().ok().map(String::as_str) == Some("110")));
-        let all = BTreeMap::from([("sh-1".to_string(), "110".to_string())]);
+        let all = BTreeMap::from([("0".to_string(), "110".to_string())]);
         assert!(super::update(&target(), &batch, &all, 0).is_none());
     }
 

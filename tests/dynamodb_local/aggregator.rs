@@ -54,13 +54,14 @@ fn n(item: &Item, attr: &str) -> i64 {
 }
 
 /// Acquires `tokens` (and 1 request) for `entity` and returns the stream record of the
-/// write: the item before and after, numbered `seq` in stream shard `shard`, at `at_ms`.
+/// write: the item before and after, numbered `seq`, at `at_ms` (`_stream` names the
+/// delivery in the test's own words; records are ordered per bucket item).
 async fn acquire_recorded(
     limiter: &RateLimiter,
     repo: &DynamoDbRepository,
     entity: &str,
     tokens: u64,
-    (shard, seq, at_ms): (&str, u64, i64),
+    (_stream, seq, at_ms): (&str, u64, i64),
 ) -> StreamRecord {
     let before = bucket(repo, entity, "llm").await;
     limiter
@@ -78,7 +79,6 @@ async fn acquire_recorded(
         } else {
             ChangeKind::Insert
         },
-        stream_shard: shard.to_string(),
         sequence_number: format!("{seq:021}"),
         created_ms: Some(at_ms),
         old_image: before,
@@ -213,7 +213,6 @@ async fn bad_records_are_skipped_and_counted_never_failing_the_batch() {
         .unwrap();
     let entity_record = StreamRecord {
         kind: ChangeKind::Modify,
-        stream_shard: "sh-2".into(),
         sequence_number: "3".into(),
         created_ms: Some(T),
         old_image: Some(meta.clone()),
