@@ -433,6 +433,44 @@ fn cfn_template_matches_the_table_deploy_creates() {
         props["GlobalSecondaryIndexes"][0]["ProvisionedThroughput"]["WriteCapacityUnits"],
         5
     );
+
+    // With the aggregator: the function on the table's stream, fed bucket records only,
+    // failing batches to a dead-letter queue with an alarm on it.
+    let with = json(&mut zl(&url, &table), &["cfn-template", "--aggregator"]);
+    let resources = &with["Resources"];
+    assert!(resources["RateLimitTable"]["Properties"]["StreamSpecification"].is_object());
+    let mapping = &resources["AggregatorEventSourceMapping"]["Properties"];
+    assert_eq!(
+        mapping["FunctionResponseTypes"],
+        serde_json::json!(["ReportBatchItemFailures"])
+    );
+    assert_eq!(
+        mapping["DestinationConfig"]["OnFailure"]["Destination"]["Fn::GetAtt"][0],
+        "AggregatorDeadLetterQueue"
+    );
+    let filter: Value = serde_json::from_str(
+        mapping["FilterCriteria"]["Filters"][0]["Pattern"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(filter["dynamodb"]["NewImage"]["SK"]["S"][0], "#STATE");
+    assert_eq!(
+        resources["AggregatorFunction"]["Properties"]["Environment"]["Variables"]["TABLE_NAME"]
+            ["Ref"],
+        "RateLimitTable"
+    );
+    assert_eq!(
+        resources["AggregatorDeadLetterAlarm"]["Type"],
+        "AWS::CloudWatch::Alarm"
+    );
+    assert!(
+        resources["AggregatorRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["Action"] == "sqs:SendMessage")
+    );
 }
 
 #[test]

@@ -33,10 +33,14 @@
 //! dead-letter path.
 
 mod consumer;
+#[cfg(feature = "lambda")]
+#[cfg_attr(docsrs, doc(cfg(feature = "lambda")))]
+pub mod lambda;
 mod record;
 mod snapshots;
 
 pub use crate::usage::Window;
+pub use aws_sdk_dynamodbstreams;
 pub use consumer::{stream_record, streams_client, PollReport, StreamConsumer};
 pub use record::{ChangeKind, Skip, StreamRecord};
 

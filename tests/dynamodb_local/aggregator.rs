@@ -614,3 +614,149 @@ async fn pythons_own_aggregator_and_this_one_count_the_same_records_alike() {
     let total: i64 = ours.values().map(|(c, _)| c["tpm"]).sum();
     assert_eq!(total, (1..=8).map(|i| 10 * i).sum::<i64>());
 }
+
+/// Every record the stream of `repo`'s table holds now, as the aggregator reads them.
+#[cfg(feature = "lambda")]
+async fn captured(repo: &DynamoDbRepository) -> Vec<StreamRecord> {
+    use zae_limiter::aggregator::aws_sdk_dynamodbstreams::types::ShardIteratorType;
+    use zae_limiter::aggregator::{stream_record, streams_client};
+    let streams = streams_client(None, Some(&dynamo::endpoint().await)).await;
+    let table = repo
+        .client()
+        .describe_table()
+        .table_name(repo.table())
+        .send()
+        .await
+        .unwrap();
+    let arn = table
+        .table()
+        .unwrap()
+        .latest_stream_arn()
+        .unwrap()
+        .to_string();
+    let described = streams
+        .describe_stream()
+        .stream_arn(&arn)
+        .send()
+        .await
+        .unwrap();
+    let mut records = Vec::new();
+    for shard in described.stream_description().unwrap().shards() {
+        let mut iterator = streams
+            .get_shard_iterator()
+            .stream_arn(&arn)
+            .shard_id(shard.shard_id().unwrap())
+            .shard_iterator_type(ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .unwrap()
+            .shard_iterator()
+            .map(str::to_string);
+        while let Some(current) = iterator.take() {
+            let out = streams
+                .get_records()
+                .shard_iterator(current)
+                .send()
+                .await
+                .unwrap();
+            if out.records().is_empty() {
+                break;
+            }
+            records.extend(out.records().iter().map(stream_record));
+            iterator = out.next_shard_iterator().map(str::to_string);
+        }
+    }
+    records
+}
+
+/// Records as a Lambda event from the stream's event source mapping.
+#[cfg(feature = "lambda")]
+fn lambda_event(records: &[StreamRecord]) -> serde_json::Value {
+    let kind = |k: ChangeKind| match k {
+        ChangeKind::Insert => "INSERT",
+        ChangeKind::Modify => "MODIFY",
+        ChangeKind::Remove => "REMOVE",
+    };
+    let records: Vec<serde_json::Value> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut change = json!({
+                "SequenceNumber": r.sequence_number,
+                "SizeBytes": 100,
+                "StreamViewType": "NEW_AND_OLD_IMAGES",
+                "ApproximateCreationDateTime": r.created_ms.unwrap_or(0) as f64 / 1000.0,
+            });
+            if let Some(image) = &r.new_image {
+                change["NewImage"] = dynamo_json(image);
+            }
+            if let Some(image) = &r.old_image {
+                change["OldImage"] = dynamo_json(image);
+            }
+            json!({
+                "awsRegion": "us-east-1", "eventID": format!("e{i}"),
+                "eventName": kind(r.kind), "eventSource": "aws:dynamodb",
+                "eventVersion": "1.1", "dynamodb": change,
+            })
+        })
+        .collect();
+    json!({ "Records": records })
+}
+
+#[cfg(feature = "lambda")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lambda_handler_counts_records_captured_from_the_stream_once() {
+    use zae_limiter::aggregator::lambda;
+    use zae_limiter::repository::dynamodb::TableOptions;
+    let repo = dynamo::builder()
+        .await
+        .table("zae-limiter-lambda-test")
+        .table_options(TableOptions {
+            stream: true,
+            ..TableOptions::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    let limiter = RateLimiter::new(repo.clone());
+    limiter
+        .set_resource_limits("llm", &[Limit::per_minute("tpm", 1_000_000)])
+        .await
+        .unwrap();
+    for tokens in [100, 250, 40] {
+        limiter
+            .acquire("k-lambda", "llm")
+            .consume([("tpm", tokens)])
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+    }
+    let records = captured(&repo).await;
+    assert!(records.iter().any(|r| r.kind == ChangeKind::Insert));
+    let event: lambda::aws_lambda_events::event::dynamodb::Event =
+        serde_json::from_value(lambda_event(&records)).unwrap();
+    let aggregator = Aggregator::new(repo.client().clone(), repo.table());
+    let response = lambda::handle(&aggregator, &event).await;
+    assert!(response.batch_item_failures.is_empty(), "{response:?}");
+    // Lambda delivers again (a retry of the whole batch): counted once.
+    let response = lambda::handle(&aggregator, &event).await;
+    assert!(response.batch_item_failures.is_empty());
+    let totals: i64 = usage_items(&repo, "k-lambda")
+        .await
+        .iter()
+        .filter(|i| i.get("window") == Some(&AttributeValue::S("hourly".into())))
+        .map(|i| n(i, "tpm"))
+        .sum();
+    assert_eq!(totals, 390);
+    // A batch whose writes fail is reported back from its first record, for a retry
+    // and, past the mapping's limit, the dead-letter queue.
+    let broken = Aggregator::new(repo.client().clone(), "no-such-table");
+    let response = lambda::handle(&broken, &event).await;
+    assert_eq!(response.batch_item_failures.len(), 1);
+    assert_eq!(
+        response.batch_item_failures[0].item_identifier.as_deref(),
+        Some(records[0].sequence_number.as_str())
+    );
+}

@@ -74,7 +74,7 @@ pub enum Command {
         yes: bool,
     },
     /// Print a CloudFormation template that creates the same table.
-    CfnTemplate(TableOptionArgs),
+    CfnTemplate(CfnTemplateArgs),
     /// Print this client's version and the schema version it reads and writes.
     Version,
     /// Check that the table's schema version is compatible with this client.
@@ -223,6 +223,16 @@ pub struct TableOptionArgs {
     /// A tag, KEY=VALUE (repeatable).
     #[arg(long = "tag", value_parser = parse_key_value)]
     pub tags: Vec<(String, String)>,
+}
+
+#[derive(Debug, Args)]
+pub struct CfnTemplateArgs {
+    #[command(flatten)]
+    pub table: TableOptionArgs,
+    /// Add the usage aggregator as a Lambda function on the table's stream (with its role,
+    /// event source mapping, dead-letter queue and alarm; the table gets a stream).
+    #[arg(long)]
+    pub aggregator: bool,
 }
 
 /// How the table is billed.

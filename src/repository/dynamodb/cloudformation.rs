@@ -132,3 +132,205 @@ impl TableOptions {
         })
     }
 }
+
+impl TableOptions {
+    /// [`Self::cloudformation_template`] with the usage aggregator as a Lambda function on
+    /// the table's stream (which the table then gets, whatever `stream` says): the
+    /// function (the `zae-limiter-aggregator-lambda` binary, from a zip in S3 named by the
+    /// `AggregatorCodeBucket` and `AggregatorCodeKey` parameters), its role, the event
+    /// source mapping, a dead-letter queue for batches that keep failing, and an alarm on
+    /// that queue.
+    ///
+    /// The mapping takes bucket items' `INSERT` and `MODIFY` records only (a filter on
+    /// `SK = #STATE`), up to 100 a batch within 5 s, retries a failing batch 3 times
+    /// bisecting it, reports failures per item, and drops records older than an hour to
+    /// the queue, as the Python library's stack does (plus `INSERT`, which this
+    /// aggregator counts).
+    ///
+    /// ```
+    /// use zae_limiter::repository::dynamodb::TableOptions;
+    ///
+    /// let template = TableOptions::default().cloudformation_template_with_aggregator("t");
+    /// let resources = &template["Resources"];
+    /// assert_eq!(resources["AggregatorFunction"]["Type"], "AWS::Lambda::Function");
+    /// assert!(resources["RateLimitTable"]["Properties"]["StreamSpecification"].is_object());
+    /// ```
+    pub fn cloudformation_template_with_aggregator(&self, table: &str) -> Value {
+        let mut options = self.clone();
+        options.stream = true;
+        let mut template = options.cloudformation_template(table);
+        let stream_arn = json!({ "Fn::GetAtt": ["RateLimitTable", "StreamArn"] });
+        let table_arn = json!({ "Fn::GetAtt": ["RateLimitTable", "Arn"] });
+        let dlq_arn = json!({ "Fn::GetAtt": ["AggregatorDeadLetterQueue", "Arn"] });
+        let parameters = template["Parameters"]
+            .as_object_mut()
+            .expect("the template has parameters");
+        for (name, description, default) in [
+            (
+                "AggregatorCodeBucket",
+                "S3 bucket holding the aggregator's zip (a `bootstrap` binary)",
+                None,
+            ),
+            ("AggregatorCodeKey", "S3 key of the aggregator's zip", None),
+            (
+                "AggregatorArchitecture",
+                "The binary's architecture: arm64 or x86_64",
+                Some("arm64"),
+            ),
+            (
+                "SnapshotWindows",
+                "Usage windows to keep: hourly, daily, monthly",
+                Some("hourly,daily"),
+            ),
+            (
+                "SnapshotTtlDays",
+                "Days a usage snapshot is kept",
+                Some("90"),
+            ),
+        ] {
+            let mut parameter = json!({ "Type": "String", "Description": description });
+            if let Some(default) = default {
+                parameter["Default"] = json!(default);
+            }
+            parameters.insert(name.into(), parameter);
+        }
+        let resources = template["Resources"]
+            .as_object_mut()
+            .expect("the template has resources");
+        resources.insert(
+            "AggregatorDeadLetterQueue".into(),
+            json!({
+                "Type": "AWS::SQS::Queue",
+                "Properties": { "MessageRetentionPeriod": 1_209_600 },
+            }),
+        );
+        resources.insert(
+            "AggregatorRole".into(),
+            json!({
+                "Type": "AWS::IAM::Role",
+                "Properties": {
+                    "AssumeRolePolicyDocument": {
+                        "Version": "2012-10-17",
+                        "Statement": [{
+                            "Effect": "Allow",
+                            "Principal": { "Service": "lambda.amazonaws.com" },
+                            "Action": "sts:AssumeRole",
+                        }],
+                    },
+                    "ManagedPolicyArns": [
+                        "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"
+                    ],
+                    "Policies": [{
+                        "PolicyName": "zae-limiter-aggregator",
+                        "PolicyDocument": {
+                            "Version": "2012-10-17",
+                            "Statement": [
+                                {
+                                    "Effect": "Allow",
+                                    "Action": [
+                                        "dynamodb:DescribeStream",
+                                        "dynamodb:GetRecords",
+                                        "dynamodb:GetShardIterator",
+                                        "dynamodb:ListStreams",
+                                    ],
+                                    "Resource": stream_arn.clone(),
+                                },
+                                {
+                                    "Effect": "Allow",
+                                    "Action": [
+                                        "dynamodb:BatchGetItem",
+                                        "dynamodb:GetItem",
+                                        "dynamodb:UpdateItem",
+                                    ],
+                                    "Resource": table_arn,
+                                },
+                                {
+                                    "Effect": "Allow",
+                                    "Action": "sqs:SendMessage",
+                                    "Resource": dlq_arn.clone(),
+                                },
+                            ],
+                        },
+                    }],
+                },
+            }),
+        );
+        resources.insert(
+            "AggregatorFunction".into(),
+            json!({
+                "Type": "AWS::Lambda::Function",
+                "Properties": {
+                    "Description": "zae-limiter usage aggregator: stream records into usage snapshots",
+                    "Runtime": "provided.al2023",
+                    "Handler": "bootstrap",
+                    "Architectures": [{ "Ref": "AggregatorArchitecture" }],
+                    "MemorySize": 256,
+                    "Timeout": 60,
+                    "Role": { "Fn::GetAtt": ["AggregatorRole", "Arn"] },
+                    "Code": {
+                        "S3Bucket": { "Ref": "AggregatorCodeBucket" },
+                        "S3Key": { "Ref": "AggregatorCodeKey" },
+                    },
+                    "Environment": {
+                        "Variables": {
+                            "TABLE_NAME": { "Ref": "RateLimitTable" },
+                            "SNAPSHOT_WINDOWS": { "Ref": "SnapshotWindows" },
+                            "SNAPSHOT_TTL_DAYS": { "Ref": "SnapshotTtlDays" },
+                        },
+                    },
+                },
+            }),
+        );
+        let bucket_records = json!({
+            "eventName": ["INSERT", "MODIFY"],
+            "dynamodb": { "NewImage": { "SK": { "S": ["#STATE"] } } },
+        });
+        resources.insert(
+            "AggregatorEventSourceMapping".into(),
+            json!({
+                "Type": "AWS::Lambda::EventSourceMapping",
+                "Properties": {
+                    "EventSourceArn": stream_arn,
+                    "FunctionName": { "Ref": "AggregatorFunction" },
+                    "StartingPosition": "TRIM_HORIZON",
+                    "BatchSize": 100,
+                    "MaximumBatchingWindowInSeconds": 5,
+                    "MaximumRetryAttempts": 3,
+                    "MaximumRecordAgeInSeconds": 3600,
+                    "BisectBatchOnFunctionError": true,
+                    "FunctionResponseTypes": ["ReportBatchItemFailures"],
+                    "DestinationConfig": { "OnFailure": { "Destination": dlq_arn } },
+                    "FilterCriteria": {
+                        "Filters": [{ "Pattern": bucket_records.to_string() }],
+                    },
+                },
+            }),
+        );
+        resources.insert(
+            "AggregatorDeadLetterAlarm".into(),
+            json!({
+                "Type": "AWS::CloudWatch::Alarm",
+                "Properties": {
+                    "AlarmDescription": "zae-limiter aggregator batches reached the dead-letter queue: usage snapshots miss them",
+                    "Namespace": "AWS/SQS",
+                    "MetricName": "ApproximateNumberOfMessagesVisible",
+                    "Dimensions": [{
+                        "Name": "QueueName",
+                        "Value": { "Fn::GetAtt": ["AggregatorDeadLetterQueue", "QueueName"] },
+                    }],
+                    "Statistic": "Maximum",
+                    "Period": 300,
+                    "EvaluationPeriods": 1,
+                    "Threshold": 0,
+                    "ComparisonOperator": "GreaterThanThreshold",
+                    "TreatMissingData": "notBreaching",
+                },
+            }),
+        );
+        template["Outputs"]["AggregatorFunctionArn"] =
+            json!({ "Value": { "Fn::GetAtt": ["AggregatorFunction", "Arn"] } });
+        template["Outputs"]["AggregatorDeadLetterQueueUrl"] =
+            json!({ "Value": { "Ref": "AggregatorDeadLetterQueue" } });
+        template
+    }
+}

@@ -7,7 +7,7 @@ use zae_limiter::repository::dynamodb::{
 use zae_limiter::Error;
 
 use super::confirm;
-use crate::args::{BillingArg, Global, TableOptionArgs};
+use crate::args::{BillingArg, CfnTemplateArgs, Global, TableOptionArgs};
 use crate::connect;
 use crate::failure::{Failure, Outcome, ERROR, NOT_FOUND};
 use crate::output::Out;
@@ -216,8 +216,13 @@ pub async fn delete(global: &Global, yes: bool, out: Out) -> Outcome {
     Ok(())
 }
 
-pub fn cfn_template(global: &Global, args: &TableOptionArgs, out: Out) -> Outcome {
-    let template = options(args)?.cloudformation_template(&global.table);
+pub fn cfn_template(global: &Global, args: &CfnTemplateArgs, out: Out) -> Outcome {
+    let options = options(&args.table)?;
+    let template = if args.aggregator {
+        options.cloudformation_template_with_aggregator(&global.table)
+    } else {
+        options.cloudformation_template(&global.table)
+    };
     if out.json() {
         out.message("", template);
     } else {
