@@ -1310,4 +1310,17 @@ fn aggregator_run_counts_the_stream_into_snapshots_once() {
     );
     assert_eq!(capacity["capacity"], 100);
     assert_eq!(capacity["entities"][0]["entity_id"], "k1");
+
+    // Discovery finds the table, its namespace, its stream and the aggregator that ran.
+    let tables = json(&mut zl(&url, "ignored"), &["list"]);
+    let found = tables
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == table.as_str())
+        .unwrap_or_else(|| panic!("{table} not in {tables}"));
+    assert_eq!(found["namespaces"], serde_json::json!(["default"]));
+    assert_eq!(found["stream"], "NEW_AND_OLD_IMAGES");
+    assert_eq!(found["aggregator"], "stream consumer");
+    assert_eq!(found["compatible"], true);
 }

@@ -75,6 +75,9 @@ pub enum Command {
     },
     /// Print a CloudFormation template that creates the same table.
     CfnTemplate(CfnTemplateArgs),
+    /// Find the zae-limiter tables in the region (those holding a version record): schema
+    /// version, namespaces, stream and aggregator. `--table` is ignored.
+    List,
     /// Print this client's version and the schema version it reads and writes.
     Version,
     /// Check that the table's schema version is compatible with this client.

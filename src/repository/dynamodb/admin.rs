@@ -39,6 +39,10 @@ pub fn check_schema_version(stored: &str) -> Result<(), Error> {
 }
 
 impl DynamoDbTable {
+    pub(super) fn new(client: Client, table: String) -> Self {
+        DynamoDbTable { client, table }
+    }
+
     /// The table's name.
     pub fn name(&self) -> &str {
         &self.table

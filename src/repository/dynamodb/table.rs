@@ -431,7 +431,7 @@ async fn describe(client: &Client, table: &str) -> Result<DescribeTableOutput, E
 }
 
 /// The version record, if the table has one.
-async fn version_record(client: &Client, table: &str) -> Result<Option<Item>, Error> {
+pub(super) async fn version_record(client: &Client, table: &str) -> Result<Option<Item>, Error> {
     get_item(client, table, keys::REGISTRY_PK, keys::VERSION_SK).await
 }
 

@@ -29,6 +29,7 @@ pub async fn run(cli: Cli) -> Outcome {
         Command::Status => table::status(global, out).await,
         Command::Delete { yes } => table::delete(global, yes, out).await,
         Command::CfnTemplate(options) => table::cfn_template(global, &options, out),
+        Command::List => table::list(global, out).await,
         Command::Version => {
             table::version(out);
             Ok(())

@@ -233,6 +233,35 @@ pub fn cfn_template(global: &Global, args: &CfnTemplateArgs, out: Out) -> Outcom
     Ok(())
 }
 
+pub async fn list(global: &Global, out: Out) -> Outcome {
+    let tables = connect::builder(global).discover_tables().await?;
+    let rows = tables
+        .into_iter()
+        .map(|t| {
+            vec![
+                json!(t.table),
+                json!(t.schema_version),
+                json!(t.compatible),
+                json!(t.namespaces),
+                json!(t.stream),
+                json!(t.aggregator),
+            ]
+        })
+        .collect();
+    out.table(
+        &[
+            "table",
+            "schema_version",
+            "compatible",
+            "namespaces",
+            "stream",
+            "aggregator",
+        ],
+        rows,
+    );
+    Ok(())
+}
+
 pub fn version(out: Out) {
     out.record(vec![
         ("client_version", json!(env!("CARGO_PKG_VERSION"))),
