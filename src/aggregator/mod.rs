@@ -50,6 +50,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
 use aws_sdk_dynamodb::Client;
+use futures_util::StreamExt;
 
 use crate::repository::dynamodb::{errors, retry::backoff};
 use crate::Error;
@@ -58,6 +59,9 @@ use snapshots::{Contribution, Target};
 /// Attempts of one snapshot write (a lost race re-reads the item's marks; a failure
 /// backs off) before the batch fails.
 const WRITE_ATTEMPTS: usize = 8;
+
+/// Snapshot writes of one batch in flight at once.
+const CONCURRENT_WRITES: usize = 16;
 
 /// Keys per `BatchGetItem` (DynamoDB's limit).
 const BATCH_GET_KEYS: usize = 100;
@@ -153,9 +157,14 @@ impl Aggregator {
         }
         let targets: Vec<(Target, Vec<Contribution>)> = targets.into_iter().collect();
         let mut read = self.read_marks(&targets).await?;
-        for (target, contributions) in &targets {
+        // Items are independent: written a few at a time (each write waits on the network).
+        let writes = targets.iter().map(|(target, contributions)| {
             let marks = read.remove(&target.key_pair()).unwrap_or_default();
-            let (written, duplicates) = self.write(target, contributions, marks).await?;
+            self.write(target, contributions, marks)
+        });
+        let mut writes = futures_util::stream::iter(writes).buffer_unordered(CONCURRENT_WRITES);
+        while let Some(written) = writes.next().await {
+            let (written, duplicates) = written?;
             report.snapshot_writes += usize::from(written);
             report.already_counted += duplicates;
         }

@@ -1,5 +1,5 @@
-"""Drives the Python zae-limiter (from PyPI) for the interop tests: one JSON command in
-argv[1], one JSON answer on stdout. Every command opens the table through Python's normal
+"""Drives the Python zae-limiter (from PyPI) for the interop tests: one JSON command on
+stdin (or in argv[1]), one JSON answer on stdout. Every command opens the table through Python's normal
 path (`RepositoryBuilder(...).build()`), as a Python service would.
 
 Commands (`op`):
@@ -185,7 +185,7 @@ async def run(cmd):
 
 
 def main():
-    cmd = json.loads(sys.argv[1])
+    cmd = json.loads(sys.argv[1]) if len(sys.argv) > 1 else json.load(sys.stdin)
     try:
         answer = asyncio.run(run(cmd))
     except Exception as e:  # noqa: BLE001 - the test reads the class

@@ -76,14 +76,27 @@ fn python() -> &'static Path {
 pub async fn run(command: Value) -> Value {
     tokio::task::spawn_blocking(move || {
         let driver = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/driver.py");
-        let out = Command::new(python())
+        // The command goes on stdin: a batch of stream records outgrows an argument.
+        let mut child = Command::new(python())
             .arg(driver)
-            .arg(command.to_string())
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
             .env("AWS_DEFAULT_REGION", "us-east-1")
-            .output()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .expect("run the Python driver");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("the driver's stdin");
+            stdin
+                .write_all(command.to_string().as_bytes())
+                .expect("send the driver its command");
+        }
+        let out = child
+            .wait_with_output()
+            .expect("wait for the Python driver");
         let text = String::from_utf8_lossy(&out.stdout);
         let line = text.lines().last().unwrap_or_default();
         serde_json::from_str(line).unwrap_or_else(|e| {
