@@ -438,6 +438,9 @@ fn merge(total: &mut BatchReport, batch: BatchReport) {
     total.deltas += batch.deltas;
     total.snapshot_writes += batch.snapshot_writes;
     total.already_counted += batch.already_counted;
+    total.shards.doubled += batch.shards.doubled;
+    total.shards.stamped += batch.shards.stamped;
+    total.shards.created += batch.shards.created;
     for (skip, n) in batch.skipped {
         *total.skipped.entry(skip).or_default() += n;
     }

@@ -26,6 +26,10 @@
 //! - **Creations count**: a bucket's first acquire (an `INSERT`) is counted from zero;
 //!   Python counts only `MODIFY` records.
 //!
+//! - **Sharding upkeep**, as Python's aggregator: a bucket whose partition nears its write
+//!   ceiling is doubled, and a grown shard count is stamped on the shards and new shards
+//!   are created (see `shards`).
+//!
 //! Bad input never fails a batch: a record that is not a bucket image, lacks what the
 //! count needs, or holds a counter of no limit is skipped and counted in the
 //! [`BatchReport`]. A failing write is retried; a batch whose writes keep failing returns
@@ -37,12 +41,14 @@ mod consumer;
 #[cfg_attr(docsrs, doc(cfg(feature = "lambda")))]
 pub mod lambda;
 mod record;
+mod shards;
 mod snapshots;
 
 pub use crate::usage::Window;
 pub use aws_sdk_dynamodbstreams;
 pub use consumer::{stream_record, streams_client, PollReport, StreamConsumer};
 pub use record::{ChangeKind, Skip, StreamRecord};
+pub use shards::ShardUpkeep;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -88,6 +94,8 @@ pub struct BatchReport {
     pub snapshot_writes: usize,
     /// Record contributions to snapshot items that were counted already (redeliveries).
     pub already_counted: usize,
+    /// The sharding upkeep (see the module docs).
+    pub shards: ShardUpkeep,
 }
 
 impl Aggregator {
@@ -168,6 +176,8 @@ impl Aggregator {
             report.snapshot_writes += usize::from(written);
             report.already_counted += duplicates;
         }
+        drop(writes);
+        report.shards = self.upkeep_shards(records).await?;
         Ok(report)
     }
 

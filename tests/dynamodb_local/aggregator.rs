@@ -760,3 +760,92 @@ async fn the_lambda_handler_counts_records_captured_from_the_stream_once() {
         Some(records[0].sequence_number.as_str())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aggregator_doubles_a_hot_partition_and_propagates_a_grown_count() {
+    let (repo, limiter, aggregator) = setup().await;
+    let record = acquire_recorded(&limiter, &repo, "hot-p", 10, ("s", 1, T)).await;
+    aggregator.process(&[record]).await.unwrap();
+    // Shard 0's write capacity nearly spent, as under ~1,000 writes a second.
+    let before = bucket(&repo, "hot-p", "llm").await.unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    repo.client()
+        .update_item()
+        .table_name(repo.table())
+        .key("PK", before["PK"].clone())
+        .key("SK", before["SK"].clone())
+        .update_expression("SET b_wcu_tk = :low, rf = :now")
+        .expression_attribute_values(":low", AttributeValue::N("50000".into()))
+        .expression_attribute_values(":now", AttributeValue::N(now.to_string()))
+        .send()
+        .await
+        .unwrap();
+    let after = bucket(&repo, "hot-p", "llm").await.unwrap();
+    let hot = StreamRecord {
+        kind: ChangeKind::Modify,
+        sequence_number: "2".into(),
+        created_ms: Some(now),
+        old_image: Some(before),
+        new_image: Some(after),
+    };
+    let report = aggregator.process(std::slice::from_ref(&hot)).await.unwrap();
+    assert_eq!(
+        (report.shards.doubled, report.shards.created),
+        (1, 1),
+        "{report:?}"
+    );
+    let shard = |n: u32| {
+        let repo = repo.clone();
+        async move {
+            let pk = format!("{}/BUCKET#hot-p#llm#{n}", repo.namespace_id());
+            raw(&repo, pk, "#STATE").await
+        }
+    };
+    assert_eq!(n(&shard(0).await.unwrap(), "shard_count"), 2);
+    let one = shard(1).await.expect("shard 1 created");
+    assert_eq!(n(&one, "shard_count"), 2);
+    assert_eq!(n(&one, "b_tpm_tk"), 500_000_000, "half of 1,000,000 tokens");
+    assert_eq!(n(&one, "b_tpm_tc"), 0);
+    assert_eq!(one["GSI3SK"], AttributeValue::S("BUCKET#llm#1".into()));
+    // Delivered again: nothing more to do.
+    let again = aggregator.process(std::slice::from_ref(&hot)).await.unwrap();
+    assert_eq!(again.shards, Default::default());
+
+    // Python doubles it again (2 -> 4): the count is stamped on shard 1, and shards 2 and
+    // 3 are created.
+    let before = shard(0).await.unwrap();
+    let place = json!({"endpoint": dynamo::endpoint().await, "table": repo.table(),
+                       "namespace": repo.namespace(), "op": "bump_shards",
+                       "entity": "hot-p", "resource": "llm", "from": [2]});
+    let bumped = python::run(place).await;
+    assert_eq!(bumped["counts"], json!([4]), "{bumped}");
+    let after = shard(0).await.unwrap();
+    let grown = StreamRecord {
+        kind: ChangeKind::Modify,
+        sequence_number: "3".into(),
+        created_ms: Some(now),
+        old_image: Some(before),
+        new_image: Some(after),
+    };
+    let report = aggregator.process(&[grown]).await.unwrap();
+    assert_eq!(report.shards.created, 2, "{report:?}");
+    for n_shard in 0..4 {
+        assert_eq!(n(&shard(n_shard).await.unwrap(), "shard_count"), 4, "shard {n_shard}");
+    }
+    // The limiter charges the shards, each its share.
+    for _ in 0..8 {
+        limiter
+            .acquire("hot-p", "llm")
+            .consume([("tpm", 1)])
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+    }
+    let states = limiter.bucket_states("hot-p", "llm").await.unwrap();
+    assert_eq!(states["tpm"].capacity_milli, 1_000_000_000);
+}
