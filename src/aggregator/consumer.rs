@@ -5,6 +5,12 @@
 //! The position is saved after each batch is counted: a crash in between re-reads that
 //! batch, and the snapshots' marks keep it from counting twice. A shard is read only once
 //! its parent is finished, so records of one item are counted in stream order.
+//!
+//! Failures: while DynamoDB is unavailable the consumer waits and reads again from its
+//! position (nothing is skipped). A batch that fails for another reason (DynamoDB refuses
+//! a write for good) is counted record by record, and each record that still fails goes
+//! to the dead-letter items (`_/AGGREGATOR#`, `#DEAD#{sequence number}`: its stream shard,
+//! item key and error, kept 14 days), so the stream moves on.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -50,6 +56,8 @@ pub struct PollReport {
     pub shards_read: usize,
     /// Shards found finished (closed and read to the end) in this pass.
     pub shards_finished: usize,
+    /// Records that kept failing, sent to the dead-letter items.
+    pub dead_lettered: usize,
     /// The batches counted, merged.
     pub batch: BatchReport,
 }
@@ -88,10 +96,30 @@ impl StreamConsumer {
     }
 
     /// Passes over the stream until `stop` completes (finishing the pass under way).
+    /// While DynamoDB is unavailable it waits (up to 30 s between tries) and goes on; other
+    /// errors (no stream, access denied) end it.
     pub async fn run(&self, stop: impl Future<Output = ()>) -> Result<(), Error> {
         tokio::pin!(stop);
+        let mut outage = 0;
         loop {
-            let report = self.poll().await?;
+            let report = match self.poll().await {
+                Ok(report) => {
+                    outage = 0;
+                    report
+                }
+                Err(e @ Error::Unavailable { .. }) => {
+                    outage += 1;
+                    let wait = self.idle_wait * 2u32.saturating_pow(outage.min(5));
+                    let wait = wait.min(Duration::from_secs(30));
+                    tracing::warn!(error = %e, ?wait, "stream consumer: DynamoDB unavailable; reading again later");
+                    tokio::select! {
+                        () = &mut stop => return Ok(()),
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if report.batch.records > 0 {
                 tracing::info!(
                     records = report.batch.records,
@@ -197,7 +225,7 @@ impl StreamConsumer {
                     }
                 }
             }
-            let batch = self.aggregator.process(&records).await?;
+            let batch = self.count(shard, &records, report).await?;
             let counted = batch.deltas > 0;
             merge(&mut report.batch, batch);
             position.sequence_number = records.last().map(|r| r.sequence_number.clone());
@@ -217,6 +245,75 @@ impl StreamConsumer {
             iterator = next;
         }
         Ok(false)
+    }
+
+    /// Counts a batch; on a failure other than an outage, record by record, sending the
+    /// records that still fail to the dead-letter items.
+    async fn count(
+        &self,
+        shard: &str,
+        records: &[StreamRecord],
+        report: &mut PollReport,
+    ) -> Result<BatchReport, Error> {
+        match self.aggregator.process(records).await {
+            Ok(batch) => return Ok(batch),
+            Err(e @ Error::Unavailable { .. }) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, records = records.len(), "a batch failed; counting it record by record")
+            }
+        }
+        let mut total = BatchReport::default();
+        for record in records {
+            match self.aggregator.process(std::slice::from_ref(record)).await {
+                Ok(batch) => merge(&mut total, batch),
+                Err(e @ Error::Unavailable { .. }) => return Err(e),
+                Err(e) => {
+                    self.dead_letter(shard, record, &e).await?;
+                    report.dead_lettered += 1;
+                    total.records += 1;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Keeps a record that cannot be counted, for an operator (14 days).
+    async fn dead_letter(
+        &self,
+        shard: &str,
+        record: &StreamRecord,
+        error: &Error,
+    ) -> Result<(), Error> {
+        tracing::error!(error = %error, sequence_number = %record.sequence_number, "a stream record cannot be counted; kept as a dead letter");
+        let key = record
+            .new_image
+            .as_ref()
+            .or(record.old_image.as_ref())
+            .and_then(|i| i.get("PK"))
+            .and_then(|v| v.as_s().ok())
+            .cloned()
+            .unwrap_or_default();
+        let ttl = super::now_s().saturating_add(14 * 86_400);
+        self.dynamodb
+            .put_item()
+            .table_name(&self.table)
+            .item("PK", AttributeValue::S(POSITIONS_PK.into()))
+            .item(
+                "SK",
+                AttributeValue::S(format!("#DEAD#{}", record.sequence_number)),
+            )
+            .item("stream_shard", AttributeValue::S(shard.to_string()))
+            .item(
+                "sequence_number",
+                AttributeValue::S(record.sequence_number.clone()),
+            )
+            .item("item", AttributeValue::S(key))
+            .item("error", AttributeValue::S(error.to_string()))
+            .item("ttl", AttributeValue::N(ttl.to_string()))
+            .send()
+            .await
+            .map_err(|e| errors::map("PutItem", &self.table, e))?;
+        Ok(())
     }
 
     async fn iterator(&self, arn: &str, shard: &str, position: &Position) -> Result<String, Error> {

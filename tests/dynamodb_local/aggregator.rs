@@ -766,7 +766,8 @@ async fn the_aggregator_doubles_a_hot_partition_and_propagates_a_grown_count() {
     let (repo, limiter, aggregator) = setup().await;
     let record = acquire_recorded(&limiter, &repo, "hot-p", 10, ("s", 1, T)).await;
     aggregator.process(&[record]).await.unwrap();
-    // Shard 0's write capacity nearly spent, as under ~1,000 writes a second.
+    // Shard 0's write capacity spent, seconds into debt, as under well over 1,000 writes a
+    // second (deep enough that a slow run cannot refill it past a fifth before the check).
     let before = bucket(&repo, "hot-p", "llm").await.unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -778,7 +779,7 @@ async fn the_aggregator_doubles_a_hot_partition_and_propagates_a_grown_count() {
         .key("PK", before["PK"].clone())
         .key("SK", before["SK"].clone())
         .update_expression("SET b_wcu_tk = :low, rf = :now")
-        .expression_attribute_values(":low", AttributeValue::N("50000".into()))
+        .expression_attribute_values(":low", AttributeValue::N("-5000000".into()))
         .expression_attribute_values(":now", AttributeValue::N(now.to_string()))
         .send()
         .await
@@ -791,7 +792,10 @@ async fn the_aggregator_doubles_a_hot_partition_and_propagates_a_grown_count() {
         old_image: Some(before),
         new_image: Some(after),
     };
-    let report = aggregator.process(std::slice::from_ref(&hot)).await.unwrap();
+    let report = aggregator
+        .process(std::slice::from_ref(&hot))
+        .await
+        .unwrap();
     assert_eq!(
         (report.shards.doubled, report.shards.created),
         (1, 1),
@@ -811,11 +815,24 @@ async fn the_aggregator_doubles_a_hot_partition_and_propagates_a_grown_count() {
     assert_eq!(n(&one, "b_tpm_tc"), 0);
     assert_eq!(one["GSI3SK"], AttributeValue::S("BUCKET#llm#1".into()));
     // Delivered again: nothing more to do.
-    let again = aggregator.process(std::slice::from_ref(&hot)).await.unwrap();
+    let again = aggregator
+        .process(std::slice::from_ref(&hot))
+        .await
+        .unwrap();
     assert_eq!(again.shards, Default::default());
 
     // Python doubles it again (2 -> 4): the count is stamped on shard 1, and shards 2 and
-    // 3 are created.
+    // 3 are created. (The write capacity recovered meanwhile: no doubling of our own.)
+    let zero = shard(0).await.unwrap();
+    repo.client()
+        .update_item()
+        .table_name(repo.table())
+        .key("PK", zero["PK"].clone())
+        .key("SK", zero["SK"].clone())
+        .update_expression("SET b_wcu_tk = b_wcu_cp")
+        .send()
+        .await
+        .unwrap();
     let before = shard(0).await.unwrap();
     let place = json!({"endpoint": dynamo::endpoint().await, "table": repo.table(),
                        "namespace": repo.namespace(), "op": "bump_shards",
@@ -833,7 +850,11 @@ async fn the_aggregator_doubles_a_hot_partition_and_propagates_a_grown_count() {
     let report = aggregator.process(&[grown]).await.unwrap();
     assert_eq!(report.shards.created, 2, "{report:?}");
     for n_shard in 0..4 {
-        assert_eq!(n(&shard(n_shard).await.unwrap(), "shard_count"), 4, "shard {n_shard}");
+        assert_eq!(
+            n(&shard(n_shard).await.unwrap(), "shard_count"),
+            4,
+            "shard {n_shard}"
+        );
     }
     // The limiter charges the shards, each its share.
     for _ in 0..8 {
@@ -848,4 +869,107 @@ async fn the_aggregator_doubles_a_hot_partition_and_propagates_a_grown_count() {
     }
     let states = limiter.bucket_states("hot-p", "llm").await.unwrap();
     assert_eq!(states["tpm"].capacity_milli, 1_000_000_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_cannot_be_counted_is_dead_lettered_and_the_stream_moves_on() {
+    use zae_limiter::aggregator::{streams_client, StreamConsumer};
+    use zae_limiter::repository::dynamodb::TableOptions;
+    let repo = dynamo::builder()
+        .await
+        .table("zae-limiter-dead-letter-test")
+        .table_options(TableOptions {
+            stream: true,
+            ..TableOptions::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    let limiter = RateLimiter::new(repo.clone());
+    limiter
+        .set_resource_limits("llm", &[Limit::per_minute("tpm", 1_000_000)])
+        .await
+        .unwrap();
+    let take = |tokens: u64| {
+        let limiter = limiter.clone();
+        async move {
+            limiter
+                .acquire("k-ok", "llm")
+                .consume([("tpm", tokens)])
+                .await
+                .unwrap()
+                .commit()
+                .await
+                .unwrap();
+        }
+    };
+    take(5).await;
+    // A bucket item with 600 limits: its snapshot write outgrows DynamoDB's 4 KB
+    // expression limit, which no retry can fix.
+    let poison = |tc: &str| {
+        let mut item: Item = HashMap::from([
+            (
+                "PK".to_string(),
+                AttributeValue::S(format!("{}/BUCKET#poison#llm#0", repo.namespace_id())),
+            ),
+            ("SK".to_string(), AttributeValue::S("#STATE".into())),
+            ("entity_id".to_string(), AttributeValue::S("poison".into())),
+            ("resource".to_string(), AttributeValue::S("llm".into())),
+            ("rf".to_string(), AttributeValue::N("1".into())),
+        ]);
+        for i in 0..600 {
+            for (field, value) in [("tk", "1000"), ("cp", "1000"), ("tc", tc)] {
+                item.insert(
+                    format!("b_limit-number-{i:04}_{field}"),
+                    AttributeValue::N(value.into()),
+                );
+            }
+        }
+        item
+    };
+    for tc in ["0", "1000"] {
+        repo.client()
+            .put_item()
+            .table_name(repo.table())
+            .set_item(Some(poison(tc)))
+            .send()
+            .await
+            .unwrap();
+    }
+    take(7).await;
+    let consumer = StreamConsumer::new(
+        repo.client().clone(),
+        streams_client(None, Some(&dynamo::endpoint().await)).await,
+        repo.table(),
+        Aggregator::new(repo.client().clone(), repo.table()),
+    );
+    let report = consumer.poll().await.unwrap();
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    let totals: i64 = usage_items(&repo, "k-ok")
+        .await
+        .iter()
+        .filter(|i| i.get("window") == Some(&AttributeValue::S("hourly".into())))
+        .map(|i| n(i, "tpm"))
+        .sum();
+    assert_eq!(totals, 12, "the records around it were counted");
+    let letters = repo
+        .client()
+        .query()
+        .table_name(repo.table())
+        .key_condition_expression("PK = :pk AND begins_with(SK, :dead)")
+        .expression_attribute_values(":pk", AttributeValue::S("_/AGGREGATOR#".into()))
+        .expression_attribute_values(":dead", AttributeValue::S("#DEAD#".into()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(letters.items().len(), 1);
+    let letter = &letters.items()[0];
+    assert!(
+        matches!(&letter["item"], AttributeValue::S(pk) if pk.ends_with("BUCKET#poison#llm#0"))
+    );
+    assert!(matches!(&letter["error"], AttributeValue::S(e) if e.contains("Expression size")));
+    // The position moved past it: the next pass has nothing to send there again.
+    take(1).await;
+    let next = consumer.poll().await.unwrap();
+    assert_eq!(next.dead_lettered, 0, "{next:?}");
 }
