@@ -115,6 +115,21 @@ fn days_in_month(year: i64, month: u32) -> u32 {
     }
 }
 
+/// The attributes of a usage snapshot item that are not counters (as the Python
+/// library's reader lists them): a limit of one of these names cannot be counted.
+pub(crate) const SNAPSHOT_FIELDS: [&str; 10] = [
+    "PK",
+    "SK",
+    "entity_id",
+    "resource",
+    "window",
+    "window_start",
+    "total_events",
+    "GSI2PK",
+    "GSI2SK",
+    "ttl",
+];
+
 /// Whose usage a query reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UsageScope {

@@ -54,10 +54,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
-use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
+use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::Client;
 use futures_util::StreamExt;
 
+use crate::repository::dynamodb::acquire::batch_get;
 use crate::repository::dynamodb::{errors, retry::backoff};
 use crate::Error;
 use snapshots::{Contribution, Target};
@@ -243,39 +244,9 @@ impl Aggregator {
     ) -> Result<HashMap<(String, String), BTreeMap<String, String>>, Error> {
         let mut found = HashMap::new();
         for chunk in targets.chunks(BATCH_GET_KEYS) {
-            let mut pending = Some(
-                KeysAndAttributes::builder()
-                    .set_keys(Some(chunk.iter().map(|(t, _)| t.key()).collect()))
-                    .consistent_read(true)
-                    .build()
-                    .map_err(|e| Error::validation("keys", "", e.to_string()))?,
-            );
-            let mut attempt = 0;
-            while let Some(request) = pending.take() {
-                let out = self
-                    .client
-                    .batch_get_item()
-                    .request_items(&self.table, request)
-                    .send()
-                    .await
-                    .map_err(|e| errors::map("BatchGetItem", &self.table, e))?;
-                for item in out
-                    .responses()
-                    .and_then(|r| r.get(&self.table))
-                    .into_iter()
-                    .flatten()
-                {
-                    found.insert(key_pair(item), snapshots::marks(item));
-                }
-                pending = out
-                    .unprocessed_keys()
-                    .and_then(|u| u.get(&self.table))
-                    .filter(|k| !k.keys().is_empty())
-                    .cloned();
-                if pending.is_some() {
-                    attempt += 1;
-                    tokio::time::sleep(backoff(attempt.min(6))).await;
-                }
+            let keys = chunk.iter().map(|(t, _)| t.key()).collect();
+            for item in batch_get(&self.client, &self.table, keys, true).await? {
+                found.insert(key_pair(&item), snapshots::marks(&item));
             }
         }
         Ok(found)

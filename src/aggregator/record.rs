@@ -7,6 +7,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 
 use crate::naming::RESERVED_LIMIT_NAME;
 use crate::repository::dynamodb::keys;
+use crate::usage::SNAPSHOT_FIELDS;
 
 /// What happened to the item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,20 +73,6 @@ pub(super) struct Consumption {
     pub at_ms: i64,
     pub deltas: Vec<Delta>,
 }
-
-/// Attribute names a snapshot keeps for itself: a limit of that name cannot be a counter.
-pub(super) const SNAPSHOT_FIELDS: [&str; 10] = [
-    "PK",
-    "SK",
-    "entity_id",
-    "resource",
-    "window",
-    "window_start",
-    "total_events",
-    "GSI2PK",
-    "GSI2SK",
-    "ttl",
-];
 
 /// The consumption `record` records, and the limits of it that were skipped; `Err` when
 /// the whole record is skipped.

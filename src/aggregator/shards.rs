@@ -19,7 +19,6 @@
 use std::collections::HashMap;
 
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Put, TransactWriteItem};
 
 use super::{now_s, Aggregator, ChangeKind, StreamRecord};
@@ -109,18 +108,7 @@ impl Aggregator {
             .expression_attribute_values(":new", num(new))
             .send()
             .await;
-        match sent {
-            Ok(_) => Ok(true),
-            Err(e)
-                if matches!(
-                    e.as_service_error(),
-                    Some(UpdateItemError::ConditionalCheckFailedException(_))
-                ) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(errors::map("UpdateItem", &self.table, e)),
-        }
+        errors::written(sent, "UpdateItem", &self.table)
     }
 
     /// Stamps `new` on shards `1..old` and creates shards `old..new` from shard 0's image;
@@ -148,15 +136,7 @@ impl Aggregator {
                 .expression_attribute_values(":new", num(new))
                 .send()
                 .await;
-            match sent {
-                Ok(_) => stamped += 1,
-                Err(e)
-                    if matches!(
-                        e.as_service_error(),
-                        Some(UpdateItemError::ConditionalCheckFailedException(_))
-                    ) => {}
-                Err(e) => return Err(errors::map("UpdateItem", &self.table, e)),
-            }
+            stamped += usize::from(errors::written(sent, "UpdateItem", &self.table)?);
         }
         let mut created = 0;
         for shard in old.max(1)..new {

@@ -122,7 +122,7 @@ const MAYBE_APPLIED_CODES: &[&str] = &[
 
 /// A conditional write's result: `Ok(true)` written, `Ok(false)` its condition failed
 /// (an expected outcome: already done, raced, or gone), any other error mapped.
-pub(super) fn written<T, E, R>(
+pub(crate) fn written<T, E, R>(
     result: Result<T, SdkError<E, R>>,
     operation: &str,
     table: &str,

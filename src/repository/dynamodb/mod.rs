@@ -23,7 +23,7 @@
 //! # Ok(()) }
 //! ```
 
-mod acquire;
+pub(crate) mod acquire;
 mod admin;
 mod audit;
 pub(crate) mod builder;

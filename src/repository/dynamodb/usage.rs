@@ -8,25 +8,13 @@ use aws_sdk_dynamodb::types::AttributeValue;
 
 use super::codec::{get_str, Image, Item};
 use super::{errors, keys, Inner};
-use crate::usage::{ResourceBucket, UsagePage, UsageQuery, UsageScope, UsageSnapshot, Window};
+use crate::usage::{
+    ResourceBucket, UsagePage, UsageQuery, UsageScope, UsageSnapshot, Window, SNAPSHOT_FIELDS,
+};
 use crate::Error;
 
 /// Items read per `Query` call while filling a page.
 const READ_PAGE: i32 = 200;
-
-/// Snapshot attributes that are not counters (as the Python library's reader lists them).
-const NOT_COUNTERS: [&str; 10] = [
-    "PK",
-    "SK",
-    "entity_id",
-    "resource",
-    "window",
-    "window_start",
-    "total_events",
-    "GSI2PK",
-    "GSI2SK",
-    "ttl",
-];
 
 impl Inner {
     /// One full page of snapshots, newest first.
@@ -195,7 +183,7 @@ fn parse_snapshot(item: &Item) -> Option<UsageSnapshot> {
     for (name, value) in item {
         let (Some(n), false) = (
             value.as_n().ok().and_then(|n| n.parse::<i64>().ok()),
-            NOT_COUNTERS.contains(&name.as_str()),
+            SNAPSHOT_FIELDS.contains(&name.as_str()),
         ) else {
             continue;
         };

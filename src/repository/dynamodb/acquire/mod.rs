@@ -21,6 +21,7 @@ mod read;
 mod update;
 mod write;
 
+pub(crate) use read::batch_get;
 pub(super) use update::owner_fields;
 pub(super) use write::MARKER;
 

@@ -48,47 +48,56 @@ impl Inner {
             .collect())
     }
 
-    /// `BatchGetItem` of up to 100 keys, retrying unprocessed keys; never returns a
-    /// partial answer (a missing record would read as "nothing stored").
+    /// `BatchGetItem` of up to 100 keys of the table (see [`batch_get`]).
     pub(in crate::repository::dynamodb) async fn batch_get(
         &self,
         keys: Vec<Item>,
         consistent: bool,
     ) -> Result<Vec<Item>, Error> {
-        let mut pending = Some(
-            KeysAndAttributes::builder()
-                .set_keys(Some(keys))
-                .consistent_read(consistent)
-                .build()
-                .map_err(build_error)?,
-        );
-        let mut found = Vec::new();
-        for attempt in 0..MAX_ATTEMPTS {
-            let Some(request) = pending.take() else {
-                return Ok(found);
-            };
-            let out = self
-                .client
-                .batch_get_item()
-                .request_items(&self.table, request)
-                .send()
-                .await
-                .map_err(|e| errors::map("BatchGetItem", &self.table, e))?;
-            if let Some(items) = out.responses().and_then(|r| r.get(&self.table)) {
-                found.extend(items.iter().cloned());
-            }
-            pending = out
-                .unprocessed_keys()
-                .and_then(|u| u.get(&self.table))
-                .filter(|k| !k.keys().is_empty())
-                .cloned();
-            if pending.is_some() {
-                tokio::time::sleep(backoff(attempt)).await;
-            }
-        }
-        Err(Error::Unavailable {
-            message: "DynamoDB BatchGetItem left keys unprocessed after retries (throttled)".into(),
-            source: None,
-        })
+        batch_get(&self.client, &self.table, keys, consistent).await
     }
+}
+
+/// `BatchGetItem` of up to 100 keys, retrying unprocessed keys; never returns a partial
+/// answer (a missing record would read as "nothing stored").
+pub(crate) async fn batch_get(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    keys: Vec<Item>,
+    consistent: bool,
+) -> Result<Vec<Item>, Error> {
+    let mut pending = Some(
+        KeysAndAttributes::builder()
+            .set_keys(Some(keys))
+            .consistent_read(consistent)
+            .build()
+            .map_err(build_error)?,
+    );
+    let mut found = Vec::new();
+    for attempt in 0..MAX_ATTEMPTS {
+        let Some(request) = pending.take() else {
+            return Ok(found);
+        };
+        let out = client
+            .batch_get_item()
+            .request_items(table, request)
+            .send()
+            .await
+            .map_err(|e| errors::map("BatchGetItem", table, e))?;
+        if let Some(items) = out.responses().and_then(|r| r.get(table)) {
+            found.extend(items.iter().cloned());
+        }
+        pending = out
+            .unprocessed_keys()
+            .and_then(|u| u.get(table))
+            .filter(|k| !k.keys().is_empty())
+            .cloned();
+        if pending.is_some() {
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+    }
+    Err(Error::Unavailable {
+        message: "DynamoDB BatchGetItem left keys unprocessed after retries (throttled)".into(),
+        source: None,
+    })
 }
