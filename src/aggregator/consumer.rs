@@ -120,7 +120,11 @@ impl StreamConsumer {
                 }
                 Err(e) => return Err(e),
             };
-            if report.batch.records > 0 {
+            // A pass that counted something reads on at once; one that only met records
+            // counting nothing (among them this consumer's own snapshot writes, read
+            // again until a position is saved past them) waits like an empty one.
+            let counted = report.batch.deltas > 0;
+            if counted {
                 tracing::info!(
                     records = report.batch.records,
                     snapshot_writes = report.batch.snapshot_writes,
@@ -128,6 +132,11 @@ impl StreamConsumer {
                     skipped = report.batch.skipped.values().sum::<usize>(),
                     "stream records counted"
                 );
+            }
+            if futures_util::FutureExt::now_or_never(&mut stop).is_some() {
+                return Ok(());
+            }
+            if counted {
                 continue;
             }
             tokio::select! {

@@ -167,10 +167,15 @@ impl Aggregator {
         let targets: Vec<(Target, Vec<Contribution>)> = targets.into_iter().collect();
         let mut read = self.read_marks(&targets).await?;
         // Items are independent: written a few at a time (each write waits on the network).
-        let writes = targets.iter().map(|(target, contributions)| {
-            let marks = read.remove(&target.key_pair()).unwrap_or_default();
-            self.write(target, contributions, marks)
-        });
+        // Collected first: a closure inside the stream's type would keep the future from
+        // being `Send` (a spawned task could not run it).
+        let writes: Vec<_> = targets
+            .iter()
+            .map(|(target, contributions)| {
+                let marks = read.remove(&target.key_pair()).unwrap_or_default();
+                self.write(target, contributions, marks)
+            })
+            .collect();
         let mut writes = futures_util::stream::iter(writes).buffer_unordered(CONCURRENT_WRITES);
         while let Some(written) = writes.next().await {
             let (written, duplicates) = written?;

@@ -973,3 +973,76 @@ async fn a_record_that_cannot_be_counted_is_dead_lettered_and_the_stream_moves_o
     let next = consumer.poll().await.unwrap();
     assert_eq!(next.dead_lettered, 0, "{next:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_consumer_counts_as_records_arrive_and_stops_when_told() {
+    use std::time::Duration;
+    use zae_limiter::aggregator::{streams_client, StreamConsumer};
+    use zae_limiter::repository::dynamodb::TableOptions;
+    let repo = dynamo::builder()
+        .await
+        .table("zae-limiter-consumer-run-test")
+        .table_options(TableOptions {
+            stream: true,
+            ..TableOptions::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    let limiter = RateLimiter::new(repo.clone());
+    limiter
+        .set_resource_limits("llm", &[Limit::per_minute("tpm", 1_000_000)])
+        .await
+        .unwrap();
+    let consumer = StreamConsumer::new(
+        repo.client().clone(),
+        streams_client(None, Some(&dynamo::endpoint().await)).await,
+        repo.table(),
+        Aggregator::new(repo.client().clone(), repo.table()),
+    )
+    .idle_wait(Duration::from_millis(100));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(async move {
+        consumer
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    // Used while the consumer runs, in two bursts.
+    let total = |repo: DynamoDbRepository| async move {
+        usage_items(&repo, "k-run")
+            .await
+            .iter()
+            .filter(|i| i.get("window") == Some(&AttributeValue::S("hourly".into())))
+            .map(|i| n(i, "tpm"))
+            .sum::<i64>()
+    };
+    for (burst, expected) in [(3u64, 30i64), (2, 50)] {
+        for _ in 0..burst {
+            limiter
+                .acquire("k-run", "llm")
+                .consume([("tpm", 10)])
+                .await
+                .unwrap()
+                .commit()
+                .await
+                .unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while total(repo.clone()).await != expected {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "counted {} of {expected}",
+                total(repo.clone()).await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the consumer stops when told")
+        .unwrap()
+        .unwrap();
+}
