@@ -15,13 +15,16 @@
 //! share of that upkeep, which this aggregator does not do yet): its calls are reported
 //! by operation, and the write ratio counts its snapshot writes only.
 
+#[path = "../tests/common/lambda_records.rs"]
+mod lambda_records;
 #[path = "../tests/python/mod.rs"]
 mod python;
 
 use std::collections::HashMap;
 use std::time::Instant;
 
-use serde_json::{json, Value};
+use lambda_records::lambda_records;
+use serde_json::json;
 use zae_limiter::aggregator::{Aggregator, ChangeKind, StreamRecord};
 use zae_limiter::local::DynamoDbLocal;
 use zae_limiter::repository::dynamodb::aws_sdk_dynamodb::types::AttributeValue;
@@ -98,42 +101,6 @@ async fn workload(
         });
     }
     records
-}
-
-fn dynamo_json(item: &Item) -> Value {
-    Value::Object(
-        item.iter()
-            .map(|(k, v)| (k.clone(), value_json(v)))
-            .collect(),
-    )
-}
-
-fn value_json(v: &AttributeValue) -> Value {
-    match v {
-        AttributeValue::S(s) => json!({ "S": s }),
-        AttributeValue::N(n) => json!({ "N": n }),
-        AttributeValue::Bool(b) => json!({ "BOOL": b }),
-        AttributeValue::M(m) => json!({ "M": dynamo_json(m) }),
-        AttributeValue::L(l) => json!({ "L": l.iter().map(value_json).collect::<Vec<_>>() }),
-        _ => json!({ "NULL": true }),
-    }
-}
-
-fn lambda_records(records: &[StreamRecord]) -> Vec<Value> {
-    records
-        .iter()
-        .map(|r| {
-            json!({
-                "eventName": "MODIFY",
-                "dynamodb": {
-                    "OldImage": dynamo_json(r.old_image.as_ref().unwrap()),
-                    "NewImage": dynamo_json(r.new_image.as_ref().unwrap()),
-                    "SequenceNumber": r.sequence_number,
-                    "StreamViewType": "NEW_AND_OLD_IMAGES",
-                },
-            })
-        })
-        .collect()
 }
 
 struct Side {

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use aws_sdk_dynamodb::types::AttributeValue;
 
 use crate::naming::RESERVED_LIMIT_NAME;
+use crate::repository::dynamodb::codec::{get_i64, get_str};
 use crate::repository::dynamodb::keys;
 use crate::usage::SNAPSHOT_FIELDS;
 
@@ -89,11 +90,11 @@ pub(super) fn consumption(record: &StreamRecord) -> Result<(Consumption, Vec<Ski
     if !is_bucket(new) {
         return Err(Skip::NotABucket);
     }
-    let pk = text(new, "PK").ok_or(Skip::NotABucket)?;
+    let pk = get_str(new, "PK").ok_or(Skip::NotABucket)?;
     let (namespace_id, _) = pk.split_once('/').ok_or(Skip::NotABucket)?;
     let (_, resource) = keys::parse_bucket_pk(namespace_id, pk).ok_or(Skip::NotABucket)?;
     let bucket_shard = pk.rsplit_once('#').map_or("0", |(_, shard)| shard);
-    let entity_id = text(new, "entity_id").ok_or(Skip::MissingAttributes)?;
+    let entity_id = get_str(new, "entity_id").ok_or(Skip::MissingAttributes)?;
     if record.sequence_number.is_empty() {
         return Err(Skip::MissingAttributes);
     }
@@ -103,7 +104,7 @@ pub(super) fn consumption(record: &StreamRecord) -> Result<(Consumption, Vec<Ski
     };
     let at_ms = match record.created_ms {
         Some(ms) => ms,
-        None => number(new, "rf").ok_or(Skip::MissingAttributes)?,
+        None => get_i64(new, "rf").ok_or(Skip::MissingAttributes)?,
     };
     let mut deltas = Vec::new();
     let mut skipped = Vec::new();
@@ -124,13 +125,13 @@ pub(super) fn consumption(record: &StreamRecord) -> Result<(Consumption, Vec<Ski
             skipped.push(Skip::UnknownLimit);
             continue;
         }
-        let Some(after) = number(new, name) else {
+        let Some(after) = get_i64(new, name) else {
             skipped.push(Skip::MissingAttributes);
             continue;
         };
         let before = match old {
             // A counter the old image lacks was seeded by this write: nothing to compare.
-            Some(old) => match number(old, name) {
+            Some(old) => match get_i64(old, name) {
                 Some(v) => v,
                 None => {
                     skipped.push(Skip::MissingAttributes);
@@ -144,7 +145,7 @@ pub(super) fn consumption(record: &StreamRecord) -> Result<(Consumption, Vec<Ski
             continue;
         }
         let soft = new.contains_key(&format!("b_{limit}_soft"));
-        let tokens_left = number(new, &format!("b_{limit}_tk")).unwrap_or(0);
+        let tokens_left = get_i64(new, &format!("b_{limit}_tk")).unwrap_or(0);
         deltas.push(Delta {
             limit: limit.to_string(),
             tokens: milli.div_euclid(1000),
@@ -166,22 +167,8 @@ pub(super) fn consumption(record: &StreamRecord) -> Result<(Consumption, Vec<Ski
 }
 
 fn is_bucket(image: &HashMap<String, AttributeValue>) -> bool {
-    text(image, "SK") == Some(keys::STATE_SK)
-        && text(image, "PK").is_some_and(|pk| pk.contains("/BUCKET#"))
-}
-
-fn text<'a>(image: &'a HashMap<String, AttributeValue>, name: &str) -> Option<&'a str> {
-    match image.get(name)? {
-        AttributeValue::S(s) => Some(s),
-        _ => None,
-    }
-}
-
-fn number(image: &HashMap<String, AttributeValue>, name: &str) -> Option<i64> {
-    match image.get(name)? {
-        AttributeValue::N(n) => n.parse().ok(),
-        _ => None,
-    }
+    get_str(image, "SK") == Some(keys::STATE_SK)
+        && get_str(image, "PK").is_some_and(|pk| pk.contains("/BUCKET#"))
 }
 
 /// Orders sequence numbers (decimal digits of any length) numerically.

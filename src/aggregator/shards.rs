@@ -19,14 +19,16 @@
 use std::collections::HashMap;
 
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Put, TransactWriteItem};
+use aws_sdk_dynamodb::types::{ConditionCheck, Put, TransactWriteItem};
 
 use super::{now_s, Aggregator, ChangeKind, StreamRecord};
 use crate::naming::RESERVED_LIMIT_NAME;
+use crate::repository::dynamodb::acquire::MARKER;
+use crate::repository::dynamodb::codec::{get_i64, get_str, num, s, Item};
 use crate::repository::dynamodb::errors;
+use crate::repository::dynamodb::lease_writes::{lane_id_attr, lane_seq_attr, LANES};
+use crate::repository::dynamodb::owners::{owner_meta_check, owner_meta_condition};
 use crate::Error;
-
-type Item = HashMap<String, AttributeValue>;
 
 /// The Python library's most shards per bucket.
 const MAX_SHARDS: i64 = 32;
@@ -56,7 +58,7 @@ impl Aggregator {
             if record.kind == ChangeKind::Remove || !is_shard_zero(new) || has_quota(new) {
                 continue;
             }
-            if let Some(pk) = text(new, "PK") {
+            if let Some(pk) = get_str(new, "PK") {
                 latest.insert(pk, record);
             }
         }
@@ -114,7 +116,7 @@ impl Aggregator {
     /// Stamps `new` on shards `1..old` and creates shards `old..new` from shard 0's image;
     /// returns how many of each it wrote.
     async fn propagate(&self, image: &Item, old: i64, new: i64) -> Result<(usize, usize), Error> {
-        let Some(pk) = text(image, "PK") else {
+        let Some(pk) = get_str(image, "PK") else {
             return Ok((0, 0));
         };
         let Some(base) = pk.strip_suffix("#0") else {
@@ -193,54 +195,20 @@ impl Aggregator {
     fn owner_check(&self, image: &Item, base: &str) -> Result<Option<ConditionCheck>, Error> {
         let (Some(ns), Some(entity)) = (
             base.split_once('/').map(|(ns, _)| ns),
-            text(image, "entity_id"),
+            get_str(image, "entity_id"),
         ) else {
             return Ok(None);
         };
-        let pgen = image.get("pgen").and_then(|v| v.as_n().ok()).cloned();
-        let pinc = text(image, "pinc").map(str::to_string);
-        let mut parts = Vec::new();
-        if pgen.is_some() || pinc.is_some() {
-            parts.push("attribute_exists(PK)".to_string());
-        }
-        let mut check = ConditionCheck::builder()
-            .table_name(&self.table)
-            .key("PK", s(format!("{ns}/ENTITY#{entity}")))
-            .key("SK", s("#META"))
-            .expression_attribute_names("#opg", "pgen")
-            .expression_attribute_names("#opi", "pinc");
-        match pgen {
-            None => parts.push("attribute_not_exists(#opg)".into()),
-            Some(g) => {
-                parts.push(if g == "0" {
-                    "(attribute_not_exists(#opg) OR #opg = :opg)".into()
-                } else {
-                    "#opg = :opg".into()
-                });
-                check = check.expression_attribute_values(":opg", AttributeValue::N(g));
-            }
-        }
-        match pinc {
-            None => parts.push("attribute_not_exists(#opi)".into()),
-            Some(inc) => {
-                let created = if inc == "-" {
-                    "(#oca = :opi OR attribute_not_exists(#oca))"
-                } else {
-                    "#oca = :opi"
-                };
-                parts.push(format!(
-                    "(#opi = :opi OR (attribute_not_exists(#opi) AND {created}))"
-                ));
-                check = check
-                    .expression_attribute_names("#oca", "created_at")
-                    .expression_attribute_values(":opi", s(inc));
-            }
-        }
-        check
-            .condition_expression(parts.join(" AND "))
-            .build()
-            .map(Some)
-            .map_err(|e| Error::validation("owner check", entity, e.to_string()))
+        let pgen = get_i64(image, "pgen");
+        let pinc = get_str(image, "pinc");
+        let exists = (pgen.is_some() || pinc.is_some()).then_some(true);
+        owner_meta_check(
+            &self.table,
+            ns,
+            entity,
+            owner_meta_condition(exists, pgen, pinc),
+        )
+        .map(Some)
     }
 }
 
@@ -255,7 +223,7 @@ fn clone_item(image: &Item, base: &str, shard: i64, shards: i64) -> Item {
     item.insert("PK".into(), s(format!("{base}#{shard}")));
     item.insert("shard_count".into(), num(shards));
     for index in ["GSI2SK", "GSI3SK", "GSI4SK"] {
-        if let Some(sk) = text(image, index) {
+        if let Some(sk) = get_str(image, index) {
             if let Some((head, _)) = sk.rsplit_once('#') {
                 item.insert(index.into(), s(format!("{head}#{shard}")));
             }
@@ -270,11 +238,7 @@ fn clone_item(image: &Item, base: &str, shard: i64, shards: i64) -> Item {
         })
         .collect();
     for limit in limits {
-        let Some(cp) = image
-            .get(&format!("b_{limit}_cp"))
-            .and_then(|v| v.as_n().ok())
-            .and_then(|n| n.parse::<i64>().ok())
-        else {
+        let Some(cp) = get_i64(image, &format!("b_{limit}_cp")) else {
             continue;
         };
         let share = if limit == RESERVED_LIMIT_NAME {
@@ -291,12 +255,7 @@ fn clone_item(image: &Item, base: &str, shard: i64, shards: i64) -> Item {
 
 /// Whether `wcu`, refilled from `rf` to `now_ms`, is under a fifth of its capacity.
 fn write_capacity_low(image: &Item, now_ms: i64) -> bool {
-    let field = |f: &str| {
-        image
-            .get(&format!("b_{RESERVED_LIMIT_NAME}_{f}"))
-            .and_then(|v| v.as_n().ok())
-            .and_then(|n| n.parse::<i64>().ok())
-    };
+    let field = |f: &str| get_i64(image, &format!("b_{RESERVED_LIMIT_NAME}_{f}"));
     let (Some(tk), Some(cp), Some(ra), Some(rp)) =
         (field("tk"), field("cp"), field("ra"), field("rp"))
     else {
@@ -305,19 +264,15 @@ fn write_capacity_low(image: &Item, now_ms: i64) -> bool {
     if cp <= 0 || rp <= 0 {
         return false;
     }
-    let rf = image
-        .get("rf")
-        .and_then(|v| v.as_n().ok())
-        .and_then(|n| n.parse::<i64>().ok())
-        .unwrap_or(now_ms);
+    let rf = get_i64(image, "rf").unwrap_or(now_ms);
     let elapsed = i128::from(now_ms.saturating_sub(rf).max(0));
     let refilled = (i128::from(tk) + elapsed * i128::from(ra) / i128::from(rp)).min(i128::from(cp));
     refilled * 5 < i128::from(cp)
 }
 
 fn is_shard_zero(image: &Item) -> bool {
-    text(image, "SK") == Some("#STATE")
-        && text(image, "PK").is_some_and(|pk| pk.contains("/BUCKET#") && pk.ends_with("#0"))
+    get_str(image, "SK") == Some("#STATE")
+        && get_str(image, "PK").is_some_and(|pk| pk.contains("/BUCKET#") && pk.ends_with("#0"))
 }
 
 fn has_quota(image: &Item) -> bool {
@@ -326,22 +281,15 @@ fn has_quota(image: &Item) -> bool {
         .any(|k| k.starts_with("b_") && (k.ends_with("_rsa") || k.ends_with("_gc")))
 }
 
-/// This crate's write marks (`lw`, and the write lanes `ws{n}` / `wi{n}`).
+/// This crate's write marks (the write marker and the lease write lanes): they prove
+/// writes to shard 0, and mean nothing on another item.
 fn is_write_mark(name: &str) -> bool {
-    name == "lw"
-        || ["ws", "wi"].iter().any(|p| {
-            name.strip_prefix(p)
-                .is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_ascii_digit()))
-        })
+    name == MARKER
+        || (0..LANES).any(|lane| name == lane_seq_attr(lane) || name == lane_id_attr(lane))
 }
 
 fn count(image: &Item) -> i64 {
-    image
-        .get("shard_count")
-        .and_then(|v| v.as_n().ok())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(1)
-        .max(1)
+    get_i64(image, "shard_count").unwrap_or(1).max(1)
 }
 
 fn key_of(image: &Item) -> Item {
@@ -349,21 +297,6 @@ fn key_of(image: &Item) -> Item {
         .iter()
         .filter_map(|k| Some((k.to_string(), image.get(*k)?.clone())))
         .collect()
-}
-
-fn text<'a>(image: &'a Item, name: &str) -> Option<&'a str> {
-    image
-        .get(name)
-        .and_then(|v| v.as_s().ok())
-        .map(String::as_str)
-}
-
-fn s(v: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(v.into())
-}
-
-fn num(v: i64) -> AttributeValue {
-    AttributeValue::N(v.to_string())
 }
 
 #[cfg(test)]

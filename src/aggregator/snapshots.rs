@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use aws_sdk_dynamodb::types::AttributeValue;
 
 use super::record::{sequence_cmp, Delta};
+use crate::repository::dynamodb::codec::s;
 use crate::repository::dynamodb::expr::{Expr, Update};
 use crate::repository::dynamodb::keys;
 use crate::usage::Window;
@@ -178,10 +179,6 @@ pub(super) fn update(
     let (n, v) = (expr.name("total_events"), expr.num(events));
     update.add.push(format!("{n} {v}"));
     Some((update, expr, fresh.len()))
-}
-
-fn s(v: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(v.into())
 }
 
 #[cfg(test)]

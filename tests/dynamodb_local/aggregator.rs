@@ -10,6 +10,7 @@ use zae_limiter::aggregator::{Aggregator, BatchReport, ChangeKind, Skip, StreamR
 use zae_limiter::repository::dynamodb::aws_sdk_dynamodb::types::AttributeValue;
 use zae_limiter::{DynamoDbRepository, Limit, RateLimiter};
 
+use crate::lambda_records::lambda_records;
 use crate::{dynamo, python};
 
 type Item = HashMap<String, AttributeValue>;
@@ -88,6 +89,13 @@ async fn acquire_recorded(
 
 async fn setup() -> (DynamoDbRepository, RateLimiter, Aggregator) {
     let repo = dynamo::builder().await.build().await.unwrap();
+    let limiter = limited(&repo).await;
+    let aggregator = Aggregator::new(repo.client().clone(), repo.table());
+    (repo, limiter, aggregator)
+}
+
+/// A limiter on `repo` with `rpm` and `tpm` stored for resource `llm`.
+async fn limited(repo: &DynamoDbRepository) -> RateLimiter {
     let limiter = RateLimiter::new(repo.clone());
     limiter
         .set_resource_limits(
@@ -99,8 +107,36 @@ async fn setup() -> (DynamoDbRepository, RateLimiter, Aggregator) {
         )
         .await
         .unwrap();
-    let aggregator = Aggregator::new(repo.client().clone(), repo.table());
-    (repo, limiter, aggregator)
+    limiter
+}
+
+/// A repository on a table of its own with a stream (`table`: one per test, since a
+/// consumer reads and keeps positions for the whole table), and its limiter.
+async fn stream_setup(table: &str) -> (DynamoDbRepository, RateLimiter) {
+    use zae_limiter::repository::dynamodb::TableOptions;
+    let repo = dynamo::builder()
+        .await
+        .table(table)
+        .table_options(TableOptions {
+            stream: true,
+            ..TableOptions::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    let limiter = limited(&repo).await;
+    (repo, limiter)
+}
+
+/// A consumer of `repo`'s table stream on the shared DynamoDB Local.
+async fn stream_consumer(repo: &DynamoDbRepository) -> zae_limiter::aggregator::StreamConsumer {
+    use zae_limiter::aggregator::{streams_client, StreamConsumer};
+    StreamConsumer::new(
+        repo.client().clone(),
+        streams_client(None, Some(&dynamo::endpoint().await)).await,
+        repo.table(),
+        Aggregator::new(repo.client().clone(), repo.table()),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,28 +313,14 @@ async fn a_hot_key_costs_one_write_per_window_per_batch() {
 
 /// Usage totals of `entity`'s hourly snapshots, per limit, read from the table.
 async fn hourly_totals(repo: &DynamoDbRepository, entity: &str) -> HashMap<String, i64> {
-    let out = repo
-        .client()
-        .query()
-        .table_name(repo.table())
-        .key_condition_expression("PK = :pk AND begins_with(SK, :usage)")
-        .expression_attribute_values(
-            ":pk",
-            AttributeValue::S(format!("{}/ENTITY#{entity}", repo.namespace_id())),
-        )
-        .expression_attribute_values(":usage", AttributeValue::S("#USAGE#".into()))
-        .consistent_read(true)
-        .send()
-        .await
-        .unwrap();
     let mut totals = HashMap::new();
-    for item in out.items() {
+    for item in usage_items(repo, entity).await {
         if item.get("window") != Some(&AttributeValue::S("hourly".into())) {
             continue;
         }
         for limit in ["rpm", "tpm"] {
-            if let Some(AttributeValue::N(v)) = item.get(limit) {
-                *totals.entry(limit.to_string()).or_insert(0) += v.parse::<i64>().unwrap();
+            if item.contains_key(limit) {
+                *totals.entry(limit.to_string()).or_insert(0) += n(&item, limit);
             }
         }
     }
@@ -307,42 +329,7 @@ async fn hourly_totals(repo: &DynamoDbRepository, entity: &str) -> HashMap<Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stream_consumer_resumes_where_it_stopped_and_counts_each_record_once() {
-    use zae_limiter::aggregator::{streams_client, StreamConsumer};
-    use zae_limiter::repository::dynamodb::TableOptions;
-    let endpoint = dynamo::endpoint().await;
-    let repo = dynamo::builder()
-        .await
-        .table("zae-limiter-stream-test")
-        .table_options(TableOptions {
-            stream: true,
-            ..TableOptions::default()
-        })
-        .build()
-        .await
-        .unwrap();
-    let limiter = RateLimiter::new(repo.clone());
-    limiter
-        .set_resource_limits(
-            "llm",
-            &[
-                Limit::per_minute("rpm", 1_000),
-                Limit::per_minute("tpm", 1_000_000),
-            ],
-        )
-        .await
-        .unwrap();
-    let consumer = |repo: &DynamoDbRepository| {
-        let repo = repo.clone();
-        let endpoint = endpoint.clone();
-        async move {
-            StreamConsumer::new(
-                repo.client().clone(),
-                streams_client(None, Some(&endpoint)).await,
-                repo.table(),
-                Aggregator::new(repo.client().clone(), repo.table()),
-            )
-        }
-    };
+    let (repo, limiter) = stream_setup("zae-limiter-stream-test").await;
     // Estimates of 100 tokens, 30 used: the refunds are stream records too.
     let use_tokens = |n: usize| {
         let limiter = limiter.clone();
@@ -359,7 +346,7 @@ async fn the_stream_consumer_resumes_where_it_stopped_and_counts_each_record_onc
         }
     };
     use_tokens(5).await;
-    let first = consumer(&repo).await.poll().await.unwrap();
+    let first = stream_consumer(&repo).await.poll().await.unwrap();
     assert!(first.batch.records >= 10, "{first:?}");
     assert_eq!(
         hourly_totals(&repo, "k-stream").await,
@@ -368,7 +355,7 @@ async fn the_stream_consumer_resumes_where_it_stopped_and_counts_each_record_onc
     );
     // A new consumer (a restart) starts where the last one saved its position.
     use_tokens(3).await;
-    let resumed = consumer(&repo).await.poll().await.unwrap();
+    let resumed = stream_consumer(&repo).await.poll().await.unwrap();
     assert_eq!(resumed.batch.already_counted, 0, "{resumed:?}");
     assert_eq!(
         hourly_totals(&repo, "k-stream").await,
@@ -396,7 +383,7 @@ async fn the_stream_consumer_resumes_where_it_stopped_and_counts_each_record_onc
             .await
             .unwrap();
     }
-    let replayed = consumer(&repo).await.poll().await.unwrap();
+    let replayed = stream_consumer(&repo).await.poll().await.unwrap();
     assert!(replayed.batch.already_counted > 0, "{replayed:?}");
     assert_eq!(
         hourly_totals(&repo, "k-stream").await,
@@ -496,28 +483,6 @@ async fn snapshots_are_queried_in_full_pages_summarised_and_capacity_is_reported
     assert_eq!(one.capacity, 1_000_000);
 }
 
-/// An item as DynamoDB JSON, the shape stream records (and Lambda events) carry.
-fn dynamo_json(item: &Item) -> serde_json::Value {
-    serde_json::Value::Object(
-        item.iter()
-            .map(|(k, v)| (k.clone(), value_json(v)))
-            .collect(),
-    )
-}
-
-fn value_json(v: &AttributeValue) -> serde_json::Value {
-    match v {
-        AttributeValue::S(s) => json!({ "S": s }),
-        AttributeValue::N(n) => json!({ "N": n }),
-        AttributeValue::Bool(b) => json!({ "BOOL": b }),
-        AttributeValue::M(m) => json!({ "M": dynamo_json(m) }),
-        AttributeValue::L(l) => json!({ "L": l.iter().map(value_json).collect::<Vec<_>>() }),
-        AttributeValue::Ss(v) => json!({ "SS": v }),
-        AttributeValue::Ns(v) => json!({ "NS": v }),
-        _ => json!({ "NULL": true }),
-    }
-}
-
 /// `entity`'s snapshot items as stored.
 async fn usage_items(repo: &DynamoDbRepository, entity: &str) -> Vec<Item> {
     repo.client()
@@ -557,25 +522,11 @@ async fn pythons_own_aggregator_and_this_one_count_the_same_records_alike() {
         record.created_ms = None;
         records.push(record);
     }
-    let lambda_records: Vec<serde_json::Value> = records
-        .iter()
-        .map(|r| {
-            json!({
-                "eventName": "MODIFY",
-                "dynamodb": {
-                    "OldImage": dynamo_json(r.old_image.as_ref().unwrap()),
-                    "NewImage": dynamo_json(r.new_image.as_ref().unwrap()),
-                    "SequenceNumber": r.sequence_number,
-                    "StreamViewType": "NEW_AND_OLD_IMAGES",
-                },
-            })
-        })
-        .collect();
     // Hourly only: Python's hourly item for midnight and its daily item share a key.
     let answer = python::run(json!({
         "endpoint": dynamo::endpoint().await, "table": repo.table(),
         "namespace": repo.namespace(), "op": "process_records",
-        "records": lambda_records, "windows": ["hourly"],
+        "records": lambda_records(&records), "windows": ["hourly"],
     }))
     .await;
     assert!(answer.get("error").is_none(), "{answer}");
@@ -669,60 +620,11 @@ async fn captured(repo: &DynamoDbRepository) -> Vec<StreamRecord> {
     records
 }
 
-/// Records as a Lambda event from the stream's event source mapping.
-#[cfg(feature = "lambda")]
-fn lambda_event(records: &[StreamRecord]) -> serde_json::Value {
-    let kind = |k: ChangeKind| match k {
-        ChangeKind::Insert => "INSERT",
-        ChangeKind::Modify => "MODIFY",
-        ChangeKind::Remove => "REMOVE",
-    };
-    let records: Vec<serde_json::Value> = records
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let mut change = json!({
-                "SequenceNumber": r.sequence_number,
-                "SizeBytes": 100,
-                "StreamViewType": "NEW_AND_OLD_IMAGES",
-                "ApproximateCreationDateTime": r.created_ms.unwrap_or(0) as f64 / 1000.0,
-            });
-            if let Some(image) = &r.new_image {
-                change["NewImage"] = dynamo_json(image);
-            }
-            if let Some(image) = &r.old_image {
-                change["OldImage"] = dynamo_json(image);
-            }
-            json!({
-                "awsRegion": "us-east-1", "eventID": format!("e{i}"),
-                "eventName": kind(r.kind), "eventSource": "aws:dynamodb",
-                "eventVersion": "1.1", "dynamodb": change,
-            })
-        })
-        .collect();
-    json!({ "Records": records })
-}
-
 #[cfg(feature = "lambda")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lambda_handler_counts_records_captured_from_the_stream_once() {
     use zae_limiter::aggregator::lambda;
-    use zae_limiter::repository::dynamodb::TableOptions;
-    let repo = dynamo::builder()
-        .await
-        .table("zae-limiter-lambda-test")
-        .table_options(TableOptions {
-            stream: true,
-            ..TableOptions::default()
-        })
-        .build()
-        .await
-        .unwrap();
-    let limiter = RateLimiter::new(repo.clone());
-    limiter
-        .set_resource_limits("llm", &[Limit::per_minute("tpm", 1_000_000)])
-        .await
-        .unwrap();
+    let (repo, limiter) = stream_setup("zae-limiter-lambda-test").await;
     for tokens in [100, 250, 40] {
         limiter
             .acquire("k-lambda", "llm")
@@ -736,20 +638,14 @@ async fn the_lambda_handler_counts_records_captured_from_the_stream_once() {
     let records = captured(&repo).await;
     assert!(records.iter().any(|r| r.kind == ChangeKind::Insert));
     let event: lambda::aws_lambda_events::event::dynamodb::Event =
-        serde_json::from_value(lambda_event(&records)).unwrap();
+        serde_json::from_value(json!({ "Records": lambda_records(&records) })).unwrap();
     let aggregator = Aggregator::new(repo.client().clone(), repo.table());
     let response = lambda::handle(&aggregator, &event).await;
     assert!(response.batch_item_failures.is_empty(), "{response:?}");
     // Lambda delivers again (a retry of the whole batch): counted once.
     let response = lambda::handle(&aggregator, &event).await;
     assert!(response.batch_item_failures.is_empty());
-    let totals: i64 = usage_items(&repo, "k-lambda")
-        .await
-        .iter()
-        .filter(|i| i.get("window") == Some(&AttributeValue::S("hourly".into())))
-        .map(|i| n(i, "tpm"))
-        .sum();
-    assert_eq!(totals, 390);
+    assert_eq!(hourly_totals(&repo, "k-lambda").await["tpm"], 390);
     // A batch whose writes fail is reported back from its first record, for a retry
     // and, past the mapping's limit, the dead-letter queue.
     let broken = Aggregator::new(repo.client().clone(), "no-such-table");
@@ -873,23 +769,7 @@ async fn the_aggregator_doubles_a_hot_partition_and_propagates_a_grown_count() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_that_cannot_be_counted_is_dead_lettered_and_the_stream_moves_on() {
-    use zae_limiter::aggregator::{streams_client, StreamConsumer};
-    use zae_limiter::repository::dynamodb::TableOptions;
-    let repo = dynamo::builder()
-        .await
-        .table("zae-limiter-dead-letter-test")
-        .table_options(TableOptions {
-            stream: true,
-            ..TableOptions::default()
-        })
-        .build()
-        .await
-        .unwrap();
-    let limiter = RateLimiter::new(repo.clone());
-    limiter
-        .set_resource_limits("llm", &[Limit::per_minute("tpm", 1_000_000)])
-        .await
-        .unwrap();
+    let (repo, limiter) = stream_setup("zae-limiter-dead-letter-test").await;
     let take = |tokens: u64| {
         let limiter = limiter.clone();
         async move {
@@ -937,21 +817,14 @@ async fn a_record_that_cannot_be_counted_is_dead_lettered_and_the_stream_moves_o
             .unwrap();
     }
     take(7).await;
-    let consumer = StreamConsumer::new(
-        repo.client().clone(),
-        streams_client(None, Some(&dynamo::endpoint().await)).await,
-        repo.table(),
-        Aggregator::new(repo.client().clone(), repo.table()),
-    );
+    let consumer = stream_consumer(&repo).await;
     let report = consumer.poll().await.unwrap();
     assert_eq!(report.dead_lettered, 1, "{report:?}");
-    let totals: i64 = usage_items(&repo, "k-ok")
-        .await
-        .iter()
-        .filter(|i| i.get("window") == Some(&AttributeValue::S("hourly".into())))
-        .map(|i| n(i, "tpm"))
-        .sum();
-    assert_eq!(totals, 12, "the records around it were counted");
+    assert_eq!(
+        hourly_totals(&repo, "k-ok").await["tpm"],
+        12,
+        "the records around it were counted"
+    );
     let letters = repo
         .client()
         .query()
@@ -977,30 +850,10 @@ async fn a_record_that_cannot_be_counted_is_dead_lettered_and_the_stream_moves_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_running_consumer_counts_as_records_arrive_and_stops_when_told() {
     use std::time::Duration;
-    use zae_limiter::aggregator::{streams_client, StreamConsumer};
-    use zae_limiter::repository::dynamodb::TableOptions;
-    let repo = dynamo::builder()
+    let (repo, limiter) = stream_setup("zae-limiter-consumer-run-test").await;
+    let consumer = stream_consumer(&repo)
         .await
-        .table("zae-limiter-consumer-run-test")
-        .table_options(TableOptions {
-            stream: true,
-            ..TableOptions::default()
-        })
-        .build()
-        .await
-        .unwrap();
-    let limiter = RateLimiter::new(repo.clone());
-    limiter
-        .set_resource_limits("llm", &[Limit::per_minute("tpm", 1_000_000)])
-        .await
-        .unwrap();
-    let consumer = StreamConsumer::new(
-        repo.client().clone(),
-        streams_client(None, Some(&dynamo::endpoint().await)).await,
-        repo.table(),
-        Aggregator::new(repo.client().clone(), repo.table()),
-    )
-    .idle_wait(Duration::from_millis(100));
+        .idle_wait(Duration::from_millis(100));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(async move {
         consumer
@@ -1011,12 +864,11 @@ async fn the_running_consumer_counts_as_records_arrive_and_stops_when_told() {
     });
     // Used while the consumer runs, in two bursts.
     let total = |repo: DynamoDbRepository| async move {
-        usage_items(&repo, "k-run")
+        hourly_totals(&repo, "k-run")
             .await
-            .iter()
-            .filter(|i| i.get("window") == Some(&AttributeValue::S("hourly".into())))
-            .map(|i| n(i, "tpm"))
-            .sum::<i64>()
+            .get("tpm")
+            .copied()
+            .unwrap_or(0)
     };
     for (burst, expected) in [(3u64, 30i64), (2, 50)] {
         for _ in 0..burst {

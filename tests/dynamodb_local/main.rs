@@ -12,6 +12,9 @@ mod suite;
 
 #[cfg(feature = "aggregator")]
 mod aggregator;
+#[cfg(feature = "aggregator")]
+#[path = "../common/lambda_records.rs"]
+mod lambda_records;
 mod local_server;
 mod lost_responses;
 #[cfg(feature = "metrics")]

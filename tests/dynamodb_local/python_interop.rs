@@ -941,6 +941,26 @@ async fn a_live_bypass_stamp_bypasses_a_limiter_whose_config_is_still_cached() {
     ));
 }
 
+/// Python takes `taken` from `entity`'s bucket for `resource` (creating shard 0), then
+/// doubles the bucket twice (1 -> 2 -> 4 shards), as its client does on a partition out
+/// of write capacity.
+async fn python_takes_then_shards(place: &Value, entity: &str, resource: &str, taken: (&str, u64)) {
+    let (limit, amount) = taken;
+    ok(&python::run(command(
+        place,
+        json!({"op": "acquire", "entity": entity, "resource": resource,
+               "consume": {limit: amount}, "n": 1}),
+    ))
+    .await);
+    let bumped = python::run(command(
+        place,
+        json!({"op": "bump_shards", "entity": entity, "resource": resource, "from": [1, 2]}),
+    ))
+    .await;
+    ok(&bumped);
+    assert_eq!(bumped["counts"], json!([2, 4]));
+}
+
 /// Every shard item of `entity`/`resource`'s bucket, by shard: `shard_count`, and the
 /// `tk` and `tc` of limit `name` (millitokens).
 async fn shard_items(
@@ -994,18 +1014,7 @@ async fn a_bucket_python_sharded_holds_its_capacity_across_shards_for_both_sides
     // Python takes 75 on shard 0, then doubles the bucket twice (1 -> 2 -> 4 shards), as
     // its client does on a partition out of write capacity: shard 0 now holds its share
     // (25) and the other shards are created full (25 each) by whoever draws them first.
-    ok(&python::run(command(
-        &place,
-        json!({"op": "acquire", "entity": "hot", "resource": "api", "consume": {"rpd": 75}, "n": 1}),
-    ))
-    .await);
-    let bumped = python::run(command(
-        &place,
-        json!({"op": "bump_shards", "entity": "hot", "resource": "api", "from": [1, 2]}),
-    ))
-    .await;
-    ok(&bumped);
-    assert_eq!(bumped["counts"], json!([2, 4]));
+    python_takes_then_shards(&place, "hot", "api", ("rpd", 75)).await;
     // Both sides at once, one token per acquire, until the shards are empty.
     let python = tokio::spawn(python::run(command(
         &place,
@@ -1079,16 +1088,7 @@ async fn a_lease_on_a_sharded_bucket_settles_on_the_shard_it_charged() {
         .set_resource_limits("llm", &[Limit::per_day("tpd", 1_000)])
         .await
         .unwrap();
-    ok(&python::run(command(
-        &place,
-        json!({"op": "acquire", "entity": "k", "resource": "llm", "consume": {"tpd": 750}, "n": 1}),
-    ))
-    .await);
-    ok(&python::run(command(
-        &place,
-        json!({"op": "bump_shards", "entity": "k", "resource": "llm", "from": [1, 2]}),
-    ))
-    .await);
+    python_takes_then_shards(&place, "k", "llm", ("tpd", 750)).await;
     // An estimate of 50 up front, 10 used: 40 go back, to the shard that gave them.
     for _ in 0..12 {
         let lease = limiter
@@ -1160,16 +1160,7 @@ async fn a_cascade_charges_a_sharded_parent_shard_by_shard() {
         .unwrap();
     // The parent's bucket is hot: Python takes 30 on it, then spreads it over 4 shards
     // (shard 0 keeps its 10, a share; the others start at 10 each).
-    ok(&python::run(command(
-        &place,
-        json!({"op": "acquire", "entity": "org", "resource": "api", "consume": {"rpd": 30}, "n": 1}),
-    ))
-    .await);
-    ok(&python::run(command(
-        &place,
-        json!({"op": "bump_shards", "entity": "org", "resource": "api", "from": [1, 2]}),
-    ))
-    .await);
+    python_takes_then_shards(&place, "org", "api", ("rpd", 30)).await;
     // Two children at once through the parent: exactly the parent's 40 admitted, each
     // child charged for what it was admitted.
     let mut tasks = Vec::new();

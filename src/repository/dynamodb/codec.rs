@@ -15,15 +15,15 @@ use crate::repository::Access;
 use crate::{Entity, Limit, OnUnavailable};
 
 /// A record as the SDK returns it.
-pub(super) type Item = HashMap<String, AttributeValue>;
+pub(crate) type Item = HashMap<String, AttributeValue>;
 
 /// A number attribute.
-pub(super) fn num(v: impl ToString) -> AttributeValue {
+pub(crate) fn num(v: impl ToString) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
 
 /// A string attribute.
-pub(super) fn s(v: impl Into<String>) -> AttributeValue {
+pub(crate) fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
 }
 
@@ -32,7 +32,7 @@ pub(super) fn s(v: impl Into<String>) -> AttributeValue {
 /// A number outside the `i64` range (DynamoDB holds 38 digits; another client or an old
 /// release may have stored one) saturates rather than vanishing: a bucket deep in debt
 /// must read as deep in debt, never as missing (which would read as full).
-pub(super) fn get_i64(item: &Item, name: &str) -> Option<i64> {
+pub(crate) fn get_i64(item: &Item, name: &str) -> Option<i64> {
     match item.get(name)? {
         AttributeValue::N(n) => parse_saturating(n),
         _ => None,
@@ -54,7 +54,7 @@ fn parse_saturating(n: &str) -> Option<i64> {
 }
 
 /// A string attribute, if present.
-pub(super) fn get_str<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
+pub(crate) fn get_str<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
     match item.get(name)? {
         AttributeValue::S(v) => Some(v),
         _ => None,

@@ -28,7 +28,7 @@ use super::{errors, Inner};
 use crate::Error;
 
 /// Write lanes per item.
-pub(super) const LANES: usize = 8;
+pub(crate) const LANES: usize = 8;
 
 /// The lane of a write id (FNV-1a, stable across processes and releases).
 pub(super) fn lane_of(write_id: &str) -> usize {
@@ -39,12 +39,12 @@ pub(super) fn lane_of(write_id: &str) -> usize {
 }
 
 /// A lane's sequence attribute.
-pub(super) fn lane_seq_attr(lane: usize) -> String {
+pub(crate) fn lane_seq_attr(lane: usize) -> String {
     format!("ws{lane}")
 }
 
 /// A lane's last-id attribute.
-pub(super) fn lane_id_attr(lane: usize) -> String {
+pub(crate) fn lane_id_attr(lane: usize) -> String {
     format!("wi{lane}")
 }
 

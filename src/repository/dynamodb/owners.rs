@@ -59,35 +59,20 @@ impl Owner {
         }
     }
 
-    /// The condition on the owner's record, as Python builds it (`owner_meta_condition`),
-    /// with its values.
+    /// The condition on the owner's record, as Python builds it, with its values.
     fn condition(&self) -> (String, Vec<(&'static str, AttributeValue)>) {
         match self {
-            Owner::Absent => ("attribute_not_exists(PK)".into(), Vec::new()),
+            Owner::Absent => owner_meta_condition(Some(false), None, None),
             Owner::Found {
                 pgen,
                 pinc,
                 incarnation,
                 ..
-            } => {
-                let generation = if *pgen == 0 {
-                    "(attribute_not_exists(pgen) OR pgen = :pg)"
-                } else {
-                    "pgen = :pg"
-                };
-                let mut values = vec![(":pg", num(*pgen))];
-                let incarnation_term = match pinc {
-                    Some(_) => {
-                        values.push((":inc", s(incarnation)));
-                        "(pinc = :inc OR (attribute_not_exists(pinc) AND created_at = :inc))"
-                    }
-                    None => "attribute_not_exists(pinc)",
-                };
-                (
-                    format!("attribute_exists(PK) AND {generation} AND {incarnation_term}"),
-                    values,
-                )
-            }
+            } => owner_meta_condition(
+                Some(true),
+                Some(*pgen),
+                pinc.as_ref().map(|_| incarnation.as_str()),
+            ),
         }
     }
 
@@ -147,16 +132,7 @@ impl Inner {
         entity_id: &str,
         owner: &Owner,
     ) -> Result<ConditionCheck, Error> {
-        let (condition, values) = owner.condition();
-        let mut check = ConditionCheck::builder()
-            .table_name(&self.table)
-            .key("PK", s(keys::entity_pk(&self.ns, entity_id)))
-            .key("SK", s(keys::META_SK))
-            .condition_expression(condition);
-        for (name, value) in values {
-            check = check.expression_attribute_values(name, value);
-        }
-        check.build().map_err(build_error)
+        owner_meta_check(&self.table, &self.ns, entity_id, owner.condition())
     }
 
     /// Reads `entity_id`'s record again (consistently) after a create's check failed on
@@ -167,6 +143,70 @@ impl Inner {
         self.remember_owner(entity_id, meta.as_ref());
         Ok(())
     }
+}
+
+/// The condition a bucket create pins on its owner's record (Python's
+/// `owner_meta_condition`), with its values: `exists` is whether the record was found
+/// (`None`: the writer cannot tell, as from a stream image without stamps), `pgen` the
+/// generation read (0 also accepts none), `pinc` the incarnation read (matched against
+/// `pinc`, else `created_at`; the legacy `-` also against none).
+pub(crate) fn owner_meta_condition(
+    exists: Option<bool>,
+    pgen: Option<i64>,
+    pinc: Option<&str>,
+) -> (String, Vec<(&'static str, AttributeValue)>) {
+    if exists == Some(false) {
+        return ("attribute_not_exists(PK)".into(), Vec::new());
+    }
+    let mut parts = Vec::new();
+    let mut values = Vec::new();
+    if exists == Some(true) {
+        parts.push("attribute_exists(PK)".to_string());
+    }
+    match pgen {
+        None => parts.push("attribute_not_exists(pgen)".into()),
+        Some(pgen) => {
+            parts.push(if pgen == 0 {
+                "(attribute_not_exists(pgen) OR pgen = :pg)".into()
+            } else {
+                "pgen = :pg".into()
+            });
+            values.push((":pg", num(pgen)));
+        }
+    }
+    match pinc {
+        None => parts.push("attribute_not_exists(pinc)".into()),
+        Some(pinc) => {
+            let created = if pinc == "-" {
+                "(created_at = :inc OR attribute_not_exists(created_at))"
+            } else {
+                "created_at = :inc"
+            };
+            parts.push(format!(
+                "(pinc = :inc OR (attribute_not_exists(pinc) AND {created}))"
+            ));
+            values.push((":inc", s(pinc)));
+        }
+    }
+    (parts.join(" AND "), values)
+}
+
+/// The check of an owner's record (`{ns}/ENTITY#{id}`, `#META`) against `condition`.
+pub(crate) fn owner_meta_check(
+    table: &str,
+    ns: &str,
+    entity_id: &str,
+    (condition, values): (String, Vec<(&'static str, AttributeValue)>),
+) -> Result<ConditionCheck, Error> {
+    let mut check = ConditionCheck::builder()
+        .table_name(table)
+        .key("PK", s(keys::entity_pk(ns, entity_id)))
+        .key("SK", s(keys::META_SK))
+        .condition_expression(condition);
+    for (name, value) in values {
+        check = check.expression_attribute_values(name, value);
+    }
+    check.build().map_err(build_error)
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ mod write;
 
 pub(crate) use read::batch_get;
 pub(super) use update::owner_fields;
-pub(super) use write::MARKER;
+pub(crate) use write::MARKER;
 
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{Put, TransactWriteItem, Update as TxUpdate};

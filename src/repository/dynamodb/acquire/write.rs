@@ -546,7 +546,7 @@ const WCU_PER_WRITE: i64 = 1_000;
 const OWNER_CHECKS: usize = 3;
 
 /// The attribute an acquire's write marks with its id (see `Inner::update_item`).
-pub(in crate::repository::dynamodb) const MARKER: &str = "lw";
+pub(crate) const MARKER: &str = "lw";
 
 /// Sends of one acquire write after throttling (which certainly did not apply it).
 pub(super) const RESENDS: usize = 3;
