@@ -68,6 +68,7 @@ pub mod middleware;
 pub mod model;
 pub mod naming;
 pub mod repository;
+pub mod reservations;
 pub mod usage;
 
 pub use amount::Amount;

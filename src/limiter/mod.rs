@@ -65,6 +65,8 @@ pub(crate) struct Inner {
     outage_log: crate::log_throttle::LogThrottle,
     /// Metric handles (feature `metrics`; nothing without it).
     pub(crate) metrics: crate::metrics::Metrics,
+    /// The reservation layer over `repo`, when reservations are on.
+    reservations: Option<crate::reservations::Reserving>,
 }
 
 impl std::fmt::Debug for RateLimiter {
@@ -83,6 +85,7 @@ pub struct RateLimiterBuilder {
     clock: Arc<dyn Clock>,
     ttl: Option<Duration>,
     on_unavailable: Option<OnUnavailable>,
+    reservations: Option<crate::reservations::Reservations>,
 }
 
 impl RateLimiterBuilder {
@@ -105,14 +108,31 @@ impl RateLimiterBuilder {
         self
     }
 
+    /// Admit hot keys' requests from node-local slices of their buckets (see
+    /// [`crate::reservations`]): for keys past the per-partition write rate, or to cut
+    /// backend calls and their cost. Give the slices back on shutdown with
+    /// [`RateLimiter::release_reservations`].
+    pub fn reservations(mut self, policy: crate::reservations::Reservations) -> Self {
+        self.reservations = Some(policy);
+        self
+    }
+
     /// Builds the limiter.
     pub fn build(self) -> RateLimiter {
         let ttl = self
             .ttl
             .unwrap_or_else(|| self.repo.default_config_cache_ttl());
+        let reservations = self.reservations.map(|policy| {
+            crate::reservations::Reserving::new(self.repo.clone(), policy, self.clock.clone())
+        });
+        let repo: Arc<dyn Repository> = match &reservations {
+            Some(r) => Arc::new(r.clone()),
+            None => self.repo,
+        };
         RateLimiter {
             inner: Arc::new(Inner {
-                repo: self.repo,
+                reservations,
+                repo,
                 clock: self.clock,
                 cache: ConfigCache::new(ttl),
                 on_unavailable: self.on_unavailable,
@@ -142,6 +162,7 @@ impl RateLimiter {
             clock: Arc::new(SystemClock),
             ttl: None,
             on_unavailable: None,
+            reservations: None,
         }
     }
 
@@ -163,6 +184,43 @@ impl RateLimiter {
     /// [`Error::RateLimited`] having written nothing.
     pub fn acquire(&self, entity_id: impl Into<String>, resource: impl Into<String>) -> Acquire {
         Acquire::new(self.clone(), entity_id.into(), resource.into())
+    }
+
+    /// Gives back every reservation slice this limiter holds and waits until the table has
+    /// them (call it on shutdown); returns how many slices went back. Without
+    /// reservations, `Ok(0)`.
+    pub async fn release_reservations(&self) -> Result<usize, Error> {
+        match &self.inner.reservations {
+            Some(r) => r.release_all().await,
+            None => Ok(0),
+        }
+    }
+
+    /// What this limiter holds in reservations for an entity and resource (`None` without
+    /// reservations, or for a key it has not seen lately).
+    pub fn reservation(
+        &self,
+        entity_id: &str,
+        resource: &str,
+    ) -> Option<crate::reservations::ReservationStatus> {
+        self.inner
+            .reservations
+            .as_ref()?
+            .status(entity_id, resource)
+    }
+
+    /// Counters of the reservations (`None` without them).
+    pub fn reservation_stats(&self) -> Option<crate::reservations::ReservationStats> {
+        Some(self.inner.reservations.as_ref()?.stats())
+    }
+
+    /// Gives back the slices that have been idle for the policy's idle time now, rather
+    /// than at the next background pass; returns how many.
+    pub fn release_idle_reservations(&self) -> usize {
+        self.inner
+            .reservations
+            .as_ref()
+            .map_or(0, |r| r.release_idle())
     }
 
     /// Counters of the resolved-config cache.

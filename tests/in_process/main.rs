@@ -20,5 +20,6 @@ mod metrics_recorded;
 #[path = "../common/metrics_snapshot.rs"]
 mod metrics_snapshot;
 mod middleware;
+mod reservations;
 mod tracing_events;
 mod unavailable;

@@ -1,0 +1,953 @@
+//! [`Reserving`]: a [`Repository`] that admits hot keys' requests from node-local slices and
+//! hands everything else to the backend it wraps.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use parking_lot::{Mutex, MutexGuard};
+use smallvec::SmallVec;
+
+use super::give_back::{Credit, GiveBacks};
+use super::slice::{bound, targets, Key, KeyState, Slice, Tokens};
+use super::{ReservationStats, ReservationStatus, Reservations};
+use crate::bucket::BucketState;
+use crate::clock::Clock;
+use crate::repository::{
+    Access, AcquireOutcome, AcquireRequest, AdjustRequest, ConfigScope, LimitCheck, Repository,
+    Shard, StoredConfig,
+};
+use crate::usage::{ResourceBucket, UsagePage, UsageQuery};
+use crate::{keys, BackendCapabilities, Entity, Error, Limit, OnUnavailable};
+
+/// How long a key nobody uses and that holds no slice keeps its demand measure.
+const FORGET_KEY_AFTER_MS: i64 = 30_000;
+
+/// How long the table part of a lease write whose outcome was unknown is remembered for
+/// its re-send (the backend's idempotency window).
+const REMEMBER_DOUBT_MS: i64 = 10 * 60_000;
+
+/// Signed whole-token changes per limit, as a lease write carries them.
+type Deltas = Vec<(Limit, i64)>;
+
+/// How long a key whose top-up the table refused goes without top-ups.
+const SHORT_BACKOFF_MS: i64 = 100;
+
+/// Per item of a request, per limit.
+type PerItem<T> = SmallVec<[SmallVec<[T; 2]>; 2]>;
+
+/// The reservation layer over a backend (see [`super`]).
+#[derive(Clone)]
+pub(crate) struct Reserving {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    inner: Arc<dyn Repository>,
+    policy: Reservations,
+    clock: Arc<dyn Clock>,
+    keys: DashMap<Box<str>, Arc<Key>, foldhash::fast::RandomState>,
+    give_backs: Arc<GiveBacks>,
+    maintenance: AtomicBool,
+    /// Lease writes whose table part had an unknown outcome, by write id, with that part
+    /// and when: a re-send carries exactly it (the slice part was applied once already).
+    doubts: Mutex<HashMap<String, (i64, Deltas)>>,
+    local_admits: AtomicU64,
+    table_acquires: AtomicU64,
+    passed_through: AtomicU64,
+}
+
+/// What the slices could do for a request.
+enum Local {
+    Admitted(AcquireOutcome),
+    /// Not covered; whether some item's key is hot.
+    Miss {
+        hot: bool,
+    },
+}
+
+/// A request that goes to the table: what each item takes from its slice, what it still
+/// needs, and what it tops its slice up by.
+struct Plan {
+    takes: PerItem<u64>,
+    /// The shard each item's takes came from.
+    take_shards: SmallVec<[Shard; 2]>,
+    deficits: PerItem<u64>,
+    top_ups: PerItem<u64>,
+}
+
+impl Plan {
+    fn has_top_up(&self) -> bool {
+        self.top_ups.iter().flatten().any(|t| *t > 0)
+    }
+
+    /// The table request: each item's deficit plus `top_ups`.
+    fn request(&self, request: &AcquireRequest, top_ups: &PerItem<u64>) -> AcquireRequest {
+        let mut table = request.clone();
+        for ((item, deficit), top) in table.items.iter_mut().zip(&self.deficits).zip(top_ups) {
+            item.amounts = deficit
+                .iter()
+                .zip(top)
+                .map(|(d, t)| d.saturating_add(*t))
+                .collect();
+        }
+        table
+    }
+}
+
+impl Reserving {
+    pub fn new(inner: Arc<dyn Repository>, policy: Reservations, clock: Arc<dyn Clock>) -> Self {
+        Reserving {
+            shared: Arc::new(Shared {
+                give_backs: GiveBacks::new(Arc::clone(&inner)),
+                inner,
+                policy,
+                clock,
+                keys: DashMap::with_hasher(foldhash::fast::RandomState::default()),
+                maintenance: AtomicBool::new(false),
+                doubts: Mutex::default(),
+                local_admits: AtomicU64::new(0),
+                table_acquires: AtomicU64::new(0),
+                passed_through: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Gives every slice back and waits until every give-back has landed; returns how many
+    /// slices went back.
+    pub async fn release_all(&self) -> Result<usize, Error> {
+        let s = &self.shared;
+        let now = s.clock.now_ms();
+        let credits: Vec<Credit> = s
+            .all_keys()
+            .iter()
+            .filter_map(|key| {
+                let slice = key.state.lock().slice.take()?;
+                Some(credit_for(key, slice, None, now))
+            })
+            .flatten()
+            .collect();
+        let count = credits.iter().filter(|c| !c.counts_only).count();
+        let sent = futures_util::future::join_all(
+            credits
+                .into_iter()
+                .map(|c| s.give_backs.send(c, now))
+                .collect::<Vec<_>>(),
+        )
+        .await;
+        s.give_backs.settled().await;
+        sent.into_iter().collect::<Result<Vec<()>, Error>>()?;
+        Ok(count)
+    }
+
+    /// Gives back the slices unused for the policy's idle time; returns how many.
+    pub fn release_idle(&self) -> usize {
+        self.shared.release_idle()
+    }
+
+    /// What this node holds for an entity and resource.
+    pub fn status(&self, entity_id: &str, resource: &str) -> Option<ReservationStatus> {
+        let key = self.shared.existing_key(entity_id, resource)?;
+        let state = key.state.lock();
+        Some(ReservationStatus {
+            held: state
+                .slice
+                .as_ref()
+                .map(|s| {
+                    s.limits
+                        .iter()
+                        .zip(&s.held)
+                        .map(|(l, h)| (l.name.clone(), *h))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            request_rate: state.meter.request_rate().round() as u64,
+            hot: state.is_hot(&self.shared.policy),
+        })
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> ReservationStats {
+        let s = &self.shared;
+        ReservationStats {
+            local_admits: s.local_admits.load(Ordering::Relaxed),
+            table_acquires: s.table_acquires.load(Ordering::Relaxed),
+            passed_through: s.passed_through.load(Ordering::Relaxed),
+            give_backs: s.give_backs.issued.load(Ordering::Relaxed),
+            slices: s
+                .all_keys()
+                .iter()
+                .filter(|k| k.state.lock().slice.is_some())
+                .count() as u64,
+        }
+    }
+}
+
+/// The give-back of a slice taken from its key: first what the table's refill made room
+/// for is given up ([`Slice::forfeit`]), then the tokens still held go back as a credit and
+/// the given-up ones as a count only (they were never spent, but crediting them to a bucket
+/// that refilled meanwhile would let them be spent twice).
+fn credit_for(
+    key: &Key,
+    mut slice: Slice,
+    limits: Option<&[Limit]>,
+    now_ms: i64,
+) -> SmallVec<[Credit; 2]> {
+    slice.forfeit(now_ms);
+    [false, true]
+        .into_iter()
+        .filter_map(|forfeited| {
+            Some(Credit {
+                entity_id: key.entity_id.clone(),
+                resource: key.resource.clone(),
+                shard: slice.shard,
+                deltas: slice.give_back(limits, forfeited)?,
+                counts_only: forfeited,
+            })
+        })
+        .collect()
+}
+
+/// The item indices of `keys` in lock order (by entity, then resource), so two cascades
+/// over the same pair never wait on each other crosswise.
+fn lock_order(keys: &[Arc<Key>]) -> SmallVec<[usize; 2]> {
+    let mut order: SmallVec<[usize; 2]> = (0..keys.len()).collect();
+    order.sort_by(|a, b| {
+        (&keys[*a].entity_id, &keys[*a].resource).cmp(&(&keys[*b].entity_id, &keys[*b].resource))
+    });
+    order
+}
+
+/// Locks every key's state (in lock order) and returns the guards in item order.
+fn lock_states(keys: &[Arc<Key>]) -> SmallVec<[MutexGuard<'_, KeyState>; 2]> {
+    let mut guards: SmallVec<[Option<MutexGuard<'_, KeyState>>; 2]> =
+        keys.iter().map(|_| None).collect();
+    for i in lock_order(keys) {
+        guards[i] = Some(keys[i].state.lock());
+    }
+    guards.into_iter().flatten().collect()
+}
+
+impl Shared {
+    fn all_keys(&self) -> Vec<Arc<Key>> {
+        self.keys.iter().map(|e| Arc::clone(e.value())).collect()
+    }
+
+    fn existing_key(&self, entity_id: &str, resource: &str) -> Option<Arc<Key>> {
+        keys::with_entity_resource(entity_id, resource, |k| {
+            self.keys.get(k).map(|e| Arc::clone(e.value()))
+        })
+    }
+
+    fn key(&self, entity_id: &str, resource: &str) -> Arc<Key> {
+        self.existing_key(entity_id, resource).unwrap_or_else(|| {
+            Arc::clone(
+                &self
+                    .keys
+                    .entry(keys::entity_resource(entity_id, resource).into_boxed_str())
+                    .or_insert_with(|| Arc::new(Key::new(entity_id, resource))),
+            )
+        })
+    }
+
+    fn keys_of(&self, request: &AcquireRequest) -> SmallVec<[Arc<Key>; 2]> {
+        request
+            .items
+            .iter()
+            .map(|i| self.key(&i.entity_id, &i.resource))
+            .collect()
+    }
+
+    /// Admits `request` from the slices if every item's slice covers it (taking the
+    /// tokens); counts the request in the keys' demand when `meter`.
+    fn take_local(&self, request: &AcquireRequest, keys: &[Arc<Key>], meter: bool) -> Local {
+        let now = request.now_ms;
+        let mut replaced: SmallVec<[Credit; 1]> = SmallVec::new();
+        let mut guards = lock_states(keys);
+        let mut hot = false;
+        let mut covered = true;
+        for (state, (item, key)) in guards.iter_mut().zip(request.items.iter().zip(keys)) {
+            if meter {
+                state.meter.record(now, &item.amounts);
+                state.last_used_ms = state.last_used_ms.max(now);
+            }
+            hot |= state.is_hot(&self.policy);
+            // Another limit now (a config refresh): the old slice goes back whole.
+            if state
+                .slice
+                .as_ref()
+                .is_some_and(|s| !s.is_for(&item.limits))
+            {
+                if let Some(old) = state.slice.take() {
+                    tracing::debug!(entity_id = %item.entity_id, resource = %item.resource, "limits changed; replacing the reservation");
+                    replaced.extend(credit_for(key, old, Some(&item.limits), now));
+                }
+            }
+            if let Some(slice) = state.slice.as_mut() {
+                slice.forfeit(now);
+                // Given up tokens go back once they add up to a slice's bound.
+                let full = slice
+                    .limits
+                    .iter()
+                    .zip(&slice.forfeited)
+                    .any(|(l, f)| *f > 0 && *f as u64 >= bound(&self.policy, l).max(1));
+                if full {
+                    replaced.extend(slice.give_back(None, true).map(|deltas| Credit {
+                        entity_id: key.entity_id.clone(),
+                        resource: key.resource.clone(),
+                        shard: slice.shard,
+                        deltas,
+                        counts_only: true,
+                    }));
+                    slice.forfeited.iter_mut().for_each(|f| *f = 0);
+                }
+            }
+            covered &= state
+                .slice
+                .as_ref()
+                .is_some_and(|s| s.covers(&item.amounts));
+        }
+        let outcome = covered.then(|| {
+            let mut checks = crate::repository::Checks::new();
+            let mut shards = Vec::new();
+            for (i, (state, item)) in guards.iter_mut().zip(&request.items).enumerate() {
+                let Some(slice) = state.slice.as_mut() else {
+                    continue;
+                };
+                for (k, amount) in item.amounts.iter().enumerate() {
+                    let before = slice.held[k];
+                    slice.held[k] -= *amount as i64;
+                    checks.push(LimitCheck {
+                        available: slice.table_most(k, now).saturating_add(before),
+                        exceeded: false,
+                        retry_after_ms: Some(0),
+                    });
+                }
+                if slice.shard != item.shard {
+                    shards.push((i, slice.shard));
+                }
+            }
+            AcquireOutcome {
+                admitted: true,
+                checks,
+                bypassed: Vec::new(),
+                shards,
+            }
+        });
+        drop(guards);
+        self.send_detached(replaced, now);
+        match outcome {
+            Some(outcome) => {
+                self.local_admits.fetch_add(1, Ordering::Relaxed);
+                Local::Admitted(outcome)
+            }
+            None => Local::Miss { hot },
+        }
+    }
+
+    fn send_detached(&self, credits: impl IntoIterator<Item = Credit>, now_ms: i64) {
+        for credit in credits {
+            self.give_backs.send_detached(credit, now_ms);
+        }
+    }
+
+    /// Takes what each item's slice holds toward the request and works out what the table
+    /// must provide, and by how much to top each hot key's slice up.
+    fn plan(&self, request: &AcquireRequest, keys: &[Arc<Key>]) -> Plan {
+        let mut guards = lock_states(keys);
+        let mut plan = Plan {
+            takes: PerItem::new(),
+            take_shards: SmallVec::new(),
+            deficits: PerItem::new(),
+            top_ups: PerItem::new(),
+        };
+        for (state, item) in guards.iter_mut().zip(&request.items) {
+            let target = (state.tops_up(&self.policy, request.now_ms) && !item.bypass)
+                .then(|| targets(&self.policy, &state.meter, &item.limits, &item.amounts))
+                .flatten();
+            let slice = state.slice.as_mut().filter(|s| s.is_for(&item.limits));
+            let mut takes = SmallVec::new();
+            let mut deficits = SmallVec::new();
+            let mut tops = SmallVec::new();
+            plan.take_shards
+                .push(slice.as_ref().map_or(item.shard, |s| s.shard));
+            let mut slice = slice;
+            for (k, amount) in item.amounts.iter().enumerate() {
+                let held = slice.as_ref().map_or(0, |s| s.held[k].max(0) as u64);
+                let take = held.min(*amount);
+                if let Some(s) = slice.as_mut() {
+                    s.held[k] -= take as i64;
+                }
+                takes.push(take);
+                deficits.push(amount - take);
+                let left = held - take;
+                tops.push(target.as_ref().map_or(0, |t| t[k].saturating_sub(left)));
+            }
+            plan.takes.push(takes);
+            plan.deficits.push(deficits);
+            plan.top_ups.push(tops);
+        }
+        plan
+    }
+
+    /// Puts a plan's takes back (its table acquire failed or was refused): into the slice
+    /// they came from if it is still there, else to the table.
+    fn put_back(&self, request: &AcquireRequest, keys: &[Arc<Key>], plan: &Plan) {
+        let mut credits: SmallVec<[Credit; 1]> = SmallVec::new();
+        for (i, (item, key)) in request.items.iter().zip(keys).enumerate() {
+            let takes = &plan.takes[i];
+            if takes.iter().all(|t| *t == 0) {
+                continue;
+            }
+            let mut state = key.state.lock();
+            match state
+                .slice
+                .as_mut()
+                .filter(|s| s.is_for(&item.limits) && s.shard == plan.take_shards[i])
+            {
+                Some(slice) => {
+                    for (h, t) in slice.held.iter_mut().zip(takes) {
+                        *h += *t as i64;
+                    }
+                }
+                // The slice went back meanwhile (idle, or replaced): these tokens are
+                // counted back but not credited (the bucket may have refilled into their
+                // room meanwhile; never spend them twice).
+                None => credits.push(Credit {
+                    entity_id: item.entity_id.clone(),
+                    resource: item.resource.clone(),
+                    shard: plan.take_shards[i],
+                    deltas: item
+                        .limits
+                        .iter()
+                        .zip(takes)
+                        .filter(|(_, t)| **t > 0)
+                        .map(|(l, t)| (l.clone(), -(*t as i64)))
+                        .collect(),
+                    counts_only: true,
+                }),
+            }
+        }
+        self.send_detached(credits, request.now_ms);
+    }
+
+    /// After the table admitted a plan: the top-ups become (or join) the slices, the
+    /// checks report what the request saw, and the lease is pointed at the right shards.
+    fn settle(
+        &self,
+        request: &AcquireRequest,
+        keys: &[Arc<Key>],
+        plan: &Plan,
+        top_ups: &PerItem<u64>,
+        outcome: &mut AcquireOutcome,
+    ) {
+        let now = request.now_ms;
+        let mut credits: SmallVec<[Credit; 1]> = SmallVec::new();
+        let mut offset = 0;
+        for (i, (item, key)) in request.items.iter().zip(keys).enumerate() {
+            let n = item.limits.len();
+            let placed = outcome
+                .shards
+                .iter()
+                .find(|(k, _)| *k == i)
+                .map_or(item.shard, |(_, s)| *s);
+            let checks = &mut outcome.checks[offset..offset + n];
+            offset += n;
+            let top = &top_ups[i];
+            let table_after: Tokens = checks
+                .iter()
+                .zip(plan.deficits[i].iter().zip(top))
+                .map(|(c, (d, t))| c.available.saturating_sub(d.saturating_add(*t) as i64))
+                .collect();
+            for (c, t) in checks.iter_mut().zip(&plan.takes[i]) {
+                c.available = c.available.saturating_add(*t as i64);
+            }
+            let tops: Vec<(Limit, i64)> = item
+                .limits
+                .iter()
+                .zip(top)
+                .filter(|(_, t)| **t > 0)
+                .map(|(l, t)| (l.clone(), *t as i64))
+                .collect();
+            if outcome.bypassed.contains(&i) {
+                // Admitted without taking tokens: the top-up holds nothing, and its count
+                // is taken back.
+                if !tops.is_empty() {
+                    credits.push(Credit {
+                        entity_id: item.entity_id.clone(),
+                        resource: item.resource.clone(),
+                        shard: placed,
+                        deltas: tops.into_iter().map(|(l, t)| (l, -t)).collect(),
+                        counts_only: true,
+                    });
+                }
+                continue;
+            }
+            let mut state = key.state.lock();
+            let current = match state.slice.take() {
+                Some(s) if s.is_for(&item.limits) && s.shard == placed => Some(s),
+                // Tokens from another shard (a sharded bucket placed this request
+                // elsewhere) or under other limits: they go back where they came from.
+                Some(stale) => {
+                    credits.extend(credit_for(key, stale, Some(&item.limits), now));
+                    None
+                }
+                None => None,
+            };
+            let mut slice = match current {
+                Some(s) => s,
+                None => {
+                    if tops.is_empty() {
+                        continue;
+                    }
+                    Slice::new(Arc::clone(&item.limits), placed, table_after.clone(), now)
+                }
+            };
+            for (h, t) in slice.held.iter_mut().zip(top) {
+                *h += *t as i64;
+            }
+            slice.table_after = table_after;
+            slice.table_at_ms = now;
+            if !tops.is_empty() {
+                tracing::debug!(
+                    entity_id = %item.entity_id,
+                    resource = %item.resource,
+                    shard = placed.index,
+                    held = ?slice.limits.iter().zip(&slice.held).map(|(l, h)| (l.name.as_str(), *h)).collect::<Vec<_>>(),
+                    request_rate = state.meter.request_rate(),
+                    "reserved a slice"
+                );
+            }
+            state.slice = Some(slice);
+        }
+        self.send_detached(credits, now);
+    }
+
+    /// The second try after a top-up was refused: each limit's top-up cut to what the
+    /// table said it had beyond the deficit ("take what is there").
+    fn smaller_top_ups(
+        request: &AcquireRequest,
+        plan: &Plan,
+        refused: &AcquireOutcome,
+    ) -> PerItem<u64> {
+        let mut offset = 0;
+        request
+            .items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let n = item.limits.len();
+                let checks = refused.checks.get(offset..offset + n).unwrap_or(&[]);
+                offset += n;
+                plan.top_ups[i]
+                    .iter()
+                    .enumerate()
+                    .map(|(k, top)| {
+                        let available = checks.get(k).map_or(0, |c| c.available.max(0) as u64);
+                        (*top).min(available.saturating_sub(plan.deficits[i][k]))
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// A hot key's request the slices could not cover: one table acquire (per key at a
+    /// time on this node) that takes the deficit and tops the slices up.
+    async fn acquire_hot(
+        self: &Arc<Self>,
+        request: &AcquireRequest,
+        keys: SmallVec<[Arc<Key>; 2]>,
+    ) -> Result<AcquireOutcome, Error> {
+        self.ensure_maintenance();
+        let mut gates = SmallVec::<[_; 2]>::new();
+        for i in lock_order(&keys) {
+            gates.push(keys[i].gate.lock().await);
+        }
+        // Another task may have topped the slices up while this one waited.
+        if let Local::Admitted(outcome) = self.take_local(request, &keys, false) {
+            return Ok(outcome);
+        }
+        let plan = self.plan(request, &keys);
+        let restore = PutBack {
+            shared: self,
+            request,
+            keys: &keys,
+            plan: &plan,
+            armed: true,
+        };
+        self.table_acquires.fetch_add(1, Ordering::Relaxed);
+        let mut top_ups = plan.top_ups.clone();
+        let mut outcome = self.inner.acquire(&plan.request(request, &top_ups)).await?;
+        if !outcome.admitted && plan.has_top_up() {
+            // The table is short: no top-ups for a while, then take what is there, then
+            // only what the request needs.
+            for key in keys.iter() {
+                key.state.lock().short_until_ms = request.now_ms + SHORT_BACKOFF_MS;
+            }
+            let smaller = Self::smaller_top_ups(request, &plan, &outcome);
+            let tries = [
+                smaller,
+                plan.top_ups
+                    .iter()
+                    .map(|t| t.iter().map(|_| 0).collect())
+                    .collect(),
+            ];
+            for t in tries {
+                if t == top_ups {
+                    continue;
+                }
+                top_ups = t;
+                self.table_acquires.fetch_add(1, Ordering::Relaxed);
+                outcome = self.inner.acquire(&plan.request(request, &top_ups)).await?;
+                if outcome.admitted {
+                    break;
+                }
+            }
+        }
+        if !outcome.admitted {
+            return Ok(outcome);
+        }
+        let mut restore = restore;
+        restore.armed = false;
+        self.settle(request, &keys, &plan, &top_ups, &mut outcome);
+        drop(gates);
+        Ok(outcome)
+    }
+
+    /// Starts the task that gives idle slices back (on the first hot key, from a tokio
+    /// runtime).
+    fn ensure_maintenance(self: &Arc<Self>) {
+        if self.maintenance.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.maintenance.store(false, Ordering::Release);
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        let every = (self.policy.idle_return / 2)
+            .clamp(Duration::from_millis(10), Duration::from_millis(250));
+        runtime.spawn(maintain(weak, every));
+    }
+
+    fn release_idle(&self) -> usize {
+        let now = self.clock.now_ms();
+        let idle_ms = i64::try_from(self.policy.idle_return.as_millis()).unwrap_or(i64::MAX);
+        let mut credits = Vec::new();
+        let mut count = 0;
+        for key in self.all_keys() {
+            let mut state = key.state.lock();
+            if now.saturating_sub(state.last_used_ms) < idle_ms {
+                continue;
+            }
+            if let Some(slice) = state.slice.take() {
+                tracing::debug!(entity_id = %key.entity_id, resource = %key.resource, "reservation idle; giving it back");
+                credits.extend(credit_for(&key, slice, None, now));
+                count += 1;
+            }
+        }
+        self.send_detached(credits, now);
+        // Keys nobody holds, without a slice, unused for a while: forgotten. Checked under
+        // the map's lock, so nobody can pick one up while it goes.
+        self.keys.retain(|_, key| {
+            Arc::strong_count(key) > 1
+                || key.state.try_lock().is_none_or(|s| {
+                    s.slice.is_some() || now.saturating_sub(s.last_used_ms) < FORGET_KEY_AFTER_MS
+                })
+        });
+        self.doubts
+            .lock()
+            .retain(|_, (since, _)| now.saturating_sub(*since) < REMEMBER_DOUBT_MS);
+        count
+    }
+
+    /// A lease write: drawn on the slice (debits) or returned to it (credits) when the key
+    /// holds one for the shard, the rest sent to the table under the same write id.
+    async fn adjust(&self, request: &AdjustRequest) -> Result<(), Error> {
+        if request.counts_only {
+            return self.inner.adjust(request).await;
+        }
+        // A re-send of a write whose table part had an unknown outcome: exactly that part.
+        if let Some(id) = &request.write_id {
+            let known = self.doubts.lock().get(id).map(|(_, part)| part.clone());
+            if let Some(part) = known {
+                return self.send_table_part(request, part).await;
+            }
+        }
+        let Some(key) = self.existing_key(&request.entity_id, &request.resource) else {
+            return self.send_table_part(request, request.deltas.clone()).await;
+        };
+        let mut excess: SmallVec<[Credit; 1]> = SmallVec::new();
+        let table_part = {
+            let mut state = key.state.lock();
+            match state.slice.as_mut().filter(|s| s.shard == request.shard) {
+                None => request.deltas.clone(),
+                Some(slice) => {
+                    let mut rest = Vec::new();
+                    let mut over = Vec::new();
+                    for (limit, delta) in &request.deltas {
+                        let Some(k) = slice.limits.iter().position(|l| l == limit) else {
+                            rest.push((limit.clone(), *delta));
+                            continue;
+                        };
+                        if *delta > 0 {
+                            let take = slice.held[k].clamp(0, *delta);
+                            slice.held[k] -= take;
+                            if *delta > take {
+                                rest.push((limit.clone(), delta - take));
+                            }
+                        } else {
+                            slice.held[k] = slice.held[k].saturating_sub(*delta);
+                            let most =
+                                i64::try_from(bound(&self.policy, limit)).unwrap_or(i64::MAX);
+                            if slice.held[k] > most {
+                                over.push((limit.clone(), most - slice.held[k]));
+                                slice.held[k] = most;
+                            }
+                        }
+                    }
+                    if !over.is_empty() {
+                        excess.push(Credit {
+                            entity_id: key.entity_id.clone(),
+                            resource: key.resource.clone(),
+                            shard: slice.shard,
+                            deltas: over,
+                            counts_only: false,
+                        });
+                    }
+                    rest
+                }
+            }
+        };
+        self.send_detached(excess, request.now_ms);
+        self.send_table_part(request, table_part).await
+    }
+
+    async fn send_table_part(
+        &self,
+        request: &AdjustRequest,
+        part: Vec<(Limit, i64)>,
+    ) -> Result<(), Error> {
+        if part.is_empty() {
+            if let Some(id) = &request.write_id {
+                self.doubts.lock().remove(id);
+            }
+            return Ok(());
+        }
+        let table = AdjustRequest {
+            deltas: part,
+            ..request.clone()
+        };
+        let result = self.inner.adjust(&table).await;
+        if let Some(id) = &request.write_id {
+            let mut doubts = self.doubts.lock();
+            match &result {
+                Err(Error::Unavailable { .. }) => {
+                    doubts
+                        .entry(id.clone())
+                        .or_insert((request.now_ms, table.deltas));
+                }
+                _ => {
+                    doubts.remove(id);
+                }
+            }
+        }
+        result
+    }
+}
+
+/// Puts a plan's takes back unless disarmed (the table admitted it): on a refusal, an
+/// error, or a future dropped part-way.
+struct PutBack<'a> {
+    shared: &'a Shared,
+    request: &'a AcquireRequest,
+    keys: &'a [Arc<Key>],
+    plan: &'a Plan,
+    armed: bool,
+}
+
+impl Drop for PutBack<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.put_back(self.request, self.keys, self.plan);
+        }
+    }
+}
+
+async fn maintain(shared: Weak<Shared>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.release_idle();
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The limiter is gone: what it still holds goes back (best effort, detached).
+        let now = self.clock.now_ms();
+        let credits: Vec<Credit> = self
+            .keys
+            .iter()
+            .filter_map(|e| {
+                let key = e.value();
+                let slice = key.state.lock().slice.take()?;
+                Some(credit_for(key, slice, None, now))
+            })
+            .flatten()
+            .collect();
+        self.send_detached(credits, now);
+    }
+}
+
+#[async_trait]
+impl Repository for Reserving {
+    fn capabilities(&self) -> BackendCapabilities {
+        self.shared.inner.capabilities()
+    }
+
+    fn default_config_cache_ttl(&self) -> Duration {
+        self.shared.inner.default_config_cache_ttl()
+    }
+
+    fn operation_timeout(&self) -> Option<Duration> {
+        self.shared.inner.operation_timeout()
+    }
+
+    fn config_version(&self) -> Option<u64> {
+        self.shared.inner.config_version()
+    }
+
+    async fn acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome, Error> {
+        let s = &self.shared;
+        if request.items.iter().any(|i| i.bypass) {
+            s.passed_through.fetch_add(1, Ordering::Relaxed);
+            return s.inner.acquire(request).await;
+        }
+        let keys = s.keys_of(request);
+        match s.take_local(request, &keys, true) {
+            Local::Admitted(outcome) => Ok(outcome),
+            Local::Miss { hot: true } => s.acquire_hot(request, keys).await,
+            Local::Miss { hot: false } => {
+                s.passed_through.fetch_add(1, Ordering::Relaxed);
+                s.inner.acquire(request).await
+            }
+        }
+    }
+
+    fn acquire_now(&self, request: &AcquireRequest) -> Option<Result<AcquireOutcome, Error>> {
+        let s = &self.shared;
+        if request.items.iter().any(|i| i.bypass) {
+            return s.inner.acquire_now(request);
+        }
+        // Counted in the demand only once decided here; an undecided request is counted
+        // by `acquire`.
+        let keys = s.keys_of(request);
+        match s.take_local(request, &keys, false) {
+            Local::Admitted(outcome) => {
+                for (key, item) in keys.iter().zip(&request.items) {
+                    let mut state = key.state.lock();
+                    state.meter.record(request.now_ms, &item.amounts);
+                    state.last_used_ms = state.last_used_ms.max(request.now_ms);
+                }
+                Some(Ok(outcome))
+            }
+            Local::Miss { hot: true } => None,
+            Local::Miss { hot: false } => {
+                let decided = s.inner.acquire_now(request)?;
+                for (key, item) in keys.iter().zip(&request.items) {
+                    let mut state = key.state.lock();
+                    state.meter.record(request.now_ms, &item.amounts);
+                    state.last_used_ms = state.last_used_ms.max(request.now_ms);
+                }
+                s.passed_through.fetch_add(1, Ordering::Relaxed);
+                Some(decided)
+            }
+        }
+    }
+
+    async fn adjust(&self, request: &AdjustRequest) -> Result<(), Error> {
+        self.shared.adjust(request).await
+    }
+
+    async fn get_buckets(
+        &self,
+        entity_id: &str,
+        resource: &str,
+    ) -> Result<BTreeMap<String, BucketState>, Error> {
+        self.shared.inner.get_buckets(entity_id, resource).await
+    }
+
+    async fn create_entity(&self, entity: &Entity) -> Result<(), Error> {
+        self.shared.inner.create_entity(entity).await
+    }
+
+    async fn get_entity(&self, entity_id: &str) -> Result<Option<Entity>, Error> {
+        self.shared.inner.get_entity(entity_id).await
+    }
+
+    async fn delete_entity(&self, entity_id: &str) -> Result<bool, Error> {
+        self.shared.inner.delete_entity(entity_id).await
+    }
+
+    async fn get_children(&self, parent_id: &str) -> Result<Vec<Entity>, Error> {
+        self.shared.inner.get_children(parent_id).await
+    }
+
+    async fn set_limits(&self, scope: &ConfigScope, limits: &[Limit]) -> Result<(), Error> {
+        self.shared.inner.set_limits(scope, limits).await
+    }
+
+    async fn get_limits(&self, scope: &ConfigScope) -> Result<Option<Vec<Limit>>, Error> {
+        self.shared.inner.get_limits(scope).await
+    }
+
+    async fn delete_limits(&self, scope: &ConfigScope) -> Result<bool, Error> {
+        self.shared.inner.delete_limits(scope).await
+    }
+
+    async fn set_on_unavailable(&self, policy: Option<OnUnavailable>) -> Result<(), Error> {
+        self.shared.inner.set_on_unavailable(policy).await
+    }
+
+    async fn get_on_unavailable(&self) -> Result<Option<OnUnavailable>, Error> {
+        self.shared.inner.get_on_unavailable().await
+    }
+
+    async fn set_access(
+        &self,
+        scope: &ConfigScope,
+        access: Option<Access>,
+    ) -> Result<usize, Error> {
+        self.shared.inner.set_access(scope, access).await
+    }
+
+    async fn list_limits(&self) -> Result<Vec<(ConfigScope, Vec<Limit>)>, Error> {
+        self.shared.inner.list_limits().await
+    }
+
+    async fn load_config(&self, entity_id: &str, resource: &str) -> Result<StoredConfig, Error> {
+        self.shared.inner.load_config(entity_id, resource).await
+    }
+
+    async fn usage_snapshots(&self, query: &UsageQuery) -> Result<UsagePage, Error> {
+        self.shared.inner.usage_snapshots(query).await
+    }
+
+    async fn resource_buckets(&self, resource: &str) -> Result<Vec<ResourceBucket>, Error> {
+        self.shared.inner.resource_buckets(resource).await
+    }
+
+    fn load_config_now(
+        &self,
+        entity_id: &str,
+        resource: &str,
+    ) -> Option<Result<StoredConfig, Error>> {
+        self.shared.inner.load_config_now(entity_id, resource)
+    }
+}

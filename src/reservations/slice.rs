@@ -1,0 +1,269 @@
+//! One key's reservation state: its demand, the slice it holds, and how big a slice to aim
+//! for.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use smallvec::SmallVec;
+
+use super::meter::Meter;
+use super::Reservations;
+use crate::bucket::BucketState;
+use crate::repository::Shard;
+use crate::Limit;
+
+/// Whole tokens per limit, in the order of the slice's limits.
+pub(super) type Tokens = SmallVec<[i64; 2]>;
+
+/// Tokens this node took from a bucket (shard) and has not admitted yet.
+#[derive(Debug, Clone)]
+pub(super) struct Slice {
+    /// The limits the tokens were taken under; a request under other limits (a changed
+    /// config) replaces the slice.
+    pub limits: Arc<[Limit]>,
+    /// Per limit: whole tokens held.
+    pub held: Tokens,
+    /// The bucket shard the tokens came from, and go back to.
+    pub shard: Shard,
+    /// Per limit: what the table had left after this node's last write there.
+    pub table_after: Tokens,
+    /// When that write was, epoch milliseconds.
+    pub table_at_ms: i64,
+    /// Per limit: held tokens given up because the table's refill made room for them (see
+    /// [`Slice::forfeit`]); still counted as consumed until they go back.
+    pub forfeited: Tokens,
+}
+
+impl Slice {
+    /// A slice of `limits` on `shard`, holding nothing yet.
+    pub fn new(limits: Arc<[Limit]>, shard: Shard, table_after: Tokens, now_ms: i64) -> Self {
+        let n = limits.len();
+        Slice {
+            limits,
+            held: smallvec::smallvec![0; n],
+            shard,
+            table_after,
+            table_at_ms: now_ms,
+            forfeited: smallvec::smallvec![0; n],
+        }
+    }
+
+    /// The most whole tokens limit `k`'s bucket (this shard's share) can hold at `now_ms`:
+    /// what it had after this node's last write plus its refill since, up to its capacity.
+    /// Others' consumption only lowers it.
+    pub fn table_most(&self, k: usize, now_ms: i64) -> i64 {
+        let share = BucketState::for_shard(&self.limits[k], self.shard.count, 0);
+        let elapsed = i128::from(now_ms.saturating_sub(self.table_at_ms).max(0));
+        let period = i128::from(share.refill_period_ms.max(1));
+        let refill_milli = (elapsed * i128::from(share.refill_amount_milli) + period - 1) / period;
+        let most = i128::from(self.table_after[k]) * 1000 + refill_milli;
+        (most.min(i128::from(share.capacity_milli)) / 1000) as i64
+    }
+
+    /// Gives up held tokens the table's refill has made room for, so the table and this
+    /// slice never hold more than the capacity between them: a bucket that refilled to full
+    /// while a slice was held would otherwise admit a burst of capacity plus the slice.
+    /// (Others' slices and credits are not seen here; with several nodes the bound is
+    /// close, not exact.) The tokens given up stay counted until they go back.
+    pub fn forfeit(&mut self, now_ms: i64) {
+        for k in 0..self.held.len() {
+            if self.held[k] <= 0 {
+                continue;
+            }
+            let share = BucketState::for_shard(&self.limits[k], self.shard.count, 0);
+            let room = (share.capacity_milli / 1000 - self.table_most(k, now_ms)).max(0);
+            if self.held[k] > room {
+                self.forfeited[k] += self.held[k] - room;
+                self.held[k] = room;
+            }
+        }
+    }
+
+    /// Whether the slice is for exactly these limits.
+    pub fn is_for(&self, limits: &Arc<[Limit]>) -> bool {
+        Arc::ptr_eq(&self.limits, limits) || *self.limits == **limits
+    }
+
+    /// Whether it holds `amounts` of every limit.
+    pub fn covers(&self, amounts: &[u64]) -> bool {
+        self.held
+            .iter()
+            .zip(amounts)
+            .all(|(h, a)| u64::try_from(*h).is_ok_and(|h| h >= *a))
+    }
+
+    /// The held tokens as a give-back (negative deltas), or with `forfeited` the given-up
+    /// ones, under `limits` (the current definitions where a name is still configured, so
+    /// a give-back never reverts a changed limit); `None` when there are none.
+    pub fn give_back(
+        &self,
+        limits: Option<&[Limit]>,
+        forfeited: bool,
+    ) -> Option<Vec<(Limit, i64)>> {
+        let amounts = if forfeited {
+            &self.forfeited
+        } else {
+            &self.held
+        };
+        let deltas: Vec<(Limit, i64)> = self
+            .limits
+            .iter()
+            .zip(amounts)
+            .filter(|(_, back)| **back > 0)
+            .map(|(old, back)| {
+                let limit = limits
+                    .and_then(|l| l.iter().find(|l| l.name == old.name))
+                    .unwrap_or(old);
+                (limit.clone(), -*back)
+            })
+            .collect();
+        (!deltas.is_empty()).then_some(deltas)
+    }
+}
+
+/// Everything kept for one entity and resource, under one lock.
+#[derive(Debug, Default)]
+pub(super) struct KeyState {
+    pub meter: Meter,
+    pub slice: Option<Slice>,
+    /// When a request last used the key, epoch milliseconds (by the limiter's clock).
+    pub last_used_ms: i64,
+    /// Until when top-ups are not tried: the table refused one (it is drained), and asking
+    /// for more than a request needs would only cost a second call per request.
+    pub short_until_ms: i64,
+}
+
+impl KeyState {
+    /// Whether the key is hot under `policy`.
+    pub fn is_hot(&self, policy: &Reservations) -> bool {
+        self.meter.request_rate() >= policy.hot_rate
+    }
+
+    /// Whether to top the slice up at `now_ms`.
+    pub fn tops_up(&self, policy: &Reservations, now_ms: i64) -> bool {
+        self.is_hot(policy) && now_ms >= self.short_until_ms
+    }
+}
+
+/// One entity and resource.
+#[derive(Debug)]
+pub(super) struct Key {
+    pub entity_id: String,
+    pub resource: String,
+    pub state: Mutex<KeyState>,
+    /// Held while this node goes to the table for the key, so concurrent misses wait for
+    /// one top-up instead of each taking a slice.
+    pub gate: tokio::sync::Mutex<()>,
+}
+
+impl Key {
+    pub fn new(entity_id: &str, resource: &str) -> Self {
+        Key {
+            entity_id: entity_id.to_string(),
+            resource: resource.to_string(),
+            state: Mutex::default(),
+            gate: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+/// The largest slice of `limit` one node may hold under `policy`.
+pub(super) fn bound(policy: &Reservations, limit: &Limit) -> u64 {
+    (limit.capacity as f64 * policy.max_fraction).floor() as u64
+}
+
+/// The slice to aim for on each limit: `demand_window` of the local demand, at least two of
+/// this request, at most [`bound`]. `None` when a limit's bound cannot hold this request
+/// (such a key is served by the table).
+pub(super) fn targets(
+    policy: &Reservations,
+    meter: &Meter,
+    limits: &[Limit],
+    amounts: &[u64],
+) -> Option<SmallVec<[u64; 2]>> {
+    let window = policy.demand_window.as_secs_f64();
+    limits
+        .iter()
+        .zip(amounts)
+        .enumerate()
+        .map(|(k, (limit, amount))| {
+            let most = bound(policy, limit);
+            if *amount > most {
+                return None;
+            }
+            let demand = (meter.limit_rate(k) * window).ceil();
+            let demand = if demand.is_finite() && demand > 0.0 {
+                demand.min(u64::MAX as f64) as u64
+            } else {
+                0
+            };
+            Some(demand.max(amount.saturating_mul(2)).min(most))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_follow_demand_within_the_bound() {
+        let policy = Reservations::adaptive(); // 250 ms, a tenth of capacity
+        let limits = [
+            Limit::per_second("rps", 10_000),
+            Limit::per_minute("tpm", 1_000),
+        ];
+        let mut meter = Meter::default();
+        let start = 5_000_000;
+        meter.record(start, &[1, 1]);
+        for i in 0..200 {
+            meter.record(start + i / 2, &[1, 1]);
+        }
+        meter.record(start + 100, &[1, 1]);
+        // ~2,000 requests a second: 500 for 250 ms on rps (bound 1,000); tpm is bounded to
+        // 100.
+        let t = targets(&policy, &meter, &limits, &[1, 1]).unwrap();
+        assert!((490..=520).contains(&t[0]), "{t:?}");
+        assert_eq!(t[1], 100);
+        // A request bigger than a tenth of a limit gets no slice.
+        assert!(targets(&policy, &meter, &limits, &[1, 101]).is_none());
+        // No demand measured yet: two requests' worth.
+        let t = targets(&policy, &Meter::default(), &limits, &[3, 5]).unwrap();
+        assert_eq!(t.as_slice(), &[6, 10]);
+    }
+
+    #[test]
+    fn a_slice_gives_back_under_the_current_definitions() {
+        let old: Arc<[Limit]> =
+            [Limit::per_second("rps", 100), Limit::per_second("gone", 5)].into();
+        let mut slice = Slice::new(old, Shard::default(), smallvec::smallvec![0, 0], 0);
+        slice.held = smallvec::smallvec![7, 2];
+        let now = [Limit::per_second("rps", 200)];
+        let back = slice.give_back(Some(&now), false).unwrap();
+        assert_eq!(back[0], (Limit::per_second("rps", 200), -7));
+        assert_eq!(back[1], (Limit::per_second("gone", 5), -2));
+        assert!(slice.give_back(None, true).is_none());
+        assert!(slice.covers(&[7, 2]) && !slice.covers(&[8, 0]));
+    }
+
+    #[test]
+    fn a_slice_and_the_table_never_hold_more_than_the_capacity() {
+        let limits: Arc<[Limit]> = [Limit::per_second("rps", 100)].into();
+        // The node took 10, leaving the table 85 of 100 at t = 0.
+        let mut slice = Slice::new(limits, Shard::default(), smallvec::smallvec![85], 0);
+        slice.held[0] = 10;
+        slice.forfeit(0);
+        assert_eq!(slice.held[0], 10);
+        // 50 ms later the table can hold 90: room for 10 still.
+        slice.forfeit(50);
+        assert_eq!((slice.held[0], slice.forfeited[0]), (10, 0));
+        // 100 ms later it can hold 95: 5 of the slice are given up.
+        slice.forfeit(100);
+        assert_eq!((slice.held[0], slice.forfeited[0]), (5, 5));
+        // Full again: nothing is left to admit, and everything goes back.
+        slice.forfeit(1_000);
+        assert_eq!((slice.held[0], slice.forfeited[0]), (0, 10));
+        assert!(slice.give_back(None, false).is_none());
+        assert_eq!(slice.give_back(None, true).unwrap()[0].1, -10);
+    }
+}
