@@ -10,6 +10,8 @@ const TICK_MS: i64 = 100;
 /// the rates afresh.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Meter {
+    started: bool,
+    measured: bool,
     tick_start_ms: i64,
     requests: u64,
     /// Per limit of the key's request, in its order.
@@ -35,12 +37,19 @@ impl Meter {
 
     /// Closes the current tick if it is over.
     fn roll(&mut self, now_ms: i64) {
+        if !self.started {
+            self.started = true;
+            self.tick_start_ms = now_ms;
+            return;
+        }
         let elapsed = now_ms - self.tick_start_ms;
         if elapsed < TICK_MS {
             return;
         }
         let seconds = elapsed as f64 / 1000.0;
-        let fresh = elapsed > 5 * TICK_MS || self.tick_start_ms == 0;
+        // The first tick, or one after an idle gap, stands alone.
+        let fresh = elapsed > 5 * TICK_MS || !self.measured;
+        self.measured = true;
         let blend = |old: f64, count: u64| {
             let now = count as f64 / seconds;
             if fresh {

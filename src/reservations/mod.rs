@@ -49,6 +49,7 @@ pub struct Reservations {
     pub(crate) demand_window: Duration,
     pub(crate) max_fraction: f64,
     pub(crate) idle_return: Duration,
+    pub(crate) strict: bool,
 }
 
 impl Default for Reservations {
@@ -66,6 +67,7 @@ impl Reservations {
             demand_window: Duration::from_millis(250),
             max_fraction: 0.1,
             idle_return: Duration::from_secs(1),
+            strict: true,
         }
     }
 
@@ -96,6 +98,23 @@ impl Reservations {
         } else {
             1.0
         };
+        self
+    }
+
+    /// Whether every window keeps to capacity plus refill (default `true`).
+    ///
+    /// A slice's tokens were taken from the bucket, which then refills as if they had been
+    /// spent. Strict, a node gives up held tokens as the bucket's refill makes room for
+    /// them (they are counted back, never credited), so the bucket and the slices never
+    /// hold more than the capacity between them and a burst after a lull gets at most the
+    /// capacity. The price: when the demand on a key is far below its refill rate, the
+    /// bucket stays full and slices last only until it has refilled (roughly slice / refill
+    /// rate), so reservations save fewer writes. Not strict, slices last until used or idle,
+    /// and a window that starts while nodes hold slices and the bucket is full can admit up
+    /// to the held tokens more (at most `max_fraction` of the capacity per node); the
+    /// consumed count is exact either way.
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
         self
     }
 

@@ -126,7 +126,7 @@ impl Reserving {
             .iter()
             .filter_map(|key| {
                 let slice = key.state.lock().slice.take()?;
-                Some(credit_for(key, slice, None, now))
+                Some(credit_for(key, slice, None, now, s.policy.strict))
             })
             .flatten()
             .collect();
@@ -195,8 +195,11 @@ fn credit_for(
     mut slice: Slice,
     limits: Option<&[Limit]>,
     now_ms: i64,
+    strict: bool,
 ) -> SmallVec<[Credit; 2]> {
-    slice.forfeit(now_ms);
+    if strict {
+        slice.forfeit(now_ms);
+    }
     [false, true]
         .into_iter()
         .filter_map(|forfeited| {
@@ -263,7 +266,12 @@ impl Shared {
 
     /// Admits `request` from the slices if every item's slice covers it (taking the
     /// tokens); counts the request in the keys' demand when `meter`.
-    fn take_local(&self, request: &AcquireRequest, keys: &[Arc<Key>], meter: bool) -> Local {
+    fn take_local(
+        self: &Arc<Self>,
+        request: &AcquireRequest,
+        keys: &[Arc<Key>],
+        meter: bool,
+    ) -> Local {
         let now = request.now_ms;
         let mut replaced: SmallVec<[Credit; 1]> = SmallVec::new();
         let mut guards = lock_states(keys);
@@ -283,10 +291,16 @@ impl Shared {
             {
                 if let Some(old) = state.slice.take() {
                     tracing::debug!(entity_id = %item.entity_id, resource = %item.resource, "limits changed; replacing the reservation");
-                    replaced.extend(credit_for(key, old, Some(&item.limits), now));
+                    replaced.extend(credit_for(
+                        key,
+                        old,
+                        Some(&item.limits),
+                        now,
+                        self.policy.strict,
+                    ));
                 }
             }
-            if let Some(slice) = state.slice.as_mut() {
+            if let Some(slice) = state.slice.as_mut().filter(|_| self.policy.strict) {
                 slice.forfeit(now);
                 // Given up tokens go back once they add up to a slice's bound.
                 let full = slice
@@ -310,10 +324,15 @@ impl Shared {
                 .as_ref()
                 .is_some_and(|s| s.covers(&item.amounts));
         }
+        let mut low: SmallVec<[usize; 2]> = SmallVec::new();
         let outcome = covered.then(|| {
             let mut checks = crate::repository::Checks::new();
             let mut shards = Vec::new();
             for (i, (state, item)) in guards.iter_mut().zip(&request.items).enumerate() {
+                let tops_up = state.tops_up(&self.policy, now);
+                let target = tops_up
+                    .then(|| targets(&self.policy, state, &item.limits, &item.amounts))
+                    .flatten();
                 let Some(slice) = state.slice.as_mut() else {
                     continue;
                 };
@@ -325,6 +344,14 @@ impl Shared {
                         exceeded: false,
                         retry_after_ms: Some(0),
                     });
+                }
+                // Under half the target: top up in the background, before it runs dry.
+                if target.is_some_and(|t| {
+                    t.iter()
+                        .zip(&slice.held)
+                        .any(|(t, h)| (*h).max(0) as u64 * 2 < *t)
+                }) {
+                    low.push(i);
                 }
                 if slice.shard != item.shard {
                     shards.push((i, slice.shard));
@@ -339,6 +366,9 @@ impl Shared {
         });
         drop(guards);
         self.send_detached(replaced, now);
+        for i in low {
+            self.prefetch(request, &keys[i], i);
+        }
         match outcome {
             Some(outcome) => {
                 self.local_admits.fetch_add(1, Ordering::Relaxed);
@@ -356,7 +386,7 @@ impl Shared {
 
     /// Takes what each item's slice holds toward the request and works out what the table
     /// must provide, and by how much to top each hot key's slice up.
-    fn plan(&self, request: &AcquireRequest, keys: &[Arc<Key>]) -> Plan {
+    fn plan(&self, request: &AcquireRequest, keys: &[Arc<Key>], top_up: bool) -> Plan {
         let mut guards = lock_states(keys);
         let mut plan = Plan {
             takes: PerItem::new(),
@@ -365,8 +395,8 @@ impl Shared {
             top_ups: PerItem::new(),
         };
         for (state, item) in guards.iter_mut().zip(&request.items) {
-            let target = (state.tops_up(&self.policy, request.now_ms) && !item.bypass)
-                .then(|| targets(&self.policy, &state.meter, &item.limits, &item.amounts))
+            let target = (top_up && state.tops_up(&self.policy, request.now_ms) && !item.bypass)
+                .then(|| targets(&self.policy, state, &item.limits, &item.amounts))
                 .flatten();
             let slice = state.slice.as_mut().filter(|s| s.is_for(&item.limits));
             let mut takes = SmallVec::new();
@@ -492,7 +522,13 @@ impl Shared {
                 // Tokens from another shard (a sharded bucket placed this request
                 // elsewhere) or under other limits: they go back where they came from.
                 Some(stale) => {
-                    credits.extend(credit_for(key, stale, Some(&item.limits), now));
+                    credits.extend(credit_for(
+                        key,
+                        stale,
+                        Some(&item.limits),
+                        now,
+                        self.policy.strict,
+                    ));
                     None
                 }
                 None => None,
@@ -554,6 +590,74 @@ impl Shared {
             .collect()
     }
 
+    /// Tops item `index`'s slice up in the background (one table acquire of the top-up
+    /// alone), unless a top-up for the key is under way: requests go on being admitted from
+    /// what is left meanwhile.
+    fn prefetch(self: &Arc<Self>, request: &AcquireRequest, key: &Arc<Key>, index: usize) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if key.prefetching.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut item = request.items[index].clone();
+        let (this, key) = (Arc::clone(self), Arc::clone(key));
+        runtime.spawn(async move {
+            let _done = Prefetching(&key.prefetching);
+            // A request's own top-up is under way: that one will do.
+            let Ok(_gate) = key.gate.try_lock() else {
+                return;
+            };
+            let now = this.clock.now_ms();
+            let (top, shard) = {
+                let state = key.state.lock();
+                let Some(target) = state
+                    .tops_up(&this.policy, now)
+                    .then(|| targets(&this.policy, &state, &item.limits, &item.amounts))
+                    .flatten()
+                else {
+                    return;
+                };
+                let slice = state.slice.as_ref().filter(|s| s.is_for(&item.limits));
+                let top: SmallVec<[u64; 2]> = target
+                    .iter()
+                    .enumerate()
+                    .map(|(k, t)| t.saturating_sub(slice.map_or(0, |s| s.held[k].max(0) as u64)))
+                    .collect();
+                (top, slice.map_or(item.shard, |s| s.shard))
+            };
+            if top.iter().all(|t| *t == 0) {
+                return;
+            }
+            item.amounts = top.clone();
+            let n = item.amounts.len();
+            let single = AcquireRequest {
+                items: smallvec::smallvec![item],
+                now_ms: now,
+            };
+            let plan = Plan {
+                takes: smallvec::smallvec![smallvec::smallvec![0; n]],
+                take_shards: smallvec::smallvec![shard],
+                deficits: smallvec::smallvec![smallvec::smallvec![0; n]],
+                top_ups: smallvec::smallvec![top],
+            };
+            this.table_acquires.fetch_add(1, Ordering::Relaxed);
+            match this.inner.acquire(&single).await {
+                Ok(mut outcome) if outcome.admitted => {
+                    this.settle(
+                        &single,
+                        std::slice::from_ref(&key),
+                        &plan,
+                        &plan.top_ups,
+                        &mut outcome,
+                    );
+                }
+                Ok(_) => key.state.lock().short_until_ms = now + SHORT_BACKOFF_MS,
+                Err(e) => tracing::debug!(error = %e, "a background reservation top-up failed"),
+            }
+        });
+    }
+
     /// A hot key's request the slices could not cover: one table acquire (per key at a
     /// time on this node) that takes the deficit and tops the slices up.
     async fn acquire_hot(
@@ -562,15 +666,26 @@ impl Shared {
         keys: SmallVec<[Arc<Key>; 2]>,
     ) -> Result<AcquireOutcome, Error> {
         self.ensure_maintenance();
+        // Tasks that would top a slice up go one at a time (the rest wait for the slice);
+        // while the table is short, nobody tops up and everyone goes straight to the
+        // table, as without reservations.
+        let top_up = keys
+            .iter()
+            .zip(&request.items)
+            .any(|(k, i)| !i.bypass && k.state.lock().tops_up(&self.policy, request.now_ms));
+        // One top-up per key at a time: a task that finds one under way waits for it (its
+        // slice is sized for every request waiting, see `targets`), since a stampede of
+        // writes on one item would only slow that top-up down.
         let mut gates = SmallVec::<[_; 2]>::new();
-        for i in lock_order(&keys) {
-            gates.push(keys[i].gate.lock().await);
+        if top_up {
+            for i in lock_order(&keys) {
+                gates.push(keys[i].gate.lock().await);
+            }
+            if let Local::Admitted(outcome) = self.take_local(request, &keys, false) {
+                return Ok(outcome);
+            }
         }
-        // Another task may have topped the slices up while this one waited.
-        if let Local::Admitted(outcome) = self.take_local(request, &keys, false) {
-            return Ok(outcome);
-        }
-        let plan = self.plan(request, &keys);
+        let plan = self.plan(request, &keys, top_up);
         let restore = PutBack {
             shared: self,
             request,
@@ -580,7 +695,17 @@ impl Shared {
         };
         self.table_acquires.fetch_add(1, Ordering::Relaxed);
         let mut top_ups = plan.top_ups.clone();
+        let started = std::time::Instant::now();
         let mut outcome = self.inner.acquire(&plan.request(request, &top_ups)).await?;
+        let took = started.elapsed().as_secs_f64() * 1000.0;
+        for key in keys.iter() {
+            let mut state = key.state.lock();
+            state.latency_ms = if state.latency_ms == 0.0 {
+                took
+            } else {
+                0.8 * state.latency_ms + 0.2 * took
+            };
+        }
         if !outcome.admitted && plan.has_top_up() {
             // The table is short: no top-ups for a while, then take what is there, then
             // only what the request needs.
@@ -645,7 +770,7 @@ impl Shared {
             }
             if let Some(slice) = state.slice.take() {
                 tracing::debug!(entity_id = %key.entity_id, resource = %key.resource, "reservation idle; giving it back");
-                credits.extend(credit_for(&key, slice, None, now));
+                credits.extend(credit_for(&key, slice, None, now, self.policy.strict));
                 count += 1;
             }
         }
@@ -777,6 +902,36 @@ impl Drop for PutBack<'_> {
     }
 }
 
+/// Counts a request as waiting on the table for its keys (see [`KeyState::in_flight`]).
+struct Waiting<'a>(&'a [Arc<Key>]);
+
+impl<'a> Waiting<'a> {
+    fn start(keys: &'a [Arc<Key>]) -> Self {
+        for key in keys {
+            key.state.lock().in_flight += 1;
+        }
+        Waiting(keys)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        for key in self.0 {
+            let mut state = key.state.lock();
+            state.in_flight = state.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+/// Clears a key's prefetch flag when its background top-up ends, however it ends.
+struct Prefetching<'a>(&'a AtomicBool);
+
+impl Drop for Prefetching<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 async fn maintain(shared: Weak<Shared>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
@@ -797,7 +952,7 @@ impl Drop for Shared {
             .filter_map(|e| {
                 let key = e.value();
                 let slice = key.state.lock().slice.take()?;
-                Some(credit_for(key, slice, None, now))
+                Some(credit_for(key, slice, None, now, self.policy.strict))
             })
             .flatten()
             .collect();
@@ -832,7 +987,10 @@ impl Repository for Reserving {
         let keys = s.keys_of(request);
         match s.take_local(request, &keys, true) {
             Local::Admitted(outcome) => Ok(outcome),
-            Local::Miss { hot: true } => s.acquire_hot(request, keys).await,
+            Local::Miss { hot: true } => {
+                let _waiting = Waiting::start(&keys);
+                s.acquire_hot(request, keys.clone()).await
+            }
             Local::Miss { hot: false } => {
                 s.passed_through.fetch_add(1, Ordering::Relaxed);
                 s.inner.acquire(request).await

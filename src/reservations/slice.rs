@@ -128,6 +128,10 @@ pub(super) struct KeyState {
     pub slice: Option<Slice>,
     /// When a request last used the key, epoch milliseconds (by the limiter's clock).
     pub last_used_ms: i64,
+    /// Requests on this key waiting on the table now.
+    pub in_flight: u32,
+    /// How long a table acquire for the key takes, milliseconds (a moving average).
+    pub latency_ms: f64,
     /// Until when top-ups are not tried: the table refused one (it is drained), and asking
     /// for more than a request needs would only cost a second call per request.
     pub short_until_ms: i64,
@@ -151,9 +155,11 @@ pub(super) struct Key {
     pub entity_id: String,
     pub resource: String,
     pub state: Mutex<KeyState>,
-    /// Held while this node goes to the table for the key, so concurrent misses wait for
-    /// one top-up instead of each taking a slice.
+    /// Held while this node tops the key's slice up, so concurrent misses do not each take
+    /// a slice.
     pub gate: tokio::sync::Mutex<()>,
+    /// A background top-up is scheduled or running.
+    pub prefetching: std::sync::atomic::AtomicBool,
 }
 
 impl Key {
@@ -163,6 +169,7 @@ impl Key {
             resource: resource.to_string(),
             state: Mutex::default(),
             gate: tokio::sync::Mutex::new(()),
+            prefetching: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -173,14 +180,19 @@ pub(super) fn bound(policy: &Reservations, limit: &Limit) -> u64 {
 }
 
 /// The slice to aim for on each limit: `demand_window` of the local demand, at least two of
-/// this request, at most [`bound`]. `None` when a limit's bound cannot hold this request
+/// this request (or one per request waiting on the table), at most [`bound`]. `None` when a limit's bound cannot hold this request
 /// (such a key is served by the table).
 pub(super) fn targets(
     policy: &Reservations,
-    meter: &Meter,
+    state: &KeyState,
     limits: &[Limit],
     amounts: &[u64],
 ) -> Option<SmallVec<[u64; 2]>> {
+    let meter = &state.meter;
+    // At least one request for each that is waiting on the table now: the measured rate
+    // lags while requests queue behind the table, and a slice sized to it alone would
+    // never catch up with the demand.
+    let queued = u64::from(state.in_flight).saturating_add(1).max(2);
     let window = policy.demand_window.as_secs_f64();
     limits
         .iter()
@@ -191,13 +203,27 @@ pub(super) fn targets(
             if *amount > most {
                 return None;
             }
+            // Strict, a slice is given up as the bucket refills (see `Slice::forfeit`): it
+            // also carries the refill during one table call, so the requests waiting on
+            // that call still find their share when it returns.
+            let in_call = if policy.strict {
+                limit.refill_rate() * state.latency_ms.max(1.0) / 1000.0 * 2.0
+            } else {
+                0.0
+            };
             let demand = (meter.limit_rate(k) * window).ceil();
             let demand = if demand.is_finite() && demand > 0.0 {
                 demand.min(u64::MAX as f64) as u64
             } else {
                 0
             };
-            Some(demand.max(amount.saturating_mul(2)).min(most))
+            let queued = amount.saturating_mul(queued);
+            let queued = queued.saturating_add(if in_call.is_finite() && in_call > 0.0 {
+                in_call.ceil().min(u64::MAX as f64) as u64
+            } else {
+                0
+            });
+            Some(demand.max(queued).min(most))
         })
         .collect()
 }
@@ -208,28 +234,38 @@ mod tests {
 
     #[test]
     fn targets_follow_demand_within_the_bound() {
-        let policy = Reservations::adaptive(); // 250 ms, a tenth of capacity
+        // 250 ms, a tenth of capacity; not strict first (no refill-during-a-call margin).
+        let policy = Reservations::adaptive().strict(false);
         let limits = [
             Limit::per_second("rps", 10_000),
             Limit::per_minute("tpm", 1_000),
         ];
-        let mut meter = Meter::default();
+        let mut state = KeyState::default();
         let start = 5_000_000;
-        meter.record(start, &[1, 1]);
+        state.meter.record(start, &[1, 1]);
         for i in 0..200 {
-            meter.record(start + i / 2, &[1, 1]);
+            state.meter.record(start + i / 2, &[1, 1]);
         }
-        meter.record(start + 100, &[1, 1]);
+        state.meter.record(start + 100, &[1, 1]);
         // ~2,000 requests a second: 500 for 250 ms on rps (bound 1,000); tpm is bounded to
         // 100.
-        let t = targets(&policy, &meter, &limits, &[1, 1]).unwrap();
+        let t = targets(&policy, &state, &limits, &[1, 1]).unwrap();
         assert!((490..=520).contains(&t[0]), "{t:?}");
         assert_eq!(t[1], 100);
         // A request bigger than a tenth of a limit gets no slice.
-        assert!(targets(&policy, &meter, &limits, &[1, 101]).is_none());
-        // No demand measured yet: two requests' worth.
-        let t = targets(&policy, &Meter::default(), &limits, &[3, 5]).unwrap();
+        assert!(targets(&policy, &state, &limits, &[1, 101]).is_none());
+        // No demand measured yet: two requests' worth, or one per request waiting.
+        let mut idle = KeyState::default();
+        let t = targets(&policy, &idle, &limits, &[3, 5]).unwrap();
         assert_eq!(t.as_slice(), &[6, 10]);
+        idle.in_flight = 9;
+        let t = targets(&policy, &idle, &limits, &[3, 5]).unwrap();
+        assert_eq!(t.as_slice(), &[30, 50]);
+        // Strict: plus twice the refill during one table call (10 ms: 100 of rps, and
+        // 1,000 a minute refills a third of a token).
+        idle.latency_ms = 10.0;
+        let t = targets(&policy.strict(true), &idle, &limits, &[3, 5]).unwrap();
+        assert_eq!(t.as_slice(), &[230, 51]);
     }
 
     #[test]

@@ -24,4 +24,5 @@ mod metrics_recorded;
 mod metrics_snapshot;
 mod python_interop;
 mod repository;
+mod reservations;
 mod suite_cases;
