@@ -187,7 +187,8 @@ impl RateLimiter {
     }
 
     /// Gives back every reservation slice this limiter holds and waits until the table has
-    /// them (call it on shutdown); returns how many slices went back. Without
+    /// them; returns how many slices went back. Call it on shutdown: from then on the
+    /// limiter takes no more slices (every request goes to the table). Without
     /// reservations, `Ok(0)`.
     pub async fn release_reservations(&self) -> Result<usize, Error> {
         match &self.inner.reservations {

@@ -52,6 +52,9 @@ struct Shared {
     keys: DashMap<Box<str>, Arc<Key>, foldhash::fast::RandomState>,
     give_backs: Arc<GiveBacks>,
     maintenance: AtomicBool,
+    /// Set by [`Reserving::release_all`] (shutdown): no slice is taken from then on, and a
+    /// top-up that lands afterwards goes straight back.
+    closed: AtomicBool,
     /// Lease writes whose table part had an unknown outcome, by write id, with that part
     /// and when: a re-send carries exactly it (the slice part was applied once already).
     doubts: Mutex<HashMap<String, (i64, Deltas)>>,
@@ -108,6 +111,7 @@ impl Reserving {
                 clock,
                 keys: DashMap::with_hasher(foldhash::fast::RandomState::default()),
                 maintenance: AtomicBool::new(false),
+                closed: AtomicBool::new(false),
                 doubts: Mutex::default(),
                 local_admits: AtomicU64::new(0),
                 table_acquires: AtomicU64::new(0),
@@ -120,6 +124,13 @@ impl Reserving {
     /// slices went back.
     pub async fn release_all(&self) -> Result<usize, Error> {
         let s = &self.shared;
+        s.closed.store(true, Ordering::Release);
+        // Top-ups under way land first (they go straight back once closed).
+        while s.all_keys().iter().any(|k| {
+            k.prefetching.load(Ordering::Acquire) || k.gate.try_lock().is_err()
+        }) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let now = s.clock.now_ms();
         let credits: Vec<Credit> = s
             .all_keys()
@@ -516,6 +527,17 @@ impl Shared {
                 }
                 continue;
             }
+            if self.closed.load(Ordering::Acquire) && !tops.is_empty() {
+                // Released meanwhile: what this top-up took goes straight back.
+                credits.push(Credit {
+                    entity_id: item.entity_id.clone(),
+                    resource: item.resource.clone(),
+                    shard: placed,
+                    deltas: tops.into_iter().map(|(l, t)| (l, -t)).collect(),
+                    counts_only: false,
+                });
+                continue;
+            }
             let mut state = key.state.lock();
             let current = match state.slice.take() {
                 Some(s) if s.is_for(&item.limits) && s.shard == placed => Some(s),
@@ -597,7 +619,7 @@ impl Shared {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        if key.prefetching.swap(true, Ordering::AcqRel) {
+        if self.closed.load(Ordering::Acquire) || key.prefetching.swap(true, Ordering::AcqRel) {
             return;
         }
         let mut item = request.items[index].clone();
@@ -669,10 +691,11 @@ impl Shared {
         // Tasks that would top a slice up go one at a time (the rest wait for the slice);
         // while the table is short, nobody tops up and everyone goes straight to the
         // table, as without reservations.
-        let top_up = keys
-            .iter()
-            .zip(&request.items)
-            .any(|(k, i)| !i.bypass && k.state.lock().tops_up(&self.policy, request.now_ms));
+        let top_up = !self.closed.load(Ordering::Acquire)
+            && keys
+                .iter()
+                .zip(&request.items)
+                .any(|(k, i)| !i.bypass && k.state.lock().tops_up(&self.policy, request.now_ms));
         // One top-up per key at a time: a task that finds one under way waits for it (its
         // slice is sized for every request waiting, see `targets`), since a stampede of
         // writes on one item would only slow that top-up down.
