@@ -257,10 +257,7 @@ fn throughput(runtime: &tokio::runtime::Runtime, processes: usize, tasks: usize,
         let reports: Vec<Report> = children.into_iter().map(report_of).collect();
         let decisions: u64 = reports.iter().map(|r| r.decisions).sum();
         let admitted: u64 = reports.iter().map(|r| r.admitted).sum();
-        let rate: f64 = reports
-            .iter()
-            .map(|r| r.decisions as f64 / r.seconds)
-            .sum();
+        let rate: f64 = reports.iter().map(|r| r.decisions as f64 / r.seconds).sum();
         let calls: u64 = reports.iter().map(|r| r.calls).sum();
         let cpu: f64 = reports.iter().map(|r| r.cpu_seconds).sum();
         let raw = *raw_rate.get_or_insert(rate);
@@ -343,7 +340,9 @@ fn exactness(runtime: &tokio::runtime::Runtime, processes: usize, tasks: usize, 
         all.sort_unstable();
         let admitted = all.len() as i64;
         let counted = runtime.block_on(tc(&repo, "rps")) - before;
-        let span_s = (ended - started) as f64 / 1000.0;
+        // From the first admission (the processes take a moment to start) to the end.
+        let first = all.first().copied().unwrap_or(started);
+        let span_s = (ended - first) as f64 / 1000.0;
         let ceiling = 1_000.0 + 500.0 * span_s;
         print!("{:>8}: ", format!("{mode:?}").to_lowercase());
         for window_ms in [100, 1_000, 3_000] {

@@ -132,6 +132,10 @@ pub struct ReservationStatus {
     /// Whole tokens held per limit name: taken in the table (so shown there as consumed)
     /// and not yet admitted here.
     pub held: Vec<(String, i64)>,
+    /// Whole tokens per limit name given up because the bucket refilled into their room
+    /// (strict mode): never admitted, still counted as consumed until they are counted
+    /// back (at a slice's bound, when idle, and on release).
+    pub given_up: Vec<(String, i64)>,
     /// The local request rate, per second, as last measured.
     pub request_rate: u64,
     /// Whether the key is hot enough to be topped up.

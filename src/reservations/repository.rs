@@ -126,9 +126,11 @@ impl Reserving {
         let s = &self.shared;
         s.closed.store(true, Ordering::Release);
         // Top-ups under way land first (they go straight back once closed).
-        while s.all_keys().iter().any(|k| {
-            k.prefetching.load(Ordering::Acquire) || k.gate.try_lock().is_err()
-        }) {
+        while s
+            .all_keys()
+            .iter()
+            .any(|k| k.prefetching.load(Ordering::Acquire) || k.gate.try_lock().is_err())
+        {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let now = s.clock.now_ms();
@@ -172,6 +174,17 @@ impl Reserving {
                         .iter()
                         .zip(&s.held)
                         .map(|(l, h)| (l.name.clone(), *h))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            given_up: state
+                .slice
+                .as_ref()
+                .map(|s| {
+                    s.limits
+                        .iter()
+                        .zip(&s.forfeited)
+                        .map(|(l, f)| (l.name.clone(), *f))
                         .collect()
                 })
                 .unwrap_or_default(),
@@ -333,7 +346,7 @@ impl Shared {
             covered &= state
                 .slice
                 .as_ref()
-                .is_some_and(|s| s.covers(&item.amounts));
+                .is_some_and(|s| s.covers(&item.amounts, now, self.policy.strict));
         }
         let mut low: SmallVec<[usize; 2]> = SmallVec::new();
         let outcome = covered.then(|| {
@@ -358,9 +371,9 @@ impl Shared {
                 }
                 // Under half the target: top up in the background, before it runs dry.
                 if target.is_some_and(|t| {
-                    t.iter()
-                        .zip(&slice.held)
-                        .any(|(t, h)| (*h).max(0) as u64 * 2 < *t)
+                    t.iter().enumerate().any(|(k, t)| {
+                        slice.usable(k, now, self.policy.strict).max(0) as u64 * 2 < *t
+                    })
                 }) {
                     low.push(i);
                 }
@@ -418,7 +431,10 @@ impl Shared {
             let mut slice = slice;
             for (k, amount) in item.amounts.iter().enumerate() {
                 let held = slice.as_ref().map_or(0, |s| s.held[k].max(0) as u64);
-                let take = held.min(*amount);
+                let usable = slice.as_ref().map_or(0, |s| {
+                    s.usable(k, request.now_ms, self.policy.strict).max(0) as u64
+                });
+                let take = usable.min(*amount);
                 if let Some(s) = slice.as_mut() {
                     s.held[k] -= take as i64;
                 }
@@ -567,6 +583,9 @@ impl Shared {
             for (h, t) in slice.held.iter_mut().zip(top) {
                 *h += *t as i64;
             }
+            if self.policy.strict {
+                slice.forfeit(now);
+            }
             slice.table_after = table_after;
             slice.table_at_ms = now;
             if !tops.is_empty() {
@@ -612,6 +631,33 @@ impl Shared {
             .collect()
     }
 
+    /// Takes a refusal's word on what the table holds, so slices measure their room from
+    /// it (see [`Slice::usable`]).
+    fn observe_refusal(
+        &self,
+        request: &AcquireRequest,
+        keys: &[Arc<Key>],
+        refused: &AcquireOutcome,
+    ) {
+        let mut offset = 0;
+        for (item, key) in request.items.iter().zip(keys) {
+            let n = item.limits.len();
+            let checks = refused.checks.get(offset..offset + n).unwrap_or(&[]);
+            offset += n;
+            let mut state = key.state.lock();
+            if let Some(slice) = state.slice.as_mut().filter(|s| s.is_for(&item.limits)) {
+                // What the old word no longer leaves room for is given up first: room seen
+                // again later never brings given-up tokens back.
+                if self.policy.strict {
+                    slice.forfeit(request.now_ms);
+                }
+                for (k, check) in checks.iter().enumerate() {
+                    slice.observe_table(k, check.available, request.now_ms);
+                }
+            }
+        }
+    }
+
     /// Tops item `index`'s slice up in the background (one table acquire of the top-up
     /// alone), unless a top-up for the key is under way: requests go on being admitted from
     /// what is left meanwhile.
@@ -648,9 +694,8 @@ impl Shared {
                     .collect();
                 (top, slice.map_or(item.shard, |s| s.shard))
             };
-            if top.iter().all(|t| *t == 0) {
-                return;
-            }
+            // Nothing to add: the call (of nothing) still brings the table's word, which
+            // shows the room again for held tokens the slice could not use.
             item.amounts = top.clone();
             let n = item.amounts.len();
             let single = AcquireRequest {
@@ -674,7 +719,10 @@ impl Shared {
                         &mut outcome,
                     );
                 }
-                Ok(_) => key.state.lock().short_until_ms = now + SHORT_BACKOFF_MS,
+                Ok(outcome) => {
+                    this.observe_refusal(&single, std::slice::from_ref(&key), &outcome);
+                    key.state.lock().short_until_ms = now + SHORT_BACKOFF_MS;
+                }
                 Err(e) => tracing::debug!(error = %e, "a background reservation top-up failed"),
             }
         });
@@ -729,6 +777,9 @@ impl Shared {
                 0.8 * state.latency_ms + 0.2 * took
             };
         }
+        if !outcome.admitted {
+            self.observe_refusal(request, &keys, &outcome);
+        }
         if !outcome.admitted && plan.has_top_up() {
             // The table is short: no top-ups for a while, then take what is there, then
             // only what the request needs.
@@ -753,6 +804,7 @@ impl Shared {
                 if outcome.admitted {
                     break;
                 }
+                self.observe_refusal(request, &keys, &outcome);
             }
         }
         if !outcome.admitted {

@@ -67,11 +67,7 @@ impl Slice {
     /// close, not exact.) The tokens given up stay counted until they go back.
     pub fn forfeit(&mut self, now_ms: i64) {
         for k in 0..self.held.len() {
-            if self.held[k] <= 0 {
-                continue;
-            }
-            let share = BucketState::for_shard(&self.limits[k], self.shard.count, 0);
-            let room = (share.capacity_milli / 1000 - self.table_most(k, now_ms)).max(0);
+            let room = self.room(k, now_ms);
             if self.held[k] > room {
                 self.forfeited[k] += self.held[k] - room;
                 self.held[k] = room;
@@ -79,17 +75,44 @@ impl Slice {
         }
     }
 
+    /// What the bucket's refill has left room for beside it: its capacity less the most it
+    /// can hold by now.
+    fn room(&self, k: usize, now_ms: i64) -> i64 {
+        let share = BucketState::for_shard(&self.limits[k], self.shard.count, 0);
+        (share.capacity_milli / 1000 - self.table_most(k, now_ms)).max(0)
+    }
+
+    /// The tokens of limit `k` that may be admitted at `now_ms`: all that are held, or,
+    /// strict, no more than the room [`Slice::forfeit`] would leave (callers forfeit first;
+    /// tokens over the room must be given up for good, since a window may start at any
+    /// moment the bucket and the slice held more than the capacity between them).
+    pub fn usable(&self, k: usize, now_ms: i64, strict: bool) -> i64 {
+        let held = self.held[k].max(0);
+        if strict {
+            held.min(self.room(k, now_ms))
+        } else {
+            held
+        }
+    }
+
+    /// Takes the table's word on limit `k` (`available` whole tokens as of a call that
+    /// started at `at_ms`): the room is measured from it from now on.
+    pub fn observe_table(&mut self, k: usize, available: i64, at_ms: i64) {
+        self.table_after[k] = available;
+        self.table_at_ms = self.table_at_ms.max(at_ms);
+    }
+
     /// Whether the slice is for exactly these limits.
     pub fn is_for(&self, limits: &Arc<[Limit]>) -> bool {
         Arc::ptr_eq(&self.limits, limits) || *self.limits == **limits
     }
 
-    /// Whether it holds `amounts` of every limit.
-    pub fn covers(&self, amounts: &[u64]) -> bool {
-        self.held
+    /// Whether it can admit `amounts` of every limit at `now_ms` (see [`Slice::usable`]).
+    pub fn covers(&self, amounts: &[u64], now_ms: i64, strict: bool) -> bool {
+        amounts
             .iter()
-            .zip(amounts)
-            .all(|(h, a)| u64::try_from(*h).is_ok_and(|h| h >= *a))
+            .enumerate()
+            .all(|(k, a)| u64::try_from(self.usable(k, now_ms, strict)).is_ok_and(|u| u >= *a))
     }
 
     /// The held tokens as a give-back (negative deltas), or with `forfeited` the given-up
@@ -279,7 +302,7 @@ mod tests {
         assert_eq!(back[0], (Limit::per_second("rps", 200), -7));
         assert_eq!(back[1], (Limit::per_second("gone", 5), -2));
         assert!(slice.give_back(None, true).is_none());
-        assert!(slice.covers(&[7, 2]) && !slice.covers(&[8, 0]));
+        assert!(slice.covers(&[7, 2], 0, false) && !slice.covers(&[8, 0], 0, false));
     }
 
     #[test]
@@ -288,6 +311,10 @@ mod tests {
         // The node took 10, leaving the table 85 of 100 at t = 0.
         let mut slice = Slice::new(limits, Shard::default(), smallvec::smallvec![85], 0);
         slice.held[0] = 10;
+        assert_eq!(slice.usable(0, 0, true), 10);
+        // 150 ms later the bucket may hold 100: nothing usable (not strict: all of it).
+        assert_eq!(slice.usable(0, 150, true), 0);
+        assert_eq!(slice.usable(0, 150, false), 10);
         slice.forfeit(0);
         assert_eq!(slice.held[0], 10);
         // 50 ms later the table can hold 90: room for 10 still.
