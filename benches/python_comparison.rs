@@ -11,6 +11,8 @@
 //! ```text
 //! cargo bench --bench python_comparison
 //! ZAE_BENCH_SECONDS=10 ZAE_BENCH_CONCURRENCY=32 cargo bench --bench python_comparison
+//! # one hot key, this crate with reservations
+//! ZAE_BENCH_ENTITIES=1 ZAE_BENCH_RESERVATIONS=strict cargo bench --bench python_comparison
 //! ```
 //!
 //! Needs python3 with venv and pip, and network access to PyPI. DynamoDB Local is started
@@ -135,7 +137,17 @@ async fn rust_client(
         .build()
         .await
         .expect("open the repository");
-    let limiter = RateLimiter::new(repo.clone());
+    // `ZAE_BENCH_RESERVATIONS=strict|relaxed`: the Rust client admits hot keys from
+    // node-local slices (the hot-key variant: `ZAE_BENCH_ENTITIES=1`).
+    let limiter = match std::env::var("ZAE_BENCH_RESERVATIONS").as_deref() {
+        Ok("strict") => RateLimiter::builder(repo.clone())
+            .reservations(zae_limiter::reservations::Reservations::adaptive())
+            .build(),
+        Ok("relaxed") => RateLimiter::builder(repo.clone())
+            .reservations(zae_limiter::reservations::Reservations::adaptive().strict(false))
+            .build(),
+        _ => RateLimiter::new(repo.clone()),
+    };
     for e in 0..entities {
         one(Load::Limiter, &limiter, &repo, format!("e{e}")).await;
     }

@@ -311,7 +311,7 @@ fn exactness(runtime: &tokio::runtime::Runtime, processes: usize, tasks: usize, 
     println!(
         "\n== demand far above the limit (capacity 1,000, 500/s), {processes} processes x {tasks} tasks, {seconds} s =="
     );
-    for mode in [Mode::Strict, Mode::Relaxed] {
+    for mode in [Mode::Off, Mode::Strict, Mode::Relaxed] {
         let (local, repo) = runtime.block_on(fresh(&limit));
         let before = runtime.block_on(tc(&repo, "rps"));
         let dir = std::env::temp_dir().join(format!("zae-rsv-{}-{mode:?}", std::process::id()));
