@@ -664,6 +664,7 @@ fn limits_at_every_level_entities_and_bucket_status() {
     assert_eq!(rpm["limit"], "rpm");
     assert_eq!(rpm["capacity"], 10);
     assert_eq!(rpm["stored"], true);
+    assert_eq!(rpm["consumed"], 4, "the consumption counted");
     let tokens = rpm["tokens"].as_i64().unwrap();
     assert!(
         (6..=7).contains(&tokens),

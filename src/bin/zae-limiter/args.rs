@@ -398,7 +398,8 @@ pub enum EntityCommand {
         /// The parent's id.
         entity: String,
     },
-    /// Show an entity's buckets on a resource: tokens, capacity, refill rate, time to full.
+    /// Show an entity's buckets on a resource: tokens, capacity, refill rate, time to full,
+    /// and the consumption counted (tokens held in reservation slices count as consumed).
     Status {
         /// The entity's id.
         entity: String,

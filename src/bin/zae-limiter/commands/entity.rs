@@ -112,6 +112,10 @@ pub async fn run(global: &Global, command: EntityCommand, out: Out) -> Outcome {
                             json!(duration_ms(to_full))
                         },
                         json!(stored.contains_key(&limit.name)),
+                        // Net consumption over the bucket's life: tokens a node holds in
+                        // a reservation slice were taken, so they count here until they
+                        // go back.
+                        json!(state.total_consumed_milli / 1000),
                     ]
                 })
                 .collect();
@@ -130,9 +134,17 @@ pub async fn run(global: &Global, command: EntityCommand, out: Out) -> Outcome {
                 );
             }
             out.table(
-                &["limit", "tokens", "capacity", "refill", to_full, "stored"],
+                &[
+                    "limit", "tokens", "capacity", "refill", to_full, "stored", "consumed",
+                ],
                 rows,
             );
+            if !out.json() {
+                println!(
+                    "(tokens that limiters hold in reservation slices count as consumed until \
+                     they go back; each limiter's own slices: RateLimiter::reservation)"
+                );
+            }
         }
         EntityCommand::SetLimits {
             entity,
