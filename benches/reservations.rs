@@ -271,7 +271,7 @@ fn throughput(runtime: &tokio::runtime::Runtime, processes: usize, tasks: usize,
             }
         };
         println!(
-            "{:>10} | {:>12.0} {:>9.1}x | {:>14.4} {:>15.4} | {:>12}",
+            "{:>10} | {:>12.0} {:>9.1}x | {:>14.6} {:>15.4} | {:>12}",
             format!("{mode:?}").to_lowercase(),
             rate,
             rate / raw,
