@@ -9,6 +9,9 @@
 //! - `mixed`: a child under a cascading parent, with commits, refunds, extra charges,
 //!   rollbacks, dropped leases and dropped acquire futures.
 //!
+//! Each runs twice: as is, and with reservations on (`-reserved`: hot keys admitted from
+//! node-local slices, given back before each worker exits).
+//!
 //! The test binary is its own worker (`harness = false`): run plainly it orchestrates, and
 //! it re-runs itself with `ZAE_WORKER` set for each worker process.
 
@@ -25,14 +28,18 @@ const PROCESSES: usize = 2;
 const TASKS: usize = 32;
 const RUN_MS: i64 = 4_000;
 
-/// 20 burst, 10 a second: four seconds is four refill periods on top of the burst.
-fn limit() -> Limit {
-    Limit::custom("rps", 20, 10, 1)
+/// 20 burst, 10 a second: four seconds is four refill periods on top of the burst. With
+/// reservations five times that, so slices hold more than the request at hand.
+fn limit(reserved: bool) -> Limit {
+    let scale = if reserved { 5 } else { 1 };
+    Limit::custom("rps", 20 * scale, 10 * scale, 1)
 }
 
-/// The parent's limit in the mixed run: tighter than its children together.
-fn parent_limit() -> Limit {
-    Limit::custom("rps", 30, 15, 1)
+/// The parent's limit in the mixed run: tighter than its children together (and, with
+/// reservations, low enough for the run to drain it).
+fn parent_limit(reserved: bool) -> Limit {
+    let scale = if reserved { 3 } else { 1 };
+    Limit::custom("rps", 30 * scale, 15 * scale, 1)
 }
 
 fn now_ms() -> i64 {
@@ -48,7 +55,14 @@ fn main() {
         runtime.block_on(worker(&spec));
         return;
     }
-    let runs = ["fresh", "aged", "mixed"];
+    let runs = [
+        "fresh",
+        "aged",
+        "mixed",
+        "fresh-reserved",
+        "aged-reserved",
+        "mixed-reserved",
+    ];
     println!("\nrunning {} tests", runs.len());
     runtime.block_on(async {
         let (_local, endpoint) = match std::env::var("ZAE_DYNAMODB_ENDPOINT") {
@@ -117,7 +131,15 @@ async fn worker(spec: &str) {
         parts[2].parse::<i64>().unwrap(),
         parts[3].to_string(),
     );
-    let limiter = RateLimiter::new(repo(endpoint, namespace).await);
+    let reserved = run.ends_with("-reserved");
+    let run = run.trim_end_matches("-reserved").to_string();
+    let builder = RateLimiter::builder(repo(endpoint, namespace).await);
+    let limiter = if reserved {
+        builder.reservations(zae_limiter::reservations::Reservations::adaptive().hot_rate(5.0))
+    } else {
+        builder
+    }
+    .build();
     let wait = start_at - now_ms();
     if wait > 0 {
         tokio::time::sleep(Duration::from_millis(wait as u64)).await;
@@ -198,10 +220,18 @@ async fn worker(spec: &str) {
     for t in tasks {
         seen.merge(t.await.unwrap());
     }
-    // Let background rollbacks (dropped leases and futures) land before exiting.
+    // Let background rollbacks (dropped leases and futures) land before exiting, then give
+    // the slices back.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let local = limiter
+        .reservation_stats()
+        .map_or(0, |stats| stats.local_admits);
+    limiter
+        .release_reservations()
+        .await
+        .expect("give the slices back");
     println!(
-        "{} {} {} {}",
+        "{} {} {} {} {local}",
         seen.admitted, seen.kept, seen.first, seen.last
     );
 }
@@ -213,13 +243,16 @@ fn bound(l: &Limit, span_ms: u64) -> u64 {
 
 async fn orchestrate(endpoint: &str, run: &str) {
     let namespace = format!("over-{run}-{}", std::process::id());
+    let full_run = run;
+    let reserved = run.ends_with("-reserved");
+    let run = run.trim_end_matches("-reserved");
     let setup = RateLimiter::new(repo(endpoint, &namespace).await);
     let mut written_before = 0;
     match run {
         "mixed" => {
             setup.create_entity(PARENT).await.unwrap();
             setup
-                .set_entity_limits(PARENT, RESOURCE, &[parent_limit()])
+                .set_entity_limits(PARENT, RESOURCE, &[parent_limit(reserved)])
                 .await
                 .unwrap();
             for k in 0..4 {
@@ -231,14 +264,14 @@ async fn orchestrate(endpoint: &str, run: &str) {
                     .await
                     .unwrap();
                 setup
-                    .set_entity_limits(&key, RESOURCE, &[limit()])
+                    .set_entity_limits(&key, RESOURCE, &[limit(reserved)])
                     .await
                     .unwrap();
             }
         }
         _ => {
             setup
-                .set_entity_limits("hot-key", RESOURCE, &[limit()])
+                .set_entity_limits("hot-key", RESOURCE, &[limit(reserved)])
                 .await
                 .unwrap();
             if run == "aged" {
@@ -263,7 +296,7 @@ async fn orchestrate(endpoint: &str, run: &str) {
             Command::new(&exe)
                 .env(
                     "ZAE_WORKER",
-                    format!("{endpoint},{namespace},{start_at},{run}"),
+                    format!("{endpoint},{namespace},{start_at},{full_run}"),
                 )
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -272,6 +305,7 @@ async fn orchestrate(endpoint: &str, run: &str) {
         })
         .collect();
     let mut seen = Seen::new();
+    let mut from_slices = 0;
     for w in workers {
         let out = w.wait_with_output().unwrap();
         assert!(out.status.success(), "a worker failed: {}", out.status);
@@ -286,6 +320,7 @@ async fn orchestrate(endpoint: &str, run: &str) {
             first: nums[2],
             last: nums[3],
         });
+        from_slices += nums[4];
     }
     let span = (seen.last - seen.first).max(0) as u64;
     let (checked, l, tc) = if run == "mixed" {
@@ -302,17 +337,24 @@ async fn orchestrate(endpoint: &str, run: &str) {
             children, parent.total_consumed_milli,
             "every cascade write and give-back landed on both sides"
         );
-        (PARENT, parent_limit(), parent.total_consumed_milli)
+        (PARENT, parent_limit(reserved), parent.total_consumed_milli)
     } else {
         let states = setup.bucket_states("hot-key", RESOURCE).await.unwrap();
-        ("hot-key", limit(), states["rps"].total_consumed_milli)
+        (
+            "hot-key",
+            limit(reserved),
+            states["rps"].total_consumed_milli,
+        )
     };
     let bound = bound(&l, span);
     println!(
-        "{run}: {PROCESSES} processes x {TASKS} tasks: admitted {} keeping {} tokens of \
-         {checked} over {span} ms (bound {bound}), tc {tc}",
+        "{full_run}: {PROCESSES} processes x {TASKS} tasks: admitted {} keeping {} tokens of \
+         {checked} over {span} ms (bound {bound}), tc {tc}, {from_slices} admitted from slices",
         seen.admitted, seen.kept
     );
+    if full_run.ends_with("-reserved") {
+        assert!(from_slices > 0, "the reserved run never used a slice");
+    }
     assert!(
         seen.kept <= bound,
         "over-admission: {} > {bound}",
