@@ -155,4 +155,6 @@ pub struct ReservationStats {
     pub give_backs: u64,
     /// Slices currently held.
     pub slices: u64,
+    /// Keys whose demand is being measured (forgotten after 30 s unused without a slice).
+    pub keys: u64,
 }

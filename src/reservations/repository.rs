@@ -206,6 +206,7 @@ impl Reserving {
                 .iter()
                 .filter(|k| k.state.lock().slice.is_some())
                 .count() as u64,
+            keys: s.keys.len() as u64,
         }
     }
 }
@@ -269,8 +270,11 @@ impl Shared {
         })
     }
 
-    fn key(&self, entity_id: &str, resource: &str) -> Arc<Key> {
+    /// The key's state, created on first sight (which starts the background pass that
+    /// forgets keys unused for a while, so cold keys do not pile up).
+    fn key(self: &Arc<Self>, entity_id: &str, resource: &str) -> Arc<Key> {
         self.existing_key(entity_id, resource).unwrap_or_else(|| {
+            self.ensure_maintenance();
             Arc::clone(
                 &self
                     .keys
@@ -280,7 +284,7 @@ impl Shared {
         })
     }
 
-    fn keys_of(&self, request: &AcquireRequest) -> SmallVec<[Arc<Key>; 2]> {
+    fn keys_of(self: &Arc<Self>, request: &AcquireRequest) -> SmallVec<[Arc<Key>; 2]> {
         request
             .items
             .iter()

@@ -632,3 +632,22 @@ async fn a_lease_write_sent_again_draws_on_the_slice_once() {
     limiter.release_reservations().await.unwrap();
     assert_eq!(consumed(&inner, "key", "llm", "tps").await, net);
 }
+
+/// Every key is measured, hot or not; keys unused for 30 s without a slice are forgotten,
+/// so a stream of one-off keys does not grow the limiter's memory.
+#[tokio::test]
+async fn cold_keys_are_forgotten_once_unused() {
+    let (repo, clock) = (repo(), ManualClock::new(START_MS));
+    let limiter = reserving(&repo, &clock);
+    let limits = [Limit::per_minute("rpm", 100)];
+    for i in 0..1_000 {
+        assert!(take(&limiter, &format!("one-off-{i}"), &limits).await);
+    }
+    assert_eq!(limiter.reservation_stats().unwrap().keys, 1_000);
+    clock.advance(Duration::from_secs(20));
+    limiter.release_idle_reservations();
+    assert_eq!(limiter.reservation_stats().unwrap().keys, 1_000);
+    clock.advance(Duration::from_secs(11));
+    limiter.release_idle_reservations();
+    assert_eq!(limiter.reservation_stats().unwrap().keys, 0);
+}
