@@ -821,8 +821,8 @@ impl Shared {
         Ok(outcome)
     }
 
-    /// Starts the task that gives idle slices back (on the first hot key, from a tokio
-    /// runtime).
+    /// Starts the task that gives idle slices back and forgets unused keys (on the first
+    /// key seen from a tokio runtime).
     fn ensure_maintenance(self: &Arc<Self>) {
         if self.maintenance.swap(true, Ordering::AcqRel) {
             return;
