@@ -8,6 +8,8 @@
 //! | `zae_limiter_limit_checks_total` | counter | `resource`, `limit`, `outcome` | per limit of each decided acquire: `passed` or `exceeded` |
 //! | `zae_limiter_lease_settle_retries_total` | counter | `resource` | background commits and rollbacks sent again after an outage |
 //! | `zae_limiter_lease_settle_failures_total` | counter | `resource` | commits and rollbacks that failed for good |
+//! | `zae_limiter_reservation_decisions_total` | counter | `resource`, `source` | with reservations on, admits from a node's slice (`slice`) and backend acquires for hot keys (`table`) |
+//! | `zae_limiter_reservation_give_backs_total` | counter | `resource` | slices (or their given-up tokens) given back |
 //! | `zae_limiter_dynamodb_calls_total` | counter | `operation`, `outcome` | DynamoDB calls (`ok` or `error`, a failed condition included) |
 //! | `zae_limiter_dynamodb_call_seconds` | histogram | `operation` | their latency, SDK retries included |
 //!
@@ -53,6 +55,9 @@ mod enabled {
         unavailable: Counter,
         settle_retries: Counter,
         settle_failures: Counter,
+        from_slices: Counter,
+        from_table: Counter,
+        give_backs: Counter,
         /// Per limit name: passed, exceeded.
         limits: RwLock<Vec<(Box<str>, Counter, Counter)>>,
         resource: Arc<str>,
@@ -69,6 +74,9 @@ mod enabled {
                 unavailable: request("unavailable"),
                 settle_retries: counter!("zae_limiter_lease_settle_retries_total", "resource" => r.to_string()),
                 settle_failures: counter!("zae_limiter_lease_settle_failures_total", "resource" => r.to_string()),
+                from_slices: counter!("zae_limiter_reservation_decisions_total", "resource" => r.to_string(), "source" => "slice"),
+                from_table: counter!("zae_limiter_reservation_decisions_total", "resource" => r.to_string(), "source" => "table"),
+                give_backs: counter!("zae_limiter_reservation_give_backs_total", "resource" => r.to_string()),
                 limits: RwLock::new(Vec::new()),
                 resource: r,
             }
@@ -167,6 +175,22 @@ mod enabled {
         pub(crate) fn settle_failure(&self, resource: &str) {
             self.handles(resource).settle_failures.increment(1);
         }
+
+        /// An acquire on `resource` admitted from a reservation slice.
+        pub(crate) fn admitted_from_slice(&self, resource: &str) {
+            self.handles(resource).from_slices.increment(1);
+        }
+
+        /// A backend acquire for a hot key on `resource` (a top-up, or a request a slice
+        /// could not cover).
+        pub(crate) fn went_to_table(&self, resource: &str) {
+            self.handles(resource).from_table.increment(1);
+        }
+
+        /// A give-back of reserved tokens on `resource`.
+        pub(crate) fn give_back(&self, resource: &str) {
+            self.handles(resource).give_backs.increment(1);
+        }
     }
 
     /// One DynamoDB call: its operation, whether it succeeded, and how long it took.
@@ -202,5 +226,14 @@ mod disabled {
 
         #[inline(always)]
         pub(crate) fn settle_failure(&self, _: &str) {}
+
+        #[inline(always)]
+        pub(crate) fn admitted_from_slice(&self, _: &str) {}
+
+        #[inline(always)]
+        pub(crate) fn went_to_table(&self, _: &str) {}
+
+        #[inline(always)]
+        pub(crate) fn give_back(&self, _: &str) {}
     }
 }

@@ -117,6 +117,7 @@ fn days_in_month(year: i64, month: u32) -> u32 {
 
 /// The attributes of a usage snapshot item that are not counters (as the Python
 /// library's reader lists them): a limit of one of these names cannot be counted.
+#[cfg(feature = "dynamodb")]
 pub(crate) const SNAPSHOT_FIELDS: [&str; 10] = [
     "PK",
     "SK",

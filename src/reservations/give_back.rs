@@ -22,6 +22,7 @@ pub(super) struct GiveBacks {
     in_flight: AtomicUsize,
     done: tokio::sync::Notify,
     pub issued: AtomicU64,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// One give-back: which item, which shard, and the credits.
@@ -37,7 +38,7 @@ pub(super) struct Credit {
 }
 
 impl GiveBacks {
-    pub fn new(repo: Arc<dyn Repository>) -> Arc<Self> {
+    pub fn new(repo: Arc<dyn Repository>, metrics: Arc<crate::metrics::Metrics>) -> Arc<Self> {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u32(std::process::id());
@@ -48,6 +49,7 @@ impl GiveBacks {
             in_flight: AtomicUsize::new(0),
             done: tokio::sync::Notify::new(),
             issued: AtomicU64::new(0),
+            metrics,
         })
     }
 
@@ -80,6 +82,7 @@ impl GiveBacks {
 
     async fn deliver(&self, credit: Credit, now_ms: i64) -> Result<(), Error> {
         self.issued.fetch_add(1, Ordering::Relaxed);
+        self.metrics.give_back(&credit.resource);
         let request = AdjustRequest {
             entity_id: credit.entity_id,
             resource: credit.resource,

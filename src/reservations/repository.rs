@@ -51,6 +51,8 @@ struct Shared {
     clock: Arc<dyn Clock>,
     keys: DashMap<Box<str>, Arc<Key>, foldhash::fast::RandomState>,
     give_backs: Arc<GiveBacks>,
+    /// Counters through the `metrics` facade (nothing without the feature).
+    metrics: Arc<crate::metrics::Metrics>,
     maintenance: AtomicBool,
     /// Set by [`Reserving::release_all`] (shutdown): no slice is taken from then on, and a
     /// top-up that lands afterwards goes straight back.
@@ -103,9 +105,11 @@ impl Plan {
 
 impl Reserving {
     pub fn new(inner: Arc<dyn Repository>, policy: Reservations, clock: Arc<dyn Clock>) -> Self {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
         Reserving {
             shared: Arc::new(Shared {
-                give_backs: GiveBacks::new(Arc::clone(&inner)),
+                give_backs: GiveBacks::new(Arc::clone(&inner), Arc::clone(&metrics)),
+                metrics,
                 inner,
                 policy,
                 clock,
@@ -400,6 +404,7 @@ impl Shared {
         match outcome {
             Some(outcome) => {
                 self.local_admits.fetch_add(1, Ordering::Relaxed);
+                self.metrics.admitted_from_slice(&request.items[0].resource);
                 Local::Admitted(outcome)
             }
             None => Local::Miss { hot },
@@ -713,6 +718,7 @@ impl Shared {
                 top_ups: smallvec::smallvec![top],
             };
             this.table_acquires.fetch_add(1, Ordering::Relaxed);
+            this.metrics.went_to_table(&single.items[0].resource);
             match this.inner.acquire(&single).await {
                 Ok(mut outcome) if outcome.admitted => {
                     this.settle(
@@ -769,6 +775,7 @@ impl Shared {
             armed: true,
         };
         self.table_acquires.fetch_add(1, Ordering::Relaxed);
+        self.metrics.went_to_table(&request.items[0].resource);
         let mut top_ups = plan.top_ups.clone();
         let started = std::time::Instant::now();
         let mut outcome = self.inner.acquire(&plan.request(request, &top_ups)).await?;
@@ -804,6 +811,8 @@ impl Shared {
                 }
                 top_ups = t;
                 self.table_acquires.fetch_add(1, Ordering::Relaxed);
+                self.metrics.went_to_table(&request.items[0].resource);
+                self.metrics.went_to_table(&request.items[0].resource);
                 outcome = self.inner.acquire(&plan.request(request, &top_ups)).await?;
                 if outcome.admitted {
                     break;

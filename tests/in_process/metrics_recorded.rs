@@ -115,3 +115,56 @@ fn decisions_limits_and_outages_are_counted_per_resource_and_limit() {
         1
     );
 }
+
+#[test]
+fn reservations_count_slice_admits_table_acquires_and_give_backs() {
+    use zae_limiter::clock::ManualClock;
+    use zae_limiter::reservations::Reservations;
+    use zae_limiter::InMemoryRepository;
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let clock = ManualClock::new(1_700_000_000_000);
+            let limiter = RateLimiter::builder(InMemoryRepository::new())
+                .clock(clock.clone())
+                .reservations(Reservations::adaptive().hot_rate(10.0))
+                .build();
+            for _ in 0..500 {
+                clock.advance(Duration::from_millis(1));
+                limiter
+                    .acquire("hot", "api")
+                    .limits([Limit::per_second("rps", 1_000)])
+                    .await
+                    .unwrap()
+                    .commit()
+                    .await
+                    .unwrap();
+            }
+            limiter.release_reservations().await.unwrap();
+            let stats = limiter.reservation_stats().unwrap();
+            let recorded = Recorded::take(&snapshotter);
+            let decisions = "zae_limiter_reservation_decisions_total";
+            assert_eq!(
+                recorded.counter(decisions, &[("resource", "api"), ("source", "slice")]),
+                stats.local_admits
+            );
+            assert_eq!(
+                recorded.counter(decisions, &[("resource", "api"), ("source", "table")]),
+                stats.table_acquires
+            );
+            assert!(stats.local_admits > 300, "{stats:?}");
+            assert!(
+                recorded.counter(
+                    "zae_limiter_reservation_give_backs_total",
+                    &[("resource", "api")]
+                ) >= 1
+            );
+        });
+    });
+}
