@@ -26,19 +26,16 @@ use std::time::{Duration, Instant};
 use zae_limiter::local::DynamoDbLocal;
 use zae_limiter::{DynamoDbRepository, Limit, RateLimiter};
 
+#[path = "support/process.rs"]
+mod process;
 #[path = "support/raw.rs"]
 mod raw;
+
+use process::{cpu_seconds, env_or};
 
 const PYTHON_PACKAGE: &str = "zae-limiter==0.17.0";
 const TABLE: &str = "zae-compare";
 const RESOURCE: &str = "bench";
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// What one client process reports.
 #[derive(serde::Deserialize, Debug)]
@@ -55,18 +52,6 @@ impl Report {
     fn cpu_ms_per_acquire(&self) -> f64 {
         self.cpu_seconds * 1000.0 / self.acquires.max(1) as f64
     }
-}
-
-/// CPU time (user + system) this process has used.
-fn cpu_seconds() -> f64 {
-    // SAFETY: getrusage writes into the struct it is given and reads nothing else.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
-    };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 /// What the Rust client drives.

@@ -25,19 +25,16 @@ use zae_limiter::repository::dynamodb::CallCounter;
 use zae_limiter::reservations::Reservations;
 use zae_limiter::{DynamoDbRepository, Error, Limit, RateLimiter};
 
+#[path = "support/process.rs"]
+mod process;
 #[path = "support/raw.rs"]
 mod raw;
+
+use process::{cpu_seconds, env_or};
 
 const TABLE: &str = "zae-rsv-bench";
 const RESOURCE: &str = "bench";
 const ENTITY: &str = "hot";
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// What a client process does.
 #[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Debug)]
@@ -75,18 +72,6 @@ fn epoch_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-/// CPU time (user + system) this process has used.
-fn cpu_seconds() -> f64 {
-    // SAFETY: getrusage writes into the struct it is given and reads nothing else.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
-    };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 async fn open(endpoint: &str, calls: &CallCounter) -> DynamoDbRepository {

@@ -733,10 +733,10 @@ async fn settle_with_retries(shared: Arc<LeaseShared>, commit: bool, reason: &'s
 }
 
 /// How long a background settle keeps retrying a backend that is unavailable.
-const SETTLE_FOR: std::time::Duration = std::time::Duration::from_secs(9 * 60);
+pub(crate) const SETTLE_FOR: std::time::Duration = std::time::Duration::from_secs(9 * 60);
 
 /// 100 ms, doubling, at most 5 s.
-fn settle_backoff(attempt: u32) -> std::time::Duration {
+pub(crate) fn settle_backoff(attempt: u32) -> std::time::Duration {
     std::time::Duration::from_millis(100u64.saturating_mul(1 << attempt.min(6)).min(5_000))
 }
 
@@ -744,7 +744,7 @@ fn settle_backoff(attempt: u32) -> std::time::Duration {
 /// A lease id: a random per-process base (drawn once, with the process id) plus a
 /// counter, so ids differ across processes and never repeat within one, for one atomic add
 /// per lease (no system call on the hot path).
-fn lease_id() -> u64 {
+pub(crate) fn lease_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     static BASE: OnceLock<u64> = OnceLock::new();
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

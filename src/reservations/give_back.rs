@@ -4,21 +4,14 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::repository::{AdjustRequest, Repository, Shard};
 use crate::{Error, Limit};
 
-/// How long a give-back keeps retrying a backend that is unavailable (inside DynamoDB's
-/// ten-minute idempotency window, as a lease's settle does).
-const RETRY_FOR: Duration = Duration::from_secs(9 * 60);
-
-/// Give-backs in flight, and the ids they are sent under.
+/// Give-backs in flight, so a shutdown can wait for them.
 pub(super) struct GiveBacks {
     repo: Arc<dyn Repository>,
-    /// A random per-node base for write ids.
-    node: u64,
-    next: AtomicU64,
     in_flight: AtomicUsize,
     done: tokio::sync::Notify,
     pub issued: AtomicU64,
@@ -37,28 +30,46 @@ pub(super) struct Credit {
     pub counts_only: bool,
 }
 
+impl Credit {
+    /// A give-back of `deltas` (negative: credits) to one item.
+    pub fn new(
+        entity_id: &str,
+        resource: &str,
+        shard: Shard,
+        deltas: Vec<(Limit, i64)>,
+        counts_only: bool,
+    ) -> Self {
+        Credit {
+            entity_id: entity_id.to_string(),
+            resource: resource.to_string(),
+            shard,
+            deltas,
+            counts_only,
+        }
+    }
+
+    /// Takes back what was taken: each limit's amount as a credit.
+    pub fn taking_back(
+        entity_id: &str,
+        resource: &str,
+        shard: Shard,
+        taken: impl IntoIterator<Item = (Limit, i64)>,
+        counts_only: bool,
+    ) -> Self {
+        let deltas = taken.into_iter().map(|(l, t)| (l, -t)).collect();
+        Self::new(entity_id, resource, shard, deltas, counts_only)
+    }
+}
+
 impl GiveBacks {
     pub fn new(repo: Arc<dyn Repository>, metrics: Arc<crate::metrics::Metrics>) -> Arc<Self> {
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
         Arc::new(GiveBacks {
             repo,
-            node: h.finish(),
-            next: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             done: tokio::sync::Notify::new(),
             issued: AtomicU64::new(0),
             metrics,
         })
-    }
-
-    fn write_id(&self) -> String {
-        format!(
-            "rsv-{:016x}-{}",
-            self.node,
-            self.next.fetch_add(1, Ordering::Relaxed)
-        )
     }
 
     /// Sends `credit` now and waits until it lands (or is refused for good).
@@ -88,7 +99,8 @@ impl GiveBacks {
             resource: credit.resource,
             deltas: credit.deltas,
             now_ms,
-            write_id: Some(self.write_id()),
+            // A lease id: unique across processes, never repeated in one.
+            write_id: Some(format!("rsv-{:016x}", crate::lease::lease_id())),
             counts_only: credit.counts_only,
             shard: credit.shard,
         };
@@ -103,12 +115,14 @@ impl GiveBacks {
         let mut attempt = 0u32;
         loop {
             match self.repo.adjust(&request).await {
-                Err(e @ Error::Unavailable { .. }) if started.elapsed() < RETRY_FOR => {
+                // Retried as a lease's settle is, inside DynamoDB's idempotency window.
+                Err(e @ Error::Unavailable { .. })
+                    if started.elapsed() < crate::lease::SETTLE_FOR =>
+                {
                     if attempt == 0 {
                         tracing::warn!(error = %e, entity_id = %request.entity_id, "giving back a reservation failed; retrying until it lands");
                     }
-                    let wait = 100u64.saturating_mul(1 << attempt.min(6)).min(5_000);
-                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                    tokio::time::sleep(crate::lease::settle_backoff(attempt)).await;
                     attempt += 1;
                 }
                 other => return other,

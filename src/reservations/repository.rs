@@ -169,29 +169,19 @@ impl Reserving {
     pub fn status(&self, entity_id: &str, resource: &str) -> Option<ReservationStatus> {
         let key = self.shared.existing_key(entity_id, resource)?;
         let state = key.state.lock();
+        // Per limit name, from the slice if there is one.
+        let named = |pick: fn(&Slice) -> &Tokens| -> Vec<(String, i64)> {
+            state.slice.as_ref().map_or_else(Vec::new, |s| {
+                s.limits
+                    .iter()
+                    .zip(pick(s))
+                    .map(|(l, t)| (l.name.clone(), *t))
+                    .collect()
+            })
+        };
         Some(ReservationStatus {
-            held: state
-                .slice
-                .as_ref()
-                .map(|s| {
-                    s.limits
-                        .iter()
-                        .zip(&s.held)
-                        .map(|(l, h)| (l.name.clone(), *h))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            given_up: state
-                .slice
-                .as_ref()
-                .map(|s| {
-                    s.limits
-                        .iter()
-                        .zip(&s.forfeited)
-                        .map(|(l, f)| (l.name.clone(), *f))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            held: named(|s| &s.held),
+            given_up: named(|s| &s.forfeited),
             request_rate: state.meter.request_rate().round() as u64,
             hot: state.is_hot(&self.shared.policy),
         })
@@ -232,14 +222,24 @@ fn credit_for(
     [false, true]
         .into_iter()
         .filter_map(|forfeited| {
-            Some(Credit {
-                entity_id: key.entity_id.clone(),
-                resource: key.resource.clone(),
-                shard: slice.shard,
-                deltas: slice.give_back(limits, forfeited)?,
-                counts_only: forfeited,
-            })
+            Some(Credit::new(
+                &key.entity_id,
+                &key.resource,
+                slice.shard,
+                slice.give_back(limits, forfeited)?,
+                forfeited,
+            ))
         })
+        .collect()
+}
+
+/// The limits with a non-zero amount, as whole-token deltas.
+fn nonzero(limits: &[Limit], amounts: &[u64]) -> Vec<(Limit, i64)> {
+    limits
+        .iter()
+        .zip(amounts)
+        .filter(|(_, a)| **a > 0)
+        .map(|(l, a)| (l.clone(), i64::try_from(*a).unwrap_or(i64::MAX)))
         .collect()
 }
 
@@ -311,8 +311,7 @@ impl Shared {
         let mut covered = true;
         for (state, (item, key)) in guards.iter_mut().zip(request.items.iter().zip(keys)) {
             if meter {
-                state.meter.record(now, &item.amounts);
-                state.last_used_ms = state.last_used_ms.max(now);
+                state.count_request(now, &item.amounts);
             }
             hot |= state.is_hot(&self.policy);
             // Another limit now (a config refresh): the old slice goes back whole.
@@ -341,12 +340,8 @@ impl Shared {
                     .zip(&slice.forfeited)
                     .any(|(l, f)| *f > 0 && *f as u64 >= bound(&self.policy, l).max(1));
                 if full {
-                    replaced.extend(slice.give_back(None, true).map(|deltas| Credit {
-                        entity_id: key.entity_id.clone(),
-                        resource: key.resource.clone(),
-                        shard: slice.shard,
-                        deltas,
-                        counts_only: true,
+                    replaced.extend(slice.give_back(None, true).map(|deltas| {
+                        Credit::new(&key.entity_id, &key.resource, slice.shard, deltas, true)
                     }));
                     slice.forfeited.iter_mut().for_each(|f| *f = 0);
                 }
@@ -482,19 +477,13 @@ impl Shared {
                 // The slice went back meanwhile (idle, or replaced): these tokens are
                 // counted back but not credited (the bucket may have refilled into their
                 // room meanwhile; never spend them twice).
-                None => credits.push(Credit {
-                    entity_id: item.entity_id.clone(),
-                    resource: item.resource.clone(),
-                    shard: plan.take_shards[i],
-                    deltas: item
-                        .limits
-                        .iter()
-                        .zip(takes)
-                        .filter(|(_, t)| **t > 0)
-                        .map(|(l, t)| (l.clone(), -(*t as i64)))
-                        .collect(),
-                    counts_only: true,
-                }),
+                None => credits.push(Credit::taking_back(
+                    &item.entity_id,
+                    &item.resource,
+                    plan.take_shards[i],
+                    nonzero(&item.limits, takes),
+                    true,
+                )),
             }
         }
         self.send_detached(credits, request.now_ms);
@@ -531,36 +520,20 @@ impl Shared {
             for (c, t) in checks.iter_mut().zip(&plan.takes[i]) {
                 c.available = c.available.saturating_add(*t as i64);
             }
-            let tops: Vec<(Limit, i64)> = item
-                .limits
-                .iter()
-                .zip(top)
-                .filter(|(_, t)| **t > 0)
-                .map(|(l, t)| (l.clone(), *t as i64))
-                .collect();
-            if outcome.bypassed.contains(&i) {
-                // Admitted without taking tokens: the top-up holds nothing, and its count
-                // is taken back.
+            let tops = nonzero(&item.limits, top);
+            // Admitted without taking tokens (a bypass): the top-up holds nothing, and only
+            // its count is taken back. Released meanwhile: it goes straight back.
+            let bypassed = outcome.bypassed.contains(&i);
+            if bypassed || (self.closed.load(Ordering::Acquire) && !tops.is_empty()) {
                 if !tops.is_empty() {
-                    credits.push(Credit {
-                        entity_id: item.entity_id.clone(),
-                        resource: item.resource.clone(),
-                        shard: placed,
-                        deltas: tops.into_iter().map(|(l, t)| (l, -t)).collect(),
-                        counts_only: true,
-                    });
+                    credits.push(Credit::taking_back(
+                        &item.entity_id,
+                        &item.resource,
+                        placed,
+                        tops,
+                        bypassed,
+                    ));
                 }
-                continue;
-            }
-            if self.closed.load(Ordering::Acquire) && !tops.is_empty() {
-                // Released meanwhile: what this top-up took goes straight back.
-                credits.push(Credit {
-                    entity_id: item.entity_id.clone(),
-                    resource: item.resource.clone(),
-                    shard: placed,
-                    deltas: tops.into_iter().map(|(l, t)| (l, -t)).collect(),
-                    counts_only: false,
-                });
                 continue;
             }
             let mut state = key.state.lock();
@@ -923,13 +896,13 @@ impl Shared {
                         }
                     }
                     if !over.is_empty() {
-                        excess.push(Credit {
-                            entity_id: key.entity_id.clone(),
-                            resource: key.resource.clone(),
-                            shard: slice.shard,
-                            deltas: over,
-                            counts_only: false,
-                        });
+                        excess.push(Credit::new(
+                            &key.entity_id,
+                            &key.resource,
+                            slice.shard,
+                            over,
+                            false,
+                        ));
                     }
                     rest
                 }
@@ -1097,9 +1070,9 @@ impl Repository for Reserving {
         match s.take_local(request, &keys, false) {
             Local::Admitted(outcome) => {
                 for (key, item) in keys.iter().zip(&request.items) {
-                    let mut state = key.state.lock();
-                    state.meter.record(request.now_ms, &item.amounts);
-                    state.last_used_ms = state.last_used_ms.max(request.now_ms);
+                    key.state
+                        .lock()
+                        .count_request(request.now_ms, &item.amounts);
                 }
                 Some(Ok(outcome))
             }
@@ -1107,9 +1080,9 @@ impl Repository for Reserving {
             Local::Miss { hot: false } => {
                 let decided = s.inner.acquire_now(request)?;
                 for (key, item) in keys.iter().zip(&request.items) {
-                    let mut state = key.state.lock();
-                    state.meter.record(request.now_ms, &item.amounts);
-                    state.last_used_ms = state.last_used_ms.max(request.now_ms);
+                    key.state
+                        .lock()
+                        .count_request(request.now_ms, &item.amounts);
                 }
                 s.passed_through.fetch_add(1, Ordering::Relaxed);
                 Some(decided)

@@ -161,6 +161,12 @@ pub(super) struct KeyState {
 }
 
 impl KeyState {
+    /// Counts one request taking `amounts` at `now_ms` in the demand, and as a use.
+    pub fn count_request(&mut self, now_ms: i64, amounts: &[u64]) {
+        self.meter.record(now_ms, amounts);
+        self.last_used_ms = self.last_used_ms.max(now_ms);
+    }
+
     /// Whether the key is hot under `policy`.
     pub fn is_hot(&self, policy: &Reservations) -> bool {
         self.meter.request_rate() >= policy.hot_rate

@@ -21,12 +21,16 @@ use zae_limiter::{
 /// stop DynamoDB Local for real).
 ///
 /// It can also answer after a delay, as a remote backend does, so the layer's path for an
-/// acquire that is not decided at once is exercised for real.
+/// acquire that is not decided at once is exercised for real, and lose the answer of a
+/// lease write after applying it, as a timeout does (writes apply once per write id, as
+/// DynamoDB's write lanes make them, so the re-sent write is not applied twice).
 #[derive(Clone, Default)]
 pub struct Switchable {
     pub inner: InMemoryRepository,
     down: Arc<AtomicBool>,
     delay_ms: Arc<AtomicU64>,
+    lose_next_answer: Arc<AtomicBool>,
+    applied: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Switchable {
@@ -38,6 +42,11 @@ impl Switchable {
     pub fn set_delay(&self, delay: Duration) {
         self.delay_ms
             .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// The next lease write is applied, then answered with `Error::Unavailable`.
+    pub fn lose_next_answer(&self) {
+        self.lose_next_answer.store(true, Ordering::SeqCst);
     }
 
     fn check(&self) -> Result<(), Error> {
@@ -67,7 +76,22 @@ impl Repository for Switchable {
     }
     async fn adjust(&self, r: &AdjustRequest) -> Result<(), Error> {
         self.check()?;
-        self.inner.adjust(r).await
+        if let Some(id) = &r.write_id {
+            if self.applied.lock().unwrap().contains(id) {
+                return Ok(());
+            }
+        }
+        self.inner.adjust(r).await?;
+        if let Some(id) = &r.write_id {
+            self.applied.lock().unwrap().insert(id.clone());
+        }
+        if self.lose_next_answer.swap(false, Ordering::SeqCst) {
+            return Err(Error::unavailable(
+                "the answer was lost",
+                "connection reset after the write",
+            ));
+        }
+        Ok(())
     }
     async fn get_buckets(&self, e: &str, r: &str) -> Result<BTreeMap<String, BucketState>, Error> {
         self.check()?;

@@ -11,6 +11,8 @@ use zae_limiter::clock::ManualClock;
 use zae_limiter::reservations::Reservations;
 use zae_limiter::{Error, InMemoryRepository, Limit, RateLimiter, Repository};
 
+use crate::common::Switchable;
+
 const START_MS: i64 = 1_700_000_000_000;
 
 /// A limiter with reservations over `repo` (kept by the caller to read the table's side),
@@ -486,119 +488,36 @@ async fn the_layer_serves_a_hot_key_from_its_slice_and_answers_429_from_the_tabl
     assert_eq!(consumed(&repo, "k1", "api", "rpm").await, ok);
 }
 
-/// A backend that applies each write id once (as DynamoDB's write lanes do) and can lose
-/// the answer of the next lease write after applying it: the lease re-sends it.
-struct LosesAnAnswer {
-    inner: InMemoryRepository,
-    lose_next: std::sync::atomic::AtomicBool,
-    applied: parking_lot::Mutex<std::collections::HashSet<String>>,
-}
-
-#[async_trait::async_trait]
-impl Repository for LosesAnAnswer {
-    fn capabilities(&self) -> zae_limiter::BackendCapabilities {
-        self.inner.capabilities()
-    }
-    async fn acquire(
-        &self,
-        request: &zae_limiter::repository::AcquireRequest,
-    ) -> Result<zae_limiter::repository::AcquireOutcome, Error> {
-        self.inner.acquire(request).await
-    }
-    async fn adjust(&self, request: &zae_limiter::repository::AdjustRequest) -> Result<(), Error> {
-        if let Some(id) = &request.write_id {
-            if !self.applied.lock().insert(id.clone()) {
-                return Ok(());
-            }
-        }
-        self.inner.adjust(request).await?;
-        if self.lose_next.swap(false, Ordering::SeqCst) {
-            return Err(Error::Unavailable {
-                message: "the answer was lost".into(),
-                source: None,
-            });
-        }
-        Ok(())
-    }
-    async fn get_buckets(
-        &self,
-        e: &str,
-        r: &str,
-    ) -> Result<std::collections::BTreeMap<String, zae_limiter::bucket::BucketState>, Error> {
-        self.inner.get_buckets(e, r).await
-    }
-    async fn create_entity(&self, e: &zae_limiter::Entity) -> Result<(), Error> {
-        self.inner.create_entity(e).await
-    }
-    async fn get_entity(&self, id: &str) -> Result<Option<zae_limiter::Entity>, Error> {
-        self.inner.get_entity(id).await
-    }
-    async fn delete_entity(&self, id: &str) -> Result<bool, Error> {
-        self.inner.delete_entity(id).await
-    }
-    async fn get_children(&self, id: &str) -> Result<Vec<zae_limiter::Entity>, Error> {
-        self.inner.get_children(id).await
-    }
-    async fn set_limits(
-        &self,
-        s: &zae_limiter::repository::ConfigScope,
-        l: &[Limit],
-    ) -> Result<(), Error> {
-        self.inner.set_limits(s, l).await
-    }
-    async fn get_limits(
-        &self,
-        s: &zae_limiter::repository::ConfigScope,
-    ) -> Result<Option<Vec<Limit>>, Error> {
-        self.inner.get_limits(s).await
-    }
-    async fn delete_limits(&self, s: &zae_limiter::repository::ConfigScope) -> Result<bool, Error> {
-        self.inner.delete_limits(s).await
-    }
-    async fn set_on_unavailable(&self, p: Option<zae_limiter::OnUnavailable>) -> Result<(), Error> {
-        self.inner.set_on_unavailable(p).await
-    }
-    async fn get_on_unavailable(&self) -> Result<Option<zae_limiter::OnUnavailable>, Error> {
-        self.inner.get_on_unavailable().await
-    }
-    async fn load_config(
-        &self,
-        e: &str,
-        r: &str,
-    ) -> Result<zae_limiter::repository::StoredConfig, Error> {
-        self.inner.load_config(e, r).await
-    }
-}
-
 /// A lease write that draws on the slice and sends the rest to the table loses its answer;
 /// the lease sends it again: the slice part is not drawn twice and the table part lands
 /// once, so the count is exact.
 #[tokio::test]
 async fn a_lease_write_sent_again_draws_on_the_slice_once() {
-    let inner = repo();
-    let backend = Arc::new(LosesAnAnswer {
-        inner: inner.clone(),
-        lose_next: std::sync::atomic::AtomicBool::new(false),
-        applied: Default::default(),
-    });
+    let backend = Switchable::default();
     let clock = ManualClock::new(START_MS);
-    let limiter = RateLimiter::builder_shared(backend.clone())
+    let limiter = RateLimiter::builder(backend.clone())
         .clock(clock.clone())
         .reservations(Reservations::adaptive().hot_rate(10.0))
         .build();
     let limits = [Limit::per_second("tps", 10_000)];
-    let mut net = 0;
-    for _ in 0..300 {
-        clock.advance(Duration::from_millis(1));
-        let lease = limiter
-            .acquire("key", "llm")
-            .limits(limits.to_vec())
-            .consume([("tps", 10)])
-            .await
-            .unwrap();
-        lease.commit().await.unwrap();
-        net += 10;
-    }
+    // `n` leases of 10, a millisecond apart; the tokens they keep.
+    let spend = |n: usize| {
+        let (limiter, clock, limits) = (&limiter, &clock, &limits);
+        async move {
+            for _ in 0..n {
+                clock.advance(Duration::from_millis(1));
+                let lease = limiter
+                    .acquire("key", "llm")
+                    .limits(limits.to_vec())
+                    .consume([("tps", 10)])
+                    .await
+                    .unwrap();
+                lease.commit().await.unwrap();
+            }
+            n as i64 * 10
+        }
+    };
+    let mut net = spend(300).await;
     let held = limiter.reservation("key", "llm").unwrap().held[0].1;
     assert!(held > 0, "the key holds a slice");
     let lease = limiter
@@ -609,28 +528,18 @@ async fn a_lease_write_sent_again_draws_on_the_slice_once() {
         .unwrap();
     // More than the slice holds: part from the slice, the rest from the table.
     lease.adjust([("tps", 2_000)]).await.unwrap();
-    backend.lose_next.store(true, Ordering::SeqCst);
+    backend.lose_next_answer();
     assert!(matches!(
         lease.commit().await,
         Err(Error::Unavailable { .. })
     ));
     // The slice is topped up again before the lease sends the write again.
-    for _ in 0..100 {
-        clock.advance(Duration::from_millis(1));
-        let lease = limiter
-            .acquire("key", "llm")
-            .limits(limits.to_vec())
-            .consume([("tps", 10)])
-            .await
-            .unwrap();
-        lease.commit().await.unwrap();
-        net += 10;
-    }
+    net += spend(100).await;
     assert!(limiter.reservation("key", "llm").unwrap().held[0].1 > 0);
     lease.commit().await.unwrap();
     net += 2_010;
     limiter.release_reservations().await.unwrap();
-    assert_eq!(consumed(&inner, "key", "llm", "tps").await, net);
+    assert_eq!(consumed(&backend.inner, "key", "llm", "tps").await, net);
 }
 
 /// Every key is measured, hot or not; keys unused for 30 s without a slice are forgotten,
