@@ -88,7 +88,11 @@ impl RateLimiter {
     }
 
     /// Starts an acquire; see [`crate::RateLimiter::acquire`].
-    pub fn acquire(&self, entity_id: impl Into<String>, resource: impl Into<String>) -> Acquire {
+    pub fn acquire(
+        &self,
+        entity_id: impl Into<crate::CompactString>,
+        resource: impl Into<crate::CompactString>,
+    ) -> Acquire {
         Acquire {
             acquire: self.limiter.acquire(entity_id, resource),
             runtime: Arc::clone(&self.runtime),

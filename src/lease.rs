@@ -204,8 +204,8 @@ impl LeaseShared {
             return Ok(());
         }
         let request = AdjustRequest {
-            entity_id: item.entity_id.clone(),
-            resource: item.resource.clone(),
+            entity_id: item.entity_id.to_string(),
+            resource: item.resource.to_string(),
             deltas: changes,
             now_ms: self.limiter.now_ms(),
             write_id: Some(write_id.to_string()),
@@ -407,8 +407,8 @@ impl Lease {
     /// holds nothing, and every operation on it succeeds without writing.
     pub(crate) fn unlimited(limiter: &RateLimiter, entity_id: &str, resource: &str) -> Self {
         let item = ItemRequest {
-            entity_id: entity_id.to_string(),
-            resource: resource.to_string(),
+            entity_id: entity_id.into(),
+            resource: resource.into(),
             limits: Arc::from(Vec::new()),
             amounts: crate::repository::Amounts::new(),
             expires_when_idle: true,

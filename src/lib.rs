@@ -72,6 +72,10 @@ pub mod reservations;
 pub mod usage;
 
 pub use amount::Amount;
+/// Entity ids and resource names are held as `CompactString`s: inline up to 24 bytes, so
+/// the usual ids cost no allocation per request. Anything that converts into one (`&str`,
+/// `String`) is accepted where an id is taken.
+pub use compact_str::CompactString;
 pub use error::{BoxError, Error, ErrorCategory, Field, RateLimitExceeded};
 pub use lease::{Lease, LeaseHandle};
 pub use limit::Limit;

@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use compact_str::CompactString;
 use smallvec::SmallVec;
 
 use super::{no_limits, resolve, BoxFuture, RateLimiter};
@@ -21,8 +22,8 @@ use crate::{limit, naming, ConfigSource, Error, Limit, OnUnavailable, RateLimitE
 #[derive(Clone, Debug)]
 pub struct Acquire {
     limiter: RateLimiter,
-    entity_id: String,
-    resource: String,
+    entity_id: CompactString,
+    resource: CompactString,
     limits: Option<Arc<[Limit]>>,
     fallback: Option<Arc<[Limit]>>,
     /// The limit lists were validated by whoever built them (the HTTP layer, once).
@@ -36,7 +37,11 @@ pub struct Acquire {
 }
 
 impl Acquire {
-    pub(super) fn new(limiter: RateLimiter, entity_id: String, resource: String) -> Self {
+    pub(super) fn new(
+        limiter: RateLimiter,
+        entity_id: CompactString,
+        resource: CompactString,
+    ) -> Self {
         Acquire {
             limiter,
             entity_id,
@@ -198,7 +203,7 @@ impl Acquire {
     ) -> Option<ItemRequest> {
         let (limits, amounts, expires_when_idle) = self.charges(stored, consume)?;
         Some(ItemRequest {
-            entity_id: parent_id.to_string(),
+            entity_id: parent_id.into(),
             resource: self.resource.clone(),
             limits,
             amounts,
@@ -224,15 +229,15 @@ impl Acquire {
                 &[],
             );
             return Err(Error::ResourceDisabled {
-                entity_id: self.entity_id.clone(),
-                resource: self.resource.clone(),
+                entity_id: self.entity_id.to_string(),
+                resource: self.resource.to_string(),
             });
         }
         if let (Some(feature), None) = (&stored.unsupported, &self.limits) {
             return Err(Error::Unsupported {
                 feature: feature.clone(),
-                entity_id: self.entity_id.clone(),
-                resource: self.resource.clone(),
+                entity_id: self.entity_id.to_string(),
+                resource: self.resource.to_string(),
             });
         }
         let (limits, amounts, expires) = self

@@ -182,7 +182,11 @@ impl RateLimiter {
     /// resource, system, then `.fallback_limits(..)`); without `.consume(..)` it takes 1 from
     /// every limit. Succeeds with a [`Lease`](crate::Lease) once the consumption is written, or fails with
     /// [`Error::RateLimited`] having written nothing.
-    pub fn acquire(&self, entity_id: impl Into<String>, resource: impl Into<String>) -> Acquire {
+    pub fn acquire(
+        &self,
+        entity_id: impl Into<crate::CompactString>,
+        resource: impl Into<crate::CompactString>,
+    ) -> Acquire {
         Acquire::new(self.clone(), entity_id.into(), resource.into())
     }
 

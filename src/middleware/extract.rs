@@ -4,12 +4,14 @@
 //! An extractor sees the request head only ([`Parts`]: method, URI, headers, extensions),
 //! as axum's `FromRequestParts` does, so it works whatever the body type. It returns `None`
 //! when the request does not carry what it looks for; the layer then tries its fallback
-//! extractor, or answers 401. Any closure `Fn(&Parts) -> Option<String>` is an extractor
-//! too.
+//! extractor, or answers 401. Any closure `Fn(&Parts) -> Option<K>` is an extractor
+//! too, for any `K: Into<CompactString>` (`String`, `&str`): keys of up to 24 bytes are
+//! held inline, so extracting one costs no allocation.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use compact_str::CompactString;
 use headers::authorization::Bearer;
 use headers::{Authorization, HeaderMapExt};
 use http::header::{HeaderName, FORWARDED};
@@ -18,7 +20,7 @@ use http::request::Parts;
 /// Finds a key (an entity id or a resource) in a request.
 pub trait Extractor: Send + Sync + 'static {
     /// The key, or `None` if the request does not carry it.
-    fn extract(&self, req: &Parts) -> Option<String>;
+    fn extract(&self, req: &Parts) -> Option<CompactString>;
 
     /// What the extractor looks for, for error messages (e.g. `header x-api-key`), read
     /// after "the request has no".
@@ -33,12 +35,13 @@ pub trait Extractor: Send + Sync + 'static {
     }
 }
 
-impl<F> Extractor for F
+impl<F, K> Extractor for F
 where
-    F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+    F: Fn(&Parts) -> Option<K> + Send + Sync + 'static,
+    K: Into<CompactString>,
 {
-    fn extract(&self, req: &Parts) -> Option<String> {
-        self(req)
+    fn extract(&self, req: &Parts) -> Option<CompactString> {
+        self(req).map(Into::into)
     }
 }
 
@@ -64,10 +67,10 @@ pub fn header(name: impl AsRef<str>) -> Header {
 }
 
 impl Extractor for Header {
-    fn extract(&self, req: &Parts) -> Option<String> {
+    fn extract(&self, req: &Parts) -> Option<CompactString> {
         let value = req.headers.get(self.name.as_ref()?)?;
         let text = value.to_str().ok()?.trim();
-        (!text.is_empty()).then(|| text.to_string())
+        (!text.is_empty()).then(|| CompactString::from(text))
     }
 
     fn describe(&self) -> String {
@@ -87,11 +90,11 @@ pub fn query(name: impl Into<String>) -> Query {
 }
 
 impl Extractor for Query {
-    fn extract(&self, req: &Parts) -> Option<String> {
+    fn extract(&self, req: &Parts) -> Option<CompactString> {
         let q = req.uri.query()?;
         form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == &self.name)
-            .map(|(_, v)| v.into_owned())
+            .map(|(_, v)| CompactString::from(v))
             .filter(|v| !v.is_empty())
     }
 
@@ -113,10 +116,10 @@ pub fn bearer() -> Secret<BearerToken> {
 }
 
 impl Extractor for BearerToken {
-    fn extract(&self, req: &Parts) -> Option<String> {
+    fn extract(&self, req: &Parts) -> Option<CompactString> {
         let auth: Authorization<Bearer> = req.headers.typed_get()?;
         let token = auth.token().trim();
-        (!token.is_empty()).then(|| token.to_string())
+        (!token.is_empty()).then(|| CompactString::from(token))
     }
 
     fn describe(&self) -> String {
@@ -203,8 +206,10 @@ impl<E> Secret<E> {
 }
 
 impl<E: Extractor> Extractor for Secret<E> {
-    fn extract(&self, req: &Parts) -> Option<String> {
-        self.inner.extract(req).map(|value| self.id_of(&value))
+    fn extract(&self, req: &Parts) -> Option<CompactString> {
+        self.inner
+            .extract(req)
+            .map(|value| self.id_of(&value).into())
     }
 
     fn describe(&self) -> String {
@@ -215,18 +220,18 @@ impl<E: Extractor> Extractor for Secret<E> {
 /// The same value for every request (e.g. one resource name for a whole router).
 #[derive(Debug, Clone)]
 pub struct Fixed {
-    value: String,
+    value: CompactString,
 }
 
 /// Always `value`.
 pub fn fixed(value: impl Into<String>) -> Fixed {
     Fixed {
-        value: value.into(),
+        value: value.into().into(),
     }
 }
 
 impl Extractor for Fixed {
-    fn extract(&self, _req: &Parts) -> Option<String> {
+    fn extract(&self, _req: &Parts) -> Option<CompactString> {
         Some(self.value.clone())
     }
 
@@ -337,13 +342,13 @@ impl ForwardedIp {
 }
 
 impl Extractor for ForwardedIp {
-    fn extract(&self, req: &Parts) -> Option<String> {
+    fn extract(&self, req: &Parts) -> Option<CompactString> {
         if self.trusted_proxies == 0 {
             return None;
         }
         let chain = self.chain(req)?;
         let index = chain.len().checked_sub(self.trusted_proxies)?;
-        chain[index].map(ip_entity_id)
+        chain[index].map(|ip| ip_entity_id(ip).into())
     }
 
     fn describe(&self) -> String {
@@ -376,7 +381,7 @@ mod axum_extractors {
     #[derive(Debug, Clone, Default)]
     pub struct MatchedPathResource {
         /// `None`: unmatched requests pass through.
-        unmatched: Option<String>,
+        unmatched: Option<CompactString>,
         pass: bool,
     }
 
@@ -394,7 +399,7 @@ mod axum_extractors {
     impl MatchedPathResource {
         /// The resource for requests that matched no route (default `unmatched`).
         pub fn unmatched(mut self, resource: impl Into<String>) -> Self {
-            self.unmatched = Some(resource.into());
+            self.unmatched = Some(resource.into().into());
             self.pass = false;
             self
         }
@@ -430,9 +435,9 @@ mod axum_extractors {
     }
 
     impl Extractor for MatchedPathResource {
-        fn extract(&self, req: &Parts) -> Option<String> {
+        fn extract(&self, req: &Parts) -> Option<CompactString> {
             match req.extensions.get::<MatchedPath>() {
-                Some(matched) => Some(path_resource(matched.as_str())),
+                Some(matched) => Some(path_resource(matched.as_str()).into()),
                 None => self.unmatched.clone(),
             }
         }
@@ -457,9 +462,9 @@ mod axum_extractors {
     }
 
     impl Extractor for PeerIp {
-        fn extract(&self, req: &Parts) -> Option<String> {
+        fn extract(&self, req: &Parts) -> Option<CompactString> {
             let info = req.extensions.get::<ConnectInfo<SocketAddr>>()?;
-            Some(ip_entity_id(info.0.ip()))
+            Some(ip_entity_id(info.0.ip()).into())
         }
 
         fn describe(&self) -> String {
@@ -498,7 +503,10 @@ mod tests {
         assert_eq!(query("api_key").extract(&r).as_deref(), Some("q 1"));
         assert_eq!(query("nope").extract(&r), None);
         assert_eq!(BearerToken.extract(&r).as_deref(), Some("tok"));
-        assert_eq!(bearer().extract(&r), Some(secret(BearerToken).id_of("tok")));
+        assert_eq!(
+            bearer().extract(&r),
+            Some(secret(BearerToken).id_of("tok").into())
+        );
         assert_eq!(fixed("api").extract(&r).as_deref(), Some("api"));
         assert_eq!(Extractor::extract(&header("bad name"), &r), None);
         let basic = req(&[("authorization", "Basic abc")], "/");

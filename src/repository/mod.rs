@@ -52,9 +52,9 @@ pub type Items = SmallVec<[ItemRequest; 1]>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ItemRequest {
     /// The entity.
-    pub entity_id: String,
+    pub entity_id: crate::CompactString,
     /// The resource.
-    pub resource: String,
+    pub resource: crate::CompactString,
     /// The limits to enforce.
     pub limits: Arc<[Limit]>,
     /// The whole tokens to take from each limit, in the same order (zero allowed).
@@ -445,8 +445,8 @@ pub(crate) fn statuses(items: &[ItemRequest], checks: &[LimitCheck]) -> Vec<Limi
         })
         .zip(checks)
         .map(|((item, limit, requested), check)| LimitStatus {
-            entity_id: item.entity_id.clone(),
-            resource: item.resource.clone(),
+            entity_id: item.entity_id.to_string(),
+            resource: item.resource.to_string(),
             limit: limit.clone(),
             available: check.available,
             requested,

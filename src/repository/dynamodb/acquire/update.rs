@@ -450,13 +450,13 @@ pub(in crate::repository::dynamodb) fn mark_soft(
 pub(in crate::repository::dynamodb) fn refusal(image: &Image, item: &ItemRequest) -> Option<Error> {
     let unsupported = |feature: &str| Error::Unsupported {
         feature: feature.to_string(),
-        entity_id: item.entity_id.clone(),
-        resource: item.resource.clone(),
+        entity_id: item.entity_id.to_string(),
+        resource: item.resource.to_string(),
     };
     if image.disabled {
         return Some(Error::ResourceDisabled {
-            entity_id: item.entity_id.clone(),
-            resource: item.resource.clone(),
+            entity_id: item.entity_id.to_string(),
+            resource: item.resource.to_string(),
         });
     }
     image.unsupported.map(unsupported)

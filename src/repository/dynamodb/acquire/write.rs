@@ -242,8 +242,8 @@ impl Inner {
     ) -> Item {
         let pk = keys::bucket_pk(&self.ns, &item.entity_id, &slot(item));
         let mut attrs = codec::key(pk.clone(), keys::STATE_SK);
-        attrs.insert("entity_id".into(), s(&item.entity_id));
-        attrs.insert("resource".into(), s(&item.resource));
+        attrs.insert("entity_id".into(), s(item.entity_id.as_str()));
+        attrs.insert("resource".into(), s(item.resource.as_str()));
         attrs.insert("rf".into(), num(now));
         attrs.insert("shard_count".into(), num(i64::from(item.shard.count)));
         for ((limit, &amount), state) in item.limits.iter().zip(&item.amounts).zip(states) {
