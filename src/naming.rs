@@ -24,9 +24,9 @@ const MAX_NAME_LEN: usize = 64;
 fn check(
     value: &str,
     max_len: usize,
-    first_ok: fn(char) -> bool,
+    first_ok: impl Fn(char) -> bool,
     first_rule: &str,
-    rest_ok: fn(char) -> bool,
+    rest_ok: impl Fn(char) -> bool,
     rest_rule: &str,
 ) -> Result<(), String> {
     if value.is_empty() {
@@ -49,7 +49,7 @@ fn check(
         return Err("must not contain '#'".into());
     }
     let mut chars = value.chars();
-    if !chars.next().is_some_and(first_ok) {
+    if !chars.next().is_some_and(&first_ok) {
         return Err(format!("must start with {first_rule}"));
     }
     if let Some(bad) = chars.find(|c| !rest_ok(*c)) {

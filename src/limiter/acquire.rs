@@ -346,7 +346,7 @@ impl Acquire {
         consume: Option<&[(String, i64)]>,
         lookups: &mut SmallVec<[bool; 2]>,
     ) -> Option<Result<Lease, Error>> {
-        let limiter = self.limiter.clone();
+        let limiter = &self.limiter;
         let now = limiter.now_ms();
         let stored =
             match limiter.stored_config_now(&self.entity_id, &self.resource, now, lookups)? {

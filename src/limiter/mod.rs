@@ -271,6 +271,11 @@ impl RateLimiter {
         now_ms: i64,
         lookups: &mut SmallVec<[bool; 2]>,
     ) -> Option<Result<Arc<StoredConfig>, Error>> {
+        if self.inner.repo.stores_nothing() {
+            // Nothing to look up or cache; the stored policy is none.
+            self.note_policy(None);
+            return Some(Ok(empty_config()));
+        }
         let version = self.inner.repo.config_version();
         if let Some(hit) = self
             .inner
@@ -295,13 +300,27 @@ impl RateLimiter {
     ) -> Arc<StoredConfig> {
         // Most keys have nothing stored: share one empty config rather than hold a copy
         // per key.
-        static EMPTY: std::sync::OnceLock<Arc<StoredConfig>> = std::sync::OnceLock::new();
-        let config = if config == StoredConfig::default() {
-            Arc::clone(EMPTY.get_or_init(Arc::default))
+        let empty = config == StoredConfig::default();
+        let config = if empty {
+            empty_config()
         } else {
             Arc::new(config)
         };
-        let code = match config.on_unavailable {
+        self.note_policy(config.on_unavailable);
+        // An in-process backend (one that reports a version) re-reads "nothing stored" as
+        // cheaply as the cache would answer, so such keys take no cache entry: memory then
+        // grows only with the buckets.
+        if !(empty && version.is_some()) {
+            self.inner
+                .cache
+                .insert(entity_id, resource, Arc::clone(&config), now_ms, version);
+        }
+        config
+    }
+
+    /// Records the stored outage policy last read.
+    fn note_policy(&self, stored: Option<OnUnavailable>) {
+        let code = match stored {
             None => 0,
             Some(OnUnavailable::Allow) => 1,
             Some(OnUnavailable::Block) => 2,
@@ -310,16 +329,6 @@ impl RateLimiter {
         if self.inner.last_policy.load(Ordering::Relaxed) != code {
             self.inner.last_policy.store(code, Ordering::Relaxed);
         }
-        // An in-process backend (one that reports a version) re-reads "nothing stored" as
-        // cheaply as the cache would answer, so such keys take no cache entry: memory then
-        // grows only with the buckets.
-        let empty = Arc::ptr_eq(&config, EMPTY.get_or_init(Arc::default));
-        if !(empty && version.is_some()) {
-            self.inner
-                .cache
-                .insert(entity_id, resource, Arc::clone(&config), now_ms, version);
-        }
-        config
     }
 
     /// The policy for an outage: per call, then the limiter's, then the stored one (last
@@ -471,4 +480,10 @@ pub(super) fn no_limits(entity_id: &str, resource: &str) -> Error {
         format!("{entity_id}/{resource}"),
         "no limits are stored at any level and none were passed",
     )
+}
+
+/// The config of a key with nothing stored, shared by every such key.
+fn empty_config() -> Arc<StoredConfig> {
+    static EMPTY: std::sync::OnceLock<Arc<StoredConfig>> = std::sync::OnceLock::new();
+    Arc::clone(EMPTY.get_or_init(Arc::default))
 }

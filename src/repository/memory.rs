@@ -68,8 +68,9 @@ struct Item {
     /// Per limit name (interned, shared by every item): the usual single bucket inline in
     /// the item's own allocation, since millions of these may be held.
     buckets: SmallVec<[(Arc<str>, BucketState); 1]>,
-    /// When the item may be evicted, epoch milliseconds.
-    evict_at_ms: i64,
+    /// The last write, epoch milliseconds: the sweeper works out from it and the buckets
+    /// when the item may go, so the hot path only stores a time.
+    touched_ms: i64,
     /// Set by eviction; a writer that finds it set looks the item up again.
     evicted: bool,
 }
@@ -122,9 +123,14 @@ impl Item {
         }
     }
 
-    /// Keep the item until every bucket is full again, and at least `multiplier` times the
-    /// longest time to fill after the last write.
-    fn touch(&mut self, now_ms: i64, multiplier: u32) {
+    /// Records a write at `now_ms`.
+    fn touch(&mut self, now_ms: i64) {
+        self.touched_ms = now_ms;
+    }
+
+    /// When the item may be evicted: once every bucket is full again, and at least
+    /// `multiplier` times the longest time to fill after the last write.
+    fn evict_at_ms(&self, multiplier: u32) -> i64 {
         let mut keep_ms: u64 = 0;
         for (_, s) in &self.buckets {
             let fill = fill_time_ms(s).saturating_mul(u64::from(multiplier));
@@ -132,10 +138,11 @@ impl Item {
             // From zero or more tokens a bucket is full within one time to fill; only a
             // bucket in debt needs longer.
             if s.tokens_milli < 0 {
-                keep_ms = keep_ms.max(bucket::time_until_full(s, now_ms));
+                keep_ms = keep_ms.max(bucket::time_until_full(s, self.touched_ms));
             }
         }
-        self.evict_at_ms = now_ms.saturating_add(i64::try_from(keep_ms).unwrap_or(i64::MAX));
+        self.touched_ms
+            .saturating_add(i64::try_from(keep_ms).unwrap_or(i64::MAX))
     }
 }
 
@@ -305,7 +312,7 @@ impl Inner {
             let Some(mut guard) = item.try_lock() else {
                 return true;
             };
-            if guard.evict_at_ms <= now {
+            if guard.evict_at_ms(self.idle_ttl_multiplier) <= now {
                 guard.evicted = true;
                 false
             } else {
@@ -327,6 +334,28 @@ impl Inner {
                     .or_default(),
             )
         })
+    }
+
+    /// Runs `f` on one item, locked, creating the item if it is missing.
+    ///
+    /// The uncontended case locks the item while the map's shard is held (shared), so no
+    /// reference count moves and eviction cannot remove it meanwhile. It only *tries* the
+    /// item's lock there: waiting for an item while holding a shard could deadlock with a
+    /// cascade that holds that item and waits for the shard. A busy item is locked the
+    /// slow way, through its own reference.
+    fn with_item<T>(&self, entity_id: &str, resource: &str, f: impl FnOnce(&mut Item) -> T) -> T {
+        let mut f = Some(f);
+        let fast = keys::with_entity_resource(entity_id, resource, |key| {
+            let found = self.buckets.get(key)?;
+            let mut item = found.try_lock()?;
+            // Removed items are marked after they left the map: never seen here.
+            f.take().map(|f| f(&mut item))
+        });
+        match (fast, f) {
+            (Some(done), _) => done,
+            (None, Some(f)) => f(&mut self.lock_one(entity_id, resource)),
+            (None, None) => unreachable!("f runs only when it returns"),
+        }
     }
 
     /// Locks one item, retrying if eviction removed it between lookup and lock.
@@ -373,6 +402,10 @@ impl Repository for InMemoryRepository {
 
     fn config_version(&self) -> Option<u64> {
         Some(self.inner.version.load(Ordering::Acquire))
+    }
+
+    fn stores_nothing(&self) -> bool {
+        self.inner.nothing_stored.load(Ordering::Acquire)
     }
 
     async fn acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome, Error> {
@@ -643,7 +676,7 @@ impl InMemoryRepository {
                 }
             }
             for g in guards.iter_mut() {
-                g.touch(now, self.inner.idle_ttl_multiplier);
+                g.touch(now);
             }
         } else {
             for (i, item) in items.iter().enumerate() {
@@ -661,17 +694,21 @@ impl InMemoryRepository {
     /// [`Self::decide`] for the usual single item (no cascade), without the bookkeeping
     /// that ordering several locks needs (measurably cheaper on the hot path).
     fn decide_one(&self, item: &ItemRequest, now: i64) -> AcquireOutcome {
-        let mut guard = self.inner.lock_one(&item.entity_id, &item.resource);
         let mut checks = Checks::with_capacity(item.limits.len());
-        let (admitted, states) = guard.charge(item, now, &mut checks);
-        if admitted {
-            for (limit, state) in item.limits.iter().zip(states) {
-                guard.put(&limit.name, state);
-            }
-            guard.touch(now, self.inner.idle_ttl_multiplier);
-        } else {
-            guard.adopt_changed_params(item, now);
-        }
+        let admitted = self
+            .inner
+            .with_item(&item.entity_id, &item.resource, |guard| {
+                let (admitted, states) = guard.charge(item, now, &mut checks);
+                if admitted {
+                    for (limit, state) in item.limits.iter().zip(states) {
+                        guard.put(&limit.name, state);
+                    }
+                    guard.touch(now);
+                } else {
+                    guard.adopt_changed_params(item, now);
+                }
+                admitted
+            });
         AcquireOutcome {
             admitted,
             checks,
@@ -684,25 +721,27 @@ impl InMemoryRepository {
     fn adjust_now(&self, request: &AdjustRequest) -> Result<(), Error> {
         let now = request.now_ms;
         self.inner.observe(now);
-        let mut item = self.inner.lock_one(&request.entity_id, &request.resource);
-        let mut next: SmallVec<[BucketState; 4]> = SmallVec::new();
-        for (limit, delta) in &request.deltas {
-            let current = reconcile_bucket(item.get(&limit.name), limit, now);
-            if request.counts_only {
-                next.push(bucket::count_only(&current, *delta, now).state);
-                continue;
-            }
-            let state = bucket::force_consume(&current, *delta, now);
-            if state.tokens_milli < bucket::MIN_TOKENS_MILLI {
-                return Err(debt_too_deep(&limit.name, *delta));
-            }
-            next.push(state);
-        }
-        for ((limit, _), state) in request.deltas.iter().zip(next) {
-            item.put(&limit.name, state);
-        }
-        item.touch(now, self.inner.idle_ttl_multiplier);
-        Ok(())
+        self.inner
+            .with_item(&request.entity_id, &request.resource, |item| {
+                let mut next: SmallVec<[BucketState; 4]> = SmallVec::new();
+                for (limit, delta) in &request.deltas {
+                    let current = reconcile_bucket(item.get(&limit.name), limit, now);
+                    if request.counts_only {
+                        next.push(bucket::count_only(&current, *delta, now).state);
+                        continue;
+                    }
+                    let state = bucket::force_consume(&current, *delta, now);
+                    if state.tokens_milli < bucket::MIN_TOKENS_MILLI {
+                        return Err(debt_too_deep(&limit.name, *delta));
+                    }
+                    next.push(state);
+                }
+                for ((limit, _), state) in request.deltas.iter().zip(next) {
+                    item.put(&limit.name, state);
+                }
+                item.touch(now);
+                Ok(())
+            })
     }
 }
 

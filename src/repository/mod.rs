@@ -269,6 +269,14 @@ pub trait Repository: Send + Sync + 'static {
         None
     }
 
+    /// Whether the backend knows, without I/O, that nothing at all is stored (no entity,
+    /// limits, flag or policy): limits then come from the caller alone, and the limiter
+    /// skips the config lookup. Only an in-process backend can tell; the default is
+    /// `false` (look up as usual).
+    fn stores_nothing(&self) -> bool {
+        false
+    }
+
     /// Consumes from every limit of every item, or from none; see the module docs.
     async fn acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome, Error>;
 

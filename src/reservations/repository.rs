@@ -1039,6 +1039,10 @@ impl Repository for Reserving {
         self.shared.inner.config_version()
     }
 
+    fn stores_nothing(&self) -> bool {
+        self.shared.inner.stores_nothing()
+    }
+
     async fn acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome, Error> {
         let s = &self.shared;
         if request.items.iter().any(|i| i.bypass) {
