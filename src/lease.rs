@@ -14,7 +14,9 @@ use parking_lot::Mutex;
 use smallvec::SmallVec;
 
 use crate::amount::{checked_amounts, named_amounts, Amount};
-use crate::repository::{statuses, AdjustRequest, Checks, ItemRequest, Items, LimitCheck};
+use crate::repository::{
+    statuses, AcquireOutcome, AcquireRequest, AdjustRequest, Checks, ItemRequest, Items, LimitCheck,
+};
 use crate::{Error, Limit, LimitStatus, RateLimiter};
 
 /// Whole tokens per limit of every item: inline for the usual few limits.
@@ -69,8 +71,9 @@ pub(crate) struct LeaseShared {
     limiter: RateLimiter,
     /// Random, for write ids unique across processes.
     id: u64,
-    /// The items charged: the entity's own, then its parent's in a cascade.
-    items: Items,
+    /// The acquire's request: the items charged (the entity's own, then its parent's in a
+    /// cascade). Held whole, so the hot path decides on it in place (see [`Prepared`]).
+    request: AcquireRequest,
     checks: Checks,
     statuses: OnceLock<Vec<LimitStatus>>,
     /// Admitted during an outage without a write: holds nothing.
@@ -120,21 +123,22 @@ impl LeaseShared {
     }
 
     fn entity_id(&self) -> &str {
-        &self.items[0].entity_id
+        &self.request.items[0].entity_id
     }
 
     fn resource(&self) -> &str {
-        &self.items[0].resource
+        &self.request.items[0].resource
     }
 
     fn statuses(&self) -> &[LimitStatus] {
         self.statuses
-            .get_or_init(|| statuses(&self.items, &self.checks))
+            .get_or_init(|| statuses(&self.request.items, &self.checks))
     }
 
     /// (item, limit, flat index) for every limit of every item.
     fn slots(&self) -> impl Iterator<Item = (usize, &Limit, usize)> {
-        self.items
+        self.request
+            .items
             .iter()
             .enumerate()
             .flat_map(|(i, item)| item.limits.iter().map(move |l| (i, l)))
@@ -217,7 +221,10 @@ impl LeaseShared {
 
     /// Where item `index`'s limits start in the flat amounts.
     fn item_start(&self, index: usize) -> usize {
-        self.items[..index].iter().map(|i| i.limits.len()).sum()
+        self.request.items[..index]
+            .iter()
+            .map(|i| i.limits.len())
+            .sum()
     }
 
     /// Records a written item's deltas.
@@ -237,7 +244,11 @@ impl LeaseShared {
             return Ok(());
         };
         let result = self
-            .write(&self.items[doubt.item], &doubt.deltas, &doubt.write_id)
+            .write(
+                &self.request.items[doubt.item],
+                &doubt.deltas,
+                &doubt.write_id,
+            )
             .await;
         let mut state = self.state.lock();
         match result {
@@ -316,7 +327,7 @@ impl LeaseShared {
     /// it is kept in doubt and re-issued before anything else.
     async fn apply(&self, deltas: &[i64], commit: bool) -> Result<(), Error> {
         let mut start = 0;
-        for (index, item) in self.items.iter().enumerate() {
+        for (index, item) in self.request.items.iter().enumerate() {
             let end = start + item.limits.len();
             let part = &deltas[start..end];
             if part.iter().any(|d| *d != 0) {
@@ -374,6 +385,34 @@ impl Lease {
         Self::from_parts(limiter, items, checks, written, false)
     }
 
+    /// A lease's shared part allocated before the backend decides, with `request` in it,
+    /// so an acquire decided at once builds its request once and never moves it again.
+    pub(crate) fn prepare(limiter: &RateLimiter, request: AcquireRequest) -> Prepared {
+        let mut written = LeaseAmounts::new();
+        for item in &request.items {
+            for amount in &item.amounts {
+                written.push(*amount as i64);
+            }
+        }
+        Prepared(Arc::new(LeaseShared {
+            limiter: limiter.clone(),
+            id: lease_id(),
+            state: Mutex::new(LeaseState {
+                pending: smallvec::smallvec![0; written.len()],
+                written,
+                closed: false,
+                in_doubt: None,
+                writes_issued: 0,
+                settling: false,
+            }),
+            request,
+            checks: Checks::new(),
+            statuses: OnceLock::new(),
+            unlimited: false,
+            writes: tokio::sync::Mutex::new(()),
+        }))
+    }
+
     fn from_parts(
         limiter: &RateLimiter,
         items: Items,
@@ -393,7 +432,7 @@ impl Lease {
                     writes_issued: 0,
                     settling: false,
                 }),
-                items,
+                request: AcquireRequest { items, now_ms: 0 },
                 checks,
                 statuses: OnceLock::new(),
                 unlimited,
@@ -427,7 +466,7 @@ impl Lease {
 
     /// The items and checks, for the HTTP layer's header fields.
     pub(crate) fn parts(&self) -> (&[ItemRequest], &[LimitCheck]) {
-        (&self.shared.items, &self.shared.checks)
+        (&self.shared.request.items, &self.shared.checks)
     }
 
     /// The entity the lease charged.
@@ -798,5 +837,52 @@ pub(crate) fn run_detached(fut: impl Future<Output = ()> + Send + 'static) {
         .spawn(move || runtime.block_on(fut));
     if let Err(e) = spawned {
         tracing::error!(error = %e, "a lease could not be settled: no thread could be started to finish the backend write on");
+    }
+}
+
+/// A lease whose acquire is being decided (see [`Lease::prepare`]): nothing was consumed
+/// yet, so dropping it writes nothing.
+pub(crate) struct Prepared(Arc<LeaseShared>);
+
+impl Prepared {
+    /// The request to decide.
+    pub(crate) fn request(&self) -> &AcquireRequest {
+        &self.0.request
+    }
+
+    /// The lease for an admitted decision: the backend's checks, and the items it bypassed
+    /// or charged on another shard, recorded for the lease's later writes.
+    pub(crate) fn admit(mut self, outcome: AcquireOutcome) -> Lease {
+        let shared = match Arc::get_mut(&mut self.0) {
+            Some(shared) => shared,
+            // Never shared before it is admitted; rebuilt rather than trusted otherwise.
+            None => {
+                let request = self.0.request.clone();
+                return Lease::prepare(&self.0.limiter, request).admit(outcome);
+            }
+        };
+        shared.checks = outcome.checks;
+        for &i in &outcome.bypassed {
+            if let Some(item) = shared.request.items.get_mut(i) {
+                item.bypass = true;
+            }
+        }
+        for &(i, shard) in &outcome.shards {
+            if let Some(item) = shared.request.items.get_mut(i) {
+                item.shard = shard;
+            }
+        }
+        Lease {
+            shared: self.0,
+            settles_on_drop: true,
+        }
+    }
+
+    /// The request back, for an acquire not decided here.
+    pub(crate) fn into_request(self) -> AcquireRequest {
+        match Arc::try_unwrap(self.0) {
+            Ok(shared) => shared.request,
+            Err(shared) => shared.request.clone(),
+        }
     }
 }

@@ -202,6 +202,13 @@ impl Limit {
     /// Checks the name and that every number is positive and within bounds.
     pub fn validate(&self) -> Result<(), Error> {
         naming::validate_limit_name(&self.name)?;
+        // Every acquire validates the limits it is given: the valid case in three compares.
+        if (1..=MAX_TOKENS).contains(&self.capacity)
+            && (1..=MAX_TOKENS).contains(&self.refill_amount)
+            && (1..=MAX_REFILL_PERIOD_SECONDS).contains(&self.refill_period_seconds)
+        {
+            return Ok(());
+        }
         let check = |field: &str, value: u64, max: u64| {
             if value == 0 {
                 Err(Error::validation(

@@ -255,6 +255,23 @@ impl Acquire {
 
     /// Turns the backend's answer into a lease or a rejection.
     fn finish(&self, request: AcquireRequest, outcome: AcquireOutcome) -> Result<Lease, Error> {
+        self.judge(&request, &outcome)?;
+        let mut items = request.items;
+        for &i in &outcome.bypassed {
+            if let Some(item) = items.get_mut(i) {
+                item.bypass = true;
+            }
+        }
+        for &(i, shard) in &outcome.shards {
+            if let Some(item) = items.get_mut(i) {
+                item.shard = shard;
+            }
+        }
+        Ok(Lease::new(&self.limiter, items, outcome.checks))
+    }
+
+    /// Counts the backend's answer, and turns a refusal into the rejection.
+    fn judge(&self, request: &AcquireRequest, outcome: &AcquireOutcome) -> Result<(), Error> {
         self.limiter.inner.metrics.decided(
             &request.items[0].resource,
             if outcome.admitted {
@@ -286,18 +303,7 @@ impl Acquire {
             resource = %request.items[0].resource,
             "admitted"
         );
-        let mut items = request.items;
-        for &i in &outcome.bypassed {
-            if let Some(item) = items.get_mut(i) {
-                item.bypass = true;
-            }
-        }
-        for &(i, shard) in &outcome.shards {
-            if let Some(item) = items.get_mut(i) {
-                item.shard = shard;
-            }
-        }
-        Ok(Lease::new(&self.limiter, items, outcome.checks))
+        Ok(())
     }
 
     async fn decide(&self, consume: Option<&[(String, i64)]>) -> Result<Lease, Error> {
@@ -381,15 +387,20 @@ impl Acquire {
         if let Some(parent) = parent_item {
             items.push(parent);
         }
-        let mut request = AcquireRequest { items, now_ms: now };
-        match limiter.inner.repo.acquire_now(&request) {
-            Some(Ok(outcome)) => Some(self.finish(request, outcome)),
+        // The lease is allocated first with the request in it: decided at once, the
+        // request is never moved again.
+        let prepared = Lease::prepare(limiter, AcquireRequest { items, now_ms: now });
+        match limiter.inner.repo.acquire_now(prepared.request()) {
+            Some(Ok(outcome)) => Some(
+                self.judge(prepared.request(), &outcome)
+                    .map(|()| prepared.admit(outcome)),
+            ),
             Some(Err(e)) => {
-                self.take_back(&mut request);
+                self.take_back(&mut prepared.into_request());
                 Some(Err(e))
             }
             None => {
-                self.take_back(&mut request);
+                self.take_back(&mut prepared.into_request());
                 None
             }
         }

@@ -7,17 +7,19 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dashmap::DashMap;
+use ecow::EcoString;
 use parking_lot::{Mutex, RawMutex};
 use smallvec::SmallVec;
 
+mod item;
+
+use item::{Item, ParamsTable, States};
+
 type ItemGuard = parking_lot::ArcMutexGuard<RawMutex, Item>;
 
-/// New bucket states for one item's limits: inline for the usual few.
-type States = SmallVec<[BucketState; 4]>;
-
 use super::{
-    debt_too_deep, params_changed, reconcile_bucket, Access, AcquireOutcome, AcquireRequest,
-    AdjustRequest, Checks, ConfigScope, ItemRequest, LimitCheck, Repository, StoredConfig,
+    debt_too_deep, reconcile_bucket, Access, AcquireOutcome, AcquireRequest, AdjustRequest, Checks,
+    ConfigScope, ItemRequest, Repository, StoredConfig,
 };
 use crate::bucket::{self, BucketState};
 use crate::keys;
@@ -44,8 +46,9 @@ pub struct InMemoryRepository {
 
 #[derive(Debug)]
 struct Inner {
-    /// Per `{entity}#{resource}` (a boxed key: no capacity word per entry).
-    buckets: DashMap<Box<str>, Arc<Mutex<Item>>, foldhash::fast::RandomState>,
+    /// Per `{entity}#{resource}`: keys of up to 15 bytes (an address and a short
+    /// resource) inline in the map's 16-byte slot, no block of their own.
+    buckets: DashMap<EcoString, Arc<Mutex<Item>>, foldhash::fast::RandomState>,
     entities: RwLock<HashMap<String, Entity>>,
     configs: RwLock<HashMap<ConfigScope, Arc<[Limit]>>>,
     /// Moves on every entity or config write (see [`Repository::config_version`]).
@@ -61,127 +64,8 @@ struct Inner {
     /// follows a manual clock in tests.
     latest_now_ms: AtomicI64,
     idle_ttl_multiplier: u32,
-}
-
-#[derive(Debug, Default)]
-struct Item {
-    /// Per limit name (interned, shared by every item): the usual single bucket inline in
-    /// the item's own allocation, since millions of these may be held.
-    buckets: SmallVec<[(Arc<str>, BucketState); 1]>,
-    /// The last write, epoch milliseconds: the sweeper works out from it and the buckets
-    /// when the item may go, so the hot path only stores a time.
-    touched_ms: i64,
-    /// Set by eviction; a writer that finds it set looks the item up again.
-    evicted: bool,
-}
-
-impl Item {
-    fn get(&self, name: &str) -> Option<&BucketState> {
-        self.buckets
-            .iter()
-            .find(|(n, _)| &**n == name)
-            .map(|(_, s)| s)
-    }
-
-    /// Tries every limit of `request` against this item's buckets without writing: pushes
-    /// one check per limit and returns whether all fit, with the states to write if so.
-    fn charge(&self, request: &ItemRequest, now: i64, checks: &mut Checks) -> (bool, States) {
-        let mut fits = true;
-        let mut states = States::new();
-        for (limit, amount) in request.limits.iter().zip(request.amounts.iter().copied()) {
-            let current = reconcile_bucket(self.get(&limit.name), limit, now);
-            let result = if request.bypass {
-                bucket::count_only(&current, i64::try_from(amount).unwrap_or(i64::MAX), now)
-            } else {
-                bucket::try_consume_limit(limit, &current, amount, now)
-            };
-            fits &= result.success;
-            checks.push(LimitCheck::from_consume(limit, amount, &result));
-            states.push(result.state);
-        }
-        (fits, states)
-    }
-
-    /// After a rejection: stores, refilled to now, the buckets whose limit parameters
-    /// changed, so the new rate counts from now (see [`reconcile_bucket`]).
-    fn adopt_changed_params(&mut self, request: &ItemRequest, now: i64) {
-        for limit in request.limits.iter() {
-            if let Some(stored) = self.get(&limit.name).filter(|s| params_changed(s, limit)) {
-                let state = reconcile_bucket(Some(stored), limit, now);
-                self.put(&limit.name, state);
-            }
-        }
-    }
-
-    fn put(&mut self, name: &str, state: BucketState) {
-        match self.buckets.iter_mut().find(|(n, _)| &**n == name) {
-            Some((_, s)) => *s = state,
-            None => {
-                self.buckets.reserve_exact(1);
-                self.buckets.push((interned(name), state));
-            }
-        }
-    }
-
-    /// Records a write at `now_ms`.
-    fn touch(&mut self, now_ms: i64) {
-        self.touched_ms = now_ms;
-    }
-
-    /// When the item may be evicted: once every bucket is full again, and at least
-    /// `multiplier` times the longest time to fill after the last write.
-    fn evict_at_ms(&self, multiplier: u32) -> i64 {
-        let mut keep_ms: u64 = 0;
-        for (_, s) in &self.buckets {
-            let fill = fill_time_ms(s).saturating_mul(u64::from(multiplier));
-            keep_ms = keep_ms.max(fill);
-            // From zero or more tokens a bucket is full within one time to fill; only a
-            // bucket in debt needs longer.
-            if s.tokens_milli < 0 {
-                keep_ms = keep_ms.max(bucket::time_until_full(s, self.touched_ms));
-            }
-        }
-        self.touched_ms
-            .saturating_add(i64::try_from(keep_ms).unwrap_or(i64::MAX))
-    }
-}
-
-/// A limit name, shared by every item with a bucket of that name: a name per bucket would
-/// cost each key a heap block of its own. Names are configuration, so the set stays small.
-fn interned(name: &str) -> Arc<str> {
-    static NAMES: std::sync::OnceLock<parking_lot::RwLock<std::collections::HashSet<Arc<str>>>> =
-        std::sync::OnceLock::new();
-    let names = NAMES.get_or_init(Default::default);
-    if let Some(found) = names.read().get(name) {
-        return Arc::clone(found);
-    }
-    let mut names = names.write();
-    if let Some(found) = names.get(name) {
-        return Arc::clone(found);
-    }
-    let shared: Arc<str> = name.into();
-    names.insert(Arc::clone(&shared));
-    shared
-}
-
-fn fill_time_ms(s: &BucketState) -> u64 {
-    if s.refill_amount_milli <= 0 {
-        return u64::MAX;
-    }
-    let (Ok(capacity), Ok(period), Ok(amount)) = (
-        u64::try_from(s.capacity_milli),
-        u64::try_from(s.refill_period_ms),
-        u64::try_from(s.refill_amount_milli),
-    ) else {
-        return u64::MAX;
-    };
-    // 64-bit division when the product fits, which it does for any realistic limit.
-    if let Some(product) = capacity.checked_mul(period) {
-        return product.div_ceil(amount);
-    }
-    let ms = i128::from(s.capacity_milli) * i128::from(s.refill_period_ms);
-    u64::try_from((ms + i128::from(s.refill_amount_milli) - 1) / i128::from(s.refill_amount_milli))
-        .unwrap_or(u64::MAX)
+    /// The limit names and parameters the buckets share.
+    params: ParamsTable,
 }
 
 /// Builder for [`InMemoryRepository`].
@@ -222,6 +106,7 @@ impl InMemoryRepositoryBuilder {
             access: RwLock::default(),
             latest_now_ms: AtomicI64::new(i64::MIN),
             idle_ttl_multiplier: self.idle_ttl_multiplier,
+            params: ParamsTable::default(),
         });
         if let Some(interval) = self.sweep_interval {
             spawn_sweeper(Arc::downgrade(&inner), interval);
@@ -313,12 +198,13 @@ impl Inner {
                 return true;
             };
             if guard.evict_at_ms(self.idle_ttl_multiplier) <= now {
-                guard.evicted = true;
+                guard.mark_evicted();
                 false
             } else {
                 true
             }
         });
+        self.params.prune();
         before.saturating_sub(self.buckets.len())
     }
 
@@ -330,7 +216,7 @@ impl Inner {
             Arc::clone(
                 &self
                     .buckets
-                    .entry(keys::entity_resource(entity_id, resource).into_boxed_str())
+                    .entry(EcoString::from(keys::entity_resource(entity_id, resource)))
                     .or_default(),
             )
         })
@@ -362,7 +248,7 @@ impl Inner {
     fn lock_one(&self, entity_id: &str, resource: &str) -> ItemGuard {
         loop {
             let guard = Mutex::lock_arc(&self.item(entity_id, resource));
-            if !guard.evicted {
+            if !guard.is_evicted() {
                 return guard;
             }
         }
@@ -376,7 +262,7 @@ impl Inner {
                 .iter()
                 .map(|(e, r)| Mutex::lock_arc(&self.item(e, r)))
                 .collect();
-            if guards.iter().all(|g| !g.evicted) {
+            if guards.iter().all(|g| !g.is_evicted()) {
                 return guards;
             }
         }
@@ -441,9 +327,8 @@ impl Repository for InMemoryRepository {
         };
         let guard = item.lock();
         Ok(guard
-            .buckets
-            .iter()
-            .map(|(name, state)| (name.to_string(), *state))
+            .states()
+            .map(|(name, state)| (name.to_string(), state))
             .collect())
     }
 
@@ -482,12 +367,11 @@ impl Repository for InMemoryRepository {
             .into_iter()
             .filter_map(|(entity_id, item)| {
                 let item = item.lock();
-                (!item.evicted).then(|| crate::usage::ResourceBucket {
+                (!item.is_evicted()).then(|| crate::usage::ResourceBucket {
                     parent_id: entities.get(&entity_id).and_then(|e| e.parent_id.clone()),
                     states: item
-                        .buckets
-                        .iter()
-                        .map(|(name, state)| (name.to_string(), *state))
+                        .states()
+                        .map(|(name, state)| (name.to_string(), state))
                         .collect(),
                     entity_id,
                 })
@@ -508,7 +392,7 @@ impl Repository for InMemoryRepository {
         );
         // Never block on an item lock while holding a map shard: collect, remove, then mark.
         let prefix = keys::entity_resource(entity_id, "");
-        let keys: Vec<Box<str>> = self
+        let keys: Vec<EcoString> = self
             .inner
             .buckets
             .iter()
@@ -517,7 +401,7 @@ impl Repository for InMemoryRepository {
             .collect();
         for key in keys {
             if let Some((_, item)) = self.inner.buckets.remove(&key) {
-                item.lock().evicted = true;
+                item.lock().mark_evicted();
             }
         }
         Ok(existed)
@@ -672,7 +556,7 @@ impl InMemoryRepository {
         if admitted {
             for ((g, states), item) in charged.into_iter().zip(items) {
                 for (limit, state) in item.limits.iter().zip(states) {
-                    guards[g].put(&limit.name, state);
+                    guards[g].put(&limit.name, state, &self.inner.params);
                 }
             }
             for g in guards.iter_mut() {
@@ -680,7 +564,7 @@ impl InMemoryRepository {
             }
         } else {
             for (i, item) in items.iter().enumerate() {
-                guards[guard_of(i)].adopt_changed_params(item, now);
+                guards[guard_of(i)].adopt_changed_params(item, now, &self.inner.params);
             }
         }
         AcquireOutcome {
@@ -695,17 +579,18 @@ impl InMemoryRepository {
     /// that ordering several locks needs (measurably cheaper on the hot path).
     fn decide_one(&self, item: &ItemRequest, now: i64) -> AcquireOutcome {
         let mut checks = Checks::with_capacity(item.limits.len());
+        let params = &self.inner.params;
         let admitted = self
             .inner
             .with_item(&item.entity_id, &item.resource, |guard| {
                 let (admitted, states) = guard.charge(item, now, &mut checks);
                 if admitted {
                     for (limit, state) in item.limits.iter().zip(states) {
-                        guard.put(&limit.name, state);
+                        guard.put(&limit.name, state, params);
                     }
                     guard.touch(now);
                 } else {
-                    guard.adopt_changed_params(item, now);
+                    guard.adopt_changed_params(item, now, params);
                 }
                 admitted
             });
@@ -721,11 +606,12 @@ impl InMemoryRepository {
     fn adjust_now(&self, request: &AdjustRequest) -> Result<(), Error> {
         let now = request.now_ms;
         self.inner.observe(now);
+        let params = &self.inner.params;
         self.inner
             .with_item(&request.entity_id, &request.resource, |item| {
                 let mut next: SmallVec<[BucketState; 4]> = SmallVec::new();
                 for (limit, delta) in &request.deltas {
-                    let current = reconcile_bucket(item.get(&limit.name), limit, now);
+                    let current = reconcile_bucket(item.get(&limit.name).as_ref(), limit, now);
                     if request.counts_only {
                         next.push(bucket::count_only(&current, *delta, now).state);
                         continue;
@@ -737,7 +623,7 @@ impl InMemoryRepository {
                     next.push(state);
                 }
                 for ((limit, _), state) in request.deltas.iter().zip(next) {
-                    item.put(&limit.name, state);
+                    item.put(&limit.name, state, params);
                 }
                 item.touch(now);
                 Ok(())

@@ -1,0 +1,356 @@
+//! [`Item`]: the buckets of one entity and resource, stored compactly, since an embedded
+//! limiter may hold millions of them.
+//!
+//! A bucket keeps only what changes (tokens, refill time and carry, consumption); its
+//! limit's name and parameters sit in a [`Params`] record shared by every bucket with the
+//! same ones ([`ParamsTable`]). The usual single bucket sits inline in the item.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+
+use crate::bucket::{self, BucketState};
+use crate::repository::{params_changed, reconcile_bucket, Checks, ItemRequest, LimitCheck};
+
+/// New bucket states for one item's limits: inline for the usual few.
+pub(super) type States = SmallVec<[BucketState; 4]>;
+
+/// `touched_ms` of an item that eviction (or a delete) took out of the map.
+const EVICTED: i64 = i64::MIN;
+
+/// A limit's name and parameters, shared by every bucket that has them.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Params {
+    name: Box<str>,
+    capacity_milli: i64,
+    refill_amount_milli: i64,
+    refill_period_ms: i64,
+}
+
+impl Params {
+    fn matches(&self, name: &str, state: &BucketState) -> bool {
+        *self.name == *name
+            && self.capacity_milli == state.capacity_milli
+            && self.refill_amount_milli == state.refill_amount_milli
+            && self.refill_period_ms == state.refill_period_ms
+    }
+}
+
+/// The shared [`Params`] records of one repository. Limits are configuration, so the
+/// table stays small; records no bucket uses any more are dropped by [`Self::prune`].
+#[derive(Debug, Default)]
+pub(super) struct ParamsTable {
+    by_name: parking_lot::Mutex<HashMap<Box<str>, Variants>>,
+}
+
+/// The records of one limit name (usually one; more while its parameters change).
+type Variants = SmallVec<[Arc<Params>; 2]>;
+
+impl ParamsTable {
+    /// The shared record for `name` with the parameters of `state`.
+    fn get(&self, name: &str, state: &BucketState) -> Arc<Params> {
+        let mut table = self.by_name.lock();
+        let variants = match table.get_mut(name) {
+            Some(variants) => variants,
+            None => table.entry(name.into()).or_default(),
+        };
+        if let Some(found) = variants.iter().find(|p| p.matches(name, state)) {
+            return Arc::clone(found);
+        }
+        let params = Arc::new(Params {
+            name: name.into(),
+            capacity_milli: state.capacity_milli,
+            refill_amount_milli: state.refill_amount_milli,
+            refill_period_ms: state.refill_period_ms,
+        });
+        variants.push(Arc::clone(&params));
+        params
+    }
+
+    /// Drops the records no bucket holds.
+    pub(super) fn prune(&self) {
+        let mut table = self.by_name.lock();
+        table.retain(|_, variants| {
+            variants.retain(|p| Arc::strong_count(p) > 1);
+            !variants.is_empty()
+        });
+    }
+}
+
+/// One bucket: what changes, plus its shared parameters.
+#[derive(Debug)]
+struct Stored {
+    params: Arc<Params>,
+    tokens_milli: i64,
+    last_refill_ms: i64,
+    refill_carry: i64,
+    total_consumed_milli: i64,
+}
+
+impl Stored {
+    fn state(&self) -> BucketState {
+        BucketState {
+            tokens_milli: self.tokens_milli,
+            last_refill_ms: self.last_refill_ms,
+            refill_carry: self.refill_carry,
+            capacity_milli: self.params.capacity_milli,
+            refill_amount_milli: self.params.refill_amount_milli,
+            refill_period_ms: self.params.refill_period_ms,
+            total_consumed_milli: self.total_consumed_milli,
+        }
+    }
+
+    /// Stores what changes of `state` (whose parameters are this bucket's).
+    fn set(&mut self, state: &BucketState) {
+        self.tokens_milli = state.tokens_milli;
+        self.last_refill_ms = state.last_refill_ms;
+        self.refill_carry = state.refill_carry;
+        self.total_consumed_milli = state.total_consumed_milli;
+    }
+
+    fn new(params: Arc<Params>, state: &BucketState) -> Self {
+        Stored {
+            params,
+            tokens_milli: state.tokens_milli,
+            last_refill_ms: state.last_refill_ms,
+            refill_carry: state.refill_carry,
+            total_consumed_milli: state.total_consumed_milli,
+        }
+    }
+}
+
+/// An item's buckets: one inline (the usual case), else a list. The enum costs no tag:
+/// the shared record's pointer is never null.
+#[derive(Debug)]
+enum Buckets {
+    One(Stored),
+    Many(Vec<Stored>),
+}
+
+impl Default for Buckets {
+    fn default() -> Self {
+        Buckets::Many(Vec::new())
+    }
+}
+
+impl Buckets {
+    fn as_slice(&self) -> &[Stored] {
+        match self {
+            Buckets::One(one) => std::slice::from_ref(one),
+            Buckets::Many(many) => many,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [Stored] {
+        match self {
+            Buckets::One(one) => std::slice::from_mut(one),
+            Buckets::Many(many) => many,
+        }
+    }
+
+    fn push(&mut self, stored: Stored) {
+        match std::mem::take(self) {
+            Buckets::Many(many) if many.is_empty() => *self = Buckets::One(stored),
+            Buckets::One(one) => *self = Buckets::Many(vec![one, stored]),
+            Buckets::Many(mut many) => {
+                many.push(stored);
+                *self = Buckets::Many(many);
+            }
+        }
+    }
+}
+
+/// The buckets of one entity and resource.
+#[derive(Debug, Default)]
+pub(super) struct Item {
+    buckets: Buckets,
+    /// The last write, epoch milliseconds ([`EVICTED`] once out of the map): the sweeper
+    /// works out from it and the buckets when the item may go, so the hot path only
+    /// stores a time.
+    touched_ms: i64,
+}
+
+impl Item {
+    /// The bucket of limit `name`, as stored.
+    pub(super) fn get(&self, name: &str) -> Option<BucketState> {
+        self.buckets
+            .as_slice()
+            .iter()
+            .find(|b| *b.params.name == *name)
+            .map(Stored::state)
+    }
+
+    /// Every bucket, by limit name.
+    pub(super) fn states(&self) -> impl Iterator<Item = (&str, BucketState)> {
+        self.buckets
+            .as_slice()
+            .iter()
+            .map(|b| (&*b.params.name, b.state()))
+    }
+
+    /// Stores the bucket of limit `name`.
+    pub(super) fn put(&mut self, name: &str, state: BucketState, params: &ParamsTable) {
+        match self
+            .buckets
+            .as_mut_slice()
+            .iter_mut()
+            .find(|b| *b.params.name == *name)
+        {
+            Some(stored) => {
+                if !stored.params.matches(name, &state) {
+                    stored.params = params.get(name, &state);
+                }
+                stored.set(&state);
+            }
+            None => self
+                .buckets
+                .push(Stored::new(params.get(name, &state), &state)),
+        }
+    }
+
+    /// Tries every limit of `request` against this item's buckets without writing: pushes
+    /// one check per limit and returns whether all fit, with the states to write if so.
+    pub(super) fn charge(
+        &self,
+        request: &ItemRequest,
+        now: i64,
+        checks: &mut Checks,
+    ) -> (bool, States) {
+        let mut fits = true;
+        let mut states = States::new();
+        for (limit, amount) in request.limits.iter().zip(request.amounts.iter().copied()) {
+            let current = reconcile_bucket(self.get(&limit.name).as_ref(), limit, now);
+            let result = if request.bypass {
+                bucket::count_only(&current, i64::try_from(amount).unwrap_or(i64::MAX), now)
+            } else {
+                bucket::try_consume_limit(limit, &current, amount, now)
+            };
+            fits &= result.success;
+            checks.push(LimitCheck::from_consume(limit, amount, &result));
+            states.push(result.state);
+        }
+        (fits, states)
+    }
+
+    /// After a rejection: stores, refilled to now, the buckets whose limit parameters
+    /// changed, so the new rate counts from now (see [`reconcile_bucket`]).
+    pub(super) fn adopt_changed_params(
+        &mut self,
+        request: &ItemRequest,
+        now: i64,
+        params: &ParamsTable,
+    ) {
+        for limit in request.limits.iter() {
+            if let Some(stored) = self.get(&limit.name).filter(|s| params_changed(s, limit)) {
+                let state = reconcile_bucket(Some(&stored), limit, now);
+                self.put(&limit.name, state, params);
+            }
+        }
+    }
+
+    /// Records a write at `now_ms`.
+    pub(super) fn touch(&mut self, now_ms: i64) {
+        self.touched_ms = now_ms;
+    }
+
+    /// Whether eviction (or a delete) took the item out of the map: a writer that finds
+    /// it so looks the key up again.
+    pub(super) fn is_evicted(&self) -> bool {
+        self.touched_ms == EVICTED
+    }
+
+    /// Marks the item as out of the map.
+    pub(super) fn mark_evicted(&mut self) {
+        self.touched_ms = EVICTED;
+    }
+
+    /// When the item may be evicted: once every bucket is full again, and at least
+    /// `multiplier` times the longest time to fill after the last write.
+    pub(super) fn evict_at_ms(&self, multiplier: u32) -> i64 {
+        let mut keep_ms: u64 = 0;
+        for (_, s) in self.states() {
+            let fill = fill_time_ms(&s).saturating_mul(u64::from(multiplier));
+            keep_ms = keep_ms.max(fill);
+            // From zero or more tokens a bucket is full within one time to fill; only a
+            // bucket in debt needs longer.
+            if s.tokens_milli < 0 {
+                keep_ms = keep_ms.max(bucket::time_until_full(&s, self.touched_ms));
+            }
+        }
+        self.touched_ms
+            .saturating_add(i64::try_from(keep_ms).unwrap_or(i64::MAX))
+    }
+}
+
+fn fill_time_ms(s: &BucketState) -> u64 {
+    if s.refill_amount_milli <= 0 {
+        return u64::MAX;
+    }
+    let (Ok(capacity), Ok(period), Ok(amount)) = (
+        u64::try_from(s.capacity_milli),
+        u64::try_from(s.refill_period_ms),
+        u64::try_from(s.refill_amount_milli),
+    ) else {
+        return u64::MAX;
+    };
+    // 64-bit division when the product fits, which it does for any realistic limit.
+    if let Some(product) = capacity.checked_mul(period) {
+        return product.div_ceil(amount);
+    }
+    let ms = i128::from(s.capacity_milli) * i128::from(s.refill_period_ms);
+    u64::try_from((ms + i128::from(s.refill_amount_milli) - 1) / i128::from(s.refill_amount_milli))
+        .unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Limit;
+
+    #[test]
+    fn an_item_with_one_bucket_fits_a_small_allocation() {
+        // 48 bytes: behind its lock and reference counts, 72 bytes in one 80-byte block.
+        assert_eq!(std::mem::size_of::<Buckets>(), 40);
+        assert_eq!(std::mem::size_of::<Item>(), 48);
+    }
+
+    #[test]
+    fn buckets_keep_their_state_and_share_parameters() {
+        let table = ParamsTable::default();
+        let rps = Limit::per_second("rps", 10);
+        let tpm = Limit::per_minute("tpm", 1000);
+        let mut a = Item::default();
+        let mut b = Item::default();
+        let s = BucketState::from_limit(&rps, 5);
+        a.put("rps", s, &table);
+        b.put("rps", s, &table);
+        assert_eq!(a.get("rps"), Some(s));
+        assert!(Arc::ptr_eq(
+            &a.buckets.as_slice()[0].params,
+            &b.buckets.as_slice()[0].params
+        ));
+        // A second limit, then the first changed: both kept, each with its own state.
+        let t = BucketState::from_limit(&tpm, 7);
+        a.put("tpm", t, &table);
+        let mut changed = BucketState::from_limit(&Limit::per_second("rps", 20), 9);
+        changed.tokens_milli = 3;
+        a.put("rps", changed, &table);
+        assert_eq!(a.get("rps"), Some(changed));
+        assert_eq!(a.get("tpm"), Some(t));
+        assert_eq!(a.states().count(), 2);
+        // The old rps record is still held by b; once b goes, prune drops it.
+        drop(b);
+        table.prune();
+        assert_eq!(table.by_name.lock()["rps"].len(), 1);
+    }
+
+    #[test]
+    fn eviction_is_marked_apart_from_any_time() {
+        let mut item = Item::default();
+        item.touch(0);
+        assert!(!item.is_evicted());
+        item.mark_evicted();
+        assert!(item.is_evicted());
+    }
+}
