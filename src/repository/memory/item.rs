@@ -13,8 +13,8 @@ use smallvec::SmallVec;
 use crate::bucket::{self, BucketState};
 use crate::repository::{params_changed, reconcile_bucket, Checks, ItemRequest, LimitCheck};
 
-/// New bucket states for one item's limits: inline for the usual few.
-pub(super) type States = SmallVec<[BucketState; 4]>;
+/// New bucket states for one item's limits: inline for the usual one or two.
+pub(super) type States = SmallVec<[BucketState; 2]>;
 
 /// `touched_ms` of an item that eviction (or a delete) took out of the map.
 const EVICTED: i64 = i64::MIN;
