@@ -388,24 +388,30 @@ impl Lease {
     /// A lease's shared part allocated before the backend decides, with `request` in it,
     /// so an acquire decided at once builds its request once and never moves it again.
     pub(crate) fn prepare(limiter: &RateLimiter, request: AcquireRequest) -> Prepared {
-        let mut written = LeaseAmounts::new();
-        for item in &request.items {
-            for amount in &item.amounts {
-                written.push(*amount as i64);
-            }
-        }
+        let mut prepared = Self::prepare_empty(limiter, request.now_ms);
+        prepared.extend(request.items);
+        prepared
+    }
+
+    /// [`Self::prepare`] with no item yet: the items are pushed into place after (see
+    /// [`Prepared::extend`]). Allocated from constants, the shared part is written in
+    /// place rather than built and copied.
+    pub(crate) fn prepare_empty(limiter: &RateLimiter, now_ms: i64) -> Prepared {
         Prepared(Arc::new(LeaseShared {
             limiter: limiter.clone(),
             id: lease_id(),
             state: Mutex::new(LeaseState {
-                pending: smallvec::smallvec![0; written.len()],
-                written,
+                pending: LeaseAmounts::new(),
+                written: LeaseAmounts::new(),
                 closed: false,
                 in_doubt: None,
                 writes_issued: 0,
                 settling: false,
             }),
-            request,
+            request: AcquireRequest {
+                items: Items::new(),
+                now_ms,
+            },
             checks: Checks::new(),
             statuses: OnceLock::new(),
             unlimited: false,
@@ -845,6 +851,22 @@ pub(crate) fn run_detached(fut: impl Future<Output = ()> + Send + 'static) {
 pub(crate) struct Prepared(Arc<LeaseShared>);
 
 impl Prepared {
+    /// Adds items to the request, each written into place.
+    pub(crate) fn extend(&mut self, items: impl IntoIterator<Item = ItemRequest>) {
+        let Some(shared) = Arc::get_mut(&mut self.0) else {
+            // Never shared before it is admitted.
+            unreachable!("a prepared lease is not shared");
+        };
+        let state = shared.state.get_mut();
+        for item in items {
+            for amount in &item.amounts {
+                state.written.push(*amount as i64);
+                state.pending.push(0);
+            }
+            shared.request.items.push(item);
+        }
+    }
+
     /// The request to decide.
     pub(crate) fn request(&self) -> &AcquireRequest {
         &self.0.request

@@ -373,8 +373,10 @@ impl Acquire {
                 }
             }
         };
-        let mut items = Items::new();
-        items.push(ItemRequest {
+        // The lease is allocated first and the request built in it: decided at once, the
+        // request is never moved again.
+        let mut prepared = Lease::prepare_empty(limiter, now);
+        let own = ItemRequest {
             entity_id: std::mem::take(&mut self.entity_id),
             resource: std::mem::take(&mut self.resource),
             limits,
@@ -383,13 +385,8 @@ impl Acquire {
             owner: stored.entity.clone(),
             bypass: stored.bypass,
             shard: Default::default(),
-        });
-        if let Some(parent) = parent_item {
-            items.push(parent);
-        }
-        // The lease is allocated first with the request in it: decided at once, the
-        // request is never moved again.
-        let prepared = Lease::prepare(limiter, AcquireRequest { items, now_ms: now });
+        };
+        prepared.extend(std::iter::once(own).chain(parent_item));
         match limiter.inner.repo.acquire_now(prepared.request()) {
             Some(Ok(outcome)) => Some(
                 self.judge(prepared.request(), &outcome)
