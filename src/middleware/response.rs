@@ -348,7 +348,7 @@ pub(crate) fn admitted_headers(
     // The member names come serialized from the cache; the parameters are integers, whose
     // structured-field form is plain decimal digits.
     // Built on the stack for the usual few limits, then copied once into the header value.
-    let mut current: smallvec::SmallVec<[u8; 128]> = smallvec::SmallVec::new();
+    let mut current = FieldWriter::default();
     let mut digits = itoa::Buffer::new();
     for ((name, (limit, amount)), check) in fields.names.iter().zip(limits).zip(checks) {
         let left = i128::from(check.available) - i128::from(*amount);
@@ -359,17 +359,61 @@ pub(crate) fn admitted_headers(
             one_token_seconds(limit)
         };
         if !current.is_empty() {
-            current.extend_from_slice(b", ");
+            current.push(b", ");
         }
-        current.extend_from_slice(name.as_bytes());
-        current.extend_from_slice(b";r=");
-        current.extend_from_slice(digits.format(remaining.min(SF_INTEGER_MAX)).as_bytes());
-        current.extend_from_slice(b";t=");
-        current.extend_from_slice(digits.format(reset.min(SF_INTEGER_MAX)).as_bytes());
+        current.push(name.as_bytes());
+        current.push(b";r=");
+        current.push(digits.format(remaining.min(SF_INTEGER_MAX)).as_bytes());
+        current.push(b";t=");
+        current.push(digits.format(reset.min(SF_INTEGER_MAX)).as_bytes());
     }
     headers.insert(RATELIMIT_POLICY.clone(), fields.policy.clone());
-    if let Ok(value) = HeaderValue::from_bytes(&current) {
+    if let Ok(value) = HeaderValue::from_bytes(current.as_bytes()) {
         headers.insert(RATELIMIT.clone(), value);
+    }
+}
+
+/// A field value written on the stack (one bounds check per piece), spilling to the heap
+/// only past the room the usual few limits need.
+struct FieldWriter {
+    stack: [u8; 192],
+    len: usize,
+    spilled: Vec<u8>,
+}
+
+impl Default for FieldWriter {
+    fn default() -> Self {
+        FieldWriter {
+            stack: [0; 192],
+            len: 0,
+            spilled: Vec::new(),
+        }
+    }
+}
+
+impl FieldWriter {
+    fn is_empty(&self) -> bool {
+        self.len == 0 && self.spilled.is_empty()
+    }
+
+    fn push(&mut self, piece: &[u8]) {
+        if self.spilled.is_empty() {
+            if let Some(room) = self.stack.get_mut(self.len..self.len + piece.len()) {
+                room.copy_from_slice(piece);
+                self.len += piece.len();
+                return;
+            }
+            self.spilled.extend_from_slice(&self.stack[..self.len]);
+        }
+        self.spilled.extend_from_slice(piece);
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        if self.spilled.is_empty() {
+            &self.stack[..self.len]
+        } else {
+            &self.spilled
+        }
     }
 }
 
@@ -395,6 +439,23 @@ mod tests {
             exceeded,
             retry_after_ms: retry,
         }
+    }
+
+    #[test]
+    fn a_field_value_past_the_stack_room_spills_whole() {
+        let mut w = FieldWriter::default();
+        let mut expected = Vec::new();
+        for i in 0..40 {
+            let piece = format!("\"limit-{i}\";r={i};t=0, ");
+            w.push(piece.as_bytes());
+            expected.extend_from_slice(piece.as_bytes());
+        }
+        assert!(expected.len() > 192);
+        assert_eq!(w.as_bytes(), &expected[..]);
+        let mut short = FieldWriter::default();
+        assert!(short.is_empty());
+        short.push(b"\"rps\";r=9;t=0");
+        assert_eq!(short.as_bytes(), b"\"rps\";r=9;t=0");
     }
 
     #[test]
