@@ -1,7 +1,8 @@
 //! In-memory acquire + commit, on one hot key and over 10,000 keys, against governor's
 //! keyed in-process limiter doing the same checks, measured side by side.
 //!
-//! `cargo bench --bench limiter`
+//! `cargo bench --bench limiter` (`--features metrics` adds the loop with a metrics
+//! recorder installed)
 
 mod support;
 
@@ -84,6 +85,35 @@ fn benches(c: &mut Criterion) {
             })
         })
     });
+    // With `--features metrics`: the same loop through a limiter whose handles record
+    // into an installed recorder (metrics-util's, atomic counters as an exporter's are).
+    // The limiter above served its first request before the recorder was installed, so
+    // it keeps no-op handles: both run in this one process.
+    #[cfg(feature = "metrics")]
+    {
+        metrics_util::debugging::DebuggingRecorder::new()
+            .install()
+            .expect("no recorder installed yet");
+        let recorded = RateLimiter::new(InMemoryRepository::new());
+        g.bench_function("zae acquire+commit, 1 key, metrics recorder", |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = std::time::Instant::now();
+                    for _ in 0..iters {
+                        let lease = recorded
+                            .acquire("hot", "api")
+                            .shared_limits(limits.clone())
+                            .await
+                            .unwrap();
+                        lease.commit().await.unwrap();
+                    }
+                    let e = start.elapsed();
+                    support::record("zae acquire+commit, 1 key, metrics recorder", e, iters);
+                    e
+                })
+            })
+        });
+    }
     g.finish();
 }
 
@@ -183,6 +213,11 @@ fn main() {
             (
                 "zae acquire+commit, 10k keys",
                 "governor check_key, 10k keys",
+            ),
+            #[cfg(feature = "metrics")]
+            (
+                "zae acquire+commit, 1 key, metrics recorder",
+                "zae acquire+commit, 1 key",
             ),
         ],
     );

@@ -133,15 +133,22 @@ mod enabled {
         }
 
         fn handles(&self, resource: &str) -> Arc<ResourceHandles> {
+            self.with_handles(resource, Arc::clone)
+        }
+
+        /// Runs `f` on the handles of `resource` (registered the first time) without
+        /// taking a reference of its own: the hot path's counts move no reference count.
+        fn with_handles<T>(&self, resource: &str, f: impl FnOnce(&Arc<ResourceHandles>) -> T) -> T {
             if let Some(found) = self.resources.get(resource) {
-                return Arc::clone(&found);
+                return f(&found);
             }
-            Arc::clone(
+            let handles = Arc::clone(
                 &self
                     .resources
                     .entry(resource.to_string())
                     .or_insert_with(|| Arc::new(ResourceHandles::new(resource))),
-            )
+            );
+            f(&handles)
         }
 
         /// One decided acquire: its outcome and, when the backend decided it, each
@@ -153,17 +160,18 @@ mod enabled {
             items: &[ItemRequest],
             checks: &[LimitCheck],
         ) {
-            let handles = self.handles(resource);
-            match outcome {
-                Outcome::Admitted => handles.admitted.increment(1),
-                Outcome::Rejected => handles.rejected.increment(1),
-                Outcome::Disabled => handles.disabled.increment(1),
-                Outcome::Unavailable => handles.unavailable.increment(1),
-            }
-            let limits = items.iter().flat_map(|i| i.limits.iter());
-            for (limit, check) in limits.zip(checks) {
-                handles.check(&limit.name, check.exceeded);
-            }
+            self.with_handles(resource, |handles| {
+                match outcome {
+                    Outcome::Admitted => handles.admitted.increment(1),
+                    Outcome::Rejected => handles.rejected.increment(1),
+                    Outcome::Disabled => handles.disabled.increment(1),
+                    Outcome::Unavailable => handles.unavailable.increment(1),
+                }
+                let limits = items.iter().flat_map(|i| i.limits.iter());
+                for (limit, check) in limits.zip(checks) {
+                    handles.check(&limit.name, check.exceeded);
+                }
+            })
         }
 
         /// A background settle of a lease on `resource` sent again.
