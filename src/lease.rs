@@ -91,6 +91,10 @@ pub struct Lease {
     shared: Arc<LeaseShared>,
     /// Cleared once settling was handed off, so `Drop` does not roll back too.
     settles_on_drop: bool,
+    /// Set when this handle committed or rolled the lease back, so `Drop` knows it is
+    /// closed without taking the state's lock (a plain store and load, no atomic
+    /// read-modify-write).
+    closed_here: std::sync::atomic::AtomicBool,
 }
 
 /// A shared view of a [`Lease`] (for a handler, through the HTTP layer): it can read the
@@ -445,6 +449,7 @@ impl Lease {
                 writes: tokio::sync::Mutex::new(()),
             }),
             settles_on_drop: true,
+            closed_here: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -529,15 +534,26 @@ impl Lease {
     /// [`Error::Unavailable`] while the write goes on in the background and lands at most
     /// once (a later `rollback` then finds the lease closed if it landed).
     pub async fn commit(&self) -> Result<(), Error> {
-        if let Some(done) = self.shared.try_close_without_write() {
-            return done;
-        }
-        let result = bounded(&self.shared, "commit", |shared| async move {
-            shared.commit().await
-        })
-        .await;
+        let result = match self.shared.try_close_without_write() {
+            Some(done) => done,
+            None => {
+                bounded(&self.shared, "commit", |shared| async move {
+                    shared.commit().await
+                })
+                .await
+            }
+        };
         self.count_failure(&result);
+        self.note_closed(&result);
         result
+    }
+
+    /// Remembers a commit or rollback of this handle that closed the lease.
+    fn note_closed(&self, result: &Result<(), Error>) {
+        if result.is_ok() {
+            self.closed_here
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Counts a commit or rollback that failed (not one on a lease already closed).
@@ -562,6 +578,7 @@ impl Lease {
         })
         .await;
         self.count_failure(&result);
+        self.note_closed(&result);
         result
     }
 
@@ -607,7 +624,11 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if !self.settles_on_drop || self.is_unlimited() || self.is_closed() {
+        if !self.settles_on_drop
+            || self.closed_here.load(std::sync::atomic::Ordering::Relaxed)
+            || self.is_unlimited()
+            || self.is_closed()
+        {
             return;
         }
         tracing::warn!(
@@ -786,22 +807,38 @@ pub(crate) fn settle_backoff(attempt: u32) -> std::time::Duration {
 }
 
 /// A random lease id (write ids must not collide across processes sharing a table).
-/// A lease id: a random per-process base (drawn once, with the process id) plus a
-/// counter, so ids differ across processes and never repeat within one, for one atomic add
-/// per lease (no system call on the hot path).
+/// A lease id: a random per-process base (drawn once, with the process id) mixed with a
+/// sequence number unique in the process, so ids differ across processes and never
+/// repeat within one. Each thread takes a block of 2^20 numbers from a shared counter
+/// and counts through it on its own, so the hot path pays no atomic operation and no
+/// system call.
 pub(crate) fn lease_id() -> u64 {
+    use std::cell::Cell;
     use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const BLOCK: u64 = 1 << 20;
     static BASE: OnceLock<u64> = OnceLock::new();
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static BLOCKS: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        /// The next number of this thread's block, and the block's end.
+        static NEXT: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    }
     let base = *BASE.get_or_init(|| {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u32(std::process::id());
         h.finish()
     });
-    // Odd multiplier: distinct counters give distinct ids.
-    base ^ COUNTER
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    let sequence = NEXT.with(|next| {
+        let (mut at, mut end) = next.get();
+        if at == end {
+            at = BLOCKS.fetch_add(1, Ordering::Relaxed).wrapping_mul(BLOCK);
+            end = at.wrapping_add(BLOCK);
+        }
+        next.set((at.wrapping_add(1), end));
+        at
+    });
+    // Odd multiplier: distinct sequence numbers give distinct ids.
+    base ^ sequence.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// Runs `fut` to completion without the caller waiting: polled once inline (the in-memory
@@ -897,6 +934,7 @@ impl Prepared {
         Lease {
             shared: self.0,
             settles_on_drop: true,
+            closed_here: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -906,5 +944,24 @@ impl Prepared {
             Ok(shared) => shared.request,
             Err(shared) => shared.request.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lease_id;
+
+    #[test]
+    fn lease_ids_never_repeat_across_threads() {
+        let threads: Vec<_> = (0..8)
+            .map(|_| std::thread::spawn(|| (0..10_000).map(|_| lease_id()).collect::<Vec<_>>()))
+            .collect();
+        let mut all = std::collections::HashSet::new();
+        for t in threads {
+            for id in t.join().expect("thread") {
+                assert!(all.insert(id), "lease id {id:x} repeated");
+            }
+        }
+        assert_eq!(all.len(), 80_000);
     }
 }

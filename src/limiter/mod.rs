@@ -270,11 +270,11 @@ impl RateLimiter {
         resource: &str,
         now_ms: i64,
         lookups: &mut SmallVec<[bool; 2]>,
-    ) -> Option<Result<Arc<StoredConfig>, Error>> {
+    ) -> Option<Result<StoredNow, Error>> {
         if self.inner.repo.stores_nothing() {
             // Nothing to look up or cache; the stored policy is none.
             self.note_policy(None);
-            return Some(Ok(empty_config()));
+            return Some(Ok(StoredNow::Nothing));
         }
         let version = self.inner.repo.config_version();
         if let Some(hit) = self
@@ -283,11 +283,13 @@ impl RateLimiter {
             .lookup(entity_id, resource, now_ms, version)
         {
             lookups.push(true);
-            return Some(Ok(hit));
+            return Some(Ok(StoredNow::Shared(hit)));
         }
         let loaded = self.inner.repo.load_config_now(entity_id, resource)?;
         lookups.push(false);
-        Some(loaded.map(|config| self.remember(entity_id, resource, config, now_ms, version)))
+        Some(loaded.map(|config| {
+            StoredNow::Shared(self.remember(entity_id, resource, config, now_ms, version))
+        }))
     }
 
     fn remember(
@@ -486,4 +488,25 @@ pub(super) fn no_limits(entity_id: &str, resource: &str) -> Error {
 fn empty_config() -> Arc<StoredConfig> {
     static EMPTY: std::sync::OnceLock<Arc<StoredConfig>> = std::sync::OnceLock::new();
     Arc::clone(EMPTY.get_or_init(Arc::default))
+}
+
+/// A config read without waiting: none stored at all (no reference to count), or a
+/// shared one.
+pub(crate) enum StoredNow {
+    /// The backend stores nothing.
+    Nothing,
+    /// What the cache or the backend answered.
+    Shared(Arc<StoredConfig>),
+}
+
+impl std::ops::Deref for StoredNow {
+    type Target = StoredConfig;
+
+    fn deref(&self) -> &StoredConfig {
+        static NOTHING: std::sync::OnceLock<StoredConfig> = std::sync::OnceLock::new();
+        match self {
+            StoredNow::Nothing => NOTHING.get_or_init(StoredConfig::default),
+            StoredNow::Shared(config) => config,
+        }
+    }
 }
