@@ -31,22 +31,7 @@ fn benches(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("limiter");
     g.bench_function("zae acquire+commit, 1 key", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let start = std::time::Instant::now();
-                for _ in 0..iters {
-                    let lease = limiter
-                        .acquire("hot", "api")
-                        .shared_limits(limits.clone())
-                        .await
-                        .unwrap();
-                    lease.commit().await.unwrap();
-                }
-                let e = start.elapsed();
-                support::record("zae acquire+commit, 1 key", e, iters);
-                e
-            })
-        })
+        hot_key(b, &rt, &limiter, &limits, "zae acquire+commit, 1 key")
     });
     g.bench_function("governor check_key, 1 key", |b| {
         let key = "hot".to_string();
@@ -95,26 +80,36 @@ fn benches(c: &mut Criterion) {
             .install()
             .expect("no recorder installed yet");
         let recorded = RateLimiter::new(InMemoryRepository::new());
-        g.bench_function("zae acquire+commit, 1 key, metrics recorder", |b| {
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let start = std::time::Instant::now();
-                    for _ in 0..iters {
-                        let lease = recorded
-                            .acquire("hot", "api")
-                            .shared_limits(limits.clone())
-                            .await
-                            .unwrap();
-                        lease.commit().await.unwrap();
-                    }
-                    let e = start.elapsed();
-                    support::record("zae acquire+commit, 1 key, metrics recorder", e, iters);
-                    e
-                })
-            })
-        });
+        let label = "zae acquire+commit, 1 key, metrics recorder";
+        g.bench_function(label, |b| hot_key(b, &rt, &recorded, &limits, label));
     }
     g.finish();
+}
+
+/// Acquire + commit on one key in a loop, recorded under `label`.
+fn hot_key(
+    b: &mut criterion::Bencher,
+    rt: &tokio::runtime::Runtime,
+    limiter: &RateLimiter,
+    limits: &std::sync::Arc<[Limit]>,
+    label: &'static str,
+) {
+    b.iter_custom(|iters| {
+        rt.block_on(async {
+            let start = std::time::Instant::now();
+            for _ in 0..iters {
+                let lease = limiter
+                    .acquire("hot", "api")
+                    .shared_limits(limits.clone())
+                    .await
+                    .unwrap();
+                lease.commit().await.unwrap();
+            }
+            let e = start.elapsed();
+            support::record(label, e, iters);
+            e
+        })
+    })
 }
 
 /// Resident memory of this process, in bytes (Linux).
