@@ -159,3 +159,107 @@ async fn cascading_children_never_overdraw_the_parent() {
     }
     assert_eq!(children, 498_000);
 }
+
+/// The in-memory backend's two lock paths at once: single-item acquires and refunds on a
+/// parent (its item locked under the map's shard) racing cascades that lock child and
+/// parent together, while a thread sweeps the map (which locks shards for writing). With
+/// the clock frozen every count is exact, and nothing deadlocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_items_cascades_refunds_and_sweeps_stay_exact() {
+    let repo = InMemoryRepository::builder().sweep_interval(None).build();
+    let limiter = RateLimiter::builder(repo.clone())
+        .clock(ManualClock::new(9_000_000))
+        .build();
+    limiter.create_entity("proj").await.unwrap();
+    limiter
+        .set_entity_limits("proj", "llm", &[Limit::per_minute("tpm", 600)])
+        .await
+        .unwrap();
+    limiter
+        .set_resource_limits("llm", &[Limit::per_minute("tpm", 1_000)])
+        .await
+        .unwrap();
+    for i in 0..8 {
+        limiter
+            .create_entity(format!("key-{i}"))
+            .parent("proj")
+            .cascade(true)
+            .await
+            .unwrap();
+    }
+    let sweeping = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sweeper = {
+        let (repo, sweeping) = (repo.clone(), sweeping.clone());
+        std::thread::spawn(move || {
+            let mut sweeps = 0u64;
+            while sweeping.load(Ordering::Relaxed) {
+                repo.evict_idle();
+                sweeps += 1;
+            }
+            sweeps
+        })
+    };
+    // Net tokens charged to the parent directly and through children.
+    let direct = Arc::new(AtomicU64::new(0));
+    let cascaded = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let (limiter, direct, cascaded) = (limiter.clone(), direct.clone(), cascaded.clone());
+        tasks.push(tokio::spawn(async move {
+            for n in 0..40 {
+                let through_child = t % 2 == 0;
+                let entity = if through_child {
+                    format!("key-{}", t % 8)
+                } else {
+                    "proj".to_string()
+                };
+                match limiter.acquire(entity, "llm").consume([("tpm", 3)]).await {
+                    Ok(lease) => {
+                        // Every third lease gives one token back before it commits.
+                        let refund = u64::from(n % 3 == 0);
+                        if refund == 1 {
+                            lease.adjust([("tpm", -1)]).await.unwrap();
+                        }
+                        lease.commit().await.unwrap();
+                        let counter = if through_child { &cascaded } else { &direct };
+                        counter.fetch_add(3 - refund, Ordering::Relaxed);
+                    }
+                    Err(Error::RateLimited(_)) => {}
+                    Err(e) => panic!("{e}"),
+                }
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    sweeping.store(false, Ordering::Relaxed);
+    assert!(sweeper.join().unwrap() > 0);
+    let (direct, cascaded) = (
+        direct.load(Ordering::Relaxed),
+        cascaded.load(Ordering::Relaxed),
+    );
+    let parent = limiter.bucket_states("proj", "llm").await.unwrap();
+    assert_eq!(
+        parent["tpm"].total_consumed_milli as u64,
+        (direct + cascaded) * 1_000
+    );
+    assert_eq!(
+        parent["tpm"].tokens_milli,
+        600_000 - (direct + cascaded) as i64 * 1_000
+    );
+    // Drained, never past empty: what is left is under one request's worth, plus at most
+    // one refund per task that came after the others had stopped asking.
+    let left = parent["tpm"].tokens_milli;
+    assert!((0..(3 + TASKS as i64) * 1_000).contains(&left), "{left}");
+    let mut children = 0;
+    for i in 0..8 {
+        let s = limiter
+            .bucket_states(&format!("key-{i}"), "llm")
+            .await
+            .unwrap();
+        children += s.get("tpm").map_or(0, |b| b.total_consumed_milli);
+    }
+    assert_eq!(children as u64, cascaded * 1_000);
+}
