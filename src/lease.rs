@@ -378,17 +378,6 @@ impl LeaseShared {
 }
 
 impl Lease {
-    pub(crate) fn new(limiter: &RateLimiter, items: Items, checks: Checks) -> Self {
-        // Pushed, not collected: a flattened iterator defeats the inline fast path.
-        let mut written = LeaseAmounts::new();
-        for item in &items {
-            for amount in &item.amounts {
-                written.push(*amount as i64);
-            }
-        }
-        Self::from_parts(limiter, items, checks, written, false)
-    }
-
     /// A lease's shared part allocated before the backend decides, with `request` in it,
     /// so an acquire decided at once builds its request once and never moves it again.
     pub(crate) fn prepare(limiter: &RateLimiter, request: AcquireRequest) -> Prepared {
@@ -423,36 +412,6 @@ impl Lease {
         }))
     }
 
-    fn from_parts(
-        limiter: &RateLimiter,
-        items: Items,
-        checks: Checks,
-        written: LeaseAmounts,
-        unlimited: bool,
-    ) -> Self {
-        Lease {
-            shared: Arc::new(LeaseShared {
-                limiter: limiter.clone(),
-                id: lease_id(),
-                state: Mutex::new(LeaseState {
-                    pending: smallvec::smallvec![0; written.len()],
-                    written,
-                    closed: false,
-                    in_doubt: None,
-                    writes_issued: 0,
-                    settling: false,
-                }),
-                request: AcquireRequest { items, now_ms: 0 },
-                checks,
-                statuses: OnceLock::new(),
-                unlimited,
-                writes: tokio::sync::Mutex::new(()),
-            }),
-            settles_on_drop: true,
-            closed_here: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-
     /// A lease admitted without a backend write (outage with `OnUnavailable::Allow`): it
     /// holds nothing, and every operation on it succeeds without writing.
     pub(crate) fn unlimited(limiter: &RateLimiter, entity_id: &str, resource: &str) -> Self {
@@ -466,13 +425,10 @@ impl Lease {
             bypass: false,
             shard: Default::default(),
         };
-        Self::from_parts(
-            limiter,
-            smallvec::smallvec![item],
-            Checks::new(),
-            LeaseAmounts::new(),
-            true,
-        )
+        let mut prepared = Self::prepare_empty(limiter, 0);
+        prepared.extend([item]);
+        prepared.shared_mut().unlimited = true;
+        prepared.into_lease()
     }
 
     /// The items and checks, for the HTTP layer's header fields.
@@ -888,12 +844,27 @@ pub(crate) fn run_detached(fut: impl Future<Output = ()> + Send + 'static) {
 pub(crate) struct Prepared(Arc<LeaseShared>);
 
 impl Prepared {
+    /// The shared part, which nothing else holds before the lease is made.
+    fn shared_mut(&mut self) -> &mut LeaseShared {
+        match Arc::get_mut(&mut self.0) {
+            Some(shared) => shared,
+            // `Prepared` is neither cloned nor handed out before it becomes a lease.
+            None => unreachable!("a prepared lease is not shared"),
+        }
+    }
+
+    /// The lease, settled (rolled back) on drop from here on.
+    fn into_lease(self) -> Lease {
+        Lease {
+            shared: self.0,
+            settles_on_drop: true,
+            closed_here: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
     /// Adds items to the request, each written into place.
     pub(crate) fn extend(&mut self, items: impl IntoIterator<Item = ItemRequest>) {
-        let Some(shared) = Arc::get_mut(&mut self.0) else {
-            // Never shared before it is admitted.
-            unreachable!("a prepared lease is not shared");
-        };
+        let shared = self.shared_mut();
         let state = shared.state.get_mut();
         for item in items {
             for amount in &item.amounts {
@@ -912,14 +883,7 @@ impl Prepared {
     /// The lease for an admitted decision: the backend's checks, and the items it bypassed
     /// or charged on another shard, recorded for the lease's later writes.
     pub(crate) fn admit(mut self, outcome: AcquireOutcome) -> Lease {
-        let shared = match Arc::get_mut(&mut self.0) {
-            Some(shared) => shared,
-            // Never shared before it is admitted; rebuilt rather than trusted otherwise.
-            None => {
-                let request = self.0.request.clone();
-                return Lease::prepare(&self.0.limiter, request).admit(outcome);
-            }
-        };
+        let shared = self.shared_mut();
         shared.checks = outcome.checks;
         for &i in &outcome.bypassed {
             if let Some(item) = shared.request.items.get_mut(i) {
@@ -931,11 +895,7 @@ impl Prepared {
                 item.shard = shard;
             }
         }
-        Lease {
-            shared: self.0,
-            settles_on_drop: true,
-            closed_here: std::sync::atomic::AtomicBool::new(false),
-        }
+        self.into_lease()
     }
 
     /// The request back, for an acquire not decided here.

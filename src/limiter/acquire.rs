@@ -256,18 +256,7 @@ impl Acquire {
     /// Turns the backend's answer into a lease or a rejection.
     fn finish(&self, request: AcquireRequest, outcome: AcquireOutcome) -> Result<Lease, Error> {
         self.judge(&request, &outcome)?;
-        let mut items = request.items;
-        for &i in &outcome.bypassed {
-            if let Some(item) = items.get_mut(i) {
-                item.bypass = true;
-            }
-        }
-        for &(i, shard) in &outcome.shards {
-            if let Some(item) = items.get_mut(i) {
-                item.shard = shard;
-            }
-        }
-        Ok(Lease::new(&self.limiter, items, outcome.checks))
+        Ok(Lease::prepare(&self.limiter, request).admit(outcome))
     }
 
     /// Counts the backend's answer, and turns a refusal into the rejection.

@@ -304,7 +304,7 @@ impl RateLimiter {
         // per key.
         let empty = config == StoredConfig::default();
         let config = if empty {
-            empty_config()
+            Arc::clone(empty_config())
         } else {
             Arc::new(config)
         };
@@ -485,9 +485,9 @@ pub(super) fn no_limits(entity_id: &str, resource: &str) -> Error {
 }
 
 /// The config of a key with nothing stored, shared by every such key.
-fn empty_config() -> Arc<StoredConfig> {
+fn empty_config() -> &'static Arc<StoredConfig> {
     static EMPTY: std::sync::OnceLock<Arc<StoredConfig>> = std::sync::OnceLock::new();
-    Arc::clone(EMPTY.get_or_init(Arc::default))
+    EMPTY.get_or_init(Arc::default)
 }
 
 /// A config read without waiting: none stored at all (no reference to count), or a
@@ -503,9 +503,8 @@ impl std::ops::Deref for StoredNow {
     type Target = StoredConfig;
 
     fn deref(&self) -> &StoredConfig {
-        static NOTHING: std::sync::OnceLock<StoredConfig> = std::sync::OnceLock::new();
         match self {
-            StoredNow::Nothing => NOTHING.get_or_init(StoredConfig::default),
+            StoredNow::Nothing => empty_config(),
             StoredNow::Shared(config) => config,
         }
     }

@@ -2,8 +2,25 @@
 
 #![allow(dead_code)]
 
-use metrics_util::debugging::{DebugValue, Snapshotter};
+use std::future::Future;
+
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use metrics_util::MetricKind;
+
+/// Runs `body` on a runtime of its own with a fresh recorder installed for this thread;
+/// returns the body's output and what its work recorded.
+pub fn recording<F: Future>(body: impl FnOnce() -> F) -> (F::Output, Recorded) {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let output = metrics::with_local_recorder(&recorder, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(body())
+    });
+    (output, Recorded::take(&snapshotter))
+}
 
 /// One metric: its kind, name, labels and value.
 type Metric = (MetricKind, String, Vec<(String, String)>, DebugValue);

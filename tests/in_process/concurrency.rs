@@ -103,23 +103,7 @@ async fn cascading_children_never_overdraw_the_parent() {
     let limiter = RateLimiter::builder(InMemoryRepository::new())
         .clock(ManualClock::new(5_000_000))
         .build();
-    limiter.create_entity("proj").await.unwrap();
-    limiter
-        .set_entity_limits("proj", "llm", &[Limit::per_minute("tpm", 500)])
-        .await
-        .unwrap();
-    limiter
-        .set_resource_limits("llm", &[Limit::per_minute("tpm", 100)])
-        .await
-        .unwrap();
-    for i in 0..16 {
-        limiter
-            .create_entity(format!("key-{i}"))
-            .parent("proj")
-            .cascade(true)
-            .await
-            .unwrap();
-    }
+    project_with_children(&limiter, 500, 100, 16).await;
     let admitted = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for t in 0..TASKS {
@@ -149,14 +133,7 @@ async fn cascading_children_never_overdraw_the_parent() {
     assert_eq!(admitted.load(Ordering::Relaxed), 498);
     let parent = limiter.bucket_states("proj", "llm").await.unwrap();
     assert_eq!(parent["tpm"].total_consumed_milli, 498_000);
-    let mut children = 0;
-    for i in 0..16 {
-        let s = limiter
-            .bucket_states(&format!("key-{i}"), "llm")
-            .await
-            .unwrap();
-        children += s.get("tpm").map_or(0, |b| b.total_consumed_milli);
-    }
+    let children = children_consumed(&limiter, 16).await;
     assert_eq!(children, 498_000);
 }
 
@@ -170,23 +147,7 @@ async fn single_items_cascades_refunds_and_sweeps_stay_exact() {
     let limiter = RateLimiter::builder(repo.clone())
         .clock(ManualClock::new(9_000_000))
         .build();
-    limiter.create_entity("proj").await.unwrap();
-    limiter
-        .set_entity_limits("proj", "llm", &[Limit::per_minute("tpm", 600)])
-        .await
-        .unwrap();
-    limiter
-        .set_resource_limits("llm", &[Limit::per_minute("tpm", 1_000)])
-        .await
-        .unwrap();
-    for i in 0..8 {
-        limiter
-            .create_entity(format!("key-{i}"))
-            .parent("proj")
-            .cascade(true)
-            .await
-            .unwrap();
-    }
+    project_with_children(&limiter, 600, 1_000, 8).await;
     let sweeping = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sweeper = {
         let (repo, sweeping) = (repo.clone(), sweeping.clone());
@@ -253,13 +214,41 @@ async fn single_items_cascades_refunds_and_sweeps_stay_exact() {
     // one refund per task that came after the others had stopped asking.
     let left = parent["tpm"].tokens_milli;
     assert!((0..(3 + TASKS as i64) * 1_000).contains(&left), "{left}");
-    let mut children = 0;
-    for i in 0..8 {
+    let children = children_consumed(&limiter, 8).await;
+    assert_eq!(children as u64, cascaded * 1_000);
+}
+
+/// A project `proj` with `tpm` per minute on `llm`, and `children` keys (`key-{i}`,
+/// cascading to it) under a resource default of `child_tpm`.
+async fn project_with_children(limiter: &RateLimiter, tpm: u64, child_tpm: u64, children: usize) {
+    limiter.create_entity("proj").await.unwrap();
+    limiter
+        .set_entity_limits("proj", "llm", &[Limit::per_minute("tpm", tpm)])
+        .await
+        .unwrap();
+    limiter
+        .set_resource_limits("llm", &[Limit::per_minute("tpm", child_tpm)])
+        .await
+        .unwrap();
+    for i in 0..children {
+        limiter
+            .create_entity(format!("key-{i}"))
+            .parent("proj")
+            .cascade(true)
+            .await
+            .unwrap();
+    }
+}
+
+/// The `tpm` millitokens consumed over the first `children` keys.
+async fn children_consumed(limiter: &RateLimiter, children: usize) -> i64 {
+    let mut total = 0;
+    for i in 0..children {
         let s = limiter
             .bucket_states(&format!("key-{i}"), "llm")
             .await
             .unwrap();
-        children += s.get("tpm").map_or(0, |b| b.total_consumed_milli);
+        total += s.get("tpm").map_or(0, |b| b.total_consumed_milli);
     }
-    assert_eq!(children as u64, cascaded * 1_000);
+    total
 }

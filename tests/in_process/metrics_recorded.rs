@@ -2,89 +2,79 @@
 
 use std::time::Duration;
 
-use metrics_util::debugging::DebuggingRecorder;
 use zae_limiter::{Error, Limit, OnUnavailable, RateLimiter};
 
 use crate::common::Switchable;
-use crate::metrics_snapshot::Recorded;
+use crate::metrics_snapshot::recording;
 
 #[test]
 fn decisions_limits_and_outages_are_counted_per_resource_and_limit() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    metrics::with_local_recorder(&recorder, || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+    let ((), recorded) = recording(|| async {
+        let backend = Switchable::default();
+        let limiter = RateLimiter::builder(backend.clone())
+            .config_cache_ttl(Duration::ZERO)
+            .build();
+        let limits = [Limit::per_minute("rpm", 2), Limit::per_minute("tpm", 100)];
+        let mut outcomes = Vec::new();
+        for _ in 0..3 {
+            let result = limiter
+                .acquire("k1", "api")
+                .limits(limits.clone())
+                .consume([("rpm", 1), ("tpm", 10)])
+                .await;
+            outcomes.push(match result {
+                Ok(lease) => {
+                    lease.commit().await.unwrap();
+                    "admitted"
+                }
+                Err(Error::RateLimited(_)) => "rejected",
+                Err(e) => panic!("{e:?}"),
+            });
+        }
+        assert_eq!(outcomes, ["admitted", "admitted", "rejected"]);
+        // Another resource has counters of its own.
+        limiter
+            .acquire("k1", "search")
+            .limits([Limit::per_minute("rpm", 5)])
+            .await
+            .unwrap()
+            .commit()
+            .await
             .unwrap();
-        rt.block_on(async {
-            let backend = Switchable::default();
-            let limiter = RateLimiter::builder(backend.clone())
-                .config_cache_ttl(Duration::ZERO)
-                .build();
-            let limits = [Limit::per_minute("rpm", 2), Limit::per_minute("tpm", 100)];
-            let mut outcomes = Vec::new();
-            for _ in 0..3 {
-                let result = limiter
-                    .acquire("k1", "api")
-                    .limits(limits.clone())
-                    .consume([("rpm", 1), ("tpm", 10)])
-                    .await;
-                outcomes.push(match result {
-                    Ok(lease) => {
-                        lease.commit().await.unwrap();
-                        "admitted"
-                    }
-                    Err(Error::RateLimited(_)) => "rejected",
-                    Err(e) => panic!("{e:?}"),
-                });
-            }
-            assert_eq!(outcomes, ["admitted", "admitted", "rejected"]);
-            // Another resource has counters of its own.
-            limiter
-                .acquire("k1", "search")
-                .limits([Limit::per_minute("rpm", 5)])
-                .await
-                .unwrap()
-                .commit()
-                .await
-                .unwrap();
-            // Switched off: refused with its own outcome.
-            limiter.disable_resource("api").await.unwrap();
-            assert!(matches!(
-                limiter.acquire("k2", "api").limits(limits.clone()).await,
-                Err(Error::ResourceDisabled { .. })
-            ));
-            limiter.clear_resource_disabled("api").await.unwrap();
-            // An outage: counted whether the policy admits or not.
-            backend.set_down(true);
-            let allowed = limiter
-                .acquire("k3", "api")
-                .limits(limits.clone())
-                .on_unavailable(OnUnavailable::Allow)
-                .await
-                .unwrap();
-            assert!(allowed.is_unlimited());
-            assert!(limiter
-                .acquire("k3", "api")
-                .limits(limits.clone())
-                .on_unavailable(OnUnavailable::Block)
-                .await
-                .is_err());
-            // A lease whose rollback fails for good is a settle failure.
-            backend.set_down(false);
-            let lease = limiter
-                .acquire("k4", "api")
-                .limits([Limit::per_minute("rpm", 9)])
-                .await
-                .unwrap();
-            backend.set_down(true);
-            assert!(lease.rollback().await.is_err());
-            backend.set_down(false);
-            lease.rollback().await.unwrap();
-        });
+        // Switched off: refused with its own outcome.
+        limiter.disable_resource("api").await.unwrap();
+        assert!(matches!(
+            limiter.acquire("k2", "api").limits(limits.clone()).await,
+            Err(Error::ResourceDisabled { .. })
+        ));
+        limiter.clear_resource_disabled("api").await.unwrap();
+        // An outage: counted whether the policy admits or not.
+        backend.set_down(true);
+        let allowed = limiter
+            .acquire("k3", "api")
+            .limits(limits.clone())
+            .on_unavailable(OnUnavailable::Allow)
+            .await
+            .unwrap();
+        assert!(allowed.is_unlimited());
+        assert!(limiter
+            .acquire("k3", "api")
+            .limits(limits.clone())
+            .on_unavailable(OnUnavailable::Block)
+            .await
+            .is_err());
+        // A lease whose rollback fails for good is a settle failure.
+        backend.set_down(false);
+        let lease = limiter
+            .acquire("k4", "api")
+            .limits([Limit::per_minute("rpm", 9)])
+            .await
+            .unwrap();
+        backend.set_down(true);
+        assert!(lease.rollback().await.is_err());
+        backend.set_down(false);
+        lease.rollback().await.unwrap();
     });
-    let recorded = Recorded::take(&snapshotter);
     let requests = |resource: &str, outcome: &str| {
         recorded.counter(
             "zae_limiter_requests_total",
@@ -122,49 +112,40 @@ fn reservations_count_slice_admits_table_acquires_and_give_backs() {
     use zae_limiter::reservations::Reservations;
     use zae_limiter::InMemoryRepository;
 
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    metrics::with_local_recorder(&recorder, || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let clock = ManualClock::new(1_700_000_000_000);
-            let limiter = RateLimiter::builder(InMemoryRepository::new())
-                .clock(clock.clone())
-                .reservations(Reservations::adaptive().hot_rate(10.0))
-                .build();
-            for _ in 0..500 {
-                clock.advance(Duration::from_millis(1));
-                limiter
-                    .acquire("hot", "api")
-                    .limits([Limit::per_second("rps", 1_000)])
-                    .await
-                    .unwrap()
-                    .commit()
-                    .await
-                    .unwrap();
-            }
-            limiter.release_reservations().await.unwrap();
-            let stats = limiter.reservation_stats().unwrap();
-            let recorded = Recorded::take(&snapshotter);
-            let decisions = "zae_limiter_reservation_decisions_total";
-            assert_eq!(
-                recorded.counter(decisions, &[("resource", "api"), ("source", "slice")]),
-                stats.local_admits
-            );
-            assert_eq!(
-                recorded.counter(decisions, &[("resource", "api"), ("source", "table")]),
-                stats.table_acquires
-            );
-            assert!(stats.local_admits > 300, "{stats:?}");
-            assert!(
-                recorded.counter(
-                    "zae_limiter_reservation_give_backs_total",
-                    &[("resource", "api")]
-                ) >= 1
-            );
-        });
+    let (stats, recorded) = recording(|| async {
+        let clock = ManualClock::new(1_700_000_000_000);
+        let limiter = RateLimiter::builder(InMemoryRepository::new())
+            .clock(clock.clone())
+            .reservations(Reservations::adaptive().hot_rate(10.0))
+            .build();
+        for _ in 0..500 {
+            clock.advance(Duration::from_millis(1));
+            limiter
+                .acquire("hot", "api")
+                .limits([Limit::per_second("rps", 1_000)])
+                .await
+                .unwrap()
+                .commit()
+                .await
+                .unwrap();
+        }
+        limiter.release_reservations().await.unwrap();
+        limiter.reservation_stats().unwrap()
     });
+    let decisions = "zae_limiter_reservation_decisions_total";
+    assert_eq!(
+        recorded.counter(decisions, &[("resource", "api"), ("source", "slice")]),
+        stats.local_admits
+    );
+    assert_eq!(
+        recorded.counter(decisions, &[("resource", "api"), ("source", "table")]),
+        stats.table_acquires
+    );
+    assert!(stats.local_admits > 300, "{stats:?}");
+    assert!(
+        recorded.counter(
+            "zae_limiter_reservation_give_backs_total",
+            &[("resource", "api")]
+        ) >= 1
+    );
 }
