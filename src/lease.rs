@@ -565,15 +565,15 @@ impl Lease {
     /// once, else on the tokio runtime. Failures are logged.
     pub(crate) fn settle_detached(mut self, commit: bool, reason: &'static str) {
         self.settles_on_drop = false;
-        let shared = Arc::clone(&self.shared);
-        drop(self);
-        if shared.unlimited {
+        if self.shared.unlimited {
             return;
         }
         // The common case, a commit with nothing to write, needs no future at all.
-        if commit && shared.try_close_without_write().is_some() {
+        if commit && self.shared.try_close_without_write().is_some() {
             return;
         }
+        let shared = Arc::clone(&self.shared);
+        drop(self);
         run_detached(settle_with_retries(shared, commit, reason));
     }
 }

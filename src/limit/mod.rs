@@ -236,6 +236,31 @@ impl Limit {
     }
 }
 
+/// [`validate_all`] for a list shared between acquires: the list this thread validated
+/// last is remembered (and held, so its address cannot be reused by another list, and
+/// nobody can get it mutably), and passes again at the cost of a pointer compare.
+pub(crate) fn validate_shared(limits: &std::sync::Arc<[Limit]>) -> Result<(), Error> {
+    use std::cell::RefCell;
+    use std::sync::Arc;
+    thread_local! {
+        static LAST_VALID: RefCell<Option<Arc<[Limit]>>> = const { RefCell::new(None) };
+    }
+    let known = LAST_VALID.with(|last| {
+        last.try_borrow()
+            .is_ok_and(|last| last.as_ref().is_some_and(|l| Arc::ptr_eq(l, limits)))
+    });
+    if known {
+        return Ok(());
+    }
+    validate_all(limits)?;
+    LAST_VALID.with(|last| {
+        if let Ok(mut last) = last.try_borrow_mut() {
+            *last = Some(Arc::clone(limits));
+        }
+    });
+    Ok(())
+}
+
 /// Validates a set of limits: each one, and that no name appears twice.
 pub(crate) fn validate_all(limits: &[Limit]) -> Result<(), Error> {
     for (i, limit) in limits.iter().enumerate() {

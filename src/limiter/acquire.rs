@@ -114,10 +114,10 @@ impl Acquire {
         naming::validate_resource(&self.resource)?;
         if !self.lists_checked {
             if let Some(l) = &self.limits {
-                limit::validate_all(l)?;
+                limit::validate_shared(l)?;
             }
             if let Some(l) = &self.fallback {
-                limit::validate_all(l)?;
+                limit::validate_shared(l)?;
             }
         }
         match &self.consume {
@@ -169,12 +169,14 @@ impl Acquire {
         }
     }
 
-    /// An entity's limits as resolved from `stored`, with the amount to take from each.
-    fn charges(
-        &self,
-        stored: &StoredConfig,
+    /// An entity's limits as resolved from `stored`, with the amount to take from each,
+    /// whether its item may expire once idle, and whether the list is this acquire's own
+    /// (`.limits`).
+    fn charges<'a>(
+        &'a self,
+        stored: &'a StoredConfig,
         consume: Option<&[(String, i64)]>,
-    ) -> Option<(Arc<[Limit]>, Amounts, bool)> {
+    ) -> Option<(&'a Arc<[Limit]>, Amounts, bool, bool)> {
         let (limits, source) = resolve(stored, self.limits.as_ref(), self.fallback.as_ref())?;
         let amounts = match consume {
             // The default: 1 from every limit.
@@ -191,7 +193,8 @@ impl Acquire {
         // Limits stored for this entity (for this resource or all of them) keep its
         // buckets; shared levels let an idle item expire.
         let own = matches!(source, ConfigSource::Entity | ConfigSource::EntityDefault);
-        Some((limits, amounts, !own))
+        let explicit = matches!(source, ConfigSource::Override);
+        Some((limits, amounts, !own, explicit))
     }
 
     /// The parent's item for a cascade, if its limits resolve.
@@ -201,11 +204,11 @@ impl Acquire {
         stored: &StoredConfig,
         consume: Option<&[(String, i64)]>,
     ) -> Option<ItemRequest> {
-        let (limits, amounts, expires_when_idle) = self.charges(stored, consume)?;
+        let (limits, amounts, expires_when_idle, _) = self.charges(stored, consume)?;
         Some(ItemRequest {
             entity_id: parent_id.into(),
             resource: self.resource.clone(),
-            limits,
+            limits: Arc::clone(limits),
             amounts,
             expires_when_idle,
             owner: stored.entity.clone(),
@@ -214,13 +217,14 @@ impl Acquire {
         })
     }
 
-    /// The entity's own limits and amounts, and the parent to charge too (if it cascades).
+    /// The entity's own limits (`None`: this acquire's own list, `.limits`, which the
+    /// caller moves or clones) and amounts, and the parent to charge too (if it cascades).
     #[allow(clippy::type_complexity)]
     fn own_charges<'s>(
         &self,
         stored: &'s StoredConfig,
         consume: Option<&[(String, i64)]>,
-    ) -> Result<(Arc<[Limit]>, Amounts, bool, Option<&'s str>), Error> {
+    ) -> Result<(Option<Arc<[Limit]>>, Amounts, bool, Option<&'s str>), Error> {
         if stored.disabled {
             self.limiter.inner.metrics.decided(
                 &self.resource,
@@ -240,9 +244,10 @@ impl Acquire {
                 resource: self.resource.to_string(),
             });
         }
-        let (limits, amounts, expires) = self
+        let (limits, amounts, expires, explicit) = self
             .charges(stored, consume)
             .ok_or_else(|| no_limits(&self.entity_id, &self.resource))?;
+        let limits = (!explicit).then(|| Arc::clone(limits));
         let entity = stored.entity.as_ref();
         let cascade = self
             .cascade
@@ -251,6 +256,14 @@ impl Acquire {
             .and_then(|e| e.parent_id.as_deref())
             .filter(|_| cascade);
         Ok((limits, amounts, expires, parent))
+    }
+
+    /// This acquire's own limit list, shared with the request.
+    fn explicit_limits(&self) -> Arc<[Limit]> {
+        match &self.limits {
+            Some(limits) => Arc::clone(limits),
+            None => unreachable!("own_charges chose this acquire's own list"),
+        }
     }
 
     /// Turns the backend's answer into a lease or a rejection.
@@ -302,6 +315,7 @@ impl Acquire {
             .stored_config(&self.entity_id, &self.resource, now)
             .await?;
         let (limits, amounts, expires_when_idle, parent) = self.own_charges(&stored, consume)?;
+        let limits = limits.unwrap_or_else(|| self.explicit_limits());
         let mut items: Items = smallvec::smallvec![ItemRequest {
             entity_id: self.entity_id.clone(),
             resource: self.resource.clone(),
@@ -365,6 +379,15 @@ impl Acquire {
         // The lease is allocated first and the request built in it: decided at once, the
         // request is never moved again.
         let mut prepared = Lease::prepare_empty(limiter, now);
+        // This acquire's own list moves into the request too (no reference counted).
+        let moved_limits = limits.is_none();
+        let limits = match limits {
+            Some(stored) => stored,
+            None => match self.limits.take() {
+                Some(own) => own,
+                None => unreachable!("own_charges chose this acquire's own list"),
+            },
+        };
         let own = ItemRequest {
             entity_id: std::mem::take(&mut self.entity_id),
             resource: std::mem::take(&mut self.resource),
@@ -382,21 +405,25 @@ impl Acquire {
                     .map(|()| prepared.admit(outcome)),
             ),
             Some(Err(e)) => {
-                self.take_back(&mut prepared.into_request());
+                self.take_back(&mut prepared.into_request(), moved_limits);
                 Some(Err(e))
             }
             None => {
-                self.take_back(&mut prepared.into_request());
+                self.take_back(&mut prepared.into_request(), moved_limits);
                 None
             }
         }
     }
 
-    /// Moves the entity id and resource back from a request that was not decided.
-    fn take_back(&mut self, request: &mut AcquireRequest) {
+    /// Moves the entity id and resource (and this acquire's own limit list, if it moved)
+    /// back from a request that was not decided.
+    fn take_back(&mut self, request: &mut AcquireRequest, limits_moved: bool) {
         let own = request.items.swap_remove(0);
         self.entity_id = own.entity_id;
         self.resource = own.resource;
+        if limits_moved {
+            self.limits = Some(own.limits);
+        }
     }
 
     /// Decides at once when the backend can answer without I/O (the in-memory backend

@@ -452,13 +452,13 @@ impl RateLimiter {
 }
 
 /// The first level with limits, as [`ConfigSource`] says.
-pub(crate) fn resolve(
-    stored: &StoredConfig,
-    explicit: Option<&Arc<[Limit]>>,
-    fallback: Option<&Arc<[Limit]>>,
-) -> Option<(Arc<[Limit]>, ConfigSource)> {
+pub(crate) fn resolve<'a>(
+    stored: &'a StoredConfig,
+    explicit: Option<&'a Arc<[Limit]>>,
+    fallback: Option<&'a Arc<[Limit]>>,
+) -> Option<(&'a Arc<[Limit]>, ConfigSource)> {
     if let Some(l) = explicit {
-        return Some((Arc::clone(l), ConfigSource::Override));
+        return Some((l, ConfigSource::Override));
     }
     let levels = [
         (&stored.entity_limits, ConfigSource::Entity),
@@ -468,12 +468,12 @@ pub(crate) fn resolve(
     ];
     for (level, source) in levels {
         if let Some(l) = level.as_ref().filter(|l| !l.is_empty()) {
-            return Some((Arc::clone(l), source));
+            return Some((l, source));
         }
     }
     fallback
         .filter(|l| !l.is_empty())
-        .map(|l| (Arc::clone(l), ConfigSource::Fallback))
+        .map(|l| (l, ConfigSource::Fallback))
 }
 
 pub(super) fn no_limits(entity_id: &str, resource: &str) -> Error {

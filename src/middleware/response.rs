@@ -258,8 +258,11 @@ fn one_token_seconds(limit: &Limit) -> u64 {
 struct PolicyFields {
     lists: Vec<Arc<[Limit]>>,
     policy: HeaderValue,
-    /// Each member's name as a serialized structured-field string, in order.
-    names: Vec<String>,
+    /// Each member's start in the `RateLimit` field: the separator (but for the first),
+    /// its name serialized as a structured-field string, and `;r=`.
+    heads: Vec<Box<[u8]>>,
+    /// Each member's `t` when its bucket is empty: seconds until one token returns.
+    empty_resets: Vec<u64>,
 }
 
 /// The [`PolicyFields`] built last, reused while requests hit the same limits: serializing
@@ -268,14 +271,33 @@ struct PolicyFields {
 /// entries are kept, most recent first, for layers whose requests alternate between lists.
 #[derive(Debug, Default)]
 pub(crate) struct PolicyCache {
+    /// The first fields built, read without a lock: most layers serve one list.
+    first: std::sync::OnceLock<Arc<PolicyFields>>,
     recent: Mutex<Vec<Arc<PolicyFields>>>,
+}
+
+/// Fields from a [`PolicyCache`]: borrowed from its first entry, or shared from the others.
+enum CachedFields<'a> {
+    First(&'a PolicyFields),
+    Recent(Arc<PolicyFields>),
+}
+
+impl std::ops::Deref for CachedFields<'_> {
+    type Target = PolicyFields;
+
+    fn deref(&self) -> &PolicyFields {
+        match self {
+            CachedFields::First(fields) => fields,
+            CachedFields::Recent(fields) => fields,
+        }
+    }
 }
 
 /// Entries a [`PolicyCache`] keeps.
 const POLICY_CACHE_ENTRIES: usize = 8;
 
 impl PolicyCache {
-    fn fields(&self, items: &[ItemRequest], naming: &PolicyNaming) -> Option<Arc<PolicyFields>> {
+    fn fields(&self, items: &[ItemRequest], naming: &PolicyNaming) -> Option<CachedFields<'_>> {
         let same = |f: &PolicyFields| {
             f.lists.len() == items.len()
                 && f.lists
@@ -283,6 +305,9 @@ impl PolicyCache {
                     .zip(items)
                     .all(|(l, i)| Arc::ptr_eq(l, &i.limits) || **l == *i.limits)
         };
+        if let Some(first) = self.first.get().filter(|f| same(f)) {
+            return Some(CachedFields::First(first));
+        }
         {
             let mut recent = self.recent.lock();
             if let Some(at) = recent.iter().position(|f| same(f)) {
@@ -290,7 +315,7 @@ impl PolicyCache {
                 if at > 0 {
                     recent[..=at].rotate_right(1);
                 }
-                return Some(hit);
+                return Some(CachedFields::Recent(hit));
             }
         }
         let members = || {
@@ -300,25 +325,37 @@ impl PolicyCache {
                 .flat_map(|(i, item)| item.limits.iter().map(move |l| (i > 0, l)))
         };
         let policy = policy_value(members(), naming)?;
-        let names = members()
-            .map(|(parent, limit)| {
+        let heads = members()
+            .enumerate()
+            .map(|(at, (parent, limit))| {
                 let mut list = ListSerializer::new();
                 let name = member_name(parent, limit);
                 if let Ok(name) = StringRef::from_str(&name) {
                     let _ = list.bare_item(name);
                 }
-                list.finish().unwrap_or_default()
+                let separator = if at == 0 { "" } else { ", " };
+                let name = list.finish().unwrap_or_default();
+                format!("{separator}{name};r=")
+                    .into_bytes()
+                    .into_boxed_slice()
             })
+            .collect();
+        let empty_resets = members()
+            .map(|(_, limit)| one_token_seconds(limit).min(SF_INTEGER_MAX))
             .collect();
         let fields = Arc::new(PolicyFields {
             lists: items.iter().map(|i| Arc::clone(&i.limits)).collect(),
             policy,
-            names,
+            heads,
+            empty_resets,
         });
+        if self.first.set(Arc::clone(&fields)).is_ok() {
+            return Some(CachedFields::Recent(fields));
+        }
         let mut recent = self.recent.lock();
         recent.insert(0, Arc::clone(&fields));
         recent.truncate(POLICY_CACHE_ENTRIES);
-        Some(fields)
+        Some(CachedFields::Recent(fields))
     }
 }
 
@@ -342,30 +379,24 @@ pub(crate) fn admitted_headers(
     let Some(fields) = cache.fields(items, naming) else {
         return;
     };
-    let limits = items
-        .iter()
-        .flat_map(|item| item.limits.iter().zip(&item.amounts));
+    let amounts = items.iter().flat_map(|item| item.amounts.iter());
     // The member names come serialized from the cache; the parameters are integers, whose
     // structured-field form is plain decimal digits.
     // Built on the stack for the usual few limits, then copied once into the header value.
     let mut current = FieldWriter::default();
     let mut digits = itoa::Buffer::new();
-    for ((name, (limit, amount)), check) in fields.names.iter().zip(limits).zip(checks) {
+    let members = fields.heads.iter().zip(&fields.empty_resets);
+    for (((head, empty_reset), amount), check) in members.zip(amounts).zip(checks) {
         let left = i128::from(check.available) - i128::from(*amount);
         let remaining = u64::try_from(left.max(0)).unwrap_or(0);
-        let reset = if remaining > 0 {
-            0
-        } else {
-            one_token_seconds(limit)
-        };
-        if !current.is_empty() {
-            current.push(b", ");
-        }
-        current.push(name.as_bytes());
-        current.push(b";r=");
+        current.push(head);
         current.push(digits.format(remaining.min(SF_INTEGER_MAX)).as_bytes());
-        current.push(b";t=");
-        current.push(digits.format(reset.min(SF_INTEGER_MAX)).as_bytes());
+        if remaining > 0 {
+            current.push(b";t=0");
+        } else {
+            current.push(b";t=");
+            current.push(digits.format(*empty_reset).as_bytes());
+        }
     }
     headers.insert(RATELIMIT_POLICY.clone(), fields.policy.clone());
     if let Ok(value) = HeaderValue::from_bytes(current.as_bytes()) {
@@ -392,10 +423,7 @@ impl Default for FieldWriter {
 }
 
 impl FieldWriter {
-    fn is_empty(&self) -> bool {
-        self.len == 0 && self.spilled.is_empty()
-    }
-
+    #[inline]
     fn push(&mut self, piece: &[u8]) {
         if self.spilled.is_empty() {
             if let Some(room) = self.stack.get_mut(self.len..self.len + piece.len()) {
@@ -408,6 +436,7 @@ impl FieldWriter {
         self.spilled.extend_from_slice(piece);
     }
 
+    #[inline]
     fn as_bytes(&self) -> &[u8] {
         if self.spilled.is_empty() {
             &self.stack[..self.len]
@@ -453,7 +482,7 @@ mod tests {
         assert!(expected.len() > 192);
         assert_eq!(w.as_bytes(), &expected[..]);
         let mut short = FieldWriter::default();
-        assert!(short.is_empty());
+        assert!(short.as_bytes().is_empty());
         short.push(b"\"rps\";r=9;t=0");
         assert_eq!(short.as_bytes(), b"\"rps\";r=9;t=0");
     }
@@ -557,18 +586,23 @@ mod tests {
         // Two entities' stored limits: equal, but separate allocations.
         let a = [item(vec![Limit::per_minute("rpm", 10)].into())];
         let b = [item(vec![Limit::per_minute("rpm", 10)].into())];
-        let first = cache.fields(&a, &PolicyNaming::default()).unwrap();
-        let second = cache.fields(&b, &PolicyNaming::default()).unwrap();
-        assert!(Arc::ptr_eq(&first, &second), "rebuilt for equal limits");
+        let first: *const PolicyFields = &*cache.fields(&a, &PolicyNaming::default()).unwrap();
+        let second: *const PolicyFields = &*cache.fields(&b, &PolicyNaming::default()).unwrap();
+        assert!(std::ptr::eq(first, second), "rebuilt for equal limits");
         let other = [item(vec![Limit::per_minute("rpm", 20)].into())];
-        let third = cache.fields(&other, &PolicyNaming::default()).unwrap();
-        assert!(!Arc::ptr_eq(&first, &third));
-        // Both stay cached.
-        assert!(Arc::ptr_eq(
-            &cache.fields(&a, &PolicyNaming::default()).unwrap(),
-            &first
+        let third: *const PolicyFields = &*cache.fields(&other, &PolicyNaming::default()).unwrap();
+        assert!(!std::ptr::eq(first, third));
+        // Both stay cached: the first read without a lock, the other among the recent.
+        assert!(std::ptr::eq(
+            &*cache.fields(&a, &PolicyNaming::default()).unwrap(),
+            first
         ));
-        assert_eq!(cache.recent.lock().len(), 2);
+        assert!(std::ptr::eq(
+            &*cache.fields(&other, &PolicyNaming::default()).unwrap(),
+            third
+        ));
+        assert!(cache.first.get().is_some());
+        assert_eq!(cache.recent.lock().len(), 1);
     }
 
     #[test]

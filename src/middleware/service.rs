@@ -129,7 +129,13 @@ where
             };
             return ResponseFuture::rejected(config, rejection);
         };
-        let span = tracing::debug_span!("rate_limit", entity_id = %entity, resource = %resource);
+        // Only when a subscriber wants it: a disabled span still costs a `log` fallback
+        // (when tracing's `log` feature is on, as tower turns it on) on every request.
+        let span = if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug_span!("rate_limit", entity_id = %entity, resource = %resource)
+        } else {
+            tracing::Span::none()
+        };
         let mut acquire = config.limiter.acquire(entity, resource).lists_checked();
         let route_limits = if config.route_limits.is_empty() {
             None
