@@ -862,17 +862,23 @@ impl Prepared {
         }
     }
 
-    /// Adds items to the request, each written into place.
+    /// Adds items to the request.
     pub(crate) fn extend(&mut self, items: impl IntoIterator<Item = ItemRequest>) {
+        for item in items {
+            self.push(item);
+        }
+    }
+
+    /// Adds one item to the request, moved into place once.
+    #[inline]
+    pub(crate) fn push(&mut self, item: ItemRequest) {
         let shared = self.shared_mut();
         let state = shared.state.get_mut();
-        for item in items {
-            for amount in &item.amounts {
-                state.written.push(*amount as i64);
-                state.pending.push(0);
-            }
-            shared.request.items.push(item);
+        for amount in &item.amounts {
+            state.written.push(*amount as i64);
+            state.pending.push(0);
         }
+        shared.request.items.push(item);
     }
 
     /// The request to decide.

@@ -56,6 +56,33 @@ impl Acquire {
         }
     }
 
+    /// An acquire set up in one step by the HTTP layer, from lists it validated once
+    /// (no builder call moving the acquire per option).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn checked(
+        limiter: RateLimiter,
+        entity_id: CompactString,
+        resource: CompactString,
+        limits: Option<Arc<[Limit]>>,
+        fallback: Option<Arc<[Limit]>>,
+        consume: Option<Vec<(String, i128)>>,
+        cascade: Option<bool>,
+        on_unavailable: Option<OnUnavailable>,
+    ) -> Self {
+        Acquire {
+            limiter,
+            entity_id,
+            resource,
+            limits,
+            fallback,
+            lists_checked: true,
+            undecided: false,
+            consume,
+            cascade,
+            on_unavailable,
+        }
+    }
+
     /// Enforce exactly these limits, ignoring stored ones.
     pub fn limits(mut self, limits: impl IntoIterator<Item = Limit>) -> Self {
         self.limits = Some(limits.into_iter().collect());
@@ -77,12 +104,6 @@ impl Acquire {
     /// [`Self::fallback_limits`] from a list shared with other acquires (no copy).
     pub fn shared_fallback_limits(mut self, limits: Arc<[Limit]>) -> Self {
         self.fallback = Some(limits);
-        self
-    }
-
-    /// Marks the limit lists as validated already (by a caller that checked them once).
-    pub(crate) fn lists_checked(mut self) -> Self {
-        self.lists_checked = true;
         self
     }
 
@@ -388,7 +409,7 @@ impl Acquire {
                 None => unreachable!("own_charges chose this acquire's own list"),
             },
         };
-        let own = ItemRequest {
+        prepared.push(ItemRequest {
             entity_id: std::mem::take(&mut self.entity_id),
             resource: std::mem::take(&mut self.resource),
             limits,
@@ -397,8 +418,10 @@ impl Acquire {
             owner: stored.entity.clone(),
             bypass: stored.bypass,
             shard: Default::default(),
-        };
-        prepared.extend(std::iter::once(own).chain(parent_item));
+        });
+        if let Some(parent) = parent_item {
+            prepared.push(parent);
+        }
         match limiter.inner.repo.acquire_now(prepared.request()) {
             Some(Ok(outcome)) => Some(
                 self.judge(prepared.request(), &outcome)

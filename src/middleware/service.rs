@@ -136,27 +136,21 @@ where
         } else {
             tracing::Span::none()
         };
-        let mut acquire = config.limiter.acquire(entity, resource).lists_checked();
         let route_limits = if config.route_limits.is_empty() {
             None
         } else {
             config.route_limits.get(Self::route_key(&head))
         };
-        if let Some(limits) = route_limits.or(config.limits.as_ref()) {
-            acquire = acquire.shared_limits(Arc::clone(limits));
-        }
-        if let Some(limits) = &config.fallback_limits {
-            acquire = acquire.shared_fallback_limits(Arc::clone(limits));
-        }
-        if let Some(estimate) = &config.consume {
-            acquire = acquire.consume(estimate(&head));
-        }
-        if let Some(cascade) = config.cascade {
-            acquire = acquire.cascade(cascade);
-        }
-        if let Some(policy) = config.on_unavailable {
-            acquire = acquire.on_unavailable(policy);
-        }
+        let acquire = crate::Acquire::checked(
+            config.limiter.clone(),
+            entity,
+            resource,
+            route_limits.or(config.limits.as_ref()).cloned(),
+            config.fallback_limits.clone(),
+            config.consume.as_ref().map(|estimate| estimate(&head)),
+            config.cascade,
+            config.on_unavailable,
+        );
         // A backend that answers at once (in memory) is decided here, so the inner service is
         // called directly: no boxed future, and no clone of the inner service (an axum
         // `Route` is a boxed service).
