@@ -507,7 +507,7 @@ mod tests {
         let texts: Vec<String> = (0..1_000)
             .map(|i| format!("\"rps\";r={};t={}", i * 7919, i % 13))
             .collect();
-        let mut values: Vec<HeaderValue> = texts
+        let values: Vec<HeaderValue> = texts
             .iter()
             .map(|t| field_value(t.as_bytes()).unwrap())
             .collect();
