@@ -58,8 +58,41 @@ fn check(
     Ok(())
 }
 
+/// The common valid case, in one byte scan inlined at the caller (every allowed
+/// character is ASCII, so a non-ASCII byte fails too); the explanation of a failure is
+/// built by the cold path.
+#[inline(always)]
+fn plainly_valid(
+    value: &str,
+    max_len: usize,
+    first_ok: impl Fn(u8) -> bool,
+    rest_ok: impl Fn(u8) -> bool,
+) -> bool {
+    match value.as_bytes().split_first() {
+        Some((first, rest)) => {
+            value.len() <= max_len && first_ok(*first) && rest.iter().all(|b| rest_ok(*b))
+        }
+        None => false,
+    }
+}
+
 /// Validates an entity id (also used for parent ids); `field` names it in the error.
+#[inline]
 pub fn validate_identifier(field: Field, value: &str) -> Result<(), Error> {
+    if plainly_valid(
+        value,
+        MAX_ID_LEN,
+        |b| b.is_ascii_alphanumeric(),
+        |b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':' | b'@'),
+    ) {
+        return Ok(());
+    }
+    invalid_identifier(field, value)
+}
+
+#[cold]
+#[inline(never)]
+fn invalid_identifier(field: Field, value: &str) -> Result<(), Error> {
     check(
         value,
         MAX_ID_LEN,
@@ -76,6 +109,7 @@ pub fn validate_identifier(field: Field, value: &str) -> Result<(), Error> {
 }
 
 /// Validates an entity id.
+#[inline]
 pub fn validate_entity_id(value: &str) -> Result<(), Error> {
     validate_identifier(Field::EntityId, value)
 }
@@ -105,7 +139,22 @@ pub fn validate_limit_name(value: &str) -> Result<(), Error> {
 }
 
 /// Validates a resource name (`openai/gpt-4`, `api`).
+#[inline]
 pub fn validate_resource(value: &str) -> Result<(), Error> {
+    if plainly_valid(
+        value,
+        MAX_NAME_LEN,
+        |b| b.is_ascii_alphabetic(),
+        |b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'/'),
+    ) {
+        return Ok(());
+    }
+    invalid_resource(value)
+}
+
+#[cold]
+#[inline(never)]
+fn invalid_resource(value: &str) -> Result<(), Error> {
     check(
         value,
         MAX_NAME_LEN,
