@@ -233,6 +233,48 @@ impl Item {
         (fits, states)
     }
 
+    /// [`Self::charge`] and the write after it in one pass, for the usual request of one
+    /// limit whose bucket exists: the bucket is found once and updated in place. `None`
+    /// (nothing done) for any other request, which goes the general way.
+    pub(super) fn charge_one_in_place(
+        &mut self,
+        request: &ItemRequest,
+        now: i64,
+        checks: &mut Checks,
+        params: &ParamsTable,
+    ) -> Option<bool> {
+        let ([limit], [amount]) = (&*request.limits, &request.amounts[..]) else {
+            return None;
+        };
+        let stored = self
+            .buckets
+            .as_mut_slice()
+            .iter_mut()
+            .find(|b| *b.params.name == *limit.name)?;
+        let before = stored.state();
+        let current = reconcile_bucket(Some(&before), limit, now);
+        let result = if request.bypass {
+            bucket::count_only(&current, i64::try_from(*amount).unwrap_or(i64::MAX), now)
+        } else {
+            bucket::try_consume_limit(limit, &current, *amount, now)
+        };
+        checks.push(LimitCheck::from_consume(limit, *amount, &result));
+        let changed = !crate::repository::same_params(&before, &current);
+        if result.success {
+            stored.set(&result.state);
+        } else if changed {
+            // As after any rejection: the new parameters count from now.
+            stored.set(&current);
+        }
+        if changed {
+            stored.params = params.get(&limit.name, &current);
+        }
+        if result.success {
+            self.touched_ms = now;
+        }
+        Some(result.success)
+    }
+
     /// After a rejection: stores, refilled to now, the buckets whose limit parameters
     /// changed, so the new rate counts from now (see [`reconcile_bucket`]).
     pub(super) fn adopt_changed_params(
@@ -352,5 +394,75 @@ mod tests {
         assert!(!item.is_evicted());
         item.mark_evicted();
         assert!(item.is_evicted());
+    }
+
+    /// The general path of one acquire on an item: check, then write or adopt.
+    fn charge_general(
+        item: &mut Item,
+        request: &ItemRequest,
+        now: i64,
+        table: &ParamsTable,
+    ) -> (bool, Checks) {
+        let mut checks = Checks::new();
+        let (fits, states) = item.charge(request, now, &mut checks);
+        if fits {
+            for (limit, state) in request.limits.iter().zip(states) {
+                item.put(&limit.name, state, table);
+            }
+            item.touch(now);
+        } else {
+            item.adopt_changed_params(request, now, table);
+        }
+        (fits, checks)
+    }
+
+    proptest::proptest! {
+        /// The one-bucket fast path decides and stores exactly what the general path does,
+        /// over histories of takes, idle gaps, limit changes, soft limits and bypasses.
+        #[test]
+        fn charging_in_place_matches_the_general_path(
+            steps in proptest::collection::vec(
+                (0u64..12, 0i64..2_500, 0usize..4, proptest::bool::weighted(0.1)),
+                1..60,
+            )
+        ) {
+            let table = ParamsTable::default();
+            let variants = [
+                Limit::per_second("rps", 10),
+                Limit::per_second("rps", 4),
+                Limit::per_minute("rps", 50).with_burst(60),
+                Limit::per_second("rps", 10).soft(),
+            ];
+            let mut general = Item::default();
+            let mut fast = Item::default();
+            let mut now = 1_000_000;
+            for (amount, gap, variant, bypass) in steps {
+                now += gap;
+                let request = ItemRequest {
+                    entity_id: "k".into(),
+                    resource: "api".into(),
+                    limits: vec![variants[variant].clone()].into(),
+                    amounts: smallvec::smallvec![amount],
+                    expires_when_idle: true,
+                    owner: None,
+                    bypass,
+                    shard: Default::default(),
+                };
+                let (fits, checks) = charge_general(&mut general, &request, now, &table);
+                let mut fast_checks = Checks::new();
+                let fast_fits = match fast.charge_one_in_place(&request, now, &mut fast_checks, &table) {
+                    Some(fits) => fits,
+                    None => {
+                        let (fits, checks) = charge_general(&mut fast, &request, now, &table);
+                        fast_checks = checks;
+                        fits
+                    }
+                };
+                proptest::prop_assert_eq!(fits, fast_fits);
+                proptest::prop_assert_eq!(&checks, &fast_checks);
+                proptest::prop_assert_eq!(general.get("rps"), fast.get("rps"));
+                proptest::prop_assert_eq!(general.touched_ms, fast.touched_ms);
+            }
+        }
     }
 }

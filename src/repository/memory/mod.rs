@@ -583,6 +583,9 @@ impl InMemoryRepository {
         let admitted = self
             .inner
             .with_item(&item.entity_id, &item.resource, |guard| {
+                if let Some(admitted) = guard.charge_one_in_place(item, now, &mut checks, params) {
+                    return admitted;
+                }
                 let (admitted, states) = guard.charge(item, now, &mut checks);
                 if admitted {
                     for (limit, state) in item.limits.iter().zip(states) {
