@@ -69,7 +69,8 @@ pub fn header(name: impl AsRef<str>) -> Header {
 impl Extractor for Header {
     fn extract(&self, req: &Parts) -> Option<CompactString> {
         let value = req.headers.get(self.name.as_ref()?)?;
-        let text = value.to_str().ok()?.trim();
+        // `to_str` admits visible ASCII only, so trimming ASCII whitespace trims it all.
+        let text = value.to_str().ok()?.trim_ascii();
         (!text.is_empty()).then(|| CompactString::from(text))
     }
 
