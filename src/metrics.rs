@@ -47,6 +47,9 @@ mod enabled {
     use super::Outcome;
     use crate::repository::{ItemRequest, LimitCheck};
 
+    /// A limit's name and its `passed` and `exceeded` counters.
+    type LimitHandles = (Box<str>, Counter, Counter);
+
     /// The handles of one resource, registered on first use.
     struct ResourceHandles {
         admitted: Counter,
@@ -58,8 +61,10 @@ mod enabled {
         from_slices: Counter,
         from_table: Counter,
         give_backs: Counter,
+        /// The first limit counted, read without a lock (most resources have one or two).
+        first_limit: std::sync::OnceLock<LimitHandles>,
         /// Per limit name: passed, exceeded.
-        limits: RwLock<Vec<(Box<str>, Counter, Counter)>>,
+        limits: RwLock<Vec<LimitHandles>>,
         resource: Arc<str>,
     }
 
@@ -77,6 +82,7 @@ mod enabled {
                 from_slices: counter!("zae_limiter_reservation_decisions_total", "resource" => r.to_string(), "source" => "slice"),
                 from_table: counter!("zae_limiter_reservation_decisions_total", "resource" => r.to_string(), "source" => "table"),
                 give_backs: counter!("zae_limiter_reservation_give_backs_total", "resource" => r.to_string()),
+                first_limit: std::sync::OnceLock::new(),
                 limits: RwLock::new(Vec::new()),
                 resource: r,
             }
@@ -84,13 +90,17 @@ mod enabled {
 
         /// Counts one limit's check, registering its handles the first time.
         fn check(&self, limit: &str, exceeded: bool) {
-            let pick = |(_, passed, over): &(Box<str>, Counter, Counter)| {
+            let pick = |(_, passed, over): &LimitHandles| {
                 if exceeded {
                     over.increment(1)
                 } else {
                     passed.increment(1)
                 }
             };
+            if let Some(first) = self.first_limit.get().filter(|(n, _, _)| &**n == limit) {
+                pick(first);
+                return;
+            }
             if let Some(found) = self.limits.read().iter().find(|(n, _, _)| &**n == limit) {
                 pick(found);
                 return;
@@ -105,7 +115,10 @@ mod enabled {
                         "outcome" => outcome
                     )
                 };
-                limits.push((limit.into(), handle("passed"), handle("exceeded")));
+                let handles: LimitHandles = (limit.into(), handle("passed"), handle("exceeded"));
+                // The first limit is also kept apart, for the lock-free read above.
+                let _ = self.first_limit.set(handles.clone());
+                limits.push(handles);
             }
             if let Some(found) = limits.iter().find(|(n, _, _)| &**n == limit) {
                 pick(found);
@@ -116,6 +129,9 @@ mod enabled {
     /// A limiter's metric handles.
     #[derive(Default)]
     pub(crate) struct Metrics {
+        /// The first resource counted, read without a lock or a hash: most limiters
+        /// serve one or a few resources, and this is the hot path's lookup.
+        first: std::sync::OnceLock<Arc<ResourceHandles>>,
         resources: DashMap<String, Arc<ResourceHandles>, foldhash::fast::RandomState>,
     }
 
@@ -139,6 +155,9 @@ mod enabled {
         /// Runs `f` on the handles of `resource` (registered the first time) without
         /// taking a reference of its own: the hot path's counts move no reference count.
         fn with_handles<T>(&self, resource: &str, f: impl FnOnce(&Arc<ResourceHandles>) -> T) -> T {
+            if let Some(first) = self.first.get().filter(|h| *h.resource == *resource) {
+                return f(first);
+            }
             if let Some(found) = self.resources.get(resource) {
                 return f(&found);
             }
@@ -148,6 +167,8 @@ mod enabled {
                     .entry(resource.to_string())
                     .or_insert_with(|| Arc::new(ResourceHandles::new(resource))),
             );
+            // The same handles: counts through either land in the same series.
+            let _ = self.first.set(Arc::clone(&handles));
             f(&handles)
         }
 
