@@ -233,6 +233,42 @@ impl Item {
         (fits, states)
     }
 
+    /// One item's acquire, decided and written: every limit taken if all fit (and the item
+    /// touched), else nothing taken and changed parameters adopted. Pushes one check per
+    /// limit; returns whether all fit.
+    pub(super) fn charge_and_write(
+        &mut self,
+        request: &ItemRequest,
+        now: i64,
+        checks: &mut Checks,
+        params: &ParamsTable,
+    ) -> bool {
+        match self.charge_one_in_place(request, now, checks, params) {
+            Some(admitted) => admitted,
+            None => self.charge_and_write_each(request, now, checks, params),
+        }
+    }
+
+    /// [`Self::charge_and_write`] the general way: check every limit, then write each.
+    fn charge_and_write_each(
+        &mut self,
+        request: &ItemRequest,
+        now: i64,
+        checks: &mut Checks,
+        params: &ParamsTable,
+    ) -> bool {
+        let (admitted, states) = self.charge(request, now, checks);
+        if admitted {
+            for (limit, state) in request.limits.iter().zip(states) {
+                self.put(&limit.name, state, params);
+            }
+            self.touch(now);
+        } else {
+            self.adopt_changed_params(request, now, params);
+        }
+        admitted
+    }
+
     /// [`Self::charge`] and the write after it in one pass, for the usual request of one
     /// limit whose bucket exists: the bucket is found once and updated in place. `None`
     /// (nothing done) for any other request, which goes the general way.
@@ -396,26 +432,6 @@ mod tests {
         assert!(item.is_evicted());
     }
 
-    /// The general path of one acquire on an item: check, then write or adopt.
-    fn charge_general(
-        item: &mut Item,
-        request: &ItemRequest,
-        now: i64,
-        table: &ParamsTable,
-    ) -> (bool, Checks) {
-        let mut checks = Checks::new();
-        let (fits, states) = item.charge(request, now, &mut checks);
-        if fits {
-            for (limit, state) in request.limits.iter().zip(states) {
-                item.put(&limit.name, state, table);
-            }
-            item.touch(now);
-        } else {
-            item.adopt_changed_params(request, now, table);
-        }
-        (fits, checks)
-    }
-
     proptest::proptest! {
         /// The one-bucket fast path decides and stores exactly what the general path does,
         /// over histories of takes, idle gaps, limit changes, soft limits and bypasses.
@@ -448,16 +464,10 @@ mod tests {
                     bypass,
                     shard: Default::default(),
                 };
-                let (fits, checks) = charge_general(&mut general, &request, now, &table);
+                let mut checks = Checks::new();
+                let fits = general.charge_and_write_each(&request, now, &mut checks, &table);
                 let mut fast_checks = Checks::new();
-                let fast_fits = match fast.charge_one_in_place(&request, now, &mut fast_checks, &table) {
-                    Some(fits) => fits,
-                    None => {
-                        let (fits, checks) = charge_general(&mut fast, &request, now, &table);
-                        fast_checks = checks;
-                        fits
-                    }
-                };
+                let fast_fits = fast.charge_and_write(&request, now, &mut fast_checks, &table);
                 proptest::prop_assert_eq!(fits, fast_fits);
                 proptest::prop_assert_eq!(&checks, &fast_checks);
                 proptest::prop_assert_eq!(general.get("rps"), fast.get("rps"));

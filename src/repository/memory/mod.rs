@@ -583,19 +583,7 @@ impl InMemoryRepository {
         let admitted = self
             .inner
             .with_item(&item.entity_id, &item.resource, |guard| {
-                if let Some(admitted) = guard.charge_one_in_place(item, now, &mut checks, params) {
-                    return admitted;
-                }
-                let (admitted, states) = guard.charge(item, now, &mut checks);
-                if admitted {
-                    for (limit, state) in item.limits.iter().zip(states) {
-                        guard.put(&limit.name, state, params);
-                    }
-                    guard.touch(now);
-                } else {
-                    guard.adopt_changed_params(item, now, params);
-                }
-                admitted
+                guard.charge_and_write(item, now, &mut checks, params)
             });
         AcquireOutcome {
             admitted,
