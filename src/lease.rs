@@ -36,6 +36,9 @@ struct LeaseState {
     in_doubt: Option<Box<InDoubt>>,
     /// Item writes issued so far (for write ids).
     writes_issued: u32,
+    /// Random, for write ids unique across processes: drawn at the first write (a lease
+    /// settled without one, the usual in-memory case, never needs it).
+    id: Option<u64>,
     /// A commit or rollback holds the writes lock (see [`Settling`]).
     settling: bool,
 }
@@ -69,8 +72,6 @@ struct InDoubt {
 
 pub(crate) struct LeaseShared {
     limiter: RateLimiter,
-    /// Random, for write ids unique across processes.
-    id: u64,
     /// The acquire's request: the items charged (the entity's own, then its parent's in a
     /// cascade). Held whole, so the hot path decides on it in place (see [`Prepared`]).
     request: AcquireRequest,
@@ -338,7 +339,8 @@ impl LeaseShared {
                 let write_id = {
                     let mut state = self.state.lock();
                     state.writes_issued += 1;
-                    format!("{:016x}-{}", self.id, state.writes_issued)
+                    let id = *state.id.get_or_insert_with(lease_id);
+                    format!("{id:016x}-{}", state.writes_issued)
                 };
                 if let Err(e) = self.write(item, part, &write_id).await {
                     if matches!(e, Error::Unavailable { .. }) {
@@ -392,13 +394,13 @@ impl Lease {
     pub(crate) fn prepare_empty(limiter: &RateLimiter, now_ms: i64) -> Prepared {
         Prepared(Arc::new(LeaseShared {
             limiter: limiter.clone(),
-            id: lease_id(),
             state: Mutex::new(LeaseState {
                 pending: LeaseAmounts::new(),
                 written: LeaseAmounts::new(),
                 closed: false,
                 in_doubt: None,
                 writes_issued: 0,
+                id: None,
                 settling: false,
             }),
             request: AcquireRequest {
