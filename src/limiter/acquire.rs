@@ -279,14 +279,6 @@ impl Acquire {
         Ok((limits, amounts, expires, parent))
     }
 
-    /// This acquire's own limit list, shared with the request.
-    fn explicit_limits(&self) -> Arc<[Limit]> {
-        match &self.limits {
-            Some(limits) => Arc::clone(limits),
-            None => unreachable!("own_charges chose this acquire's own list"),
-        }
-    }
-
     /// Turns the backend's answer into a lease or a rejection.
     fn finish(&self, request: AcquireRequest, outcome: AcquireOutcome) -> Result<Lease, Error> {
         self.judge(&request, &outcome)?;
@@ -336,7 +328,9 @@ impl Acquire {
             .stored_config(&self.entity_id, &self.resource, now)
             .await?;
         let (limits, amounts, expires_when_idle, parent) = self.own_charges(&stored, consume)?;
-        let limits = limits.unwrap_or_else(|| self.explicit_limits());
+        let limits = limits
+            .or_else(|| self.limits.clone())
+            .ok_or_else(|| no_limits(&self.entity_id, &self.resource))?;
         let mut items: Items = smallvec::smallvec![ItemRequest {
             entity_id: self.entity_id.clone(),
             resource: self.resource.clone(),
@@ -397,18 +391,14 @@ impl Acquire {
                 }
             }
         };
+        // This acquire's own list moves into the request (no reference counted).
+        let moved_limits = limits.is_none();
+        let Some(limits) = limits.or_else(|| self.limits.take()) else {
+            return Some(Err(no_limits(&self.entity_id, &self.resource)));
+        };
         // The lease is allocated first and the request built in it: decided at once, the
         // request is never moved again.
         let mut prepared = Lease::prepare_empty(limiter, now);
-        // This acquire's own list moves into the request too (no reference counted).
-        let moved_limits = limits.is_none();
-        let limits = match limits {
-            Some(stored) => stored,
-            None => match self.limits.take() {
-                Some(own) => own,
-                None => unreachable!("own_charges chose this acquire's own list"),
-            },
-        };
         prepared.push(ItemRequest {
             entity_id: std::mem::take(&mut self.entity_id),
             resource: std::mem::take(&mut self.resource),
