@@ -21,91 +21,99 @@ pub const RESERVED_LIMIT_NAME: &str = "wcu";
 const MAX_ID_LEN: usize = 256;
 const MAX_NAME_LEN: usize = 64;
 
-fn check(
-    value: &str,
+/// One naming rule: the length bound, the bytes that may start and follow, and how to say
+/// so. Every allowed character is ASCII.
+struct Rule {
     max_len: usize,
-    first_ok: impl Fn(char) -> bool,
-    first_rule: &str,
-    rest_ok: impl Fn(char) -> bool,
-    rest_rule: &str,
-) -> Result<(), String> {
-    if value.is_empty() {
-        return Err("must not be empty".into());
-    }
-    // Every allowed character is ASCII, so the common valid case is a single byte scan.
-    let bytes = value.as_bytes();
-    if bytes.len() <= max_len
-        && first_ok(char::from(bytes[0]))
-        && bytes[1..]
-            .iter()
-            .all(|b| b.is_ascii() && rest_ok(char::from(*b)))
-    {
-        return Ok(());
-    }
-    if value.chars().count() > max_len {
-        return Err(format!("must be at most {max_len} characters"));
-    }
-    if value.contains('#') {
-        return Err("must not contain '#'".into());
-    }
-    let mut chars = value.chars();
-    if !chars.next().is_some_and(&first_ok) {
-        return Err(format!("must start with {first_rule}"));
-    }
-    if let Some(bad) = chars.find(|c| !rest_ok(*c)) {
-        return Err(format!("contains {bad:?}; allowed: {rest_rule}"));
-    }
-    Ok(())
+    first: fn(u8) -> bool,
+    first_rule: &'static str,
+    rest: fn(u8) -> bool,
+    rest_rule: &'static str,
 }
 
-/// The common valid case, in one byte scan inlined at the caller (every allowed
-/// character is ASCII, so a non-ASCII byte fails too); the explanation of a failure is
-/// built by the cold path.
-#[inline(always)]
-fn plainly_valid(
-    value: &str,
-    max_len: usize,
-    first_ok: impl Fn(u8) -> bool,
-    rest_ok: impl Fn(u8) -> bool,
-) -> bool {
-    match value.as_bytes().split_first() {
-        Some((first, rest)) => {
-            value.len() <= max_len && first_ok(*first) && rest.iter().all(|b| rest_ok(*b))
+/// Entity and parent ids.
+const IDENTIFIER: Rule = Rule {
+    max_len: MAX_ID_LEN,
+    first: |b| b.is_ascii_alphanumeric(),
+    first_rule: "a letter or digit",
+    rest: |b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':' | b'@'),
+    rest_rule: "letters, digits and _ . - : @",
+};
+
+/// Limit names and namespaces.
+const NAME: Rule = Rule {
+    max_len: MAX_NAME_LEN,
+    first: |b| b.is_ascii_alphabetic(),
+    first_rule: "a letter",
+    rest: |b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'),
+    rest_rule: "letters, digits and _ . -",
+};
+
+/// Resources: a name that may contain `/`.
+const RESOURCE: Rule = Rule {
+    max_len: MAX_NAME_LEN,
+    first: |b| b.is_ascii_alphabetic(),
+    first_rule: "a letter",
+    rest: |b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'/'),
+    rest_rule: "letters, digits and _ . - /",
+};
+
+impl Rule {
+    /// `Ok`, or why `value` breaks the rule. The valid case is one byte scan, inlined at
+    /// the caller (a non-ASCII byte fails it too); the explanation is built on a cold path.
+    #[inline(always)]
+    fn check(&self, value: &str) -> Result<(), String> {
+        let accepted = match value.as_bytes().split_first() {
+            Some((first, rest)) => {
+                value.len() <= self.max_len
+                    && (self.first)(*first)
+                    && rest.iter().all(|b| (self.rest)(*b))
+            }
+            None => false,
+        };
+        if accepted {
+            Ok(())
+        } else {
+            self.explain(value)
         }
-        None => false,
+    }
+
+    /// Why `value` breaks the rule.
+    #[cold]
+    #[inline(never)]
+    fn explain(&self, value: &str) -> Result<(), String> {
+        if value.is_empty() {
+            return Err("must not be empty".into());
+        }
+        if value.chars().count() > self.max_len {
+            return Err(format!("must be at most {} characters", self.max_len));
+        }
+        if value.contains('#') {
+            return Err("must not contain '#'".into());
+        }
+        let allowed = |rule: fn(u8) -> bool| move |c: &char| c.is_ascii() && rule(*c as u8);
+        let mut chars = value.chars();
+        if !chars.next().as_ref().is_some_and(allowed(self.first)) {
+            return Err(format!("must start with {}", self.first_rule));
+        }
+        let rest = allowed(self.rest);
+        if let Some(bad) = chars.find(|c| !rest(c)) {
+            return Err(format!("contains {bad:?}; allowed: {}", self.rest_rule));
+        }
+        Ok(())
     }
 }
 
 /// Validates an entity id (also used for parent ids); `field` names it in the error.
 #[inline]
 pub fn validate_identifier(field: Field, value: &str) -> Result<(), Error> {
-    if plainly_valid(
-        value,
-        MAX_ID_LEN,
-        |b| b.is_ascii_alphanumeric(),
-        |b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':' | b'@'),
-    ) {
-        return Ok(());
-    }
-    invalid_identifier(field, value)
-}
-
-#[cold]
-#[inline(never)]
-fn invalid_identifier(field: Field, value: &str) -> Result<(), Error> {
-    check(
-        value,
-        MAX_ID_LEN,
-        |c| c.is_ascii_alphanumeric(),
-        "a letter or digit",
-        |c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | ':' | '@'),
-        "letters, digits and _ . - : @",
-    )
-    .map_err(|reason| Error::InvalidIdentifier {
-        field,
-        value: truncate(value),
-        reason,
-    })
+    IDENTIFIER
+        .check(value)
+        .map_err(|reason| Error::InvalidIdentifier {
+            field,
+            value: truncate(value),
+            reason,
+        })
 }
 
 /// Validates an entity id.
@@ -116,54 +124,25 @@ pub fn validate_entity_id(value: &str) -> Result<(), Error> {
 
 /// Validates a limit name.
 pub fn validate_limit_name(value: &str) -> Result<(), Error> {
-    check(
-        value,
-        MAX_NAME_LEN,
-        |c| c.is_ascii_alphabetic(),
-        "a letter",
-        |c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'),
-        "letters, digits and _ . -",
-    )
-    .and_then(|()| {
-        if value == RESERVED_LIMIT_NAME {
-            Err(format!("'{RESERVED_LIMIT_NAME}' is reserved"))
-        } else {
-            Ok(())
-        }
-    })
-    .map_err(|reason| Error::InvalidName {
-        field: Field::LimitName,
-        value: truncate(value),
-        reason,
-    })
+    NAME.check(value)
+        .and_then(|()| {
+            if value == RESERVED_LIMIT_NAME {
+                Err(format!("'{RESERVED_LIMIT_NAME}' is reserved"))
+            } else {
+                Ok(())
+            }
+        })
+        .map_err(|reason| Error::InvalidName {
+            field: Field::LimitName,
+            value: truncate(value),
+            reason,
+        })
 }
 
 /// Validates a resource name (`openai/gpt-4`, `api`).
 #[inline]
 pub fn validate_resource(value: &str) -> Result<(), Error> {
-    if plainly_valid(
-        value,
-        MAX_NAME_LEN,
-        |b| b.is_ascii_alphabetic(),
-        |b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'/'),
-    ) {
-        return Ok(());
-    }
-    invalid_resource(value)
-}
-
-#[cold]
-#[inline(never)]
-fn invalid_resource(value: &str) -> Result<(), Error> {
-    check(
-        value,
-        MAX_NAME_LEN,
-        |c| c.is_ascii_alphabetic(),
-        "a letter",
-        |c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'),
-        "letters, digits and _ . - /",
-    )
-    .map_err(|reason| Error::InvalidName {
+    RESOURCE.check(value).map_err(|reason| Error::InvalidName {
         field: Field::Resource,
         value: truncate(value),
         reason,
@@ -204,15 +183,7 @@ pub fn validate_table_name(value: &str) -> Result<(), Error> {
 
 /// Validates a namespace name.
 pub fn validate_namespace(value: &str) -> Result<(), Error> {
-    check(
-        value,
-        MAX_NAME_LEN,
-        |c| c.is_ascii_alphabetic(),
-        "a letter",
-        |c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'),
-        "letters, digits and _ . -",
-    )
-    .map_err(|reason| Error::InvalidName {
+    NAME.check(value).map_err(|reason| Error::InvalidName {
         field: Field::Namespace,
         value: truncate(value),
         reason,

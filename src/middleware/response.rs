@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
@@ -382,24 +382,24 @@ pub(crate) fn admitted_headers(
     let amounts = items.iter().flat_map(|item| item.amounts.iter());
     // The member names come serialized from the cache; the parameters are integers, whose
     // structured-field form is plain decimal digits.
-    // Built on the stack for the usual few limits, then copied once into the header value.
-    let mut current = FieldWriter::default();
     let mut digits = itoa::Buffer::new();
     let members = fields.heads.iter().zip(&fields.empty_resets);
-    for (((head, empty_reset), amount), check) in members.zip(amounts).zip(checks) {
-        let left = i128::from(check.available) - i128::from(*amount);
-        let remaining = u64::try_from(left.max(0)).unwrap_or(0);
-        current.push(head);
-        current.push(digits.format(remaining.min(SF_INTEGER_MAX)).as_bytes());
-        if remaining > 0 {
-            current.push(b";t=0");
-        } else {
-            current.push(b";t=");
-            current.push(digits.format(*empty_reset).as_bytes());
+    let value = field_value(|value| {
+        for (((head, empty_reset), amount), check) in members.zip(amounts).zip(checks) {
+            let left = i128::from(check.available) - i128::from(*amount);
+            let remaining = u64::try_from(left.max(0)).unwrap_or(0);
+            value.extend_from_slice(head);
+            value.extend_from_slice(digits.format(remaining.min(SF_INTEGER_MAX)).as_bytes());
+            if remaining > 0 {
+                value.extend_from_slice(b";t=0");
+            } else {
+                value.extend_from_slice(b";t=");
+                value.extend_from_slice(digits.format(*empty_reset).as_bytes());
+            }
         }
-    }
+    });
     headers.insert(RATELIMIT_POLICY.clone(), fields.policy.clone());
-    if let Some(value) = field_value(current.as_bytes()) {
+    if let Some(value) = value {
         headers.insert(RATELIMIT.clone(), value);
     }
 }
@@ -407,73 +407,35 @@ pub(crate) fn admitted_headers(
 /// Bytes of one thread's `RateLimit` values, taken [`VALUE_BLOCK`] at a time.
 const VALUE_BLOCK: usize = 4096;
 
+/// Room left in a block below which the next value starts a new one.
+const VALUE_ROOM: usize = 256;
+
 thread_local! {
-    /// Room for this thread's next `RateLimit` values: each is split off the front and
-    /// shares the block (a reference count), so responses take one allocation per block
-    /// (about a hundred values) instead of one each. A block is freed once the last value
-    /// cut from it is dropped.
-    static FIELD_VALUES: std::cell::RefCell<bytes::BytesMut> =
-        std::cell::RefCell::new(bytes::BytesMut::new());
+    /// Room for this thread's next `RateLimit` values: each is written at the front and
+    /// split off, sharing the block (a reference count), so responses take one allocation
+    /// per block (about a hundred values) instead of one each. A block is freed once the
+    /// last value cut from it is dropped.
+    static FIELD_VALUES: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
 }
 
-/// `bytes` as a header value cut from this thread's block; `None` if they are not a valid
-/// header value.
-fn field_value(bytes: &[u8]) -> Option<HeaderValue> {
-    let shared = FIELD_VALUES.with(|block| {
-        let mut block = block.try_borrow_mut().ok()?;
-        if block.capacity() < bytes.len() {
-            *block = bytes::BytesMut::with_capacity(VALUE_BLOCK.max(bytes.len()));
-        }
-        block.extend_from_slice(bytes);
-        Some(block.split().freeze())
-    });
-    match shared {
-        Some(shared) => HeaderValue::from_maybe_shared(shared).ok(),
-        // Re-entered (never on the layer's path): a value of its own.
-        None => HeaderValue::from_bytes(bytes).ok(),
-    }
-}
-
-/// A field value written on the stack (one bounds check per piece), spilling to the heap
-/// only past the room the usual few limits need.
-struct FieldWriter {
-    stack: [u8; 192],
-    len: usize,
-    spilled: Vec<u8>,
-}
-
-impl Default for FieldWriter {
-    fn default() -> Self {
-        FieldWriter {
-            stack: [0; 192],
-            len: 0,
-            spilled: Vec::new(),
-        }
-    }
-}
-
-impl FieldWriter {
-    #[inline]
-    fn push(&mut self, piece: &[u8]) {
-        if self.spilled.is_empty() {
-            if let Some(room) = self.stack.get_mut(self.len..self.len + piece.len()) {
-                room.copy_from_slice(piece);
-                self.len += piece.len();
-                return;
+/// The header value `write` writes, cut from this thread's block (a value longer than the
+/// room left grows its own); `None` if it is not a valid header value.
+fn field_value(write: impl FnOnce(&mut BytesMut)) -> Option<HeaderValue> {
+    FIELD_VALUES.with(|block| match block.try_borrow_mut() {
+        Ok(mut block) => {
+            if block.capacity() < VALUE_ROOM {
+                *block = BytesMut::with_capacity(VALUE_BLOCK);
             }
-            self.spilled.extend_from_slice(&self.stack[..self.len]);
+            write(&mut block);
+            HeaderValue::from_maybe_shared(block.split().freeze()).ok()
         }
-        self.spilled.extend_from_slice(piece);
-    }
-
-    #[inline]
-    fn as_bytes(&self) -> &[u8] {
-        if self.spilled.is_empty() {
-            &self.stack[..self.len]
-        } else {
-            &self.spilled
+        // Re-entered (never on the layer's path): a value of its own.
+        Err(_) => {
+            let mut own = BytesMut::new();
+            write(&mut own);
+            HeaderValue::from_maybe_shared(own.freeze()).ok()
         }
-    }
+    })
 }
 
 #[cfg(test)]
@@ -500,6 +462,11 @@ mod tests {
         }
     }
 
+    /// [`field_value`] of bytes written at once.
+    fn value_of(bytes: &[u8]) -> Option<HeaderValue> {
+        field_value(|value| value.extend_from_slice(bytes))
+    }
+
     #[test]
     fn field_values_cut_from_shared_blocks_stay_intact() {
         // Enough values to use up several blocks, all held at once, then some dropped
@@ -509,7 +476,7 @@ mod tests {
             .collect();
         let values: Vec<HeaderValue> = texts
             .iter()
-            .map(|t| field_value(t.as_bytes()).unwrap())
+            .map(|t| value_of(t.as_bytes()).unwrap())
             .collect();
         let total: usize = texts.iter().map(String::len).sum();
         assert!(total > 3 * VALUE_BLOCK);
@@ -517,35 +484,35 @@ mod tests {
             assert_eq!(v.as_bytes(), t.as_bytes());
         }
         let kept: Vec<(HeaderValue, &String)> = values.into_iter().zip(&texts).step_by(3).collect();
-        let late = field_value(b"\"rpm\";r=1;t=0").unwrap();
+        let late = value_of(b"\"rpm\";r=1;t=0").unwrap();
         for (v, t) in &kept {
             assert_eq!(v.as_bytes(), t.as_bytes());
         }
         assert_eq!(late, "\"rpm\";r=1;t=0");
-        // A value longer than a block gets a block of its own.
+        // A value longer than the room left grows a block of its own.
         let long = "x".repeat(VALUE_BLOCK + 10);
         assert_eq!(
-            field_value(long.as_bytes()).unwrap().as_bytes(),
+            value_of(long.as_bytes()).unwrap().as_bytes(),
             long.as_bytes()
         );
         // Bytes a header value cannot hold are refused.
-        assert!(field_value(b"bad\nvalue").is_none());
+        assert!(value_of(b"bad\nvalue").is_none());
     }
 
     #[test]
-    fn a_field_value_past_the_stack_room_spills_whole() {
-        let mut w = FieldWriter::default();
+    fn a_field_value_of_many_pieces_stays_whole() {
         let mut expected = Vec::new();
-        for i in 0..40 {
-            let piece = format!("\"limit-{i}\";r={i};t=0, ");
-            w.push(piece.as_bytes());
-            expected.extend_from_slice(piece.as_bytes());
-        }
+        let w = field_value(|value| {
+            for i in 0..40 {
+                let piece = format!("\"limit-{i}\";r={i};t=0, ");
+                value.extend_from_slice(piece.as_bytes());
+                expected.extend_from_slice(piece.as_bytes());
+            }
+        })
+        .unwrap();
         assert!(expected.len() > 192);
         assert_eq!(w.as_bytes(), &expected[..]);
-        let mut short = FieldWriter::default();
-        assert!(short.as_bytes().is_empty());
-        short.push(b"\"rps\";r=9;t=0");
+        let short = value_of(b"\"rps\";r=9;t=0").unwrap();
         assert_eq!(short.as_bytes(), b"\"rps\";r=9;t=0");
     }
 

@@ -221,11 +221,7 @@ impl Item {
         let mut states = States::new();
         for (limit, amount) in request.limits.iter().zip(request.amounts.iter().copied()) {
             let current = reconcile_bucket(self.get(&limit.name).as_ref(), limit, now);
-            let result = if request.bypass {
-                bucket::count_only(&current, i64::try_from(amount).unwrap_or(i64::MAX), now)
-            } else {
-                bucket::try_consume_limit(limit, &current, amount, now)
-            };
+            let result = take(request, limit, amount, &current, now);
             fits &= result.success;
             checks.push(LimitCheck::from_consume(limit, amount, &result));
             states.push(result.state);
@@ -272,7 +268,7 @@ impl Item {
     /// [`Self::charge`] and the write after it in one pass, for the usual request of one
     /// limit whose bucket exists: the bucket is found once and updated in place. `None`
     /// (nothing done) for any other request, which goes the general way.
-    pub(super) fn charge_one_in_place(
+    fn charge_one_in_place(
         &mut self,
         request: &ItemRequest,
         now: i64,
@@ -289,11 +285,7 @@ impl Item {
             .find(|b| *b.params.name == *limit.name)?;
         let before = stored.state();
         let current = reconcile_bucket(Some(&before), limit, now);
-        let result = if request.bypass {
-            bucket::count_only(&current, i64::try_from(*amount).unwrap_or(i64::MAX), now)
-        } else {
-            bucket::try_consume_limit(limit, &current, *amount, now)
-        };
+        let result = take(request, limit, *amount, &current, now);
         checks.push(LimitCheck::from_consume(limit, *amount, &result));
         let changed = !crate::repository::same_params(&before, &current);
         if result.success {
@@ -306,7 +298,7 @@ impl Item {
             stored.params = params.get(&limit.name, &current);
         }
         if result.success {
-            self.touched_ms = now;
+            self.touch(now);
         }
         Some(result.success)
     }
@@ -358,6 +350,22 @@ impl Item {
         }
         self.touched_ms
             .saturating_add(i64::try_from(keep_ms).unwrap_or(i64::MAX))
+    }
+}
+
+/// The take of `amount` from one limit's refilled bucket: counted only for a bypassed
+/// request, else taken if it fits (or into debt, for a soft limit).
+fn take(
+    request: &ItemRequest,
+    limit: &crate::Limit,
+    amount: u64,
+    current: &BucketState,
+    now: i64,
+) -> bucket::ConsumeResult {
+    if request.bypass {
+        bucket::count_only(current, i64::try_from(amount).unwrap_or(i64::MAX), now)
+    } else {
+        bucket::try_consume_limit(limit, current, amount, now)
     }
 }
 
