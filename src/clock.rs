@@ -10,15 +10,73 @@ pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
 }
 
 /// The system's wall clock.
+///
+/// Read on every acquire, so it is read cheaply: each thread reads the system clock at
+/// most once per [`REANCHOR_NS`] and counts the time since on the CPU's cycle counter
+/// (through `quanta`, calibrated once per process; the system's monotonic clock where
+/// there is no usable counter). The result follows the system clock to well under a
+/// millisecond, and a change to the system clock shows within a millisecond.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> i64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        anchored_epoch_ns() / 1_000_000
     }
+}
+
+/// How long a thread counts on the cycle counter before reading the system clock again.
+const REANCHOR_NS: u64 = 1_000_000;
+
+/// A system clock reading and the cycle counter at that moment.
+#[derive(Clone, Copy)]
+struct Anchor {
+    counter: u64,
+    epoch_ns: i64,
+}
+
+thread_local! {
+    /// This thread's last system clock reading (`None` until its first).
+    static ANCHOR: std::cell::Cell<Option<Anchor>> = const { std::cell::Cell::new(None) };
+}
+
+/// The process's calibrated cycle counter.
+fn counter() -> &'static quanta::Clock {
+    static COUNTER: std::sync::OnceLock<quanta::Clock> = std::sync::OnceLock::new();
+    COUNTER.get_or_init(quanta::Clock::new)
+}
+
+/// Nanoseconds since the Unix epoch (0 before it): the thread's anchor plus the counter's
+/// time since, or a fresh system clock reading once the anchor is older than
+/// [`REANCHOR_NS`] (or the counter went backwards, as on a move to a core whose counter
+/// differs).
+fn anchored_epoch_ns() -> i64 {
+    let counter = counter();
+    let now = counter.raw();
+    if let Some(anchor) = ANCHOR.with(std::cell::Cell::get) {
+        if now >= anchor.counter {
+            let since = counter.delta_as_nanos(anchor.counter, now);
+            if since < REANCHOR_NS {
+                // Below a millisecond: fits in i64.
+                return anchor.epoch_ns.saturating_add(since as i64);
+            }
+        }
+    }
+    let epoch_ns = system_epoch_ns();
+    ANCHOR.with(|a| {
+        a.set(Some(Anchor {
+            counter: counter.raw(),
+            epoch_ns,
+        }))
+    });
+    epoch_ns
+}
+
+/// The system clock, nanoseconds since the Unix epoch (0 before it).
+fn system_epoch_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
 /// A clock that moves only when told to; clones share the same time.
@@ -71,5 +129,51 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now_ms(&self) -> i64 {
         self.now.lock().0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn system_ms() -> i64 {
+        system_epoch_ns() / 1_000_000
+    }
+
+    /// The counted time stays with the system clock: on a busy thread (reading from the
+    /// anchor), across anchors, after idle gaps, and on many threads at once.
+    #[test]
+    fn system_clock_follows_the_system_clock() {
+        let check = || {
+            for round in 0..2_000u32 {
+                let before = system_ms();
+                let read = SystemClock.now_ms();
+                let after = system_ms();
+                assert!(
+                    (before - 1..=after + 1).contains(&read),
+                    "read {read} outside [{before}, {after}] ± 1 ms"
+                );
+                if round % 500 == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(3));
+                }
+            }
+        };
+        let threads: Vec<_> = (0..4).map(|_| std::thread::spawn(check)).collect();
+        check();
+        for t in threads {
+            t.join().expect("thread");
+        }
+    }
+
+    /// Successive reads on one thread never go back by more than the system clock does.
+    #[test]
+    fn system_clock_does_not_run_backwards_on_a_thread() {
+        let mut last = SystemClock.now_ms();
+        let end = last + 30;
+        while last < end {
+            let now = SystemClock.now_ms();
+            assert!(now >= last - 1, "{now} after {last}");
+            last = last.max(now);
+        }
     }
 }
