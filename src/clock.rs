@@ -12,7 +12,7 @@ pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
 /// The system's wall clock.
 ///
 /// Read on every acquire, so it is read cheaply: each thread reads the system clock at
-/// most once per [`REANCHOR_NS`] and counts the time since on the CPU's cycle counter
+/// most once a millisecond and counts the time since on the CPU's cycle counter
 /// (through `quanta`, calibrated once per process; the system's monotonic clock where
 /// there is no usable counter). The result follows the system clock to well under a
 /// millisecond, and a change to the system clock shows within a millisecond.
