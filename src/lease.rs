@@ -71,7 +71,10 @@ struct InDoubt {
 }
 
 pub(crate) struct LeaseShared {
-    limiter: RateLimiter,
+    /// `None` only while a [`Prepared`] lease is decided: the acquire's own limiter is
+    /// moved in when it is admitted (a clone would touch the limiter's reference count,
+    /// which every thread shares, once more per request).
+    limiter: Option<RateLimiter>,
     /// The acquire's request: the items charged (the entity's own, then its parent's in a
     /// cascade). Held whole, so the hot path decides on it in place (see [`Prepared`]).
     request: AcquireRequest,
@@ -129,6 +132,14 @@ impl LeaseShared {
 
     fn entity_id(&self) -> &str {
         &self.request.items[0].entity_id
+    }
+
+    /// The limiter that admitted the lease.
+    fn limiter(&self) -> &RateLimiter {
+        match &self.limiter {
+            Some(limiter) => limiter,
+            None => unreachable!("a lease is made only once its limiter is set"),
+        }
     }
 
     fn resource(&self) -> &str {
@@ -216,12 +227,12 @@ impl LeaseShared {
             entity_id: item.entity_id.to_string(),
             resource: item.resource.to_string(),
             deltas: changes,
-            now_ms: self.limiter.now_ms(),
+            now_ms: self.limiter().now_ms(),
             write_id: Some(write_id.to_string()),
             counts_only: item.bypass,
             shard: item.shard,
         };
-        self.limiter.inner.repo.adjust(&request).await
+        self.limiter().inner.repo.adjust(&request).await
     }
 
     /// Where item `index`'s limits start in the flat amounts.
@@ -382,18 +393,18 @@ impl LeaseShared {
 impl Lease {
     /// A lease's shared part allocated before the backend decides, with `request` in it,
     /// so an acquire decided at once builds its request once and never moves it again.
-    pub(crate) fn prepare(limiter: &RateLimiter, request: AcquireRequest) -> Prepared {
-        let mut prepared = Self::prepare_empty(limiter, request.now_ms);
+    pub(crate) fn prepare(request: AcquireRequest) -> Prepared {
+        let mut prepared = Self::prepare_empty(request.now_ms);
         prepared.extend(request.items);
         prepared
     }
 
     /// [`Self::prepare`] with no item yet: the items are pushed into place after (see
-    /// [`Prepared::extend`]). Allocated from constants, the shared part is written in
-    /// place rather than built and copied.
-    pub(crate) fn prepare_empty(limiter: &RateLimiter, now_ms: i64) -> Prepared {
+    /// [`Prepared::extend`]), and the limiter is moved in when it is admitted
+    /// ([`Prepared::admit`]).
+    pub(crate) fn prepare_empty(now_ms: i64) -> Prepared {
         Prepared(Arc::new(LeaseShared {
-            limiter: limiter.clone(),
+            limiter: None,
             state: Mutex::new(LeaseState {
                 pending: LeaseAmounts::new(),
                 written: LeaseAmounts::new(),
@@ -427,9 +438,11 @@ impl Lease {
             bypass: false,
             shard: Default::default(),
         };
-        let mut prepared = Self::prepare_empty(limiter, 0);
+        let mut prepared = Self::prepare_empty(0);
         prepared.extend([item]);
-        prepared.shared_mut().unlimited = true;
+        let shared = prepared.shared_mut();
+        shared.unlimited = true;
+        shared.limiter = Some(limiter.clone());
         prepared.into_lease()
     }
 
@@ -519,7 +532,7 @@ impl Lease {
         if matches!(result, Err(e) if !matches!(e, Error::LeaseClosed)) {
             let shared = &self.shared;
             shared
-                .limiter
+                .limiter()
                 .inner
                 .metrics
                 .settle_failure(shared.resource());
@@ -649,7 +662,7 @@ where
     F: FnOnce(Arc<LeaseShared>) -> Fut,
     Fut: Future<Output = Result<(), Error>> + Send + 'static,
 {
-    let limit = shared.limiter.inner.repo.operation_timeout();
+    let limit = shared.limiter().inner.repo.operation_timeout();
     match (limit, tokio::runtime::Handle::try_current()) {
         (Some(limit), Ok(runtime)) => {
             let task = runtime.spawn(write(Arc::clone(shared)));
@@ -720,7 +733,11 @@ async fn settle_with_retries(shared: Arc<LeaseShared>, commit: bool, reason: &'s
                 return;
             }
             Err(e @ Error::Unavailable { .. }) if started.elapsed() < SETTLE_FOR => {
-                shared.limiter.inner.metrics.settle_retry(shared.resource());
+                shared
+                    .limiter()
+                    .inner
+                    .metrics
+                    .settle_retry(shared.resource());
                 // Once per lease at `warn`; the retries after it at `debug`.
                 if attempt == 0 {
                     tracing::warn!(
@@ -738,7 +755,7 @@ async fn settle_with_retries(shared: Arc<LeaseShared>, commit: bool, reason: &'s
             }
             Err(e) => {
                 shared
-                    .limiter
+                    .limiter()
                     .inner
                     .metrics
                     .settle_failure(shared.resource());
@@ -889,9 +906,11 @@ impl Prepared {
     }
 
     /// The lease for an admitted decision: the backend's checks, and the items it bypassed
-    /// or charged on another shard, recorded for the lease's later writes.
-    pub(crate) fn admit(mut self, outcome: AcquireOutcome) -> Lease {
+    /// or charged on another shard, recorded for the lease's later writes, and the limiter
+    /// that admitted it.
+    pub(crate) fn admit(mut self, outcome: AcquireOutcome, limiter: RateLimiter) -> Lease {
         let shared = self.shared_mut();
+        shared.limiter = Some(limiter);
         shared.checks = outcome.checks;
         for &i in &outcome.bypassed {
             if let Some(item) = shared.request.items.get_mut(i) {

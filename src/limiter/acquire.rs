@@ -282,7 +282,7 @@ impl Acquire {
     /// Turns the backend's answer into a lease or a rejection.
     fn finish(&self, request: AcquireRequest, outcome: AcquireOutcome) -> Result<Lease, Error> {
         self.judge(&request, &outcome)?;
-        Ok(Lease::prepare(&self.limiter, request).admit(outcome))
+        Ok(Lease::prepare(request).admit(outcome, self.limiter.clone()))
     }
 
     /// Counts the backend's answer, and turns a refusal into the rejection.
@@ -353,10 +353,11 @@ impl Acquire {
     }
 
     /// [`Self::decide`] without waiting: `None` as soon as a step would wait for I/O.
+    /// Admitted, the lease is returned prepared, for the caller to move the limiter in.
     ///
     /// The entity id and resource move into the request (the lease keeps them) rather
     /// than being copied; they are put back whenever the acquire is not decided here.
-    fn decide_now(&mut self, consume: Option<&[(String, i64)]>) -> Option<Result<Lease, Error>> {
+    fn decide_now(&mut self, consume: Option<&[(String, i64)]>) -> Option<Result<Admitted, Error>> {
         let mut lookups = SmallVec::new();
         let decided = self.decide_now_counting(consume, &mut lookups)?;
         for hit in lookups {
@@ -369,7 +370,7 @@ impl Acquire {
         &mut self,
         consume: Option<&[(String, i64)]>,
         lookups: &mut SmallVec<[bool; 2]>,
-    ) -> Option<Result<Lease, Error>> {
+    ) -> Option<Result<Admitted, Error>> {
         let limiter = &self.limiter;
         let now = limiter.now_ms();
         let stored =
@@ -398,7 +399,7 @@ impl Acquire {
         };
         // The lease is allocated first and the request built in it: decided at once, the
         // request is never moved again.
-        let mut prepared = Lease::prepare_empty(limiter, now);
+        let mut prepared = Lease::prepare_empty(now);
         prepared.push(ItemRequest {
             entity_id: std::mem::take(&mut self.entity_id),
             resource: std::mem::take(&mut self.resource),
@@ -412,10 +413,10 @@ impl Acquire {
         if let Some(parent) = parent_item {
             prepared.push(parent);
         }
-        match limiter.inner.repo.acquire_now(prepared.request()) {
+        match self.limiter.inner.repo.acquire_now(prepared.request()) {
             Some(Ok(outcome)) => Some(
                 self.judge(prepared.request(), &outcome)
-                    .map(|()| prepared.admit(outcome)),
+                    .map(|()| Admitted { prepared, outcome }),
             ),
             Some(Err(e)) => {
                 self.take_back(&mut prepared.into_request(), moved_limits);
@@ -451,7 +452,11 @@ impl Acquire {
             Err(e) => return Ok(Err(e)),
         };
         match self.decide_now(consume.as_deref()) {
-            Some(decision) => Ok(self.apply_policy(decision)),
+            // The acquire's limiter moves into the lease (no reference count touched).
+            Some(Ok(Admitted { prepared, outcome })) => {
+                Ok(Ok(prepared.admit(outcome, self.limiter)))
+            }
+            Some(Err(e)) => Ok(self.apply_policy(Err(e))),
             None => {
                 self.undecided = true;
                 Err(self)
@@ -520,6 +525,12 @@ impl IntoFuture for Acquire {
             decision: Some(decision),
         }
     }
+}
+
+/// An acquire the backend admitted at once: the lease still to be given its limiter.
+struct Admitted {
+    prepared: crate::lease::Prepared,
+    outcome: AcquireOutcome,
 }
 
 /// Where an [`AcquireFuture`] stands.

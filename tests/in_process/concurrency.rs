@@ -149,17 +149,21 @@ async fn single_items_cascades_refunds_and_sweeps_stay_exact() {
         .build();
     project_with_children(&limiter, 600, 1_000, 8).await;
     let sweeping = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sweeps = Arc::new(AtomicU64::new(0));
     let sweeper = {
-        let (repo, sweeping) = (repo.clone(), sweeping.clone());
+        let (repo, sweeping, sweeps) = (repo.clone(), sweeping.clone(), sweeps.clone());
         std::thread::spawn(move || {
-            let mut sweeps = 0u64;
             while sweeping.load(Ordering::Relaxed) {
                 repo.evict_idle();
-                sweeps += 1;
+                sweeps.fetch_add(1, Ordering::Relaxed);
             }
-            sweeps
         })
     };
+    // The sweeper is under way before the acquires start (they can all finish before a
+    // new thread is first scheduled).
+    while sweeps.load(Ordering::Relaxed) == 0 {
+        tokio::task::yield_now().await;
+    }
     // Net tokens charged to the parent directly and through children.
     let direct = Arc::new(AtomicU64::new(0));
     let cascaded = Arc::new(AtomicU64::new(0));
@@ -196,7 +200,7 @@ async fn single_items_cascades_refunds_and_sweeps_stay_exact() {
         t.await.unwrap();
     }
     sweeping.store(false, Ordering::Relaxed);
-    assert!(sweeper.join().unwrap() > 0);
+    sweeper.join().unwrap();
     let (direct, cascaded) = (
         direct.load(Ordering::Relaxed),
         cascaded.load(Ordering::Relaxed),
