@@ -190,6 +190,69 @@ fn memory(keys: usize) {
     );
 }
 
+/// Every core at once, each thread on keys of its own (as a multi-threaded server's
+/// workers are): aggregate nanoseconds per decision, zae acquire + commit against
+/// governor `check_key`, each run alone. What threads share here (reference counts,
+/// map shards) is what stops a limiter scaling with cores.
+fn threads(ops_per_thread: usize) {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let limiter = RateLimiter::new(InMemoryRepository::new());
+    let limits: std::sync::Arc<[Limit]> = [Limit::per_second("rps", 1_000_000_000)].into();
+    let governor = std::sync::Arc::new(Governor::keyed(Quota::per_second(
+        NonZeroU32::new(1_000_000_000).unwrap(),
+    )));
+    let keys = |t: usize| -> Vec<String> { (0..1_000).map(|i| format!("t{t}-key-{i}")).collect() };
+    let run = |work: &(dyn Fn(usize) + Sync)| {
+        let start = std::time::Instant::now();
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                s.spawn(move || work(t));
+            }
+        });
+        start.elapsed().as_nanos() as f64 / (threads * ops_per_thread) as f64
+    };
+    let zae = |t: usize| {
+        let keys = keys(t);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for i in 0..ops_per_thread {
+                let lease = limiter
+                    .acquire(keys[i % keys.len()].as_str(), "api")
+                    .shared_limits(limits.clone())
+                    .await
+                    .unwrap();
+                lease.commit().await.unwrap();
+            }
+        })
+    };
+    let gov = |t: usize| {
+        let keys = keys(t);
+        for i in 0..ops_per_thread {
+            black_box(governor.check_key(&keys[i % keys.len()]).is_ok());
+        }
+    };
+    // Warm both (keys created, code paged in), then measure each three times, alternating.
+    run(&zae);
+    run(&gov);
+    let (mut z, mut g) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        z.push(run(&zae));
+        g.push(run(&gov));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (z, g) = (median(&mut z), median(&mut g));
+    println!("\n== {threads} threads at once, 1,000 keys each (aggregate ns per decision, median of 3) ==");
+    println!(
+        "zae acquire+commit {z:.1} ns, governor check_key {g:.1} ns, ratio {:.2}x",
+        z / g
+    );
+}
+
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     benches(&mut c);
@@ -201,6 +264,7 @@ fn main() {
         return;
     }
     memory(if quick { 10_000 } else { 1_000_000 });
+    threads(if quick { 10_000 } else { 1_000_000 });
     support::report(
         "in-memory limiter vs governor (keyed)",
         &[
