@@ -155,12 +155,72 @@ fn allocations(n: usize) {
     }
 }
 
+/// Every core at once, each thread calling its own clone of the router on keys of its
+/// own (as a multi-threaded server's workers do): aggregate nanoseconds per request and
+/// the overhead over no limiter, for each router, medians of three alternating runs.
+fn threads(requests_per_thread: usize) {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let routers = routers();
+    let run = |router: &Router| {
+        let start = std::time::Instant::now();
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let router = router.clone();
+                s.spawn(move || {
+                    let keys: Vec<String> = (0..100).map(|i| format!("t{t}-key-{i}")).collect();
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async {
+                        for i in 0..requests_per_thread {
+                            let req = Request::get("/")
+                                .header("x-api-key", keys[i % keys.len()].as_str())
+                                .body(Body::empty())
+                                .unwrap();
+                            let resp = router.clone().oneshot(req).await.unwrap();
+                            resp.into_body().collect().await.unwrap();
+                        }
+                    })
+                });
+            }
+        });
+        start.elapsed().as_nanos() as f64 / (threads * requests_per_thread) as f64
+    };
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); routers.len()];
+    for (_, router) in &routers {
+        run(router);
+    }
+    for _ in 0..3 {
+        for (at, (_, router)) in routers.iter().enumerate() {
+            times[at].push(run(router));
+        }
+    }
+    let medians: Vec<f64> = times
+        .iter_mut()
+        .map(|t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect();
+    println!(
+        "\n== {threads} threads at once, 100 keys each (aggregate ns per request, median of 3) =="
+    );
+    for ((name, _), ns) in routers.iter().zip(&medians) {
+        println!(
+            "{name:<28} {ns:>8.0} ns ({:+.0} over no limiter)",
+            ns - medians[0]
+        );
+    }
+}
+
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     benches(&mut c);
     c.final_summary();
     if !std::env::args().any(|a| a == "--profile-time") {
         allocations(10_000);
+        let quick = std::env::args().any(|a| a == "--test");
+        threads(if quick { 1_000 } else { 200_000 });
     }
     support::report(
         "router call in-process, per request",
