@@ -28,6 +28,10 @@ impl Clock for SystemClock {
 /// How long a thread counts on the cycle counter before reading the system clock again.
 const REANCHOR_NS: u64 = 1_000_000;
 
+/// The widest bracket of counter readings around a system clock read that is kept as an
+/// anchor (the read itself takes well under a microsecond).
+const MAX_ANCHOR_GAP_NS: u64 = 20_000;
+
 /// A system clock reading and the cycle counter at that moment.
 #[derive(Clone, Copy)]
 struct Anchor {
@@ -62,13 +66,19 @@ fn anchored_epoch_ns() -> i64 {
             }
         }
     }
+    // The counter on both sides of the system clock read: the reading is taken as at
+    // their midpoint, and kept only if the two are close (a thread preempted between them
+    // would otherwise run behind by as long as it waited).
+    let before = counter.raw();
     let epoch_ns = system_epoch_ns();
-    ANCHOR.with(|a| {
-        a.set(Some(Anchor {
-            counter: counter.raw(),
+    let after = counter.raw();
+    if after >= before && counter.delta_as_nanos(before, after) < MAX_ANCHOR_GAP_NS {
+        let anchor = Anchor {
+            counter: before + (after - before) / 2,
             epoch_ns,
-        }))
-    });
+        };
+        ANCHOR.with(|a| a.set(Some(anchor)));
+    }
     epoch_ns
 }
 
