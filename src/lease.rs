@@ -92,7 +92,8 @@ pub(crate) struct LeaseShared {
 /// Dropping an open lease rolls it back in the background (with a `warn` log).
 #[must_use = "a lease rolls back when dropped; commit it when the work is done"]
 pub struct Lease {
-    shared: Arc<LeaseShared>,
+    /// Taken only when the lease is dropped (to keep its allocation for the next lease).
+    shared: Option<Arc<LeaseShared>>,
     /// Cleared once settling was handed off, so `Drop` does not roll back too.
     settles_on_drop: bool,
     /// Set when this handle committed or rolled the lease back, so `Drop` knows it is
@@ -110,7 +111,7 @@ pub struct LeaseHandle {
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.shared.fmt_with("Lease", f)
+        self.shared().fmt_with("Lease", f)
     }
 }
 
@@ -132,6 +133,42 @@ impl LeaseShared {
 
     fn entity_id(&self) -> &str {
         &self.request.items[0].entity_id
+    }
+
+    /// Clears a settled lease for reuse, to what [`Lease::prepare_empty`] makes (every
+    /// field named, so one added later cannot be missed).
+    fn clear(&mut self) {
+        let LeaseShared {
+            limiter,
+            request,
+            checks,
+            statuses,
+            unlimited,
+            state,
+            // Unlocked: nothing else holds the lease.
+            writes: _,
+        } = self;
+        *limiter = None;
+        request.items.clear();
+        checks.clear();
+        statuses.take();
+        *unlimited = false;
+        let LeaseState {
+            written,
+            pending,
+            closed,
+            in_doubt,
+            writes_issued,
+            id,
+            settling,
+        } = state.get_mut();
+        written.clear();
+        pending.clear();
+        *closed = false;
+        *in_doubt = None;
+        *writes_issued = 0;
+        *id = None;
+        *settling = false;
     }
 
     /// The limiter that admitted the lease.
@@ -403,6 +440,12 @@ impl Lease {
     /// [`Prepared::extend`]), and the limiter is moved in when it is admitted
     /// ([`Prepared::admit`]).
     pub(crate) fn prepare_empty(now_ms: i64) -> Prepared {
+        if let Some(mut kept) = spare::take() {
+            if let Some(shared) = Arc::get_mut(&mut kept) {
+                shared.request.now_ms = now_ms;
+                return Prepared(kept);
+            }
+        }
         Prepared(Arc::new(LeaseShared {
             limiter: None,
             state: Mutex::new(LeaseState {
@@ -448,40 +491,40 @@ impl Lease {
 
     /// The items and checks, for the HTTP layer's header fields.
     pub(crate) fn parts(&self) -> (&[ItemRequest], &[LimitCheck]) {
-        (&self.shared.request.items, &self.shared.checks)
+        (&self.shared().request.items, &self.shared().checks)
     }
 
     /// The entity the lease charged.
     pub fn entity_id(&self) -> &str {
-        self.shared.entity_id()
+        self.shared().entity_id()
     }
 
     /// The resource.
     pub fn resource(&self) -> &str {
-        self.shared.resource()
+        self.shared().resource()
     }
 
     /// Every limit checked at acquire (child first, then the parent's), with what was
     /// available before this lease's consumption. Empty for a lease admitted during an
     /// outage.
     pub fn statuses(&self) -> &[LimitStatus] {
-        self.shared.statuses()
+        self.shared().statuses()
     }
 
     /// Tokens the lease holds per limit of its entity: the consumption plus adjustments.
     pub fn consumed(&self) -> BTreeMap<String, i64> {
-        self.shared.consumed()
+        self.shared().consumed()
     }
 
     /// Whether the lease was committed or rolled back.
     pub fn is_closed(&self) -> bool {
-        self.shared.state.lock().closed
+        self.shared().state.lock().closed
     }
 
     /// Whether the lease was admitted without a backend write during an outage
     /// (`OnUnavailable::Allow`).
     pub fn is_unlimited(&self) -> bool {
-        self.shared.unlimited
+        self.shared().unlimited
     }
 
     /// Changes the consumption by signed whole-token deltas per limit name: more when the
@@ -494,7 +537,7 @@ impl Lease {
         &self,
         deltas: impl IntoIterator<Item = (K, N)>,
     ) -> Result<(), Error> {
-        self.shared.adjust(&named_amounts(deltas))
+        self.shared().adjust(&named_amounts(deltas))
     }
 
     /// Writes pending adjustments and closes the lease. On error the lease stays open
@@ -505,10 +548,10 @@ impl Lease {
     /// [`Error::Unavailable`] while the write goes on in the background and lands at most
     /// once (a later `rollback` then finds the lease closed if it landed).
     pub async fn commit(&self) -> Result<(), Error> {
-        let result = match self.shared.try_close_without_write() {
+        let result = match self.shared().try_close_without_write() {
             Some(done) => done,
             None => {
-                bounded(&self.shared, "commit", |shared| async move {
+                bounded(self.shared(), "commit", |shared| async move {
                     shared.commit().await
                 })
                 .await
@@ -530,7 +573,7 @@ impl Lease {
     /// Counts a commit or rollback that failed (not one on a lease already closed).
     fn count_failure(&self, result: &Result<(), Error>) {
         if matches!(result, Err(e) if !matches!(e, Error::LeaseClosed)) {
-            let shared = &self.shared;
+            let shared = self.shared();
             shared
                 .limiter()
                 .inner
@@ -544,7 +587,7 @@ impl Lease {
     ///
     /// Bounded by the backend's operation timeout as [`Self::commit`] is.
     pub async fn rollback(&self) -> Result<(), Error> {
-        let result = bounded(&self.shared, "rollback", |shared| async move {
+        let result = bounded(self.shared(), "rollback", |shared| async move {
             shared.rollback().await
         })
         .await;
@@ -556,7 +599,7 @@ impl Lease {
     /// A shared handle for reading the lease and buffering adjustments.
     pub fn handle(&self) -> LeaseHandle {
         LeaseHandle {
-            shared: Arc::clone(&self.shared),
+            shared: Arc::clone(self.shared()),
         }
     }
 
@@ -573,45 +616,103 @@ impl Lease {
             })
             .filter(|(_, d)| *d != 0)
             .collect();
-        self.shared.adjust(&deltas)
+        self.shared().adjust(&deltas)
     }
 
     /// Commits (or rolls back) without waiting: done inline when the backend answers at
     /// once, else on the tokio runtime. Failures are logged.
     pub(crate) fn settle_detached(mut self, commit: bool, reason: &'static str) {
         self.settles_on_drop = false;
-        if self.shared.unlimited {
+        if self.shared().unlimited {
             return;
         }
         // The common case, a commit with nothing to write, needs no future at all.
-        if commit && self.shared.try_close_without_write().is_some() {
+        if commit && self.shared().try_close_without_write().is_some() {
             return;
         }
-        let shared = Arc::clone(&self.shared);
+        let Some(shared) = self.shared.take() else {
+            return;
+        };
         drop(self);
         run_detached(settle_with_retries(shared, commit, reason));
+    }
+
+    /// The shared part (taken only by `Drop`).
+    fn shared(&self) -> &Arc<LeaseShared> {
+        match &self.shared {
+            Some(shared) => shared,
+            None => unreachable!("a lease's shared part is taken only when it is dropped"),
+        }
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        let Some(shared) = self.shared.take() else {
+            return;
+        };
         if !self.settles_on_drop
             || self.closed_here.load(std::sync::atomic::Ordering::Relaxed)
-            || self.is_unlimited()
-            || self.is_closed()
+            || shared.unlimited
+            || shared.state.lock().closed
         {
+            spare::keep(shared);
             return;
         }
         tracing::warn!(
-            entity_id = %self.shared.entity_id(),
-            resource = %self.shared.resource(),
+            entity_id = %shared.entity_id(),
+            resource = %shared.resource(),
             "lease dropped without commit or rollback; rolling back"
         );
-        run_detached(settle_with_retries(
-            Arc::clone(&self.shared),
-            false,
-            "lease dropped",
-        ));
+        run_detached(settle_with_retries(shared, false, "lease dropped"));
+    }
+}
+
+/// Settled leases kept for reuse, a few per thread: the next acquire on the thread takes
+/// one instead of allocating (and copying) a new one.
+mod spare {
+    use std::cell::RefCell;
+    use std::sync::Arc;
+
+    use super::LeaseShared;
+
+    /// Leases kept per thread: about 14 KiB, enough for the leases a thread settles
+    /// between its acquires; past it, leases are freed as usual.
+    const KEPT: usize = 32;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<Arc<LeaseShared>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Keeps a settled lease's allocation if nothing else holds it (a `LeaseHandle` kept
+    /// past the lease, a write still under way), cleared.
+    pub(super) fn keep(mut shared: Arc<LeaseShared>) {
+        let Some(unshared) = Arc::get_mut(&mut shared) else {
+            return;
+        };
+        unshared.clear();
+        // Not on a thread being torn down, and not re-entered.
+        let _ = SPARE.try_with(|spare| {
+            if let Ok(mut spare) = spare.try_borrow_mut() {
+                if spare.len() < KEPT {
+                    spare.push(shared);
+                }
+            }
+        });
+    }
+
+    /// How many leases this thread keeps.
+    #[cfg(test)]
+    pub(super) fn kept() -> usize {
+        SPARE.with(|spare| spare.borrow().len())
+    }
+
+    /// A kept lease, if this thread has one.
+    pub(super) fn take() -> Option<Arc<LeaseShared>> {
+        SPARE
+            .try_with(|spare| spare.try_borrow_mut().ok()?.pop())
+            .ok()
+            .flatten()
     }
 }
 
@@ -875,7 +976,7 @@ impl Prepared {
     /// The lease, settled (rolled back) on drop from here on.
     fn into_lease(self) -> Lease {
         Lease {
-            shared: self.0,
+            shared: Some(self.0),
             settles_on_drop: true,
             closed_here: std::sync::atomic::AtomicBool::new(false),
         }
@@ -936,7 +1037,78 @@ impl Prepared {
 
 #[cfg(test)]
 mod tests {
-    use super::lease_id;
+    use super::{lease_id, spare};
+    use crate::{InMemoryRepository, Limit, RateLimiter};
+
+    /// A lease taken from the thread's spares starts as a new one: another entity, other
+    /// limits, nothing closed, pending, written or in doubt, and exact when adjusted and
+    /// rolled back.
+    #[tokio::test]
+    async fn a_reused_lease_starts_as_a_new_one() {
+        // A frozen clock: nothing refills between the checks.
+        let limiter = RateLimiter::builder(InMemoryRepository::new())
+            .clock(crate::clock::ManualClock::new(1_700_000_000_000))
+            .build();
+        let two = [
+            Limit::per_minute("rpm", 100),
+            Limit::per_minute("tpm", 10_000),
+        ];
+        let first = limiter
+            .acquire("first", "api")
+            .limits(two.clone())
+            .consume([("rpm", 1), ("tpm", 500)])
+            .await
+            .unwrap();
+        first.adjust([("tpm", 250)]).await.unwrap();
+        first.commit().await.unwrap();
+        let before = spare::kept();
+        drop(first);
+        assert_eq!(spare::kept(), before + 1, "a settled lease is kept");
+
+        let one = [Limit::per_second("rps", 10)];
+        let second = limiter
+            .acquire("second", "other")
+            .limits(one.clone())
+            .await
+            .unwrap();
+        assert_eq!(spare::kept(), before, "the kept lease is taken");
+        assert_eq!(second.entity_id(), "second");
+        assert_eq!(second.resource(), "other");
+        assert!(!second.is_closed() && !second.is_unlimited());
+        let statuses = second.statuses();
+        assert_eq!(statuses.len(), 1);
+        assert_eq!(statuses[0].limit.name, "rps");
+        assert_eq!(statuses[0].available, 10);
+        assert_eq!(
+            second.consumed(),
+            [("rps".to_string(), 1)].into_iter().collect()
+        );
+        second.adjust([("rps", 2)]).await.unwrap();
+        assert_eq!(second.consumed()["rps"], 3);
+        second.rollback().await.unwrap();
+        assert!(second.is_closed());
+        let left = limiter
+            .available("second", "other", Some(&one))
+            .await
+            .unwrap();
+        assert_eq!(
+            left["rps"], 10,
+            "the rollback returned exactly what was written"
+        );
+        let first_left = limiter.available("first", "api", Some(&two)).await.unwrap();
+        assert_eq!((first_left["rpm"], first_left["tpm"]), (99, 9_250));
+        drop(second);
+
+        // A lease dropped open still rolls back (it is not kept while its rollback runs).
+        let third = limiter
+            .acquire("third", "api")
+            .limits(one.clone())
+            .await
+            .unwrap();
+        drop(third);
+        let left = limiter.available("third", "api", Some(&one)).await.unwrap();
+        assert_eq!(left["rps"], 10);
+    }
 
     #[test]
     fn lease_ids_never_repeat_across_threads() {
