@@ -678,7 +678,7 @@ mod spare {
 
     /// Leases kept per thread: about 14 KiB, enough for the leases a thread settles
     /// between its acquires; past it, leases are freed as usual.
-    const KEPT: usize = 32;
+    pub(super) const KEPT: usize = 32;
 
     thread_local! {
         static SPARE: RefCell<Vec<Arc<LeaseShared>>> = const { RefCell::new(Vec::new()) };
@@ -687,16 +687,17 @@ mod spare {
     /// Keeps a settled lease's allocation if nothing else holds it (a `LeaseHandle` kept
     /// past the lease, a write still under way), cleared.
     pub(super) fn keep(mut shared: Arc<LeaseShared>) {
-        let Some(unshared) = Arc::get_mut(&mut shared) else {
-            return;
-        };
-        unshared.clear();
-        // Not on a thread being torn down, and not re-entered.
+        // Not on a thread being torn down, not re-entered, and only while there is room.
         let _ = SPARE.try_with(|spare| {
-            if let Ok(mut spare) = spare.try_borrow_mut() {
-                if spare.len() < KEPT {
-                    spare.push(shared);
-                }
+            let Ok(mut spare) = spare.try_borrow_mut() else {
+                return;
+            };
+            if spare.len() >= KEPT {
+                return;
+            }
+            if let Some(unshared) = Arc::get_mut(&mut shared) {
+                unshared.clear();
+                spare.push(shared);
             }
         });
     }
@@ -1039,6 +1040,46 @@ impl Prepared {
 mod tests {
     use super::{lease_id, spare};
     use crate::{InMemoryRepository, Limit, RateLimiter};
+
+    /// A thread keeps at most `KEPT` settled leases, and never one still shared: a handle
+    /// that outlives its lease keeps reading it.
+    #[tokio::test]
+    async fn a_thread_keeps_a_bounded_number_of_unshared_leases() {
+        let limiter = RateLimiter::new(InMemoryRepository::new());
+        let limits = [Limit::per_second("rps", 1_000)];
+        while spare::take().is_some() {}
+        let mut leases = Vec::new();
+        for i in 0..spare::KEPT + 8 {
+            let lease = limiter
+                .acquire(format!("key-{i}"), "api")
+                .limits(limits.clone())
+                .await
+                .unwrap();
+            leases.push(lease);
+        }
+        for lease in leases {
+            lease.commit().await.unwrap();
+        }
+        assert_eq!(spare::kept(), spare::KEPT);
+
+        while spare::take().is_some() {}
+        let lease = limiter
+            .acquire("held", "api")
+            .limits(limits.clone())
+            .await
+            .unwrap();
+        let handle = lease.handle();
+        lease.commit().await.unwrap();
+        drop(lease);
+        assert_eq!(
+            spare::kept(),
+            0,
+            "a lease its handle still holds is not kept"
+        );
+        assert!(handle.is_closed());
+        assert_eq!(handle.entity_id(), "held");
+        assert_eq!(handle.consumed()["rps"], 1);
+    }
 
     /// A lease taken from the thread's spares starts as a new one: another entity, other
     /// limits, nothing closed, pending, written or in doubt, and exact when adjusted and
