@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Context;
 
@@ -80,6 +81,11 @@ pub(crate) struct LeaseShared {
     request: AcquireRequest,
     checks: Checks,
     statuses: OnceLock<Vec<LimitStatus>>,
+    /// Set when the [`Lease`] (not a handle) committed or rolled back, so its `Drop` knows
+    /// the lease is closed without taking the state's lock (a plain store and load).
+    closed_by_owner: AtomicBool,
+    /// Set once the [`Lease`] handed its settling off, so its `Drop` does not roll back.
+    settle_handed_off: AtomicBool,
     /// Admitted during an outage without a write: holds nothing.
     unlimited: bool,
     state: Mutex<LeaseState>,
@@ -93,13 +99,8 @@ pub(crate) struct LeaseShared {
 #[must_use = "a lease rolls back when dropped; commit it when the work is done"]
 pub struct Lease {
     /// Taken only when the lease is dropped (to keep its allocation for the next lease).
+    /// The lease is this one pointer: it is moved through every acquire's result.
     shared: Option<Arc<LeaseShared>>,
-    /// Cleared once settling was handed off, so `Drop` does not roll back too.
-    settles_on_drop: bool,
-    /// Set when this handle committed or rolled the lease back, so `Drop` knows it is
-    /// closed without taking the state's lock (a plain store and load, no atomic
-    /// read-modify-write).
-    closed_here: std::sync::atomic::AtomicBool,
 }
 
 /// A shared view of a [`Lease`] (for a handler, through the HTTP layer): it can read the
@@ -143,11 +144,15 @@ impl LeaseShared {
             request,
             checks,
             statuses,
+            closed_by_owner,
+            settle_handed_off,
             unlimited,
             state,
             // Unlocked: nothing else holds the lease.
             writes: _,
         } = self;
+        *closed_by_owner.get_mut() = false;
+        *settle_handed_off.get_mut() = false;
         *limiter = None;
         request.items.clear();
         checks.clear();
@@ -463,6 +468,8 @@ impl Lease {
             },
             checks: Checks::new(),
             statuses: OnceLock::new(),
+            closed_by_owner: AtomicBool::new(false),
+            settle_handed_off: AtomicBool::new(false),
             unlimited: false,
             writes: tokio::sync::Mutex::new(()),
         }))
@@ -565,8 +572,7 @@ impl Lease {
     /// Remembers a commit or rollback of this handle that closed the lease.
     fn note_closed(&self, result: &Result<(), Error>) {
         if result.is_ok() {
-            self.closed_here
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.shared().closed_by_owner.store(true, Ordering::Relaxed);
         }
     }
 
@@ -622,7 +628,9 @@ impl Lease {
     /// Commits (or rolls back) without waiting: done inline when the backend answers at
     /// once, else on the tokio runtime. Failures are logged.
     pub(crate) fn settle_detached(mut self, commit: bool, reason: &'static str) {
-        self.settles_on_drop = false;
+        self.shared()
+            .settle_handed_off
+            .store(true, Ordering::Relaxed);
         if self.shared().unlimited {
             return;
         }
@@ -651,8 +659,8 @@ impl Drop for Lease {
         let Some(shared) = self.shared.take() else {
             return;
         };
-        if !self.settles_on_drop
-            || self.closed_here.load(std::sync::atomic::Ordering::Relaxed)
+        if shared.settle_handed_off.load(Ordering::Relaxed)
+            || shared.closed_by_owner.load(Ordering::Relaxed)
             || shared.unlimited
             || shared.state.lock().closed
         {
@@ -978,8 +986,6 @@ impl Prepared {
     fn into_lease(self) -> Lease {
         Lease {
             shared: Some(self.0),
-            settles_on_drop: true,
-            closed_here: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
