@@ -10,7 +10,7 @@ use smallvec::SmallVec;
 
 use super::{no_limits, resolve, BoxFuture, RateLimiter};
 use crate::amount::{checked_amounts, named_amounts, Amount};
-use crate::lease::Lease;
+use crate::lease::{Lease, Prepared};
 use crate::repository::{
     statuses, AcquireOutcome, AcquireRequest, Amounts, ItemRequest, Items, StoredConfig,
 };
@@ -352,25 +352,67 @@ impl Acquire {
         self.finish(request, outcome)
     }
 
-    /// [`Self::decide`] without waiting: `None` as soon as a step would wait for I/O.
-    /// Admitted, the lease is returned prepared, for the caller to move the limiter in.
+    /// [`Self::decide`] without waiting, consuming the acquire: the lease or the error
+    /// (the outage policy applied), or the acquire back as soon as a step would wait for
+    /// I/O. Admitted, the acquire's limiter moves into the lease (no reference count
+    /// touched), and the backend's answer is read where it lands rather than passed on.
     ///
     /// The entity id and resource move into the request (the lease keeps them) rather
     /// than being copied; they are put back whenever the acquire is not decided here.
-    fn decide_now(&mut self, consume: Option<&[(String, i64)]>) -> Option<Result<Admitted, Error>> {
+    fn decide_now(
+        mut self,
+        consume: Option<&[(String, i64)]>,
+    ) -> Result<Result<Lease, Error>, Self> {
         let mut lookups = SmallVec::new();
-        let decided = self.decide_now_counting(consume, &mut lookups)?;
+        let decided = match self.prepare_now(consume, &mut lookups) {
+            None => None,
+            Some(Err(e)) => Some(Err(e)),
+            Some(Ok((prepared, moved_limits))) => {
+                match self.limiter.inner.repo.acquire_now(prepared.request()) {
+                    Some(Ok(outcome)) => match self.judge(prepared.request(), &outcome) {
+                        Ok(()) => {
+                            self.count_lookups(lookups);
+                            return Ok(Ok(prepared.admit(outcome, self.limiter)));
+                        }
+                        Err(e) => Some(Err(e)),
+                    },
+                    Some(Err(e)) => {
+                        self.take_back(&mut prepared.into_request(), moved_limits);
+                        Some(Err(e))
+                    }
+                    None => {
+                        self.take_back(&mut prepared.into_request(), moved_limits);
+                        None
+                    }
+                }
+            }
+        };
+        match decided {
+            Some(decision) => {
+                self.count_lookups(lookups);
+                Ok(self.apply_policy(decision))
+            }
+            None => {
+                self.undecided = true;
+                Err(self)
+            }
+        }
+    }
+
+    /// Counts the config cache lookups of a decided acquire.
+    fn count_lookups(&self, lookups: SmallVec<[bool; 2]>) {
         for hit in lookups {
             self.limiter.inner.cache.count(hit);
         }
-        Some(decided)
     }
 
-    fn decide_now_counting(
+    /// The lease prepared with the request to decide (and whether this acquire's own
+    /// limit list moved into it), or the error; `None` if the config needs I/O.
+    fn prepare_now(
         &mut self,
         consume: Option<&[(String, i64)]>,
         lookups: &mut SmallVec<[bool; 2]>,
-    ) -> Option<Result<Admitted, Error>> {
+    ) -> Option<Result<(Prepared, bool), Error>> {
         let limiter = &self.limiter;
         let now = limiter.now_ms();
         let stored =
@@ -413,20 +455,7 @@ impl Acquire {
         if let Some(parent) = parent_item {
             prepared.push(parent);
         }
-        match self.limiter.inner.repo.acquire_now(prepared.request()) {
-            Some(Ok(outcome)) => Some(
-                self.judge(prepared.request(), &outcome)
-                    .map(|()| Admitted { prepared, outcome }),
-            ),
-            Some(Err(e)) => {
-                self.take_back(&mut prepared.into_request(), moved_limits);
-                Some(Err(e))
-            }
-            None => {
-                self.take_back(&mut prepared.into_request(), moved_limits);
-                None
-            }
-        }
+        Some(Ok((prepared, moved_limits)))
     }
 
     /// Moves the entity id and resource (and this acquire's own limit list, if it moved)
@@ -443,7 +472,7 @@ impl Acquire {
     /// Decides at once when the backend can answer without I/O (the in-memory backend
     /// always can), else hands the acquire back to be awaited. Lets a caller on a hot path
     /// skip the boxed future; `.await` does the same internally.
-    pub fn try_now(mut self) -> Result<Result<Lease, Error>, Self> {
+    pub fn try_now(self) -> Result<Result<Lease, Error>, Self> {
         if self.undecided {
             return Err(self);
         }
@@ -451,17 +480,7 @@ impl Acquire {
             Ok(consume) => consume,
             Err(e) => return Ok(Err(e)),
         };
-        match self.decide_now(consume.as_deref()) {
-            // The acquire's limiter moves into the lease (no reference count touched).
-            Some(Ok(Admitted { prepared, outcome })) => {
-                Ok(Ok(prepared.admit(outcome, self.limiter)))
-            }
-            Some(Err(e)) => Ok(self.apply_policy(Err(e))),
-            None => {
-                self.undecided = true;
-                Err(self)
-            }
-        }
+        self.decide_now(consume.as_deref())
     }
 
     async fn run(self) -> Result<Lease, Error> {
@@ -525,12 +544,6 @@ impl IntoFuture for Acquire {
             decision: Some(decision),
         }
     }
-}
-
-/// An acquire the backend admitted at once: the lease still to be given its limiter.
-struct Admitted {
-    prepared: crate::lease::Prepared,
-    outcome: AcquireOutcome,
 }
 
 /// Where an [`AcquireFuture`] stands.
