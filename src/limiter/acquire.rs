@@ -374,7 +374,12 @@ impl Acquire {
                             self.count_lookups(lookups);
                             return Ok(Ok(prepared.admit(outcome, self.limiter)));
                         }
-                        Err(e) => Some(Err(e)),
+                        // Refused: the entity and resource come back for the error's
+                        // handling (an outage admitted under `Allow` names them).
+                        Err(e) => {
+                            self.take_back(&mut prepared.into_request(), moved_limits);
+                            Some(Err(e))
+                        }
                     },
                     Some(Err(e)) => {
                         self.take_back(&mut prepared.into_request(), moved_limits);
