@@ -127,11 +127,6 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 fn main() {
     if let Ok(mode) = std::env::var("ZAE_BENCH_HTTP_SERVER") {
         return serve(&mode);
@@ -187,7 +182,7 @@ fn main() {
             results[m].push(rps);
         }
     }
-    let med: Vec<f64> = results.iter_mut().map(|r| median(r)).collect();
+    let med: Vec<f64> = results.iter_mut().map(|r| support::median(r)).collect();
     println!("\n== HTTP hello-world, {connections} connections, {rounds} rounds of {seconds} s, medians ==");
     for (m, mode) in MODES.iter().enumerate() {
         println!("{mode:<24} {:>10.0} req/s", med[m]);

@@ -159,32 +159,26 @@ fn allocations(n: usize) {
 /// own (as a multi-threaded server's workers do): aggregate nanoseconds per request and
 /// the overhead over no limiter, for each router, medians of three alternating runs.
 fn threads(requests_per_thread: usize) {
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let threads = support::cores();
     let routers = routers();
     let run = |router: &Router| {
-        let start = std::time::Instant::now();
-        std::thread::scope(|s| {
-            for t in 0..threads {
-                let router = router.clone();
-                s.spawn(move || {
-                    let keys: Vec<String> = (0..100).map(|i| format!("t{t}-key-{i}")).collect();
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .build()
+        support::on_every_core(requests_per_thread, &|t| {
+            let router = router.clone();
+            let keys: Vec<String> = (0..100).map(|i| format!("t{t}-key-{i}")).collect();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                for i in 0..requests_per_thread {
+                    let req = Request::get("/")
+                        .header("x-api-key", keys[i % keys.len()].as_str())
+                        .body(Body::empty())
                         .unwrap();
-                    rt.block_on(async {
-                        for i in 0..requests_per_thread {
-                            let req = Request::get("/")
-                                .header("x-api-key", keys[i % keys.len()].as_str())
-                                .body(Body::empty())
-                                .unwrap();
-                            let resp = router.clone().oneshot(req).await.unwrap();
-                            resp.into_body().collect().await.unwrap();
-                        }
-                    })
-                });
-            }
-        });
-        start.elapsed().as_nanos() as f64 / (threads * requests_per_thread) as f64
+                    let resp = router.clone().oneshot(req).await.unwrap();
+                    resp.into_body().collect().await.unwrap();
+                }
+            })
+        })
     };
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); routers.len()];
     for (_, router) in &routers {
@@ -195,13 +189,7 @@ fn threads(requests_per_thread: usize) {
             times[at].push(run(router));
         }
     }
-    let medians: Vec<f64> = times
-        .iter_mut()
-        .map(|t| {
-            t.sort_by(f64::total_cmp);
-            t[t.len() / 2]
-        })
-        .collect();
+    let medians: Vec<f64> = times.iter_mut().map(|t| support::median(t)).collect();
     println!(
         "\n== {threads} threads at once, 100 keys each (aggregate ns per request, median of 3) =="
     );

@@ -195,22 +195,14 @@ fn memory(keys: usize) {
 /// governor `check_key`, each run alone. What threads share here (reference counts,
 /// map shards) is what stops a limiter scaling with cores.
 fn threads(ops_per_thread: usize) {
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let threads = support::cores();
     let limiter = RateLimiter::new(InMemoryRepository::new());
     let limits: std::sync::Arc<[Limit]> = [Limit::per_second("rps", 1_000_000_000)].into();
     let governor = std::sync::Arc::new(Governor::keyed(Quota::per_second(
         NonZeroU32::new(1_000_000_000).unwrap(),
     )));
     let keys = |t: usize| -> Vec<String> { (0..1_000).map(|i| format!("t{t}-key-{i}")).collect() };
-    let run = |work: &(dyn Fn(usize) + Sync)| {
-        let start = std::time::Instant::now();
-        std::thread::scope(|s| {
-            for t in 0..threads {
-                s.spawn(move || work(t));
-            }
-        });
-        start.elapsed().as_nanos() as f64 / (threads * ops_per_thread) as f64
-    };
+    let run = |work: &(dyn Fn(usize) + Sync)| support::on_every_core(ops_per_thread, work);
     let zae = |t: usize| {
         let keys = keys(t);
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -241,11 +233,7 @@ fn threads(ops_per_thread: usize) {
         z.push(run(&zae));
         g.push(run(&gov));
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (z, g) = (median(&mut z), median(&mut g));
+    let (z, g) = (support::median(&mut z), support::median(&mut g));
     println!("\n== {threads} threads at once, 1,000 keys each (aggregate ns per decision, median of 3) ==");
     println!(
         "zae acquire+commit {z:.1} ns, governor check_key {g:.1} ns, ratio {:.2}x",

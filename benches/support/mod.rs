@@ -40,6 +40,30 @@ pub fn mean_ns(name: &str) -> f64 {
     t.as_nanos() as f64 / n.max(1) as f64
 }
 
+/// The median of `v` (sorted in place).
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The cores this machine offers (2 where it cannot tell).
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Runs `work(t)` on every core at once, one thread each (`t` numbers the thread), and
+/// returns the aggregate nanoseconds per operation for `ops_per_thread` operations each.
+pub fn on_every_core(ops_per_thread: usize, work: &(dyn Fn(usize) + Sync)) -> f64 {
+    let threads = cores();
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            s.spawn(move || work(t));
+        }
+    });
+    start.elapsed().as_nanos() as f64 / (threads * ops_per_thread) as f64
+}
+
 /// Prints one line per pair: the subject's and the alternative's mean and their ratio.
 pub fn report(title: &str, pairs: &[(&str, &str)]) {
     println!("\n== {title} (means over every criterion sample of this run) ==");
