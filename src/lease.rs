@@ -9,7 +9,11 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+
 use std::task::Context;
+/// A lease's shared part is reference counted without weak references, so checking that
+/// nothing else holds it (three times per acquire) is a load, not a compare-and-swap.
+use triomphe::Arc as LeaseArc;
 
 use parking_lot::Mutex;
 use smallvec::SmallVec;
@@ -100,14 +104,14 @@ pub(crate) struct LeaseShared {
 pub struct Lease {
     /// Taken only when the lease is dropped (to keep its allocation for the next lease).
     /// The lease is this one pointer: it is moved through every acquire's result.
-    shared: Option<Arc<LeaseShared>>,
+    shared: Option<LeaseArc<LeaseShared>>,
 }
 
 /// A shared view of a [`Lease`] (for a handler, through the HTTP layer): it can read the
 /// lease and buffer adjustments, which the lease's owner writes when it commits.
 #[derive(Clone)]
 pub struct LeaseHandle {
-    shared: Arc<LeaseShared>,
+    shared: LeaseArc<LeaseShared>,
 }
 
 impl std::fmt::Debug for Lease {
@@ -446,12 +450,12 @@ impl Lease {
     /// ([`Prepared::admit`]).
     pub(crate) fn prepare_empty(now_ms: i64) -> Prepared {
         if let Some(mut kept) = spare::take() {
-            if let Some(shared) = Arc::get_mut(&mut kept) {
+            if let Some(shared) = LeaseArc::get_mut(&mut kept) {
                 shared.request.now_ms = now_ms;
                 return Prepared(kept);
             }
         }
-        Prepared(Arc::new(LeaseShared {
+        Prepared(LeaseArc::new(LeaseShared {
             limiter: None,
             state: Mutex::new(LeaseState {
                 pending: LeaseAmounts::new(),
@@ -605,7 +609,7 @@ impl Lease {
     /// A shared handle for reading the lease and buffering adjustments.
     pub fn handle(&self) -> LeaseHandle {
         LeaseHandle {
-            shared: Arc::clone(self.shared()),
+            shared: LeaseArc::clone(self.shared()),
         }
     }
 
@@ -646,7 +650,7 @@ impl Lease {
     }
 
     /// The shared part (taken only by `Drop`).
-    fn shared(&self) -> &Arc<LeaseShared> {
+    fn shared(&self) -> &LeaseArc<LeaseShared> {
         match &self.shared {
             Some(shared) => shared,
             None => unreachable!("a lease's shared part is taken only when it is dropped"),
@@ -680,21 +684,20 @@ impl Drop for Lease {
 /// one instead of allocating (and copying) a new one.
 mod spare {
     use std::cell::RefCell;
-    use std::sync::Arc;
 
-    use super::LeaseShared;
+    use super::{LeaseArc, LeaseShared};
 
     /// Leases kept per thread: about 14 KiB, enough for the leases a thread settles
     /// between its acquires; past it, leases are freed as usual.
     pub(super) const KEPT: usize = 32;
 
     thread_local! {
-        static SPARE: RefCell<Vec<Arc<LeaseShared>>> = const { RefCell::new(Vec::new()) };
+        static SPARE: RefCell<Vec<LeaseArc<LeaseShared>>> = const { RefCell::new(Vec::new()) };
     }
 
     /// Keeps a settled lease's allocation if nothing else holds it (a `LeaseHandle` kept
     /// past the lease, a write still under way), cleared.
-    pub(super) fn keep(mut shared: Arc<LeaseShared>) {
+    pub(super) fn keep(mut shared: LeaseArc<LeaseShared>) {
         // Not on a thread being torn down, not re-entered, and only while there is room.
         let _ = SPARE.try_with(|spare| {
             let Ok(mut spare) = spare.try_borrow_mut() else {
@@ -703,7 +706,7 @@ mod spare {
             if spare.len() >= KEPT {
                 return;
             }
-            if let Some(unshared) = Arc::get_mut(&mut shared) {
+            if let Some(unshared) = LeaseArc::get_mut(&mut shared) {
                 unshared.clear();
                 spare.push(shared);
             }
@@ -717,7 +720,7 @@ mod spare {
     }
 
     /// A kept lease, if this thread has one.
-    pub(super) fn take() -> Option<Arc<LeaseShared>> {
+    pub(super) fn take() -> Option<LeaseArc<LeaseShared>> {
         SPARE
             .try_with(|spare| spare.try_borrow_mut().ok()?.pop())
             .ok()
@@ -764,21 +767,21 @@ impl LeaseHandle {
 /// write runs as a task of its own, so giving up waiting never cancels it half-way (it
 /// finishes in the background and records what it wrote).
 async fn bounded<F, Fut>(
-    shared: &Arc<LeaseShared>,
+    shared: &LeaseArc<LeaseShared>,
     what: &'static str,
     write: F,
 ) -> Result<(), Error>
 where
-    F: FnOnce(Arc<LeaseShared>) -> Fut,
+    F: FnOnce(LeaseArc<LeaseShared>) -> Fut,
     Fut: Future<Output = Result<(), Error>> + Send + 'static,
 {
     let limit = shared.limiter().inner.repo.operation_timeout();
     match (limit, tokio::runtime::Handle::try_current()) {
         (Some(limit), Ok(runtime)) => {
-            let task = runtime.spawn(write(Arc::clone(shared)));
+            let task = runtime.spawn(write(LeaseArc::clone(shared)));
             within(limit, what, task).await
         }
-        _ => write(Arc::clone(shared)).await,
+        _ => write(LeaseArc::clone(shared)).await,
     }
 }
 
@@ -821,7 +824,7 @@ pub(crate) fn joined<T>(
 /// long as the backend can still tell a re-sent write from a new one (DynamoDB's ten-minute
 /// idempotency window); the lease stays open between tries and re-issues a write in doubt
 /// first, so nothing is lost or doubled. Only then is giving up logged, at `error`.
-async fn settle_with_retries(shared: Arc<LeaseShared>, commit: bool, reason: &'static str) {
+async fn settle_with_retries(shared: LeaseArc<LeaseShared>, commit: bool, reason: &'static str) {
     let started = std::time::Instant::now();
     let mut attempt = 0u32;
     loop {
@@ -970,12 +973,12 @@ pub(crate) fn run_detached(fut: impl Future<Output = ()> + Send + 'static) {
 
 /// A lease whose acquire is being decided (see [`Lease::prepare`]): nothing was consumed
 /// yet, so dropping it writes nothing.
-pub(crate) struct Prepared(Arc<LeaseShared>);
+pub(crate) struct Prepared(LeaseArc<LeaseShared>);
 
 impl Prepared {
     /// The shared part, which nothing else holds before the lease is made.
     fn shared_mut(&mut self) -> &mut LeaseShared {
-        match Arc::get_mut(&mut self.0) {
+        match LeaseArc::get_mut(&mut self.0) {
             Some(shared) => shared,
             // `Prepared` is neither cloned nor handed out before it becomes a lease.
             None => unreachable!("a prepared lease is not shared"),
@@ -1035,7 +1038,7 @@ impl Prepared {
 
     /// The request back, for an acquire not decided here.
     pub(crate) fn into_request(self) -> AcquireRequest {
-        match Arc::try_unwrap(self.0) {
+        match LeaseArc::try_unwrap(self.0) {
             Ok(shared) => shared.request,
             Err(shared) => shared.request.clone(),
         }
