@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use std::task::Context;
@@ -23,6 +23,13 @@ use crate::repository::{
     statuses, AcquireOutcome, AcquireRequest, AdjustRequest, Checks, ItemRequest, Items, LimitCheck,
 };
 use crate::{Error, Limit, LimitStatus, RateLimiter};
+
+/// [`LeaseShared::phase`]: as admitted, nothing has locked the state yet.
+const ADMITTED: u8 = 0;
+/// [`LeaseShared::phase`]: an adjust, commit or rollback has locked the state.
+const TOUCHED: u8 = 1;
+/// [`LeaseShared::phase`]: the owner closed the lease before anything touched it.
+const CLOSED_UNTOUCHED: u8 = 2;
 
 /// Whole tokens per limit of every item: inline for the usual few limits.
 type LeaseAmounts = SmallVec<[i64; 2]>;
@@ -54,7 +61,10 @@ struct Settling<'a>(&'a LeaseShared);
 
 impl<'a> Settling<'a> {
     fn start(shared: &'a LeaseShared) -> Self {
-        shared.state.lock().settling = true;
+        let mut state = shared.state.lock();
+        shared.touch();
+        state.settling = true;
+        drop(state);
         Settling(shared)
     }
 }
@@ -90,6 +100,11 @@ pub(crate) struct LeaseShared {
     closed_by_owner: AtomicBool,
     /// Set once the [`Lease`] handed its settling off, so its `Drop` does not roll back.
     settle_handed_off: AtomicBool,
+    /// [`ADMITTED`] until an adjust, commit or rollback first locks the state
+    /// ([`TOUCHED`]), or the owner closes the untouched lease ([`CLOSED_UNTOUCHED`]).
+    /// Whichever moves it first wins, so closing a lease with nothing pending needs one
+    /// compare-and-swap instead of taking and releasing the state's lock.
+    phase: AtomicU8,
     /// Admitted during an outage without a write: holds nothing.
     unlimited: bool,
     state: Mutex<LeaseState>,
@@ -132,12 +147,34 @@ impl LeaseShared {
             .field("entity_id", &self.entity_id())
             .field("resource", &self.resource())
             .field("consumed", &self.consumed())
-            .field("closed", &self.state.lock().closed)
+            .field("closed", &self.is_closed())
             .finish()
     }
 
     fn entity_id(&self) -> &str {
         &self.request.items[0].entity_id
+    }
+
+    /// Whether the lease was committed or rolled back: under the state's lock, or by its
+    /// owner untouched (see [`Lease::close_untouched`]).
+    fn is_closed(&self) -> bool {
+        self.phase.load(Ordering::Acquire) == CLOSED_UNTOUCHED || self.state.lock().closed
+    }
+
+    /// [`Self::is_closed`], the state locked and touched (see [`Self::touch`]).
+    fn closed_in(&self, state: &LeaseState) -> bool {
+        state.closed || self.phase.load(Ordering::Acquire) == CLOSED_UNTOUCHED
+    }
+
+    /// Marks the state touched, under its lock, before reading or changing it; from here
+    /// on the owner closes the lease only under the lock.
+    fn touch(&self) {
+        if self.phase.load(Ordering::Acquire) == ADMITTED {
+            // Lost to the owner's close: `closed_in` reports the lease closed.
+            let _ =
+                self.phase
+                    .compare_exchange(ADMITTED, TOUCHED, Ordering::AcqRel, Ordering::Acquire);
+        }
     }
 
     /// Clears a settled lease for reuse, to what [`Lease::prepare_empty`] makes (every
@@ -150,6 +187,7 @@ impl LeaseShared {
             statuses,
             closed_by_owner,
             settle_handed_off,
+            phase,
             unlimited,
             state,
             // Unlocked: nothing else holds the lease.
@@ -157,6 +195,7 @@ impl LeaseShared {
         } = self;
         *closed_by_owner.get_mut() = false;
         *settle_handed_off.get_mut() = false;
+        *phase.get_mut() = ADMITTED;
         *limiter = None;
         request.items.clear();
         checks.clear();
@@ -220,7 +259,8 @@ impl LeaseShared {
     fn adjust(&self, deltas: &[(String, i128)]) -> Result<(), Error> {
         let deltas = checked_amounts("adjust", deltas, true)?;
         let mut state = self.state.lock();
-        if state.closed {
+        self.touch();
+        if self.closed_in(&state) {
             return Err(Error::LeaseClosed);
         }
         // Compute every new total first and apply after, so a refused adjust changes
@@ -337,7 +377,8 @@ impl LeaseShared {
         // without the writes lock.
         {
             let mut state = self.state.lock();
-            if !state.closed
+            self.touch();
+            if !self.closed_in(&state)
                 && !state.settling
                 && state.in_doubt.is_none()
                 && state.pending.iter().all(|d| *d == 0)
@@ -348,7 +389,7 @@ impl LeaseShared {
         }
         let _writing = self.writes.try_lock().ok()?;
         let mut state = self.state.lock();
-        if state.closed {
+        if self.closed_in(&state) {
             return Some(Err(Error::LeaseClosed));
         }
         if state.pending.iter().all(|d| *d == 0) {
@@ -368,7 +409,7 @@ impl LeaseShared {
         loop {
             let snapshot = {
                 let mut state = self.state.lock();
-                if state.closed {
+                if self.closed_in(&state) {
                     return Err(Error::LeaseClosed);
                 }
                 if state.pending.iter().all(|d| *d == 0) {
@@ -423,7 +464,7 @@ impl LeaseShared {
         self.resolve_in_doubt().await?;
         let refund: LeaseAmounts = {
             let state = self.state.lock();
-            if state.closed {
+            if self.closed_in(&state) {
                 return Err(Error::LeaseClosed);
             }
             state.written.iter().map(|w| -w).collect()
@@ -474,6 +515,7 @@ impl Lease {
             statuses: OnceLock::new(),
             closed_by_owner: AtomicBool::new(false),
             settle_handed_off: AtomicBool::new(false),
+            phase: AtomicU8::new(ADMITTED),
             unlimited: false,
             writes: tokio::sync::Mutex::new(()),
         }))
@@ -529,7 +571,7 @@ impl Lease {
 
     /// Whether the lease was committed or rolled back.
     pub fn is_closed(&self) -> bool {
-        self.shared().state.lock().closed
+        self.shared().is_closed()
     }
 
     /// Whether the lease was admitted without a backend write during an outage
@@ -559,6 +601,9 @@ impl Lease {
     /// [`Error::Unavailable`] while the write goes on in the background and lands at most
     /// once (a later `rollback` then finds the lease closed if it landed).
     pub async fn commit(&self) -> Result<(), Error> {
+        if self.close_untouched() {
+            return Ok(());
+        }
         let result = match self.shared().try_close_without_write() {
             Some(done) => done,
             None => {
@@ -571,6 +616,25 @@ impl Lease {
         self.count_failure(&result);
         self.note_closed(&result);
         result
+    }
+
+    /// Closes the lease without its lock if nothing ever touched its state (no adjust, no
+    /// commit or rollback begun): then nothing is pending and nothing is to write.
+    fn close_untouched(&self) -> bool {
+        let shared = self.shared();
+        let closed = shared
+            .phase
+            .compare_exchange(
+                ADMITTED,
+                CLOSED_UNTOUCHED,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok();
+        if closed {
+            shared.closed_by_owner.store(true, Ordering::Relaxed);
+        }
+        closed
     }
 
     /// Remembers a commit or rollback of this handle that closed the lease.
@@ -639,7 +703,7 @@ impl Lease {
             return;
         }
         // The common case, a commit with nothing to write, needs no future at all.
-        if commit && self.shared().try_close_without_write().is_some() {
+        if commit && (self.close_untouched() || self.shared().try_close_without_write().is_some()) {
             return;
         }
         let Some(shared) = self.shared.take() else {
@@ -759,7 +823,7 @@ impl LeaseHandle {
 
     /// Whether the lease was committed or rolled back.
     pub fn is_closed(&self) -> bool {
-        self.shared.state.lock().closed
+        self.shared.is_closed()
     }
 }
 

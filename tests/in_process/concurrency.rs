@@ -1,6 +1,7 @@
 //! Many tasks hammering one key never admit more than capacity plus refill, and the
 //! consumed counter is exact.
 
+use std::future::IntoFuture;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -220,6 +221,62 @@ async fn single_items_cascades_refunds_and_sweeps_stay_exact() {
     assert!((0..(3 + TASKS as i64) * 1_000).contains(&left), "{left}");
     let children = children_consumed(&limiter, 8).await;
     assert_eq!(children as u64, cascaded * 1_000);
+}
+
+/// An adjust through a handle on another thread racing the owner's commit either lands
+/// (written by the commit) or is refused with `LeaseClosed`: never accepted and lost. The
+/// bucket's consumed total is exactly the acquires plus the adjusts accepted.
+#[test]
+fn handle_adjusts_racing_commits_are_written_or_refused() {
+    let limiter = RateLimiter::builder(InMemoryRepository::new())
+        .clock(ManualClock::new(5_000_000))
+        .build();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let limits: Arc<[Limit]> = [Limit::per_minute("tpm", 1_000_000)].into();
+    const LEASES: u64 = 5_000;
+    // One adjuster thread; both sides meet at the barrier, then adjust and commit at once.
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let (send, receive) = std::sync::mpsc::channel::<zae_limiter::LeaseHandle>();
+    let adjuster = {
+        let barrier = barrier.clone();
+        std::thread::spawn(move || {
+            let (mut accepted, mut refused) = (0u64, 0u64);
+            for handle in receive {
+                barrier.wait();
+                match handle.adjust([("tpm", 2)]) {
+                    Ok(()) => accepted += 2,
+                    Err(Error::LeaseClosed) => refused += 1,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            (accepted, refused)
+        })
+    };
+    for _ in 0..LEASES {
+        let lease = runtime
+            .block_on(
+                limiter
+                    .acquire("hot", "api")
+                    .shared_limits(limits.clone())
+                    .into_future(),
+            )
+            .unwrap();
+        send.send(lease.handle()).unwrap();
+        barrier.wait();
+        runtime.block_on(lease.commit()).unwrap();
+    }
+    drop(send);
+    let (accepted, refused) = adjuster.join().unwrap();
+    assert_eq!(accepted / 2 + refused, LEASES);
+    let states = runtime
+        .block_on(limiter.bucket_states("hot", "api"))
+        .unwrap();
+    assert_eq!(
+        states["tpm"].total_consumed_milli as u64,
+        (LEASES + accepted) * 1_000
+    );
 }
 
 /// A project `proj` with `tpm` per minute on `llm`, and `children` keys (`key-{i}`,

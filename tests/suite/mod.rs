@@ -939,6 +939,36 @@ pub async fn lease_handle_shares_the_lease(repo: Arc<dyn Repository>) {
     );
 }
 
+/// A lease committed with nothing adjusted (closed without its lock) is as closed as any:
+/// to a handle made before or after, to a second commit, to a rollback.
+pub async fn an_unadjusted_commit_closes_the_lease_for_everyone(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    let lease = l
+        .acquire("u1", "api")
+        .limits([tpm(100)])
+        .consume([("tpm", 10)])
+        .await
+        .unwrap();
+    let before = lease.handle();
+    lease.commit().await.unwrap();
+    let after = lease.handle();
+    assert!(lease.is_closed() && before.is_closed() && after.is_closed());
+    for handle in [&before, &after] {
+        assert!(matches!(
+            handle.adjust([("tpm", 5)]),
+            Err(Error::LeaseClosed)
+        ));
+    }
+    assert!(matches!(lease.commit().await, Err(Error::LeaseClosed)));
+    assert!(matches!(lease.rollback().await, Err(Error::LeaseClosed)));
+    assert!(format!("{lease:?}").contains("closed: true"), "{lease:?}");
+    assert_eq!(lease.consumed()["tpm"], 10);
+    assert_eq!(
+        l.available("u1", "api", Some(&[tpm(100)])).await.unwrap()["tpm"],
+        90
+    );
+}
+
 /// Many tasks at once, each trying `attempts` acquires of 1 at the clock's current time;
 /// returns how many were admitted (and committed). Any error but a rejection fails.
 async fn burst(l: &RateLimiter, limits: &[Limit], tasks: usize, attempts: usize) -> u64 {
@@ -1464,6 +1494,7 @@ macro_rules! limiter_suite {
             availability_queries,
             concurrent_leases_with_adjusts_are_exact,
             lease_handle_shares_the_lease,
+            an_unadjusted_commit_closes_the_lease_for_everyone,
             burst_after_idle_admits_capacity_not_twice,
             burst_after_idle_following_a_rollback,
             burst_after_idle_following_a_debt,
