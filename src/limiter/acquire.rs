@@ -541,11 +541,19 @@ impl IntoFuture for Acquire {
 
     fn into_future(self) -> Self::IntoFuture {
         let decision = match self.try_now() {
-            // Decided without waiting (the in-memory backend): no future to allocate.
-            Ok(decided) => Decision::Ready(decided),
+            // Admitted without waiting (the in-memory backend): no future to allocate, and
+            // only the lease's pointer to move from here to the caller.
+            Ok(Ok(lease)) => {
+                return AcquireFuture {
+                    admitted: Some(lease),
+                    decision: None,
+                }
+            }
+            Ok(Err(e)) => Decision::Ready(Err(e)),
             Err(pending) => Decision::Pending(Box::pin(pending.run())),
         };
         AcquireFuture {
+            admitted: None,
             decision: Some(decision),
         }
     }
@@ -566,13 +574,19 @@ enum Decision {
 /// never leaked (as with `tokio::select!` or a timeout around `.await`).
 #[must_use = "an acquire does nothing until it is awaited"]
 pub struct AcquireFuture {
+    /// Admitted at once: kept apart from [`Decision`], so the usual path moves a pointer
+    /// rather than a whole result.
+    admitted: Option<Lease>,
     decision: Option<Decision>,
 }
 
 impl std::fmt::Debug for AcquireFuture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AcquireFuture")
-            .field("done", &self.decision.is_none())
+            .field(
+                "done",
+                &(self.admitted.is_none() && self.decision.is_none()),
+            )
             .finish()
     }
 }
@@ -584,6 +598,9 @@ impl Future for AcquireFuture {
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
+        if let Some(lease) = self.admitted.take() {
+            return std::task::Poll::Ready(Ok(lease));
+        }
         let out = match self.decision.as_mut() {
             None => return std::task::Poll::Ready(Err(Error::LeaseClosed)),
             Some(Decision::Pending(pending)) => std::task::ready!(pending.as_mut().poll(cx)),
@@ -599,6 +616,8 @@ impl Future for AcquireFuture {
 
 impl Drop for AcquireFuture {
     fn drop(&mut self) {
+        // An admitted lease never returned rolls back when dropped.
+        drop(self.admitted.take());
         match self.decision.take() {
             Some(Decision::Pending(decision)) => crate::lease::run_detached(async move {
                 if let Ok(lease) = decision.await {
