@@ -8,14 +8,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dashmap::DashMap;
 use ecow::EcoString;
-use parking_lot::{Mutex, RawMutex};
+use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 
 mod item;
 
 use item::{Item, ParamsTable, States};
 
-type ItemGuard = parking_lot::ArcMutexGuard<RawMutex, Item>;
+/// An item, shared with whoever locks it outside the map. Counted without weak
+/// references, so "nobody else holds it" is a load (see [`Inner::with_item`]).
+type SharedItem = triomphe::Arc<Mutex<Item>>;
 
 use super::{
     debt_too_deep, reconcile_bucket, Access, AcquireOutcome, AcquireRequest, AdjustRequest, Checks,
@@ -31,9 +33,9 @@ pub const DEFAULT_IDLE_TTL_MULTIPLIER: u32 = 7;
 
 /// Buckets, entities and limits held in this process's memory.
 ///
-/// Every bucket item (one entity and resource) has its own lock inside a sharded map, so
-/// tasks hitting different keys never wait on each other and tasks hitting one key wait only
-/// for each other's arithmetic. Idle items are evicted once they have been idle for
+/// Every bucket item (one entity and resource) has its own lock inside a map of 64 shards;
+/// the usual acquire holds its item's shard for the arithmetic alone, so tasks hitting one
+/// key, or keys of one shard, wait only for each other's arithmetic. Idle items are evicted once they have been idle for
 /// `time_to_fill x 7` (and are full again), by a background thread that lives as long as the
 /// repository, so memory stays bounded however many distinct keys pass through.
 ///
@@ -48,7 +50,7 @@ pub struct InMemoryRepository {
 struct Inner {
     /// Per `{entity}#{resource}`: keys of up to 15 bytes (an address and a short
     /// resource) inline in the map's 16-byte slot, no block of their own.
-    buckets: DashMap<EcoString, Arc<Mutex<Item>>, foldhash::fast::RandomState>,
+    buckets: DashMap<EcoString, SharedItem, foldhash::fast::RandomState>,
     entities: RwLock<HashMap<String, Entity>>,
     configs: RwLock<HashMap<ConfigScope, Arc<[Limit]>>>,
     /// Moves on every entity or config write (see [`Repository::config_version`]).
@@ -208,12 +210,12 @@ impl Inner {
         before.saturating_sub(self.buckets.len())
     }
 
-    fn item(&self, entity_id: &str, resource: &str) -> Arc<Mutex<Item>> {
+    fn item(&self, entity_id: &str, resource: &str) -> SharedItem {
         let found = keys::with_entity_resource(entity_id, resource, |key| {
-            self.buckets.get(key).map(|item| Arc::clone(&item))
+            self.buckets.get(key).map(|item| SharedItem::clone(&item))
         });
         found.unwrap_or_else(|| {
-            Arc::clone(
+            SharedItem::clone(
                 &self
                     .buckets
                     .entry(EcoString::from(keys::entity_resource(entity_id, resource)))
@@ -224,46 +226,44 @@ impl Inner {
 
     /// Runs `f` on one item, locked, creating the item if it is missing.
     ///
-    /// The uncontended case locks the item while the map's shard is held (shared), so no
-    /// reference count moves and eviction cannot remove it meanwhile. It only *tries* the
-    /// item's lock there: waiting for an item while holding a shard could deadlock with a
-    /// cascade that holds that item and waits for the shard. A busy item is locked the
-    /// slow way, through its own reference.
+    /// The usual case holds the map's shard exclusively: no other thread can then reach
+    /// the item through the map, so if the map holds its only reference it is used without
+    /// its own lock (two atomic instructions fewer), else its lock is *tried*. Waiting for
+    /// an item while holding a shard could deadlock with a cascade that holds that item and
+    /// waits for the shard, so a busy item is locked the slow way, through its own
+    /// reference.
     fn with_item<T>(&self, entity_id: &str, resource: &str, f: impl FnOnce(&mut Item) -> T) -> T {
         let mut f = Some(f);
         let fast = keys::with_entity_resource(entity_id, resource, |key| {
-            let found = self.buckets.get(key)?;
-            let mut item = found.try_lock()?;
+            let mut found = self.buckets.get_mut(key)?;
+            let shared = found.value_mut();
             // Removed items are marked after they left the map: never seen here.
+            if let Some(alone) = SharedItem::get_mut(shared) {
+                return f.take().map(|f| f(alone.get_mut()));
+            }
+            let mut item = shared.try_lock()?;
             f.take().map(|f| f(&mut item))
         });
         match (fast, f) {
             (Some(done), _) => done,
-            (None, Some(f)) => f(&mut self.lock_one(entity_id, resource)),
+            (None, Some(f)) => self.with_locked(&[(entity_id, resource)], |items| f(items[0])),
             (None, None) => unreachable!("f runs only when it returns"),
         }
     }
 
-    /// Locks one item, retrying if eviction removed it between lookup and lock.
-    fn lock_one(&self, entity_id: &str, resource: &str) -> ItemGuard {
+    /// Runs `f` on the items for `keys` (entity, resource; already in lock order and
+    /// distinct), each locked through its own reference, retrying any that eviction removed
+    /// between lookup and lock.
+    fn with_locked<T>(&self, keys: &[(&str, &str)], f: impl FnOnce(&mut [&mut Item]) -> T) -> T {
         loop {
-            let guard = Mutex::lock_arc(&self.item(entity_id, resource));
-            if !guard.is_evicted() {
-                return guard;
-            }
-        }
-    }
-
-    /// Locks the items for `keys` (entity, resource; already in lock order and distinct),
-    /// retrying any that eviction removed between lookup and lock.
-    fn lock_items(&self, keys: &[(&str, &str)]) -> SmallVec<[ItemGuard; 2]> {
-        loop {
-            let guards: SmallVec<[ItemGuard; 2]> = keys
-                .iter()
-                .map(|(e, r)| Mutex::lock_arc(&self.item(e, r)))
-                .collect();
+            let shared: SmallVec<[SharedItem; 2]> =
+                keys.iter().map(|(e, r)| self.item(e, r)).collect();
+            let mut guards: SmallVec<[MutexGuard<'_, Item>; 2]> =
+                shared.iter().map(|item| item.lock()).collect();
             if guards.iter().all(|g| !g.is_evicted()) {
-                return guards;
+                let mut items: SmallVec<[&mut Item; 2]> =
+                    guards.iter_mut().map(|g| &mut **g).collect();
+                return f(&mut items);
             }
         }
     }
@@ -320,7 +320,7 @@ impl Repository for InMemoryRepository {
         resource: &str,
     ) -> Result<BTreeMap<String, BucketState>, Error> {
         let item = keys::with_entity_resource(entity_id, resource, |key| {
-            self.inner.buckets.get(key).map(|i| Arc::clone(&i))
+            self.inner.buckets.get(key).map(|i| SharedItem::clone(&i))
         });
         let Some(item) = item else {
             return Ok(BTreeMap::new());
@@ -352,14 +352,14 @@ impl Repository for InMemoryRepository {
         crate::naming::validate_resource(resource)?;
         // Never block on an item lock while holding a map shard: collect, then lock.
         let suffix = format!("#{resource}");
-        let items: Vec<(String, Arc<Mutex<Item>>)> = self
+        let items: Vec<(String, SharedItem)> = self
             .inner
             .buckets
             .iter()
             .filter_map(|e| {
                 // Entity ids cannot hold `#`: the key splits at its only `#`.
                 let entity = e.key().strip_suffix(suffix.as_str())?;
-                (!entity.contains('#')).then(|| (entity.to_string(), Arc::clone(e.value())))
+                (!entity.contains('#')).then(|| (entity.to_string(), SharedItem::clone(e.value())))
             })
             .collect();
         let entities = read(&self.inner.entities);
@@ -535,38 +535,40 @@ impl InMemoryRepository {
         order.sort_by(|a, b| key_of(*a).cmp(&key_of(*b)));
         order.dedup_by(|a, b| key_of(*a) == key_of(*b));
         let keys: SmallVec<[(&str, &str); 2]> = order.iter().map(|i| key_of(*i)).collect();
-        let mut guards = self.inner.lock_items(&keys);
         let guard_of = |item: usize| {
             keys.iter()
                 .position(|k| *k == key_of(item))
                 .expect("every key was locked")
         };
-
+        let params = &self.inner.params;
         // Check everything first; write only if every limit of every item fits.
         let total: usize = items.iter().map(|i| i.limits.len()).sum();
         let mut checks = Checks::with_capacity(total);
-        let mut admitted = true;
-        let mut charged: SmallVec<[(usize, States); 2]> = SmallVec::new();
-        for (i, item) in items.iter().enumerate() {
-            let g = guard_of(i);
-            let (fits, states) = guards[g].charge(item, now, &mut checks);
-            admitted &= fits;
-            charged.push((g, states));
-        }
-        if admitted {
-            for ((g, states), item) in charged.into_iter().zip(items) {
-                for (limit, state) in item.limits.iter().zip(states) {
-                    guards[g].put(&limit.name, state, &self.inner.params);
+        let admitted = self.inner.with_locked(&keys, |guards| {
+            let mut admitted = true;
+            let mut charged: SmallVec<[(usize, States); 2]> = SmallVec::new();
+            for (i, item) in items.iter().enumerate() {
+                let g = guard_of(i);
+                let (fits, states) = guards[g].charge(item, now, &mut checks);
+                admitted &= fits;
+                charged.push((g, states));
+            }
+            if admitted {
+                for ((g, states), item) in charged.into_iter().zip(items) {
+                    for (limit, state) in item.limits.iter().zip(states) {
+                        guards[g].put(&limit.name, state, params);
+                    }
+                }
+                for g in guards.iter_mut() {
+                    g.touch(now);
+                }
+            } else {
+                for (i, item) in items.iter().enumerate() {
+                    guards[guard_of(i)].adopt_changed_params(item, now, params);
                 }
             }
-            for g in guards.iter_mut() {
-                g.touch(now);
-            }
-        } else {
-            for (i, item) in items.iter().enumerate() {
-                guards[guard_of(i)].adopt_changed_params(item, now, &self.inner.params);
-            }
-        }
+            admitted
+        });
         AcquireOutcome {
             admitted,
             checks,
