@@ -915,14 +915,18 @@ pub async fn concurrent_leases_with_adjusts_are_exact(repo: Arc<dyn Repository>)
     );
 }
 
-pub async fn lease_handle_shares_the_lease(repo: Arc<dyn Repository>) {
-    let (l, _) = limiter(repo);
-    let lease = l
-        .acquire("u1", "api")
+/// A lease of 10 tokens from u1's `tpm` limit of 100 on `api`.
+async fn ten_of_a_hundred(l: &RateLimiter) -> zae_limiter::Lease {
+    l.acquire("u1", "api")
         .limits([tpm(100)])
         .consume([("tpm", 10)])
         .await
-        .unwrap();
+        .unwrap()
+}
+
+pub async fn lease_handle_shares_the_lease(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    let lease = ten_of_a_hundred(&l).await;
     let handle = lease.handle();
     handle.adjust([("tpm", 15)]).unwrap();
     assert_eq!(lease.consumed()["tpm"], 25);
@@ -943,12 +947,7 @@ pub async fn lease_handle_shares_the_lease(repo: Arc<dyn Repository>) {
 /// to a handle made before or after, to a second commit, to a rollback.
 pub async fn an_unadjusted_commit_closes_the_lease_for_everyone(repo: Arc<dyn Repository>) {
     let (l, _) = limiter(repo);
-    let lease = l
-        .acquire("u1", "api")
-        .limits([tpm(100)])
-        .consume([("tpm", 10)])
-        .await
-        .unwrap();
+    let lease = ten_of_a_hundred(&l).await;
     let before = lease.handle();
     lease.commit().await.unwrap();
     let after = lease.handle();
