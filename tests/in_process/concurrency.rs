@@ -138,10 +138,12 @@ async fn cascading_children_never_overdraw_the_parent() {
     assert_eq!(children, 498_000);
 }
 
-/// The in-memory backend's two lock paths at once: single-item acquires and refunds on a
-/// parent (its item locked under the map's shard) racing cascades that lock child and
-/// parent together, while a thread sweeps the map (which locks shards for writing). With
-/// the clock frozen every count is exact, and nothing deadlocks.
+/// The in-memory backend's lock paths at once: single-item acquires and refunds on a
+/// parent (its item used under the map's shard, held exclusively) racing cascades that
+/// lock child and parent together through their own references, while a thread sweeps the
+/// map (which locks shards for writing) and another reads the parent's buckets (holding a
+/// reference to its item, and its lock, meanwhile). With the clock frozen every count is
+/// exact, and nothing deadlocks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn single_items_cascades_refunds_and_sweeps_stay_exact() {
     let repo = InMemoryRepository::builder().sweep_interval(None).build();
@@ -160,9 +162,26 @@ async fn single_items_cascades_refunds_and_sweeps_stay_exact() {
             }
         })
     };
-    // The sweeper is under way before the acquires start (they can all finish before a
-    // new thread is first scheduled).
-    while sweeps.load(Ordering::Relaxed) == 0 {
+    // A reader takes references to the parent's item and locks it meanwhile, so acquires
+    // also find it shared (locked under the shard only if free, else the slow way).
+    let reads = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (limiter, sweeping, reads) = (limiter.clone(), sweeping.clone(), reads.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            while sweeping.load(Ordering::Relaxed) {
+                runtime
+                    .block_on(limiter.bucket_states("proj", "llm"))
+                    .unwrap();
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    // The sweeper and the reader are under way before the acquires start (they can all
+    // finish before a new thread is first scheduled).
+    while sweeps.load(Ordering::Relaxed) == 0 || reads.load(Ordering::Relaxed) == 0 {
         tokio::task::yield_now().await;
     }
     // Net tokens charged to the parent directly and through children.
@@ -202,6 +221,7 @@ async fn single_items_cascades_refunds_and_sweeps_stay_exact() {
     }
     sweeping.store(false, Ordering::Relaxed);
     sweeper.join().unwrap();
+    reader.join().unwrap();
     let (direct, cascaded) = (
         direct.load(Ordering::Relaxed),
         cascaded.load(Ordering::Relaxed),
