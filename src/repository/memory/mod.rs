@@ -35,9 +35,10 @@ pub const DEFAULT_IDLE_TTL_MULTIPLIER: u32 = 7;
 ///
 /// Every bucket item (one entity and resource) has its own lock inside a map of 64 shards;
 /// the usual acquire holds its item's shard for the arithmetic alone, so tasks hitting one
-/// key, or keys of one shard, wait only for each other's arithmetic. Idle items are evicted once they have been idle for
-/// `time_to_fill x 7` (and are full again), by a background thread that lives as long as the
-/// repository, so memory stays bounded however many distinct keys pass through.
+/// key, or keys of one shard, wait only for each other's arithmetic. Idle items are evicted
+/// once they have been idle for `time_to_fill x 7` (and are full again), by a background
+/// thread that lives as long as the repository, so memory stays bounded however many
+/// distinct keys pass through.
 ///
 /// Clones share the same state. Nothing is shared between processes: use the DynamoDB
 /// backend for a fleet.
