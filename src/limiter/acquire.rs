@@ -549,7 +549,7 @@ impl IntoFuture for Acquire {
                     decision: None,
                 }
             }
-            Ok(Err(e)) => Decision::Ready(Err(e)),
+            Ok(Err(e)) => Decision::Failed(e),
             Err(pending) => Decision::Pending(Box::pin(pending.run())),
         };
         AcquireFuture {
@@ -561,8 +561,8 @@ impl IntoFuture for Acquire {
 
 /// Where an [`AcquireFuture`] stands.
 enum Decision {
-    /// Decided at once.
-    Ready(Result<Lease, Error>),
+    /// Refused (or failed) at once; one admitted at once is [`AcquireFuture::admitted`].
+    Failed(Error),
     /// Waiting for the backend.
     Pending(BoxFuture<'static, Result<Lease, Error>>),
 }
@@ -604,9 +604,9 @@ impl Future for AcquireFuture {
         let out = match self.decision.as_mut() {
             None => return std::task::Poll::Ready(Err(Error::LeaseClosed)),
             Some(Decision::Pending(pending)) => std::task::ready!(pending.as_mut().poll(cx)),
-            Some(Decision::Ready(_)) => match self.decision.take() {
-                Some(Decision::Ready(decided)) => return std::task::Poll::Ready(decided),
-                _ => unreachable!("matched Ready just above"),
+            Some(Decision::Failed(_)) => match self.decision.take() {
+                Some(Decision::Failed(e)) => return std::task::Poll::Ready(Err(e)),
+                _ => unreachable!("matched Failed just above"),
             },
         };
         self.decision = None;
@@ -628,9 +628,7 @@ impl Drop for AcquireFuture {
                     lease.settle_detached(false, "acquire dropped before it returned");
                 }
             }),
-            // A decided lease never returned: dropping it rolls it back.
-            Some(Decision::Ready(decided)) => drop(decided),
-            None => {}
+            Some(Decision::Failed(_)) | None => {}
         }
     }
 }
