@@ -185,6 +185,17 @@ async fn a_lost_answer_to_an_acquire_is_resolved_by_its_marker() {
     assert_eq!(tokens_and_consumed(&limiter).await, (800, 200));
 }
 
+/// A commit or rollback sent again after one that failed in doubt: it re-issues the write
+/// (`Ok`), or finds the lease closed, when the first one's write went on past the timeout
+/// and landed once the answers came back (on a loaded machine its task can be scheduled
+/// late). Either way the amounts checked after count the write once.
+fn settled_again(result: Result<(), Error>) {
+    match result {
+        Ok(()) | Err(Error::LeaseClosed) => {}
+        Err(e) => panic!("settling again failed: {e}"),
+    }
+}
+
 #[tokio::test]
 async fn lost_answers_to_lease_writes_never_apply_twice() {
     let (limiter, repo, lose) = limiter_losing_responses().await;
@@ -206,7 +217,7 @@ async fn lost_answers_to_lease_writes_never_apply_twice() {
     lose.blackout(None);
     assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
     assert_eq!(repo.writes_in_doubt(), 1);
-    lease.commit().await.unwrap();
+    settled_again(lease.commit().await);
     assert_eq!(repo.writes_in_doubt(), 0);
     assert_eq!(tokens_and_consumed(&limiter).await, (790, 210));
 
@@ -215,7 +226,7 @@ async fn lost_answers_to_lease_writes_never_apply_twice() {
     lose.blackout(Some("UpdateItem"));
     assert!(lease.rollback().await.is_err());
     lose.blackout(None);
-    lease.rollback().await.unwrap();
+    settled_again(lease.rollback().await);
     assert_eq!(tokens_and_consumed(&limiter).await, (790, 210));
 
     // Eight other credits land before the doubtful one is re-issued: the ring no longer
@@ -228,7 +239,7 @@ async fn lost_answers_to_lease_writes_never_apply_twice() {
         let lease = take(&limiter, 1).await;
         lease.rollback().await.unwrap();
     }
-    doubtful.rollback().await.unwrap();
+    settled_again(doubtful.rollback().await);
     assert_eq!(tokens_and_consumed(&limiter).await, (790, 210));
     assert_eq!(repo.writes_in_doubt(), 0);
 
