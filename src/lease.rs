@@ -156,7 +156,7 @@ impl LeaseShared {
     }
 
     /// Whether the lease was committed or rolled back: under the state's lock, or by its
-    /// owner untouched (see [`Lease::close_untouched`]).
+    /// owner untouched (see [`Self::try_close_without_write`]).
     fn is_closed(&self) -> bool {
         self.phase.load(Ordering::Acquire) == CLOSED_UNTOUCHED || self.state.lock().closed
     }
@@ -373,6 +373,21 @@ impl LeaseShared {
     /// Closes the lease at once if nothing is pending and no commit or rollback is under
     /// way; `None` if there is a write to do or to wait for.
     fn try_close_without_write(&self) -> Option<Result<(), Error>> {
+        // Untouched since admission (no adjust, no commit or rollback begun): nothing is
+        // pending or to write, so one compare-and-swap closes it, without the state's lock.
+        if self.phase.load(Ordering::Acquire) == ADMITTED
+            && self
+                .phase
+                .compare_exchange(
+                    ADMITTED,
+                    CLOSED_UNTOUCHED,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            return Some(Ok(()));
+        }
         // Nothing pending and no commit or rollback under way (the usual commit): closed
         // without the writes lock.
         {
@@ -601,40 +616,18 @@ impl Lease {
     /// [`Error::Unavailable`] while the write goes on in the background and lands at most
     /// once (a later `rollback` then finds the lease closed if it landed).
     pub async fn commit(&self) -> Result<(), Error> {
-        if self.close_untouched() {
-            return Ok(());
+        // Closed without a write (`Ok`, or `LeaseClosed`): no failure to count.
+        if let Some(done) = self.shared().try_close_without_write() {
+            self.note_closed(&done);
+            return done;
         }
-        let result = match self.shared().try_close_without_write() {
-            Some(done) => done,
-            None => {
-                bounded(self.shared(), "commit", |shared| async move {
-                    shared.commit().await
-                })
-                .await
-            }
-        };
+        let result = bounded(self.shared(), "commit", |shared| async move {
+            shared.commit().await
+        })
+        .await;
         self.count_failure(&result);
         self.note_closed(&result);
         result
-    }
-
-    /// Closes the lease without its lock if nothing ever touched its state (no adjust, no
-    /// commit or rollback begun): then nothing is pending and nothing is to write.
-    fn close_untouched(&self) -> bool {
-        let shared = self.shared();
-        let closed = shared
-            .phase
-            .compare_exchange(
-                ADMITTED,
-                CLOSED_UNTOUCHED,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            )
-            .is_ok();
-        if closed {
-            shared.closed_by_owner.store(true, Ordering::Relaxed);
-        }
-        closed
     }
 
     /// Remembers a commit or rollback of this handle that closed the lease.
@@ -703,7 +696,7 @@ impl Lease {
             return;
         }
         // The common case, a commit with nothing to write, needs no future at all.
-        if commit && (self.close_untouched() || self.shared().try_close_without_write().is_some()) {
+        if commit && self.shared().try_close_without_write().is_some() {
             return;
         }
         let Some(shared) = self.shared.take() else {
