@@ -20,7 +20,7 @@ use smallvec::SmallVec;
 
 use crate::amount::{checked_amounts, named_amounts, Amount};
 use crate::repository::{
-    statuses, AcquireOutcome, AcquireRequest, AdjustRequest, Checks, ItemRequest, Items, LimitCheck,
+    statuses, AcquireOutcome, AcquireRequest, AdjustRequest, ItemRequest, Items, LimitCheck,
 };
 use crate::{Error, Limit, LimitStatus, RateLimiter};
 
@@ -93,7 +93,9 @@ pub(crate) struct LeaseShared {
     /// The acquire's request: the items charged (the entity's own, then its parent's in a
     /// cascade). Held whole, so the hot path decides on it in place (see [`Prepared`]).
     request: AcquireRequest,
-    checks: Checks,
+    /// The backend's answer: written here in place by an in-process backend
+    /// ([`crate::Repository::acquire_now_into`]), moved in for an awaited one.
+    outcome: AcquireOutcome,
     statuses: OnceLock<Vec<LimitStatus>>,
     /// Set when the [`Lease`] (not a handle) committed or rolled back, so its `Drop` knows
     /// the lease is closed without taking the state's lock (a plain store and load).
@@ -183,7 +185,7 @@ impl LeaseShared {
         let LeaseShared {
             limiter,
             request,
-            checks,
+            outcome,
             statuses,
             closed_by_owner,
             settle_handed_off,
@@ -198,7 +200,7 @@ impl LeaseShared {
         *phase.get_mut() = ADMITTED;
         *limiter = None;
         request.items.clear();
-        checks.clear();
+        outcome.clear();
         statuses.take();
         *unlimited = false;
         let LeaseState {
@@ -233,7 +235,7 @@ impl LeaseShared {
 
     fn statuses(&self) -> &[LimitStatus] {
         self.statuses
-            .get_or_init(|| statuses(&self.request.items, &self.checks))
+            .get_or_init(|| statuses(&self.request.items, &self.outcome.checks))
     }
 
     /// (item, limit, flat index) for every limit of every item.
@@ -526,7 +528,7 @@ impl Lease {
                 items: Items::new(),
                 now_ms,
             },
-            checks: Checks::new(),
+            outcome: AcquireOutcome::default(),
             statuses: OnceLock::new(),
             closed_by_owner: AtomicBool::new(false),
             settle_handed_off: AtomicBool::new(false),
@@ -559,7 +561,7 @@ impl Lease {
 
     /// The items and checks, for the HTTP layer's header fields.
     pub(crate) fn parts(&self) -> (&[ItemRequest], &[LimitCheck]) {
-        (&self.shared().request.items, &self.shared().checks)
+        (&self.shared().request.items, &self.shared().outcome.checks)
     }
 
     /// The entity the lease charged.
@@ -1073,20 +1075,43 @@ impl Prepared {
         &self.0.request
     }
 
+    /// The backend's answer written in place, next to the request it answers (see
+    /// [`crate::Repository::acquire_now_into`]).
+    pub(crate) fn decide_in_place<R>(
+        &mut self,
+        decide: impl FnOnce(&AcquireRequest, &mut AcquireOutcome) -> R,
+    ) -> R {
+        let shared = self.shared_mut();
+        decide(&shared.request, &mut shared.outcome)
+    }
+
+    /// The answer [`Self::decide_in_place`] wrote.
+    pub(crate) fn outcome(&self) -> &AcquireOutcome {
+        &self.0.outcome
+    }
+
     /// The lease for an admitted decision: the backend's checks, and the items it bypassed
     /// or charged on another shard, recorded for the lease's later writes, and the limiter
     /// that admitted it.
     pub(crate) fn admit(mut self, outcome: AcquireOutcome, limiter: RateLimiter) -> Lease {
+        self.shared_mut().outcome = outcome;
+        self.admit_decided(limiter)
+    }
+
+    /// [`Self::admit`] for the answer [`Self::decide_in_place`] wrote.
+    pub(crate) fn admit_decided(mut self, limiter: RateLimiter) -> Lease {
         let shared = self.shared_mut();
         shared.limiter = Some(limiter);
-        shared.checks = outcome.checks;
+        let LeaseShared {
+            request, outcome, ..
+        } = shared;
         for &i in &outcome.bypassed {
-            if let Some(item) = shared.request.items.get_mut(i) {
+            if let Some(item) = request.items.get_mut(i) {
                 item.bypass = true;
             }
         }
         for &(i, shard) in &outcome.shards {
-            if let Some(item) = shared.request.items.get_mut(i) {
+            if let Some(item) = request.items.get_mut(i) {
                 item.shard = shard;
             }
         }

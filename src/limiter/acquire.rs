@@ -367,12 +367,16 @@ impl Acquire {
         let decided = match self.prepare_now(consume, &mut lookups) {
             None => None,
             Some(Err(e)) => Some(Err(e)),
-            Some(Ok((prepared, moved_limits))) => {
-                match self.limiter.inner.repo.acquire_now(prepared.request()) {
-                    Some(Ok(outcome)) => match self.judge(prepared.request(), &outcome) {
+            Some(Ok((mut prepared, moved_limits))) => {
+                // Answered in place: the outcome is written in the lease, never moved.
+                let repo = &self.limiter.inner.repo;
+                match prepared
+                    .decide_in_place(|request, outcome| repo.acquire_now_into(request, outcome))
+                {
+                    Some(Ok(())) => match self.judge(prepared.request(), prepared.outcome()) {
                         Ok(()) => {
                             self.count_lookups(lookups);
-                            return Ok(Ok(prepared.admit(outcome, self.limiter)));
+                            return Ok(Ok(prepared.admit_decided(self.limiter)));
                         }
                         // Refused: the entity and resource come back for the error's
                         // handling (an outage admitted under `Allow` names them).

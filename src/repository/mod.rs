@@ -104,7 +104,7 @@ pub struct AcquireRequest {
 }
 
 /// What [`Repository::acquire`] decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AcquireOutcome {
     /// Whether everything was consumed (else nothing was).
     pub admitted: bool,
@@ -116,6 +116,22 @@ pub struct AcquireOutcome {
     /// The items (by index) charged on a shard other than the request's
     /// ([`ItemRequest::shard`]), and that shard: a lease's later changes go there.
     pub shards: Vec<(usize, Shard)>,
+}
+
+impl AcquireOutcome {
+    /// Back to no answer, keeping the buffers.
+    pub(crate) fn clear(&mut self) {
+        let AcquireOutcome {
+            admitted,
+            checks,
+            bypassed,
+            shards,
+        } = self;
+        *admitted = false;
+        checks.clear();
+        bypassed.clear();
+        shards.clear();
+    }
 }
 
 /// How one limit fared in an acquire (the limiter turns these into
@@ -285,6 +301,19 @@ pub trait Repository: Send + Sync + 'static {
     /// the limiter decide without allocating a future.
     fn acquire_now(&self, _request: &AcquireRequest) -> Option<Result<AcquireOutcome, Error>> {
         None
+    }
+
+    /// [`Self::acquire_now`] with the answer written into `outcome` rather than returned
+    /// (`outcome` arrives cleared, with the buffers of an earlier answer): the limiter
+    /// passes the lease's own record, so the answer is written where the lease keeps it
+    /// instead of being copied there. The default moves [`Self::acquire_now`]'s answer in;
+    /// an in-process backend overrides it to write in place.
+    fn acquire_now_into(
+        &self,
+        request: &AcquireRequest,
+        outcome: &mut AcquireOutcome,
+    ) -> Option<Result<(), Error>> {
+        Some(self.acquire_now(request)?.map(|answer| *outcome = answer))
     }
 
     /// Applies signed deltas to one item (adjust, commit of adjustments, rollback).

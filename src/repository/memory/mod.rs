@@ -20,7 +20,7 @@ use item::{Item, ParamsTable, States};
 type SharedItem = triomphe::Arc<Mutex<Item>>;
 
 use super::{
-    debt_too_deep, reconcile_bucket, Access, AcquireOutcome, AcquireRequest, AdjustRequest, Checks,
+    debt_too_deep, reconcile_bucket, Access, AcquireOutcome, AcquireRequest, AdjustRequest,
     ConfigScope, ItemRequest, Repository, StoredConfig,
 };
 use crate::bucket::{self, BucketState};
@@ -303,6 +303,15 @@ impl Repository for InMemoryRepository {
         Some(Ok(self.decide(request)))
     }
 
+    fn acquire_now_into(
+        &self,
+        request: &AcquireRequest,
+        outcome: &mut AcquireOutcome,
+    ) -> Option<Result<(), Error>> {
+        self.decide_into(request, outcome);
+        Some(Ok(()))
+    }
+
     fn load_config_now(
         &self,
         entity_id: &str,
@@ -524,11 +533,19 @@ impl InMemoryRepository {
     }
 
     fn decide(&self, request: &AcquireRequest) -> AcquireOutcome {
+        let mut outcome = AcquireOutcome::default();
+        self.decide_into(request, &mut outcome);
+        outcome
+    }
+
+    /// [`Self::decide`], the answer written into `outcome` (cleared first).
+    fn decide_into(&self, request: &AcquireRequest, outcome: &mut AcquireOutcome) {
+        outcome.clear();
         let now = request.now_ms;
         self.inner.observe(now);
         let items = &request.items;
         if let [item] = items.as_slice() {
-            return self.decide_one(item, now);
+            return self.decide_one(item, now, outcome);
         }
         // Lock in key order so two cascades over the same pair cannot deadlock.
         let mut order: SmallVec<[usize; 2]> = (0..items.len()).collect();
@@ -544,13 +561,14 @@ impl InMemoryRepository {
         let params = &self.inner.params;
         // Check everything first; write only if every limit of every item fits.
         let total: usize = items.iter().map(|i| i.limits.len()).sum();
-        let mut checks = Checks::with_capacity(total);
+        let checks = &mut outcome.checks;
+        checks.reserve(total);
         let admitted = self.inner.with_locked(&keys, |guards| {
             let mut admitted = true;
             let mut charged: SmallVec<[(usize, States); 2]> = SmallVec::new();
             for (i, item) in items.iter().enumerate() {
                 let g = guard_of(i);
-                let (fits, states) = guards[g].charge(item, now, &mut checks);
+                let (fits, states) = guards[g].charge(item, now, checks);
                 admitted &= fits;
                 charged.push((g, states));
             }
@@ -570,29 +588,25 @@ impl InMemoryRepository {
             }
             admitted
         });
-        AcquireOutcome {
-            admitted,
-            checks,
-            bypassed: bypassed(items),
-            shards: Vec::new(),
-        }
+        outcome.admitted = admitted;
+        outcome
+            .bypassed
+            .extend((0..items.len()).filter(|&i| items[i].bypass));
     }
 
-    /// [`Self::decide`] for the usual single item (no cascade), without the bookkeeping
-    /// that ordering several locks needs (measurably cheaper on the hot path).
-    fn decide_one(&self, item: &ItemRequest, now: i64) -> AcquireOutcome {
-        let mut checks = Checks::with_capacity(item.limits.len());
+    /// [`Self::decide_into`] for the usual single item (no cascade), without the
+    /// bookkeeping that ordering several locks needs (measurably cheaper on the hot path).
+    fn decide_one(&self, item: &ItemRequest, now: i64, outcome: &mut AcquireOutcome) {
+        let checks = &mut outcome.checks;
+        checks.reserve(item.limits.len());
         let params = &self.inner.params;
-        let admitted = self
+        outcome.admitted = self
             .inner
             .with_item(&item.entity_id, &item.resource, |guard| {
-                guard.charge_and_write(item, now, &mut checks, params)
+                guard.charge_and_write(item, now, checks, params)
             });
-        AcquireOutcome {
-            admitted,
-            checks,
-            bypassed: bypassed(std::slice::from_ref(item)),
-            shards: Vec::new(),
+        if item.bypass {
+            outcome.bypassed.push(0);
         }
     }
 
@@ -623,13 +637,4 @@ impl InMemoryRepository {
                 Ok(())
             })
     }
-}
-
-/// The indices of the items admitted under a bypass (this backend bypasses exactly the
-/// items whose config says so).
-fn bypassed(items: &[ItemRequest]) -> Vec<usize> {
-    if !items.iter().any(|i| i.bypass) {
-        return Vec::new();
-    }
-    (0..items.len()).filter(|&i| items[i].bypass).collect()
 }

@@ -47,34 +47,43 @@ impl Repository for Reserving {
     }
 
     fn acquire_now(&self, request: &AcquireRequest) -> Option<Result<AcquireOutcome, Error>> {
+        let mut outcome = AcquireOutcome::default();
+        Some(
+            self.acquire_now_into(request, &mut outcome)?
+                .map(|()| outcome),
+        )
+    }
+
+    fn acquire_now_into(
+        &self,
+        request: &AcquireRequest,
+        outcome: &mut AcquireOutcome,
+    ) -> Option<Result<(), Error>> {
         let s = &self.shared;
         if request.items.iter().any(|i| i.bypass) {
-            return s.inner.acquire_now(request);
+            return s.inner.acquire_now_into(request, outcome);
         }
         // Counted in the demand only once decided here; an undecided request is counted
         // by `acquire`.
         let keys = s.keys_of(request);
-        match s.take_local(request, &keys, false) {
-            Local::Admitted(outcome) => {
-                for (key, item) in keys.iter().zip(&request.items) {
-                    key.state
-                        .lock()
-                        .count_request(request.now_ms, &item.amounts);
-                }
-                Some(Ok(outcome))
+        let decided = match s.take_local(request, &keys, false) {
+            Local::Admitted(local) => {
+                *outcome = local;
+                Ok(())
             }
-            Local::Miss { hot: true } => None,
+            Local::Miss { hot: true } => return None,
             Local::Miss { hot: false } => {
-                let decided = s.inner.acquire_now(request)?;
-                for (key, item) in keys.iter().zip(&request.items) {
-                    key.state
-                        .lock()
-                        .count_request(request.now_ms, &item.amounts);
-                }
+                let decided = s.inner.acquire_now_into(request, outcome)?;
                 s.passed_through.fetch_add(1, Ordering::Relaxed);
-                Some(decided)
+                decided
             }
+        };
+        for (key, item) in keys.iter().zip(&request.items) {
+            key.state
+                .lock()
+                .count_request(request.now_ms, &item.amounts);
         }
+        Some(decided)
     }
 
     async fn adjust(&self, request: &AdjustRequest) -> Result<(), Error> {
