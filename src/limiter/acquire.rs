@@ -131,6 +131,14 @@ impl Acquire {
 
     /// Validates the input; returns the checked consume amounts.
     fn validate(&self) -> Result<Option<Vec<(String, i64)>>, Error> {
+        self.validate_names()?;
+        self.checked_consume()
+    }
+
+    /// Validates the entity, the resource and the limit lists. Apart from
+    /// [`Self::checked_consume`] so the usual acquire (no amounts named) reads one
+    /// small result rather than a large one just written.
+    fn validate_names(&self) -> Result<(), Error> {
         naming::validate_entity_id(&self.entity_id)?;
         naming::validate_resource(&self.resource)?;
         if !self.lists_checked {
@@ -141,6 +149,11 @@ impl Acquire {
                 limit::validate_shared(l)?;
             }
         }
+        Ok(())
+    }
+
+    /// The consume amounts, checked (`None`: 1 from every limit).
+    fn checked_consume(&self) -> Result<Option<Vec<(String, i64)>>, Error> {
         match &self.consume {
             Some(c) => Ok(Some(checked_amounts("consume", c, false)?)),
             None => Ok(None),
@@ -200,7 +213,9 @@ impl Acquire {
     ) -> Option<(&'a Arc<[Limit]>, Amounts, bool, bool)> {
         let (limits, source) = resolve(stored, self.limits.as_ref(), self.fallback.as_ref())?;
         let amounts = match consume {
-            // The default: 1 from every limit.
+            // The default: 1 from every limit (the usual one or two written as one
+            // block, which the moves that follow read back whole).
+            None if limits.len() <= 2 => Amounts::from_buf_and_len([1, 1], limits.len()),
             None => smallvec::smallvec![1; limits.len()],
             Some(c) => limits
                 .iter()
@@ -485,11 +500,16 @@ impl Acquire {
         if self.undecided {
             return Err(self);
         }
-        let consume = match self.validate() {
-            Ok(consume) => consume,
-            Err(e) => return Ok(Err(e)),
-        };
-        self.decide_now(consume.as_deref())
+        if let Err(e) = self.validate_names() {
+            return Ok(Err(e));
+        }
+        if self.consume.is_none() {
+            return self.decide_now(None);
+        }
+        match self.checked_consume() {
+            Ok(consume) => self.decide_now(consume.as_deref()),
+            Err(e) => Ok(Err(e)),
+        }
     }
 
     async fn run(self) -> Result<Lease, Error> {
