@@ -1,7 +1,7 @@
 //! [`RateLimitBody`]: the response body, which settles the lease when it ends.
 
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -106,28 +106,27 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         match self.project().kind.project() {
             KindProj::Inner { mut body, settle } => {
-                let frame = ready!(body.as_mut().poll_frame(cx));
-                match &frame {
-                    None => {
+                // The inner body's answer is handed on as it came (only its variant read
+                // here), not taken apart and rebuilt: frames pass through untouched.
+                let frame = body.as_mut().poll_frame(cx);
+                if settle.is_some() {
+                    let end = match &frame {
+                        Poll::Pending => None,
+                        Poll::Ready(None) => Some((true, "end of response body")),
+                        Poll::Ready(Some(Err(_))) => Some((false, "response body failed")),
+                        // Servers stop polling once a body says it has ended, so settle on
+                        // the last frame rather than waiting for a `None` that never comes.
+                        Poll::Ready(Some(Ok(_))) => body
+                            .is_end_stream()
+                            .then_some((true, "end of response body")),
+                    };
+                    if let Some((commit, reason)) = end {
                         if let Some(mut s) = settle.take() {
-                            s.finish(true, "end of response body");
+                            s.finish(commit, reason);
                         }
                     }
-                    Some(Err(_)) => {
-                        if let Some(mut s) = settle.take() {
-                            s.finish(false, "response body failed");
-                        }
-                    }
-                    // Servers stop polling once a body says it has ended, so settle on
-                    // the last frame rather than waiting for a `None` that never comes.
-                    Some(Ok(_)) if body.is_end_stream() => {
-                        if let Some(mut s) = settle.take() {
-                            s.finish(true, "end of response body");
-                        }
-                    }
-                    Some(Ok(_)) => {}
                 }
-                Poll::Ready(frame)
+                frame
             }
             KindProj::Rejection { body } => body
                 .poll_frame(cx)
