@@ -273,22 +273,23 @@ where
 /// Settles or hands the lease to the body, and adds the `RateLimit` fields.
 fn finish<ResB>(
     config: &Config,
-    response: Response<ResB>,
+    mut response: Response<ResB>,
     lease: Option<Lease>,
 ) -> Response<RateLimitBody<ResB>>
 where
     ResB: Body,
 {
-    let (mut parts, body) = response.into_parts();
+    // Read and changed in place; only the body is swapped for the wrapper at the end.
     let Some(lease) = lease else {
-        return Response::from_parts(parts, RateLimitBody::inner(body, None));
+        return response.map(|body| RateLimitBody::inner(body, None));
     };
-    if parts.status.is_server_error() && config.rollback_on_server_error {
-        tracing::debug!(status = %parts.status, "server error; rolling back the lease");
+    let status = response.status();
+    if status.is_server_error() && config.rollback_on_server_error {
+        tracing::debug!(status = %status, "server error; rolling back the lease");
         lease.settle_detached(false, "server error response");
-        return Response::from_parts(parts, RateLimitBody::inner(body, None));
+        return response.map(|body| RateLimitBody::inner(body, None));
     }
-    if let Some(usage) = parts.extensions.get::<Usage>() {
+    if let Some(usage) = response.extensions().get::<Usage>() {
         if let Err(e) = lease.settle_usage(usage.totals()) {
             tracing::warn!(error = %e, "could not apply the reported usage");
         }
@@ -296,12 +297,12 @@ where
     if config.headers_on_success && !lease.is_unlimited() {
         let (items, checks) = lease.parts();
         admitted_headers(
-            &mut parts.headers,
+            response.headers_mut(),
             items,
             checks,
             &config.naming,
             &config.policy_cache,
         );
     }
-    Response::from_parts(parts, RateLimitBody::inner(body, Some(lease)))
+    response.map(|body| RateLimitBody::inner(body, Some(lease)))
 }
