@@ -617,6 +617,7 @@ impl Lease {
     /// wait is bounded by it, retries included: past it this returns
     /// [`Error::Unavailable`] while the write goes on in the background and lands at most
     /// once (a later `rollback` then finds the lease closed if it landed).
+    #[inline]
     pub async fn commit(&self) -> Result<(), Error> {
         // Closed without a write (`Ok`, or `LeaseClosed`): no failure to count.
         if let Some(done) = self.shared().try_close_without_write() {

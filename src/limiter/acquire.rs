@@ -37,6 +37,7 @@ pub struct Acquire {
 }
 
 impl Acquire {
+    #[inline]
     pub(super) fn new(
         limiter: RateLimiter,
         entity_id: CompactString,
@@ -96,12 +97,14 @@ impl Acquire {
     }
 
     /// [`Self::limits`] from a list shared with other acquires (no copy).
+    #[inline]
     pub fn shared_limits(mut self, limits: Arc<[Limit]>) -> Self {
         self.limits = Some(limits);
         self
     }
 
     /// [`Self::fallback_limits`] from a list shared with other acquires (no copy).
+    #[inline]
     pub fn shared_fallback_limits(mut self, limits: Arc<[Limit]>) -> Self {
         self.fallback = Some(limits);
         self
@@ -118,12 +121,14 @@ impl Acquire {
     }
 
     /// Whether to charge the parent too, overriding the entity's `cascade` setting.
+    #[inline]
     pub fn cascade(mut self, cascade: bool) -> Self {
         self.cascade = Some(cascade);
         self
     }
 
     /// The outage policy for this call, overriding the limiter's and the stored one.
+    #[inline]
     pub fn on_unavailable(mut self, policy: OnUnavailable) -> Self {
         self.on_unavailable = Some(policy);
         self
@@ -563,6 +568,7 @@ impl IntoFuture for Acquire {
     type Output = Result<Lease, Error>;
     type IntoFuture = AcquireFuture;
 
+    #[inline]
     fn into_future(self) -> Self::IntoFuture {
         let decision = match self.try_now() {
             // Admitted without waiting (the in-memory backend): no future to allocate, and
@@ -618,6 +624,7 @@ impl std::fmt::Debug for AcquireFuture {
 impl Future for AcquireFuture {
     type Output = Result<Lease, Error>;
 
+    #[inline]
     fn poll(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,

@@ -182,6 +182,7 @@ impl RateLimiter {
     /// resource, system, then `.fallback_limits(..)`); without `.consume(..)` it takes 1 from
     /// every limit. Succeeds with a [`Lease`](crate::Lease) once the consumption is written, or fails with
     /// [`Error::RateLimited`] having written nothing.
+    #[inline]
     pub fn acquire(
         &self,
         entity_id: impl Into<crate::CompactString>,
