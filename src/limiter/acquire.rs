@@ -208,34 +208,15 @@ impl Acquire {
         }
     }
 
-    /// An entity's limits as resolved from `stored`, with the amount to take from each,
-    /// whether its item may expire once idle, and whether the list is this acquire's own
-    /// (`.limits`).
-    fn charges<'a>(
-        &'a self,
-        stored: &'a StoredConfig,
-        consume: Option<&[(String, i64)]>,
-    ) -> Option<(&'a Arc<[Limit]>, Amounts, bool, bool)> {
+    /// An entity's limits as resolved from `stored`, whether its item may expire once
+    /// idle, and whether the list is this acquire's own (`.limits`).
+    fn charges<'a>(&'a self, stored: &'a StoredConfig) -> Option<(&'a Arc<[Limit]>, bool, bool)> {
         let (limits, source) = resolve(stored, self.limits.as_ref(), self.fallback.as_ref())?;
-        let amounts = match consume {
-            // The default: 1 from every limit (the usual one or two written as one
-            // block, which the moves that follow read back whole).
-            None if limits.len() <= 2 => Amounts::from_buf_and_len([1, 1], limits.len()),
-            None => smallvec::smallvec![1; limits.len()],
-            Some(c) => limits
-                .iter()
-                .map(|l| {
-                    c.iter()
-                        .filter(|(n, _)| *n == l.name)
-                        .fold(0u64, |sum, (_, a)| sum.saturating_add(*a as u64))
-                })
-                .collect(),
-        };
         // Limits stored for this entity (for this resource or all of them) keep its
         // buckets; shared levels let an idle item expire.
         let own = matches!(source, ConfigSource::Entity | ConfigSource::EntityDefault);
         let explicit = matches!(source, ConfigSource::Override);
-        Some((limits, amounts, !own, explicit))
+        Some((limits, !own, explicit))
     }
 
     /// The parent's item for a cascade, if its limits resolve.
@@ -245,12 +226,12 @@ impl Acquire {
         stored: &StoredConfig,
         consume: Option<&[(String, i64)]>,
     ) -> Option<ItemRequest> {
-        let (limits, amounts, expires_when_idle, _) = self.charges(stored, consume)?;
+        let (limits, expires_when_idle, _) = self.charges(stored)?;
         Some(ItemRequest {
             entity_id: parent_id.into(),
             resource: self.resource.clone(),
             limits: Arc::clone(limits),
-            amounts,
+            amounts: amounts_for(limits, consume),
             expires_when_idle,
             owner: stored.entity.clone(),
             bypass: stored.bypass,
@@ -259,13 +240,12 @@ impl Acquire {
     }
 
     /// The entity's own limits (`None`: this acquire's own list, `.limits`, which the
-    /// caller moves or clones) and amounts, and the parent to charge too (if it cascades).
+    /// caller moves or clones), and the parent to charge too (if it cascades).
     #[allow(clippy::type_complexity)]
     fn own_charges<'s>(
         &self,
         stored: &'s StoredConfig,
-        consume: Option<&[(String, i64)]>,
-    ) -> Result<(Option<Arc<[Limit]>>, Amounts, bool, Option<&'s str>), Error> {
+    ) -> Result<(Option<Arc<[Limit]>>, bool, Option<&'s str>), Error> {
         if stored.disabled {
             self.limiter.inner.metrics.decided(
                 &self.resource,
@@ -285,8 +265,8 @@ impl Acquire {
                 resource: self.resource.to_string(),
             });
         }
-        let (limits, amounts, expires, explicit) = self
-            .charges(stored, consume)
+        let (limits, expires, explicit) = self
+            .charges(stored)
             .ok_or_else(|| no_limits(&self.entity_id, &self.resource))?;
         let limits = (!explicit).then(|| Arc::clone(limits));
         let entity = stored.entity.as_ref();
@@ -296,7 +276,7 @@ impl Acquire {
         let parent = entity
             .and_then(|e| e.parent_id.as_deref())
             .filter(|_| cascade);
-        Ok((limits, amounts, expires, parent))
+        Ok((limits, expires, parent))
     }
 
     /// Turns the backend's answer into a lease or a rejection.
@@ -347,15 +327,15 @@ impl Acquire {
         let stored = limiter
             .stored_config(&self.entity_id, &self.resource, now)
             .await?;
-        let (limits, amounts, expires_when_idle, parent) = self.own_charges(&stored, consume)?;
+        let (limits, expires_when_idle, parent) = self.own_charges(&stored)?;
         let limits = limits
             .or_else(|| self.limits.clone())
             .ok_or_else(|| no_limits(&self.entity_id, &self.resource))?;
         let mut items: Items = smallvec::smallvec![ItemRequest {
             entity_id: self.entity_id.clone(),
             resource: self.resource.clone(),
+            amounts: amounts_for(&limits, consume),
             limits,
-            amounts,
             expires_when_idle,
             owner: stored.entity.clone(),
             bypass: stored.bypass,
@@ -449,8 +429,7 @@ impl Acquire {
                 Ok(stored) => stored,
                 Err(e) => return Some(Err(e)),
             };
-        let (limits, amounts, expires_when_idle, parent) = match self.own_charges(&stored, consume)
-        {
+        let (limits, expires_when_idle, parent) = match self.own_charges(&stored) {
             Ok(found) => found,
             Err(e) => return Some(Err(e)),
         };
@@ -474,8 +453,8 @@ impl Acquire {
         prepared.push(ItemRequest {
             entity_id: std::mem::take(&mut self.entity_id),
             resource: std::mem::take(&mut self.resource),
+            amounts: amounts_for(&limits, consume),
             limits,
-            amounts,
             expires_when_idle,
             owner: stored.entity.clone(),
             bypass: stored.bypass,
@@ -561,6 +540,27 @@ impl Acquire {
                 })
             }
         }
+    }
+}
+
+/// The amount to take from each of `limits`: 1 from every limit by default, else what
+/// `consume` names (0 for a limit it does not name). Computed where the item is built, so
+/// the amounts are written once, in place.
+#[inline]
+fn amounts_for(limits: &[Limit], consume: Option<&[(String, i64)]>) -> Amounts {
+    match consume {
+        // The usual one or two written as one block, which the moves that follow read
+        // back whole.
+        None if limits.len() <= 2 => Amounts::from_buf_and_len([1, 1], limits.len()),
+        None => smallvec::smallvec![1; limits.len()],
+        Some(c) => limits
+            .iter()
+            .map(|l| {
+                c.iter()
+                    .filter(|(n, _)| *n == l.name)
+                    .fold(0u64, |sum, (_, a)| sum.saturating_add(*a as u64))
+            })
+            .collect(),
     }
 }
 
