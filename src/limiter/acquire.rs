@@ -649,6 +649,11 @@ impl Drop for AcquireFuture {
     fn drop(&mut self) {
         // An admitted lease never returned rolls back when dropped.
         drop(self.admitted.take());
+        // Looked at in place first: the usual future (admitted at once) holds no
+        // decision, and taking one moves a whole error's worth of bytes.
+        if !matches!(self.decision, Some(Decision::Pending(_))) {
+            return;
+        }
         match self.decision.take() {
             Some(Decision::Pending(decision)) => crate::lease::run_detached(async move {
                 if let Ok(lease) = decision.await {
