@@ -47,7 +47,7 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-fn routers() -> [(&'static str, Router); 4] {
+fn routers() -> [(&'static str, Router); 6] {
     let hello = || Router::new().route("/", get(|| async { "Hello, world!" }));
     // As `axum::serve` does: turn handlers into services once, not on every call.
     let ready = |router: Router| router.with_state::<()>(());
@@ -58,12 +58,11 @@ fn routers() -> [(&'static str, Router); 4] {
             .limits([Limit::per_second("rps", 1_000_000_000)])
             .headers_on_success(headers)
     };
-    let governor = GovernorConfigBuilder::default()
-        .per_nanosecond(1)
-        .burst_size(u32::MAX)
-        .key_extractor(support::ApiKey)
-        .finish()
-        .unwrap();
+    let mut governor = GovernorConfigBuilder::default();
+    governor.per_nanosecond(1).burst_size(u32::MAX);
+    let mut governor = governor.key_extractor(support::ApiKey);
+    let plain = Arc::new(governor.finish().unwrap());
+    let with_headers = Arc::new(governor.use_headers().finish().unwrap());
     [
         ("no limiter", ready(hello())),
         ("RateLimitLayer", ready(hello().layer(zae(true)))),
@@ -71,9 +70,20 @@ fn routers() -> [(&'static str, Router); 4] {
             "RateLimitLayer, no headers",
             ready(hello().layer(zae(false))),
         ),
+        // The layer's fixed cost alone: every request skipped, passed on with no lease
+        // (what wrapping the service and its body costs, whatever the limiter does).
+        (
+            "RateLimitLayer, every request skipped",
+            ready(hello().layer(zae(false).skip(|_| true))),
+        ),
         (
             "tower_governor",
-            ready(hello().layer(GovernorLayer::new(Arc::new(governor)))),
+            ready(hello().layer(GovernorLayer::new(plain))),
+        ),
+        // Like for like with the fields on: tower_governor's `x-ratelimit-*` headers.
+        (
+            "tower_governor, headers",
+            ready(hello().layer(GovernorLayer::new(with_headers))),
         ),
     ]
 }
@@ -149,7 +159,7 @@ fn allocations(n: usize) {
             base = per_request;
         }
         println!(
-            "{name:<28} {per_request:>6.2} per request ({:+.2} over no limiter)",
+            "{name:<38} {per_request:>6.2} per request ({:+.2} over no limiter)",
             per_request - base
         );
     }
@@ -195,7 +205,7 @@ fn threads(requests_per_thread: usize) {
     );
     for ((name, _), ns) in routers.iter().zip(&medians) {
         println!(
-            "{name:<28} {ns:>8.0} ns ({:+.0} over no limiter)",
+            "{name:<38} {ns:>8.0} ns ({:+.0} over no limiter)",
             ns - medians[0]
         );
     }
@@ -216,12 +226,22 @@ fn main() {
             ("RateLimitLayer", "no limiter"),
             ("RateLimitLayer", "tower_governor"),
             ("RateLimitLayer, no headers", "tower_governor"),
+            ("RateLimitLayer", "tower_governor, headers"),
             ("tower_governor", "no limiter"),
         ],
     );
-    println!(
-        "RateLimitLayer overhead per request: {:.0} ns (tower_governor: {:.0} ns)",
-        support::mean_ns("RateLimitLayer") - support::mean_ns("no limiter"),
-        support::mean_ns("tower_governor") - support::mean_ns("no limiter")
-    );
+    let overhead = |name: &str| support::mean_ns(name) - support::mean_ns("no limiter");
+    println!("\n== overhead per request over no limiter, and its ratio ==");
+    for (subject, alternative) in [
+        ("RateLimitLayer", "tower_governor"),
+        ("RateLimitLayer", "tower_governor, headers"),
+        ("RateLimitLayer, no headers", "tower_governor"),
+        ("RateLimitLayer, every request skipped", "tower_governor"),
+    ] {
+        let (s, a) = (overhead(subject), overhead(alternative));
+        println!(
+            "{subject:<38} {s:>+6.0} ns  {alternative:<24} {a:>+6.0} ns  {:>5.1}x",
+            s / a
+        );
+    }
 }
