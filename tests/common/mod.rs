@@ -24,10 +24,14 @@ use zae_limiter::{
 /// acquire that is not decided at once is exercised for real, and lose the answer of a
 /// lease write after applying it, as a timeout does (writes apply once per write id, as
 /// DynamoDB's write lanes make them, so the re-sent write is not applied twice).
+///
+/// Switched to answer at once, it decides through `acquire_now` only, as a third-party
+/// in-process backend would, leaving `acquire_now_into` to the trait's default.
 #[derive(Clone, Default)]
 pub struct Switchable {
     pub inner: InMemoryRepository,
     down: Arc<AtomicBool>,
+    at_once: Arc<AtomicBool>,
     delay_ms: Arc<AtomicU64>,
     lose_next_answer: Arc<AtomicBool>,
     applied: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
@@ -36,6 +40,11 @@ pub struct Switchable {
 impl Switchable {
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Acquires are answered through `acquire_now` (no future), not awaited.
+    pub fn set_answer_at_once(&self, at_once: bool) {
+        self.at_once.store(at_once, Ordering::SeqCst);
     }
 
     /// Every acquire waits this long before it is decided.
@@ -73,6 +82,24 @@ impl Repository for Switchable {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
         self.inner.acquire(r).await
+    }
+    fn acquire_now(&self, r: &AcquireRequest) -> Option<Result<AcquireOutcome, Error>> {
+        if !self.at_once.load(Ordering::SeqCst) {
+            return None;
+        }
+        if let Err(e) = self.check() {
+            return Some(Err(e));
+        }
+        self.inner.acquire_now(r)
+    }
+    fn load_config_now(&self, e: &str, r: &str) -> Option<Result<StoredConfig, Error>> {
+        if !self.at_once.load(Ordering::SeqCst) {
+            return None;
+        }
+        if let Err(err) = self.check() {
+            return Some(Err(err));
+        }
+        self.inner.load_config_now(e, r)
     }
     async fn adjust(&self, r: &AdjustRequest) -> Result<(), Error> {
         self.check()?;

@@ -6,7 +6,7 @@ use crate::common;
 use std::time::Duration;
 
 use common::Switchable;
-use zae_limiter::{Error, ErrorCategory, Limit, OnUnavailable, RateLimiter};
+use zae_limiter::{Error, ErrorCategory, Limit, OnUnavailable, RateLimiter, Repository};
 
 fn rpm() -> Limit {
     Limit::per_minute("rpm", 2)
@@ -236,4 +236,53 @@ async fn dropped_lease_rollback_is_retried_until_the_backend_returns() {
         available, 2,
         "the rollback was retried and returned both tokens"
     );
+}
+
+/// A backend that answers only through `acquire_now` (as a third-party in-process backend
+/// may), leaving `acquire_now_into` to the trait's default: decided at once, exact over
+/// commits, rollbacks and a refusal, each lease carrying only its own checks (leases are
+/// reused), and an outage decided at once too.
+#[tokio::test]
+async fn a_backend_answering_through_acquire_now_alone_is_decided_at_once_and_exact() {
+    let backend = Switchable::default();
+    backend.set_answer_at_once(true);
+    let limiter = RateLimiter::new(backend.clone());
+    let rpm = || [Limit::per_minute("rpm", 3)];
+    let first = match limiter.acquire("u1", "api").limits(rpm()).try_now() {
+        Ok(Ok(lease)) => lease,
+        other => panic!("not admitted at once: {other:?}"),
+    };
+    assert_eq!(first.statuses().len(), 1);
+    assert_eq!(first.statuses()[0].available, 3);
+    let second = limiter.acquire("u1", "api").limits(rpm()).await.unwrap();
+    assert_eq!(second.statuses()[0].available, 2);
+    second.rollback().await.unwrap();
+    first.commit().await.unwrap();
+    for left in [2, 1] {
+        let lease = limiter.acquire("u1", "api").limits(rpm()).await.unwrap();
+        assert_eq!(lease.statuses()[0].available, left);
+        lease.commit().await.unwrap();
+    }
+    match limiter.acquire("u1", "api").limits(rpm()).await {
+        Err(Error::RateLimited(e)) => assert_eq!(e.primary_violation().limit.name, "rpm"),
+        other => panic!("expected a refusal: {other:?}"),
+    }
+    // The next lease (another key) starts clean: one check, its own.
+    let other = limiter.acquire("u2", "api").limits(rpm()).await.unwrap();
+    assert_eq!(other.statuses().len(), 1);
+    assert_eq!(other.statuses()[0].entity_id, "u2");
+    assert_eq!(other.statuses()[0].available, 3);
+    other.commit().await.unwrap();
+    let buckets = backend.inner.get_buckets("u1", "api").await.unwrap();
+    let left = buckets["rpm"].tokens_milli;
+    assert!(
+        (0..1_000).contains(&left),
+        "four taken, one given back: no whole token left ({left} millitokens)"
+    );
+
+    backend.set_down(true);
+    match limiter.acquire("u3", "api").limits(rpm()).try_now() {
+        Ok(Err(Error::Unavailable { .. })) => {}
+        other => panic!("expected an outage decided at once: {other:?}"),
+    }
 }
