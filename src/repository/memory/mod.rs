@@ -538,9 +538,10 @@ impl InMemoryRepository {
         outcome
     }
 
-    /// [`Self::decide`], the answer written into `outcome` (cleared first).
+    /// [`Self::decide`], the answer written into `outcome`, which arrives cleared (a new
+    /// one, or a reused lease's, cleared when it was kept: see
+    /// [`Repository::acquire_now_into`]).
     fn decide_into(&self, request: &AcquireRequest, outcome: &mut AcquireOutcome) {
-        outcome.clear();
         let now = request.now_ms;
         self.inner.observe(now);
         let items = &request.items;
