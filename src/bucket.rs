@@ -153,6 +153,25 @@ pub fn refill(state: &BucketState, now_ms: i64) -> BucketState {
     next
 }
 
+/// What [`refill`] adds to `state` at `now_ms` before the cap, and whether the cap cuts it
+/// (the refill then leaves the bucket full, with no carry, whatever its tokens were).
+///
+/// A write built from an image of a bucket that may be stale needs both: a refill that
+/// stays below capacity shifts any stored tokens by the same amount, one that reaches it
+/// does not.
+pub fn refill_due(state: &BucketState, now_ms: i64) -> (i64, bool) {
+    let elapsed = i128::from(now_ms) - i128::from(state.last_refill_ms);
+    if elapsed <= 0 || !state.refills() {
+        return (0, state.tokens_milli > state.capacity_milli);
+    }
+    let accrued = elapsed
+        .saturating_mul(i128::from(state.refill_amount_milli))
+        .saturating_add(i128::from(state.refill_carry));
+    let add = accrued.div_euclid(i128::from(state.refill_period_ms));
+    let capped = i128::from(state.tokens_milli) + add >= i128::from(state.capacity_milli);
+    (saturate(add), capped)
+}
+
 /// Milliseconds until refill covers `deficit_milli`, given the carry already accrued.
 fn wait_for(state: &BucketState, deficit_milli: i128) -> u64 {
     if deficit_milli <= 0 {

@@ -896,3 +896,82 @@ async fn a_limiter_on_a_purged_namespace_fails_with_namespace_not_found() {
     // Nothing was written for the purged namespace.
     assert!(raw_bucket(&repo, "k", "api").await.is_none());
 }
+
+/// Two processes on one namespace (two repositories: two image caches), one clock.
+async fn two_processes() -> (RateLimiter, RateLimiter, ManualClock) {
+    let namespace = dynamo::unique_namespace("stale");
+    let clock = ManualClock::new(T0);
+    let mut limiters = Vec::new();
+    for _ in 0..2 {
+        let repo = dynamo::builder()
+            .await
+            .namespace(namespace.clone())
+            .bucket_ttl_multiplier(0)
+            .build()
+            .await
+            .unwrap();
+        limiters.push(RateLimiter::builder(repo).clock(clock.clone()).build());
+    }
+    let b = limiters.pop().unwrap();
+    let a = limiters.pop().unwrap();
+    (a, b, clock)
+}
+
+/// A write that moves `rf` is built from this process's image of the item, which another
+/// process's takes (speculative `ADD`s that leave `rf` alone) have made stale. Where the
+/// image shows the refill or a credit filling the bucket, the stored tokens may not fill
+/// it: the write must not land as computed (it lost the refill and the refund before),
+/// but be built again from the item as it is.
+#[tokio::test]
+async fn writes_from_a_stale_image_credit_exactly() {
+    let rpm = || [Limit::custom("rpm", 7, 3, 10), Limit::per_minute("tpm", 50)];
+    let (a, b, clock) = two_processes().await;
+    let tokens = |l: &RateLimiter, k: &'static str| {
+        let l = l.clone();
+        async move { l.bucket_states(k, "api").await.unwrap()["rpm"].tokens_milli }
+    };
+
+    // A refund whose image shows it filling the bucket, on tokens another process took.
+    let lease = a
+        .acquire("k1", "api")
+        .limits(rpm())
+        .consume([("rpm", 2), ("tpm", 1)])
+        .await
+        .unwrap();
+    b.acquire("k1", "api")
+        .limits(rpm())
+        .consume([("rpm", 2), ("tpm", 1)])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    assert_eq!(tokens(&b, "k1").await, 3_000);
+    // Past the fresh window: the rollback refills, so it moves `rf`.
+    clock.advance(Duration::from_millis(4_000));
+    lease.rollback().await.unwrap();
+    // 3,000 + 4 s of 0.3 tokens/s (1,200) + the 2,000 given back.
+    assert_eq!(tokens(&b, "k1").await, 6_200);
+
+    // A limit the write leaves alone, whose refill the image shows filling the bucket.
+    let lease = a
+        .acquire("k2", "api")
+        .limits(rpm())
+        .consume([("rpm", 0), ("tpm", 1)])
+        .await
+        .unwrap();
+    b.acquire("k2", "api")
+        .limits(rpm())
+        .consume([("rpm", 3), ("tpm", 1)])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    assert_eq!(tokens(&b, "k2").await, 4_000);
+    clock.advance(Duration::from_millis(4_000));
+    lease.adjust([("tpm", 1)]).await.unwrap();
+    lease.commit().await.unwrap();
+    // The refill of `rpm` up to the new `rf` is kept: 4,000 + 1,200.
+    assert_eq!(tokens(&b, "k2").await, 5_200);
+}

@@ -13,6 +13,7 @@ mod bucket_properties;
 mod capacity;
 mod concurrency;
 mod conformance;
+mod lease_histories;
 mod memory_backend;
 #[cfg(feature = "metrics")]
 mod metrics_recorded;

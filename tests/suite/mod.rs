@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod histories;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -1507,6 +1509,7 @@ macro_rules! limiter_suite {
             bypassed_resources_admit_and_count_without_taking,
             bypass_is_per_entity_in_a_cascade,
             soft_limits_charge_into_debt_and_never_refuse,
+            random_lease_histories_match_an_exact_model,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -1518,4 +1521,26 @@ macro_rules! limiter_suite {
             }
         )*
     };
+}
+
+/// Random histories (fixed seed: the same ones every run; the in-process binary also runs
+/// fresh random ones, shrunk on failure) of acquires, cascades, adjustments, commits,
+/// rollbacks, dropped leases and abandoned acquires, each bucket checked against an exact
+/// model after every step (see [`histories`]). Their waits are 0 or above DynamoDB's
+/// fresh window, where every backend is exact.
+pub async fn random_lease_histories_match_an_exact_model(repo: Arc<dyn Repository>) {
+    use proptest::strategy::{Strategy, ValueTree};
+    let (l, clock) = limiter(repo);
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    for n in 0..12 {
+        let history = histories::history(40, histories::ABOVE_FRESH_WINDOW_MS)
+            .new_tree(&mut runner)
+            .expect("a history")
+            .current();
+        let prefix = format!("h{n}-");
+        histories::setup(&l, &prefix).await;
+        if let Err(mismatch) = histories::run(&l, &clock, &prefix, &history, false).await {
+            panic!("history {n} differs from the model {mismatch:?}");
+        }
+    }
 }

@@ -207,6 +207,121 @@ pub(super) fn locked_deltas(
     Ok(locked_update(current, &changes, Ttl::Keep, now))
 }
 
+/// How an rf-locked write moves one limit's tokens from what the image shows (`old`) to
+/// `target`, so that it is exact whatever the stored tokens are when it lands: the image
+/// is only a guide (speculative takes by this or any other process `ADD` to the tokens
+/// without moving `rf`), and the write is conditioned on the stored tokens being in the
+/// range where it is exact. Outside it the condition fails and the write is built again
+/// from the item it returns.
+///
+/// The carry the refill counts from is pinned as well (an unlocked credit may zero it
+/// without moving `rf`).
+enum TokenMove {
+    /// Nothing reaches capacity: the refill (and credit or debit) shifts any stored tokens
+    /// alike. `ADD delta`, conditioned on the stored tokens staying below capacity through
+    /// the refill and the credit (`hi`).
+    Shift { delta: i64, refill: i64 },
+    /// The refill (or a credit after it) fills the bucket: the result is `target` whatever
+    /// the stored tokens were, as long as they are at least `floor`. `SET`.
+    Full { target: i64, floor: i64 },
+    /// The parameters changed: exact only on the tokens the image shows.
+    Pinned { delta: i64 },
+}
+
+impl TokenMove {
+    /// `consumed`: the millitokens charged (negative for a credit) after the refill to
+    /// `at`, which `target` is the result of.
+    fn of(old: &BucketState, target: &BucketState, consumed: i64, at: i64) -> Self {
+        let delta = target.tokens_milli.saturating_sub(old.tokens_milli);
+        if !same_params(old, target) {
+            return TokenMove::Pinned { delta };
+        }
+        let (refill, refill_fills) = bucket::refill_due(old, at);
+        if refill_fills {
+            return TokenMove::Full {
+                target: target.tokens_milli,
+                floor: old.capacity_milli.saturating_sub(refill),
+            };
+        }
+        if consumed < 0 && target.tokens_milli >= target.capacity_milli {
+            // The credit filled it: so it does for any tokens within the credit and refill.
+            return TokenMove::Full {
+                target: target.tokens_milli,
+                floor: old
+                    .capacity_milli
+                    .saturating_sub(refill)
+                    .saturating_add(consumed),
+            };
+        }
+        TokenMove::Shift { delta, refill }
+    }
+
+    /// Adds the tokens' part of the write. `must_cover`: an acquire, whose take the tokens
+    /// must still cover; otherwise a debit keeps the debt in bounds.
+    fn write(
+        &self,
+        expr: &mut Expr,
+        update: &mut Update,
+        name: &str,
+        old: &BucketState,
+        must_cover: bool,
+    ) {
+        let tk = keys::bucket_attr(name, "tk");
+        match *self {
+            TokenMove::Shift { delta, refill } => {
+                let lo = if must_cover {
+                    Some(delta.saturating_neg())
+                } else {
+                    (delta < 0).then(|| MIN_TOKENS_MILLI.saturating_sub(delta))
+                };
+                let rise = refill.max(delta);
+                let hi = (rise > 0).then(|| old.capacity_milli.saturating_sub(rise));
+                // Name `tk` only when it is used: DynamoDB rejects an unused name.
+                if delta != 0 || lo.is_some() || hi.is_some() {
+                    let tk = expr.name(&tk);
+                    if delta != 0 {
+                        let d = expr.num(delta);
+                        update.add.push(format!("{tk} {d}"));
+                    }
+                    bound(expr, update, &tk, lo, hi);
+                }
+                pin_carry(expr, update, name, old.refill_carry);
+            }
+            TokenMove::Full { target, floor } => {
+                let tk = expr.name(&tk);
+                let t = expr.num(target);
+                update.set.push(format!("{tk} = {t}"));
+                bound(expr, update, &tk, Some(floor), None);
+                pin_carry(expr, update, name, old.refill_carry);
+            }
+            TokenMove::Pinned { delta } => {
+                let tk = expr.name(&tk);
+                if delta != 0 {
+                    let d = expr.num(delta);
+                    update.add.push(format!("{tk} {d}"));
+                }
+                let at = expr.num(old.tokens_milli);
+                update.conditions.push(format!("{tk} = {at}"));
+                pin_carry(expr, update, name, old.refill_carry);
+            }
+        }
+    }
+}
+
+/// Conditions a write on the limit's stored carry being `carry` (a missing one reads 0:
+/// the Python library does not store it).
+fn pin_carry(expr: &mut Expr, update: &mut Update, name: &str, carry: i64) {
+    let rc = expr.name(&keys::bucket_attr(name, "rc"));
+    let v = expr.num(carry);
+    if carry == 0 {
+        update
+            .conditions
+            .push(format!("(attribute_not_exists({rc}) OR {rc} = {v})"));
+    } else {
+        update.conditions.push(format!("{rc} = {v}"));
+    }
+}
+
 /// One limit's part in an rf-locked write.
 pub(super) struct Change<'a> {
     pub(super) limit: &'a Limit,
@@ -264,25 +379,8 @@ pub(super) fn locked_update(
         update.set.push(format!("{rc} = {carry}"));
         match image.buckets.get(name) {
             Some(old) => {
-                let delta = change.state.tokens_milli.saturating_sub(old.tokens_milli);
-                // An acquire needs the tokens still there; a debit keeps the debt in bounds.
-                let lo = if change.must_cover {
-                    Some(delta.saturating_neg())
-                } else {
-                    (delta < 0).then(|| MIN_TOKENS_MILLI.saturating_sub(delta))
-                };
-                let hi = (delta > 0).then(|| change.state.capacity_milli.saturating_sub(delta));
-                // Name `tk` only when it is used: DynamoDB rejects an unused name (a
-                // credit on a full bucket, or parameters adopted with no refill due, move
-                // no tokens).
-                if delta != 0 || lo.is_some() {
-                    let tk = expr.name(&keys::bucket_attr(name, "tk"));
-                    if delta != 0 {
-                        let d = expr.num(delta);
-                        update.add.push(format!("{tk} {d}"));
-                    }
-                    bound(&mut expr, &mut update, &tk, lo, hi);
-                }
+                let tokens = TokenMove::of(old, &change.state, change.consumed, now);
+                tokens.write(&mut expr, &mut update, name, old, change.must_cover);
                 if change.consumed != 0 {
                     let tc = expr.name(&keys::bucket_attr(name, "tc"));
                     let c = expr.num(change.consumed);
@@ -317,22 +415,13 @@ pub(super) fn locked_update(
         .chain(image.wcu.as_ref().map(|w| (RESERVED_LIMIT_NAME, w)));
     for (name, old) in untouched {
         let refilled = bucket::refill(old, new_rf);
-        let delta = refilled.tokens_milli.saturating_sub(old.tokens_milli);
-        if delta == 0 && refilled.refill_carry == old.refill_carry {
+        if refilled == *old {
             continue;
         }
         let rc = expr.name(&keys::bucket_attr(name, "rc"));
         let carry = expr.num(refilled.refill_carry);
         update.set.push(format!("{rc} = {carry}"));
-        // Name `tk` only when tokens move: a refill of less than a millitoken changes the
-        // carry alone, and DynamoDB rejects a request that names an attribute it never uses.
-        if delta != 0 {
-            let tk = expr.name(&keys::bucket_attr(name, "tk"));
-            let d = expr.num(delta);
-            update.add.push(format!("{tk} {d}"));
-            let hi = refilled.capacity_milli.saturating_sub(delta);
-            bound(&mut expr, &mut update, &tk, None, Some(hi));
-        }
+        TokenMove::of(old, &refilled, 0, new_rf).write(&mut expr, &mut update, name, old, false);
     }
     match ttl {
         Ttl::Set(t) => {

@@ -1,0 +1,572 @@
+//! Random lease histories checked step by step against an exact model of the buckets.
+//!
+//! A history mixes what users do: acquires on a plain entity, on children cascading to a
+//! parent and on the parent itself; adjustments up (into debt) and down (refunds) through
+//! the lease or a handle; commits, rollbacks, leases dropped open, acquire futures dropped
+//! after one poll; short and long waits. After every step each bucket the history touches
+//! is read back and compared, to the millitoken and the refill carry, with a model written
+//! here from the documented rules (lazy refill with carry, all-or-nothing takes, forced
+//! adjustments capped at capacity). Every acquire's verdict, its violations and its
+//! `retry_after` are compared too, so an over-admission or a lost give-back shows at the
+//! step that caused it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::IntoFuture;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use zae_limiter::bucket::BucketState;
+use zae_limiter::clock::{Clock, ManualClock};
+use zae_limiter::{Error, Lease, Limit, RateLimiter};
+
+/// The resource every history uses.
+const RESOURCE: &str = "api";
+
+/// The limits every acquire names: a slow limit whose refill leaves a carry (3 per 10 s,
+/// 7 at most) and one whose burst is above its rate (50 per minute, 80 at most).
+pub fn limits() -> [Limit; 2] {
+    [
+        Limit::custom("rpm", 7, 3, 10),
+        Limit::per_minute("tpm", 50).with_burst(80),
+    ]
+}
+
+/// One step of a history. Lease indexes pick among the leases the history holds (modulo
+/// their count), closed ones included, so closed leases are committed and adjusted too.
+#[derive(Clone, Debug)]
+pub enum Step {
+    /// Moves the clock forward.
+    Wait { ms: u32 },
+    /// Acquires on entity `who` (0 plain, 1 and 2 children cascading to 3, 3 the parent).
+    Acquire { who: u8, rpm: u8, tpm: u8 },
+    /// Adjusts a lease by these deltas (through a handle when `handle`).
+    Adjust {
+        lease: u8,
+        rpm: i8,
+        tpm: i16,
+        handle: bool,
+    },
+    /// Commits a lease.
+    Commit { lease: u8 },
+    /// Rolls a lease back.
+    Rollback { lease: u8 },
+    /// Drops a lease (rolled back in the background if open).
+    Drop { lease: u8 },
+    /// Polls an acquire once and drops it, whatever it had done.
+    Abandon { who: u8, rpm: u8, tpm: u8 },
+}
+
+/// Histories of up to `len` steps, their waits either 0 or at least `min_wait_ms`.
+///
+/// DynamoDB takes tokens without moving `rf` while `rf` is within the fresh window `W` of
+/// now (DESIGN section 9), crediting up to the refill over `W` that an exact bucket
+/// would have discarded while full: within the documented bound, but not exact. Waits of
+/// 0 or above `W` (3.4 s for [`limits`]) keep every write exact there.
+pub fn history(len: usize, min_wait_ms: u32) -> impl Strategy<Value = Vec<Step>> {
+    let wait = prop_oneof![
+        Just(0u32),
+        1u32..40,
+        100u32..4_000,
+        5_000u32..30_000,
+        60_000u32..200_000,
+    ]
+    .prop_map(move |ms| if ms == 0 { 0 } else { ms.max(min_wait_ms) });
+    let step = prop_oneof![
+        3 => wait.prop_map(|ms| Step::Wait { ms }),
+        5 => (0u8..4, 0u8..4, 0u8..40).prop_map(|(who, rpm, tpm)| Step::Acquire { who, rpm, tpm }),
+        3 => (any::<u8>(), -2i8..3, -40i16..60, any::<bool>())
+            .prop_map(|(lease, rpm, tpm, handle)| Step::Adjust { lease, rpm, tpm, handle }),
+        3 => any::<u8>().prop_map(|lease| Step::Commit { lease }),
+        2 => any::<u8>().prop_map(|lease| Step::Rollback { lease }),
+        1 => any::<u8>().prop_map(|lease| Step::Drop { lease }),
+        1 => (0u8..4, 0u8..4, 0u8..40).prop_map(|(who, rpm, tpm)| Step::Abandon { who, rpm, tpm }),
+    ];
+    proptest::collection::vec(step, 1..=len)
+}
+
+/// The fresh window `W` of [`limits`] on DynamoDB, rounded up: waits above it keep a
+/// DynamoDB history exact.
+pub const ABOVE_FRESH_WINDOW_MS: u32 = 3_400;
+
+/// A limit's parameters in millitokens.
+#[derive(Clone, Copy, Debug)]
+struct Params {
+    capacity: i64,
+    amount: i64,
+    period_ms: i64,
+}
+
+impl Params {
+    fn of(limit: &Limit) -> Self {
+        Params {
+            capacity: limit.capacity as i64 * 1_000,
+            amount: limit.refill_amount as i64 * 1_000,
+            period_ms: limit.refill_period_seconds as i64 * 1_000,
+        }
+    }
+}
+
+/// A bucket as the model keeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Bucket {
+    tokens: i64,
+    last_ms: i64,
+    carry: i64,
+}
+
+impl Bucket {
+    fn full(p: Params, now: i64) -> Self {
+        Bucket {
+            tokens: p.capacity,
+            last_ms: now,
+            carry: 0,
+        }
+    }
+
+    /// Lazy refill: whole millitokens per elapsed millisecond, the remainder carried,
+    /// nothing carried once full.
+    fn refilled(mut self, p: Params, now: i64) -> Self {
+        if now <= self.last_ms {
+            self.tokens = self.tokens.min(p.capacity);
+            return self;
+        }
+        let accrued = (now - self.last_ms) * p.amount + self.carry;
+        let (add, carry) = (accrued / p.period_ms, accrued % p.period_ms);
+        self.last_ms = now;
+        if self.tokens + add >= p.capacity {
+            self.tokens = p.capacity;
+            self.carry = 0;
+        } else {
+            self.tokens += add;
+            self.carry = carry;
+        }
+        self
+    }
+
+    /// Takes `milli` with no check (debt allowed); a refund stops at capacity.
+    fn forced(self, p: Params, now: i64, milli: i64) -> Self {
+        let mut next = self.refilled(p, now);
+        next.tokens -= milli;
+        if next.tokens >= p.capacity {
+            next.tokens = p.capacity;
+            next.carry = 0;
+        }
+        next
+    }
+
+    /// The least wait after which the bucket holds `wanted`; `None` if it never can.
+    fn wait_for(self, p: Params, wanted: i64) -> Option<u64> {
+        if wanted > p.capacity {
+            return None;
+        }
+        let deficit = wanted - self.tokens;
+        if deficit <= 0 {
+            return Some(0);
+        }
+        let wait = (deficit * p.period_ms - self.carry + p.amount - 1).div_euclid(p.amount);
+        Some(wait.max(0) as u64)
+    }
+}
+
+/// A lease as the model keeps it: whole tokens per item and limit.
+#[derive(Debug)]
+struct ModelLease {
+    items: Vec<usize>,
+    written: Vec<[i64; 2]>,
+    pending: Vec<[i64; 2]>,
+    closed: bool,
+}
+
+/// The model: every bucket by entity and limit.
+struct Model {
+    params: [Params; 2],
+    buckets: BTreeMap<(usize, usize), Bucket>,
+}
+
+impl Model {
+    fn bucket(&self, entity: usize, limit: usize, now: i64) -> Bucket {
+        let p = self.params[limit];
+        self.buckets
+            .get(&(entity, limit))
+            .copied()
+            .unwrap_or_else(|| Bucket::full(p, now))
+            .refilled(p, now)
+    }
+
+    fn force(&mut self, entity: usize, limit: usize, now: i64, tokens: i64) {
+        let p = self.params[limit];
+        let next = self
+            .bucket(entity, limit, now)
+            .forced(p, now, tokens * 1_000);
+        self.buckets.insert((entity, limit), next);
+    }
+
+    /// The items an acquire on `who` charges: a child charges its parent too.
+    fn items(who: usize) -> Vec<usize> {
+        match who {
+            1 | 2 => vec![who, 3],
+            _ => vec![who],
+        }
+    }
+
+    /// All or nothing: the lease, or the violated (entity, limit) pairs and the wait.
+    #[allow(clippy::type_complexity)]
+    fn acquire(
+        &mut self,
+        who: usize,
+        amounts: [i64; 2],
+        now: i64,
+    ) -> Result<ModelLease, (Vec<(usize, usize)>, Option<u64>)> {
+        let items = Self::items(who);
+        let mut violated = Vec::new();
+        let mut wait = Some(0u64);
+        for &entity in &items {
+            for (limit, amount) in amounts.iter().enumerate() {
+                let bucket = self.bucket(entity, limit, now);
+                if bucket.tokens < amount * 1_000 {
+                    violated.push((entity, limit));
+                    let this = bucket.wait_for(self.params[limit], amount * 1_000);
+                    wait = match (wait, this) {
+                        (Some(a), Some(b)) => Some(a.max(b)),
+                        _ => None,
+                    };
+                }
+            }
+        }
+        if !violated.is_empty() {
+            return Err((violated, wait));
+        }
+        for &entity in &items {
+            for (limit, amount) in amounts.iter().enumerate() {
+                let mut bucket = self.bucket(entity, limit, now);
+                bucket.tokens -= amount * 1_000;
+                self.buckets.insert((entity, limit), bucket);
+            }
+        }
+        Ok(ModelLease {
+            written: vec![amounts; items.len()],
+            pending: vec![[0, 0]; items.len()],
+            items,
+            closed: false,
+        })
+    }
+
+    /// Buffers deltas: refused whole if any total would go below zero.
+    fn adjust(lease: &mut ModelLease, deltas: [i64; 2]) -> Result<(), &'static str> {
+        if lease.closed {
+            return Err("closed");
+        }
+        for (written, pending) in lease.written.iter().zip(&lease.pending) {
+            for limit in 0..2 {
+                if written[limit] + pending[limit] + deltas[limit] < 0 {
+                    return Err("refund beyond consumption");
+                }
+            }
+        }
+        for pending in &mut lease.pending {
+            for limit in 0..2 {
+                pending[limit] += deltas[limit];
+            }
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, lease: &mut ModelLease, now: i64) -> Result<(), &'static str> {
+        if lease.closed {
+            return Err("closed");
+        }
+        for (at, &entity) in lease.items.iter().enumerate() {
+            for limit in 0..2 {
+                let delta = lease.pending[at][limit];
+                if delta != 0 {
+                    self.force(entity, limit, now, delta);
+                    lease.written[at][limit] += delta;
+                    lease.pending[at][limit] = 0;
+                }
+            }
+        }
+        lease.closed = true;
+        Ok(())
+    }
+
+    fn rollback(&mut self, lease: &mut ModelLease, now: i64) -> Result<(), &'static str> {
+        if lease.closed {
+            return Err("closed");
+        }
+        for (at, &entity) in lease.items.iter().enumerate() {
+            for limit in 0..2 {
+                let written = lease.written[at][limit];
+                if written != 0 {
+                    self.force(entity, limit, now, -written);
+                }
+            }
+        }
+        lease.closed = true;
+        Ok(())
+    }
+}
+
+/// Where a history went wrong: the step, what differed, and the history itself.
+pub struct Mismatch {
+    step: usize,
+    what: String,
+    history: Vec<Step>,
+}
+
+impl fmt::Debug for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "at step {}: {}", self.step, self.what)?;
+        for (at, step) in self.history.iter().enumerate() {
+            let mark = if at == self.step { "->" } else { "  " };
+            writeln!(f, "{mark} {at:>3} {step:?}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The entity names of a history, under `prefix` so histories can share a table.
+fn names(prefix: &str) -> [String; 4] {
+    ["solo", "kid-a", "kid-b", "proj"].map(|n| format!("{prefix}{n}"))
+}
+
+/// Creates the parent and its two cascading children.
+pub async fn setup(limiter: &RateLimiter, prefix: &str) {
+    let names = names(prefix);
+    limiter.create_entity(names[3].clone()).await.unwrap();
+    for kid in &names[1..3] {
+        limiter
+            .create_entity(kid.clone())
+            .parent(names[3].clone())
+            .cascade(true)
+            .await
+            .unwrap();
+    }
+}
+
+/// Runs `history` on `limiter` (set up with [`setup`] under `prefix`, clock at the
+/// limiter's), checking every step against the model; the first difference is returned.
+/// `settles_inline` says whether a dropped lease's rollback has landed when the drop
+/// returns (in memory) or lands later (the state is then polled for up to 10 s).
+pub async fn run(
+    limiter: &RateLimiter,
+    clock: &ManualClock,
+    prefix: &str,
+    history: &[Step],
+    settles_inline: bool,
+) -> Result<(), Mismatch> {
+    let names = names(prefix);
+    let limits = limits();
+    let mut model = Model {
+        params: [Params::of(&limits[0]), Params::of(&limits[1])],
+        buckets: BTreeMap::new(),
+    };
+    let mut leases: Vec<(Lease, ModelLease)> = Vec::new();
+    let fail = |step: usize, what: String| Mismatch {
+        step,
+        what,
+        history: history.to_vec(),
+    };
+    for (at, step) in history.iter().enumerate() {
+        let now = clock.now_ms();
+        let mut eventually = false;
+        match step {
+            Step::Wait { ms } => clock.advance(Duration::from_millis(u64::from(*ms))),
+            Step::Acquire { who, rpm, tpm } => {
+                let who = usize::from(*who);
+                let amounts = [i64::from(*rpm), i64::from(*tpm)];
+                let got = limiter
+                    .acquire(names[who].as_str(), RESOURCE)
+                    .limits(limits.clone())
+                    .consume([("rpm", amounts[0]), ("tpm", amounts[1])])
+                    .await;
+                match (got, model.acquire(who, amounts, now)) {
+                    (Ok(lease), Ok(expected)) => leases.push((lease, expected)),
+                    (Err(Error::RateLimited(e)), Err((violated, wait))) => {
+                        let mut got: Vec<(String, String)> = e
+                            .violations()
+                            .map(|s| (s.entity_id.clone(), s.limit.name.clone()))
+                            .collect();
+                        got.sort();
+                        let mut expected: Vec<(String, String)> = violated
+                            .iter()
+                            .map(|&(e, l)| (names[e].clone(), limits[l].name.clone()))
+                            .collect();
+                        expected.sort();
+                        if got != expected {
+                            return Err(fail(
+                                at,
+                                format!("violations {got:?}, model {expected:?}"),
+                            ));
+                        }
+                        let expected_wait = wait.map_or(Duration::MAX, Duration::from_millis);
+                        if e.retry_after() != expected_wait {
+                            return Err(fail(
+                                at,
+                                format!(
+                                    "retry_after {:?}, model {expected_wait:?}",
+                                    e.retry_after()
+                                ),
+                            ));
+                        }
+                    }
+                    (got, expected) => {
+                        return Err(fail(
+                            at,
+                            format!(
+                                "acquire gave {:?}, model {:?}",
+                                got.map(|_| "a lease"),
+                                expected.map(|_| "a lease").map_err(|(v, _)| v)
+                            ),
+                        ))
+                    }
+                }
+            }
+            Step::Adjust {
+                lease,
+                rpm,
+                tpm,
+                handle,
+            } => {
+                if let Some((lease, expected)) = pick(&mut leases, *lease) {
+                    let deltas = [i64::from(*rpm), i64::from(*tpm)];
+                    let named: Vec<(&str, i64)> = [("rpm", deltas[0]), ("tpm", deltas[1])]
+                        .into_iter()
+                        .filter(|(_, d)| *d != 0)
+                        .collect();
+                    let got = if *handle {
+                        lease.handle().adjust(named)
+                    } else {
+                        lease.adjust(named).await
+                    };
+                    let want = Model::adjust(expected, deltas);
+                    if got.is_ok() != want.is_ok() {
+                        return Err(fail(at, format!("adjust gave {got:?}, model {want:?}")));
+                    }
+                }
+            }
+            Step::Commit { lease } => {
+                if let Some((lease, expected)) = pick(&mut leases, *lease) {
+                    let got = lease.commit().await;
+                    let want = model.commit(expected, now);
+                    same_close(&got, &want).map_err(|w| fail(at, format!("commit: {w}")))?;
+                }
+            }
+            Step::Rollback { lease } => {
+                if let Some((lease, expected)) = pick(&mut leases, *lease) {
+                    let got = lease.rollback().await;
+                    let want = model.rollback(expected, now);
+                    same_close(&got, &want).map_err(|w| fail(at, format!("rollback: {w}")))?;
+                }
+            }
+            Step::Drop { lease } => {
+                if !leases.is_empty() {
+                    let at_index = usize::from(*lease) % leases.len();
+                    let (lease, mut expected) = leases.swap_remove(at_index);
+                    drop(lease);
+                    // Dropped open: rolled back, at this time (the clock stands still).
+                    let _ = model.rollback(&mut expected, now);
+                    eventually = !settles_inline;
+                }
+            }
+            Step::Abandon { who, rpm, tpm } => {
+                let who = usize::from(*who);
+                let amounts = [i64::from(*rpm), i64::from(*tpm)];
+                let future = limiter
+                    .acquire(names[who].as_str(), RESOURCE)
+                    .limits(limits.clone())
+                    .consume([("rpm", amounts[0]), ("tpm", amounts[1])])
+                    .into_future();
+                // Polled once, then dropped with whatever it decided: nothing stays taken.
+                drop(futures_util::FutureExt::now_or_never(future));
+                if !settles_inline {
+                    // The acquire goes on in the background and rolls back once admitted:
+                    // give it time to land before waiting for the give-back.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    eventually = true;
+                }
+            }
+        }
+        tokio::task::yield_now().await;
+        let now = clock.now_ms();
+        let mut tries = 0;
+        loop {
+            match compare(limiter, &names, &model, now).await {
+                Ok(()) => break,
+                Err(_) if eventually && tries < 200 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(what) => return Err(fail(at, what)),
+            }
+        }
+    }
+    // Whatever is still open is rolled back: everything taken comes back.
+    for (lease, mut expected) in leases {
+        let now = clock.now_ms();
+        let got = lease.rollback().await;
+        let want = model.rollback(&mut expected, now);
+        same_close(&got, &want).map_err(|w| fail(history.len(), format!("final rollback: {w}")))?;
+    }
+    let now = clock.now_ms();
+    compare(limiter, &names, &model, now)
+        .await
+        .map_err(|what| fail(history.len(), format!("after the final rollbacks: {what}")))
+}
+
+/// The lease a step names (modulo the leases held), with its model.
+fn pick(leases: &mut [(Lease, ModelLease)], index: u8) -> Option<&mut (Lease, ModelLease)> {
+    if leases.is_empty() {
+        return None;
+    }
+    let at = usize::from(index) % leases.len();
+    leases.get_mut(at)
+}
+
+/// A commit or rollback and the model agree: both done, or both refused as closed.
+fn same_close(got: &Result<(), Error>, want: &Result<(), &str>) -> Result<(), String> {
+    match (got, want) {
+        (Ok(()), Ok(())) | (Err(Error::LeaseClosed), Err(_)) => Ok(()),
+        _ => Err(format!("gave {got:?}, model {want:?}")),
+    }
+}
+
+/// Every bucket of the history's entities, as stored and refilled to `now` by the model's
+/// rule, against the model's: tokens and carry exact.
+async fn compare(
+    limiter: &RateLimiter,
+    names: &[String; 4],
+    model: &Model,
+    now: i64,
+) -> Result<(), String> {
+    let limits = limits();
+    for (entity, name) in names.iter().enumerate() {
+        let stored = limiter
+            .bucket_states(name, RESOURCE)
+            .await
+            .map_err(|e| format!("bucket_states({name}): {e}"))?;
+        for (limit, l) in limits.iter().enumerate() {
+            let p = model.params[limit];
+            let want = model.bucket(entity, limit, now);
+            let got = match stored.get(&l.name) {
+                Some(state) => from_stored(state).refilled(p, now),
+                None => Bucket::full(p, now),
+            };
+            if (got.tokens, got.carry) != (want.tokens, want.carry) {
+                return Err(format!(
+                    "{name} {}: stored {} millitokens (carry {}), model {} (carry {})",
+                    l.name, got.tokens, got.carry, want.tokens, want.carry
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn from_stored(state: &BucketState) -> Bucket {
+    Bucket {
+        tokens: state.tokens_milli,
+        last_ms: state.last_refill_ms,
+        carry: state.refill_carry,
+    }
+}
