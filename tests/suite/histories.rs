@@ -482,7 +482,7 @@ pub async fn run(
                 if !settles_inline {
                     // The acquire goes on in the background and rolls back once admitted:
                     // give it time to land before waiting for the give-back.
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::time::sleep(Duration::from_millis(1_000)).await;
                     eventually = true;
                 }
             }
