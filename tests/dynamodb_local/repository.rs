@@ -975,3 +975,34 @@ async fn writes_from_a_stale_image_credit_exactly() {
     // The refill of `rpm` up to the new `rf` is kept: 4,000 + 1,200.
     assert_eq!(tokens(&b, "k2").await, 5_200);
 }
+
+/// The behaviour suite's random lease histories (see `suite::histories`), each step's
+/// acquire made by one of two processes on one table: every write is built from an image
+/// the other process may have made stale. Fixed seed, waits outside the fresh window.
+#[tokio::test]
+async fn histories_of_two_processes_on_one_table_match_an_exact_model() {
+    use crate::suite::histories;
+    use proptest::strategy::{Strategy, ValueTree};
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+
+    let (a, b, clock) = two_processes().await;
+    let limiters = [a, b];
+    // `ZAE_HISTORY_SEED` (a byte) runs other histories, to explore or reproduce.
+    let seed = std::env::var("ZAE_HISTORY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2u8);
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &[seed; 32]);
+    let mut runner = TestRunner::new_with_rng(Config::default(), rng);
+    for n in 0..12 {
+        let history = histories::history(40, histories::ABOVE_FRESH_WINDOW_MS)
+            .new_tree(&mut runner)
+            .expect("a history")
+            .current();
+        let prefix = format!("p{n}-");
+        histories::setup(&limiters[0], &prefix).await;
+        if let Err(mismatch) = histories::run(&limiters, &clock, &prefix, &history).await {
+            panic!("history {n} differs from the model {mismatch:?}");
+        }
+    }
+}

@@ -8,7 +8,7 @@ use zae_limiter::InMemoryRepository;
 use crate::suite::{self, histories};
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(300))]
+    #![proptest_config(ProptestConfig::with_cases(1000))]
 
     #[test]
     fn lease_histories_match_an_exact_model(history in histories::history(60, 0)) {
@@ -19,7 +19,7 @@ proptest! {
         let outcome = runtime.block_on(async {
             let (limiter, clock) = suite::limiter(std::sync::Arc::new(InMemoryRepository::new()));
             histories::setup(&limiter, "").await;
-            histories::run(&limiter, &clock, "", &history, true).await
+            histories::run(std::slice::from_ref(&limiter), &clock, "", &history).await
         });
         if let Err(mismatch) = outcome {
             return Err(TestCaseError::fail(format!("{mismatch:?}")));

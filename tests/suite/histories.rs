@@ -38,8 +38,9 @@ pub fn limits() -> [Limit; 2] {
 pub enum Step {
     /// Moves the clock forward.
     Wait { ms: u32 },
-    /// Acquires on entity `who` (0 plain, 1 and 2 children cascading to 3, 3 the parent).
-    Acquire { who: u8, rpm: u8, tpm: u8 },
+    /// Acquires on entity `who` (0 plain, 1 and 2 children cascading to 3, 3 the parent)
+    /// through limiter `by` (modulo the limiters: processes sharing one table).
+    Acquire { by: u8, who: u8, rpm: u8, tpm: u8 },
     /// Adjusts a lease by these deltas (through a handle when `handle`).
     Adjust {
         lease: u8,
@@ -54,7 +55,7 @@ pub enum Step {
     /// Drops a lease (rolled back in the background if open).
     Drop { lease: u8 },
     /// Polls an acquire once and drops it, whatever it had done.
-    Abandon { who: u8, rpm: u8, tpm: u8 },
+    Abandon { by: u8, who: u8, rpm: u8, tpm: u8 },
 }
 
 /// Histories of up to `len` steps, their waits either 0 or at least `min_wait_ms`.
@@ -74,13 +75,15 @@ pub fn history(len: usize, min_wait_ms: u32) -> impl Strategy<Value = Vec<Step>>
     .prop_map(move |ms| if ms == 0 { 0 } else { ms.max(min_wait_ms) });
     let step = prop_oneof![
         3 => wait.prop_map(|ms| Step::Wait { ms }),
-        5 => (0u8..4, 0u8..4, 0u8..40).prop_map(|(who, rpm, tpm)| Step::Acquire { who, rpm, tpm }),
+        5 => (0u8..2, 0u8..4, 0u8..4, 0u8..40)
+            .prop_map(|(by, who, rpm, tpm)| Step::Acquire { by, who, rpm, tpm }),
         3 => (any::<u8>(), -2i8..3, -40i16..60, any::<bool>())
             .prop_map(|(lease, rpm, tpm, handle)| Step::Adjust { lease, rpm, tpm, handle }),
         3 => any::<u8>().prop_map(|lease| Step::Commit { lease }),
         2 => any::<u8>().prop_map(|lease| Step::Rollback { lease }),
         1 => any::<u8>().prop_map(|lease| Step::Drop { lease }),
-        1 => (0u8..4, 0u8..4, 0u8..40).prop_map(|(who, rpm, tpm)| Step::Abandon { who, rpm, tpm }),
+        1 => (0u8..2, 0u8..4, 0u8..4, 0u8..40)
+            .prop_map(|(by, who, rpm, tpm)| Step::Abandon { by, who, rpm, tpm }),
     ];
     proptest::collection::vec(step, 1..=len)
 }
@@ -344,16 +347,16 @@ pub async fn setup(limiter: &RateLimiter, prefix: &str) {
     }
 }
 
-/// Runs `history` on `limiter` (set up with [`setup`] under `prefix`, clock at the
-/// limiter's), checking every step against the model; the first difference is returned.
-/// `settles_inline` says whether a dropped lease's rollback has landed when the drop
-/// returns (in memory) or lands later (the state is then polled for up to 10 s).
+/// Runs `history` on `limiters` (one, or several processes' on one table; set up with
+/// [`setup`] under `prefix`, all on `clock`), checking every step against the model; the
+/// first difference is returned. A lease is settled through the limiter that acquired it.
+/// Where a dropped lease or acquire settles in the background (DynamoDB), the state is
+/// polled for up to 10 s for the give-back.
 pub async fn run(
-    limiter: &RateLimiter,
+    limiters: &[RateLimiter],
     clock: &ManualClock,
     prefix: &str,
     history: &[Step],
-    settles_inline: bool,
 ) -> Result<(), Mismatch> {
     let names = names(prefix);
     let limits = limits();
@@ -372,7 +375,8 @@ pub async fn run(
         let mut eventually = false;
         match step {
             Step::Wait { ms } => clock.advance(Duration::from_millis(u64::from(*ms))),
-            Step::Acquire { who, rpm, tpm } => {
+            Step::Acquire { by, who, rpm, tpm } => {
+                let limiter = &limiters[usize::from(*by) % limiters.len()];
                 let who = usize::from(*who);
                 let amounts = [i64::from(*rpm), i64::from(*tpm)];
                 let got = limiter
@@ -466,10 +470,11 @@ pub async fn run(
                     drop(lease);
                     // Dropped open: rolled back, at this time (the clock stands still).
                     let _ = model.rollback(&mut expected, now);
-                    eventually = !settles_inline;
+                    eventually = true;
                 }
             }
-            Step::Abandon { who, rpm, tpm } => {
+            Step::Abandon { by, who, rpm, tpm } => {
+                let limiter = &limiters[usize::from(*by) % limiters.len()];
                 let who = usize::from(*who);
                 let amounts = [i64::from(*rpm), i64::from(*tpm)];
                 let future = limiter
@@ -478,8 +483,8 @@ pub async fn run(
                     .consume([("rpm", amounts[0]), ("tpm", amounts[1])])
                     .into_future();
                 // Polled once, then dropped with whatever it decided: nothing stays taken.
-                drop(futures_util::FutureExt::now_or_never(future));
-                if !settles_inline {
+                let decided = futures_util::FutureExt::now_or_never(future);
+                if decided.is_none() {
                     // The acquire goes on in the background and rolls back once admitted:
                     // give it time to land before waiting for the give-back.
                     tokio::time::sleep(Duration::from_millis(1_000)).await;
@@ -491,7 +496,7 @@ pub async fn run(
         let now = clock.now_ms();
         let mut tries = 0;
         loop {
-            match compare(limiter, &names, &model, now).await {
+            match compare(&limiters[0], &names, &model, now).await {
                 Ok(()) => break,
                 Err(_) if eventually && tries < 200 => {
                     tries += 1;
@@ -509,7 +514,7 @@ pub async fn run(
         same_close(&got, &want).map_err(|w| fail(history.len(), format!("final rollback: {w}")))?;
     }
     let now = clock.now_ms();
-    compare(limiter, &names, &model, now)
+    compare(&limiters[0], &names, &model, now)
         .await
         .map_err(|what| fail(history.len(), format!("after the final rollbacks: {what}")))
 }
