@@ -1000,8 +1000,13 @@ async fn histories_of_two_processes_on_one_table_match_an_exact_model() {
             .expect("a history")
             .current();
         let prefix = format!("p{n}-");
-        histories::setup(&limiters[0], &prefix).await;
-        if let Err(mismatch) = histories::run(&limiters, &clock, &prefix, &history).await {
+        let from = if n % 2 == 0 {
+            histories::LimitsFrom::Stored
+        } else {
+            histories::LimitsFrom::Explicit
+        };
+        histories::setup(&limiters[0], &prefix, from).await;
+        if let Err(mismatch) = histories::run(&limiters, &clock, &prefix, from, &history).await {
             panic!("history {n} differs from the model {mismatch:?}");
         }
     }

@@ -11,15 +11,23 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(1000))]
 
     #[test]
-    fn lease_histories_match_an_exact_model(history in histories::history(60, 0)) {
+    fn lease_histories_match_an_exact_model(
+        stored in any::<bool>(),
+        history in histories::history(60, 0),
+    ) {
+        let from = if stored {
+            histories::LimitsFrom::Stored
+        } else {
+            histories::LimitsFrom::Explicit
+        };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let outcome = runtime.block_on(async {
             let (limiter, clock) = suite::limiter(std::sync::Arc::new(InMemoryRepository::new()));
-            histories::setup(&limiter, "").await;
-            histories::run(std::slice::from_ref(&limiter), &clock, "", &history).await
+            histories::setup(&limiter, "", from).await;
+            histories::run(std::slice::from_ref(&limiter), &clock, "", from, &history).await
         });
         if let Err(mismatch) = outcome {
             return Err(TestCaseError::fail(format!("{mismatch:?}")));

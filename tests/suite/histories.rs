@@ -32,6 +32,34 @@ pub fn limits() -> [Limit; 2] {
     ]
 }
 
+/// A parent's own limit in [`LimitsFrom::Stored`] histories: `tpm` again, with other
+/// parameters (120 at most, 70 per minute), so a cascade charges each side by its own.
+pub fn parent_limits() -> [Limit; 1] {
+    [Limit::custom("tpm", 120, 70, 60)]
+}
+
+/// Where a history's limits come from.
+#[derive(Clone, Copy, Debug)]
+pub enum LimitsFrom {
+    /// Every acquire names [`limits`]; a cascade charges the parent by them too.
+    Explicit,
+    /// Stored: [`limits`] as the resource's default, [`parent_limits`] as the parent's own.
+    /// A cascade charges each side its own limits, and adjustments move only the limits
+    /// they name on each side.
+    Stored,
+}
+
+impl LimitsFrom {
+    /// The limits each of the four entities is charged by.
+    fn per_entity(self) -> [Vec<Limit>; 4] {
+        let own = limits().to_vec();
+        match self {
+            LimitsFrom::Explicit => [own.clone(), own.clone(), own.clone(), own],
+            LimitsFrom::Stored => [own.clone(), own.clone(), own, parent_limits().to_vec()],
+        }
+    }
+}
+
 /// One step of a history. Lease indexes pick among the leases the history holds (modulo
 /// their count), closed ones included, so closed leases are committed and adjusted too.
 #[derive(Clone, Debug)]
@@ -172,24 +200,45 @@ impl Bucket {
     }
 }
 
-/// A lease as the model keeps it: whole tokens per item and limit.
+/// A lease as the model keeps it: whole tokens per item and per limit of the item.
 #[derive(Debug)]
 struct ModelLease {
     items: Vec<usize>,
-    written: Vec<[i64; 2]>,
-    pending: Vec<[i64; 2]>,
+    written: Vec<Vec<i64>>,
+    pending: Vec<Vec<i64>>,
     closed: bool,
 }
 
-/// The model: every bucket by entity and limit.
+/// The model: every entity's limits, and every bucket by entity and limit (its index in
+/// the entity's limits).
 struct Model {
-    params: [Params; 2],
+    limits: [Vec<Limit>; 4],
     buckets: BTreeMap<(usize, usize), Bucket>,
 }
 
+/// The whole tokens an acquire or adjustment names for `limit` (names it lacks: none).
+fn named(limit: &Limit, amounts: [i64; 2]) -> i64 {
+    match limit.name.as_str() {
+        "rpm" => amounts[0],
+        "tpm" => amounts[1],
+        _ => 0,
+    }
+}
+
 impl Model {
+    fn new(limits: [Vec<Limit>; 4]) -> Self {
+        Model {
+            limits,
+            buckets: BTreeMap::new(),
+        }
+    }
+
+    fn params(&self, entity: usize, limit: usize) -> Params {
+        Params::of(&self.limits[entity][limit])
+    }
+
     fn bucket(&self, entity: usize, limit: usize, now: i64) -> Bucket {
-        let p = self.params[limit];
+        let p = self.params(entity, limit);
         self.buckets
             .get(&(entity, limit))
             .copied()
@@ -198,7 +247,7 @@ impl Model {
     }
 
     fn force(&mut self, entity: usize, limit: usize, now: i64, tokens: i64) {
-        let p = self.params[limit];
+        let p = self.params(entity, limit);
         let next = self
             .bucket(entity, limit, now)
             .forced(p, now, tokens * 1_000);
@@ -225,11 +274,12 @@ impl Model {
         let mut violated = Vec::new();
         let mut wait = Some(0u64);
         for &entity in &items {
-            for (limit, amount) in amounts.iter().enumerate() {
+            for (limit, l) in self.limits[entity].iter().enumerate() {
+                let wanted = named(l, amounts) * 1_000;
                 let bucket = self.bucket(entity, limit, now);
-                if bucket.tokens < amount * 1_000 {
+                if bucket.tokens < wanted {
                     violated.push((entity, limit));
-                    let this = bucket.wait_for(self.params[limit], amount * 1_000);
+                    let this = bucket.wait_for(Params::of(l), wanted);
                     wait = match (wait, this) {
                         (Some(a), Some(b)) => Some(a.max(b)),
                         _ => None,
@@ -240,38 +290,42 @@ impl Model {
         if !violated.is_empty() {
             return Err((violated, wait));
         }
+        let mut written = Vec::new();
         for &entity in &items {
-            for (limit, amount) in amounts.iter().enumerate() {
+            let mut taken = Vec::new();
+            for limit in 0..self.limits[entity].len() {
+                let amount = named(&self.limits[entity][limit], amounts);
                 let mut bucket = self.bucket(entity, limit, now);
                 bucket.tokens -= amount * 1_000;
                 self.buckets.insert((entity, limit), bucket);
+                taken.push(amount);
             }
+            written.push(taken);
         }
         Ok(ModelLease {
-            written: vec![amounts; items.len()],
-            pending: vec![[0, 0]; items.len()],
+            pending: written.iter().map(|w| vec![0; w.len()]).collect(),
+            written,
             items,
             closed: false,
         })
     }
 
-    /// Buffers deltas: refused whole if any total would go below zero.
-    fn adjust(lease: &mut ModelLease, deltas: [i64; 2]) -> Result<(), &'static str> {
+    /// Buffers deltas by name on every item with the limit: refused whole if any total
+    /// would go below zero.
+    fn adjust(&self, lease: &mut ModelLease, deltas: [i64; 2]) -> Result<(), &'static str> {
         if lease.closed {
             return Err("closed");
         }
-        for (written, pending) in lease.written.iter().zip(&lease.pending) {
-            for limit in 0..2 {
-                if written[limit] + pending[limit] + deltas[limit] < 0 {
+        let mut next = lease.pending.clone();
+        for (at, &entity) in lease.items.iter().enumerate() {
+            for (limit, l) in self.limits[entity].iter().enumerate() {
+                next[at][limit] += named(l, deltas);
+                if lease.written[at][limit] + next[at][limit] < 0 {
                     return Err("refund beyond consumption");
                 }
             }
         }
-        for pending in &mut lease.pending {
-            for limit in 0..2 {
-                pending[limit] += deltas[limit];
-            }
-        }
+        lease.pending = next;
         Ok(())
     }
 
@@ -280,7 +334,7 @@ impl Model {
             return Err("closed");
         }
         for (at, &entity) in lease.items.iter().enumerate() {
-            for limit in 0..2 {
+            for limit in 0..lease.pending[at].len() {
                 let delta = lease.pending[at][limit];
                 if delta != 0 {
                     self.force(entity, limit, now, delta);
@@ -298,7 +352,7 @@ impl Model {
             return Err("closed");
         }
         for (at, &entity) in lease.items.iter().enumerate() {
-            for limit in 0..2 {
+            for limit in 0..lease.written[at].len() {
                 let written = lease.written[at][limit];
                 if written != 0 {
                     self.force(entity, limit, now, -written);
@@ -333,15 +387,28 @@ fn names(prefix: &str) -> [String; 4] {
     ["solo", "kid-a", "kid-b", "proj"].map(|n| format!("{prefix}{n}"))
 }
 
-/// Creates the parent and its two cascading children.
-pub async fn setup(limiter: &RateLimiter, prefix: &str) {
+/// Creates the parent and its two cascading children, and stores the limits when they
+/// come from the table.
+pub async fn setup(limiter: &RateLimiter, prefix: &str, from: LimitsFrom) {
     let names = names(prefix);
+    if let LimitsFrom::Stored = from {
+        limiter
+            .set_resource_limits(RESOURCE, &limits())
+            .await
+            .unwrap();
+    }
     limiter.create_entity(names[3].clone()).await.unwrap();
     for kid in &names[1..3] {
         limiter
             .create_entity(kid.clone())
             .parent(names[3].clone())
             .cascade(true)
+            .await
+            .unwrap();
+    }
+    if let LimitsFrom::Stored = from {
+        limiter
+            .set_entity_limits(&names[3], RESOURCE, &parent_limits())
             .await
             .unwrap();
     }
@@ -356,14 +423,13 @@ pub async fn run(
     limiters: &[RateLimiter],
     clock: &ManualClock,
     prefix: &str,
+    from: LimitsFrom,
     history: &[Step],
 ) -> Result<(), Mismatch> {
     let names = names(prefix);
-    let limits = limits();
-    let mut model = Model {
-        params: [Params::of(&limits[0]), Params::of(&limits[1])],
-        buckets: BTreeMap::new(),
-    };
+    let mut model = Model::new(from.per_entity());
+    // Explicit limits are named on every acquire; stored ones are looked up.
+    let explicit = matches!(from, LimitsFrom::Explicit).then(limits);
     let mut leases: Vec<(Lease, ModelLease)> = Vec::new();
     let fail = |step: usize, what: String| Mismatch {
         step,
@@ -379,11 +445,13 @@ pub async fn run(
                 let limiter = &limiters[usize::from(*by) % limiters.len()];
                 let who = usize::from(*who);
                 let amounts = [i64::from(*rpm), i64::from(*tpm)];
-                let got = limiter
+                let mut acquire = limiter
                     .acquire(names[who].as_str(), RESOURCE)
-                    .limits(limits.clone())
-                    .consume([("rpm", amounts[0]), ("tpm", amounts[1])])
-                    .await;
+                    .consume([("rpm", amounts[0]), ("tpm", amounts[1])]);
+                if let Some(explicit) = &explicit {
+                    acquire = acquire.limits(explicit.clone());
+                }
+                let got = acquire.await;
                 match (got, model.acquire(who, amounts, now)) {
                     (Ok(lease), Ok(expected)) => leases.push((lease, expected)),
                     (Err(Error::RateLimited(e)), Err((violated, wait))) => {
@@ -394,7 +462,7 @@ pub async fn run(
                         got.sort();
                         let mut expected: Vec<(String, String)> = violated
                             .iter()
-                            .map(|&(e, l)| (names[e].clone(), limits[l].name.clone()))
+                            .map(|&(e, l)| (names[e].clone(), model.limits[e][l].name.clone()))
                             .collect();
                         expected.sort();
                         if got != expected {
@@ -443,7 +511,7 @@ pub async fn run(
                     } else {
                         lease.adjust(named).await
                     };
-                    let want = Model::adjust(expected, deltas);
+                    let want = model.adjust(expected, deltas);
                     if got.is_ok() != want.is_ok() {
                         return Err(fail(at, format!("adjust gave {got:?}, model {want:?}")));
                     }
@@ -477,11 +545,13 @@ pub async fn run(
                 let limiter = &limiters[usize::from(*by) % limiters.len()];
                 let who = usize::from(*who);
                 let amounts = [i64::from(*rpm), i64::from(*tpm)];
-                let future = limiter
+                let mut acquire = limiter
                     .acquire(names[who].as_str(), RESOURCE)
-                    .limits(limits.clone())
-                    .consume([("rpm", amounts[0]), ("tpm", amounts[1])])
-                    .into_future();
+                    .consume([("rpm", amounts[0]), ("tpm", amounts[1])]);
+                if let Some(explicit) = &explicit {
+                    acquire = acquire.limits(explicit.clone());
+                }
+                let future = acquire.into_future();
                 // Polled once, then dropped with whatever it decided: nothing stays taken.
                 let decided = futures_util::FutureExt::now_or_never(future);
                 if decided.is_none() {
@@ -544,14 +614,21 @@ async fn compare(
     model: &Model,
     now: i64,
 ) -> Result<(), String> {
-    let limits = limits();
     for (entity, name) in names.iter().enumerate() {
         let stored = limiter
             .bucket_states(name, RESOURCE)
             .await
             .map_err(|e| format!("bucket_states({name}): {e}"))?;
-        for (limit, l) in limits.iter().enumerate() {
-            let p = model.params[limit];
+        if let Some(extra) = stored
+            .keys()
+            .find(|k| !model.limits[entity].iter().any(|l| &l.name == *k))
+        {
+            return Err(format!(
+                "{name} has a bucket for {extra}, which none of its limits names"
+            ));
+        }
+        for (limit, l) in model.limits[entity].iter().enumerate() {
+            let p = Params::of(l);
             let want = model.bucket(entity, limit, now);
             let got = match stored.get(&l.name) {
                 Some(state) => from_stored(state).refilled(p, now),

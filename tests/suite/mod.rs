@@ -1525,7 +1525,8 @@ macro_rules! limiter_suite {
 
 /// Random histories (fixed seed: the same ones every run; the in-process binary also runs
 /// fresh random ones, shrunk on failure) of acquires, cascades, adjustments, commits,
-/// rollbacks, dropped leases and abandoned acquires, each bucket checked against an exact
+/// rollbacks, dropped leases and abandoned acquires (on limits named by every acquire, or
+/// stored with a parent limited by its own), each bucket checked against an exact
 /// model after every step (see [`histories`]). Their waits are 0 or above DynamoDB's
 /// fresh window, where every backend is exact.
 pub async fn random_lease_histories_match_an_exact_model(repo: Arc<dyn Repository>) {
@@ -1538,9 +1539,14 @@ pub async fn random_lease_histories_match_an_exact_model(repo: Arc<dyn Repositor
             .expect("a history")
             .current();
         let prefix = format!("h{n}-");
-        histories::setup(&l, &prefix).await;
+        let from = if n % 2 == 0 {
+            histories::LimitsFrom::Explicit
+        } else {
+            histories::LimitsFrom::Stored
+        };
+        histories::setup(&l, &prefix, from).await;
         if let Err(mismatch) =
-            histories::run(std::slice::from_ref(&l), &clock, &prefix, &history).await
+            histories::run(std::slice::from_ref(&l), &clock, &prefix, from, &history).await
         {
             panic!("history {n} differs from the model {mismatch:?}");
         }
