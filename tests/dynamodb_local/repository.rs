@@ -897,7 +897,10 @@ async fn a_limiter_on_a_purged_namespace_fails_with_namespace_not_found() {
     assert!(raw_bucket(&repo, "k", "api").await.is_none());
 }
 
-/// Two processes on one namespace (two repositories: two image caches), one clock.
+/// Two processes on one namespace (two repositories: two image caches), one clock. Their
+/// rejection caches are off: a process remembers a rejection for up to a second and does
+/// not hear of another process's refund meanwhile (documented), which an exact model
+/// step by step would count as a difference.
 async fn two_processes() -> (RateLimiter, RateLimiter, ManualClock) {
     let namespace = dynamo::unique_namespace("stale");
     let clock = ManualClock::new(T0);
@@ -907,6 +910,7 @@ async fn two_processes() -> (RateLimiter, RateLimiter, ManualClock) {
             .await
             .namespace(namespace.clone())
             .bucket_ttl_multiplier(0)
+            .rejection_cache_max_age(Duration::ZERO)
             .build()
             .await
             .unwrap();
@@ -1000,14 +1004,46 @@ async fn histories_of_two_processes_on_one_table_match_an_exact_model() {
             .expect("a history")
             .current();
         let prefix = format!("p{n}-");
-        let from = if n % 2 == 0 {
-            histories::LimitsFrom::Stored
-        } else {
-            histories::LimitsFrom::Explicit
-        };
+        let from = [
+            histories::LimitsFrom::Stored,
+            histories::LimitsFrom::StoredSoftParent,
+            histories::LimitsFrom::Explicit,
+        ][n % 3];
         histories::setup(&limiters[0], &prefix, from).await;
         if let Err(mismatch) = histories::run(&limiters, &clock, &prefix, from, &history).await {
             panic!("history {n} differs from the model {mismatch:?}");
         }
     }
+}
+
+/// A rejection remembered by a process no longer rejects once that process has given
+/// tokens back to the item (it used to, for up to a second).
+#[tokio::test]
+async fn a_refund_clears_the_rejection_it_makes_wrong() {
+    let repo = dynamo::builder()
+        .await
+        .bucket_ttl_multiplier(0)
+        .build()
+        .await
+        .unwrap();
+    let (limiter, _clock) = frozen(repo);
+    let limits = [Limit::per_minute("rpm", 2)];
+    let held = limiter
+        .acquire("k", "api")
+        .limits(limits.clone())
+        .consume([("rpm", 2)])
+        .await
+        .unwrap();
+    // Rejected, and remembered: the clock stands still, so for the whole max age.
+    assert!(matches!(
+        limiter.acquire("k", "api").limits(limits.clone()).await,
+        Err(Error::RateLimited(_))
+    ));
+    held.rollback().await.unwrap();
+    let lease = limiter
+        .acquire("k", "api")
+        .limits(limits.clone())
+        .await
+        .expect("the tokens given back admit at once");
+    lease.commit().await.unwrap();
 }

@@ -12,14 +12,14 @@ proptest! {
 
     #[test]
     fn lease_histories_match_an_exact_model(
-        stored in any::<bool>(),
+        from in 0u8..3,
         history in histories::history(60, 0),
     ) {
-        let from = if stored {
-            histories::LimitsFrom::Stored
-        } else {
-            histories::LimitsFrom::Explicit
-        };
+        let from = [
+            histories::LimitsFrom::Explicit,
+            histories::LimitsFrom::Stored,
+            histories::LimitsFrom::StoredSoftParent,
+        ][usize::from(from)];
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -47,6 +47,9 @@ pub enum LimitsFrom {
     /// A cascade charges each side its own limits, and adjustments move only the limits
     /// they name on each side.
     Stored,
+    /// As [`Self::Stored`], the parent's limit soft: it never refuses, its bucket goes
+    /// into debt instead.
+    StoredSoftParent,
 }
 
 impl LimitsFrom {
@@ -55,7 +58,17 @@ impl LimitsFrom {
         let own = limits().to_vec();
         match self {
             LimitsFrom::Explicit => [own.clone(), own.clone(), own.clone(), own],
-            LimitsFrom::Stored => [own.clone(), own.clone(), own, parent_limits().to_vec()],
+            LimitsFrom::Stored | LimitsFrom::StoredSoftParent => {
+                [own.clone(), own.clone(), own, self.parent_limits().to_vec()]
+            }
+        }
+    }
+
+    /// The parent's own limits, when stored.
+    fn parent_limits(self) -> [Limit; 1] {
+        match self {
+            LimitsFrom::StoredSoftParent => parent_limits().map(Limit::soft),
+            _ => parent_limits(),
         }
     }
 }
@@ -277,7 +290,8 @@ impl Model {
             for (limit, l) in self.limits[entity].iter().enumerate() {
                 let wanted = named(l, amounts) * 1_000;
                 let bucket = self.bucket(entity, limit, now);
-                if bucket.tokens < wanted {
+                // A soft limit takes into debt rather than refuse.
+                if bucket.tokens < wanted && !l.soft {
                     violated.push((entity, limit));
                     let this = bucket.wait_for(Params::of(l), wanted);
                     wait = match (wait, this) {
@@ -391,7 +405,7 @@ fn names(prefix: &str) -> [String; 4] {
 /// come from the table.
 pub async fn setup(limiter: &RateLimiter, prefix: &str, from: LimitsFrom) {
     let names = names(prefix);
-    if let LimitsFrom::Stored = from {
+    if !matches!(from, LimitsFrom::Explicit) {
         limiter
             .set_resource_limits(RESOURCE, &limits())
             .await
@@ -406,9 +420,9 @@ pub async fn setup(limiter: &RateLimiter, prefix: &str, from: LimitsFrom) {
             .await
             .unwrap();
     }
-    if let LimitsFrom::Stored = from {
+    if !matches!(from, LimitsFrom::Explicit) {
         limiter
-            .set_entity_limits(&names[3], RESOURCE, &parent_limits())
+            .set_entity_limits(&names[3], RESOURCE, &from.parent_limits())
             .await
             .unwrap();
     }

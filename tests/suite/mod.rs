@@ -1539,11 +1539,11 @@ pub async fn random_lease_histories_match_an_exact_model(repo: Arc<dyn Repositor
             .expect("a history")
             .current();
         let prefix = format!("h{n}-");
-        let from = if n % 2 == 0 {
-            histories::LimitsFrom::Explicit
-        } else {
-            histories::LimitsFrom::Stored
-        };
+        let from = [
+            histories::LimitsFrom::Explicit,
+            histories::LimitsFrom::Stored,
+            histories::LimitsFrom::StoredSoftParent,
+        ][n % 3];
         histories::setup(&l, &prefix, from).await;
         if let Err(mismatch) =
             histories::run(std::slice::from_ref(&l), &clock, &prefix, from, &history).await

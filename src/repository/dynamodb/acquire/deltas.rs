@@ -63,6 +63,9 @@ impl Inner {
             match self.verdict(&current, write_id) {
                 Verdict::Landed => {
                     self.resolved(write_id);
+                    if credit {
+                        self.rejections.forget(entity_id, resource);
+                    }
                     return Ok(());
                 }
                 Verdict::Unknowable if credit => {
@@ -102,6 +105,10 @@ impl Inner {
             {
                 Sent::Applied(new) => {
                     self.resolved(write_id);
+                    // A rejection remembered here predates this credit: it proves nothing now.
+                    if credit {
+                        self.rejections.forget(entity_id, resource);
+                    }
                     match new {
                         Some(new) => self.observe(entity_id, resource, new),
                         None => self.images.forget(entity_id, resource),
