@@ -987,17 +987,10 @@ async fn writes_from_a_stale_image_credit_exactly() {
 async fn histories_of_two_processes_on_one_table_match_an_exact_model() {
     use crate::suite::histories;
     use proptest::strategy::{Strategy, ValueTree};
-    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
     let (a, b, clock) = two_processes().await;
     let limiters = [a, b];
-    // `ZAE_HISTORY_SEED` (a byte) runs other histories, to explore or reproduce.
-    let seed = std::env::var("ZAE_HISTORY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2u8);
-    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &[seed; 32]);
-    let mut runner = TestRunner::new_with_rng(Config::default(), rng);
+    let mut runner = histories::runner();
     for n in 0..12 {
         let history = histories::history(40, histories::ABOVE_FRESH_WINDOW_MS)
             .new_tree(&mut runner)

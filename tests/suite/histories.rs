@@ -133,6 +133,20 @@ pub fn history(len: usize, min_wait_ms: u32) -> impl Strategy<Value = Vec<Step>>
 /// DynamoDB history exact.
 pub const ABOVE_FRESH_WINDOW_MS: u32 = 3_400;
 
+/// The generator of the fixed histories: the same ones every run, or others under
+/// `ZAE_HISTORY_SEED` (a byte), to explore or to reproduce.
+pub fn runner() -> proptest::test_runner::TestRunner {
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    let seed = std::env::var("ZAE_HISTORY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2u8);
+    TestRunner::new_with_rng(
+        Config::default(),
+        TestRng::from_seed(RngAlgorithm::ChaCha, &[seed; 32]),
+    )
+}
+
 /// A limit's parameters in millitokens.
 #[derive(Clone, Copy, Debug)]
 struct Params {

@@ -1532,7 +1532,7 @@ macro_rules! limiter_suite {
 pub async fn random_lease_histories_match_an_exact_model(repo: Arc<dyn Repository>) {
     use proptest::strategy::{Strategy, ValueTree};
     let (l, clock) = limiter(repo);
-    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let mut runner = histories::runner();
     for n in 0..12 {
         let history = histories::history(40, histories::ABOVE_FRESH_WINDOW_MS)
             .new_tree(&mut runner)
