@@ -1000,8 +1000,9 @@ async fn histories_of_two_processes_on_one_table_match_an_exact_model() {
         let from = [
             histories::LimitsFrom::Stored,
             histories::LimitsFrom::StoredSoftParent,
+            histories::LimitsFrom::StoredKidBypassed,
             histories::LimitsFrom::Explicit,
-        ][n % 3];
+        ][n % 4];
         histories::setup(&limiters[0], &prefix, from).await;
         if let Err(mismatch) = histories::run(&limiters, &clock, &prefix, from, &history).await {
             panic!("history {n} differs from the model {mismatch:?}");

@@ -12,13 +12,14 @@ proptest! {
 
     #[test]
     fn lease_histories_match_an_exact_model(
-        from in 0u8..3,
+        from in 0u8..4,
         history in histories::history(60, 0),
     ) {
         let from = [
             histories::LimitsFrom::Explicit,
             histories::LimitsFrom::Stored,
             histories::LimitsFrom::StoredSoftParent,
+            histories::LimitsFrom::StoredKidBypassed,
         ][usize::from(from)];
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -50,6 +50,9 @@ pub enum LimitsFrom {
     /// As [`Self::Stored`], the parent's limit soft: it never refuses, its bucket goes
     /// into debt instead.
     StoredSoftParent,
+    /// As [`Self::Stored`], with `kid-b` bypassed: admitted and counted, nothing taken
+    /// from it (its parent is still charged), its adjustments and refunds count only.
+    StoredKidBypassed,
 }
 
 impl LimitsFrom {
@@ -58,7 +61,7 @@ impl LimitsFrom {
         let own = limits().to_vec();
         match self {
             LimitsFrom::Explicit => [own.clone(), own.clone(), own.clone(), own],
-            LimitsFrom::Stored | LimitsFrom::StoredSoftParent => {
+            LimitsFrom::Stored | LimitsFrom::StoredSoftParent | LimitsFrom::StoredKidBypassed => {
                 [own.clone(), own.clone(), own, self.parent_limits().to_vec()]
             }
         }
@@ -240,6 +243,8 @@ struct ModelLease {
 /// the entity's limits).
 struct Model {
     limits: [Vec<Limit>; 4],
+    /// Entities whose tokens are never taken or given back (counted only).
+    bypassed: [bool; 4],
     buckets: BTreeMap<(usize, usize), Bucket>,
 }
 
@@ -253,9 +258,15 @@ fn named(limit: &Limit, amounts: [i64; 2]) -> i64 {
 }
 
 impl Model {
-    fn new(limits: [Vec<Limit>; 4]) -> Self {
+    fn new(from: LimitsFrom) -> Self {
         Model {
-            limits,
+            limits: from.per_entity(),
+            bypassed: [
+                false,
+                false,
+                matches!(from, LimitsFrom::StoredKidBypassed),
+                false,
+            ],
             buckets: BTreeMap::new(),
         }
     }
@@ -274,6 +285,9 @@ impl Model {
     }
 
     fn force(&mut self, entity: usize, limit: usize, now: i64, tokens: i64) {
+        if self.bypassed[entity] {
+            return;
+        }
         let p = self.params(entity, limit);
         let next = self
             .bucket(entity, limit, now)
@@ -304,8 +318,8 @@ impl Model {
             for (limit, l) in self.limits[entity].iter().enumerate() {
                 let wanted = named(l, amounts) * 1_000;
                 let bucket = self.bucket(entity, limit, now);
-                // A soft limit takes into debt rather than refuse.
-                if bucket.tokens < wanted && !l.soft {
+                // A soft limit takes into debt rather than refuse; a bypass never refuses.
+                if bucket.tokens < wanted && !l.soft && !self.bypassed[entity] {
                     violated.push((entity, limit));
                     let this = bucket.wait_for(Params::of(l), wanted);
                     wait = match (wait, this) {
@@ -323,9 +337,11 @@ impl Model {
             let mut taken = Vec::new();
             for limit in 0..self.limits[entity].len() {
                 let amount = named(&self.limits[entity][limit], amounts);
-                let mut bucket = self.bucket(entity, limit, now);
-                bucket.tokens -= amount * 1_000;
-                self.buckets.insert((entity, limit), bucket);
+                if !self.bypassed[entity] {
+                    let mut bucket = self.bucket(entity, limit, now);
+                    bucket.tokens -= amount * 1_000;
+                    self.buckets.insert((entity, limit), bucket);
+                }
                 taken.push(amount);
             }
             written.push(taken);
@@ -440,6 +456,9 @@ pub async fn setup(limiter: &RateLimiter, prefix: &str, from: LimitsFrom) {
             .await
             .unwrap();
     }
+    if let LimitsFrom::StoredKidBypassed = from {
+        limiter.bypass_entity(&names[2], RESOURCE).await.unwrap();
+    }
 }
 
 /// Runs `history` on `limiters` (one, or several processes' on one table; set up with
@@ -455,7 +474,7 @@ pub async fn run(
     history: &[Step],
 ) -> Result<(), Mismatch> {
     let names = names(prefix);
-    let mut model = Model::new(from.per_entity());
+    let mut model = Model::new(from);
     // Explicit limits are named on every acquire; stored ones are looked up.
     let explicit = matches!(from, LimitsFrom::Explicit).then(limits);
     let mut leases: Vec<(Lease, ModelLease)> = Vec::new();

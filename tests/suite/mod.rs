@@ -1543,7 +1543,8 @@ pub async fn random_lease_histories_match_an_exact_model(repo: Arc<dyn Repositor
             histories::LimitsFrom::Explicit,
             histories::LimitsFrom::Stored,
             histories::LimitsFrom::StoredSoftParent,
-        ][n % 3];
+            histories::LimitsFrom::StoredKidBypassed,
+        ][n % 4];
         histories::setup(&l, &prefix, from).await;
         if let Err(mismatch) =
             histories::run(std::slice::from_ref(&l), &clock, &prefix, from, &history).await
