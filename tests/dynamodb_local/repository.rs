@@ -985,29 +985,8 @@ async fn writes_from_a_stale_image_credit_exactly() {
 /// the other process may have made stale. Fixed seed, waits outside the fresh window.
 #[tokio::test]
 async fn histories_of_two_processes_on_one_table_match_an_exact_model() {
-    use crate::suite::histories;
-    use proptest::strategy::{Strategy, ValueTree};
-
     let (a, b, clock) = two_processes().await;
-    let limiters = [a, b];
-    let mut runner = histories::runner();
-    for n in 0..12 {
-        let history = histories::history(40, histories::ABOVE_FRESH_WINDOW_MS)
-            .new_tree(&mut runner)
-            .expect("a history")
-            .current();
-        let prefix = format!("p{n}-");
-        let from = [
-            histories::LimitsFrom::Stored,
-            histories::LimitsFrom::StoredSoftParent,
-            histories::LimitsFrom::StoredKidBypassed,
-            histories::LimitsFrom::Explicit,
-        ][n % 4];
-        histories::setup(&limiters[0], &prefix, from).await;
-        if let Err(mismatch) = histories::run(&limiters, &clock, &prefix, from, &history).await {
-            panic!("history {n} differs from the model {mismatch:?}");
-        }
-    }
+    crate::suite::histories::run_fixed(&[a, b], &clock, "p").await;
 }
 
 /// A rejection remembered by a process no longer rejects once that process has given

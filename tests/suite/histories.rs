@@ -136,17 +136,48 @@ pub fn history(len: usize, min_wait_ms: u32) -> impl Strategy<Value = Vec<Step>>
 /// DynamoDB history exact.
 pub const ABOVE_FRESH_WINDOW_MS: u32 = 3_400;
 
-/// The generator of the fixed histories: the same ones every run, or others under
-/// `ZAE_HISTORY_SEED` (a byte), to explore or to reproduce.
-pub fn runner() -> proptest::test_runner::TestRunner {
+/// The fixed histories of `tag` (see [`runner`]) on `limiters` (all on `clock`), each under
+/// `{tag}{n}-` and with the next way of getting its limits: panics at the first difference
+/// from the model, with the history. Their waits are 0 or above DynamoDB's fresh window,
+/// where every backend is exact.
+pub async fn run_fixed(limiters: &[RateLimiter], clock: &ManualClock, tag: &str) {
+    use proptest::strategy::{Strategy, ValueTree};
+    let ways = [
+        LimitsFrom::Explicit,
+        LimitsFrom::Stored,
+        LimitsFrom::StoredSoftParent,
+        LimitsFrom::StoredKidBypassed,
+    ];
+    let mut runner = runner(tag);
+    for n in 0..12 {
+        let history = history(40, ABOVE_FRESH_WINDOW_MS)
+            .new_tree(&mut runner)
+            .expect("a history")
+            .current();
+        let prefix = format!("{tag}{n}-");
+        let from = ways[n % ways.len()];
+        setup(&limiters[0], &prefix, from).await;
+        if let Err(mismatch) = run(limiters, clock, &prefix, from, &history).await {
+            panic!("history {n} ({from:?}) differs from the model {mismatch:?}");
+        }
+    }
+}
+
+/// The generator of the fixed histories of `tag`: the same ones every run, or others
+/// under `ZAE_HISTORY_SEED` (a byte), to explore or to reproduce.
+pub fn runner(tag: &str) -> proptest::test_runner::TestRunner {
     use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
     let seed = std::env::var("ZAE_HISTORY_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2u8);
+    let mut bytes = [seed; 32];
+    for (at, b) in tag.bytes().enumerate().take(31) {
+        bytes[at + 1] = b;
+    }
     TestRunner::new_with_rng(
         Config::default(),
-        TestRng::from_seed(RngAlgorithm::ChaCha, &[seed; 32]),
+        TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
     )
 }
 

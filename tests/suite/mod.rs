@@ -1527,29 +1527,8 @@ macro_rules! limiter_suite {
 /// fresh random ones, shrunk on failure) of acquires, cascades, adjustments, commits,
 /// rollbacks, dropped leases and abandoned acquires (on limits named by every acquire, or
 /// stored with a parent limited by its own), each bucket checked against an exact
-/// model after every step (see [`histories`]). Their waits are 0 or above DynamoDB's
-/// fresh window, where every backend is exact.
+/// model after every step (see [`histories::run_fixed`]).
 pub async fn random_lease_histories_match_an_exact_model(repo: Arc<dyn Repository>) {
-    use proptest::strategy::{Strategy, ValueTree};
     let (l, clock) = limiter(repo);
-    let mut runner = histories::runner();
-    for n in 0..12 {
-        let history = histories::history(40, histories::ABOVE_FRESH_WINDOW_MS)
-            .new_tree(&mut runner)
-            .expect("a history")
-            .current();
-        let prefix = format!("h{n}-");
-        let from = [
-            histories::LimitsFrom::Explicit,
-            histories::LimitsFrom::Stored,
-            histories::LimitsFrom::StoredSoftParent,
-            histories::LimitsFrom::StoredKidBypassed,
-        ][n % 4];
-        histories::setup(&l, &prefix, from).await;
-        if let Err(mismatch) =
-            histories::run(std::slice::from_ref(&l), &clock, &prefix, from, &history).await
-        {
-            panic!("history {n} differs from the model {mismatch:?}");
-        }
-    }
+    histories::run_fixed(std::slice::from_ref(&l), &clock, "h").await;
 }
