@@ -517,6 +517,8 @@ pub async fn run(
     for (at, step) in history.iter().enumerate() {
         let now = clock.now_ms();
         let mut eventually = false;
+        // An acquire left running in the background: its write may land late.
+        let mut in_flight = false;
         match step {
             Step::Wait { ms } => clock.advance(Duration::from_millis(u64::from(*ms))),
             Step::Acquire { by, who, rpm, tpm } => {
@@ -637,6 +639,7 @@ pub async fn run(
                     // give it time to land before waiting for the give-back.
                     tokio::time::sleep(Duration::from_millis(1_000)).await;
                     eventually = true;
+                    in_flight = true;
                 }
             }
         }
@@ -645,6 +648,11 @@ pub async fn run(
         let mut tries = 0;
         loop {
             match compare(&limiters[0], &names, &model, now).await {
+                // Matching before a late write lands would pass it by: it must hold on.
+                Ok(()) if in_flight => {
+                    in_flight = false;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
                 Ok(()) => break,
                 Err(_) if eventually && tries < 200 => {
                     tries += 1;
