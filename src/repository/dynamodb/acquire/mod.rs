@@ -21,6 +21,7 @@ mod read;
 mod update;
 mod write;
 
+#[cfg(feature = "aggregator")]
 pub(crate) use read::batch_get;
 pub(super) use update::owner_fields;
 pub(crate) use write::MARKER;
