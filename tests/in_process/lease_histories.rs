@@ -28,7 +28,15 @@ proptest! {
         let outcome = runtime.block_on(async {
             let (limiter, clock) = suite::limiter(std::sync::Arc::new(InMemoryRepository::new()));
             histories::setup(&limiter, "", from).await;
-            histories::run(std::slice::from_ref(&limiter), &clock, "", from, &history).await
+            histories::run(
+                std::slice::from_ref(&limiter),
+                &clock,
+                "",
+                from,
+                0,
+                &history,
+            )
+            .await
         });
         if let Err(mismatch) = outcome {
             return Err(TestCaseError::fail(format!("{mismatch:?}")));

@@ -1530,5 +1530,11 @@ macro_rules! limiter_suite {
 /// model after every step (see [`histories::run_fixed`]).
 pub async fn random_lease_histories_match_an_exact_model(repo: Arc<dyn Repository>) {
     let (l, clock) = limiter(repo);
-    histories::run_fixed(std::slice::from_ref(&l), &clock, "h").await;
+    histories::run_fixed(
+        std::slice::from_ref(&l),
+        &clock,
+        "h",
+        histories::Waits::OutsideFreshWindow,
+    )
+    .await;
 }
