@@ -1032,3 +1032,46 @@ async fn histories_with_any_waits_stay_within_the_fresh_window_bound() {
     let waits = crate::suite::histories::Waits::Any;
     crate::suite::histories::run_fixed(&[a, b], &clock, "w", waits).await;
 }
+
+/// A lease settling at the parameters it was acquired at puts them back on the item in
+/// the same millisecond another process wrote new ones: `rf` keeps its value, so that
+/// process's image (new parameters, same `rf`) passes the `rf` lock. Its next rf-locked
+/// write must still notice the parameters and be rebuilt, not land new-parameter
+/// arithmetic on an item stored under the old ones (it used to: tokens above the stored
+/// capacity).
+#[tokio::test]
+async fn a_write_from_an_image_under_other_parameters_is_rebuilt() {
+    let (a, b, clock) = two_processes().await;
+    let old = [Limit::custom("rpm", 5, 2, 4)];
+    let new = [Limit::custom("rpm", 7, 3, 10)];
+    let lease = a
+        .acquire("k", "api")
+        .limits(old.clone())
+        .consume([("rpm", 1)])
+        .await
+        .unwrap();
+    b.acquire("k", "api")
+        .limits(new.clone())
+        .consume([("rpm", 1)])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    // Same millisecond: the old parameters go back on with the refund.
+    lease.rollback().await.unwrap();
+    clock.advance(Duration::from_secs(10));
+    b.acquire("k", "api")
+        .limits(new.clone())
+        .consume([("rpm", 1)])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    let state = b.bucket_states("k", "api").await.unwrap()["rpm"];
+    assert_eq!(state.capacity_milli, 7_000, "{state:?}");
+    // 4,000 (5 less the new acquire's 1, as stored under the old parameters) refilled
+    // 10 s at the old 0.5/s, capped at the old 5, then the new acquire's 1 taken.
+    assert_eq!(state.tokens_milli, 4_000, "{state:?}");
+}

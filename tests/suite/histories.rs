@@ -26,10 +26,18 @@ const RESOURCE: &str = "api";
 /// The limits every acquire names: a slow limit whose refill leaves a carry (3 per 10 s,
 /// 7 at most) and one whose burst is above its rate (50 per minute, 80 at most).
 pub fn limits() -> [Limit; 2] {
-    [
-        Limit::custom("rpm", 7, 3, 10),
-        Limit::per_minute("tpm", 50).with_burst(80),
-    ]
+    reconfigured(false)
+}
+
+/// [`limits`], or (`changed`) with `rpm` changed to 5 at most, 2 per 4 s: what a
+/// [`Step::Reconfigure`] switches between.
+fn reconfigured(changed: bool) -> [Limit; 2] {
+    let rpm = if changed {
+        Limit::custom("rpm", 5, 2, 4)
+    } else {
+        Limit::custom("rpm", 7, 3, 10)
+    };
+    [rpm, Limit::per_minute("tpm", 50).with_burst(80)]
 }
 
 /// A parent's own limit in [`LimitsFrom::Stored`] histories: `tpm` again, with other
@@ -100,6 +108,10 @@ pub enum Step {
     Drop { lease: u8 },
     /// Polls an acquire once and drops it, whatever it had done.
     Abandon { by: u8, who: u8, rpm: u8, tpm: u8 },
+    /// Switches the limits acquires name between two sets whose `rpm` differs (limits
+    /// named by every acquire only): an acquire adopts the new parameters (refilled at
+    /// the old ones up to then), a rejection too, and a lease settles at its own.
+    Reconfigure,
 }
 
 /// Histories of up to `len` steps, their waits either 0 or at least `min_wait_ms`.
@@ -128,6 +140,7 @@ pub fn history(len: usize, min_wait_ms: u32) -> impl Strategy<Value = Vec<Step>>
         1 => any::<u8>().prop_map(|lease| Step::Drop { lease }),
         1 => (0u8..2, 0u8..4, 0u8..4, 0u8..40)
             .prop_map(|(by, who, rpm, tpm)| Step::Abandon { by, who, rpm, tpm }),
+        1 => Just(Step::Reconfigure),
     ];
     proptest::collection::vec(step, 1..=len)
 }
@@ -209,7 +222,7 @@ pub fn runner(tag: &str) -> proptest::test_runner::TestRunner {
 }
 
 /// A limit's parameters in millitokens.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Params {
     capacity: i64,
     amount: i64,
@@ -292,6 +305,8 @@ impl Bucket {
 #[derive(Debug)]
 struct ModelLease {
     items: Vec<usize>,
+    /// The parameters each item's limits had when acquired: it settles at them.
+    params: Vec<Vec<Params>>,
     written: Vec<Vec<i64>>,
     pending: Vec<Vec<i64>>,
     closed: bool,
@@ -307,7 +322,8 @@ struct Model {
     slack_ms: i64,
     /// Entities whose tokens are never taken or given back (counted only).
     bypassed: [bool; 4],
-    buckets: BTreeMap<(usize, usize), Bucket>,
+    /// Each bucket with the parameters it was last written at.
+    buckets: BTreeMap<(usize, usize), (Bucket, Params)>,
 }
 
 /// The whole tokens an acquire or adjustment names for `limit` (names it lacks: none).
@@ -338,24 +354,36 @@ impl Model {
         Params::of(&self.limits[entity][limit])
     }
 
-    fn bucket(&self, entity: usize, limit: usize, now: i64) -> Bucket {
-        let p = self.params(entity, limit);
-        self.buckets
-            .get(&(entity, limit))
-            .copied()
-            .unwrap_or_else(|| Bucket::full(p, now))
-            .refilled(p, now)
+    /// The bucket at `now` as a write at parameters `p` finds it: refilled at the
+    /// parameters it was written at, then (if they differ) taking `p`'s, its tokens cut to
+    /// the new capacity and its carry dropped.
+    fn bucket_at(&self, entity: usize, limit: usize, now: i64, p: Params) -> Bucket {
+        match self.buckets.get(&(entity, limit)) {
+            None => Bucket::full(p, now),
+            Some(&(bucket, old)) => {
+                let mut bucket = bucket.refilled(old, now);
+                if old != p {
+                    bucket.tokens = bucket.tokens.min(p.capacity);
+                    bucket.carry = 0;
+                }
+                bucket
+            }
+        }
     }
 
-    fn force(&mut self, entity: usize, limit: usize, now: i64, tokens: i64) {
+    /// [`Self::bucket_at`] the entity's current parameters.
+    fn bucket(&self, entity: usize, limit: usize, now: i64) -> Bucket {
+        self.bucket_at(entity, limit, now, self.params(entity, limit))
+    }
+
+    fn force(&mut self, entity: usize, limit: usize, now: i64, tokens: i64, p: Params) {
         if self.bypassed[entity] {
             return;
         }
-        let p = self.params(entity, limit);
         let next = self
-            .bucket(entity, limit, now)
+            .bucket_at(entity, limit, now, p)
             .forced(p, now, tokens * 1_000);
-        self.buckets.insert((entity, limit), next);
+        self.buckets.insert((entity, limit), (next, p));
     }
 
     /// The items an acquire on `who` charges: a child charges its parent too.
@@ -393,23 +421,41 @@ impl Model {
             }
         }
         if !violated.is_empty() {
+            // A rejection still stores new parameters, so they count from now.
+            for &entity in &items {
+                for limit in 0..self.limits[entity].len() {
+                    let p = self.params(entity, limit);
+                    if let Some(&(_, old)) = self.buckets.get(&(entity, limit)) {
+                        if old != p {
+                            let bucket = self.bucket(entity, limit, now);
+                            self.buckets.insert((entity, limit), (bucket, p));
+                        }
+                    }
+                }
+            }
             return Err((violated, wait));
         }
         let mut written = Vec::new();
+        let mut params = Vec::new();
         for &entity in &items {
             let mut taken = Vec::new();
+            let mut at = Vec::new();
             for limit in 0..self.limits[entity].len() {
                 let amount = named(&self.limits[entity][limit], amounts);
+                let p = self.params(entity, limit);
                 if !self.bypassed[entity] {
                     let mut bucket = self.bucket(entity, limit, now);
                     bucket.tokens -= amount * 1_000;
-                    self.buckets.insert((entity, limit), bucket);
+                    self.buckets.insert((entity, limit), (bucket, p));
                 }
                 taken.push(amount);
+                at.push(p);
             }
             written.push(taken);
+            params.push(at);
         }
         Ok(ModelLease {
+            params,
             pending: written.iter().map(|w| vec![0; w.len()]).collect(),
             written,
             items,
@@ -444,7 +490,7 @@ impl Model {
             for limit in 0..lease.pending[at].len() {
                 let delta = lease.pending[at][limit];
                 if delta != 0 {
-                    self.force(entity, limit, now, delta);
+                    self.force(entity, limit, now, delta, lease.params[at][limit]);
                     lease.written[at][limit] += delta;
                     lease.pending[at][limit] = 0;
                 }
@@ -462,7 +508,7 @@ impl Model {
             for limit in 0..lease.written[at].len() {
                 let written = lease.written[at][limit];
                 if written != 0 {
-                    self.force(entity, limit, now, -written);
+                    self.force(entity, limit, now, -written, lease.params[at][limit]);
                 }
             }
         }
@@ -541,7 +587,8 @@ pub async fn run(
     let names = names(prefix);
     let mut model = Model::new(from, slack_ms);
     // Explicit limits are named on every acquire; stored ones are looked up.
-    let explicit = matches!(from, LimitsFrom::Explicit).then(limits);
+    let mut explicit = matches!(from, LimitsFrom::Explicit).then(limits);
+    let mut changed = false;
     let mut leases: Vec<(Lease, ModelLease)> = Vec::new();
     let fail = |step: usize, what: String| Mismatch {
         step,
@@ -555,6 +602,13 @@ pub async fn run(
         let mut in_flight = false;
         match step {
             Step::Wait { ms } => clock.advance(Duration::from_millis(u64::from(*ms))),
+            Step::Reconfigure => {
+                if let Some(explicit) = &mut explicit {
+                    changed = !changed;
+                    *explicit = reconfigured(changed);
+                    model.limits = std::array::from_fn(|_| explicit.to_vec());
+                }
+            }
             Step::Acquire { by, who, rpm, tpm } => {
                 let limiter = &limiters[usize::from(*by) % limiters.len()];
                 let who = usize::from(*who);
@@ -666,8 +720,12 @@ pub async fn run(
                     acquire = acquire.limits(explicit.clone());
                 }
                 let future = acquire.into_future();
-                // Polled once, then dropped with whatever it decided: nothing stays taken.
+                // Polled once, then dropped with whatever it decided: nothing stays taken,
+                // but the buckets it wrote are stored (at this acquire's parameters).
                 let decided = futures_util::FutureExt::now_or_never(future);
+                if let Ok(mut lease) = model.acquire(who, amounts, now) {
+                    let _ = model.rollback(&mut lease, now);
+                }
                 if decided.is_none() {
                     // The acquire goes on in the background and rolls back once admitted:
                     // give it time to land before waiting for the give-back.
@@ -748,12 +806,36 @@ async fn compare(
             ));
         }
         for (limit, l) in model.limits[entity].iter().enumerate() {
-            let p = Params::of(l);
-            let want = model.bucket(entity, limit, now);
-            let got = match stored.get(&l.name) {
-                Some(state) => from_stored(state).refilled(p, now),
-                None => Bucket::full(p, now),
+            // Each refilled at the parameters it was written at, which must agree.
+            let modelled = model.buckets.get(&(entity, limit)).copied();
+            let Some(state) = stored.get(&l.name) else {
+                // Not stored (never written, or evicted once idle and full): the model's
+                // must be full, and is forgotten too (the next write starts a fresh one at
+                // its own parameters).
+                if let Some((bucket, p)) = modelled {
+                    let bucket = bucket.refilled(p, now);
+                    if bucket.tokens != p.capacity {
+                        return Err(format!(
+                            "{name} {}: not stored, model {} of {} millitokens",
+                            l.name, bucket.tokens, p.capacity
+                        ));
+                    }
+                    model.buckets.remove(&(entity, limit));
+                }
+                continue;
             };
+            let at = params_of(state);
+            let got = from_stored(state).refilled(at, now);
+            let (want, p) = match modelled {
+                Some((bucket, p)) => (bucket.refilled(p, now), p),
+                None => (Bucket::full(at, now), at),
+            };
+            if at != p {
+                return Err(format!(
+                    "{name} {}: stored at {at:?}, model at {p:?}",
+                    l.name
+                ));
+            }
             if model.slack_ms == 0 {
                 if (got.tokens, got.carry) != (want.tokens, want.carry) {
                     return Err(format!(
@@ -772,10 +854,18 @@ async fn compare(
                     l.name, got.tokens, want.tokens
                 ));
             }
-            model.buckets.insert((entity, limit), got);
+            model.buckets.insert((entity, limit), (got, p));
         }
     }
     Ok(())
+}
+
+fn params_of(state: &BucketState) -> Params {
+    Params {
+        capacity: state.capacity_milli,
+        amount: state.refill_amount_milli,
+        period_ms: state.refill_period_ms,
+    }
 }
 
 fn from_stored(state: &BucketState) -> Bucket {

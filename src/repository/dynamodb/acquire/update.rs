@@ -214,8 +214,9 @@ pub(super) fn locked_deltas(
 /// range where it is exact. Outside it the condition fails and the write is built again
 /// from the item it returns.
 ///
-/// The carry the refill counts from is pinned as well (an unlocked credit may zero it
-/// without moving `rf`).
+/// The parameters and carry the refill counts from are pinned as well: an unlocked credit
+/// may zero the carry without moving `rf`, and a write that moves `rf` within the same
+/// millisecond (a lease settling at other parameters) leaves `rf` as it was.
 enum TokenMove {
     /// Nothing reaches capacity: the refill (and credit or debit) shifts any stored tokens
     /// alike. `ADD delta`, conditioned on the stored tokens staying below capacity through
@@ -257,7 +258,8 @@ impl TokenMove {
     }
 
     /// Adds the tokens' part of the write. `must_cover`: an acquire, whose take the tokens
-    /// must still cover; otherwise a debit keeps the debt in bounds.
+    /// must still cover; otherwise a debit keeps the debt in bounds. `shards`: the item's
+    /// shard count, which `old`'s capacity and refill amount are shares of.
     fn write(
         &self,
         expr: &mut Expr,
@@ -265,6 +267,7 @@ impl TokenMove {
         name: &str,
         old: &BucketState,
         must_cover: bool,
+        shards: i64,
     ) {
         let tk = keys::bucket_attr(name, "tk");
         match *self {
@@ -285,14 +288,14 @@ impl TokenMove {
                     }
                     bound(expr, update, &tk, lo, hi);
                 }
-                pin_carry(expr, update, name, old.refill_carry);
+                pin_refill(expr, update, name, old, shards);
             }
             TokenMove::Full { target, floor } => {
                 let tk = expr.name(&tk);
                 let t = expr.num(target);
                 update.set.push(format!("{tk} = {t}"));
                 bound(expr, update, &tk, Some(floor), None);
-                pin_carry(expr, update, name, old.refill_carry);
+                pin_refill(expr, update, name, old, shards);
             }
             TokenMove::Pinned { delta } => {
                 let tk = expr.name(&tk);
@@ -302,15 +305,39 @@ impl TokenMove {
                 }
                 let at = expr.num(old.tokens_milli);
                 update.conditions.push(format!("{tk} = {at}"));
-                pin_carry(expr, update, name, old.refill_carry);
+                pin_refill(expr, update, name, old, shards);
             }
         }
     }
 }
 
-/// Conditions a write on the limit's stored carry being `carry` (a missing one reads 0:
-/// the Python library does not store it).
-fn pin_carry(expr: &mut Expr, update: &mut Update, name: &str, carry: i64) {
+/// Conditions a write on the limit's stored parameters and carry being `old`'s (a missing
+/// carry reads 0: the Python library does not store it). On a shard of `shards`, the
+/// stored capacity and refill amount are the undivided base, of which `old` holds the
+/// floored share: any base with that share.
+fn pin_refill(expr: &mut Expr, update: &mut Update, name: &str, old: &BucketState, shards: i64) {
+    let shares = [
+        ("cp", old.capacity_milli, shards),
+        ("ra", old.refill_amount_milli, shards),
+        ("rp", old.refill_period_ms, 1),
+    ];
+    for (field, share, shards) in shares {
+        let n = expr.name(&keys::bucket_attr(name, field));
+        let lo = share.saturating_mul(shards);
+        if shards <= 1 {
+            let v = expr.num(lo);
+            update.conditions.push(format!("{n} = {v}"));
+        } else {
+            bound(
+                expr,
+                update,
+                &n,
+                Some(lo),
+                Some(lo.saturating_add(shards - 1)),
+            );
+        }
+    }
+    let carry = old.refill_carry;
     let rc = expr.name(&keys::bucket_attr(name, "rc"));
     let v = expr.num(carry);
     if carry == 0 {
@@ -380,7 +407,8 @@ pub(super) fn locked_update(
         match image.buckets.get(name) {
             Some(old) => {
                 let tokens = TokenMove::of(old, &change.state, change.consumed, now);
-                tokens.write(&mut expr, &mut update, name, old, change.must_cover);
+                let shards = i64::from(image.shards());
+                tokens.write(&mut expr, &mut update, name, old, change.must_cover, shards);
                 if change.consumed != 0 {
                     let tc = expr.name(&keys::bucket_attr(name, "tc"));
                     let c = expr.num(change.consumed);
@@ -421,7 +449,14 @@ pub(super) fn locked_update(
         let rc = expr.name(&keys::bucket_attr(name, "rc"));
         let carry = expr.num(refilled.refill_carry);
         update.set.push(format!("{rc} = {carry}"));
-        TokenMove::of(old, &refilled, 0, new_rf).write(&mut expr, &mut update, name, old, false);
+        // `wcu` is per partition, never divided.
+        let shards = if name == RESERVED_LIMIT_NAME {
+            1
+        } else {
+            i64::from(image.shards())
+        };
+        let tokens = TokenMove::of(old, &refilled, 0, new_rf);
+        tokens.write(&mut expr, &mut update, name, old, false, shards);
     }
     match ttl {
         Ttl::Set(t) => {
