@@ -58,6 +58,7 @@ pub(super) fn unlocked_update(image: &Image, deltas: &[&(Limit, i64)], now: i64)
             let floor = expr.num(MIN_TOKENS_MILLI.saturating_add(change));
             update.add.push(format!("{tk} {minus}"));
             update.conditions.push(format!("{tk} >= {floor}"));
+            require_params(&mut expr, &mut update, limit);
             continue;
         }
         let fresh = BucketState::for_shard(limit, image.shards(), now);
@@ -158,7 +159,10 @@ pub(super) fn unlocked_fits(
             };
             let change = delta.saturating_mul(MILLI);
             if change > 0 {
-                stored.tokens_milli >= MIN_TOKENS_MILLI.saturating_add(change)
+                // A debit adopts the lease's parameters as every write does (the memory
+                // backend's too): under others, the rf-locked write reconciles them.
+                !shard_params_changed(stored, limit, image.shards())
+                    && stored.tokens_milli >= MIN_TOKENS_MILLI.saturating_add(change)
             } else {
                 let fresh = BucketState::for_shard(limit, image.shards(), now);
                 !shard_params_changed(stored, limit, image.shards())
