@@ -928,7 +928,7 @@ async fn two_processes() -> (RateLimiter, RateLimiter, ManualClock) {
 /// but be built again from the item as it is.
 #[tokio::test]
 async fn writes_from_a_stale_image_credit_exactly() {
-    let rpm = || [Limit::custom("rpm", 7, 3, 10), Limit::per_minute("tpm", 50)];
+    let limits = [Limit::custom("rpm", 7, 3, 10), Limit::per_minute("tpm", 50)];
     let (a, b, clock) = two_processes().await;
     let tokens = |l: &RateLimiter, k: &'static str| {
         let l = l.clone();
@@ -936,20 +936,9 @@ async fn writes_from_a_stale_image_credit_exactly() {
     };
 
     // A refund whose image shows it filling the bucket, on tokens another process took.
-    let lease = a
-        .acquire("k1", "api")
-        .limits(rpm())
-        .consume([("rpm", 2), ("tpm", 1)])
-        .await
-        .unwrap();
-    b.acquire("k1", "api")
-        .limits(rpm())
-        .consume([("rpm", 2), ("tpm", 1)])
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    let lease = hold(&a, "k1", &limits, [("rpm", 2), ("tpm", 1)]).await;
+    let other = hold(&b, "k1", &limits, [("rpm", 2), ("tpm", 1)]).await;
+    other.commit().await.unwrap();
     assert_eq!(tokens(&b, "k1").await, 3_000);
     // Past the fresh window: the rollback refills, so it moves `rf`.
     clock.advance(Duration::from_millis(4_000));
@@ -958,26 +947,30 @@ async fn writes_from_a_stale_image_credit_exactly() {
     assert_eq!(tokens(&b, "k1").await, 6_200);
 
     // A limit the write leaves alone, whose refill the image shows filling the bucket.
-    let lease = a
-        .acquire("k2", "api")
-        .limits(rpm())
-        .consume([("rpm", 0), ("tpm", 1)])
-        .await
-        .unwrap();
-    b.acquire("k2", "api")
-        .limits(rpm())
-        .consume([("rpm", 3), ("tpm", 1)])
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
+    let lease = hold(&a, "k2", &limits, [("rpm", 0), ("tpm", 1)]).await;
+    let other = hold(&b, "k2", &limits, [("rpm", 3), ("tpm", 1)]).await;
+    other.commit().await.unwrap();
     assert_eq!(tokens(&b, "k2").await, 4_000);
     clock.advance(Duration::from_millis(4_000));
     lease.adjust([("tpm", 1)]).await.unwrap();
     lease.commit().await.unwrap();
     // The refill of `rpm` up to the new `rf` is kept: 4,000 + 1,200.
     assert_eq!(tokens(&b, "k2").await, 5_200);
+}
+
+/// An admitted lease on `key` under `limits`, taking `consume`.
+async fn hold<const N: usize>(
+    limiter: &RateLimiter,
+    key: &str,
+    limits: &[Limit],
+    consume: [(&str, i64); N],
+) -> zae_limiter::Lease {
+    limiter
+        .acquire(key, "api")
+        .limits(limits.to_vec())
+        .consume(consume)
+        .await
+        .unwrap()
 }
 
 /// The behaviour suite's random lease histories (see `suite::histories`), each step's
@@ -1044,28 +1037,17 @@ async fn a_write_from_an_image_under_other_parameters_is_rebuilt() {
     let (a, b, clock) = two_processes().await;
     let old = [Limit::custom("rpm", 5, 2, 4)];
     let new = [Limit::custom("rpm", 7, 3, 10)];
-    let lease = a
-        .acquire("k", "api")
-        .limits(old.clone())
-        .consume([("rpm", 1)])
+    let lease = hold(&a, "k", &old, [("rpm", 1)]).await;
+    hold(&b, "k", &new, [("rpm", 1)])
         .await
-        .unwrap();
-    b.acquire("k", "api")
-        .limits(new.clone())
-        .consume([("rpm", 1)])
-        .await
-        .unwrap()
         .commit()
         .await
         .unwrap();
     // Same millisecond: the old parameters go back on with the refund.
     lease.rollback().await.unwrap();
     clock.advance(Duration::from_secs(10));
-    b.acquire("k", "api")
-        .limits(new.clone())
-        .consume([("rpm", 1)])
+    hold(&b, "k", &new, [("rpm", 1)])
         .await
-        .unwrap()
         .commit()
         .await
         .unwrap();
