@@ -123,24 +123,12 @@ pub fn refill(state: &BucketState, now_ms: i64) -> BucketState {
         }
         return next;
     }
-    let period = i128::from(state.refill_period_ms);
-    let Some(accrued) = elapsed
-        .checked_mul(i128::from(state.refill_amount_milli))
-        .and_then(|a| a.checked_add(i128::from(state.refill_carry)))
-    else {
+    let Some((add, carry)) = accrued(state, elapsed) else {
         // More refill than an i128 holds is more than any bucket's capacity.
         next.last_refill_ms = now_ms;
         next.tokens_milli = state.capacity_milli;
         next.refill_carry = 0;
         return next;
-    };
-    // Most refills fit in 64 bits, where division is several times cheaper.
-    let (add, carry) = match i64::try_from(accrued) {
-        Ok(a) if a >= 0 => {
-            let p = state.refill_period_ms;
-            (i128::from(a / p), i128::from(a % p))
-        }
-        _ => (accrued.div_euclid(period), accrued.rem_euclid(period)),
     };
     next.last_refill_ms = now_ms;
     if i128::from(state.tokens_milli) + add >= i128::from(state.capacity_milli) {
@@ -164,12 +152,31 @@ pub fn refill_due(state: &BucketState, now_ms: i64) -> (i64, bool) {
     if elapsed <= 0 || !state.refills() {
         return (0, state.tokens_milli > state.capacity_milli);
     }
-    let accrued = elapsed
-        .saturating_mul(i128::from(state.refill_amount_milli))
-        .saturating_add(i128::from(state.refill_carry));
-    let add = accrued.div_euclid(i128::from(state.refill_period_ms));
-    let capped = i128::from(state.tokens_milli) + add >= i128::from(state.capacity_milli);
+    // Past an i128: more than any capacity.
+    let add = accrued(state, elapsed).map_or(i128::MAX, |(add, _)| add);
+    let capped =
+        i128::from(state.tokens_milli).saturating_add(add) >= i128::from(state.capacity_milli);
     (saturate(add), capped)
+}
+
+/// The whole millitokens a refill over `elapsed` (> 0) ms adds to `state` before the cap,
+/// and the carry left; `None` past what an i128 holds.
+#[inline]
+fn accrued(state: &BucketState, elapsed: i128) -> Option<(i128, i128)> {
+    let accrued = elapsed
+        .checked_mul(i128::from(state.refill_amount_milli))?
+        .checked_add(i128::from(state.refill_carry))?;
+    // Most refills fit in 64 bits, where division is several times cheaper.
+    Some(match i64::try_from(accrued) {
+        Ok(a) if a >= 0 => {
+            let p = state.refill_period_ms;
+            (i128::from(a / p), i128::from(a % p))
+        }
+        _ => {
+            let period = i128::from(state.refill_period_ms);
+            (accrued.div_euclid(period), accrued.rem_euclid(period))
+        }
+    })
 }
 
 /// Milliseconds until refill covers `deficit_milli`, given the carry already accrued.

@@ -995,12 +995,7 @@ async fn a_refund_clears_the_rejection_it_makes_wrong() {
         .unwrap();
     let (limiter, _clock) = frozen(repo);
     let limits = [Limit::per_minute("rpm", 2)];
-    let held = limiter
-        .acquire("k", "api")
-        .limits(limits.clone())
-        .consume([("rpm", 2)])
-        .await
-        .unwrap();
+    let held = hold(&limiter, "k", &limits, [("rpm", 2)]).await;
     // Rejected, and remembered: the clock stands still, so for the whole max age.
     assert!(matches!(
         limiter.acquire("k", "api").limits(limits.clone()).await,

@@ -482,33 +482,35 @@ impl Model {
         Ok(())
     }
 
+    /// Writes the pending adjustments and closes the lease.
     fn commit(&mut self, lease: &mut ModelLease, now: i64) -> Result<(), &'static str> {
-        if lease.closed {
-            return Err("closed");
-        }
-        for (at, &entity) in lease.items.iter().enumerate() {
-            for limit in 0..lease.pending[at].len() {
-                let delta = lease.pending[at][limit];
-                if delta != 0 {
-                    self.force(entity, limit, now, delta, lease.params[at][limit]);
-                    lease.written[at][limit] += delta;
-                    lease.pending[at][limit] = 0;
-                }
-            }
-        }
-        lease.closed = true;
-        Ok(())
+        self.close(lease, now, true)
     }
 
+    /// Gives back everything written and closes the lease (pending adjustments dropped).
     fn rollback(&mut self, lease: &mut ModelLease, now: i64) -> Result<(), &'static str> {
+        self.close(lease, now, false)
+    }
+
+    fn close(
+        &mut self,
+        lease: &mut ModelLease,
+        now: i64,
+        commit: bool,
+    ) -> Result<(), &'static str> {
         if lease.closed {
             return Err("closed");
         }
         for (at, &entity) in lease.items.iter().enumerate() {
             for limit in 0..lease.written[at].len() {
-                let written = lease.written[at][limit];
-                if written != 0 {
-                    self.force(entity, limit, now, -written, lease.params[at][limit]);
+                let delta = if commit {
+                    std::mem::take(&mut lease.pending[at][limit])
+                } else {
+                    -lease.written[at][limit]
+                };
+                if delta != 0 {
+                    self.force(entity, limit, now, delta, lease.params[at][limit]);
+                    lease.written[at][limit] += delta;
                 }
             }
         }
