@@ -53,12 +53,14 @@ pub(super) fn unlocked_update(image: &Image, deltas: &[&(Limit, i64)], now: i64)
         let change = delta.saturating_mul(MILLI);
         let plus = expr.num(change);
         update.add.push(format!("{tc} {plus}"));
+        // Debit or credit, the write acts at the lease's parameters: under others, the
+        // rf-locked write reconciles them.
+        require_params(&mut expr, &mut update, limit);
         if change > 0 {
             let minus = expr.num(change.saturating_neg());
             let floor = expr.num(MIN_TOKENS_MILLI.saturating_add(change));
             update.add.push(format!("{tk} {minus}"));
             update.conditions.push(format!("{tk} >= {floor}"));
-            require_params(&mut expr, &mut update, limit);
             continue;
         }
         let fresh = BucketState::for_shard(limit, image.shards(), now);
@@ -86,7 +88,6 @@ pub(super) fn unlocked_update(image: &Image, deltas: &[&(Limit, i64)], now: i64)
                 update.conditions.push(format!("{tk} <= {ceiling}"));
             }
         }
-        require_params(&mut expr, &mut update, limit);
     }
     (update, expr)
 }
