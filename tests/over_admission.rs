@@ -47,6 +47,13 @@ fn parent_limit(reserved: bool) -> Limit {
     Limit::custom("rps", 30 * scale, 15 * scale, 1)
 }
 
+/// What an acquire may take here. The mixed run's herd (64 tasks, one parent, every
+/// admission a transaction) saturates DynamoDB Local on two cores: its slowest acquire
+/// (printed) took 3.6 to 5.2 s over five runs, 9 s and over before the slow path took
+/// turns. The test checks what is admitted and kept, not latency; a timed-out acquire
+/// fails it.
+const TIMEOUT: Duration = Duration::from_secs(20);
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -60,7 +67,7 @@ fn main() {
         runtime.block_on(worker(&spec));
         return;
     }
-    let runs = [
+    let all = [
         "fresh",
         "aged",
         "mixed",
@@ -68,6 +75,13 @@ fn main() {
         "aged-reserved",
         "mixed-reserved",
     ];
+    // `ZAE_RUNS=mixed,aged` runs only those.
+    let only = std::env::var("ZAE_RUNS").unwrap_or_default();
+    let runs: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|r| only.is_empty() || only.split(',').any(|o| o == *r))
+        .collect();
     println!("\nrunning {} tests", runs.len());
     runtime.block_on(async {
         let (_local, endpoint) = match std::env::var("ZAE_DYNAMODB_ENDPOINT") {
@@ -80,7 +94,7 @@ fn main() {
                 (Some(local), url)
             }
         };
-        for run in runs {
+        for &run in &runs {
             orchestrate(&endpoint, run).await;
             println!("test processes_never_over_admit_{run} ... ok");
         }
@@ -93,20 +107,21 @@ async fn repo(endpoint: &str, namespace: &str) -> DynamoDbRepository {
         .endpoint_url(endpoint)
         .table(TABLE)
         .namespace(namespace)
-        .timeout(Duration::from_secs(10))
+        .timeout(TIMEOUT)
         .build()
         .await
         .expect("open the repository")
 }
 
 /// What one task saw: acquires admitted, tokens they kept, first start and last end of an
-/// admitted acquire.
+/// admitted acquire, and the longest an acquire took (admitted or not).
 #[derive(Clone, Copy)]
 struct Seen {
     admitted: u64,
     kept: u64,
     first: i64,
     last: i64,
+    slowest: i64,
 }
 
 impl Seen {
@@ -116,6 +131,7 @@ impl Seen {
             kept: 0,
             first: i64::MAX,
             last: i64::MIN,
+            slowest: 0,
         }
     }
 
@@ -124,6 +140,7 @@ impl Seen {
         self.kept += other.kept;
         self.first = self.first.min(other.first);
         self.last = self.last.max(other.last);
+        self.slowest = self.slowest.max(other.slowest);
     }
 }
 
@@ -179,6 +196,7 @@ async fn worker(spec: &str) {
                 } else {
                     acquire.await
                 };
+                seen.slowest = seen.slowest.max(now_ms() - started);
                 let lease = match result {
                     Ok(lease) => lease,
                     Err(Error::RateLimited(e)) => {
@@ -236,8 +254,8 @@ async fn worker(spec: &str) {
         .await
         .expect("give the slices back");
     println!(
-        "{} {} {} {} {local}",
-        seen.admitted, seen.kept, seen.first, seen.last
+        "{} {} {} {} {local} {}",
+        seen.admitted, seen.kept, seen.first, seen.last, seen.slowest
     );
 }
 
@@ -324,6 +342,7 @@ async fn orchestrate(endpoint: &str, run: &str) {
             kept: nums[1] as u64,
             first: nums[2],
             last: nums[3],
+            slowest: nums[5],
         });
         from_slices += nums[4];
     }
@@ -354,8 +373,9 @@ async fn orchestrate(endpoint: &str, run: &str) {
     let bound = bound(&l, span);
     println!(
         "{full_run}: {PROCESSES} processes x {TASKS} tasks: admitted {} keeping {} tokens of \
-         {checked} over {span} ms (bound {bound}), tc {tc}, {from_slices} admitted from slices",
-        seen.admitted, seen.kept
+         {checked} over {span} ms (bound {bound}), tc {tc}, {from_slices} admitted from slices, \
+         slowest acquire {} ms",
+        seen.admitted, seen.kept, seen.slowest
     );
     if full_run.ends_with("-reserved") {
         assert!(from_slices > 0, "the reserved run never used a slice");

@@ -344,6 +344,56 @@ async fn concurrent_cascades_never_overdraw_the_parent() {
     assert_eq!(children_total, 40_000, "every compensation landed");
 }
 
+/// Tasks of one process whose cascades all take the slow path (new children, a parent
+/// idle past its fresh window) take turns on the parent: one transaction each, none lost
+/// to a race with a sibling task (racing, all but one of each round would fail and retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cascade_slow_paths_of_one_process_take_turns() {
+    const TASKS: usize = 24;
+    let (repo, calls) = dynamo::repo_with_counter().await;
+    let (limiter, clock) = frozen(repo);
+    limiter.create_entity("proj").await.unwrap();
+    limiter
+        .set_resource_limits("api", &[Limit::per_minute("rpm", 1_000)])
+        .await
+        .unwrap();
+    for i in 0..TASKS {
+        limiter
+            .create_entity(format!("k{i}"))
+            .parent("proj")
+            .cascade(true)
+            .await
+            .unwrap();
+        // The child's config cached, so the race below is the writes' alone.
+        admit(
+            limiter
+                .acquire(format!("k{i}"), "api")
+                .consume([("rpm", 0)]),
+        )
+        .await;
+    }
+    admit(limiter.acquire("proj", "api")).await;
+    clock.advance(Duration::from_secs(600));
+    calls.reset();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|i| tokio::spawn(admit(limiter.acquire(format!("k{i}"), "api"))))
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let calls = calls.snapshot();
+    assert_eq!(
+        calls.get("TransactWriteItems"),
+        Some(&(TASKS as u64)),
+        "one transaction per acquire: {calls:?}"
+    );
+    let parent = limiter.bucket_states("proj", "api").await.unwrap();
+    assert_eq!(
+        parent["rpm"].total_consumed_milli,
+        (TASKS as i64 + 1) * 1000
+    );
+}
+
 #[tokio::test]
 async fn open_is_idempotent_and_safe_when_processes_race() {
     let endpoint = dynamo::endpoint().await;

@@ -206,6 +206,7 @@ impl DynamoDbRepositoryBuilder {
                 images: images::ImageCache::new(),
                 owners: owners::OwnerCache::new(),
                 shards: super::shards::ShardCounts::new(),
+                turns: Default::default(),
             }),
         }
     }

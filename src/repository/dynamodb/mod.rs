@@ -48,6 +48,7 @@ pub(crate) mod retry;
 mod shards;
 mod stamps;
 mod table;
+mod turns;
 mod usage;
 
 pub use aws_sdk_dynamodb;

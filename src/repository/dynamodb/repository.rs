@@ -60,6 +60,8 @@ pub(super) struct Inner {
     pub(super) owners: owners::OwnerCache,
     /// The shard counts of the sharded buckets seen.
     pub(super) shards: super::shards::ShardCounts,
+    /// Turns on a parent's slow path, so this process's tasks do not race each other.
+    pub(super) turns: super::turns::Turns,
 }
 
 impl DynamoDbRepository {

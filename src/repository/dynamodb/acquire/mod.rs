@@ -523,7 +523,28 @@ impl Inner {
         parent: &ItemRequest,
         now: i64,
     ) -> Result<AcquireOutcome, Error> {
+        match self.cascade_attempts(child, parent, now).await? {
+            Some(outcome) => Ok(outcome),
+            // A side is bypassed by its stamp: each side on its own path.
+            None => self.acquire_in_turn(child, parent, now).await,
+        }
+    }
+
+    /// [`Self::cascade_transaction`]'s attempts: the outcome, or `None` when a side turns
+    /// out to be bypassed.
+    ///
+    /// A rejection is decided on a read at once; a write waits for this process's turn on
+    /// the parent (see `turns`), reads again in it (the wait may have outdated the first
+    /// read) and keeps the turn until it lands or is rejected, so a task that lost to
+    /// another process's write goes again first.
+    async fn cascade_attempts(
+        &self,
+        child: &ItemRequest,
+        parent: &ItemRequest,
+        now: i64,
+    ) -> Result<Option<AcquireOutcome>, Error> {
         let items = [child, parent];
+        let mut turn = None;
         for attempt in 0..MAX_ATTEMPTS {
             let images = self.read_buckets(&items).await?;
             for (item, image) in items.iter().zip(&images) {
@@ -532,7 +553,7 @@ impl Inner {
                 }
             }
             if images.iter().flatten().any(|i| i.bypassed(now)) {
-                return self.acquire_in_turn(child, parent, now).await;
+                return Ok(None);
             }
             let plans: Vec<Plan> = items
                 .iter()
@@ -545,7 +566,13 @@ impl Inner {
                         self.adopt_params(item, image, now).await;
                     }
                 }
-                return Ok(rejected(plans.into_iter().flat_map(|p| p.checks).collect()));
+                return Ok(Some(rejected(
+                    plans.into_iter().flat_map(|p| p.checks).collect(),
+                )));
+            }
+            if turn.is_none() {
+                turn = Some(self.turns.take(&parent.entity_id, &slot(parent)).await);
+                continue;
             }
             let mut writes = Vec::with_capacity(4);
             // The owner checks of the creates (see `owners`), after the writes.
@@ -610,7 +637,11 @@ impl Inner {
                 }
             };
             match sent {
-                Ok(_) => return Ok(admitted(plans.into_iter().flat_map(|p| p.checks).collect())),
+                Ok(_) => {
+                    return Ok(Some(admitted(
+                        plans.into_iter().flat_map(|p| p.checks).collect(),
+                    )))
+                }
                 Err(e) => {
                     let reasons: Vec<String> = match e.as_service_error() {
                         Some(TransactWriteItemsError::TransactionCanceledException(c)) => c
