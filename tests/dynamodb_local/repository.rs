@@ -394,6 +394,109 @@ async fn cascade_slow_paths_of_one_process_take_turns() {
     );
 }
 
+/// Cascades queued on their process's turn longer than the operation timeout are dropped:
+/// their callers have given up, so they do not write (and roll back) later. Every
+/// acquire here needs the slow path; a 50 ms timeout lets only the first few through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_that_does_not_come_in_time_is_not_taken() {
+    const TASKS: usize = 64;
+    let namespace = dynamo::unique_namespace("turns");
+    let setup_repo = dynamo::builder()
+        .await
+        .namespace(&namespace)
+        .build()
+        .await
+        .unwrap();
+    let setup_clock = ManualClock::new(T0);
+    let setup = RateLimiter::builder(setup_repo)
+        .clock(setup_clock.clone())
+        .build();
+    setup.create_entity("proj").await.unwrap();
+    setup
+        .set_resource_limits("api", &[Limit::per_minute("rpm", 1_000)])
+        .await
+        .unwrap();
+    for i in 0..TASKS {
+        setup
+            .create_entity(format!("k{i}"))
+            .parent("proj")
+            .cascade(true)
+            .await
+            .unwrap();
+    }
+    admit(setup.acquire("proj", "api")).await;
+
+    let calls = zae_limiter::repository::dynamodb::CallCounter::new();
+    let hurried = dynamo::builder()
+        .await
+        .namespace(&namespace)
+        .timeout(Duration::from_millis(50))
+        .call_counter(calls.clone())
+        .build()
+        .await
+        .unwrap();
+    // Ten minutes on: the parent's `rf` is stale, so every acquire takes the slow path.
+    let clock = ManualClock::new(T0 + 600_000);
+    let limiter = RateLimiter::builder(hurried).clock(clock).build();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|i| {
+            let limiter = limiter.clone();
+            tokio::spawn(async move {
+                match limiter.acquire(format!("k{i}"), "api").await {
+                    Ok(lease) => {
+                        lease.commit().await.unwrap();
+                        1
+                    }
+                    Err(Error::Unavailable { .. }) => 0,
+                    Err(e) => panic!("{e}"),
+                }
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap();
+    }
+    // Whatever is still queued or in flight in the background finishes (or gives back):
+    // until the parent shows exactly what was kept, for up to 10 s.
+    let kept = (admitted + 1) * 1000;
+    for _ in 0..100 {
+        let parent = setup.bucket_states("proj", "api").await.unwrap();
+        if parent["rpm"].total_consumed_milli == kept {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let transactions = calls
+        .snapshot()
+        .get("TransactWriteItems")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        transactions < TASKS as u64,
+        "acquires queued past the timeout must not transact: {transactions} transactions \
+         for {TASKS} acquires ({admitted} admitted)"
+    );
+    let parent = setup.bucket_states("proj", "api").await.unwrap();
+    assert_eq!(
+        parent["rpm"].total_consumed_milli, kept,
+        "what the parent keeps is exactly what was admitted and committed"
+    );
+    let mut children = 0;
+    for i in 0..TASKS {
+        if let Some(s) = setup
+            .bucket_states(&format!("k{i}"), "api")
+            .await
+            .unwrap()
+            .get("rpm")
+        {
+            children += s.total_consumed_milli;
+        }
+    }
+    assert_eq!(children, admitted * 1000);
+}
+
 #[tokio::test]
 async fn open_is_idempotent_and_safe_when_processes_race() {
     let endpoint = dynamo::endpoint().await;

@@ -9,10 +9,14 @@
 //! Taking turns (FIFO, so every waiter gets one) leaves one contender per process, so an
 //! attempt fails only on another process's write.
 //!
+//! A write waits for its turn at most the operation timeout: past it, its caller has
+//! given up, and abandoned writes queued behind a busy parent would only add to the load.
+//!
 //! Striped locks: bounded memory whatever the number of parents, nothing to evict; two
 //! parents on one stripe only share turns on this slow path.
 
 use std::hash::BuildHasher;
+use std::time::Duration;
 
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -48,6 +52,20 @@ impl Turns {
         let stripe = self.hasher.hash_one((entity_id, slot)) as usize % self.stripes.len();
         self.stripes[stripe].lock().await
     }
+
+    /// [`Self::take`], waiting at most `limit` (`None`: the turn did not come in time).
+    /// A caller bounded by the same limit has given up by then, and the work still queued
+    /// behind its turn would only pile up under load.
+    pub(super) async fn take_within(
+        &self,
+        entity_id: &str,
+        slot: &str,
+        limit: Duration,
+    ) -> Option<MutexGuard<'_, ()>> {
+        tokio::time::timeout(limit, self.take(entity_id, slot))
+            .await
+            .ok()
+    }
 }
 
 #[cfg(test)]
@@ -82,16 +100,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_dropped_wait_gives_the_place_up() {
+    async fn a_wait_past_its_limit_gives_the_place_up() {
         let turns = Turns::default();
         let held = turns.take("project", "api").await;
-        let waiting = tokio::time::timeout(
-            std::time::Duration::from_millis(10),
-            turns.take("project", "api"),
-        )
-        .await;
-        assert!(waiting.is_err(), "a second turn while the first is held");
+        let limit = Duration::from_millis(10);
+        assert!(
+            turns.take_within("project", "api", limit).await.is_none(),
+            "a second turn while the first is held"
+        );
         drop(held);
-        let _again = turns.take("project", "api").await;
+        assert!(turns.take_within("project", "api", limit).await.is_some());
     }
 }

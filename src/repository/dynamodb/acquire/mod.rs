@@ -571,7 +571,14 @@ impl Inner {
                 )));
             }
             if turn.is_none() {
-                turn = Some(self.turns.take(&parent.entity_id, &slot(parent)).await);
+                match self
+                    .turns
+                    .take_within(&parent.entity_id, &slot(parent), self.timeout)
+                    .await
+                {
+                    Some(t) => turn = Some(t),
+                    None => return Err(turn_not_come(parent, self.timeout)),
+                }
                 continue;
             }
             let mut writes = Vec::with_capacity(4);
@@ -667,6 +674,20 @@ impl Inner {
             }
         }
         Err(contended(&child.entity_id, &child.resource))
+    }
+}
+
+/// A write that waited past the operation timeout for its process's turn on the parent
+/// (see `turns`): its caller has given up (see the limiter's `decide_within`), so it is
+/// not made.
+fn turn_not_come(parent: &ItemRequest, limit: std::time::Duration) -> Error {
+    Error::Unavailable {
+        message: format!(
+            "the acquire's turn on {}/{} did not come within the configured timeout of \
+             {limit:?} (this process's cascades on that parent are queued)",
+            parent.entity_id, parent.resource
+        ),
+        source: None,
     }
 }
 
