@@ -1,5 +1,5 @@
-//! Turns on the slow path of a cascade: within one process, one read-decide-transact
-//! attempt at a time per parent item.
+//! Turns on the slow path of a cascade: within one process, one writer at a time per
+//! parent item (a rejection is decided on a read, without waiting).
 //!
 //! Every admission on the slow path moves the parent's `rf`, so of N attempts built from
 //! the same read, one lands and N-1 fail their condition, read again and retry. With many
