@@ -49,7 +49,7 @@ fn parent_limit(reserved: bool) -> Limit {
 
 /// What an acquire may take here. The mixed run's herd (64 tasks, one parent, every
 /// admission a transaction) saturates DynamoDB Local on two cores: its slowest acquire
-/// (printed) took 2.3 to 5.2 s over eight runs, 9 s and over before the slow path took
+/// (printed) took 2.3 to 5.2 s over nine runs, 9 s and over before the slow path took
 /// turns. The test checks what is admitted and kept, not latency; a timed-out acquire
 /// fails it.
 const TIMEOUT: Duration = Duration::from_secs(20);
