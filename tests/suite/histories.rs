@@ -538,6 +538,25 @@ impl fmt::Debug for Mismatch {
 }
 
 /// The entity names of a history, under `prefix` so histories can share a table.
+/// A step's acquire: by the limiter `by` picks, of `amounts` (rpm, tpm) from `entity`, at
+/// the named limits when the history names them.
+fn step_acquire(
+    limiters: &[RateLimiter],
+    by: u8,
+    entity: &str,
+    amounts: [i64; 2],
+    explicit: Option<&[Limit; 2]>,
+) -> zae_limiter::Acquire {
+    let limiter = &limiters[usize::from(by) % limiters.len()];
+    let acquire = limiter
+        .acquire(entity, RESOURCE)
+        .consume([("rpm", amounts[0]), ("tpm", amounts[1])]);
+    match explicit {
+        Some(limits) => acquire.limits(limits.clone()),
+        None => acquire,
+    }
+}
+
 fn names(prefix: &str) -> [String; 4] {
     ["solo", "kid-a", "kid-b", "proj"].map(|n| format!("{prefix}{n}"))
 }
@@ -612,16 +631,9 @@ pub async fn run(
                 }
             }
             Step::Acquire { by, who, rpm, tpm } => {
-                let limiter = &limiters[usize::from(*by) % limiters.len()];
-                let who = usize::from(*who);
-                let amounts = [i64::from(*rpm), i64::from(*tpm)];
-                let mut acquire = limiter
-                    .acquire(names[who].as_str(), RESOURCE)
-                    .consume([("rpm", amounts[0]), ("tpm", amounts[1])]);
-                if let Some(explicit) = &explicit {
-                    acquire = acquire.limits(explicit.clone());
-                }
-                let got = acquire.await;
+                let (who, amounts) = (usize::from(*who), [i64::from(*rpm), i64::from(*tpm)]);
+                let got =
+                    step_acquire(limiters, *by, &names[who], amounts, explicit.as_ref()).await;
                 match (got, model.acquire(who, amounts, now)) {
                     (Ok(lease), Ok(expected)) => leases.push((lease, expected)),
                     (Err(Error::RateLimited(e)), Err((violated, wait))) => {
@@ -712,15 +724,8 @@ pub async fn run(
                 }
             }
             Step::Abandon { by, who, rpm, tpm } => {
-                let limiter = &limiters[usize::from(*by) % limiters.len()];
-                let who = usize::from(*who);
-                let amounts = [i64::from(*rpm), i64::from(*tpm)];
-                let mut acquire = limiter
-                    .acquire(names[who].as_str(), RESOURCE)
-                    .consume([("rpm", amounts[0]), ("tpm", amounts[1])]);
-                if let Some(explicit) = &explicit {
-                    acquire = acquire.limits(explicit.clone());
-                }
+                let (who, amounts) = (usize::from(*who), [i64::from(*rpm), i64::from(*tpm)]);
+                let acquire = step_acquire(limiters, *by, &names[who], amounts, explicit.as_ref());
                 let future = acquire.into_future();
                 // Polled once, then dropped with whatever it decided: nothing stays taken,
                 // but the buckets it wrote are stored (at this acquire's parameters).
