@@ -113,6 +113,7 @@ fn saturate(v: i128) -> i64 {
 ///
 /// A clock that went backwards (`now_ms <= last_refill_ms`) refills nothing and leaves the
 /// timestamp alone; tokens above capacity (after a capacity cut) are clamped either way.
+#[inline]
 pub fn refill(state: &BucketState, now_ms: i64) -> BucketState {
     let mut next = *state;
     let elapsed = i128::from(now_ms) - i128::from(state.last_refill_ms);
@@ -197,6 +198,7 @@ fn wait_for(state: &BucketState, deficit_milli: i128) -> u64 {
 }
 
 /// Refill, then take `amount` whole tokens if the bucket holds them.
+#[inline]
 pub fn try_consume(state: &BucketState, amount: u64, now_ms: i64) -> ConsumeResult {
     let mut refilled = refill(state, now_ms);
     let available = refilled.tokens_milli.div_euclid(MILLI);
@@ -258,6 +260,7 @@ pub fn try_consume_soft(state: &BucketState, amount: u64, now_ms: i64) -> Consum
 }
 
 /// The take of one limit: [`try_consume`], or [`try_consume_soft`] for a soft limit.
+#[inline]
 pub fn try_consume_limit(
     limit: &Limit,
     state: &BucketState,

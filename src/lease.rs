@@ -34,6 +34,30 @@ const CLOSED_UNTOUCHED: u8 = 2;
 /// Whole tokens per limit of every item: inline for the usual few limits.
 type LeaseAmounts = SmallVec<[i64; 2]>;
 
+/// What [`LeaseShared::try_close_without_write`] did: one byte, so the usual close is
+/// answered in a register rather than as a whole `Result` written to memory and read back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Close {
+    /// Closed now, nothing to write.
+    Closed,
+    /// Closed before (committed or rolled back).
+    AlreadyClosed,
+    /// A write to do, or one under way to wait for.
+    Pending,
+}
+
+impl Close {
+    /// The commit's result when it closed without a write; `None` if a write is needed.
+    #[inline]
+    fn result(self) -> Option<Result<(), Error>> {
+        match self {
+            Close::Closed => Some(Ok(())),
+            Close::AlreadyClosed => Some(Err(Error::LeaseClosed)),
+            Close::Pending => None,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct LeaseState {
     /// Per limit of every item (flattened in item order): whole tokens written so far
@@ -122,6 +146,55 @@ pub struct Lease {
     /// Taken only when the lease is dropped (to keep its allocation for the next lease).
     /// The lease is this one pointer: it is moved through every acquire's result.
     shared: Option<LeaseArc<LeaseShared>>,
+}
+
+/// The future of [`Lease::commit`]. The usual commit, with nothing to write, closes the
+/// lease when first polled, inline in the caller (no future of its own to run, no result
+/// written to memory and read back); one with adjustments to write runs the write.
+#[must_use = "a commit does nothing until it is awaited"]
+pub struct Commit<'a> {
+    lease: &'a Lease,
+    /// The write, once the lease could not be closed without one.
+    writing: Option<crate::limiter::BoxFuture<'a, Result<(), Error>>>,
+}
+
+impl std::fmt::Debug for Commit<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Commit")
+            .field("lease", self.lease)
+            .field("writing", &self.writing.is_some())
+            .finish()
+    }
+}
+
+impl Future for Commit<'_> {
+    type Output = Result<(), Error>;
+
+    #[inline]
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let lease = self.lease;
+        let writing = match &mut self.writing {
+            Some(writing) => writing,
+            // Closed without a write (`Ok`, or `LeaseClosed`): no failure to count.
+            None => match lease.shared().try_close_without_write() {
+                Close::Closed => {
+                    lease
+                        .shared()
+                        .closed_by_owner
+                        .store(true, Ordering::Relaxed);
+                    return std::task::Poll::Ready(Ok(()));
+                }
+                Close::AlreadyClosed => return std::task::Poll::Ready(Err(Error::LeaseClosed)),
+                Close::Pending => self.writing.insert(Box::pin(lease.commit_with_write())),
+            },
+        };
+        let result = std::task::ready!(writing.as_mut().poll(cx));
+        self.writing = None;
+        std::task::Poll::Ready(result)
+    }
 }
 
 /// A shared view of a [`Lease`] (for a handler, through the HTTP layer): it can read the
@@ -373,8 +446,8 @@ impl LeaseShared {
     }
 
     /// Closes the lease at once if nothing is pending and no commit or rollback is under
-    /// way; `None` if there is a write to do or to wait for.
-    fn try_close_without_write(&self) -> Option<Result<(), Error>> {
+    /// way; [`Close::Pending`] if there is a write to do or to wait for.
+    fn try_close_without_write(&self) -> Close {
         // Untouched since admission (no adjust, no commit or rollback begun): nothing is
         // pending or to write, so one compare-and-swap closes it, without the state's lock.
         if self.phase.load(Ordering::Acquire) == ADMITTED
@@ -388,7 +461,7 @@ impl LeaseShared {
                 )
                 .is_ok()
         {
-            return Some(Ok(()));
+            return Close::Closed;
         }
         // Nothing pending and no commit or rollback under way (the usual commit): closed
         // without the writes lock.
@@ -401,23 +474,25 @@ impl LeaseShared {
                 && state.pending.iter().all(|d| *d == 0)
             {
                 state.closed = true;
-                return Some(Ok(()));
+                return Close::Closed;
             }
         }
-        let _writing = self.writes.try_lock().ok()?;
+        let Ok(_writing) = self.writes.try_lock() else {
+            return Close::Pending;
+        };
         let mut state = self.state.lock();
         if self.closed_in(&state) {
-            return Some(Err(Error::LeaseClosed));
+            return Close::AlreadyClosed;
         }
         if state.pending.iter().all(|d| *d == 0) {
             state.closed = true;
-            return Some(Ok(()));
+            return Close::Closed;
         }
-        None
+        Close::Pending
     }
 
     async fn commit(&self) -> Result<(), Error> {
-        if let Some(done) = self.try_close_without_write() {
+        if let Some(done) = self.try_close_without_write().result() {
             return done;
         }
         let _writing = self.writes.lock().await;
@@ -618,12 +693,15 @@ impl Lease {
     /// [`Error::Unavailable`] while the write goes on in the background and lands at most
     /// once (a later `rollback` then finds the lease closed if it landed).
     #[inline]
-    pub async fn commit(&self) -> Result<(), Error> {
-        // Closed without a write (`Ok`, or `LeaseClosed`): no failure to count.
-        if let Some(done) = self.shared().try_close_without_write() {
-            self.note_closed(&done);
-            return done;
+    pub fn commit(&self) -> Commit<'_> {
+        Commit {
+            lease: self,
+            writing: None,
         }
+    }
+
+    /// [`Self::commit`] with a write to make (or one under way to wait for).
+    async fn commit_with_write(&self) -> Result<(), Error> {
         let result = bounded(self.shared(), "commit", |shared| async move {
             shared.commit().await
         })
@@ -699,7 +777,7 @@ impl Lease {
             return;
         }
         // The common case, a commit with nothing to write, needs no future at all.
-        if commit && self.shared().try_close_without_write().is_some() {
+        if commit && self.shared().try_close_without_write() != Close::Pending {
             return;
         }
         let Some(shared) = self.shared.take() else {

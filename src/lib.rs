@@ -77,7 +77,7 @@ pub use amount::Amount;
 /// `String`) is accepted where an id is taken.
 pub use compact_str::CompactString;
 pub use error::{BoxError, Error, ErrorCategory, Field, RateLimitExceeded};
-pub use lease::{Lease, LeaseHandle};
+pub use lease::{Commit, Lease, LeaseHandle};
 pub use limit::Limit;
 pub use limiter::{
     Acquire, AcquireFuture, BoxFuture, CreateEntity, RateLimiter, RateLimiterBuilder,

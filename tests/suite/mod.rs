@@ -331,6 +331,37 @@ pub async fn rollback_returns_everything(repo: Arc<dyn Repository>) {
     assert!(matches!(lease.rollback().await, Err(Error::LeaseClosed)));
 }
 
+/// A commit is a future like any other: made and dropped unpolled it does nothing, with or
+/// without adjustments to write, and it can be awaited on another task.
+pub async fn a_commit_does_nothing_until_awaited(repo: Arc<dyn Repository>) {
+    let (l, _) = limiter(repo);
+    let acquire = || {
+        l.acquire("u1", "api")
+            .limits([tpm(1000)])
+            .consume([("tpm", 100)])
+    };
+    let untouched = acquire().await.unwrap();
+    drop(untouched.commit());
+    assert!(!untouched.is_closed());
+    let adjusted = acquire().await.unwrap();
+    adjusted.adjust([("tpm", 50)]).await.unwrap();
+    drop(adjusted.commit());
+    assert!(!adjusted.is_closed());
+    adjusted.adjust([("tpm", 25)]).await.unwrap();
+    let committed = tokio::spawn(async move {
+        untouched.commit().await?;
+        adjusted.commit().await?;
+        Ok::<_, Error>((untouched, adjusted))
+    });
+    let (untouched, adjusted) = committed.await.unwrap().unwrap();
+    assert!(untouched.is_closed() && adjusted.is_closed());
+    assert_eq!(
+        l.available("u1", "api", Some(&[tpm(1000)])).await.unwrap()["tpm"],
+        1000 - 100 - 175
+    );
+    assert!(matches!(adjusted.commit().await, Err(Error::LeaseClosed)));
+}
+
 pub async fn committed_adjustments_are_rolled_back_too(repo: Arc<dyn Repository>) {
     let (l, _) = limiter(repo);
     let lease = l
@@ -1478,6 +1509,7 @@ macro_rules! limiter_suite {
             adjust_is_checked_as_a_whole,
             rollback_returns_everything,
             committed_adjustments_are_rolled_back_too,
+            a_commit_does_nothing_until_awaited,
             dropped_lease_rolls_back,
             refunds_never_exceed_capacity,
             refill_is_exact_under_continuous_admission,

@@ -29,6 +29,15 @@ pub(super) struct Params {
 }
 
 impl Params {
+    /// Whether these are `limit`'s parameters, as [`BucketState::from_limit`] states them.
+    #[inline]
+    fn describe(&self, limit: &crate::Limit) -> bool {
+        let fresh = BucketState::from_limit(limit, 0);
+        self.capacity_milli == fresh.capacity_milli
+            && self.refill_amount_milli == fresh.refill_amount_milli
+            && self.refill_period_ms == fresh.refill_period_ms
+    }
+
     fn matches(&self, name: &str, state: &BucketState) -> bool {
         *self.name == *name
             && self.capacity_milli == state.capacity_milli
@@ -284,10 +293,16 @@ impl Item {
             .iter_mut()
             .find(|b| *b.params.name == *limit.name)?;
         let before = stored.state();
-        let current = reconcile_bucket(Some(&before), limit, now);
+        // The limit as stored (the usual case): refilled, with no fresh state to build and
+        // compare.
+        let changed = !stored.params.describe(limit);
+        let current = if changed {
+            reconcile_bucket(Some(&before), limit, now)
+        } else {
+            bucket::refill(&before, now)
+        };
         let result = take(request, limit, *amount, &current, now);
         checks.push(LimitCheck::from_consume(limit, *amount, &result));
-        let changed = !crate::repository::same_params(&before, &current);
         if result.success {
             stored.set(&result.state);
         } else if changed {
