@@ -292,17 +292,17 @@ impl Item {
             .as_mut_slice()
             .iter_mut()
             .find(|b| *b.params.name == *limit.name)?;
-        let before = stored.state();
         // The limit as stored (the usual case): refilled, with no fresh state to build and
-        // compare.
+        // compare, and the state kept out of memory.
         let changed = !stored.params.describe(limit);
         let current = if changed {
-            reconcile_bucket(Some(&before), limit, now)
+            reconciled(stored, limit, now)
         } else {
-            bucket::refill(&before, now)
+            bucket::refill(&stored.state(), now)
         };
         let result = take(request, limit, *amount, &current, now);
-        checks.push(LimitCheck::from_consume(limit, *amount, &result));
+        // Stored before the check is pushed (a call that may grow the list): the new state
+        // goes from registers to the item, not through the stack.
         if result.success {
             stored.set(&result.state);
         } else if changed {
@@ -312,6 +312,7 @@ impl Item {
         if changed {
             stored.params = params.get(&limit.name, &current);
         }
+        checks.push(LimitCheck::from_consume(limit, *amount, &result));
         if result.success {
             self.touch(now);
         }
@@ -382,6 +383,13 @@ fn take(
     } else {
         bucket::try_consume_limit(limit, current, amount, now)
     }
+}
+
+/// `stored` under a limit whose parameters changed (see [`reconcile_bucket`]); rare.
+#[cold]
+#[inline(never)]
+fn reconciled(stored: &Stored, limit: &crate::Limit, now: i64) -> BucketState {
+    reconcile_bucket(Some(&stored.state()), limit, now)
 }
 
 fn fill_time_ms(s: &BucketState) -> u64 {
