@@ -46,9 +46,13 @@ mod enabled {
 
     use super::Outcome;
     use crate::repository::{ItemRequest, LimitCheck};
+    use crate::Limit;
 
     /// A limit's name and its `passed` and `exceeded` counters.
     type LimitHandles = (Box<str>, Counter, Counter);
+
+    /// A shared limit list and its limits' handles, in its order.
+    type ListHandles = (Arc<[Limit]>, Box<[LimitHandles]>);
 
     /// The handles of one resource, registered on first use.
     struct ResourceHandles {
@@ -63,6 +67,10 @@ mod enabled {
         give_backs: Counter,
         /// The first limit counted, read without a lock (most resources have one or two).
         first_limit: std::sync::OnceLock<LimitHandles>,
+        /// The handles of the first shared limit list counted, in its order, found by the
+        /// list's identity (the HTTP layer passes one list to every acquire): no name
+        /// compared per limit. Holding the list keeps its address from being reused.
+        first_list: std::sync::OnceLock<ListHandles>,
         /// Per limit name: passed, exceeded.
         limits: RwLock<Vec<LimitHandles>>,
         resource: Arc<str>,
@@ -83,46 +91,111 @@ mod enabled {
                 from_table: counter!("zae_limiter_reservation_decisions_total", "resource" => r.to_string(), "source" => "table"),
                 give_backs: counter!("zae_limiter_reservation_give_backs_total", "resource" => r.to_string()),
                 first_limit: std::sync::OnceLock::new(),
+                first_list: std::sync::OnceLock::new(),
                 limits: RwLock::new(Vec::new()),
                 resource: r,
             }
         }
 
+        /// Counts the checks of one item's `limits`, in their order.
+        fn checks(&self, limits: &Arc<[Limit]>, checks: &[LimitCheck]) {
+            if let Some((_, handles)) = self
+                .first_list
+                .get()
+                .filter(|(l, _)| Arc::ptr_eq(l, limits))
+            {
+                for (handles, check) in handles.iter().zip(checks) {
+                    pick(handles, check.exceeded);
+                }
+                return;
+            }
+            for (limit, check) in limits.iter().zip(checks) {
+                self.check(&limit.name, check.exceeded);
+            }
+            if self.first_list.get().is_none() {
+                let handles = limits.iter().map(|l| self.limit_handles(&l.name)).collect();
+                let _ = self.first_list.set((Arc::clone(limits), handles));
+            }
+        }
+
+        /// The handles of one limit, registered the first time.
+        fn limit_handles(&self, limit: &str) -> LimitHandles {
+            if let Some(found) = self.limits.read().iter().find(|(n, _, _)| &**n == limit) {
+                return found.clone();
+            }
+            self.check_with(limit, |handles| handles.clone())
+        }
+
         /// Counts one limit's check, registering its handles the first time.
         fn check(&self, limit: &str, exceeded: bool) {
-            let pick = |(_, passed, over): &LimitHandles| {
-                if exceeded {
-                    over.increment(1)
-                } else {
-                    passed.increment(1)
-                }
-            };
-            if let Some(first) = self.first_limit.get().filter(|(n, _, _)| &**n == limit) {
-                pick(first);
+            if let Some(first) = self
+                .first_limit
+                .get()
+                .filter(|(n, _, _)| short_eq(n, limit))
+            {
+                pick(first, exceeded);
                 return;
             }
+            self.check_with(limit, |handles| pick(handles, exceeded))
+        }
+
+        /// Runs `f` on one limit's handles (registered the first time), found by name.
+        fn check_with<T>(&self, limit: &str, f: impl FnOnce(&LimitHandles) -> T) -> T {
             if let Some(found) = self.limits.read().iter().find(|(n, _, _)| &**n == limit) {
-                pick(found);
-                return;
+                return f(found);
             }
             let mut limits = self.limits.write();
-            if !limits.iter().any(|(n, _, _)| &**n == limit) {
-                let handle = |outcome: &'static str| {
-                    counter!(
-                        "zae_limiter_limit_checks_total",
-                        "resource" => self.resource.to_string(),
-                        "limit" => limit.to_string(),
-                        "outcome" => outcome
-                    )
-                };
-                let handles: LimitHandles = (limit.into(), handle("passed"), handle("exceeded"));
-                // The first limit is also kept apart, for the lock-free read above.
-                let _ = self.first_limit.set(handles.clone());
-                limits.push(handles);
-            }
-            if let Some(found) = limits.iter().find(|(n, _, _)| &**n == limit) {
-                pick(found);
-            }
+            let index = match limits.iter().position(|(n, _, _)| &**n == limit) {
+                Some(index) => index,
+                None => {
+                    let handle = |outcome: &'static str| {
+                        counter!(
+                            "zae_limiter_limit_checks_total",
+                            "resource" => self.resource.to_string(),
+                            "limit" => limit.to_string(),
+                            "outcome" => outcome
+                        )
+                    };
+                    let handles: LimitHandles =
+                        (limit.into(), handle("passed"), handle("exceeded"));
+                    // The first limit is also kept apart, for the lock-free read above.
+                    let _ = self.first_limit.set(handles.clone());
+                    limits.push(handles);
+                    limits.len() - 1
+                }
+            };
+            f(&limits[index])
+        }
+    }
+
+    /// Counts a check on a limit's `passed` or `exceeded` counter.
+    #[inline]
+    fn pick((_, passed, over): &LimitHandles, exceeded: bool) {
+        if exceeded {
+            over.increment(1)
+        } else {
+            passed.increment(1)
+        }
+    }
+
+    /// `a == b` for the short names of resources and limits without a call into libc:
+    /// a length check and at most two overlapping word compares up to 16 bytes.
+    #[inline]
+    fn short_eq(a: &str, b: &str) -> bool {
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let word = |s: &[u8], at: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&s[at..at + 8]);
+            u64::from_ne_bytes(w)
+        };
+        match a.len() {
+            0 => true,
+            len @ 8..=16 => word(a, 0) == word(b, 0) && word(a, len - 8) == word(b, len - 8),
+            len if len < 8 => a.iter().zip(b).all(|(x, y)| x == y),
+            _ => a == b,
         }
     }
 
@@ -155,7 +228,7 @@ mod enabled {
         /// Runs `f` on the handles of `resource` (registered the first time) without
         /// taking a reference of its own: the hot path's counts move no reference count.
         fn with_handles<T>(&self, resource: &str, f: impl FnOnce(&Arc<ResourceHandles>) -> T) -> T {
-            if let Some(first) = self.first.get().filter(|h| *h.resource == *resource) {
+            if let Some(first) = self.first.get().filter(|h| short_eq(&h.resource, resource)) {
                 return f(first);
             }
             if let Some(found) = self.resources.get(resource) {
@@ -188,9 +261,11 @@ mod enabled {
                     Outcome::Disabled => handles.disabled.increment(1),
                     Outcome::Unavailable => handles.unavailable.increment(1),
                 }
-                let limits = items.iter().flat_map(|i| i.limits.iter());
-                for (limit, check) in limits.zip(checks) {
-                    handles.check(&limit.name, check.exceeded);
+                let mut checks = checks;
+                for item in items {
+                    let (mine, rest) = checks.split_at(item.limits.len().min(checks.len()));
+                    handles.checks(&item.limits, mine);
+                    checks = rest;
                 }
             })
         }

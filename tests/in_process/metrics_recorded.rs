@@ -149,3 +149,63 @@ fn reservations_count_slice_admits_table_acquires_and_give_backs() {
         ) >= 1
     );
 }
+
+/// Checks counted through a shared limit list (found by its identity, as the HTTP layer's
+/// is) land on the same series as the same names counted one by one, in its order.
+#[test]
+fn a_shared_limit_list_counts_each_limit_on_its_own_series() {
+    use std::sync::Arc;
+    use zae_limiter::InMemoryRepository;
+
+    let ((), recorded) = recording(|| async {
+        let limiter = RateLimiter::new(InMemoryRepository::new());
+        // tpm first: the list's order is not the names' order.
+        let shared: Arc<[Limit]> =
+            [Limit::per_minute("tpm", 100), Limit::per_minute("rpm", 3)].into();
+        for _ in 0..4 {
+            if let Ok(lease) = limiter
+                .acquire("k1", "api")
+                .shared_limits(Arc::clone(&shared))
+                .await
+            {
+                lease.commit().await.unwrap();
+            }
+        }
+        // A list of its own with the same names, and one with another name first.
+        let own = [Limit::per_minute("rpm", 3), Limit::per_minute("tpm", 100)];
+        limiter
+            .acquire("k2", "api")
+            .limits(own)
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+        let other = [Limit::per_minute("rph", 10), Limit::per_minute("tpm", 100)];
+        limiter
+            .acquire("k3", "api")
+            .limits(other)
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+    });
+    let checks = |limit: &str, outcome: &str| {
+        recorded.counter(
+            "zae_limiter_limit_checks_total",
+            &[("resource", "api"), ("limit", limit), ("outcome", outcome)],
+        )
+    };
+    // k1: three admitted, the fourth refused by rpm (tpm passed on all four).
+    assert_eq!(checks("rpm", "passed"), 3 + 1);
+    assert_eq!(checks("rpm", "exceeded"), 1);
+    assert_eq!(checks("tpm", "passed"), 4 + 1 + 1);
+    assert_eq!(checks("tpm", "exceeded"), 0);
+    assert_eq!(checks("rph", "passed"), 1);
+    let admitted = recorded.counter(
+        "zae_limiter_requests_total",
+        &[("resource", "api"), ("outcome", "admitted")],
+    );
+    assert_eq!(admitted, 5);
+}
