@@ -165,6 +165,68 @@ fn allocations(n: usize) {
     }
 }
 
+/// One thread, the routers taking turns: `rounds` rounds of `requests` calls each, the
+/// median per router. Criterion measures one subject after another, so on a shared VM
+/// whose speed drifts the overheads (small differences of large figures) move by 2x
+/// between runs; taking turns puts each router in the same conditions.
+fn alternating(rounds: usize, requests: usize) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let routers = routers();
+    let keys: Vec<String> = (0..100).map(|i| format!("key-{i}")).collect();
+    let run = |router: &Router| {
+        rt.block_on(async {
+            let start = std::time::Instant::now();
+            for i in 0..requests {
+                let req = Request::get("/")
+                    .header("x-api-key", keys[i % keys.len()].as_str())
+                    .body(Body::empty())
+                    .unwrap();
+                let resp = router.clone().oneshot(req).await.unwrap();
+                resp.into_body().collect().await.unwrap();
+            }
+            start.elapsed().as_nanos() as f64 / requests as f64
+        })
+    };
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); routers.len()];
+    for (_, router) in &routers {
+        run(router);
+    }
+    for _ in 0..rounds {
+        for (at, (_, router)) in routers.iter().enumerate() {
+            times[at].push(run(router));
+        }
+    }
+    let medians: Vec<f64> = times.iter_mut().map(|t| support::median(t)).collect();
+    let overhead = |name: &str| {
+        let at = routers.iter().position(|(n, _)| *n == name).unwrap();
+        medians[at] - medians[0]
+    };
+    println!(
+        "\n== one thread, routers taking turns ({rounds} rounds of {requests} requests; medians) =="
+    );
+    for ((name, _), ns) in routers.iter().zip(&medians) {
+        println!(
+            "{name:<38} {ns:>8.0} ns ({:+.0} over no limiter)",
+            ns - medians[0]
+        );
+    }
+    for (subject, alternative) in [
+        ("RateLimitLayer", "tower_governor"),
+        ("RateLimitLayer", "tower_governor, headers"),
+        ("RateLimitLayer, no headers", "tower_governor"),
+        ("RateLimitLayer, every request skipped", "tower_governor"),
+    ] {
+        let (s, a) = (overhead(subject), overhead(alternative));
+        println!(
+            "overhead ratio {subject:<38} / {alternative:<24} {:>5.1}x",
+            s / a
+        );
+    }
+}
+
 /// Every core at once, each thread calling its own clone of the router on keys of its
 /// own (as a multi-threaded server's workers do): aggregate nanoseconds per request and
 /// the overhead over no limiter, for each router, medians of three alternating runs.
@@ -218,6 +280,11 @@ fn main() {
     if !std::env::args().any(|a| a == "--profile-time") {
         allocations(10_000);
         let quick = std::env::args().any(|a| a == "--test");
+        if quick {
+            alternating(1, 1_000);
+        } else {
+            alternating(15, 20_000);
+        }
         threads(if quick { 1_000 } else { 200_000 });
     }
     support::report(
