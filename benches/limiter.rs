@@ -112,6 +112,68 @@ fn hot_key(
     })
 }
 
+/// One thread, zae and governor taking turns on one key and on 10,000: `rounds` rounds of
+/// `ops` decisions each, the median per subject. Criterion measures one subject after
+/// another, so on a shared VM whose speed drifts its ratios move between runs; taking
+/// turns puts both in the same conditions.
+fn alternating(rounds: usize, ops: usize) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let limiter = RateLimiter::new(InMemoryRepository::new());
+    let limits: std::sync::Arc<[Limit]> = [Limit::per_second("rps", 1_000_000_000)].into();
+    let governor = Governor::keyed(Quota::per_second(NonZeroU32::new(1_000_000_000).unwrap()));
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("key-{i}")).collect();
+    let hot = ["hot".to_string()];
+    let zae = |keys: &[String]| {
+        rt.block_on(async {
+            let start = std::time::Instant::now();
+            for i in 0..ops {
+                let lease = limiter
+                    .acquire(keys[i % keys.len()].as_str(), "api")
+                    .shared_limits(limits.clone())
+                    .await
+                    .unwrap();
+                lease.commit().await.unwrap();
+            }
+            start.elapsed().as_nanos() as f64 / ops as f64
+        })
+    };
+    let gov = |keys: &[String]| {
+        let start = std::time::Instant::now();
+        for i in 0..ops {
+            black_box(governor.check_key(&keys[i % keys.len()]).is_ok());
+        }
+        start.elapsed().as_nanos() as f64 / ops as f64
+    };
+    let subjects: [(&str, &dyn Fn() -> f64); 4] = [
+        ("zae acquire+commit, 1 key", &|| zae(&hot)),
+        ("governor check_key, 1 key", &|| gov(&hot)),
+        ("zae acquire+commit, 10k keys", &|| zae(&keys)),
+        ("governor check_key, 10k keys", &|| gov(&keys)),
+    ];
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); subjects.len()];
+    for (_, run) in &subjects {
+        run();
+    }
+    for _ in 0..rounds {
+        for (at, (_, run)) in subjects.iter().enumerate() {
+            times[at].push(run());
+        }
+    }
+    let m: Vec<f64> = times.iter_mut().map(|t| support::median(t)).collect();
+    println!("\n== one thread, taking turns ({rounds} rounds of {ops} decisions; medians) ==");
+    for (name, ns) in subjects.iter().map(|(n, _)| n).zip(&m) {
+        println!("{name:<38} {ns:>7.1} ns");
+    }
+    println!(
+        "ratio on 1 key {:.2}x, on 10,000 keys {:.2}x",
+        m[0] / m[1],
+        m[2] / m[3]
+    );
+}
+
 /// Resident memory of this process, in bytes (Linux).
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -251,6 +313,10 @@ fn main() {
     if std::env::args().any(|a| a == "--profile-time") {
         return;
     }
+    alternating(
+        if quick { 1 } else { 15 },
+        if quick { 10_000 } else { 500_000 },
+    );
     memory(if quick { 10_000 } else { 1_000_000 });
     threads(if quick { 10_000 } else { 1_000_000 });
     support::report(
