@@ -47,6 +47,14 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// The overhead ratios reported: a layer's cost over no limiter against an alternative's.
+const OVERHEAD_RATIOS: [(&str, &str); 4] = [
+    ("RateLimitLayer", "tower_governor"),
+    ("RateLimitLayer", "tower_governor, headers"),
+    ("RateLimitLayer, no headers", "tower_governor"),
+    ("RateLimitLayer, every request skipped", "tower_governor"),
+];
+
 fn routers() -> [(&'static str, Router); 6] {
     let hello = || Router::new().route("/", get(|| async { "Hello, world!" }));
     // As `axum::serve` does: turn handlers into services once, not on every call.
@@ -165,6 +173,19 @@ fn allocations(n: usize) {
     }
 }
 
+/// `requests` calls of `router` (a clone each, as axum's server makes), cycling through
+/// `keys`, each response's body read to its end.
+async fn call_each(router: &Router, keys: &[String], requests: usize) {
+    for i in 0..requests {
+        let req = Request::get("/")
+            .header("x-api-key", keys[i % keys.len()].as_str())
+            .body(Body::empty())
+            .unwrap();
+        let resp = router.clone().oneshot(req).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+    }
+}
+
 /// One thread, the routers taking turns: `rounds` rounds of `requests` calls each, the
 /// median per router. Criterion measures one subject after another, so on a shared VM
 /// whose speed drifts the overheads (small differences of large figures) move by 2x
@@ -177,18 +198,9 @@ fn alternating(rounds: usize, requests: usize) {
     let routers = routers();
     let keys: Vec<String> = (0..100).map(|i| format!("key-{i}")).collect();
     let run = |router: &Router| {
-        rt.block_on(async {
-            let start = std::time::Instant::now();
-            for i in 0..requests {
-                let req = Request::get("/")
-                    .header("x-api-key", keys[i % keys.len()].as_str())
-                    .body(Body::empty())
-                    .unwrap();
-                let resp = router.clone().oneshot(req).await.unwrap();
-                resp.into_body().collect().await.unwrap();
-            }
-            start.elapsed().as_nanos() as f64 / requests as f64
-        })
+        let start = std::time::Instant::now();
+        rt.block_on(call_each(router, &keys, requests));
+        start.elapsed().as_nanos() as f64 / requests as f64
     };
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); routers.len()];
     for (_, router) in &routers {
@@ -213,12 +225,7 @@ fn alternating(rounds: usize, requests: usize) {
             ns - medians[0]
         );
     }
-    for (subject, alternative) in [
-        ("RateLimitLayer", "tower_governor"),
-        ("RateLimitLayer", "tower_governor, headers"),
-        ("RateLimitLayer, no headers", "tower_governor"),
-        ("RateLimitLayer, every request skipped", "tower_governor"),
-    ] {
+    for (subject, alternative) in OVERHEAD_RATIOS {
         let (s, a) = (overhead(subject), overhead(alternative));
         println!(
             "overhead ratio {subject:<38} / {alternative:<24} {:>5.1}x",
@@ -240,16 +247,7 @@ fn threads(requests_per_thread: usize) {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .build()
                 .unwrap();
-            rt.block_on(async {
-                for i in 0..requests_per_thread {
-                    let req = Request::get("/")
-                        .header("x-api-key", keys[i % keys.len()].as_str())
-                        .body(Body::empty())
-                        .unwrap();
-                    let resp = router.clone().oneshot(req).await.unwrap();
-                    resp.into_body().collect().await.unwrap();
-                }
-            })
+            rt.block_on(call_each(&router, &keys, requests_per_thread))
         })
     };
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); routers.len()];
@@ -299,12 +297,7 @@ fn main() {
     );
     let overhead = |name: &str| support::mean_ns(name) - support::mean_ns("no limiter");
     println!("\n== overhead per request over no limiter, and its ratio ==");
-    for (subject, alternative) in [
-        ("RateLimitLayer", "tower_governor"),
-        ("RateLimitLayer", "tower_governor, headers"),
-        ("RateLimitLayer, no headers", "tower_governor"),
-        ("RateLimitLayer, every request skipped", "tower_governor"),
-    ] {
+    for (subject, alternative) in OVERHEAD_RATIOS {
         let (s, a) = (overhead(subject), overhead(alternative));
         println!(
             "{subject:<38} {s:>+6.0} ns  {alternative:<24} {a:>+6.0} ns  {:>5.1}x",

@@ -112,6 +112,23 @@ fn hot_key(
     })
 }
 
+/// `ops` acquires and commits, cycling through `keys`, each on the shared `limits`.
+async fn acquire_and_commit(
+    limiter: &RateLimiter,
+    limits: &std::sync::Arc<[Limit]>,
+    keys: &[String],
+    ops: usize,
+) {
+    for i in 0..ops {
+        let lease = limiter
+            .acquire(keys[i % keys.len()].as_str(), "api")
+            .shared_limits(limits.clone())
+            .await
+            .unwrap();
+        lease.commit().await.unwrap();
+    }
+}
+
 /// One thread, zae and governor taking turns on one key and on 10,000: `rounds` rounds of
 /// `ops` decisions each, the median per subject. Criterion measures one subject after
 /// another, so on a shared VM whose speed drifts its ratios move between runs; taking
@@ -127,18 +144,9 @@ fn alternating(rounds: usize, ops: usize) {
     let keys: Vec<String> = (0..KEYS).map(|i| format!("key-{i}")).collect();
     let hot = ["hot".to_string()];
     let zae = |keys: &[String]| {
-        rt.block_on(async {
-            let start = std::time::Instant::now();
-            for i in 0..ops {
-                let lease = limiter
-                    .acquire(keys[i % keys.len()].as_str(), "api")
-                    .shared_limits(limits.clone())
-                    .await
-                    .unwrap();
-                lease.commit().await.unwrap();
-            }
-            start.elapsed().as_nanos() as f64 / ops as f64
-        })
+        let start = std::time::Instant::now();
+        rt.block_on(acquire_and_commit(&limiter, &limits, keys, ops));
+        start.elapsed().as_nanos() as f64 / ops as f64
     };
     let gov = |keys: &[String]| {
         let start = std::time::Instant::now();
@@ -270,16 +278,7 @@ fn threads(ops_per_thread: usize) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        rt.block_on(async {
-            for i in 0..ops_per_thread {
-                let lease = limiter
-                    .acquire(keys[i % keys.len()].as_str(), "api")
-                    .shared_limits(limits.clone())
-                    .await
-                    .unwrap();
-                lease.commit().await.unwrap();
-            }
-        })
+        rt.block_on(acquire_and_commit(&limiter, &limits, &keys, ops_per_thread))
     };
     let gov = |t: usize| {
         let keys = keys(t);
