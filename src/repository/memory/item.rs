@@ -32,15 +32,17 @@ impl Params {
     /// Whether these are `limit`'s parameters, as [`BucketState::from_limit`] states them.
     #[inline]
     fn describe(&self, limit: &crate::Limit) -> bool {
-        let fresh = BucketState::from_limit(limit, 0);
-        self.capacity_milli == fresh.capacity_milli
-            && self.refill_amount_milli == fresh.refill_amount_milli
-            && self.refill_period_ms == fresh.refill_period_ms
+        self.same_as(&BucketState::from_limit(limit, 0))
     }
 
     fn matches(&self, name: &str, state: &BucketState) -> bool {
-        *self.name == *name
-            && self.capacity_milli == state.capacity_milli
+        *self.name == *name && self.same_as(state)
+    }
+
+    /// Whether `state` has these parameters (capacity, refill amount and period).
+    #[inline]
+    fn same_as(&self, state: &BucketState) -> bool {
+        self.capacity_milli == state.capacity_milli
             && self.refill_amount_milli == state.refill_amount_milli
             && self.refill_period_ms == state.refill_period_ms
     }
